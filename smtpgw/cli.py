@@ -1,0 +1,211 @@
+"""Command line: run the gateway, check the configuration, manage the queue.
+
+Owns: argument parsing and exit codes (kmg-spec §4.2: 0 ok, 1 bad options or
+configuration, 30 critical runtime error, 41 already running / PID file, 42
+PID file cannot be created, 44 cannot change user), the PID file, and the
+``queue`` subcommands (the reference's klmailq), which ask a running gateway
+through the control directory and act directly only when none runs.
+
+Must never: change queue states behind a running gateway's back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import secrets
+import sys
+import time
+from datetime import datetime
+
+from smtpgw import __version__
+from smtpgw import log as logsetup
+from smtpgw.config import ConfigError, check_config, load_config
+from smtpgw.queue import Queue, write_durably
+
+DEFAULT_CONFIG = "/etc/smtpgw/smtpgw.conf"
+REQUEST_DEADLINE = 30.0  # seconds a queue command waits for the running gateway
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smtpgw.py", description="smtpgw: SMTP filtering relay (anti-virus, anti-spam)")
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
+    parser.add_argument("-k", "--check-config", action="store_true", help="check the configuration and exit")
+    parser.add_argument("-n", "--no-pid-file", action="store_true", help="do not create the PID file")
+    parser.add_argument("-p", "--pid-file", help="PID file (overrides [smtpgw.options] PidFile)")
+    parser.add_argument("-u", "--user", help="run as this user (overrides [smtpgw.options] User)")
+    parser.add_argument("-o", "--no-change-owner", action="store_true", help="keep the current user")
+    parser.add_argument("-v", "--version", action="version", version=f"smtpgw {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    queue = sub.add_parser("queue", help="the working queue (klmailq)")
+    qsub = queue.add_subparsers(dest="op", required=True)
+    qsub.add_parser("list", help="list queued messages")
+    for op, text in (("remove", "remove one message"), ("send", "scan and send one message ahead of the rest")):
+        p = qsub.add_parser(op, help=text)
+        p.add_argument("id")
+    qsub.add_parser("remove-all", help="remove every message that is not being processed")
+    qsub.add_parser("send-all", help="send every queued message now, ignoring back-off")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["spam"]:
+        from smtpgw.spam.cli import main as spam_main
+
+        return spam_main(argv[1:], None)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return 0 if exc.code == 0 else 1
+    if args.check_config:
+        return check_config(args.config)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    if args.command == "queue":
+        return queue_command(cfg, args)
+    return run(cfg, args)
+
+
+def run(cfg, args: argparse.Namespace) -> int:
+    from smtpgw.gateway import Gateway, StartupError
+
+    logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat)
+    pid_file = None if args.no_pid_file else (args.pid_file or cfg.options.PidFile)
+    try:
+        gateway = Gateway(cfg, args.config)
+        gateway.bind()
+        if not args.no_change_owner:
+            gateway.drop_privileges(args.user or cfg.options.User, cfg.options.Group)
+        gateway.lock_queue()
+        if pid_file:
+            write_pid_file(pid_file)
+        gateway.start()
+    except StartupError as exc:
+        logsetup.root.error("cannot start: %s", exc)
+        print(f"smtpgw: {exc}", file=sys.stderr)
+        return exc.code
+    try:
+        gateway.run()
+    finally:
+        if pid_file:
+            try:
+                os.unlink(pid_file)
+            except OSError:
+                pass
+    return 0
+
+
+def write_pid_file(path: str) -> None:
+    from smtpgw.gateway import StartupError
+
+    try:
+        with open(path) as f:
+            old = int(f.read().strip() or 0)
+        if old and old != os.getpid():
+            try:
+                os.kill(old, 0)
+                raise StartupError(f"PID file {path} names a running process {old}", 41)
+            except ProcessLookupError:
+                pass  # stale
+    except (FileNotFoundError, ValueError):
+        pass
+    try:
+        write_durably(path, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        raise StartupError(f"cannot create PID file {path}: {exc}", 42) from exc
+
+
+# -- queue manager (klmailq) ----------------------------------------------------------
+def _size(n: int) -> str:
+    for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n}B"
+
+
+def format_queue(queue: Queue) -> str:
+    lines = []
+    total = 0
+    for state, env in queue.entries():
+        total += env.size
+        when = datetime.fromtimestamp(env.received_at).strftime("%Y-%m-%d %H:%M:%S")
+        rcpts = " ".join(f"<{r.addr}>" for r in env.pending()) or "-"
+        lines.append(f"{env.id} {state} {_size(env.size)} {when} {env.client_ip or '-'} <{env.sender}> -> {rcpts}")
+    lines.append(f"-- {len(lines)} message(s), {_size(total)}")
+    return "\n".join(lines)
+
+
+def gateway_running(queue: Queue) -> bool:
+    fd = os.open(os.path.join(queue.root, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def ask_gateway(control_path: str, op: str, qid: str | None) -> tuple[int, str]:
+    """Drop a request in the control directory and wait for the gateway's answer."""
+    nonce = f"{os.getpid()}_{secrets.token_hex(4)}"
+    write_durably(os.path.join(control_path, f".q_{nonce}"), json.dumps({"op": op, "id": qid}).encode())
+    answer = os.path.join(control_path, f".a_{nonce}")
+    deadline = time.monotonic() + REQUEST_DEADLINE
+    while time.monotonic() < deadline:
+        try:
+            with open(answer, "rb") as f:
+                data = json.load(f)
+            os.unlink(answer)
+            return int(data["code"]), str(data["output"])
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.05)  # polling a file another process writes
+    return 3, "the gateway did not answer in time"
+
+
+def queue_command(cfg, args: argparse.Namespace) -> int:
+    try:
+        queue = Queue(cfg.path.QueuePath)
+    except OSError as exc:
+        print(f"cannot read the queue {cfg.path.QueuePath}: {exc}", file=sys.stderr)
+        return 2
+    if args.op == "list":
+        print(format_queue(queue))
+        return 0
+    qid = getattr(args, "id", None)
+    if gateway_running(queue):
+        code, output = ask_gateway(cfg.path.ControlPath, args.op, qid)
+    else:
+        code, output = offline_queue_command(queue, args.op, qid)
+    print(output, file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
+def offline_queue_command(queue: Queue, op: str, qid: str | None) -> tuple[int, str]:
+    """With no gateway running, act on the spool directly (under its lock)."""
+    from smtpgw.control import REMOVABLE
+
+    if op in ("send", "send-all"):
+        if op == "send" and (qid is None or queue.find(qid) is None):
+            return 4, f"{qid}: no such message in the queue"
+        return 4, "the gateway is not running: messages are sent when it starts"
+    if op == "remove-all":
+        removed = 0
+        for state in REMOVABLE:
+            for item in queue.ids(state):
+                queue.remove(item, state)
+                removed += 1
+        return 0, f"{removed} message(s) removed"
+    state = queue.find(qid or "")
+    if state is None:
+        return 4, f"{qid}: no such message in the queue"
+    queue.remove(qid or "", state)
+    return 0, f"{qid}: removed"

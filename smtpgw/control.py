@@ -1,0 +1,157 @@
+"""Control directory commands (kmg-spec §4.4) and queue requests from the CLI.
+
+Owns: polling ``ControlPath`` every ``ControlPollInterval`` seconds for the
+reference's command files (``.c_stats``, ``.c_recv_on``/``.c_recv_off``,
+``.c_send_on``/``.c_send_off``, ``.c_avir_on``/``.c_avir_off``,
+``.c_db_reload``), executing each and deleting it; and answering queue
+requests (``.q_<nonce>`` JSON files written by ``smtpgw.py queue ...``) with an
+answer file ``.a_<nonce>``, so that only the gateway changes queue states.
+
+Must never: execute a file twice (it is deleted before the command runs), or
+act on a request it cannot parse (it answers with an error instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Callable
+
+from smtpgw.queue import QUE, STATES, WFC, WFS, write_durably
+
+if TYPE_CHECKING:
+    from smtpgw.gateway import Gateway
+
+log = logging.getLogger("smtpgw.control")
+
+REMOVABLE = (WFC, WFS, QUE)  # kmg-spec §4.6: only these states can be removed
+# klmailq / klmaila return codes (kmg-spec §4.7)
+DONE, BAD_ARGS, UNREADABLE, SYSTEM_ERROR, NOT_PERFORMED = 0, 1, 2, 3, 4
+
+
+class Control:
+    def __init__(self, gateway: "Gateway") -> None:
+        self.gw = gateway
+        self.timer = None
+        self.commands: dict[str, Callable[[], None]] = {
+            ".c_stats": self.dump_stats,
+            ".c_recv_on": lambda: self._switch("receiving", True),
+            ".c_recv_off": lambda: self._switch("receiving", False),
+            ".c_send_on": lambda: self._switch("sending", True),
+            ".c_send_off": lambda: self._switch("sending", False),
+            ".c_avir_on": lambda: self._switch("scanning", True),
+            ".c_avir_off": lambda: self._switch("scanning", False),
+            ".c_db_reload": self.gw.reload_databases,
+        }
+
+    @property
+    def folder(self) -> str:
+        return self.gw.cfg.path.ControlPath
+
+    def start(self) -> None:
+        os.makedirs(self.folder, mode=0o750, exist_ok=True)
+        self.poll()
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def poll(self) -> None:
+        try:
+            names = sorted(os.listdir(self.folder))
+        except OSError as exc:
+            log.error("cannot read control directory %s: %s", self.folder, exc)
+            names = []
+        for name in names:
+            path = os.path.join(self.folder, name)
+            if name in self.commands:
+                self._remove(path)
+                log.info("control command %s", name)
+                self.commands[name]()
+            elif name.startswith(".q_"):
+                self._request(path, name[3:])
+        self.timer = self.gw.loop.call_later(self.gw.cfg.options.ControlPollInterval, self.poll)
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def _switch(self, what: str, on: bool) -> None:
+        gw = self.gw
+        if what == "receiving":
+            gw.receiving = on
+        elif what == "sending":
+            gw.sender.enabled = on
+            if on:
+                gw.sender.kick()
+        else:
+            gw.scanner.enabled = on
+            if on:
+                gw.scanner.pump()
+        log.info("%s %s", what, "on" if on else "off")
+
+    def dump_stats(self) -> None:
+        gw = self.gw
+        gw.stats.set("mta_stored_messages_current", sum(len(gw.queue.ids(s)) for s in STATES))
+        try:
+            gw.stats.dump(gw.cfg.options.StatFilename)
+        except OSError as exc:
+            log.error("cannot write statistics to %s: %s", gw.cfg.options.StatFilename, exc)
+
+    # -- queue requests -----------------------------------------------------------
+    def _request(self, path: str, nonce: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                request = json.load(f)
+            op = request["op"]
+            qid = request.get("id")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._answer(path, nonce, BAD_ARGS, f"unreadable request: {exc}")
+            return
+        code, output = self.handle(op, qid)
+        self._answer(path, nonce, code, output)
+
+    def _answer(self, path: str, nonce: str, code: int, output: str) -> None:
+        self._remove(path)
+        answer = os.path.join(self.folder, f".a_{nonce}")
+        try:
+            write_durably(answer, json.dumps({"code": code, "output": output}).encode())
+        except OSError as exc:
+            log.error("cannot answer queue request %s: %s", nonce, exc)
+
+    def handle(self, op: str, qid: str | None) -> tuple[int, str]:
+        """One queue operation, as the gateway owner of queue states performs it."""
+        gw = self.gw
+        queue = gw.queue
+        if op == "send-all":
+            count = gw.sender.send_all() + gw.scanner.rescan_all()
+            return DONE, f"{count} message(s) scheduled for immediate delivery"
+        if op == "remove-all":
+            removed = 0
+            for state in REMOVABLE:
+                for item in queue.ids(state):
+                    gw.remove_queued(item, state)
+                    removed += 1
+            return DONE, f"{removed} message(s) removed"
+        if not qid or not isinstance(qid, str) or "/" in qid or qid.startswith("."):
+            return BAD_ARGS, "a queue ID is needed"
+        state = queue.find(qid)
+        if state is None:
+            return NOT_PERFORMED, f"{qid}: no such message in the queue"
+        if op == "remove":
+            if state not in REMOVABLE:
+                return NOT_PERFORMED, f"{qid}: is {state} (being processed); only WFC, WFS and QUE can be removed"
+            gw.remove_queued(qid, state)
+            return DONE, f"{qid}: removed"
+        if op == "send":
+            if state == QUE:
+                gw.sender.send_now(qid)
+            elif state in (WFC, WFS):
+                gw.scanner.prioritise(qid)
+            return DONE, f"{qid}: scheduled ahead of the queue"
+        return BAD_ARGS, f"unknown operation {op!r}"

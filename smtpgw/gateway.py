@@ -1,0 +1,296 @@
+"""The gateway process: wires the pipeline stages together on one event loop.
+
+Owns: start-up (queue recovery, listeners, privilege drop), the session
+registry and connection limits, the hand-offs between stages (received →
+scanner → sender → done), signals (TERM/INT/QUIT stop, HUP reloads the
+configuration), and shutdown.
+
+Must never: start serving before the queue has been recovered; keep running
+on a configuration that failed to load at HUP (the old one stays in force).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
+import ssl
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from smtpgw import access, log as logsetup, masks, routing, smtp
+from smtpgw.config import Config, ConfigError, load_config
+from smtpgw.control import Control
+from smtpgw.log import event
+from smtpgw.loop import EventLoop
+from smtpgw.queue import SND, Envelope, Queue
+from smtpgw.receiver import Listener, Session
+from smtpgw.scanner import Scanner
+from smtpgw.sender import Hop, Sender, literal_hops
+from smtpgw.stats import Stats
+
+log = logging.getLogger("smtpgw")
+
+SHUTDOWN_GRACE = 5.0  # seconds for deliveries in flight to finish at stop
+
+
+class StartupError(Exception):
+    """A reason the gateway cannot start; ``code`` is the process exit code (kmg-spec §4.2)."""
+
+    def __init__(self, message: str, code: int = 30) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RelayVerdict:
+    allowed: bool
+    why: str
+
+
+class Gateway:
+    def __init__(self, cfg: Config, config_path: str) -> None:
+        self.cfg = cfg
+        self.config_path = os.path.abspath(config_path)
+        self.loop = EventLoop()
+        self.stats = Stats()
+        self.queue = Queue(cfg.path.QueuePath)
+        self.sessions: set[Session] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.receiving = True
+        self.stopping = False
+        self.listeners: list[Listener] = []
+        self.ssl_context = self._server_tls(cfg)
+        self.client_tls_context = self._client_tls()
+        self.tls_required = False
+        self.resolver = None
+        self.sender = Sender(self)
+        self.scanner = Scanner(self)
+        self.control = Control(self)
+        self._lock_fd = -1
+
+    # -- derived limits ------------------------------------------------------------
+    @property
+    def max_message_bytes(self) -> int:
+        return self.cfg.limits.MaximalIncomingMessageSize * 1024
+
+    @property
+    def max_session_bytes(self) -> int:
+        return self.cfg.limits.MaximalIncomingSessionSize * 1024
+
+    @staticmethod
+    def _server_tls(cfg: Config) -> ssl.SSLContext | None:
+        cert, key = cfg.network.TLSCertificateFile, cfg.network.TLSKeyFile
+        if not cert:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"cannot load TLS certificate {cert} / key {key}: {exc}", 1) from exc
+        return context
+
+    @staticmethod
+    def _client_tls() -> ssl.SSLContext:
+        # Opportunistic TLS (RFC 7435): encrypt when offered, do not authenticate.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    # -- start and stop ---------------------------------------------------------------
+    def lock_queue(self) -> None:
+        """One gateway per queue: an exclusive lock held while running."""
+        if self._lock_fd >= 0:
+            return
+        path = os.path.join(self.queue.root, ".lock")
+        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(f"another gateway is running on the queue {self.queue.root}", 41) from None
+
+    def bind(self) -> None:
+        for host, port in self.cfg.network.ListenOn:
+            try:
+                listener = Listener(self, host, port)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+            self.listeners.append(listener)
+
+    def drop_privileges(self, user: str | None, group: str | None) -> None:
+        if not user or os.geteuid() != 0:
+            return
+        try:
+            pw = pwd.getpwnam(user)
+            gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+            os.setgroups([gid])
+            os.setgid(gid)
+            os.setuid(pw.pw_uid)
+        except (KeyError, OSError) as exc:
+            raise StartupError(f"cannot switch to user {user}: {exc}", 44) from exc
+
+    def start(self) -> None:
+        self.lock_queue()
+        counts = self.queue.recover()
+        log.info("queue %s recovered: %s", self.queue.root, ", ".join(f"{k}={v}" for k, v in counts.items()))
+        for listener in self.listeners:
+            listener.start()
+        self.scanner.load()
+        self.sender.load()
+        self.control.start()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(signum, lambda *_: self.loop.call_soon(self.shutdown))
+        signal.signal(signal.SIGHUP, lambda *_: self.loop.call_soon(self.reload))
+        signal.set_wakeup_fd(self.loop._wake_w.fileno(), warn_on_full_buffer=False)
+        where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
+        log.info("smtpgw started: listening on %s", where)
+
+    def run(self) -> None:
+        self.loop.run_forever()
+
+    def shutdown(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping")
+        for listener in self.listeners:
+            listener.close()
+        self.listeners.clear()
+        for session in list(self.sessions):
+            session.close_with(smtp.SHUTTING_DOWN.format(self.cfg.network.Hostname))
+        self.control.stop()
+        self.sender.enabled = False
+        self.scanner.stop()
+        self.loop.run_until(self.sender.idle, SHUTDOWN_GRACE)
+        self.sender.stop()
+        self.loop.run_until(lambda: not self.sessions, 1.0)
+        self.queue.sync_state_dirs()
+        log.info("stopped")
+        self.loop.stop()
+
+    def reload(self) -> None:
+        """HUP: read the configuration again; keep the old one if the new one is bad."""
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem)
+            return
+        if cfg.path.QueuePath != self.cfg.path.QueuePath:
+            log.error("reload: QueuePath cannot change while running; restart instead")
+            return
+        try:
+            self.ssl_context = self._server_tls(cfg)
+        except StartupError as exc:
+            log.error("reload refused: %s", exc)
+            return
+        logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat)
+        old = {tuple(a) for a in self.cfg.network.ListenOn}
+        self.cfg = cfg
+        if {tuple(a) for a in cfg.network.ListenOn} != old:
+            for listener in self.listeners:
+                listener.close()
+            self.listeners.clear()
+            try:
+                self.bind()
+            except StartupError as exc:
+                log.error("reload: %s", exc)
+            for listener in self.listeners:
+                listener.start()
+        self.scanner.restart_workers()
+        log.info("configuration reloaded from %s", self.config_path)
+
+    # -- sessions ---------------------------------------------------------------------
+    def session_opened(self, conn: socket.socket, peer: tuple) -> None:
+        session = Session(self, conn, peer)
+        self.sessions.add(session)
+        self.per_ip[session.ip] += 1
+        self.stats.connection_opened()
+        host = self.cfg.network.Hostname
+        limits = self.cfg.limits
+        if not self.receiving or self.stopping:
+            session.start(smtp.SERVICE_UNAVAILABLE.format(host))
+            session.closing = True
+        elif len(self.sessions) > limits.IncomingSessions:
+            self.stats.inc("mta_incoming_connections_errors")
+            session.start(smtp.TOO_MANY_SESSIONS.format(host))
+            session.closing = True
+        elif self.per_ip[session.ip] > limits.MaximalIncomingSessionsPerIP:
+            self.stats.inc("mta_incoming_connections_errors")
+            session.start(smtp.TOO_MANY_FROM_IP.format(host))
+            session.closing = True
+        else:
+            session.start(smtp.GREETING.format(host))
+            return
+        session.flush()
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self.per_ip[session.ip] -= 1
+        if self.per_ip[session.ip] <= 0:
+            del self.per_ip[session.ip]
+        self.stats.inc("mta_incoming_connections_current", -1)
+
+    def relay_decision(self, ip: str, rcpt: str) -> RelayVerdict:
+        rules = self.cfg.access.RelayRule
+        if rules:
+            decision = access.relay_decision(rules, ip, rcpt)
+            return RelayVerdict(decision.allowed, decision.reason)
+        # No RelayRule at all: mail to ProtectedDomains only (never an open relay).
+        domain = routing.recipient_domain(rcpt)
+        allowed = any(masks.domain_match(mask, domain) for mask in self.cfg.network.ProtectedDomains)
+        return RelayVerdict(allowed, "ProtectedDomains (no RelayRule configured)")
+
+    def client_name(self, ip: str) -> str | None:
+        return None
+
+    def queue_has_space(self) -> bool:
+        """``MinimalQueueFreeSpaceSize``: refuse new mail (4xx) while the spool's disk is short."""
+        needed = self.cfg.limits.MinimalQueueFreeSpaceSize * 1024 * 1024
+        if not needed:
+            return True
+        st = os.statvfs(self.queue.root)
+        return st.f_bavail * st.f_frsize >= needed
+
+    # -- hand-offs between stages -------------------------------------------------------
+    def message_received(self, env: Envelope) -> None:
+        self.stats.inc("mta_received_messages")
+        self.stats.inc("mta_received_bytes", env.size)
+        self.stats.inc("mta_received_recipients", len(env.recipients))
+        self.scanner.submit(env.id)
+
+    def message_scanned(self, env: Envelope) -> None:
+        self.sender.enqueue(env.id, env.next_attempt, env.priority)
+
+    def remove_queued(self, qid: str, state: str) -> None:
+        """The admin removed a message (``queue remove``)."""
+        self.sender.forget(qid)
+        self.scanner.forget(qid)
+        self.queue.remove(qid, state)
+        event(qid, "REMOVED, state=%s, by=admin", state)
+
+    def reload_databases(self) -> None:
+        """``.c_db_reload``: new scanner workers load the databases again."""
+        self.scanner.restart_workers()
+        log.info("databases reloaded")
+
+    def delivery_complete(self, env: Envelope) -> None:
+        self.queue.remove(env.id, SND)
+
+    def resolve_destination(self, dest: routing.Destination, done: Callable[[list[Hop], str | None, str | None], None]) -> None:
+        hops = literal_hops(dest)
+        if hops is not None:
+            done(hops, None, None)
+            return
+        if dest[0] == "host" and dest[1] == "localhost":
+            done([Hop("localhost", "127.0.0.1", dest[2])], None, None)  # type: ignore[misc]
+            return
+        done([], None, f"cannot resolve {dest[1]}: no DNS resolver configured")

@@ -1,0 +1,57 @@
+"""Plain-text logging in the reference's line format (kmg-spec §7.1).
+
+Owns: the log file (or stderr in the foreground), the line format
+``[date time L] queue-id: MESSAGE`` for per-message events and
+``[date time L]: MESSAGE`` otherwise (L = first letter of the level), and
+reopening the file on HUP so logrotate can move it.
+
+Must never: raise into the caller because the log file went away.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+_LETTER = {logging.DEBUG: "D", logging.INFO: "I", logging.WARNING: "W", logging.ERROR: "E", logging.CRITICAL: "C"}
+
+root = logging.getLogger("smtpgw")
+events = logging.getLogger("smtpgw.events")
+
+
+class LineFormatter(logging.Formatter):
+    def __init__(self, date_format: str = "%Y-%m-%d", time_format: str = "%H:%M:%S") -> None:
+        super().__init__()
+        self.stamp = f"{date_format} {time_format}"
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = self.formatTime(record, self.stamp)
+        letter = _LETTER.get(record.levelno, "I")
+        qid = getattr(record, "qid", None)
+        text = record.getMessage().replace("\n", " ").replace("\r", " ")
+        line = f"[{when} {letter}] {qid}: {text}" if qid else f"[{when} {letter}]: {text}"
+        if record.exc_info:
+            line += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        return line
+
+
+def setup(path: str | None, level: str = "info", date_format: str = "%Y-%m-%d", time_format: str = "%H:%M:%S") -> None:
+    """(Re)configure the ``smtpgw`` logger; called at start and on HUP."""
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    handler: logging.Handler
+    if path:
+        handler = logging.FileHandler(path, encoding="utf-8", delay=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter(date_format, time_format))
+    root.addHandler(handler)
+    root.setLevel(LEVELS.get(level, logging.INFO))
+    root.propagate = False
+
+
+def event(qid: str, text: str, *args: object, level: int = logging.INFO) -> None:
+    """A per-message event line: RECEIVED, SCANNED, SPLITTED, DELIVERED, BLOCKED, ..."""
+    events.log(level, text, *args, extra={"qid": qid})

@@ -1,0 +1,297 @@
+"""The working queue: durable spool of received messages and their states.
+
+Owns: the on-disk layout under ``QueuePath`` (see ARCHITECTURE.md), queue IDs,
+envelope records, atomic state changes, and crash recovery at start-up.
+
+Layout::
+
+    tmp/ID             message bytes being received (never acknowledged)
+    msg/ID             the message of record ID (written once, then immutable)
+    WFC/ID CHK/ID WFS/ID SPL/ID QUE/ID SND/ID     envelope records (JSON)
+    corrupt/           records that could not be read, kept for the admin
+
+A record is written temp → fsync → rename → fsync(dir); a state change is one
+rename(2) between state directories, so ``ls`` shows the queue and a crash
+leaves each record in exactly one state (or, between a copy and an unlink, in
+two: recovery keeps the more advanced one).
+
+Must never: report a message as stored before its bytes and its record are on
+stable storage; deliver a message whose record or file is incomplete; lose a
+record it cannot parse (it goes to ``corrupt/``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+log = logging.getLogger("smtpgw.queue")
+
+# The reference's queue states (kmg-spec §4.6), in pipeline order.
+WFC, CHK, WFS, SPL, QUE, SND = "WFC", "CHK", "WFS", "SPL", "QUE", "SND"
+STATES = (WFC, CHK, WFS, SPL, QUE, SND)
+# What a state left by a crash becomes on restart: work in progress is redone.
+RECOVER_TO = {CHK: WFC, SPL: WFS, SND: QUE}
+
+_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZbcdfghjklmnpqrstvwxz"
+_counter = itertools.count()
+
+
+def new_id(now: float | None = None) -> str:
+    """A queue ID: time-ordered (FIFO by name) and unique across restarts."""
+    micros = int((now if now is not None else time.time()) * 1_000_000)
+    chars = []
+    base = len(_ID_ALPHABET)
+    while micros:
+        micros, digit = divmod(micros, base)
+        chars.append(_ID_ALPHABET[digit])
+    suffix = next(_counter) % (base * base)
+    chars.reverse()
+    return "".join(chars) + _ID_ALPHABET[suffix // base] + _ID_ALPHABET[suffix % base] + secrets.choice(_ID_ALPHABET)
+
+
+@dataclass
+class Recipient:
+    addr: str
+    orcpt: str | None = None
+    notify: list[str] | None = None
+    state: str = "pending"  # pending | sent | failed | deferred
+    status: str | None = None  # enhanced status code of the last attempt
+    diag: str | None = None  # "smtp; 550 5.1.1 ..." (RFC 3464 Diagnostic-Code)
+    remote_mta: str | None = None
+    attempts: int = 0
+    last_attempt: float | None = None
+    relayed: bool = False  # delivered to a peer without DSN support
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("sent", "failed")
+
+
+@dataclass
+class Envelope:
+    id: str
+    sender: str
+    recipients: list[Recipient]
+    client_ip: str = ""
+    client_name: str | None = None
+    helo: str = ""
+    received_at: float = 0.0
+    size: int = 0
+    body: str = "7BIT"
+    esmtp: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    message_id: str | None = None
+    tls: bool = False
+    srcid: str | None = None  # the original ID of a per-group copy
+    group: str | None = None
+    next_attempt: float = 0.0
+    priority: int = 0  # 1 = "send ahead of the queue" (queue send ID)
+    dnsbl: list[str] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Envelope":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["recipients"] = [Recipient(**r) for r in data.get("recipients", [])]
+        return cls(**known)
+
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if not r.done]
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: str, data: bytes) -> None:
+    """temp → fsync → rename → fsync(dir): after return, ``path`` holds ``data`` or nothing."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(folder)
+
+
+class Queue:
+    """The spool. Only the gateway process changes states; other tools ask it."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        for sub in ("tmp", "msg", "corrupt", *STATES):
+            os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+
+    # -- paths -------------------------------------------------------------
+    def tmp_path(self, qid: str) -> str:
+        return os.path.join(self.root, "tmp", qid)
+
+    def msg_path(self, qid: str) -> str:
+        return os.path.join(self.root, "msg", qid)
+
+    def record_path(self, state: str, qid: str) -> str:
+        return os.path.join(self.root, state, qid)
+
+    # -- writing -------------------------------------------------------------
+    def commit(self, env: Envelope, tmp_fd: int) -> None:
+        """Make a received message durable in WFC; the caller answers 250 after this."""
+        os.fsync(tmp_fd)
+        os.close(tmp_fd)
+        os.rename(self.tmp_path(env.id), self.msg_path(env.id))
+        self.write_record(WFC, env, sync_dirs=False)
+        fsync_dir(os.path.join(self.root, "msg"))
+        fsync_dir(os.path.join(self.root, WFC))
+
+    def write_record(self, state: str, env: Envelope, sync_dirs: bool = True) -> None:
+        data = json.dumps(env.as_dict(), separators=(",", ":")).encode()
+        if sync_dirs:
+            write_durably(self.record_path(state, env.id), data)
+            return
+        folder = os.path.join(self.root, state)
+        tmp = os.path.join(folder, f".{env.id}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.record_path(state, env.id))
+
+    def add_message(self, env: Envelope, state: str, data: bytes | None = None, link_from: str | None = None) -> None:
+        """Store a new record (a per-group copy, a DSN, a notification) with its message.
+
+        ``link_from`` hard-links an existing message file instead of writing bytes.
+        """
+        path = self.msg_path(env.id)
+        if link_from is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            os.link(link_from, path)
+            fsync_dir(os.path.dirname(path))
+        else:
+            assert data is not None
+            write_durably(path, data)
+        self.write_record(state, env)
+
+    def move(self, qid: str, src: str, dst: str) -> None:
+        """A state change: one atomic rename (durability of the rename is not needed:
+        a lost rename only makes recovery redo the step)."""
+        os.rename(self.record_path(src, qid), self.record_path(dst, qid))
+
+    def update(self, state: str, env: Envelope) -> None:
+        """Rewrite a record in place (per-recipient delivery state)."""
+        self.write_record(state, env)
+
+    def remove(self, qid: str, state: str) -> None:
+        """A record is finished: drop the record, then its message."""
+        for path in (self.record_path(state, qid), self.msg_path(qid)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def sync_state_dirs(self) -> None:
+        for state in (*STATES, "msg"):
+            fsync_dir(os.path.join(self.root, state))
+
+    # -- reading --------------------------------------------------------------
+    def load(self, state: str, qid: str) -> Envelope | None:
+        path = self.record_path(state, qid)
+        try:
+            with open(path, "rb") as f:
+                return Envelope.from_dict(json.load(f))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError) as exc:
+            self._quarantine_corrupt(path, qid, f"unreadable record: {exc}")
+            return None
+
+    def ids(self, state: str) -> list[str]:
+        try:
+            names = os.listdir(os.path.join(self.root, state))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith("."))
+
+    def find(self, qid: str) -> str | None:
+        """The state a record is in, or None."""
+        for state in STATES:
+            if os.path.exists(self.record_path(state, qid)):
+                return state
+        return None
+
+    def entries(self) -> Iterator[tuple[str, Envelope]]:
+        for state in STATES:
+            for qid in self.ids(state):
+                env = self.load(state, qid)
+                if env is not None:
+                    yield state, env
+
+    # -- recovery ---------------------------------------------------------------
+    def _quarantine_corrupt(self, path: str, qid: str, why: str) -> None:
+        """Keep an unreadable record and its message aside for the admin, never delete them."""
+        log.error("%s: corrupt queue record moved to corrupt/: %s", qid, why)
+        stamp = int(time.time())
+        for src, suffix in ((path, "record"), (self.msg_path(qid), "msg")):
+            if os.path.exists(src):
+                try:
+                    shutil.move(src, os.path.join(self.root, "corrupt", f"{qid}.{stamp}.{suffix}"))
+                except OSError as exc:
+                    log.error("%s: cannot move %s aside: %s", qid, src, exc)
+
+    def recover(self) -> dict[str, int]:
+        """Bring the spool back to a consistent state after a crash; returns counts."""
+        counts = {"tmp_removed": 0, "requeued": 0, "orphans_removed": 0, "duplicates": 0, "no_message": 0}
+        for sub in ("tmp", *STATES):
+            folder = os.path.join(self.root, sub)
+            for name in os.listdir(folder):
+                if sub == "tmp" or name.startswith("."):
+                    os.unlink(os.path.join(folder, name))  # never acknowledged
+                    counts["tmp_removed"] += 1
+        seen: dict[str, str] = {}
+        for state in STATES:  # pipeline order: a later state wins
+            for qid in self.ids(state):
+                if qid in seen:
+                    os.unlink(self.record_path(seen[qid], qid))
+                    counts["duplicates"] += 1
+                seen[qid] = state
+        for qid, state in seen.items():
+            if not os.path.exists(self.msg_path(qid)):
+                self._quarantine_corrupt(self.record_path(state, qid), qid, "message file missing")
+                counts["no_message"] += 1
+                continue
+            if state in RECOVER_TO:
+                self.move(qid, state, RECOVER_TO[state])
+                counts["requeued"] += 1
+        for qid in os.listdir(os.path.join(self.root, "msg")):
+            if qid not in seen and not qid.startswith("."):
+                # A message whose record was never written was never acknowledged.
+                os.unlink(self.msg_path(qid))
+                counts["orphans_removed"] += 1
+            elif qid.startswith("."):
+                os.unlink(self.msg_path(qid))
+        self.sync_state_dirs()
+        return counts

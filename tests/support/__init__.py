@@ -1,0 +1,1 @@
+"""Test support: fixtures that start real peers (clamd, DNS, SMTP sinks, the gateway)."""
