@@ -192,12 +192,12 @@ class Session:
 
     # -- transaction state ----------------------------------------------------
     def reset_transaction(self) -> None:
+        self._discard_tmp()
         self.sender: str | None = None
         self.mail: smtp.MailParams | None = None
         self.rcpts: list[Recipient] = []
         self.rcpt_refused = 0
         self.qid: str | None = None
-        self._discard_tmp()
 
     def _discard_tmp(self) -> None:
         if self.tmp_fd >= 0:
@@ -212,6 +212,9 @@ class Session:
     def set_timeout(self, seconds: int) -> None:
         self.state_since = self.loop.time()
         self.state_timeout = seconds
+        if self._next_deadline() < self.timer.when:  # the timer only ever moves earlier here
+            self.timer.cancel()
+            self.timer = self.loop.call_later(self._next_deadline() - self.state_since, self._on_timer)
 
     def _next_deadline(self) -> float:
         return min(self.state_since + self.state_timeout, self.last_read + self.cfg.timeouts.ReadTimeout)
@@ -223,6 +226,7 @@ class Session:
         deadline = self._next_deadline()
         if now >= deadline:
             log.info("timeout after %s from [%s]", "DATA" if self.data else "command", self.ip)
+            self.reset_transaction()
             self.close_with(smtp.TIMEOUT.format(self.cfg.network.Hostname))
         else:
             self.timer = self.loop.call_later(deadline - now, self._on_timer)
@@ -252,7 +256,12 @@ class Session:
         except (OSError, ssl.SSLError) as exc:
             self.abort(f"read error: {exc}")
             return
-        self.process()
+        try:
+            self.process()
+        except Exception:  # a bug must cost one session, not the gateway
+            log.exception("session with [%s] failed", self.ip)
+            self.close_with(smtp.LOCAL_ERROR)
+            return
         self.flush()
 
     def reply(self, r: Reply, extra: list[str] | None = None) -> None:
@@ -333,23 +342,23 @@ class Session:
             self._check_budgets()
 
     def _check_budgets(self) -> None:
-        limits = self.cfg.limits
-        host = self.cfg.network.Hostname
-        if self.errors >= limits.MaximalIncomingErrors:
-            self.close_with(smtp.TOO_MANY_ERRORS.format(host))
-        elif self.junk > limits.MaximalJunkCommands:
-            self.close_with(smtp.TOO_MANY_JUNK.format(host))
+        # Postfix's smtpd_hard_error_limit
+        if self.errors >= self.cfg.limits.MaximalIncomingErrors and not self.closing:
+            self.close_with(smtp.TOO_MANY_ERRORS.format(self.cfg.network.Hostname))
 
     def dispatch(self, line: bytes) -> None:
         text = line.decode("latin-1")
         verb, _, arg = text.partition(" ")
         entry = VERBS.get(verb.upper())
-        if entry is None:
+        if entry is None or entry.junk:
+            # Postfix's smtpd_junk_command_limit: past the budget the command is not run.
             self.junk += 1
+            if self.junk > self.cfg.limits.MaximalJunkCommands:
+                self.close_with(smtp.TOO_MANY_JUNK.format(self.cfg.network.Hostname))
+                return
+        if entry is None:
             self.reply(smtp.UNKNOWN_COMMAND)
             return
-        if entry.junk:
-            self.junk += 1
         if self.gw.tls_required and not self.tls and not entry.pre_tls:
             self.reply(smtp.R(530, "5.7.0", "Must issue a STARTTLS command first"))
             return
@@ -420,7 +429,7 @@ class Session:
             self.reply(smtp.BAD_SEQUENCE.format("need MAIL before RCPT"))
             return
         try:
-            address, params = smtp.parse_path(arg, "TO", allow_null=False)
+            address, params = smtp.parse_path(arg, "TO", allow_null=False, local_ok=("postmaster",))
             if params and not self.esmtp:
                 raise SyntaxProblem(smtp.UNKNOWN_PARAM.format("ESMTP parameters need EHLO"))
             rparams = smtp.rcpt_params(smtp.parse_params(params))
@@ -432,8 +441,11 @@ class Session:
             self.gw.stats.refuse("recipients_limit")
             self.reply(smtp.TOO_MANY_RCPTS)
             return
-        decision = self.gw.relay_decision(self.ip, address)
-        if not decision.allowed:
+        if "@" not in address:
+            # RFC 5321 §4.5.1: <Postmaster> without a domain is always accepted;
+            # it means this gateway's postmaster.
+            address = self.cfg.network.Postmaster
+        elif not (decision := self.gw.relay_decision(self.ip, address)).allowed:
             self.rcpt_refused += 1
             self.gw.stats.refuse("relay")
             log.info("relay denied: client=[%s] rcpt=<%s> rule=%s", self.ip, address, decision.why)

@@ -65,6 +65,7 @@ class DestinationState:
     hops: list[Hop] | None = None
     resolving: bool = False
     next_hop: int = 0
+    last_error: str | None = None
     idle_timers: dict[int, object] = field(default_factory=dict)
 
 
@@ -111,6 +112,7 @@ class Sender:
         """``queue send ID``: deliver this one ahead of the rest, ignoring its back-off."""
         if qid in self.inflight:
             return True
+        self.unreachable.clear()  # the admin asks for an attempt now: no cached verdicts
         self.scheduled.discard(qid)
         self.schedule = [item for item in self.schedule if item[2] != qid]
         heapq.heapify(self.schedule)
@@ -119,6 +121,7 @@ class Sender:
 
     def send_all(self) -> int:
         items = [qid for _, _, qid in self.schedule]
+        self.unreachable.clear()
         self.schedule = [(0.0, -p, q) for _, p, q in self.schedule]
         heapq.heapify(self.schedule)
         self.kick()
@@ -213,7 +216,8 @@ class Sender:
         while wanted > 0 and len(state.connections) < per_host and self._free_slot():
             hop = self._pick_hop(state)
             if hop is None:
-                self._defer_all(state, "4.4.1", "all next hops are unreachable")
+                why = f"no next hop reachable ({state.last_error})" if state.last_error else "no next hop reachable"
+                self._defer_all(state, "4.4.1", why)
                 return
             self._open(dest, state, hop)
             wanted -= 1
@@ -389,6 +393,8 @@ class Sender:
             self.unreachable[(conn.ip, conn.port)] = time.time() + self.gw.cfg.resolve.UnreachableTTL
         state = self.dests.get(dest)
         if state is not None:
+            if why:
+                state.last_error = why
             state.idle_timers.pop(id(conn), None)
             if conn in state.connections:
                 state.connections.remove(conn)

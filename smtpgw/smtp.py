@@ -116,8 +116,10 @@ class SyntaxProblem(ValueError):
         self.reply = reply
 
 
-def parse_path(arg: str, keyword: str, allow_null: bool) -> tuple[str, str]:
+def parse_path(arg: str, keyword: str, allow_null: bool, local_ok: tuple[str, ...] = ()) -> tuple[str, str]:
     """Split ``FROM:<addr> params`` into (address, parameter text).
+
+    ``local_ok`` lists local parts accepted without a domain (``postmaster``).
 
     Tolerates a space after the colon and a missing pair of angle brackets,
     as Postfix does, but nothing else.
@@ -142,6 +144,8 @@ def parse_path(arg: str, keyword: str, allow_null: bool) -> tuple[str, str]:
         raise SyntaxProblem(bad)
     if not path.isascii():
         raise SyntaxProblem(UTF8_ADDRESS)
+    if path.lower() in local_ok:
+        return path, params.strip()
     if len(path) > MAX_PATH or not MAILBOX.match(path):
         raise SyntaxProblem(bad)
     local, _, domain = path.rpartition("@")

@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.support.net",
+    "tests.support.tls",
     "tests.support.clamd",
     "tests.support.dns",
 ]

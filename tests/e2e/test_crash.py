@@ -1,0 +1,63 @@
+"""Never lose mail: kill -9 the gateway at random moments under load; every 250'd message arrives."""
+
+from __future__ import annotations
+
+import random
+import smtplib
+import socket
+import threading
+import time
+
+from tests.support.net import wait_until
+
+CLIENTS = 4
+PER_CLIENT = 60
+KILL_AFTER = (15, 60, 110)  # sink counts after which a kill -9 comes (plus a random delay)
+
+
+def _client(port: int, index: int, accepted: list[str], stop: threading.Event) -> None:
+    for n in range(PER_CLIENT):
+        token = f"c{index}-m{n}"
+        body = f"Subject: {token}\r\nMessage-ID: <{token}@load.test>\r\n\r\n{token}\r\n".encode() + (b"x" * 76 + b"\r\n") * 26
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                    client.sendmail("load@b.test", [f"r{n % 3}@example.test"], body)
+                accepted.append(token)  # the gateway said 250
+                break
+            except smtplib.SMTPResponseException as exc:
+                if exc.smtp_code >= 500:
+                    raise
+                time.sleep(0.05)  # 4xx (shutting down): try this message again
+            except (OSError, smtplib.SMTPServerDisconnected):
+                time.sleep(0.05)  # the gateway is down or restarting: try this message again
+        if stop.is_set():
+            return
+
+
+def test_kill_minus_nine_under_load_loses_nothing(make_gateway, sink):
+    rng = random.Random(20261128)
+    gw = make_gateway(sink.port, extra={"smtpgw.options": [("LogLevel", "info")]})
+    accepted: list[str] = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=_client, args=(gw.port, i, accepted, stop), daemon=True) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    try:
+        for threshold in KILL_AFTER:
+            wait_until(lambda: len(sink.messages) >= threshold, 60, f"{threshold} messages at the sink")
+            time.sleep(rng.uniform(0.0, 0.3))  # a random moment, not a synchronisation
+            gw.kill()
+            gw.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        stop.set()
+    assert len(accepted) == CLIENTS * PER_CLIENT
+    wait_until(lambda: not gw.queued(), 60, "an empty queue after the last restart")
+    delivered = {m.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode() for m in sink.messages}
+    missing = sorted(set(accepted) - delivered)
+    assert not missing, f"accepted but never delivered: {missing}"
+    duplicates = len(sink.messages) - len(delivered)
+    print(f"{len(accepted)} accepted, {len(sink.messages)} delivered, {duplicates} duplicates")

@@ -1,0 +1,139 @@
+"""Forwarding: retries on 4xx and connection failure, no retry on 5xx, one transaction per destination."""
+
+from __future__ import annotations
+
+import smtplib
+
+from tests.support.net import Sink, free_port, wait_until
+
+
+def send(gw, rcpts, body=b"Subject: t\r\n\r\nbody\r\n", sender="a@b.test", **kw):
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        return client.sendmail(sender, rcpts, body, **kw)
+
+
+def test_temporary_failure_is_retried(gateway, sink):
+    sink.replies["RCPT"] = ["451 4.3.0 try again later", "250 2.1.5 ok"]
+    send(gateway, ["x@example.test"])
+    gateway.wait_log(r"DELIVERED, rcpt=<x@example.test>.*status=deferred.*451 4.3.0")
+    [qid] = wait_until(lambda: gateway.queued("QUE"), 10, "deferred message back in QUE")
+    listing = gateway.cli("queue", "list")
+    assert listing.returncode == 0 and qid in listing.stdout and "QUE" in listing.stdout
+    result = gateway.cli("queue", "send-all")
+    assert result.returncode == 0, result.stderr
+    [got] = sink.wait_for(1)
+    assert got.recipients == ["x@example.test"]
+    wait_until(lambda: not gateway.queued(), 10, "empty queue")
+
+
+def test_permanent_failure_is_not_retried(gateway, sink):
+    sink.replies["RCPT"] = ["550 5.1.1 no such user"]
+    send(gateway, ["gone@example.test"])
+    gateway.wait_log(r"DELIVERED, rcpt=<gone@example.test>.*status=failed.*550 5.1.1")
+    wait_until(lambda: not gateway.queued(), 10, "empty queue")
+    assert gateway.cli("queue", "send-all").returncode == 0
+    assert sink.messages == []
+    assert len([c for c in sink.commands if c.startswith("RCPT")]) == 1
+
+
+def test_partial_failure_keeps_only_the_deferred_recipient(gateway, sink):
+    sink.replies["RCPT"] = ["250 2.1.5 ok", "550 5.1.1 unknown", "452 4.2.2 mailbox full", "250 2.1.5 ok"]
+    send(gateway, ["a1@example.test", "a2@example.test", "a3@example.test"])
+    [first] = sink.wait_for(1)
+    assert first.recipients == ["a1@example.test"]
+    wait_until(lambda: gateway.queued("QUE"), 10, "deferred recipient in QUE")
+    gateway.cli("queue", "send-all")
+    second = sink.wait_for(2)[1]
+    assert second.recipients == ["a3@example.test"]  # never a1 again, never a2
+
+
+def test_next_hop_down_then_up(make_gateway):
+    port = free_port()
+    gw = make_gateway(port)
+    send(gw, ["x@example.test"])
+    gw.wait_log(r"DELIVERED, rcpt=<x@example.test>.*status=deferred.*(refused|connect)")
+    wait_until(lambda: gw.queued("QUE"), 10, "message waiting in QUE")
+    up = Sink()
+    try:
+        up.sock.close()  # re-bind the sink on the port the gateway forwards to
+        import socket, threading
+
+        up.sock = socket.socket()
+        up.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        up.sock.bind(("127.0.0.1", port))
+        up.sock.listen(16)
+        up.port = port
+        up.thread = threading.Thread(target=up._serve, daemon=True)
+        up.thread.start()
+        gw.cli("queue", "send-all")
+        [got] = up.wait_for(1)
+        assert got.recipients == ["x@example.test"]
+    finally:
+        up.close()
+
+
+def test_one_transaction_per_destination(make_gateway):
+    one, two = Sink(), Sink()
+    try:
+        gw = make_gateway(None, extra={"smtpgw.forward": [
+            ("ForwardRoute", f"*@one.test [127.0.0.1:{one.port}]"),
+            ("ForwardRoute", f"* [127.0.0.1:{two.port}]"),
+        ]})
+        send(gw, ["a@one.test", "b@two.test", "c@one.test", "d@three.test"])
+        [m1] = one.wait_for(1)
+        [m2] = two.wait_for(1)
+        assert m1.recipients == ["a@one.test", "c@one.test"]
+        assert m2.recipients == ["b@two.test", "d@three.test"]
+    finally:
+        one.close()
+        two.close()
+
+
+def test_peer_without_pipelining_gets_one_command_at_a_time(make_gateway):
+    plain = Sink(extensions=("8BITMIME",))
+    try:
+        gw = make_gateway(plain.port)
+        plain.replies["RCPT"] = ["250 2.1.5 ok", "550 5.1.1 unknown", "250 2.1.5 ok"]
+        send(gw, ["a@example.test", "b@example.test", "c@example.test"])
+        [got] = plain.wait_for(1)
+        assert got.recipients == ["a@example.test", "c@example.test"]
+        verbs = [c.split()[0].upper() for c in plain.commands]
+        assert verbs[:6] == ["EHLO", "MAIL", "RCPT", "RCPT", "RCPT", "DATA"]
+        assert "SIZE=" not in got.mail_line  # SIZE not offered, not sent
+    finally:
+        plain.close()
+
+
+def test_peer_refusing_helo_style_ehlo_gets_helo(make_gateway):
+    old = Sink()
+    old.replies["EHLO"] = ["502 5.5.1 EHLO not implemented"]
+    try:
+        gw = make_gateway(old.port)
+        send(gw, ["a@example.test"])
+        [got] = old.wait_for(1)
+        assert [c.split()[0] for c in old.commands[:2]] == ["EHLO", "HELO"]
+        assert got.mail_line == "MAIL FROM:<a@b.test>"
+    finally:
+        old.close()
+
+
+def test_eight_bit_to_a_peer_without_8bitmime_fails_cleanly(make_gateway):
+    seven = Sink(extensions=("PIPELINING",))
+    try:
+        gw = make_gateway(seven.port)
+        send(gw, ["a@example.test"], body="Subject: x\r\n\r\ncafé\r\n".encode(), mail_options=["BODY=8BITMIME"])
+        gw.wait_log(r"status=failed.*8BITMIME")
+        assert seven.messages == []
+    finally:
+        seven.close()
+
+
+def test_queue_remove_while_running(gateway, sink):
+    sink.replies["RCPT"] = ["451 4.3.0 later"]
+    send(gateway, ["x@example.test"])
+    [qid] = wait_until(lambda: gateway.queued("QUE"), 10, "deferred message")
+    assert gateway.cli("queue", "remove", "nosuchid").returncode == 4
+    result = gateway.cli("queue", "remove", qid)
+    assert result.returncode == 0, result.stderr
+    assert gateway.queued() == []
+    gateway.wait_log(rf"{qid}: REMOVED")

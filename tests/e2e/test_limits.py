@@ -1,0 +1,240 @@
+"""Every receiving limit of [smtpgw.limits] and [smtpgw.timeouts], through real SMTP sessions."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+
+from tests.support.net import RawClient
+
+
+def session(port: int) -> RawClient:
+    c = RawClient(port)
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO client.test")[0] == 250
+    return c
+
+
+def send_data(c: RawClient, data: bytes) -> tuple[int, str]:
+    assert c.cmd("DATA")[0] == 354
+    c.send(data + b".\r\n")
+    return c.reply()
+
+
+def stats(gw) -> dict[str, int]:
+    import os
+
+    path = os.path.join(gw.folder, "var", "stats")
+    gw.control(".c_stats")
+    from tests.support.net import wait_until
+
+    wait_until(lambda: os.path.exists(path) and not os.path.exists(os.path.join(gw.control_path, ".c_stats")), 10, "stats dump")
+    with open(path) as f:
+        return {k: int(v) if v.isdigit() else 0 for k, v in (line.strip().split("=", 1) for line in f if "=" in line)}
+
+
+def limits_gateway(make_gateway, sink, **limits):
+    items = [(k, str(v)) for k, v in limits.items()]
+    return make_gateway(sink.port, extra={"smtpgw.limits": items, "smtpgw.options": [("StatFilename", "var/stats")]})
+
+
+def test_declared_size_too_large_is_refused_at_mail(make_gateway, sink):
+    gw = limits_gateway(make_gateway, sink, MaximalIncomingMessageSize=64)
+    c = session(gw.port)
+    code, text = c.cmd(f"MAIL FROM:<a@b.test> SIZE={64 * 1024 + 1}")
+    assert (code, text.split()[0]) == (552, "5.3.4")
+    assert c.cmd(f"MAIL FROM:<a@b.test> SIZE={64 * 1024}")[0] == 250
+
+
+def test_actual_size_overflow_is_refused_after_end_of_data(make_gateway, sink):
+    gw = limits_gateway(make_gateway, sink, MaximalIncomingMessageSize=64)
+    c = session(gw.port)
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 70
+    code, text = send_data(c, big)
+    assert (code, text.split()[0]) == (552, "5.3.4")
+    # the session goes on: a small message is accepted
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    assert send_data(c, b"Subject: small\r\n\r\nok\r\n")[0] == 250
+    assert len(sink.wait_for(1)) == 1
+    assert stats(gw)["mta_receivings_refused_for_message_size_limit"] == 1
+
+
+def test_session_size_limit(make_gateway, sink):
+    gw = limits_gateway(make_gateway, sink, MaximalIncomingSessionSize=64, MaximalIncomingMessageSize=64)
+    c = session(gw.port)
+    chunk = b"Subject: part\r\n\r\n" + (b"y" * 998 + b"\r\n") * 40  # 40 KB
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    assert send_data(c, chunk)[0] == 250
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    code, text = send_data(c, chunk)
+    assert (code, text.split()[0]) == (552, "5.3.4")
+    assert "Session" in text
+    assert stats(gw)["mta_receivings_refused_for_session_size_limit"] == 1
+
+
+def test_messages_per_session(make_gateway, sink):
+    gw = limits_gateway(make_gateway, sink, MaximalIncomingMessagesPerSession=2)
+    c = session(gw.port)
+    for _ in range(2):
+        c.cmd("MAIL FROM:<a@b.test>")
+        c.cmd("RCPT TO:<x@example.test>")
+        assert send_data(c, b"Subject: m\r\n\r\nm\r\n")[0] == 250
+    code, text = c.cmd("MAIL FROM:<a@b.test>")
+    assert (code, text.split()[0]) == (421, "4.7.0")
+    assert c.closed()
+
+
+def test_recipients_per_message(make_gateway, sink):
+    gw = limits_gateway(make_gateway, sink, MaximalIncomingRcptsPerMessage=2)
+    c = session(gw.port)
+    c.cmd("MAIL FROM:<a@b.test>")
+    assert c.cmd("RCPT TO:<x1@example.test>")[0] == 250
+    assert c.cmd("RCPT TO:<x2@example.test>")[0] == 250
+    code, text = c.cmd("RCPT TO:<x3@example.test>")
+    assert (code, text.split()[0]) == (452, "4.5.3")  # RFC 5321 §4.5.3.1.10
+    assert send_data(c, b"Subject: r\r\n\r\nr\r\n")[0] == 250
+    [got] = sink.wait_for(1)
+    assert got.recipients == ["x1@example.test", "x2@example.test"]
+
+
+def test_hop_count_loop_detection(make_gateway, sink):
+    gw = limits_gateway(make_gateway, sink, MaximalIncomingHops=3)
+    c = session(gw.port)
+    hops = b"".join(b"Received: from h%d.test by h%d.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % (i, i) for i in range(4))
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    code, text = send_data(c, hops + b"Subject: loop\r\n\r\nbody\r\n")
+    assert (code, text.split()[0]) == (554, "5.4.6")
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    # three trace fields are fine, and "Received:" in the body does not count
+    body = hops[: hops.index(b"Received: from h3")] + b"Subject: ok\r\n\r\nReceived: not a header\r\n"
+    assert send_data(c, body)[0] == 250
+    assert stats(gw)["mta_receivings_refused_for_hops_limit"] == 1
+
+
+def test_total_and_per_ip_sessions(make_gateway, sink):
+    gw = limits_gateway(make_gateway, sink, IncomingSessions=3, MaximalIncomingSessionsPerIP=2)
+    a, b = RawClient(gw.port), RawClient(gw.port)
+    assert a.reply()[0] == 220 and b.reply()[0] == 220
+    c = RawClient(gw.port)
+    code, text = c.reply()
+    assert (code, text.split()[0]) == (421, "4.7.0")  # per-IP limit
+    assert c.closed()
+    # another loopback address is another client
+    assert _can_connect_from("127.0.0.2"), "the loopback range 127.0.0.0/8 is routed here"
+    d = _connect_from("127.0.0.2", gw.port)
+    assert d.reply()[0] == 220
+    e = _connect_from("127.0.0.3", gw.port)
+    code, text = e.reply()
+    assert (code, text.split()[0]) == (421, "4.3.2")  # the total limit of 3 is reached
+    a.close()
+
+
+def _can_connect_from(address: str) -> bool:
+    try:
+        with socket.socket() as s:
+            s.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+def _connect_from(address: str, port: int) -> RawClient:
+    client = RawClient.__new__(RawClient)
+    client.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(address, 0))
+    client.buffer = b""
+    return client
+
+
+def test_long_command_line_and_long_data_line(make_gateway, sink):
+    gw = limits_gateway(make_gateway, sink)
+    c = session(gw.port)
+    code, text = c.cmd("NOOP " + "x" * 5000)
+    assert (code, text.split()[0]) == (500, "5.5.2")
+    assert c.cmd("NOOP")[0] == 250  # the rest of the long line was discarded
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    code, text = send_data(c, b"Subject: long\r\n\r\n" + b"z" * 1001 + b"\r\n")
+    assert (code, text.split()[0]) == (500, "5.5.6")  # RFC 5321 §4.5.3.1.6
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    assert send_data(c, b"Subject: fits\r\n\r\n" + b"z" * 998 + b"\r\n")[0] == 250
+
+
+def test_junk_command_budget(make_gateway, sink):
+    gw = limits_gateway(make_gateway, sink, MaximalJunkCommands=3)
+    c = session(gw.port)
+    for _ in range(3):
+        assert c.cmd("NOOP")[0] == 250
+    code, text = c.cmd("NOOP")
+    assert (code, text.split()[0]) == (421, "4.7.0") and "junk" in text
+    assert c.closed()
+
+
+def test_error_budget(make_gateway, sink):
+    gw = limits_gateway(make_gateway, sink, MaximalIncomingErrors=3)
+    c = session(gw.port)
+    assert c.cmd("RCPT TO:<x@example.test>")[0] == 503
+    assert c.cmd("DATA")[0] == 503
+    code, _ = c.cmd("MAIL FROM:<bad")
+    assert code == 501
+    assert c.reply()[0] == 421
+    assert c.closed()
+
+
+def test_command_timeout(make_gateway, sink):
+    gw = make_gateway(sink.port, extra={"smtpgw.timeouts": [("ReceivingCommandTimeout", "1")]})
+    c = session(gw.port)
+    code, text = c.reply()  # nothing sent: the gateway gives up first
+    assert (code, text.split()[0]) == (421, "4.4.2")
+    assert c.closed()
+
+
+def test_data_termination_timeout_discards_the_message(make_gateway, sink):
+    gw = make_gateway(sink.port, extra={"smtpgw.timeouts": [("ReceivingDataTerminationTimeout", "1")]})
+    c = session(gw.port)
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: never finished\r\n\r\npart")
+    assert c.reply()[0] == 421
+    assert gw.queued() == []
+    import os
+
+    assert os.listdir(os.path.join(gw.queue, "tmp")) == []
+
+
+def test_bounded_memory_for_fifty_mib(make_gateway, sink):
+    """A 50 MiB message streams to disk: the gateway's peak RSS does not grow with it."""
+    gw = limits_gateway(make_gateway, sink, MaximalIncomingMessageSize=60000, MaximalIncomingSessionSize=60000)
+    pid = gw.proc.pid
+
+    def peak_rss_kib() -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.sendmail("a@b.test", ["x@example.test"], b"Subject: warm up\r\n\r\nsmall\r\n")
+    sink.wait_for(1)
+    before = peak_rss_kib()
+    c = session(gw.port)
+    c.cmd("MAIL FROM:<a@b.test> SIZE=52428800")
+    c.cmd("RCPT TO:<x@example.test>")
+    assert c.cmd("DATA")[0] == 354
+    line = b"0123456789" * 7 + b"abcdef\r\n"  # 78 octets
+    block = line * 13443  # about 1 MiB
+    c.send(b"Subject: fifty\r\n\r\n")
+    for _ in range(50):
+        c.send(block)
+    c.send(b".\r\n")
+    assert c.reply()[0] == 250
+    got = sink.wait_for(2, timeout=120)
+    assert len(got[1].data) > 50 * len(block)
+    grown = peak_rss_kib() - before
+    assert grown < 20 * 1024, f"peak RSS grew by {grown} KiB for a 50 MiB message"
