@@ -99,6 +99,9 @@ class Connection:
         family = socket.AF_INET6 if ":" in self.ip else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setblocking(False)
+        # Commands and the end of data are small writes that must not wait for
+        # the peer's delayed ACK (Nagle); PIPELINING already batches them.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self.sock.connect((self.ip, self.port))
         except BlockingIOError:
@@ -151,7 +154,8 @@ class Connection:
             return
         self.loop.remove_writer(self.sock)
         if self._body is not None:
-            self._pump_body()
+            # the next chunk in a later loop turn: no recursion, fair to other sessions
+            self.loop.call_soon(self._pump_body)
 
     def _readable(self) -> None:
         assert self.sock is not None
@@ -382,7 +386,8 @@ class Connection:
     def _pump_body(self) -> None:
         """Send the next chunk when the previous one is out (bounded memory)."""
         body = self._body
-        assert body is not None
+        if body is None or self.out or self.closed:
+            return
         chunk = body.read(CHUNK)  # type: ignore[attr-defined]
         if chunk:
             data = self._carry + chunk

@@ -28,7 +28,7 @@ from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.control import Control
 from smtpgw.log import event
 from smtpgw.loop import EventLoop
-from smtpgw.queue import SND, Envelope, Queue
+from smtpgw.queue import SND, Committer, Envelope, Queue
 from smtpgw.receiver import Listener, Session
 from smtpgw.scanner import Scanner
 from smtpgw.sender import Hop, Sender, literal_hops
@@ -36,7 +36,8 @@ from smtpgw.stats import Stats
 
 log = logging.getLogger("smtpgw")
 
-SHUTDOWN_GRACE = 5.0  # seconds for deliveries in flight to finish at stop
+SHUTDOWN_GRACE = 5.0
+LOG_FLUSH_INTERVAL = 0.2  # seconds: the log file is written in batches  # seconds for deliveries in flight to finish at stop
 
 
 class StartupError(Exception):
@@ -60,6 +61,7 @@ class Gateway:
         self.loop = EventLoop()
         self.stats = Stats()
         self.queue = Queue(cfg.path.QueuePath)
+        self.committer = Committer(self.queue, self.loop.call_soon_threadsafe)
         self.sessions: set[Session] = set()
         self.per_ip: Counter[str] = Counter()
         self.receiving = True
@@ -146,12 +148,18 @@ class Gateway:
         self.scanner.load()
         self.sender.load()
         self.control.start()
+        self._flush_log()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(signum, lambda *_: self.loop.call_soon(self.shutdown))
         signal.signal(signal.SIGHUP, lambda *_: self.loop.call_soon(self.reload))
         signal.set_wakeup_fd(self.loop._wake_w.fileno(), warn_on_full_buffer=False)
         where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
         log.info("smtpgw started: listening on %s", where)
+
+    def _flush_log(self) -> None:
+        logsetup.flush_all()
+        if not self.stopping:
+            self.loop.call_later(LOG_FLUSH_INTERVAL, self._flush_log)
 
     def run(self) -> None:
         self.loop.run_forever()
@@ -172,8 +180,10 @@ class Gateway:
         self.loop.run_until(self.sender.idle, SHUTDOWN_GRACE)
         self.sender.stop()
         self.loop.run_until(lambda: not self.sessions, 1.0)
+        self.committer.close()
         self.queue.sync_state_dirs()
         log.info("stopped")
+        logsetup.flush_all()
         self.loop.stop()
 
     def reload(self) -> None:
@@ -265,10 +275,10 @@ class Gateway:
         self.stats.inc("mta_received_messages")
         self.stats.inc("mta_received_bytes", env.size)
         self.stats.inc("mta_received_recipients", len(env.recipients))
-        self.scanner.submit(env.id)
+        self.scanner.submit(env.id, env)
 
     def message_scanned(self, env: Envelope) -> None:
-        self.sender.enqueue(env.id, env.next_attempt, env.priority)
+        self.sender.enqueue(env.id, env.next_attempt, env.priority, env)
 
     def remove_queued(self, qid: str, state: str) -> None:
         """The admin removed a message (``queue remove``)."""
@@ -283,7 +293,7 @@ class Gateway:
         log.info("databases reloaded")
 
     def delivery_complete(self, env: Envelope) -> None:
-        self.queue.remove(env.id, SND)
+        self.committer.remove(env.id, SND)
 
     def resolve_destination(self, dest: routing.Destination, done: Callable[[list[Hop], str | None, str | None], None]) -> None:
         hops = literal_hops(dest)

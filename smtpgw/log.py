@@ -11,6 +11,7 @@ Must never: raise into the caller because the log file went away.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
@@ -36,6 +37,31 @@ class LineFormatter(logging.Formatter):
         return line
 
 
+class BufferedFileHandler(logging.FileHandler):
+    """A log file written in batches: the gateway calls ``flush_all`` a few times a second
+    (and at exit); errors and worse are written at once."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, encoding="utf-8", delay=False)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            assert self.stream is not None
+            self.stream.write(self.format(record) + "\n")
+            if record.levelno >= logging.ERROR:
+                self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def flush_all() -> None:
+    for handler in root.handlers:
+        try:
+            handler.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def setup(path: str | None, level: str = "info", date_format: str = "%Y-%m-%d", time_format: str = "%H:%M:%S") -> None:
     """(Re)configure the ``smtpgw`` logger; called at start and on HUP."""
     for handler in list(root.handlers):
@@ -43,7 +69,8 @@ def setup(path: str | None, level: str = "info", date_format: str = "%Y-%m-%d", 
         handler.close()
     handler: logging.Handler
     if path:
-        handler = logging.FileHandler(path, encoding="utf-8", delay=False)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        handler = BufferedFileHandler(path)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LineFormatter(date_format, time_format))

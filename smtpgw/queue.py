@@ -29,8 +29,10 @@ import os
 import secrets
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger("smtpgw.queue")
 
@@ -99,7 +101,11 @@ class Envelope:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
+        data["recipients"] = [{name: getattr(r, name) for name in _RECIPIENT_FIELDS} for r in self.recipients]
+        data["dnsbl"] = list(self.dnsbl)
+        data["notes"] = dict(self.notes)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Envelope":
@@ -109,6 +115,10 @@ class Envelope:
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if not r.done]
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
+_RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
 
 
 def fsync_dir(path: str) -> None:
@@ -295,3 +305,63 @@ class Queue:
                 os.unlink(self.msg_path(qid))
         self.sync_state_dirs()
         return counts
+
+
+class Committer:
+    """Makes received messages durable off the event loop.
+
+    ``submit`` returns at once; ``done(error)`` runs on the loop once the
+    message file and its WFC record are on stable storage (the receiver answers
+    250 only then). Directory fsyncs are group-committed: one fsync of msg/ and
+    WFC/ covers every rename made before it started, so concurrent sessions
+    share them. Finished records are unlinked here too, off the loop.
+    """
+
+    def __init__(self, queue: Queue, call_soon_threadsafe: Callable[..., None], threads: int = 4) -> None:
+        self.queue = queue
+        self.call_soon_threadsafe = call_soon_threadsafe
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="commit")
+        self._cv = threading.Condition()
+        self._renamed = 0
+        self._synced = 0
+        self._syncing = False
+
+    def submit(self, env: Envelope, tmp_fd: int, done: Callable[[BaseException | None], None]) -> None:
+        future = self.pool.submit(self._commit, env, tmp_fd)
+        future.add_done_callback(lambda f: self.call_soon_threadsafe(done, f.exception()))
+
+    def remove(self, qid: str, state: str) -> None:
+        """Drop a finished record and its message (no durability needed: see ``Queue.recover``)."""
+        self.pool.submit(self.queue.remove, qid, state)
+
+    def _commit(self, env: Envelope, tmp_fd: int) -> None:
+        try:
+            os.fsync(tmp_fd)
+        finally:
+            os.close(tmp_fd)
+        os.rename(self.queue.tmp_path(env.id), self.queue.msg_path(env.id))
+        self.queue.write_record(WFC, env, sync_dirs=False)
+        self._sync_dirs()
+
+    def _sync_dirs(self) -> None:
+        with self._cv:
+            self._renamed += 1
+            mine = self._renamed
+            while self._synced < mine:
+                if self._syncing:
+                    self._cv.wait()
+                    continue
+                self._syncing = True
+                target = self._renamed
+                self._cv.release()
+                try:
+                    fsync_dir(os.path.join(self.queue.root, "msg"))
+                    fsync_dir(os.path.join(self.queue.root, WFC))
+                finally:
+                    self._cv.acquire()
+                    self._syncing = False
+                    self._cv.notify_all()
+                self._synced = max(self._synced, target)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)

@@ -58,8 +58,9 @@ class DataReader:
     after end-of-data, as RFC 5321 §4.2.5 implies.
     """
 
-    def __init__(self, fd: int, max_size: int, max_hops: int) -> None:
+    def __init__(self, fd: int, max_size: int, max_hops: int, prefix: bytes = b"") -> None:
         self.fd = fd
+        self.prefix = prefix  # written with the first bytes of the message (one write, not two)
         self.max_size = max_size
         self.max_hops = max_hops
         self.size = 0
@@ -148,9 +149,15 @@ class DataReader:
             elif lower.startswith(b"message-id:") and self.message_id is None:
                 self.message_id = line[11:].strip().decode("ascii", "replace")[:200]
 
+    def finish(self) -> None:
+        """At end of data: write what is still held (the prefix of an empty message)."""
+        self._write(b"")
+
     def _write(self, body: bytes) -> None:
         if self.failed:
             return
+        if self.prefix:
+            body, self.prefix = self.prefix + body, b""
         view = memoryview(body)
         while view:
             view = view[os.write(self.fd, view) :]
@@ -175,6 +182,7 @@ class Session:
         self.tls = False
         self.handshaking = False
         self.discarding_line = False
+        self.committing = False
         self.helo: str | None = None
         self.esmtp = False
         self.junk = 0
@@ -249,6 +257,8 @@ class Session:
                     return
                 self.inbuf += chunk
                 self.last_read = self.loop.time()
+                if self.committing and len(self.inbuf) > MAX_PENDING_OUTPUT:
+                    self.loop.remove_reader(self.sock)  # resumed by flush() after the reply
                 if not self.tls or not self.sock.pending() or len(self.inbuf) > READ_CHUNK * 4:
                     break
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
@@ -256,13 +266,7 @@ class Session:
         except (OSError, ssl.SSLError) as exc:
             self.abort(f"read error: {exc}")
             return
-        try:
-            self.process()
-        except Exception:  # a bug must cost one session, not the gateway
-            log.exception("session with [%s] failed", self.ip)
-            self.close_with(smtp.LOCAL_ERROR)
-            return
-        self.flush()
+        self.resume()
 
     def reply(self, r: Reply, extra: list[str] | None = None) -> None:
         if r.is_error and r.code != 421:
@@ -317,7 +321,7 @@ class Session:
 
     # -- input processing ---------------------------------------------------------
     def process(self) -> None:
-        while self.inbuf and not self.closing and not self.closed and not self.handshaking:
+        while self.inbuf and not self.closing and not self.closed and not self.handshaking and not self.committing:
             if self.data is not None:
                 if not self._feed_data():
                     return
@@ -468,14 +472,14 @@ class Session:
         self.qid = new_id()
         try:
             self.tmp_fd = os.open(self.gw.queue.tmp_path(self.qid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.write(self.tmp_fd, self._received_header())
         except OSError as exc:
             log.error("cannot create queue file: %s", exc)
             self._discard_tmp()
             self.reply(smtp.NO_STORAGE if exc.errno == errno.ENOSPC else smtp.LOCAL_ERROR)
             return
         remaining = self.gw.max_session_bytes - self.session_bytes
-        self.data = DataReader(self.tmp_fd, min(self.gw.max_message_bytes, remaining), self.cfg.limits.MaximalIncomingHops)
+        self.data = DataReader(self.tmp_fd, min(self.gw.max_message_bytes, remaining), self.cfg.limits.MaximalIncomingHops,
+                               prefix=self._received_header())
         self.set_timeout(self.cfg.timeouts.ReceivingDataTerminationTimeout)
         self.reply(smtp.START_DATA)
 
@@ -550,31 +554,57 @@ class Session:
             message_id=reader.message_id,
             tls=self.tls,
         )
+        try:
+            reader.finish()
+        except OSError as exc:
+            log.error("%s: write to queue failed: %s", self.qid, exc)
+            self.reset_transaction()
+            self.reply(smtp.NO_STORAGE if exc.errno == errno.ENOSPC else smtp.LOCAL_ERROR)
+            return
         fd, self.tmp_fd = self.tmp_fd, -1
         self.data = None
-        try:
-            self.gw.queue.commit(env, fd)
-        except OSError as exc:
-            log.error("%s: cannot store message: %s", env.id, exc)
+        self.qid = None
+        self.reset_transaction()
+        # Reply 250 only once the message is durable; meanwhile read nothing more
+        # (replies must keep the order of the commands, RFC 2920 §3.1).
+        self.committing = True
+        self.gw.committer.submit(env, fd, lambda error: self._committed(env, error))
+
+    def _committed(self, env: Envelope, error: BaseException | None) -> None:
+        self.committing = False
+        if error is not None:
+            log.error("%s: cannot store message: %s", env.id, error)
             try:
                 os.unlink(self.gw.queue.tmp_path(env.id))
             except OSError:
                 pass
-            self.reset_transaction()
-            self.reply(smtp.NO_STORAGE if exc.errno == errno.ENOSPC else smtp.LOCAL_ERROR)
+            no_space = isinstance(error, OSError) and error.errno == errno.ENOSPC
+            reply = smtp.NO_STORAGE if no_space else smtp.LOCAL_ERROR
+        else:
+            self.messages += 1
+            flags = ("E" if env.esmtp else "") + ("D" if env.ret or env.envid or any(r.notify or r.orcpt for r in env.recipients) else "")
+            event(
+                env.id,
+                "RECEIVED, from=<%s>, nrcpt=%d, size=%d, client=[%s], helo=<%s>, message_id=%s, flags=%s",
+                env.sender, len(env.recipients), env.size, env.client_ip, env.helo, env.message_id or "", flags,
+            )
+            self.gw.message_received(env)  # even if the client has gone meanwhile: it is ours now
+            reply = smtp.QUEUED.format(env.id)
+        if self.closed:
             return
-        self.messages += 1
-        flags = ("E" if self.esmtp else "") + ("D" if env.ret or env.envid or any(r.notify or r.orcpt for r in env.recipients) else "")
-        event(
-            env.id,
-            "RECEIVED, from=<%s>, nrcpt=%d, size=%d, client=[%s], helo=<%s>, message_id=%s, flags=%s",
-            env.sender, len(env.recipients), env.size, env.client_ip, env.helo, env.message_id or "", flags,
-        )
-        self.gw.message_received(env)
-        self.qid = None
-        self.reset_transaction()
         self.set_timeout(self.cfg.timeouts.ReceivingCommandTimeout)
-        self.reply(smtp.QUEUED.format(env.id))
+        self.reply(reply)
+        self.resume()
+
+    def resume(self) -> None:
+        """Go on with buffered (pipelined) input after a pause."""
+        try:
+            self.process()
+        except Exception:
+            log.exception("session with [%s] failed", self.ip)
+            self.close_with(smtp.LOCAL_ERROR)
+            return
+        self.flush()
 
     def smtp_RSET(self, arg: str) -> None:
         self.reset_transaction()
@@ -700,6 +730,7 @@ class Listener:
                 log.error("accept failed: %s", exc)
                 return
             conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are small writes
             self.gw.session_opened(conn, peer)
 
     def close(self) -> None:

@@ -14,16 +14,14 @@ message files; the main process owns states).
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from smtpgw.log import event
 from smtpgw.queue import CHK, QUE, WFC, Envelope
+from smtpgw.scanjob import ScanResult
+from smtpgw.workers import WorkerPool
 
 if TYPE_CHECKING:
     from smtpgw.gateway import Gateway
@@ -34,64 +32,6 @@ RETRY_AFTER_UNAVAILABLE = 30.0  # seconds before a deferred scan is tried again
 RETRY_AFTER_CRASH = 60.0
 
 
-@dataclass
-class CopyResult:
-    """What happens to the recipients of one group (one per-group copy)."""
-
-    group: str
-    recipients: list[str]
-    blocked: bool = False
-    rewritten: str | None = None  # a new message file written by the worker, or None: unchanged
-    events: list[str] = field(default_factory=list)  # log lines (AV-SCANNED, AS-SCANNED, BLOCKED...)
-    notes: dict[str, object] = field(default_factory=dict)
-
-
-@dataclass
-class ScanResult:
-    copies: list[CopyResult] = field(default_factory=list)
-    deferred: str | None = None  # a scanner was unavailable: retry later, never pass
-
-
-# -- worker side ---------------------------------------------------------------------
-_worker: "WorkerState | None" = None
-
-
-class WorkerState:
-    """Per-process state: the configuration (and the databases it names)."""
-
-    def __init__(self, config_path: str) -> None:
-        from smtpgw.config import load_config
-
-        self.cfg = load_config(config_path)
-
-
-def worker_init(config_path: str) -> None:
-    global _worker
-    _worker = WorkerState(config_path)
-
-
-def scan_job(queue_root: str, qid: str, env_data: dict) -> ScanResult:
-    """Run in a worker: scan one message for each group its recipients fall into."""
-    assert _worker is not None, "worker not initialised"
-    cfg = _worker.cfg
-    env = Envelope.from_dict(env_data)
-    groups: dict[str, list[str]] = {}
-    for rcpt in env.pending():
-        group = cfg.group_for(env.sender, rcpt.addr)
-        groups.setdefault(group.name, []).append(rcpt.addr)
-    result = ScanResult()
-    for name, rcpts in groups.items():
-        copy = CopyResult(group=name, recipients=rcpts)
-        group = cfg.group_for(env.sender, rcpts[0])
-        if not group.Check:
-            copy.events.append(f"SCANNED, group={name}, nrcpt={len(rcpts)}, status=\"not checked\"")
-        else:
-            copy.events.append(f"SCANNED, group={name}, nrcpt={len(rcpts)}, status=\"clean\"")
-        result.copies.append(copy)
-    return result
-
-
-# -- main-process side ------------------------------------------------------------------
 class Scanner:
     def __init__(self, gateway: "Gateway") -> None:
         self.gw = gateway
@@ -99,58 +39,36 @@ class Scanner:
         self.queue = gateway.queue
         self.enabled = True
         self.waiting: deque[str] = deque()
-        self.inflight: dict[str, Future] = {}
-        self.pool: ProcessPoolExecutor | None = None
-        self.retries: dict[str, object] = {}  # qid → timer of a deferred scan
+        self.envelopes: dict[str, Envelope] = {}  # known WFC records, to spare a re-read
+        self.inflight: set[str] = set()
+        self.retries: dict[str, Any] = {}  # qid → timer of a deferred scan
+        workers = max(1, min(self.limit, os.cpu_count() or 1))
+        self.pool = WorkerPool(self.loop, gateway.config_path, workers, self._done)
 
     @property
     def limit(self) -> int:
         return self.gw.cfg.limits.AntiviralSessions
 
-    def _pool(self) -> ProcessPoolExecutor:
-        if self.pool is None:
-            workers = max(1, min(self.limit, os.cpu_count() or 1))
-            # spawn: workers must not inherit listening sockets or the loop's descriptors
-            self.pool = ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=worker_init,
-                initargs=(self.gw.config_path,),
-            )
-        return self.pool
-
     def load(self) -> None:
         for qid in self.queue.ids(WFC):
             self.submit(qid)
 
-    def submit(self, qid: str) -> None:
+    def submit(self, qid: str, env: Envelope | None = None) -> None:
+        if env is not None:
+            self.envelopes[qid] = env
         self.waiting.append(qid)
         self.pump()
 
     def pump(self) -> None:
         while self.enabled and self.waiting and len(self.inflight) < self.limit:
             qid = self.waiting.popleft()
-            env = self.queue.load(WFC, qid)
+            env = self.envelopes.pop(qid, None) or self.queue.load(WFC, qid)
             if env is None:
                 continue
             self.queue.move(qid, WFC, CHK)
-            try:
-                future = self._pool().submit(scan_job, self.queue.root, qid, env.as_dict())
-            except (BrokenProcessPool, RuntimeError) as exc:
-                log.error("scanner pool unusable (%s); restarting it", exc)
-                self._restart_pool()
-                self.queue.move(qid, CHK, WFC)
-                self.waiting.appendleft(qid)
-                self.loop.call_later(1.0, self.pump)
-                return
-            self.inflight[qid] = future
-            self.gw.stats.set("antiviral_checking_sessions_current", len(self.inflight))
-            future.add_done_callback(lambda f, q=qid: self.loop.call_soon_threadsafe(self._done, q, f))
-
-    def _restart_pool(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = None
+            self.inflight.add(qid)
+            self.pool.submit(qid, {"env": env.as_dict()})
+        self.gw.stats.set("antiviral_checking_sessions_current", len(self.inflight))
 
     def _retry_later(self, qid: str, delay: float) -> None:
         self.queue.move(qid, CHK, WFC)
@@ -164,18 +82,14 @@ class Scanner:
         """``queue send-all``: deferred scans are tried now."""
         count = 0
         for qid, timer in list(self.retries.items()):
-            timer.cancel()  # type: ignore[attr-defined]
+            timer.cancel()
             self._retry(qid)
             count += 1
         return count
 
     def prioritise(self, qid: str) -> None:
         """``queue send ID`` for a message still waiting for its scan."""
-        timer = self.retries.pop(qid, None)
-        if timer is not None:
-            timer.cancel()  # type: ignore[attr-defined]
-        if qid in self.waiting:
-            self.waiting.remove(qid)
+        self.forget(qid)
         if qid not in self.inflight:
             self.waiting.appendleft(qid)
             self.pump()
@@ -183,34 +97,24 @@ class Scanner:
     def forget(self, qid: str) -> None:
         timer = self.retries.pop(qid, None)
         if timer is not None:
-            timer.cancel()  # type: ignore[attr-defined]
+            timer.cancel()
         if qid in self.waiting:
             self.waiting.remove(qid)
+        self.envelopes.pop(qid, None)
 
-    def _done(self, qid: str, future: Future) -> None:
-        self.inflight.pop(qid, None)
-        self.gw.stats.set("antiviral_checking_sessions_current", len(self.inflight))
-        if future.cancelled():
-            return  # shutting down: recovery puts CHK back to WFC
-        try:
-            result: ScanResult = future.result()
-        except BrokenProcessPool:
-            log.error("%s: scanner worker died; message goes back to WFC", qid)
-            self._restart_pool()
+    def _done(self, qid: str, answer: dict[str, Any]) -> None:
+        self.inflight.discard(qid)
+        if "error" in answer:
+            log.error("%s: scan failed (%s); the message goes back to WFC", qid, answer["error"])
             self._retry_later(qid, RETRY_AFTER_CRASH)
-            self.pump()
-            return
-        except Exception:
-            log.exception("%s: scan failed; message goes back to WFC", qid)
-            self._retry_later(qid, RETRY_AFTER_CRASH)
-            self.pump()
-            return
-        if result.deferred:
-            self.gw.stats.inc("antiviral_scanner_unavailable")
-            event(qid, "SCAN DEFERRED, reason=\"%s\"", result.deferred)
-            self._retry_later(qid, RETRY_AFTER_UNAVAILABLE)
         else:
-            self._apply(qid, result)
+            result = ScanResult.from_dict(answer)
+            if result.deferred:
+                self.gw.stats.inc("antiviral_scanner_unavailable")
+                event(qid, 'SCAN DEFERRED, reason="%s"', result.deferred)
+                self._retry_later(qid, RETRY_AFTER_UNAVAILABLE)
+            else:
+                self._apply(qid, result)
         self.pump()
 
     def _apply(self, qid: str, result: ScanResult) -> None:
@@ -218,16 +122,16 @@ class Scanner:
         if env is None:
             return  # removed by the admin meanwhile
         self.gw.stats.inc("antiviral_checked_messages")
-        live = [c for c in result.copies if not c.blocked]
         for copy in result.copies:
             for line in copy.events:
                 event(qid, line)
-        if len(result.copies) == 1 and not result.copies[0].blocked and result.copies[0].rewritten is None:
-            env.group = result.copies[0].group
+        live = [c for c in result.copies if not c.blocked]
+        if len(result.copies) == 1 and live and live[0].rewritten is None:
+            env.group = live[0].group
             self.queue.move(qid, CHK, QUE)
             self.gw.message_scanned(env)
             return
-        new_envs = []
+        children = []
         for index, copy in enumerate(live, start=1):
             wanted = set(copy.recipients)
             child = Envelope.from_dict(env.as_dict())
@@ -235,30 +139,23 @@ class Scanner:
             child.srcid = qid
             child.group = copy.group
             child.recipients = [r for r in child.recipients if r.addr in wanted]
-            source = copy.rewritten or self.queue.msg_path(qid)
-            self.queue.add_message(child, QUE, link_from=source)
+            self.queue.add_message(child, QUE, link_from=copy.rewritten or self.queue.msg_path(qid))
             if copy.rewritten:
                 os.unlink(copy.rewritten)
             event(child.id, "SPLITTED, group=%s, nrcpt=%d, srcid=%s", copy.group, len(child.recipients), qid)
-            new_envs.append(child)
+            children.append(child)
         self.queue.remove(qid, CHK)
-        for child in new_envs:
+        for child in children:
             self.gw.message_scanned(child)
+
+    def restart_workers(self) -> None:
+        """New workers (new configuration and databases) for the next jobs; jobs in flight finish."""
+        self.pool.retire_all()
 
     def stop(self) -> None:
         self.enabled = False
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+        self.pool.stop()
         for qid in list(self.inflight):
             if os.path.exists(self.queue.record_path(CHK, qid)):
                 self.queue.move(qid, CHK, WFC)
         self.inflight.clear()
-
-
-
-    def restart_workers(self) -> None:
-        """New workers (new configuration and databases) for the next jobs; jobs in flight finish."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=False)
-            self.pool = None

@@ -101,10 +101,13 @@ class Sender:
             if env is not None:
                 self.enqueue(qid, env.next_attempt, env.priority)
 
-    def enqueue(self, qid: str, when: float = 0.0, priority: int = 0) -> None:
+    def enqueue(self, qid: str, when: float = 0.0, priority: int = 0, env: Envelope | None = None) -> None:
+        """Schedule a QUE record; ``env`` is its current content when the caller has it."""
         if qid in self.scheduled or qid in self.inflight:
             return
         self.scheduled.add(qid)
+        if env is not None:
+            self.envelopes[qid] = env
         heapq.heappush(self.schedule, (when, -priority, qid))
         self.kick()
 
@@ -130,6 +133,7 @@ class Sender:
     def forget(self, qid: str) -> None:
         """A record removed by the admin: stop scheduling it."""
         self.scheduled.discard(qid)
+        self.envelopes.pop(qid, None)
         self.schedule = [item for item in self.schedule if item[2] != qid]
         heapq.heapify(self.schedule)
 
@@ -164,7 +168,7 @@ class Sender:
 
     # -- one envelope ---------------------------------------------------------------
     def _start(self, qid: str) -> None:
-        env = self.queue.load(QUE, qid)
+        env = self.envelopes.get(qid) or self.queue.load(QUE, qid)
         if env is None:
             return
         self.queue.move(qid, QUE, SND)
@@ -432,7 +436,7 @@ class Sender:
             rcpt.state = "deferred"
         self.queue.update(SND, env)
         self.queue.move(env.id, SND, QUE)
-        self.enqueue(env.id, env.next_attempt)
+        self.enqueue(env.id, env.next_attempt, env=env)
 
     # -- control -------------------------------------------------------------------------
     def stop(self) -> None:

@@ -199,6 +199,7 @@ class GatewayProcess:
     def __init__(self, folder: str, sink_port: int | None, extra: dict[str, list[tuple[str, str]]] | None = None,
                  replace: dict[str, list[tuple[str, str]]] | None = None) -> None:
         self.folder = folder
+        os.makedirs(folder, exist_ok=True)
         self.port = free_port()
         sections = {k: list(v) for k, v in BASE_CONFIG.items()}
         sections["smtpgw.network"].insert(0, ("ListenOn", f"127.0.0.1:{self.port}"))

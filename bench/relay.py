@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""Relay throughput: N messages over S sessions through smtpgw (and a private Postfix) to a sink.
+
+Prints accepted msgs/s, end-to-end delivered msgs/s and peak RSS for smtpgw;
+with Debian's postfix installed, the same load through a private Postfix relay
+(own config and queue under a temp folder) in the same run, and the ratio;
+then the RSS of 1,000 concurrent idle sessions.
+
+    python3 bench/relay.py [--messages 2000] [--sessions 50] [--size 4096]
+
+Load: Postfix's smtp-source when installed, else a stdlib client (threads of
+smtplib). Next hop: Postfix's smtp-sink when installed, else a stdlib sink.
+Everything stays on 127.0.0.1; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import shutil
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tests.support.components import which  # noqa: E402
+from tests.support.net import GatewayProcess, Sink, free_port, wait_until  # noqa: E402
+
+
+def start_sink() -> tuple[int, object]:
+    """smtp-sink (fast, C) when installed, else the stdlib test sink."""
+    port = free_port()
+    sink_bin = which("smtp-sink")
+    if sink_bin:
+        proc = subprocess.Popen([sink_bin, "-u", "nobody", "-c", f"127.0.0.1:{port}", "1024"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: _listening(port), 10, "smtp-sink")
+        return port, proc
+    sink = Sink()
+    return sink.port, sink
+
+
+def stop_sink(handle: object) -> None:
+    if isinstance(handle, subprocess.Popen):
+        handle.terminate()
+        handle.wait(10)
+    else:
+        handle.close()  # type: ignore[attr-defined]
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def load(port: int, messages: int, sessions: int, size: int) -> float:
+    """Send the load; returns the seconds it took until the last 250."""
+    source = which("smtp-source")
+    start = time.monotonic()
+    if source:
+        subprocess.run([source, "-s", str(sessions), "-m", str(messages), "-l", str(size), "-f", "load@src.test",
+                        "-t", "rcpt@example.test", f"127.0.0.1:{port}"], check=True, timeout=900,
+                       stdout=subprocess.DEVNULL)
+        return time.monotonic() - start
+    body = b"Subject: load\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, size // 78)
+    per = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
+
+    def worker(n: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+            for _ in range(n):
+                client.sendmail("load@src.test", ["rcpt@example.test"], body)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in per if n]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - start
+
+
+def rss_kib(pid: int, field: str = "VmHWM") -> int:
+    total = 0
+    pids = [pid] + _children(pid)
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def count_lines(path: str, pattern: str) -> int:
+    try:
+        with open(path, errors="replace") as f:
+            return sum(1 for line in f if pattern in line)
+    except FileNotFoundError:
+        return 0
+
+
+def bench_smtpgw(folder: str, sink_port: int, args: argparse.Namespace) -> dict[str, float]:
+    gw = GatewayProcess(folder, sink_port, extra={
+        "smtpgw.limits": [("IncomingSessions", "1024"), ("MaximalIncomingSessionsPerIP", "1024"),
+                          ("MaximalIncomingMessagesPerSession", "1024"), ("OutgoingSessions", "20"),
+                          ("MaximalOutgoingSessionsPerHost", "10")],
+        "smtpgw.options": [("LogLevel", "info")],
+    })
+    gw.start()
+    try:
+        t0 = time.monotonic()
+        accepted_s = load(gw.port, args.messages, args.sessions, args.size)
+        wait_until(lambda: count_lines(gw.log_path, "status=sent") >= args.messages, 900, "all delivered")
+        delivered_s = time.monotonic() - t0
+        return {"accepted": args.messages / accepted_s, "delivered": args.messages / delivered_s,
+                "rss_mib": rss_kib(gw.proc.pid) / 1024, "rss_main_mib": rss_kib_main(gw.proc.pid) / 1024}
+    finally:
+        gw.stop()
+
+
+def rss_kib_main(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mydestination =
+myhostname = postfix.bench.test
+local_transport = error:5.1.1 local delivery is disabled
+relayhost = [127.0.0.1]:{sink}
+mynetworks = 127.0.0.0/8
+disable_dns_lookups = yes
+smtp_dns_support_level = disabled
+smtp_host_lookup = native
+smtpd_tls_security_level = none
+smtp_tls_security_level = none
+maillog_file = {d}/maillog
+maillog_file_prefixes = {d}
+smtpd_client_connection_count_limit = 0
+smtpd_client_message_rate_limit = 0
+default_process_limit = 100
+"""
+
+MASTER_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def bench_postfix(folder: str, sink_port: int, args: argparse.Namespace) -> dict[str, float] | None:
+    postfix = which("postfix")
+    if not postfix or os.geteuid() != 0:
+        return None
+    port = free_port()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "main.cf"), "w") as f:
+        f.write(MAIN_CF.format(d=folder, sink=sink_port))
+    with open(os.path.join(folder, "master.cf"), "w") as f:
+        f.write(MASTER_CF.format(port=port))
+    for sub in ("queue", "data"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    shutil.chown(os.path.join(folder, "data"), "postfix")
+    env = dict(os.environ, MAIL_CONFIG=folder)
+    subprocess.run([postfix, "-c", folder, "check"], env=env, capture_output=True, timeout=60)
+    started = subprocess.run([postfix, "-c", folder, "start"], env=env, capture_output=True, text=True, timeout=60)
+    if started.returncode != 0:
+        # postfix(1) prints its reasons on a terminal only; its log has them too
+        log = open(os.path.join(folder, "maillog")).read()[-2000:] if os.path.exists(os.path.join(folder, "maillog")) else ""
+        print(f"postfix did not start (exit {started.returncode}): {started.stdout}{started.stderr}{log}", file=sys.stderr)
+        return None
+    try:
+        wait_until(lambda: _listening(port), 30, "postfix smtpd")
+        maillog = os.path.join(folder, "maillog")
+        t0 = time.monotonic()
+        accepted_s = load(port, args.messages, args.sessions, args.size)
+        wait_until(lambda: count_lines(maillog, "status=sent") >= args.messages, 900, "postfix delivered all")
+        delivered_s = time.monotonic() - t0
+        return {"accepted": args.messages / accepted_s, "delivered": args.messages / delivered_s}
+    finally:
+        subprocess.run([postfix, "-c", folder, "stop"], env=env, capture_output=True, timeout=60)
+
+
+def idle_sessions(folder: str, sink_port: int, count: int) -> float:
+    """RSS (MiB) of the gateway holding ``count`` idle SMTP sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count * 2 + 100)), hard))
+    gw = GatewayProcess(folder, sink_port, extra={
+        "smtpgw.limits": [("IncomingSessions", "1024"), ("MaximalIncomingSessionsPerIP", "1024")],
+        "smtpgw.options": [("LogLevel", "info")],
+    })
+    gw.start()
+    socks = []
+    try:
+        for i in range(count):
+            s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+            socks.append(s)
+        for s in socks:
+            if not s.recv(512).startswith(b"220"):
+                raise RuntimeError("no greeting")
+        return rss_kib_main(gw.proc.pid) / 1024
+    finally:
+        for s in socks:
+            s.close()
+        gw.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--sessions", type=int, default=50)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--idle", type=int, default=1000)
+    args = parser.parse_args()
+    print(f"load: {args.messages} messages of {args.size} bytes over {args.sessions} sessions; "
+          f"client {'smtp-source' if which('smtp-source') else 'smtplib'}, sink {'smtp-sink' if which('smtp-sink') else 'stdlib'}")
+    with tempfile.TemporaryDirectory(prefix="smtpgw-bench-") as tmp:
+        os.chmod(tmp, 0o755)  # Postfix's daemons run as the postfix user
+        sink_port, sink = start_sink()
+        try:
+            ours = bench_smtpgw(os.path.join(tmp, "gw"), sink_port, args)
+            print(f"smtpgw : accepted {ours['accepted']:7.1f} msgs/s, delivered end to end {ours['delivered']:7.1f} msgs/s, "
+                  f"peak RSS {ours['rss_main_mib']:.1f} MiB (main), {ours['rss_mib']:.1f} MiB (with workers)")
+            peer = bench_postfix(os.path.join(tmp, "postfix"), sink_port, args)
+            if peer:
+                print(f"postfix: accepted {peer['accepted']:7.1f} msgs/s, delivered end to end {peer['delivered']:7.1f} msgs/s")
+                print(f"ratio smtpgw/postfix: accepted {ours['accepted'] / peer['accepted']:.2f}, "
+                      f"end to end {ours['delivered'] / peer['delivered']:.2f}")
+            else:
+                print("postfix: not measured (needs Debian's postfix and root)")
+            if args.idle:
+                rss = idle_sessions(os.path.join(tmp, "idle"), sink_port, args.idle)
+                print(f"smtpgw : {args.idle} concurrent idle sessions, RSS {rss:.1f} MiB")
+        finally:
+            stop_sink(sink)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
