@@ -154,9 +154,6 @@ class Queue:
             os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
 
     # -- paths -------------------------------------------------------------
-    def tmp_path(self, qid: str) -> str:
-        return os.path.join(self.root, "tmp", qid)
-
     def msg_path(self, qid: str) -> str:
         return os.path.join(self.root, "msg", qid)
 
@@ -164,15 +161,6 @@ class Queue:
         return os.path.join(self.root, state, qid)
 
     # -- writing -------------------------------------------------------------
-    def commit(self, env: Envelope, tmp_fd: int) -> None:
-        """Make a received message durable in WFC; the caller answers 250 after this."""
-        os.fsync(tmp_fd)
-        os.close(tmp_fd)
-        os.rename(self.tmp_path(env.id), self.msg_path(env.id))
-        self.write_record(WFC, env, sync_dirs=False)
-        fsync_dir(os.path.join(self.root, "msg"))
-        fsync_dir(os.path.join(self.root, WFC))
-
     def write_record(self, state: str, env: Envelope, sync_dirs: bool = True) -> None:
         data = json.dumps(env.as_dict(), separators=(",", ":")).encode()
         if sync_dirs:
@@ -307,15 +295,26 @@ class Queue:
         return counts
 
 
+@dataclass
+class TmpFile:
+    """A file in tmp/ being written by a session; its name is not the queue ID."""
+
+    fd: int
+    path: str
+
+
 class Committer:
-    """Makes received messages durable off the event loop.
+    """Queue disk work that must not stall the event loop, in a few I/O threads.
 
     ``submit`` returns at once; ``done(error)`` runs on the loop once the
     message file and its WFC record are on stable storage (the receiver answers
     250 only then). Directory fsyncs are group-committed: one fsync of msg/ and
     WFC/ covers every rename made before it started, so concurrent sessions
-    share them. Finished records are unlinked here too, off the loop.
+    share them. Empty tmp/ files are created ahead of need (``take_tmp``), and
+    finished records are unlinked here too.
     """
+
+    SPARES = 32
 
     def __init__(self, queue: Queue, call_soon_threadsafe: Callable[..., None], threads: int = 4) -> None:
         self.queue = queue
@@ -325,21 +324,58 @@ class Committer:
         self._renamed = 0
         self._synced = 0
         self._syncing = False
+        self._spares: list[TmpFile] = []
+        self._spares_lock = threading.Lock()
+        self._refilling = False
 
-    def submit(self, env: Envelope, tmp_fd: int, done: Callable[[BaseException | None], None]) -> None:
-        future = self.pool.submit(self._commit, env, tmp_fd)
+    # -- tmp files -------------------------------------------------------------
+    def _create_tmp(self) -> TmpFile:
+        path = os.path.join(self.queue.root, "tmp", f"{new_id()}{secrets.token_hex(3)}")
+        return TmpFile(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path)
+
+    def take_tmp(self) -> TmpFile:
+        """A new empty file in tmp/ (made ahead of time when possible)."""
+        with self._spares_lock:
+            spare = self._spares.pop() if self._spares else None
+            refill = len(self._spares) < self.SPARES // 2 and not self._refilling
+            if refill:
+                self._refilling = True
+        if refill:
+            self.pool.submit(self._refill)
+        return spare if spare is not None else self._create_tmp()
+
+    def _refill(self) -> None:
+        try:
+            fresh = [self._create_tmp() for _ in range(self.SPARES)]
+        finally:
+            with self._spares_lock:
+                self._refilling = False
+        with self._spares_lock:
+            self._spares.extend(fresh)
+
+    def discard_tmp(self, tmp: TmpFile) -> None:
+        """A message that will not be queued: drop its bytes."""
+        os.close(tmp.fd)
+        self.pool.submit(_unlink, tmp.path)
+
+    # -- commits ---------------------------------------------------------------------
+    def submit(self, env: Envelope, tmp: TmpFile, done: Callable[[BaseException | None], None]) -> None:
+        future = self.pool.submit(self._commit, env, tmp)
         future.add_done_callback(lambda f: self.call_soon_threadsafe(done, f.exception()))
 
     def remove(self, qid: str, state: str) -> None:
         """Drop a finished record and its message (no durability needed: see ``Queue.recover``)."""
         self.pool.submit(self.queue.remove, qid, state)
 
-    def _commit(self, env: Envelope, tmp_fd: int) -> None:
+    def _commit(self, env: Envelope, tmp: TmpFile) -> None:
         try:
-            os.fsync(tmp_fd)
-        finally:
-            os.close(tmp_fd)
-        os.rename(self.queue.tmp_path(env.id), self.queue.msg_path(env.id))
+            os.fsync(tmp.fd)
+        except OSError:
+            os.close(tmp.fd)
+            _unlink(tmp.path)
+            raise
+        os.close(tmp.fd)
+        os.rename(tmp.path, self.queue.msg_path(env.id))
         self.queue.write_record(WFC, env, sync_dirs=False)
         self._sync_dirs()
 
@@ -365,3 +401,15 @@ class Committer:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        with self._spares_lock:
+            spares, self._spares = self._spares, []
+        for tmp in spares:
+            os.close(tmp.fd)
+            _unlink(tmp.path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 from smtpgw import smtp
 from smtpgw.log import event
-from smtpgw.queue import Envelope, Recipient, new_id
+from smtpgw.queue import Envelope, Recipient, TmpFile, new_id
 from smtpgw.smtp import Reply, SyntaxProblem
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ class Session:
         self.messages = 0
         self.session_bytes = 0
         self.data: DataReader | None = None
-        self.tmp_fd = -1
+        self.tmp: TmpFile | None = None
         self.reset_transaction()
         now = self.loop.time()
         self.last_read = now
@@ -208,13 +208,9 @@ class Session:
         self.qid: str | None = None
 
     def _discard_tmp(self) -> None:
-        if self.tmp_fd >= 0:
-            os.close(self.tmp_fd)
-            self.tmp_fd = -1
-            try:
-                os.unlink(self.gw.queue.tmp_path(self.qid or ""))
-            except FileNotFoundError:
-                pass
+        if self.tmp is not None:
+            self.gw.committer.discard_tmp(self.tmp)
+            self.tmp = None
         self.data = None
 
     def set_timeout(self, seconds: int) -> None:
@@ -471,14 +467,14 @@ class Session:
             return
         self.qid = new_id()
         try:
-            self.tmp_fd = os.open(self.gw.queue.tmp_path(self.qid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self.tmp = self.gw.committer.take_tmp()
         except OSError as exc:
             log.error("cannot create queue file: %s", exc)
             self._discard_tmp()
             self.reply(smtp.NO_STORAGE if exc.errno == errno.ENOSPC else smtp.LOCAL_ERROR)
             return
         remaining = self.gw.max_session_bytes - self.session_bytes
-        self.data = DataReader(self.tmp_fd, min(self.gw.max_message_bytes, remaining), self.cfg.limits.MaximalIncomingHops,
+        self.data = DataReader(self.tmp.fd, min(self.gw.max_message_bytes, remaining), self.cfg.limits.MaximalIncomingHops,
                                prefix=self._received_header())
         self.set_timeout(self.cfg.timeouts.ReceivingDataTerminationTimeout)
         self.reply(smtp.START_DATA)
@@ -561,23 +557,20 @@ class Session:
             self.reset_transaction()
             self.reply(smtp.NO_STORAGE if exc.errno == errno.ENOSPC else smtp.LOCAL_ERROR)
             return
-        fd, self.tmp_fd = self.tmp_fd, -1
+        tmp, self.tmp = self.tmp, None
+        assert tmp is not None
         self.data = None
         self.qid = None
         self.reset_transaction()
         # Reply 250 only once the message is durable; meanwhile read nothing more
         # (replies must keep the order of the commands, RFC 2920 §3.1).
         self.committing = True
-        self.gw.committer.submit(env, fd, lambda error: self._committed(env, error))
+        self.gw.committer.submit(env, tmp, lambda error: self._committed(env, error))
 
     def _committed(self, env: Envelope, error: BaseException | None) -> None:
         self.committing = False
         if error is not None:
             log.error("%s: cannot store message: %s", env.id, error)
-            try:
-                os.unlink(self.gw.queue.tmp_path(env.id))
-            except OSError:
-                pass
             no_space = isinstance(error, OSError) and error.errno == errno.ENOSPC
             reply = smtp.NO_STORAGE if no_space else smtp.LOCAL_ERROR
         else:
