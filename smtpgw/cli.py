@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg, args: argparse.Namespace) -> int:
     from smtpgw.gateway import Gateway, StartupError
 
-    logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat)
+    logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat,
+                   echo=sys.stderr.isatty())
     pid_file = None if args.no_pid_file else (args.pid_file or cfg.options.PidFile)
     try:
         gateway = Gateway(cfg, args.config)

@@ -19,13 +19,15 @@ import pwd
 import signal
 import socket
 import ssl
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from smtpgw import access, log as logsetup, masks, routing, smtp
+from smtpgw import access, log as logsetup, masks, mx, routing, smtp
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.control import Control
+from smtpgw.dns import Resolver
 from smtpgw.log import event
 from smtpgw.loop import EventLoop
 from smtpgw.queue import SND, Committer, Envelope, Queue
@@ -70,7 +72,7 @@ class Gateway:
         self.ssl_context = self._server_tls(cfg)
         self.client_tls_context = self._client_tls()
         self.tls_required = False
-        self.resolver = None
+        self.resolver = Resolver.from_config(self.loop, cfg.resolve)
         self.sender = Sender(self)
         self.scanner = Scanner(self)
         self.control = Control(self)
@@ -202,9 +204,12 @@ class Gateway:
         except StartupError as exc:
             log.error("reload refused: %s", exc)
             return
-        logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat)
+        logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat,
+                       echo=sys.stderr.isatty())
         old = {tuple(a) for a in self.cfg.network.ListenOn}
         self.cfg = cfg
+        self.resolver.close()
+        self.resolver = Resolver.from_config(self.loop, cfg.resolve)
         if {tuple(a) for a in cfg.network.ListenOn} != old:
             for listener in self.listeners:
                 listener.close()
@@ -259,9 +264,6 @@ class Gateway:
         allowed = any(masks.domain_match(mask, domain) for mask in self.cfg.network.ProtectedDomains)
         return RelayVerdict(allowed, "ProtectedDomains (no RelayRule configured)")
 
-    def client_name(self, ip: str) -> str | None:
-        return None
-
     def queue_has_space(self) -> bool:
         """``MinimalQueueFreeSpaceSize``: refuse new mail (4xx) while the spool's disk is short."""
         needed = self.cfg.limits.MinimalQueueFreeSpaceSize * 1024 * 1024
@@ -296,11 +298,21 @@ class Gateway:
         self.committer.remove(env.id, SND)
 
     def resolve_destination(self, dest: routing.Destination, done: Callable[[list[Hop], str | None, str | None], None]) -> None:
+        """Next hops of a destination: an IP literal as is, ``localhost`` as loopback
+        (RFC 6761 §6.3), a bracketed host by its addresses, a domain by its MX (RFC 5321 §5.1)."""
         hops = literal_hops(dest)
         if hops is not None:
             done(hops, None, None)
             return
+        port = dest[2] if dest[0] == "host" else 25  # type: ignore[misc]
         if dest[0] == "host" and dest[1] == "localhost":
-            done([Hop("localhost", "127.0.0.1", dest[2])], None, None)  # type: ignore[misc]
+            done([Hop("localhost", "127.0.0.1", port)], None, None)
             return
-        done([], None, f"cannot resolve {dest[1]}: no DNS resolver configured")
+
+        def finished(result: mx.NextHops) -> None:
+            done([Hop(host, ip, port) for host, ip in result.hosts], result.permanent_error, result.temporary_error)
+
+        if dest[0] == "mx":
+            mx.resolve_next_hops(self.resolver, dest[1], finished)
+        else:
+            mx.resolve_host(self.resolver, dest[1], finished)

@@ -62,19 +62,25 @@ def flush_all() -> None:
             pass
 
 
-def setup(path: str | None, level: str = "info", date_format: str = "%Y-%m-%d", time_format: str = "%H:%M:%S") -> None:
-    """(Re)configure the ``smtpgw`` logger; called at start and on HUP."""
+def setup(path: str | None, level: str = "info", date_format: str = "%Y-%m-%d", time_format: str = "%H:%M:%S",
+          echo: bool = False) -> None:
+    """(Re)configure the ``smtpgw`` logger; called at start and on HUP.
+
+    Without a log file, lines go to stderr; with one, ``echo`` also copies them
+    to stderr (the gateway does so when it runs in the foreground on a terminal).
+    """
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    handler: logging.Handler
+    handlers: list[logging.Handler] = []
     if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        handler = BufferedFileHandler(path)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LineFormatter(date_format, time_format))
-    root.addHandler(handler)
+        handlers.append(BufferedFileHandler(path))
+    if not path or echo:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(LineFormatter(date_format, time_format))
+        root.addHandler(handler)
     root.setLevel(LEVELS.get(level, logging.INFO))
     root.propagate = False
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 from smtpgw.dns import A, AAAA, ERROR_BAD_NAME, MX, Answer, Lookup, Resolver
 
-__all__ = ["NextHops", "NextHopLookup", "address_literal", "resolve_next_hops", "MAX_MX_HOSTS"]
+__all__ = ["NextHops", "NextHopLookup", "address_literal", "resolve_host", "resolve_next_hops", "MAX_MX_HOSTS"]
 
 MAX_MX_HOSTS = 10  # exchanges tried per domain; more only adds DNS traffic to a doomed delivery
 
@@ -153,4 +153,13 @@ def resolve_next_hops(resolver: Resolver, domain: str, callback: Callable[[NextH
         resolver.loop.call_soon(lookup._done, [(domain.strip(), literal)])
         return lookup
     lookup.start()
+    return lookup
+
+
+def resolve_host(resolver: Resolver, host: str, callback: Callable[[NextHops], object], *,
+                 address_types: Sequence[int] = (A, AAAA)) -> NextHopLookup:
+    """The addresses of a named host (a ForwardRoute ``[host]``): no MX lookup (RFC 5321 §5.1)."""
+    lookup = NextHopLookup(resolver, host, callback, address_types, 1)
+    lookup.implicit = True
+    lookup._resolve_exchanges([lookup.domain])
     return lookup

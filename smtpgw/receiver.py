@@ -25,6 +25,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Callable
 
 from smtpgw import smtp
+from smtpgw.checks import SessionChecks
 from smtpgw.log import event
 from smtpgw.queue import Envelope, Recipient, TmpFile, new_id
 from smtpgw.smtp import Reply, SyntaxProblem
@@ -183,6 +184,8 @@ class Session:
         self.handshaking = False
         self.discarding_line = False
         self.committing = False
+        self.waiting_checks = False
+        self.checks = SessionChecks(gateway, self.ip)
         self.helo: str | None = None
         self.esmtp = False
         self.junk = 0
@@ -240,6 +243,8 @@ class Session:
         self.loop.add_reader(self.sock, self.on_readable)
         self.reply(banner)
         self.flush()
+        if banner.code == 220:
+            self.checks.connected()
 
     def on_readable(self) -> None:
         if self.handshaking:
@@ -307,6 +312,7 @@ class Session:
             return
         self.closed = True
         self.timer.cancel()
+        self.checks.cancel()
         self.reset_transaction()
         self.loop.forget(self.sock)
         try:
@@ -317,7 +323,7 @@ class Session:
 
     # -- input processing ---------------------------------------------------------
     def process(self) -> None:
-        while self.inbuf and not self.closing and not self.closed and not self.handshaking and not self.committing:
+        while self.inbuf and not (self.closing or self.closed or self.handshaking or self.committing or self.waiting_checks):
             if self.data is not None:
                 if not self._feed_data():
                     return
@@ -380,6 +386,7 @@ class Session:
         self.reset_transaction()
         self.helo = arg
         self.esmtp = esmtp
+        self.checks.helo(arg)
         host = self.cfg.network.Hostname
         if not esmtp:
             self.reply(smtp.R(250, "", host))
@@ -421,12 +428,18 @@ class Session:
             self.reply(smtp.NO_STORAGE)
             return
         self.sender, self.mail = address, mail
+        self.checks.mail(address)
         self.set_timeout(self.cfg.timeouts.ReceivingCommandTimeout)
         self.reply(smtp.SENDER_OK)
 
     def smtp_RCPT(self, arg: str) -> None:
         if self.sender is None:
             self.reply(smtp.BAD_SEQUENCE.format("need MAIL before RCPT"))
+            return
+        if not self.checks.when_ready(self._checks_ready):
+            # DNS facts for the access rules are still coming: take the command up again later
+            self.inbuf[:0] = f"RCPT {arg}\r\n".encode("latin-1")
+            self.waiting_checks = True
             return
         try:
             address, params = smtp.parse_path(arg, "TO", allow_null=False, local_ok=("postmaster",))
@@ -450,6 +463,12 @@ class Session:
             self.gw.stats.refuse("relay")
             log.info("relay denied: client=[%s] rcpt=<%s> rule=%s", self.ip, address, decision.why)
             self.reply(smtp.RELAY_DENIED.format(address))
+            return
+        elif (refusal := self.checks.decide(address)) is not None:
+            self.rcpt_refused += 1
+            self.gw.stats.refuse("access_rule")
+            log.info("access rule refused: client=[%s] rcpt=<%s>: %s", self.ip, address, refusal.text)
+            self.reply(refusal)
             return
         self.rcpts.append(Recipient(addr=address, orcpt=rparams.orcpt, notify=rparams.notify))
         self.set_timeout(self.cfg.timeouts.ReceivingDataInitiationTimeout)
@@ -486,7 +505,7 @@ class Session:
         rcpt = f"\r\n\tfor <{self.rcpts[0].addr}>" if len(self.rcpts) == 1 else ""
         helo = "".join(c for c in (self.helo or "") if c.isprintable() and c not in "()")
         return (
-            f"Received: from {helo} ({self.gw.client_name(self.ip) or 'unknown'} [{self.ip}])\r\n"
+            f"Received: from {helo} ({self.checks.client_name or 'unknown'} [{self.ip}])\r\n"
             f"\tby {host} (smtpgw) with {proto} id {self.qid}{rcpt};\r\n"
             f"\t{formatdate(localtime=True)}\r\n"
         ).encode("utf-8", "replace")
@@ -539,7 +558,8 @@ class Session:
             sender=self.sender or "",
             recipients=self.rcpts,
             client_ip=self.ip,
-            client_name=self.gw.client_name(self.ip),
+            client_name=self.checks.client_name,
+            dnsbl=list(self.checks.dnsbl_listed),
             helo=self.helo or "",
             received_at=time.time(),
             size=reader.size,
@@ -588,6 +608,11 @@ class Session:
         self.set_timeout(self.cfg.timeouts.ReceivingCommandTimeout)
         self.reply(reply)
         self.resume()
+
+    def _checks_ready(self) -> None:
+        self.waiting_checks = False
+        if not self.closed:
+            self.resume()
 
     def resume(self) -> None:
         """Go on with buffered (pipelined) input after a pause."""

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             answer = {"qid": qid, "error": f"{type(exc).__name__}: {exc}"}
         out.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
         out.flush()
+        logsetup.flush_all()
     return 0
 
 

@@ -254,11 +254,11 @@ class Sender:
         def done(hops: list[Hop], permanent: str | None, temporary: str | None) -> None:
             state.resolving = False
             if permanent or temporary or not hops:
-                why = permanent or temporary or "no next hop"
-                status = "5.1.2" if permanent else "4.4.3"
-                if permanent and permanent[:1] == "5" and _ENHANCED.match(permanent):
-                    status, _, why = permanent.partition(" ")
-                self._defer_all(state, status, why, permanent=bool(permanent))
+                why = permanent or temporary or "4.4.3 no next hop"
+                status, _, text = why.partition(" ")
+                if not _ENHANCED.match(status):  # the lookup's errors start with an enhanced code
+                    status, text = ("5.1.2" if permanent else "4.4.3"), why
+                self._defer_all(state, status, text, permanent=bool(permanent))
                 return
             state.hops = hops
             self._serve(dest)

@@ -62,7 +62,8 @@ class Sink:
     used in turn (the last one repeats); ``extensions`` is what EHLO offers.
     """
 
-    def __init__(self, extensions: tuple[str, ...] = ("PIPELINING", "8BITMIME", "SIZE 104857600", "DSN", "ENHANCEDSTATUSCODES")) -> None:
+    def __init__(self, extensions: tuple[str, ...] = ("PIPELINING", "8BITMIME", "SIZE 104857600", "DSN", "ENHANCEDSTATUSCODES"),
+                 port: int = 0) -> None:
         self.extensions = list(extensions)
         self.replies: dict[str, list[str]] = {}
         self.messages: list[Received] = []
@@ -71,7 +72,7 @@ class Sink:
         self.cond = threading.Condition()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
         self.running = True
