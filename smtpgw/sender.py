@@ -371,8 +371,8 @@ class Sender:
         rcpt.attempts += 1
         rcpt.last_attempt = time.time()
         event(
-            env.id, "DELIVERED, rcpt=<%s>, server=%s[%s], size=%d, status=%s, reply=\"%s\"",
-            rcpt.addr, host, ip, env.size, state, diag.replace('"', "'")[:300],
+            env.id, "DELIVERED, rcpt=<%s>, server=%s[%s], size=%d, status=%s, dsn=%s, reply=\"%s\"",
+            rcpt.addr, host, ip, env.size, state, status, diag.replace('"', "'")[:300],
         )
         if state == "sent":
             self.gw.stats.inc("mta_sent_recipients")
