@@ -20,21 +20,23 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from smtpgw import access, log as logsetup, masks, mx, routing, smtp
+from smtpgw import access, dsn, log as logsetup, masks, mx, notify, routing, smtp
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.control import Control
 from smtpgw.dns import Resolver
 from smtpgw.log import event
 from smtpgw.loop import EventLoop
-from smtpgw.queue import SND, Committer, Envelope, Queue
+from smtpgw.queue import QUE, SND, Committer, Envelope, Queue, Recipient, new_id
 from smtpgw.receiver import Listener, Session
 from smtpgw.scanner import Scanner
 from smtpgw.sender import Hop, Sender, literal_hops
 from smtpgw.stats import Stats
+from smtpgw.store import Store
 
 log = logging.getLogger("smtpgw")
 
@@ -69,6 +71,9 @@ class Gateway:
         self.receiving = True
         self.stopping = False
         self.listeners: list[Listener] = []
+        self.templates = self._templates(cfg)
+        self.incoming_archive = Store(cfg.path.IncomingArchivePath) if cfg.path.IncomingArchivePath else None
+        self.outgoing_archive = Store(cfg.path.OutgoingArchivePath) if cfg.path.OutgoingArchivePath else None
         self.ssl_context = self._server_tls(cfg)
         self.client_tls_context = self._client_tls()
         self.tls_required = False
@@ -99,6 +104,14 @@ class Gateway:
         except (OSError, ssl.SSLError) as exc:
             raise StartupError(f"cannot load TLS certificate {cert} / key {key}: {exc}", 1) from exc
         return context
+
+    @staticmethod
+    def _templates(cfg: Config) -> dict[str, notify.Template]:
+        """Templates are checked at start (kmg-spec §5.2): a broken one stops the start."""
+        try:
+            return notify.load_templates(cfg.base.TemplatesPath)
+        except notify.TemplateError as exc:
+            raise StartupError(str(exc), 1) from exc
 
     @staticmethod
     def _client_tls() -> ssl.SSLContext:
@@ -277,6 +290,10 @@ class Gateway:
         self.stats.inc("mta_received_messages")
         self.stats.inc("mta_received_bytes", env.size)
         self.stats.inc("mta_received_recipients", len(env.recipients))
+        archive = self.incoming_archive
+        if archive is not None:  # kmg-spec §3.9: a copy of every received message
+            path, record = self.queue.msg_path(env.id), env.as_dict()
+            self.committer.run(lambda: archive.put(env.id, path, record, "RCV"))
         self.scanner.submit(env.id, env)
 
     def message_scanned(self, env: Envelope) -> None:
@@ -294,8 +311,40 @@ class Gateway:
         self.scanner.restart_workers()
         log.info("databases reloaded")
 
+    def send_dsn(self, env: Envelope, recipients: list[Recipient], kind: str) -> bool:
+        """Queue a DSN (RFC 3464) about ``recipients`` to the envelope sender; False if none is due."""
+        lifetime = self.cfg.timeouts.MaximalQueueLifetime * 86400
+        try:
+            with open(self.queue.msg_path(env.id), "rb") as f:
+                original = f.read(dsn.DEFAULT_FULL_LIMIT + 1)
+            report = dsn.build_dsn(
+                env.as_dict(), [r.__dict__ for r in recipients], kind, original, self.cfg.network.Hostname,
+                self.cfg.network.Postmaster, self.templates["dsn"], time.time(),
+                retry_until=env.received_at + lifetime,
+            )
+        except (OSError, ValueError) as exc:
+            log.error("%s: cannot build a %s DSN: %s", env.id, kind, exc)
+            return False
+        if report is None:
+            return False
+        bounce = Envelope(
+            id=new_id(), sender="", recipients=[Recipient(addr=env.sender)], client_ip="", helo=self.cfg.network.Hostname,
+            received_at=time.time(), size=len(report), body=dsn.dsn_body_type(report), srcid=env.id,
+        )
+        self.queue.add_message(bounce, QUE, data=report)
+        self.stats.inc("mta_dsn_generated")
+        event(bounce.id, "DSN, kind=%s, srcid=%s, to=<%s>, nrcpt=%d", kind, env.id, env.sender, len(recipients))
+        self.sender.enqueue(bounce.id, env=bounce)
+        return True
+
     def delivery_complete(self, env: Envelope) -> None:
-        self.committer.remove(env.id, SND)
+        archive = self.outgoing_archive
+        copy = None
+        if archive is not None and any(r.state == "sent" for r in env.recipients):
+            # kmg-spec §3.9: every message sent, notifications and DSNs included
+            path, record = self.queue.msg_path(env.id), env.as_dict()
+            copy = lambda: archive.put(env.id, path, record, "SNT")  # noqa: E731
+        self.committer.remove(env.id, SND, before=copy)
 
     def resolve_destination(self, dest: routing.Destination, done: Callable[[list[Hop], str | None, str | None], None]) -> None:
         """Next hops of a destination: an IP literal as is, ``localhost`` as loopback

@@ -363,9 +363,26 @@ class Committer:
         future = self.pool.submit(self._commit, env, tmp)
         future.add_done_callback(lambda f: self.call_soon_threadsafe(done, f.exception()))
 
-    def remove(self, qid: str, state: str) -> None:
-        """Drop a finished record and its message (no durability needed: see ``Queue.recover``)."""
-        self.pool.submit(self.queue.remove, qid, state)
+    def remove(self, qid: str, state: str, before: Callable[[], None] | None = None) -> None:
+        """Drop a finished record and its message (no durability needed: see ``Queue.recover``);
+        ``before`` runs first in the same thread (an archive copy of the message)."""
+        self.pool.submit(self._remove, qid, state, before)
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Disk work that needs no answer (an archive copy)."""
+        self.pool.submit(self._logged, job)
+
+    @staticmethod
+    def _logged(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except Exception:
+            log.exception("background disk job failed")
+
+    def _remove(self, qid: str, state: str, before: Callable[[], None] | None) -> None:
+        if before is not None:
+            self._logged(before)
+        self.queue.remove(qid, state)
 
     def _commit(self, env: Envelope, tmp: TmpFile) -> None:
         try:

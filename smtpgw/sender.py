@@ -340,6 +340,8 @@ class Sender:
         for rcpt in delivery.recipients:
             state, status, diag = self._outcome(txn, rcpt.addr)
             self._record(env, rcpt, state, status, diag, conn.host, conn.ip)
+            # RFC 3461 §5.2.2: a peer without DSN gets no NOTIFY; we report "relayed"
+            rcpt.relayed = state == "sent" and not conn.has("DSN")
         if txn.error and not conn.greeted:
             self.unreachable[(conn.ip, conn.port)] = time.time() + self.gw.cfg.resolve.UnreachableTTL
         self._delivery_finished(delivery)
@@ -415,8 +417,27 @@ class Sender:
         self._finish(delivery.env)
         self.kick()
 
+    def _report(self, env: Envelope) -> None:
+        """DSNs due after this attempt (RFC 3461 §4.1), each recipient reported once per kind."""
+        reported: dict[str, list[str]] = env.notes.setdefault("dsn", {})
+        due = {
+            "failure": [r for r in env.recipients if r.state == "failed"],
+            "delay": [r for r in env.recipients if r.state == "deferred" and r.notify and "DELAY" in r.notify],
+            # a next hop with DSN reports success itself; we report only what we "relayed"
+            "success": [r for r in env.recipients if r.state == "sent" and r.relayed and r.notify and "SUCCESS" in r.notify],
+        }
+        for kind, recipients in due.items():
+            fresh = [r for r in recipients if r.addr not in reported.get(kind, [])]
+            if fresh:
+                self.gw.send_dsn(env, fresh, kind)
+                reported.setdefault(kind, []).extend(r.addr for r in fresh)
+
     def _finish(self, env: Envelope) -> None:
         """All deliveries of this attempt are over: done, or back to QUE with a back-off."""
+        self._expired(env)  # past MaximalQueueLifetime, deferred recipients fail now
+        for rcpt in env.pending():
+            rcpt.state = "deferred"
+        self._report(env)
         sent = sum(1 for r in env.recipients if r.state == "sent")
         if sent and all(r.done for r in env.recipients):
             self.gw.stats.inc("mta_sent_messages")
@@ -424,16 +445,11 @@ class Sender:
         if all(r.done for r in env.recipients):
             self.gw.delivery_complete(env)
             return
-        if self._expired(env):
-            self.gw.delivery_complete(env)
-            return
         attempts = max((r.attempts for r in env.pending()), default=1)
         t = self.gw.cfg.timeouts
         delay = min(t.MaximalBackoffTime, t.MinimalBackoffTime * 2 ** max(0, attempts - 1))
         env.next_attempt = time.time() + delay
         env.priority = 0
-        for rcpt in env.pending():
-            rcpt.state = "deferred"
         self.queue.update(SND, env)
         self.queue.move(env.id, SND, QUE)
         self.enqueue(env.id, env.next_attempt, env=env)

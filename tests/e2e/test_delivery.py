@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import smtplib
 
 from tests.support.net import Sink, free_port, wait_until
@@ -26,24 +28,36 @@ def test_temporary_failure_is_retried(gateway, sink):
     wait_until(lambda: not gateway.queued(), 10, "empty queue")
 
 
-def test_permanent_failure_is_not_retried(gateway, sink):
-    sink.replies["RCPT"] = ["550 5.1.1 no such user"]
+def test_permanent_failure_is_not_retried_and_bounces_once(gateway, sink):
+    sink.replies["RCPT"] = ["550 5.1.1 no such user", "250 2.1.5 ok"]
     send(gateway, ["gone@example.test"])
     gateway.wait_log(r"DELIVERED, rcpt=<gone@example.test>.*status=failed.*550 5.1.1")
+    [bounce] = sink.wait_for(1)  # the DSN to the sender, through the same route
     wait_until(lambda: not gateway.queued(), 10, "empty queue")
     assert gateway.cli("queue", "send-all").returncode == 0
-    assert sink.messages == []
-    assert len([c for c in sink.commands if c.startswith("RCPT")]) == 1
+    assert bounce.sender == "" and bounce.recipients == ["a@b.test"]
+    report = email.message_from_bytes(bounce.data, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    fields = status.as_bytes().decode()
+    assert "Final-Recipient: rfc822; gone@example.test" in fields
+    assert "Action: failed" in fields and "Status: 5.1.1" in fields
+    assert [c for c in sink.commands if c.startswith("RCPT")] == ["RCPT TO:<gone@example.test>", "RCPT TO:<a@b.test>"]
+    assert len(sink.messages) == 1
 
 
 def test_partial_failure_keeps_only_the_deferred_recipient(gateway, sink):
     sink.replies["RCPT"] = ["250 2.1.5 ok", "550 5.1.1 unknown", "452 4.2.2 mailbox full", "250 2.1.5 ok"]
     send(gateway, ["a1@example.test", "a2@example.test", "a3@example.test"])
-    [first] = sink.wait_for(1)
+    got = sink.wait_for(2)  # the message for a1, and the DSN about a2
+    [first] = [m for m in got if m.sender]
     assert first.recipients == ["a1@example.test"]
+    [bounce] = [m for m in got if not m.sender]
+    assert b"a2@example.test" in bounce.data and b"a3@example.test" not in bounce.data.split(b"\r\n\r\n", 1)[1][:2000]
     wait_until(lambda: gateway.queued("QUE"), 10, "deferred recipient in QUE")
     gateway.cli("queue", "send-all")
-    second = sink.wait_for(2)[1]
+    second = sink.wait_for(3)[2]
     assert second.recipients == ["a3@example.test"]  # never a1 again, never a2
 
 
@@ -123,7 +137,8 @@ def test_eight_bit_to_a_peer_without_8bitmime_fails_cleanly(make_gateway):
         gw = make_gateway(seven.port)
         send(gw, ["a@example.test"], body="Subject: x\r\n\r\ncafé\r\n".encode(), mail_options=["BODY=8BITMIME"])
         gw.wait_log(r"status=failed.*8BITMIME")
-        assert seven.messages == []
+        [bounce] = seven.wait_for(1)
+        assert bounce.sender == ""  # only the DSN got there
     finally:
         seven.close()
 

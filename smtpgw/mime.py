@@ -1,0 +1,992 @@
+"""MIME decomposition of a raw message into an object tree, and byte-exact rebuilding.
+
+Owns: splitting a raw RFC 5322 message (bytes) into the objects the anti-virus
+stage judges — body parts, attachments, encapsulated messages
+(message/rfc822), uuencoded blocks in text bodies and members of zip, tar and
+gzip archives — with each object's name, MIME type, decoded content and, for
+MIME entities and uuencoded blocks, its byte span in the original message;
+and rebuilding the message with objects removed or replaced while every other
+byte stays as it was.
+
+Must never: raise on malformed input (malformations become ``defects`` and, when
+content cannot be obtained, an object with status ``error``), run a
+subprocess, write anything to disk, or re-serialise untouched parts through
+``email.generator`` (no re-encoding, no header refolding).
+
+Decisions (documented behaviour):
+* base64 (RFC 2045 §6.8): characters outside the alphabet are ignored (a
+  defect), as the RFC says and mail readers do; a body of pure base64 whose
+  data ends in a quantum of a single character was cut short and makes the
+  object ``error`` (with foreign characters mixed in, the stray character is
+  dropped as noise).
+  Missing padding and data after padding (concatenated encodings, list
+  footers) are defects only; every segment after padding is decoded too.
+* quoted-printable (RFC 2045 §6.7) is decoded leniently, as mail readers do:
+  a bad ``=XY`` escape stays literal and is recorded as a defect, never an error.
+* An unknown Content-Transfer-Encoding is decoded as identity (RFC 2045 §6.4
+  says to treat the part as application/octet-stream); a defect is recorded.
+* Archives are recognised by their magic bytes, not by their names.
+  ``MaximalArchiveMembers`` and ``MaximalExpandedSize`` are budgets for the
+  whole message (they bound the work one message can cause);
+  ``MaximalArchiveDepth`` bounds archive nesting; ``MaximalCompressionRatio``
+  applies per member once its output passes ``RATIO_FLOOR`` (small members
+  cannot be bombs). MIME nesting has its own bound, ``MAX_MIME_DEPTH``.
+* A leading mbox ``From `` line (RFC 4155) is skipped, not parsed as a header.
+
+Paths name objects the way an IMAP client numbers parts (RFC 3501 §6.4.5),
+joined with ``/``; a named object adds ``:name``; objects inside a named object
+(archive members, uuencoded files) follow with ``/name``:
+``1/2:invoice.zip/readme.exe``.
+"""
+
+from __future__ import annotations
+
+import binascii
+import io
+import mimetypes
+import re
+import struct
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from email.errors import HeaderParseError
+from email.header import decode_header
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from smtpgw import headers
+from smtpgw.notify import encode_text
+from smtpgw.policy import ERROR, PROTECTED
+
+__all__ = [
+    "ERROR",
+    "PROTECTED",
+    "Limits",
+    "MimeObject",
+    "MimeTree",
+    "Edit",
+    "decompose",
+    "rebuild",
+]
+
+CHUNK = 64 * 1024  # decompression step: bounded memory per read
+RATIO_FLOOR = 1 << 20  # a member must expand past 1 MiB before its ratio counts
+MAX_MIME_DEPTH = 32  # nested multiparts and messages
+MAX_MIME_PARTS = 5000  # MIME entities per message
+MAX_HEADER_FIELDS = 500  # fields examined per entity header
+MAX_UU_BLOCKS = 100  # uuencoded blocks per text part
+MAX_NAME = 255
+
+_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")  # RFC 5322 §3.6.8 field-name, obs WSP
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+_B64_INVALID = re.compile(rb"[^A-Za-z0-9+/=]")
+_B64_SPACE = b" \t\r\n\f\v"
+_QP_BAD_ESCAPE = re.compile(rb"=(?![0-9A-Fa-f]{2}|\r?\n|[ \t]*\r?$)", re.M)
+_UU_BEGIN = re.compile(rb"^begin +([0-7]{1,4}) +([^\r\n]+?)\r?$", re.M)
+_UU_END = re.compile(rb"^end[ \t]*\r?$", re.M)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TYPES = mimetypes.MimeTypes()
+_IDENTITY = {"", "7bit", "8bit", "binary"}
+_MIME_FIELDS = {"content-type", "content-transfer-encoding", "content-disposition"}
+_UUENCODE = {"x-uuencode", "uuencode", "x-uue", "uue"}
+
+# The stdlib archive readers report malformed input through this family.
+_ARCHIVE_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    tarfile.TarError,
+    zlib.error,
+    struct.error,
+    EOFError,
+    OSError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    UnicodeError,
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Decomposition bounds, from ``[smtpgw.ave]`` (KB values converted to bytes)."""
+
+    max_depth: int = 8
+    max_members: int = 1000
+    max_expanded: int = 102400 * 1024
+    max_ratio: int = 100
+    scan_archives: bool = True
+
+    @classmethod
+    def from_ave(cls, ave: Any) -> Limits:
+        return cls(
+            max_depth=int(getattr(ave, "MaximalArchiveDepth", cls.max_depth)),
+            max_members=int(getattr(ave, "MaximalArchiveMembers", cls.max_members)),
+            max_expanded=int(getattr(ave, "MaximalExpandedSize", 102400)) * 1024,
+            max_ratio=int(getattr(ave, "MaximalCompressionRatio", cls.max_ratio)),
+            scan_archives=bool(getattr(ave, "ScanArchives", True)),
+        )
+
+
+@dataclass(eq=False)
+class MimeObject:
+    """One node of the tree: a MIME entity, an archive member or a uuencoded block.
+
+    ``kind``: ``multipart`` and ``message`` are containers; ``part`` is a leaf
+    entity (it may hold archive members or uuencoded blocks as children);
+    ``member`` is an archive member; ``uuencoded`` a block inside a text part.
+    ``start``/``end`` are the node's span in the original message (headers
+    included) or None when it has no span of its own; ``cut`` is the range a
+    removal deletes (with its boundary delimiter line, RFC 2046 §5.1.1).
+    """
+
+    path: str
+    kind: str
+    content_type: str
+    name: str = ""
+    data: bytes | None = None
+    archive: str = ""  # "zip", "tar" or "gzip" when the content is an archive
+    status: str | None = None  # ERROR or PROTECTED when set by decomposition
+    reason: str = ""
+    start: int | None = None
+    end: int | None = None
+    body_start: int | None = None
+    cut: tuple[int, int] | None = None
+    children: list[MimeObject] = field(default_factory=list)
+    parent: MimeObject | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.data) if self.data is not None else 0
+
+    def walk(self) -> Iterator[MimeObject]:
+        """This node and all nodes below it, depth first, in message order."""
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(reversed(node.children))
+
+    def edit_target(self) -> MimeObject:
+        """The nearest node (this one or an ancestor) that has a span to edit."""
+        node: MimeObject = self
+        while node.start is None and node.parent is not None:
+            node = node.parent
+        return node
+
+
+@dataclass
+class MimeTree:
+    raw: bytes
+    root: MimeObject
+    defects: list[str]
+    outside: int = 0  # non-blank bytes of multipart preambles and epilogues (RFC 2046 §5.1.1)
+
+    def walk(self) -> Iterator[MimeObject]:
+        return self.root.walk()
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Remove ``node`` (``text`` is None) or replace it with a text/plain ``text``."""
+
+    node: MimeObject
+    text: str | None = None
+
+
+class _LimitExceeded(Exception):
+    """A decomposition bound was crossed; the message says which."""
+
+
+# region header fields and parameters
+
+
+def _decode_text(value: bytes) -> str:
+    """Header bytes → str: UTF-8 (RFC 6532) when valid, else Latin-1 (never fails)."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def _split_header(
+    buf: bytes, start: int, end: int, defects: list[str], label: str
+) -> tuple[dict[str, bytes], int]:
+    """Parse an entity's header section: (first value of each field, body offset)."""
+    if buf.startswith(b"\n", start) or buf.startswith(b"\r\n", start):
+        return {}, buf.index(b"\n", start) + 1
+    blank = _BLANK_LINE.search(buf, start, end)
+    head_end = blank.start() + 1 if blank else end
+    body_start = blank.end() if blank else end
+    fields: list[tuple[str, list[bytes]]] = []
+    pos = start
+    while pos < head_end:
+        nl = buf.find(b"\n", pos, head_end)
+        line_end = head_end if nl < 0 else nl + 1
+        line = buf[pos:line_end]
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1].append(line)
+        else:
+            match = _FIELD.match(line)
+            if not match:
+                # RFC 5322 §2.2: a line that is neither a field nor a continuation
+                # ends the header section early.
+                defects.append(f"{label}: missing header/body separator")
+                body_start = pos
+                break
+            if len(fields) >= MAX_HEADER_FIELDS:
+                defects.append(f"{label}: more than {MAX_HEADER_FIELDS} header fields")
+                break
+            fields.append((match.group(1).decode("ascii").lower(), [line[match.end() :]]))
+        pos = line_end
+    if blank is None and body_start >= end and start < end:
+        defects.append(f"{label}: no body (header section runs to the end)")
+    values: dict[str, bytes] = {}
+    for name, parts in fields:
+        if name not in values:  # the first occurrence wins, as in clamd
+            values[name] = re.sub(rb"\r?\n", b"", b"".join(parts)).strip()
+        elif name in _MIME_FIELDS:
+            # readers differ on which one counts: worth a second opinion
+            defects.append(f"{label}: repeated {name} field")
+    return values, body_start
+
+
+def _tokenize_params(text: str) -> list[tuple[str, str]]:
+    """``name=value`` pairs after the first ``;`` (RFC 2045 §5.1), quotes unescaped."""
+    out: list[tuple[str, str]] = []
+    pos, n = 0, len(text)
+    while pos < n and len(out) < 200:
+        while pos < n and text[pos] in " \t;":
+            pos += 1
+        eq = text.find("=", pos)
+        semi = text.find(";", pos)
+        if eq < 0 or (0 <= semi < eq):
+            pos = n if semi < 0 else semi + 1
+            continue
+        name = text[pos:eq].strip().lower()
+        pos = eq + 1
+        while pos < n and text[pos] in " \t":
+            pos += 1
+        if pos < n and text[pos] == '"':
+            value_chars: list[str] = []
+            pos += 1
+            while pos < n and text[pos] != '"':
+                if text[pos] == "\\" and pos + 1 < n:
+                    pos += 1
+                value_chars.append(text[pos])
+                pos += 1
+            pos += 1
+            value = "".join(value_chars)
+        else:
+            semi = text.find(";", pos)
+            stop = n if semi < 0 else semi
+            value = text[pos:stop].strip()
+            pos = stop
+        if name:
+            out.append((name, value))
+    return out
+
+
+def _rfc2231_decode(value: str) -> str:
+    """``charset'language'percent-encoded`` → text (RFC 2231 §4)."""
+    parts = value.split("'", 2)
+    if len(parts) != 3:
+        return _percent_decode(value, "us-ascii")
+    return _percent_decode(parts[2], parts[0] or "us-ascii")
+
+
+def _percent_decode(value: str, charset: str) -> str:
+    return _decode_charset(unquote_to_bytes(value), charset)
+
+
+def _decode_charset(raw: bytes, charset: str) -> str:
+    """Decode in a charset the message names; unknown or unusable ones → Latin-1."""
+    try:
+        return raw.decode(charset, "replace")
+    except (LookupError, ValueError):  # unknown, not a text codec, NUL in the name
+        return raw.decode("latin-1")
+
+
+def _parameters(value: str) -> dict[str, str]:
+    """Parameters with RFC 2231 continuations (``name*0``, ``name*1*``) joined."""
+    simple: dict[str, str] = {}
+    pieces: dict[str, dict[int, tuple[bool, str]]] = {}
+    for name, text in _tokenize_params(value):
+        match = re.fullmatch(r"([^*]+)\*(\d{1,3})(\*?)", name)
+        if match:
+            pieces.setdefault(match.group(1), {})[int(match.group(2))] = (
+                bool(match.group(3)),
+                text,
+            )
+        elif name.endswith("*"):
+            simple.setdefault(name[:-1], _rfc2231_decode(text))
+        else:
+            simple.setdefault(name, text)
+    for name, numbered in pieces.items():
+        charset = "us-ascii"
+        joined: list[str] = []
+        for index in range(len(numbered)):  # stop at the first gap
+            if index not in numbered:
+                break
+            encoded, text = numbered[index]
+            if encoded and index == 0 and text.count("'") >= 2:
+                charset, _, text = text.split("'", 2)
+                charset = charset or "us-ascii"
+            joined.append(_percent_decode(text, charset) if encoded else text)
+        simple.setdefault(name, "".join(joined))
+    return simple
+
+
+def _rfc2047(value: str) -> str:
+    """Decode RFC 2047 encoded-words, which many mailers put in filenames."""
+    if "=?" not in value:
+        return value
+    try:
+        chunks = decode_header(value)
+    except (HeaderParseError, ValueError):
+        return value
+    out: list[str] = []
+    for chunk, charset in chunks:
+        if isinstance(chunk, str):
+            out.append(chunk)
+            continue
+        out.append(_decode_charset(chunk, charset or "us-ascii"))
+    return "".join(out)
+
+
+def _clean_name(name: str) -> str:
+    """A displayable object name: no control characters, bounded length."""
+    return _CONTROL.sub("?", name.strip())[:MAX_NAME]
+
+
+def _content_type(fields: dict[str, bytes], default: str) -> tuple[str, dict[str, str], bool]:
+    """(type/subtype, parameters, valid) from Content-Type (RFC 2045 §5)."""
+    raw = fields.get("content-type")
+    if raw is None:
+        return default, {}, True
+    text = _decode_text(raw)
+    main, _, rest = text.partition(";")
+    ctype = main.strip().lower()
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+/[!#$%&'*+.^_`|~0-9a-z-]+", ctype):
+        # RFC 2045 §5.2: an invalid Content-Type means text/plain
+        return "text/plain", _parameters(rest), False
+    return ctype, _parameters(rest), True
+
+
+def _filename(fields: dict[str, bytes], params: dict[str, str]) -> str:
+    disposition = fields.get("content-disposition")
+    if disposition is not None:
+        _, _, rest = _decode_text(disposition).partition(";")
+        name = _parameters(rest).get("filename")
+        if name:
+            return _clean_name(_rfc2047(name))
+    return _clean_name(_rfc2047(params.get("name", "")))
+
+
+# endregion
+# region transfer encodings
+
+
+def _decode_base64(body: bytes) -> tuple[bytes | None, str]:
+    """(data, problem); data is None when the encoding is truncated (RFC 2045 §6.8)."""
+    cleaned = body.translate(None, _B64_SPACE)
+    problems: list[str] = []
+    if _B64_INVALID.search(cleaned):
+        # RFC 2045 §6.8: characters outside the alphabet are to be ignored
+        problems.append("characters outside the base64 alphabet ignored")
+        cleaned = _B64_INVALID.sub(b"", cleaned)
+    segments = re.split(rb"=+", cleaned)
+    if len(segments[0]) % 4 == 1 and not problems:
+        # clean base64 that ends mid-quantum was cut short in transfer; with
+        # foreign characters mixed in (list footers) the stray one is noise
+        return None, "truncated base64 (a final quantum of one character)"
+    if any(segments[1:]):
+        problems.append("base64 data after padding")
+    out = bytearray()
+    for segment in segments:
+        segment = segment[: len(segment) - 1] if len(segment) % 4 == 1 else segment
+        out += binascii.a2b_base64(segment + b"=" * (-len(segment) % 4))
+    return bytes(out), "; ".join(problems)
+
+
+def _decode_uu_lines(lines: list[bytes]) -> bytes | None:
+    """Decode uuencoded lines; None when a line cannot be decoded."""
+    out = bytearray()
+    for line in lines:
+        line = line.rstrip(b"\r\n")
+        if not line:
+            continue
+        try:
+            out += binascii.a2b_uu(line)
+        except binascii.Error:
+            # Some encoders pad lines oddly; decode just the declared length
+            # (the same workaround CPython's uu module used).
+            nbytes = (((line[0] - 32) & 63) * 4 + 5) // 3
+            try:
+                out += binascii.a2b_uu(line[:nbytes])
+            except binascii.Error:
+                return None
+    return bytes(out)
+
+
+def _decode_transfer(cte: str, body: bytes) -> tuple[bytes | None, str, str]:
+    """(data, error, defect) for one body under its Content-Transfer-Encoding."""
+    if cte in _IDENTITY:
+        return body, "", ""
+    if cte == "base64":
+        data, problem = _decode_base64(body)
+        return (None, problem, "") if data is None else (data, "", problem)
+    if cte == "quoted-printable":
+        defect = "invalid quoted-printable escape" if _QP_BAD_ESCAPE.search(body) else ""
+        return binascii.a2b_qp(body), "", defect
+    if cte in _UUENCODE:
+        begin = _UU_BEGIN.search(body)
+        lines = body[begin.end() if begin else 0 :].splitlines()
+        ending = next((i for i, line in enumerate(lines) if _UU_END.match(line)), len(lines))
+        data = _decode_uu_lines(lines[:ending])
+        return (None, "undecodable uuencoded body", "") if data is None else (data, "", "")
+    return body, "", f"unknown Content-Transfer-Encoding {cte!r} read as binary"
+
+
+# endregion
+# region archives
+
+
+def _archive_format(data: bytes) -> str:
+    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08"):
+        return "zip"
+    if data[:2] == b"\x1f\x8b":
+        return "gzip"
+    if len(data) >= 512 and data[257:262] == b"ustar":
+        return "tar"
+    return ""
+
+
+def _zip_directory_too_big(data: bytes, limits: Limits) -> str:
+    """Refuse, before zipfile reads it, a central directory that exceeds the member
+    bound (zipfile would build one ZipInfo per entry, APPNOTE 4.3.16)."""
+    eocd = data.rfind(b"PK\x05\x06", max(0, len(data) - 65557))
+    if eocd < 0 or eocd + 22 > len(data):
+        return ""
+    entries, cd_size = struct.unpack("<HI", data[eocd + 10 : eocd + 16])
+    if entries != 0xFFFF and entries > limits.max_members:
+        return f"{entries} members exceed MaximalArchiveMembers ({limits.max_members})"
+    if cd_size != 0xFFFFFFFF and cd_size > limits.max_members * 512:
+        return f"central directory of {cd_size} bytes exceeds MaximalArchiveMembers"
+    return ""
+
+
+def _gzip_name(data: bytes) -> str:
+    """The original file name stored in a gzip header (RFC 1952 §2.3.1 FNAME)."""
+    if len(data) < 10:
+        return ""
+    flags, pos = data[3], 10
+    if flags & 0x04 and len(data) >= 12:  # FEXTRA
+        pos += 2 + int.from_bytes(data[10:12], "little")
+    if not flags & 0x08:
+        return ""
+    stop = data.find(b"\0", pos, pos + 1024)
+    return data[pos:stop].decode("latin-1") if stop > 0 else ""
+
+
+def _gunzip_chunks(data: bytes) -> Iterator[bytes]:
+    """Decompress every gzip member (RFC 1952 §2.2) in bounded output chunks."""
+    pending = data
+    while pending:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        while True:
+            chunk = inflater.decompress(pending, CHUNK)
+            progress = bool(chunk) or len(inflater.unconsumed_tail) < len(pending)
+            pending = inflater.unconsumed_tail
+            if chunk:
+                yield chunk
+            if inflater.eof or not progress:
+                break
+        if not inflater.eof:
+            raise EOFError("truncated gzip stream")
+        pending = inflater.unused_data
+        if pending[:2] != b"\x1f\x8b":
+            return
+
+
+# endregion
+
+
+class _Decomposer:
+    """One message's walk: counters for the per-message budgets, and the defects."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.defects: list[str] = []
+        self.parts = 0
+        self.members = 0
+        self.expanded = 0
+        self.outside = 0
+
+    # region MIME entities
+
+    def entity(
+        self,
+        buf: bytes,
+        start: int,
+        end: int,
+        number: str,
+        leaf_number: str,
+        depth: int,
+        default_type: str,
+        editable: bool,
+    ) -> MimeObject:
+        """Parse one MIME entity in ``buf[start:end]``.
+
+        ``number`` is its part number as a multipart (its children are
+        ``number/1`` …); ``leaf_number`` its number as a single part (the body
+        of a message is part ``N/1``, RFC 3501 §6.4.5).
+        """
+        self.parts += 1
+        label = number or "message"
+        fields, body_start = _split_header(buf, start, end, self.defects, label)
+        ctype, params, valid = _content_type(fields, default_type)
+        if not valid:
+            self.defects.append(f"{label}: invalid Content-Type, read as text/plain")
+        cte = _decode_text(fields.get("content-transfer-encoding", b"")).strip().lower()
+        name = _filename(fields, params)
+        node = MimeObject(path=_named(leaf_number, name), kind="part", content_type=ctype, name=name)
+        if editable:
+            node.start, node.end, node.body_start = start, end, body_start
+        if depth > MAX_MIME_DEPTH or self.parts > MAX_MIME_PARTS:
+            node.status = ERROR
+            node.reason = (
+                f"MIME nesting deeper than {MAX_MIME_DEPTH}"
+                if depth > MAX_MIME_DEPTH
+                else f"more than {MAX_MIME_PARTS} MIME parts"
+            )
+            return node
+        body = buf[body_start:end]
+        multipart = ctype.startswith("multipart/")
+        if multipart or ctype in ("message/rfc822", "message/global"):
+            if cte not in _IDENTITY:
+                # RFC 2045 §6.4: composite types must not be encoded; decode anyway
+                # and parse the decoded copy, whose nodes have no span of their own.
+                self.defects.append(f"{label}: {ctype} with {cte} encoding")
+                data, error, _ = _decode_transfer(cte, body)
+                if data is None:
+                    return self._leaf(node, None, error, cte)
+                buf, body_start, end, editable = data, 0, len(data), False
+            if not multipart:
+                inner = self.entity(
+                    buf, body_start, end, leaf_number, f"{leaf_number}/1", depth + 1, "text/plain", editable
+                )
+                node.kind = "message"
+                inner.parent = node
+                node.children.append(inner)
+                return node
+            boundary = params.get("boundary", "")
+            if boundary:
+                node.path = number
+                return self._multipart(node, buf, body_start, end, boundary, depth, editable)
+            self.defects.append(f"{label}: multipart without boundary")
+        data, error, defect = _decode_transfer(cte, body)
+        if defect:
+            self.defects.append(f"{label}: {defect}")
+        return self._leaf(node, data, error, cte)
+
+    def _leaf(self, node: MimeObject, data: bytes | None, error: str, cte: str) -> MimeObject:
+        if data is None:
+            node.status, node.reason = ERROR, error
+            node.data = b""
+            return node
+        node.data = data
+        if self.limits.scan_archives:
+            self._expand(node, 1)
+        if not node.children and node.content_type.startswith("text/"):
+            self._uuencoded(node, cte in _IDENTITY and node.start is not None)
+        return node
+
+    def _multipart(
+        self,
+        node: MimeObject,
+        buf: bytes,
+        body_start: int,
+        end: int,
+        boundary: str,
+        depth: int,
+        editable: bool,
+    ) -> MimeObject:
+        """Split a multipart body at its delimiter lines (RFC 2046 §5.1.1)."""
+        number = node.path
+        label = number or "message"
+        delimiters = _delimiters(buf, body_start, end, boundary.encode("utf-8", "replace"))
+        if not delimiters or delimiters[0].close:
+            self.defects.append(f"{label}: boundary {boundary!r} not found")
+            node.path = _named(number or "1", node.name)
+            return self._leaf(node, buf[body_start:end], "", "")
+        node.kind = "multipart"
+        self.outside += len(buf[body_start : delimiters[0].break_start].strip())
+        if delimiters[-1].close:
+            self.outside += len(buf[delimiters[-1].content_start : end].strip())
+        else:
+            self.defects.append(f"{label}: missing close-delimiter")
+        digest = node.content_type == "multipart/digest"
+        for index, delim in enumerate(delimiters):
+            if delim.close:
+                break
+            follower = delimiters[index + 1] if index + 1 < len(delimiters) else None
+            part_end = max(follower.break_start if follower else end, delim.content_start)
+            child_number = f"{number}/{index + 1}" if number else str(index + 1)
+            child = self.entity(
+                buf,
+                delim.content_start,
+                part_end,
+                child_number,
+                child_number,
+                depth + 1,
+                "message/rfc822" if digest else "text/plain",  # RFC 2046 §5.1.5
+                editable,
+            )
+            if editable:
+                # the line break before a delimiter belongs to it (RFC 2046 §5.1.1)
+                child.cut = (delim.break_start, part_end)
+            child.parent = node
+            node.children.append(child)
+            if self.parts > MAX_MIME_PARTS:
+                node.status, node.reason = ERROR, f"more than {MAX_MIME_PARTS} MIME parts"
+                break
+        return node
+
+    # endregion
+    # region uuencoded blocks
+
+    def _uuencoded(self, node: MimeObject, spans: bool) -> None:
+        """Find ``begin NNN name`` … ``end`` blocks in a text body."""
+        data = node.data or b""
+        if b"begin " not in data:
+            return
+        pos = 0
+        for _ in range(MAX_UU_BLOCKS):
+            begin = _UU_BEGIN.search(data, pos)
+            if not begin:
+                return
+            line_start = begin.end() + 1
+            finish = _UU_END.search(data, line_start)
+            block_end = len(data) if finish is None else min(len(data), finish.end() + 1)
+            lines = data[line_start : finish.start() if finish else len(data)].splitlines()
+            content = _decode_uu_lines(lines)
+            name = _clean_name(_decode_text(begin.group(2))) or "uuencoded"
+            child = MimeObject(
+                path=_member_path(node, name),
+                kind="uuencoded",
+                content_type=_guess_type(name),
+                name=name,
+                data=content if content is not None else b"",
+                parent=node,
+            )
+            if finish is None:
+                child.status, child.reason = ERROR, "uuencoded block without end line (truncated)"
+            elif content is None:
+                child.status, child.reason = ERROR, "undecodable uuencoded line"
+            if spans and node.body_start is not None:
+                child.start = node.body_start + begin.start()
+                child.end = node.body_start + block_end
+                child.cut = (child.start, child.end)
+            node.children.append(child)
+            pos = block_end
+            if child.status is None and self.limits.scan_archives:
+                self._expand(child, 1)
+
+    # endregion
+    # region archives
+
+    def _expand(self, node: MimeObject, depth: int) -> None:
+        """Open ``node.data`` as an archive, adding its members as children."""
+        fmt = _archive_format(node.data or b"")
+        if not fmt:
+            return
+        node.archive = fmt
+        if depth > self.limits.max_depth:
+            node.status = ERROR
+            node.reason = f"archives nested deeper than MaximalArchiveDepth ({self.limits.max_depth})"
+            return
+        try:
+            if fmt == "zip":
+                self._zip(node, depth)
+            elif fmt == "tar":
+                self._tar(node, depth)
+            else:
+                self._gzip(node, depth)
+        except _LimitExceeded as exc:
+            node.status, node.reason = ERROR, str(exc)
+        except _ARCHIVE_ERRORS as exc:
+            node.status, node.reason = ERROR, f"corrupt {fmt} archive: {exc}"
+
+    def _member(self, parent: MimeObject, name: str) -> MimeObject:
+        if self.members >= self.limits.max_members:
+            raise _LimitExceeded(
+                f"more than MaximalArchiveMembers ({self.limits.max_members}) archive members"
+            )
+        self.members += 1
+        name = _clean_name(name) or "unnamed"
+        child = MimeObject(
+            path=_member_path(parent, name),
+            kind="member",
+            content_type=_guess_type(name),
+            name=name,
+            parent=parent,
+        )
+        parent.children.append(child)
+        return child
+
+    def _read(self, chunks: Iterable[bytes], packed_size: int, out: bytearray) -> None:
+        """Collect decompressed output into ``out``, stopping as soon as a bound is crossed."""
+        limit = self.limits.max_ratio * max(packed_size, 1)
+        for chunk in chunks:
+            out += chunk
+            self.expanded += len(chunk)
+            if self.expanded > self.limits.max_expanded:
+                raise _LimitExceeded(
+                    f"expanded size above MaximalExpandedSize ({self.limits.max_expanded // 1024} KB)"
+                )
+            if len(out) > RATIO_FLOOR and len(out) > limit:
+                raise _LimitExceeded(
+                    f"compression ratio above MaximalCompressionRatio ({self.limits.max_ratio})"
+                )
+
+    def _fill(self, member: MimeObject, chunks: Iterable[bytes], packed_size: int, depth: int) -> None:
+        """Read one member; a ratio breach marks the member, a budget breach the archive.
+
+        A corrupt member keeps what could be read of it, which is still scanned.
+        """
+        out = bytearray()
+        try:
+            self._read(chunks, packed_size, out)
+        except _LimitExceeded as exc:
+            member.data = b""
+            member.status, member.reason = ERROR, str(exc)
+            if self.expanded > self.limits.max_expanded:
+                raise
+            return
+        except _ARCHIVE_ERRORS as exc:
+            _unreadable(member, exc)
+            member.data = bytes(out)
+            return
+        member.data = bytes(out)
+        self._expand(member, depth + 1)
+
+    def _zip(self, node: MimeObject, depth: int) -> None:
+        data = node.data or b""
+        refused = _zip_directory_too_big(data, self.limits)
+        if refused:
+            raise _LimitExceeded(refused)
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for info in archive.infolist():
+                if info.is_dir():
+                    continue
+                member = self._member(node, info.filename)
+                # APPNOTE 4.4.4: bit 0 encrypted, bit 6 strong encryption
+                if info.flag_bits & 0x41:
+                    member.data = b""
+                    member.status, member.reason = PROTECTED, "encrypted zip member"
+                    continue
+                try:
+                    stream = archive.open(info)
+                except _ARCHIVE_ERRORS as exc:
+                    _unreadable(member, exc)
+                    continue
+                with stream:
+                    self._fill(member, iter(lambda: stream.read(CHUNK), b""), info.compress_size, depth)
+
+    def _tar(self, node: MimeObject, depth: int) -> None:
+        with tarfile.open(fileobj=io.BytesIO(node.data or b""), mode="r:") as archive:
+            for _ in range(self.limits.max_members + 1):  # directories and links count too
+                info = archive.next()
+                if info is None:
+                    return
+                if not info.isfile():
+                    continue
+                member = self._member(node, info.name)
+                stream = archive.extractfile(info)
+                if stream is None:
+                    continue
+                self._fill(member, iter(lambda: stream.read(CHUNK), b""), info.size, depth)
+            raise _LimitExceeded(
+                f"more than MaximalArchiveMembers ({self.limits.max_members}) archive entries"
+            )
+
+    def _gzip(self, node: MimeObject, depth: int) -> None:
+        data = node.data or b""
+        name = _gzip_name(data)
+        if not name:
+            outer = node.name or "unnamed"
+            lowered = outer.lower()
+            if lowered.endswith(".tgz"):
+                name = outer[:-4] + ".tar"
+            elif lowered.endswith(".gz"):
+                name = outer[:-3]
+            else:
+                name = outer + ".ungzipped"
+        member = self._member(node, name)
+        self._fill(member, _gunzip_chunks(data), len(data), depth)
+
+    # endregion
+
+
+@dataclass(frozen=True)
+class _Delimiter:
+    line_start: int  # the "--" of the delimiter line
+    break_start: int  # the line break before it (RFC 2046: part of the delimiter)
+    content_start: int  # first byte after the delimiter line
+    close: bool
+
+
+def _delimiters(buf: bytes, start: int, end: int, boundary: bytes) -> list[_Delimiter]:
+    """Delimiter lines of one multipart body, up to and including the close-delimiter."""
+    marker = b"--" + boundary
+    out: list[_Delimiter] = []
+    pos = start
+    while True:
+        found = buf.find(marker, pos, end)
+        if found < 0:
+            return out
+        pos = found + len(marker)
+        if found != start and buf[found - 1] != 0x0A:  # must begin a line
+            continue
+        nl = buf.find(b"\n", pos, end)
+        line_end = end if nl < 0 else nl
+        rest = buf[pos:line_end]
+        close = rest.startswith(b"--")
+        if close:
+            rest = rest[2:]
+        if rest.strip(b" \t\r"):  # only transport padding may follow (RFC 2046 §5.1.1)
+            continue
+        break_start = found
+        if found > start:
+            break_start = found - 2 if found - 2 >= start and buf[found - 2] == 0x0D else found - 1
+        out.append(_Delimiter(found, break_start, end if nl < 0 else nl + 1, close))
+        if close:
+            return out
+        pos = line_end
+
+
+def _unreadable(member: MimeObject, problem: Exception) -> None:
+    """A corrupt member makes its archive an error too, so that the archive as a
+    whole still goes to the scanner (which may read more of it than we did)."""
+    member.data = b""
+    member.status, member.reason = ERROR, f"unreadable archive member: {problem}"
+    archive = member.parent
+    if archive is not None and archive.status is None:
+        archive.status, archive.reason = ERROR, f"corrupt member {member.name}: {problem}"
+
+
+def _guess_type(name: str) -> str:
+    return _TYPES.guess_type(name, strict=False)[0] or "application/octet-stream"
+
+
+def _named(number: str, name: str) -> str:
+    return f"{number}:{name}" if name else number
+
+
+def _member_path(parent: MimeObject, name: str) -> str:
+    return f"{parent.path}{'/' if ':' in parent.path else ':'}{name}"
+
+
+def decompose(raw: bytes, limits: Limits | None = None) -> MimeTree:
+    """Split ``raw`` into its object tree. Never raises on malformed input."""
+    walker = _Decomposer(limits or Limits())
+    start = 0
+    if raw.startswith(b"From "):  # mbox separator line (RFC 4155), not a header
+        nl = raw.find(b"\n")
+        start = len(raw) if nl < 0 else nl + 1
+    root = walker.entity(raw, start, len(raw), "", "1", 0, "text/plain", True)
+    return MimeTree(raw=raw, root=root, defects=walker.defects, outside=walker.outside)
+
+
+# region rebuilding
+
+
+def _placeholder_entity(raw: bytes, node: MimeObject, text: str) -> bytes:
+    """A text/plain entity standing in for ``node``: its other header fields kept."""
+    assert node.start is not None and node.body_start is not None
+    head = raw[node.start : node.body_start]
+    eol = headers.line_ending(raw[node.start : node.end] if head.strip() else raw)
+    if not head.endswith(b"\n"):
+        head += eol  # the entity ended inside its header section
+    if not head.strip(b"\r\n"):
+        head = eol  # no header fields: the entity starts with its blank line
+    elif not re.search(rb"\n\r?\n\Z", head):
+        head += eol  # RFC 5322 §2.1: the blank line before the body
+    charset, cte, body = _encode_text(text, eol)
+    blank = b"\r\n" if head.endswith(b"\r\n") else b"\n"
+    for name, value in (
+        ("Content-Type", f'text/plain; charset="{charset}"'),
+        ("Content-Transfer-Encoding", cte),
+        ("Content-Disposition", "inline"),
+    ):
+        if headers.get_raw(head, name) is not None:
+            head = headers.replace(head, name, value)
+        else:  # a new field goes last, before the blank line
+            head = head[: len(head) - len(blank)] + headers.render(name, value, eol) + blank
+    return head + body
+
+
+def _encode_text(text: str, eol: bytes) -> tuple[str, str, bytes]:
+    """(charset, transfer encoding, body) of a 7-bit text part in the message's line ending."""
+    charset, cte, body = encode_text(text)
+    return charset, cte, body if eol == b"\r\n" else body.replace(b"\r\n", eol)
+
+
+def _removal_target(node: MimeObject) -> MimeObject:
+    """The entity to cut out: climb from a single-part encapsulated body to its message part."""
+    target = node.edit_target()
+    while target.cut is None and target.parent is not None and target.parent.kind == "message":
+        target = target.parent
+    return target
+
+
+def rebuild(raw: bytes, edits: Iterable[Edit]) -> bytes:
+    """Apply removals and replacements; bytes outside the edited spans are kept as they are.
+
+    Objects without a span (archive members, nodes of an encoded encapsulated
+    message) are edited through the nearest ancestor that has one. Removing
+    an entity that is not a multipart child (a single-part message body)
+    replaces it with an empty text part. Several edits of one entity merge:
+    removal wins, placeholder texts are joined; an edit inside an entity that
+    is itself edited is dropped.
+    """
+    merged: dict[int, tuple[MimeObject, list[str], bool]] = {}
+    for edit in edits:
+        target = _removal_target(edit.node) if edit.text is None else edit.node.edit_target()
+        if target.start is None:
+            continue  # no span anywhere up the tree: nothing can be edited
+        entry = merged.setdefault(id(target), (target, [], False))
+        if edit.text is None and target.cut is not None:
+            merged[id(target)] = (target, entry[1], True)
+        elif edit.text is not None:
+            entry[1].append(edit.text)
+    spans: list[tuple[int, int, bytes]] = []
+    for target, texts, remove in merged.values():
+        if remove and target.cut is not None:
+            spans.append((target.cut[0], target.cut[1], b""))
+            continue
+        text = "\n\n".join(texts)
+        if target.kind == "uuencoded":
+            _, _, body = _encode_text(text, headers.line_ending(raw))
+            spans.append((target.start or 0, target.end or 0, body + headers.line_ending(raw)))
+        else:
+            spans.append((target.start or 0, target.end or 0, _placeholder_entity(raw, target, text)))
+    spans.sort(key=lambda s: (s[0], -s[1]))
+    out = bytearray()
+    pos = 0
+    for start, end, replacement in spans:
+        if start < pos:
+            continue  # inside an entity already edited
+        out += raw[pos:start]
+        out += replacement
+        pos = end
+    out += raw[pos:]
+    return bytes(out)
+
+
+# endregion

@@ -1,0 +1,176 @@
+"""The anti-virus policy as data: statuses, the per-status object actions, the
+message-level actions, and the decision for one message in one group.
+
+Owns: the status names and their severity order, the ``Action*`` table
+(kmg-spec §1.2), the message-level status lists (BlockMessage, NotifyAdmin,
+NotifyRecipient, NotifySender, SaveInQB; §1.3), the attachment name/MIME
+filter (§3.13) and ``decide``, which records *why* each action fired.
+
+Must never: scan, parse or modify a message, or talk to anything: it only maps
+statuses to actions. Every decision carries a short reason for the log line
+and the X-header.
+
+``cure``: clamd cannot disinfect, so no object ever becomes ``disinfected``.
+``Cure=true`` and ``ActionDisinfected=cure`` are accepted and change nothing:
+an infected object stays ``infected`` and gets ``ActionInfected`` (its reason
+says so when Cure is on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from smtpgw.masks import wildcard_match
+
+__all__ = [
+    "CLEAN",
+    "FILTERED",
+    "DISINFECTED",
+    "ERROR",
+    "PROTECTED",
+    "SUSPICIOUS",
+    "INFECTED",
+    "NOT_SCANNED",
+    "STATUSES",
+    "OBJECT_ACTION_KEYS",
+    "MESSAGE_ACTION_KEYS",
+    "PASS",
+    "REMOVE",
+    "PLACEHOLDER",
+    "CURE",
+    "severity",
+    "most_severe",
+    "filter_reason",
+    "ObjectDecision",
+    "Decision",
+    "decide",
+]
+
+CLEAN = "clean"
+FILTERED = "filtered"
+DISINFECTED = "disinfected"
+ERROR = "error"
+PROTECTED = "protected"
+SUSPICIOUS = "suspicious"
+INFECTED = "infected"
+NOT_SCANNED = "not scanned"  # the group has Check=false
+
+# Ascending severity: the summary status of a message is its most severe object's.
+STATUSES: tuple[str, ...] = (CLEAN, FILTERED, DISINFECTED, ERROR, PROTECTED, SUSPICIOUS, INFECTED)
+_SEVERITY = {status: rank for rank, status in enumerate(STATUSES)}
+
+PASS = "pass"
+REMOVE = "remove"
+PLACEHOLDER = "placeholder"
+CURE = "cure"
+
+OBJECT_ACTION_KEYS: dict[str, str] = {
+    DISINFECTED: "ActionDisinfected",
+    INFECTED: "ActionInfected",
+    SUSPICIOUS: "ActionSuspicious",
+    PROTECTED: "ActionProtected",
+    ERROR: "ActionError",
+    FILTERED: "ActionFiltered",
+}
+
+# Applied after all objects, in this order (kmg-spec §1.5 step 9).
+MESSAGE_ACTION_KEYS: tuple[str, ...] = (
+    "BlockMessage",
+    "NotifyAdmin",
+    "NotifyRecipient",
+    "NotifySender",
+    "SaveInQB",
+)
+
+
+class ObjectVerdict(Protocol):
+    """What ``decide`` needs to know about one object."""
+
+    path: str
+    status: str
+    virus_names: tuple[str, ...]
+
+
+def severity(status: str) -> int:
+    return _SEVERITY.get(status, 0)
+
+
+def most_severe(statuses: Iterable[str]) -> str:
+    return max(statuses, key=severity, default=CLEAN)
+
+
+def _first_match(masks: Iterable[str], value: str) -> str | None:
+    return next((mask for mask in masks if wildcard_match(mask, value)), None)
+
+
+def filter_reason(group: Any, name: str, mime_type: str) -> str | None:
+    """Why an object is ``filtered``, or None (kmg-spec §3.13, B50 p.80).
+
+    Filtered when its name matches an IncludeByName mask and no ExcludeByName
+    mask, or its MIME type matches IncludeByMime and no ExcludeByMime. An
+    object without a file name is judged by its MIME type alone.
+    """
+    if name:
+        include = _first_match(getattr(group, "IncludeByName", ()), name)
+        if include is not None and _first_match(getattr(group, "ExcludeByName", ()), name) is None:
+            return f'name "{name}" matches IncludeByName "{include}"'
+    include = _first_match(getattr(group, "IncludeByMime", ()), mime_type)
+    if include is not None and _first_match(getattr(group, "ExcludeByMime", ()), mime_type) is None:
+        return f'type "{mime_type}" matches IncludeByMime "{include}"'
+    return None
+
+
+@dataclass(frozen=True)
+class ObjectDecision:
+    path: str
+    status: str
+    action: str  # pass | remove | placeholder
+    reason: str
+
+
+@dataclass
+class Decision:
+    """The group's answer for one message: per-object actions and message actions.
+
+    ``fired`` maps each message-level action that applies (BlockMessage,
+    NotifyAdmin, …) to the reason it fired; an action that does not apply is absent.
+    """
+
+    objects: list[ObjectDecision] = field(default_factory=list)
+    fired: dict[str, str] = field(default_factory=dict)
+
+
+def _object_action(group: Any, status: str, cure: bool) -> tuple[str, str]:
+    key = OBJECT_ACTION_KEYS.get(status)
+    if key is None:  # clean: nothing to do
+        return PASS, ""
+    action = str(getattr(group, key, PASS))
+    note = " (clamd cannot cure)" if status == INFECTED and cure else ""
+    if action == CURE:
+        # only meaningful for a disinfected object, which is then passed as is
+        return PASS, f"{status}{note}, {key}=cure passes it"
+    return action, f"{status}{note}, {key}={action}"
+
+
+def _describe(item: ObjectVerdict) -> str:
+    names = f" ({', '.join(item.virus_names)})" if item.virus_names else ""
+    return f"{item.status} {item.path}{names}"
+
+
+def decide(group: Any, object_results: Sequence[ObjectVerdict], cure: bool = False) -> Decision:
+    """Object actions (§1.2) then message actions (§1.3) for one group."""
+    decision = Decision()
+    for item in object_results:
+        action, reason = _object_action(group, item.status, cure)
+        decision.objects.append(ObjectDecision(item.path, item.status, action, reason))
+    for key in MESSAGE_ACTION_KEYS:
+        listed = frozenset(getattr(group, key, frozenset()))
+        hits = [item for item in object_results if item.status in listed]
+        if not hits:
+            continue
+        worst = max(hits, key=lambda item: severity(item.status))
+        more = f" and {len(hits) - 1} more" if len(hits) > 1 else ""
+        decision.fired[key] = _describe(worst) + more
+    return decision

@@ -1,0 +1,210 @@
+"""The clamd client and server pool (smtpgw.av) against a real private clamd."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from smtpgw.av import (
+    CHUNK,
+    ClamdPool,
+    ClamdServer,
+    EngineVersion,
+    ScannerUnavailable,
+    parse_version,
+    status_for_name,
+)
+from tests.support.clamd import (
+    CUSTOM_NAME,
+    EICAR_NAME,
+    SUSPECT_NAME,
+    ClamdInstance,
+    eicar,
+    custom_marker,
+    encrypted_zip,
+    start_clamd,
+    suspect_marker,
+)
+from tests.support.components import require, which
+from tests.support.net import free_port
+
+
+def dead_unix_address(tmp_path: os.PathLike[str]) -> str:
+    return f"unix:{os.path.join(tmp_path, 'nobody-listens.sock')}"
+
+
+def test_parse_version_with_and_without_databases() -> None:
+    full = parse_version("ClamAV 1.4.6/27500/Tue Dec 10 09:35:09 2024")
+    assert full == EngineVersion("1.4.6", "27500", "20241210")
+    assert str(full) == "1.4.6/27500 20241210"
+    assert parse_version("ClamAV 0.103.8/26800/Mon Feb  6 09:20:01 2023").db_date == "20230206"
+    assert str(parse_version("ClamAV 1.4.6")) == "1.4.6"
+
+
+@pytest.mark.parametrize(
+    "name, status",
+    [
+        ("Win.Test.EICAR_HDB-1", "infected"),
+        ("Smtpgw.Test.Custom.UNOFFICIAL", "infected"),
+        ("Heuristics.Encrypted.Zip", "protected"),
+        ("Heuristics.Encrypted.PDF", "protected"),
+        ("Heuristics.Phishing.Email.SpoofedDomain", "suspicious"),
+        ("PUA.Win.Packer.Upx", "suspicious"),
+        ("Win.Trojan.Suspect-1", "suspicious"),
+        ("Heuristics.Limits.Exceeded.MaxFileSize", "error"),
+    ],
+)
+def test_status_for_name(name: str, status: str) -> None:
+    assert status_for_name(name) == status
+
+
+@pytest.mark.parametrize("which_address", ["unix_address", "tcp_address"])
+def test_ping_version_and_verdicts(clamd: ClamdInstance, which_address: str) -> None:
+    server = ClamdServer(getattr(clamd, which_address))
+    server.ping()
+    assert server.version().engine.count(".") >= 1
+    assert server.instream(b"nothing to see", 10).status == "clean"
+    verdict = server.instream(eicar(), 10)
+    assert (verdict.status, verdict.names) == ("infected", (EICAR_NAME,))
+    assert server.instream(b"x" + custom_marker(), 10).names == (CUSTOM_NAME,)
+    verdict = server.instream(suspect_marker(), 10)
+    assert (verdict.status, verdict.names) == ("suspicious", (SUSPECT_NAME,))
+    verdict = server.instream(encrypted_zip("a.txt", b"secret", b"pw"), 10)
+    assert (verdict.status, verdict.names) == ("protected", ("Heuristics.Encrypted.Zip",))
+
+
+def test_instream_chunks_reach_clamd_whole(clamd: ClamdInstance) -> None:
+    # the signature straddles a chunk border: only a correctly reassembled stream matches
+    data = b"a" * (CHUNK * 3 - 30) + eicar() + b"b" * 1000
+    verdict = ClamdServer(clamd.unix_address).instream(data, 30)
+    assert verdict.names == (EICAR_NAME,)
+
+
+def test_stream_over_stream_max_length_is_an_error(clamd: ClamdInstance) -> None:
+    pool = ClamdPool([clamd.tcp_address], scan_timeout=30)
+    verdict = pool.scan(os.urandom(5 << 20))  # the fixture's StreamMaxLength is 4M
+    assert verdict.status == "error" and "size limit" in verdict.detail
+    assert pool.scan(eicar()).status == "infected"  # the server is not marked down
+
+
+def test_reload(clamd: ClamdInstance) -> None:
+    pool = ClamdPool([clamd.unix_address])
+    assert pool.reload() == {clamd.unix_address: "RELOADING"}
+    assert pool.scan(eicar()).status == "infected"
+
+
+def test_failover_to_the_next_server(clamd: ClamdInstance, tmp_path: os.PathLike[str]) -> None:
+    now = [1000.0]
+    dead_tcp = f"127.0.0.1:{free_port()}"
+    addresses = [dead_unix_address(tmp_path), dead_tcp, clamd.unix_address]
+    pool = ClamdPool(addresses, retry_after=30, clock=lambda: now[0])
+    verdict = pool.scan(eicar())
+    assert verdict.status == "infected" and verdict.server == clamd.unix_address
+    assert [s.down_until for s in pool.servers] == [1030.0, 1030.0, 0.0]
+    assert pool.check_health() == {pool.servers[0].address: False, dead_tcp: False, clamd.unix_address: True}
+
+
+def test_no_server_answers(tmp_path: os.PathLike[str]) -> None:
+    pool = ClamdPool([dead_unix_address(tmp_path), f"127.0.0.1:{free_port()}"])
+    with pytest.raises(ScannerUnavailable, match="cannot connect"):
+        pool.scan(b"data")
+    with pytest.raises(ScannerUnavailable):
+        pool.engine()
+
+
+def test_clamd_killed_then_back(clamd_factory: Callable[..., ClamdInstance]) -> None:
+    instance = clamd_factory()
+    pool = ClamdPool([instance.unix_address, instance.tcp_address], retry_after=3600)
+    assert pool.scan(eicar()).status == "infected"
+    instance.kill()
+    with pytest.raises(ScannerUnavailable):
+        pool.scan(eicar())
+    instance.start()
+    # every server is marked down for an hour: the pool tries them anyway
+    assert pool.scan(eicar()).status == "infected"
+
+
+class SilentListener:
+    """A TCP listener that accepts and never answers: a hung server.
+
+    ``pong`` makes it answer PING (a clamd that is alive but stuck on one scan).
+    """
+
+    def __init__(self, pong: bool) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.pong = pong
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+            conn.settimeout(10)
+            try:
+                if self.pong and conn.recv(16).startswith(b"zPING"):
+                    conn.sendall(b"PONG\0")
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def hung_server() -> Iterator[SilentListener]:
+    listener = SilentListener(pong=False)
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def stuck_server() -> Iterator[SilentListener]:
+    listener = SilentListener(pong=True)
+    yield listener
+    listener.close()
+
+
+def test_a_hung_server_is_skipped(clamd: ClamdInstance, hung_server: SilentListener) -> None:
+    pool = ClamdPool([hung_server.address, clamd.unix_address], scan_timeout=0.5)
+    verdict = pool.scan(eicar())
+    assert verdict.server == clamd.unix_address and verdict.status == "infected"
+    assert pool.servers[0].down_until > 0 and "no answer" in pool.servers[0].failure
+
+
+def test_a_scan_that_times_out_on_a_live_server_is_an_error(stuck_server: SilentListener) -> None:
+    pool = ClamdPool([stuck_server.address], scan_timeout=0.5)
+    verdict = pool.scan(b"slow")
+    assert verdict.status == "error" and "ScanTimeout" in verdict.detail
+    assert pool.servers[0].down_until == 0.0
+
+
+def test_private_clamd_runs_as_an_unprivileged_user(clamd: ClamdInstance) -> None:
+    assert clamd.process is not None
+    if os.geteuid() != 0:
+        # the session's clamd was started by this unprivileged user
+        with open(f"/proc/{clamd.process.pid}/status") as status:
+            uid = next(line.split()[1] for line in status if line.startswith("Uid:"))
+        assert int(uid) == os.geteuid() != 0
+        return
+    require("setpriv", "util-linux")
+    instance = start_clamd(which("clamd"), user="nobody")
+    try:
+        assert instance.process is not None
+        with open(f"/proc/{instance.process.pid}/status") as status:
+            uid = next(line.split()[1] for line in status if line.startswith("Uid:"))
+        assert uid == "65534"
+        assert ClamdPool([instance.unix_address]).scan(eicar()).status == "infected"
+    finally:
+        instance.remove()
