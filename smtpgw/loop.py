@@ -172,6 +172,8 @@ class EventLoop:
             if not timer.cancelled:
                 self._ready.append((timer.callback, timer.args))
         for _ in range(len(self._ready)):
+            if not self._ready:
+                break  # a callback ran the loop itself (run_until at shutdown) and took the rest
             callback, args = self._ready.popleft()
             self._run(callback, args)
 

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from smtpgw import antivirus, headers, notify
+from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, load_config
-from smtpgw.queue import Envelope
+from smtpgw.queue import Envelope, Queue, write_durably
+from smtpgw.store import Store, status_for_verdict
 
 log = logging.getLogger("smtpgw.scanjob")
 
@@ -48,24 +53,79 @@ class ScanResult:
 
 
 class Job:
-    """One message's scan with a loaded configuration."""
+    """One message's scan with a loaded configuration (one per worker process)."""
 
-    def __init__(self, cfg: Config, queue_root: str) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.queue_root = queue_root
+        self.queue = Queue(cfg.path.QueuePath)
+        self.clamd = ClamdPool.from_config(cfg.ave)
+        self.templates = notify.load_templates(cfg.base.TemplatesPath)
 
     def run(self, env: Envelope) -> ScanResult:
-        groups: dict[str, list[str]] = {}
+        with open(self.queue.msg_path(env.id), "rb") as f:
+            raw = f.read()
+        groups: dict[str, tuple[Any, list[str]]] = {}
         for rcpt in env.pending():
-            groups.setdefault(self.cfg.group_for(env.sender, rcpt.addr).name, []).append(rcpt.addr)
+            group = self.cfg.group_for(env.sender, rcpt.addr)
+            groups.setdefault(group.name, (group, []))[1].append(rcpt.addr)
         result = ScanResult()
-        for name, rcpts in groups.items():
-            group = self.cfg.group_for(env.sender, rcpts[0])
-            copy = CopyResult(group=name, recipients=rcpts)
-            status = "clean" if group.Check else "not checked"
-            copy.events.append(f'SCANNED, group={name}, nrcpt={len(rcpts)}, status="{status}"')
-            result.copies.append(copy)
+        for index, (group, rcpts) in enumerate(groups.values(), start=1):
+            try:
+                result.copies.append(self._scan_group(env, raw, group, rcpts, index))
+            except ScannerUnavailable as exc:
+                return ScanResult(deferred=f"anti-virus unavailable: {exc}")
         return result
+
+    def _scan_group(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], index: int) -> CopyResult:
+        copy = CopyResult(group=group.name, recipients=rcpts)
+        av = antivirus.scan_message(raw, group, self.cfg.ave, self.clamd, self.cfg.base.TemplatesPath)
+        copy.events.append(antivirus.av_log_line(av) + f", nrcpt={len(rcpts)}")
+        copy.notes = {"status": av.status, "virus_names": list(av.virus_names)}
+        if av.save_in_qb and group.QuarantinePath:
+            reason = "; ".join(f"{k}: {v}" for k, v in av.reasons.items()) or av.status
+            Store(group.QuarantinePath).put(env.id, raw, env.as_dict(), status_for_verdict(av.status), reason)
+        if av.modified and not av.blocked and group.BackupPath:
+            Store(group.BackupPath).put(env.id, raw, env.as_dict(), "BAK", "original before " + ", ".join(
+                sorted({o.decision for o in av.objects if o.action != "pass"})))
+        if av.blocked:
+            copy.blocked = True
+            copy.events.append(f'BLOCKED, rcpt={",".join(rcpts)}, size={env.size}, reason="{av.block_reason}"')
+        elif av.message != raw:
+            copy.rewritten = os.path.join(self.queue.root, "tmp", f"{env.id}.scan{index}")
+            write_durably(copy.rewritten, av.message)
+        copy.notes["notifications"] = self._notifications(env, raw, group, rcpts, av, index)
+        return copy
+
+    def _notifications(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], av: Any, index: int) -> list[dict[str, Any]]:
+        """Notification messages (kmg-spec §1.3, §5.1), written where the main process picks them up."""
+        wanted = []
+        if av.notify_admin and group.AdminNotifyAddress:
+            wanted.append(("admin", [group.AdminNotifyAddress]))
+        if av.notify_recipient:
+            wanted.append(("recipient", rcpts))
+        if av.notify_sender and env.sender:  # never to the null sender
+            wanted.append(("sender", [env.sender]))
+        if not wanted:
+            return []
+        event = {
+            "status": av.status, "group": group.name, "queue_id": env.id, "blocked": av.blocked,
+            "subject": headers.get_raw(raw, "Subject") or b"",
+            "objects": [{"name": o.name or o.path, "status": o.status, "viruses": list(o.virus_names), "action": o.action}
+                        for o in av.objects if o.status != "clean"],
+        }
+        out = []
+        for n, (kind, to) in enumerate(wanted):
+            try:
+                data = notify.build_notification(kind, env.as_dict(), event, group.NotifyFromAddress, to,
+                                                 self.templates["notify"], self.cfg.locale.DateFormat,
+                                                 self.cfg.locale.TimeFormat, time.time())
+            except ValueError as exc:
+                log.warning("%s: no %s notification: %s", env.id, kind, exc)
+                continue
+            path = os.path.join(self.queue.root, "tmp", f"{env.id}.notify{index}.{n}")
+            write_durably(path, data)
+            out.append({"kind": kind, "path": path, "from": group.NotifyFromAddress, "to": list(to), "size": len(data)})
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from smtpgw import log as logsetup
 
     logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat)
-    job = Job(cfg, cfg.path.QueuePath)
+    job = Job(cfg)
     out = sys.stdout.buffer
     for line in sys.stdin.buffer:
         qid = "?"
@@ -85,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # one bad message must not stop the worker
             log.exception("%s: scan failed", qid)
             answer = {"qid": qid, "error": f"{type(exc).__name__}: {exc}"}
-        out.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
-        out.flush()
+        try:
+            out.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+            out.flush()
+        except BrokenPipeError:
+            break  # the gateway is gone (stopping): its recovery redoes this job
         logsetup.flush_all()
     return 0
 

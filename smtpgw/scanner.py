@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from smtpgw.log import event
-from smtpgw.queue import CHK, QUE, WFC, Envelope
-from smtpgw.scanjob import ScanResult
+from smtpgw.queue import CHK, QUE, WFC, Envelope, Recipient, new_id
+from smtpgw.scanjob import CopyResult, ScanResult
 from smtpgw.workers import WorkerPool
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class Scanner:
         self.pump()
 
     def _apply(self, qid: str, result: ScanResult) -> None:
+        """Turn a worker's result into queue records: QUE copies, notifications; blocked copies end here."""
         env = self.queue.load(CHK, qid)
         if env is None:
             return  # removed by the admin meanwhile
@@ -125,9 +127,18 @@ class Scanner:
         for copy in result.copies:
             for line in copy.events:
                 event(qid, line)
+            self.gw.stats.inc(f"antiviral_status_{str(copy.notes.get('status', 'clean')).replace(' ', '_')}")
+        for copy in result.copies:
+            self._queue_notifications(env, copy)
         live = [c for c in result.copies if not c.blocked]
-        if len(result.copies) == 1 and live and live[0].rewritten is None:
-            env.group = live[0].group
+        if len(result.copies) == 1 and live:
+            # one group: the message keeps its ID (its file replaced if the scan rewrote it)
+            copy = live[0]
+            env.group = copy.group
+            if copy.rewritten:
+                os.replace(copy.rewritten, self.queue.msg_path(qid))
+                env.size = os.path.getsize(self.queue.msg_path(qid))
+                self.queue.update(CHK, env)
             self.queue.move(qid, CHK, QUE)
             self.gw.message_scanned(env)
             return
@@ -142,11 +153,29 @@ class Scanner:
             self.queue.add_message(child, QUE, link_from=copy.rewritten or self.queue.msg_path(qid))
             if copy.rewritten:
                 os.unlink(copy.rewritten)
+                child.size = os.path.getsize(self.queue.msg_path(child.id))
             event(child.id, "SPLITTED, group=%s, nrcpt=%d, srcid=%s", copy.group, len(child.recipients), qid)
             children.append(child)
         self.queue.remove(qid, CHK)
         for child in children:
             self.gw.message_scanned(child)
+
+    def _queue_notifications(self, env: Envelope, copy: CopyResult) -> None:
+        """Notifications the worker wrote become outgoing mail (they are archived like any)."""
+        for index, note in enumerate(copy.notes.get("notifications", []), start=1):
+            path = note["path"]
+            notice = Envelope(
+                id=new_id(), sender=note["from"], recipients=[Recipient(addr=a) for a in note["to"]],
+                helo=self.gw.cfg.network.Hostname, received_at=time.time(), size=int(note["size"]), srcid=env.id,
+            )
+            try:
+                self.queue.add_message(notice, QUE, link_from=path)
+                os.unlink(path)
+            except OSError as exc:
+                log.error("%s: cannot queue the %s notification: %s", env.id, note.get("kind"), exc)
+                continue
+            event(notice.id, "NOTIFICATION, kind=%s, srcid=%s, to=%s", note.get("kind"), env.id, ",".join(note["to"]))
+            self.gw.message_scanned(notice)
 
     def restart_workers(self) -> None:
         """New workers (new configuration and databases) for the next jobs; jobs in flight finish."""

@@ -1,0 +1,151 @@
+"""The anti-virus stage inside the running gateway, with a real private clamd."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import os
+import smtplib
+
+import pytest
+
+from tests.support.clamd import eicar, mime_message, zip_bytes
+from tests.support.net import GatewayProcess, Sink, wait_until
+
+CLEAN = b"From: a@b.test\r\nTo: x@example.test\r\nSubject: clean\r\n\r\nnothing to see\r\n"
+
+
+def b64(data: bytes) -> bytes:
+    return base64.encodebytes(data).replace(b"\n", b"\r\n").rstrip(b"\r\n")
+
+
+def infected_message() -> bytes:
+    return mime_message([
+        ("Content-Type: text/plain", b"see attachment"),
+        ("Content-Type: application/zip; name=\"a.zip\"\nContent-Disposition: attachment; filename=\"a.zip\"\n"
+         "Content-Transfer-Encoding: base64", b64(zip_bytes({"eicar.com": eicar()}))),
+    ])
+
+
+@pytest.fixture
+def av_gateway(make_gateway, sink, clamd):
+    def make(**policy: str) -> GatewayProcess:
+        items = [("Check", "true")] + list(policy.items())
+        return make_gateway(sink.port, extra={"smtpgw.ave": [("ClamdAddress", clamd.unix_address)], "smtpgw.policy": items})
+    return make
+
+
+def send(gw, data: bytes, rcpts=("x@example.test",)) -> None:
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.sendmail("a@b.test", list(rcpts), data)
+
+
+def test_the_minimal_configuration_scans_and_relays(tmp_path, sink, clamd):
+    """The project's minimal config, verbatim but for ports and the clamd address."""
+    from tests.support.net import free_port
+
+    port = free_port()
+    folder = tmp_path / "minimal"
+    folder.mkdir()
+    text = open(os.path.join(os.path.dirname(__file__), "..", "data", "config", "minimal.conf")).read()
+    text = text.replace("127.0.0.1:2525", f"127.0.0.1:{port}").replace("127.0.0.1:2526", f"127.0.0.1:{sink.port}")
+    text += f"[smtpgw.ave]\nClamdAddress={clamd.unix_address}\n"
+    (folder / "smtpgw.conf").write_text(text)
+    gw = GatewayProcess.__new__(GatewayProcess)
+    gw.folder, gw.port, gw.config = str(folder), port, str(folder / "smtpgw.conf")
+    gw.log_path = str(folder / "var" / "log")  # no LogFile: the log goes to stderr
+    gw.queue, gw.control_path = str(folder / "var" / "queue"), str(folder / "var" / "control")
+    gw.proc, gw.killed, gw._log_offset = None, False, 0
+    import subprocess
+    import sys
+
+    from tests.support.net import SMTPGW, wait_until as wait
+
+    stderr_path = folder / "stderr.log"
+    gw.proc = subprocess.Popen([sys.executable, SMTPGW, "-c", gw.config], cwd=gw.folder,
+                               stdout=subprocess.DEVNULL, stderr=open(stderr_path, "wb"))
+    try:
+        wait(lambda: _listening(port) or gw.proc.poll() is not None, 20, "the gateway listening")
+        assert gw.proc.poll() is None
+        send(gw, CLEAN)
+        send(gw, infected_message())
+        got = sink.wait_for(3)  # the clean message, and notifications to the admin and the recipient
+        [clean] = [m for m in got if b"Subject: clean" in m.data]
+        assert b"X-Anti-Virus: smtpgw" in clean.data
+        assert sorted(m.recipients[0] for m in got if m is not clean) == ["admin@example.test", "x@example.test"]
+        states = [folder / "var" / "queue" / state for state in ("WFC", "CHK", "QUE", "SND")]
+        wait(lambda: len(sink.messages) == 3 and not any(os.listdir(d) for d in states), 20, "all delivered")
+    finally:
+        gw.proc.terminate()
+        assert gw.proc.wait(20) == 0
+    log = stderr_path.read_text()
+    assert 'AV-SCANNED, group=policy, status="infected"' in log and "BLOCKED" in log
+    assert os.listdir(folder / "var" / "quarantine")  # SaveInQB default: infected
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_infected_message_is_blocked_and_notified(av_gateway, sink):
+    gw = av_gateway()
+    send(gw, infected_message())
+    gw.wait_log(r'AV-SCANNED, group=policy, status="infected", names="Smtpgw\.Test\.Eicar')
+    gw.wait_log(r"BLOCKED, rcpt=x@example.test")
+    # notifications (defaults: NotifyAdmin and NotifyRecipient for infected) go out; the message does not
+    got = sink.wait_for(2)
+    assert sorted(tuple(m.recipients) for m in got) == [("admin@example.test",), ("x@example.test",)]
+    for m in got:
+        assert m.sender == "gateway@example.test"
+        assert b"eicar.com" in m.data and b"Smtpgw.Test.Eicar" in m.data
+    wait_until(lambda: not gw.queued(), 10, "empty queue")
+
+
+def test_remove_action_delivers_the_rest_byte_exact(av_gateway, sink):
+    gw = av_gateway(BlockMessage="none", NotifyAdmin="none", NotifyRecipient="none", ActionInfected="remove")
+    message = infected_message()
+    send(gw, message)
+    [got] = sink.wait_for(1)
+    assert got.data.startswith(b"X-Anti-Virus: smtpgw")
+    start = message.index(b"--=_b0und4ry\r\nContent-Type: application/zip")
+    end = message.index(b"--=_b0und4ry--")
+    expected = message[:start] + message[end:]  # every other byte as it was sent
+    assert got.data.endswith(expected)
+    between = got.data[: -len(expected)]
+    assert between.count(b"\r\nReceived: from ") == 1 and b"Content-" not in between
+    parsed = email.message_from_bytes(got.data, policy=email.policy.default)
+    assert [p.get_content_type() for p in parsed.walk()] == ["multipart/mixed", "text/plain"]
+
+
+def test_clamd_down_keeps_mail_queued_until_it_is_back(make_gateway, sink, clamd_factory):
+    private = clamd_factory()
+    gw = make_gateway(sink.port, extra={"smtpgw.ave": [("ClamdAddress", private.unix_address)],
+                                        "smtpgw.policy": [("Check", "true")]})
+    private.kill()
+    send(gw, CLEAN)
+    gw.wait_log(r"SCAN DEFERRED, reason=\"anti-virus unavailable")
+    assert gw.queued("WFC") and sink.messages == []
+    private.restart()
+    assert gw.cli("queue", "send-all").returncode == 0
+    [got] = sink.wait_for(1)
+    assert b"Subject: clean" in got.data
+
+
+def test_group_split_scans_each_group_by_its_policy(make_gateway, sink, clamd):
+    gw = make_gateway(sink.port, extra={
+        "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
+        "smtpgw.policy": [("Check", "true"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none")],
+        "smtpgw.group:lab": [("Recipients", "*@lab.example.test"), ("Check", "false")],
+    })
+    send(gw, infected_message(), rcpts=("x@example.test", "y@lab.example.test"))
+    gw.wait_log(r"SPLITTED, group=lab, nrcpt=1")
+    [got] = sink.wait_for(1)
+    assert got.recipients == ["y@lab.example.test"]  # the lab group is not checked; the other copy is blocked
+    gw.wait_log(r"BLOCKED, rcpt=x@example.test")
