@@ -78,6 +78,11 @@ class Job:
 
     def _scan_group(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], index: int) -> CopyResult:
         copy = CopyResult(group=group.name, recipients=rcpts)
+        if not group.Check:
+            # kmg-spec §3.13: Check=false passes the group's mail through unchanged
+            copy.events.append(f'AV-SCANNED, group={group.name}, status="not scanned", names="", nrcpt={len(rcpts)}')
+            copy.notes = {"status": "not scanned"}
+            return copy
         av = antivirus.scan_message(raw, group, self.cfg.ave, self.clamd, self.cfg.base.TemplatesPath)
         copy.events.append(antivirus.av_log_line(av) + f", nrcpt={len(rcpts)}")
         copy.notes = {"status": av.status, "virus_names": list(av.virus_names)}
