@@ -47,15 +47,38 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id")
     qsub.add_parser("remove-all", help="remove every message that is not being processed")
     qsub.add_parser("send-all", help="send every queued message now, ignoring back-off")
+    sub.add_parser("store", help="quarantine, backup and archives (klmaila); store -h for more")
+    sub.add_parser("keepup2date", help="update the databases; keepup2date -h for more")
+    sub.add_parser("spam", help="train and run the spam filter; spam -h for more")
+    stats = sub.add_parser("stats", help="write the statistics (.c_stats) and print them")
+    stats.add_argument("--timeout", type=float, default=REQUEST_DEADLINE)
     return parser
+
+
+PASS_THROUGH = ("store", "keepup2date", "spam")  # subcommands that parse their own arguments
+_VALUED = ("-c", "--config", "-p", "--pid-file", "-u", "--user")
+
+
+def split_command(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """(global options, pass-through subcommand or None, its own arguments)."""
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token in _VALUED:
+            index += 2
+            continue
+        if token.startswith("-"):
+            index += 1
+            continue
+        if token in PASS_THROUGH:
+            return argv[:index], token, argv[index + 1 :]
+        break
+    return argv, None, []
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["spam"]:
-        from smtpgw.spam.cli import main as spam_main
-
-        return spam_main(argv[1:], None)
+    argv, command, rest = split_command(argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -63,14 +86,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if exc.code == 0 else 1
     if args.check_config:
         return check_config(args.config)
+    if command == "spam" and not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
+        from smtpgw.spam.cli import main as spam_main
+
+        return spam_main(rest, None)  # the spam tools work without a configuration too
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
+    if command == "spam":
+        from smtpgw.spam.cli import main as spam_main
+
+        return spam_main(rest, cfg.base.BasesPath)
+    if command == "store":
+        from smtpgw.store import store_main
+
+        return store_main(rest, cfg, release_callback=lambda *a: release(cfg, *a))
+    if command == "keepup2date":
+        from smtpgw.updater import main as update_main
+
+        return update_main(rest, cfg)
     if args.command == "queue":
         return queue_command(cfg, args)
+    if args.command == "stats":
+        return stats_command(cfg, args.timeout)
     return run(cfg, args)
 
 
@@ -155,10 +196,11 @@ def gateway_running(queue: Queue) -> bool:
     return False
 
 
-def ask_gateway(control_path: str, op: str, qid: str | None) -> tuple[int, str]:
+def ask_gateway(control_path: str, op: str, qid: str | None, extra: dict | None = None) -> tuple[int, str]:
     """Drop a request in the control directory and wait for the gateway's answer."""
     nonce = f"{os.getpid()}_{secrets.token_hex(4)}"
-    write_durably(os.path.join(control_path, f".q_{nonce}"), json.dumps({"op": op, "id": qid}).encode())
+    request = {"op": op, "id": qid, **(extra or {})}
+    write_durably(os.path.join(control_path, f".q_{nonce}"), json.dumps(request).encode())
     answer = os.path.join(control_path, f".a_{nonce}")
     deadline = time.monotonic() + REQUEST_DEADLINE
     while time.monotonic() < deadline:
@@ -210,3 +252,40 @@ def offline_queue_command(queue: Queue, op: str, qid: str | None) -> tuple[int, 
         return 4, f"{qid}: no such message in the queue"
     queue.remove(qid or "", state)
     return 0, f"{qid}: removed"
+
+
+def release(cfg, raw: bytes, sender: str, recipients: list[str], check: bool) -> bool:
+    """Queue a released store item: through the running gateway, or directly when none runs."""
+    queue = Queue(cfg.path.QueuePath)
+    if gateway_running(queue):
+        os.makedirs(cfg.path.ControlPath, exist_ok=True)
+        name = f".m_{os.getpid()}_{secrets.token_hex(4)}"
+        write_durably(os.path.join(cfg.path.ControlPath, name), raw)
+        code, output = ask_gateway(cfg.path.ControlPath, "release", None,
+                                   {"message": name, "sender": sender, "recipients": recipients, "check": check})
+        print(output, file=sys.stdout if code == 0 else sys.stderr)
+        return code == 0
+    from smtpgw.queue import QUE, WFC, Envelope, Recipient, new_id
+
+    env = Envelope(id=new_id(), sender=sender, recipients=[Recipient(addr=r) for r in recipients],
+                   received_at=time.time(), size=len(raw))
+    queue.add_message(env, WFC if check else QUE, data=raw)  # picked up when the gateway starts
+    print(f"released as {env.id}")
+    return True
+
+
+def stats_command(cfg, timeout: float) -> int:
+    """Ask the running gateway for a statistics dump (``.c_stats``) and print it."""
+    path = cfg.options.StatFilename
+    os.makedirs(cfg.path.ControlPath, exist_ok=True)
+    before = os.stat(path).st_mtime_ns if os.path.exists(path) else 0
+    open(os.path.join(cfg.path.ControlPath, ".c_stats"), "w").close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and os.stat(path).st_mtime_ns != before:
+            with open(path) as f:
+                print(f.read(), end="")
+            return 0
+        time.sleep(0.05)  # polling a file the gateway writes
+    print("the gateway did not write statistics in time (is it running?)", file=sys.stderr)
+    return 3

@@ -113,7 +113,10 @@ class Control:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self._answer(path, nonce, BAD_ARGS, f"unreadable request: {exc}")
             return
-        code, output = self.handle(op, qid)
+        if op == "release":
+            code, output = self.release(request)
+        else:
+            code, output = self.handle(op, qid)
         self._answer(path, nonce, code, output)
 
     def _answer(self, path: str, nonce: str, code: int, output: str) -> None:
@@ -155,3 +158,18 @@ class Control:
                 gw.scanner.prioritise(qid)
             return DONE, f"{qid}: scheduled ahead of the queue"
         return BAD_ARGS, f"unknown operation {op!r}"
+
+    def release(self, request: dict) -> tuple[int, str]:
+        """``store release``: a stored message goes back into the queue, scanned again or not."""
+        try:
+            message = os.path.join(self.folder, os.path.basename(str(request["message"])))
+            sender = str(request["sender"])
+            recipients = [str(r) for r in request["recipients"]]
+            check = bool(request.get("check", True))
+        except (KeyError, TypeError) as exc:
+            return BAD_ARGS, f"bad release request: {exc}"
+        if not recipients or not os.path.exists(message):
+            return NOT_PERFORMED, "nothing to release"
+        qid = self.gw.inject(message, sender, recipients, check)
+        os.unlink(message)
+        return DONE, f"released as {qid}" + ("" if check else " (without checks)")

@@ -31,7 +31,7 @@ from smtpgw.control import Control
 from smtpgw.dns import Resolver
 from smtpgw.log import event
 from smtpgw.loop import EventLoop
-from smtpgw.queue import QUE, SND, Committer, Envelope, Queue, Recipient, new_id
+from smtpgw.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id
 from smtpgw.receiver import Listener, Session
 from smtpgw.scanner import Scanner
 from smtpgw.sender import Hop, Sender, literal_hops
@@ -310,6 +310,19 @@ class Gateway:
         """``.c_db_reload``: new scanner workers load the databases again."""
         self.scanner.restart_workers()
         log.info("databases reloaded")
+
+    def inject(self, path: str, sender: str, recipients: list[str], check: bool) -> str:
+        """Put a message file (a released store item) into the queue: WFC to be scanned, or QUE."""
+        env = Envelope(id=new_id(), sender=sender, recipients=[Recipient(addr=r) for r in recipients],
+                       helo=self.cfg.network.Hostname, received_at=time.time(), size=os.path.getsize(path))
+        self.queue.add_message(env, WFC if check else QUE, link_from=path)
+        event(env.id, "RELEASED, from=<%s>, nrcpt=%d, size=%d, check=%s", sender, len(recipients), env.size,
+              "yes" if check else "no")
+        if check:
+            self.scanner.submit(env.id, env)
+        else:
+            self.sender.enqueue(env.id, env=env)
+        return env.id
 
     def send_dsn(self, env: Envelope, recipients: list[Recipient], kind: str) -> bool:
         """Queue a DSN (RFC 3464) about ``recipients`` to the envelope sender; False if none is due."""

@@ -22,6 +22,7 @@ record it cannot parse (it goes to ``corrupt/``).
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
@@ -187,8 +188,14 @@ class Queue:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-            os.link(link_from, path)
-            fsync_dir(os.path.dirname(path))
+            try:
+                os.link(link_from, path)
+                fsync_dir(os.path.dirname(path))
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                with open(link_from, "rb") as f:  # another file system: copy instead
+                    write_durably(path, f.read())
         else:
             assert data is not None
             write_durably(path, data)

@@ -1,0 +1,105 @@
+"""Operating the running gateway: control files, signals, statistics, the queue and store commands."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+
+from tests.support.net import RawClient, wait_until
+
+MSG = b"Subject: control\r\n\r\nbody\r\n"
+
+
+def send(gw, rcpts=("x@example.test",)):
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.sendmail("a@b.test", list(rcpts), MSG)
+
+
+def test_stats_command_and_control_file(gateway, sink):
+    send(gateway)
+    sink.wait_for(1)
+    gateway.wait_log(r"status=sent")
+    result = gateway.cli("stats")
+    assert result.returncode == 0, result.stderr
+    counters = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert counters["mta_received_messages"] == "1"
+    assert counters["mta_sent_messages"] == "1"
+    assert counters["mta_incoming_connections_total"] == "1"
+    assert "time_initialized" in counters
+
+
+def test_receiver_off_and_on(gateway):
+    gateway.control(".c_recv_off")
+    gateway.wait_log(r"receiving off")
+    c = RawClient(gateway.port)
+    code, text = c.reply()
+    assert (code, text.split()[0]) == (421, "4.3.2")
+    gateway.control(".c_recv_on")
+    gateway.wait_log(r"receiving on")
+    assert RawClient(gateway.port).reply()[0] == 220
+
+
+def test_sender_off_keeps_mail_queued_until_on(gateway, sink):
+    gateway.control(".c_send_off")
+    gateway.wait_log(r"sending off")
+    send(gateway)
+    wait_until(lambda: gateway.queued("QUE"), 10, "message waiting in QUE")
+    assert sink.messages == []
+    gateway.control(".c_send_on")
+    sink.wait_for(1)
+
+
+def test_hup_reloads_the_configuration_and_keeps_the_old_one_when_broken(gateway, sink):
+    with open(gateway.config) as f:
+        original = f.read()
+    with open(gateway.config, "w") as f:
+        f.write(original.replace("RelayRule=allow from 127.0.0.0/8 to *\n", "RelayRule=deny from any to *@blocked.test\n"
+                                                                           "RelayRule=allow from 127.0.0.0/8 to *\n"))
+    gateway.signal(signal.SIGHUP)
+    gateway.wait_log(r"configuration reloaded")
+    c = RawClient(gateway.port)
+    c.reply()
+    c.cmd("EHLO c.test")
+    c.cmd("MAIL FROM:<a@b.test>")
+    assert c.cmd("RCPT TO:<x@blocked.test>")[0] == 550
+    with open(gateway.config, "w") as f:
+        f.write(original + "[smtpgw.bogus]\n")
+    gateway.signal(signal.SIGHUP)
+    gateway.wait_log(r"reload refused: .*smtpgw.conf:\d+: unknown section")
+    d = RawClient(gateway.port)
+    d.reply()
+    d.cmd("EHLO c.test")
+    d.cmd("MAIL FROM:<a@b.test>")
+    assert d.cmd("RCPT TO:<x@blocked.test>")[0] == 550  # the previous configuration is still in force
+
+
+def test_check_config_reports_file_and_line(gateway):
+    ok = gateway.cli("-k")
+    assert ok.returncode == 0 and "Config OK" in ok.stdout
+    with open(gateway.config, "a") as f:
+        f.write("[smtpgw.limits]\nMaximalIncomingHops=1000\n")
+    bad = gateway.cli("-k")
+    assert bad.returncode == 1
+    lines = (bad.stdout + bad.stderr).strip().splitlines()
+    assert any(line.startswith(gateway.config + ":") and "MaximalIncomingHops" in line for line in lines), lines
+
+
+def test_store_release_from_quarantine(make_gateway, sink, clamd):
+    from tests.e2e.test_antivirus_gateway import infected_message
+
+    gw = make_gateway(sink.port, extra={"smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
+                                        "smtpgw.policy": [("Check", "true"), ("NotifyAdmin", "none"),
+                                                          ("NotifyRecipient", "none")]})
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.sendmail("a@b.test", ["x@example.test"], infected_message())
+    gw.wait_log(r"BLOCKED")
+    listing = gw.cli("store", "--path", "quarantine", "list")
+    assert listing.returncode == 0, listing.stderr
+    [item] = [line.split()[0] for line in listing.stdout.splitlines() if " INF " in line]
+    released = gw.cli("store", "--path", "quarantine", "release", item, "--without-check")
+    assert released.returncode == 0, released.stdout + released.stderr
+    [got] = sink.wait_for(1)
+    assert got.recipients == ["x@example.test"] and b'filename="a.zip"' in got.data
+    gw.wait_log(r"RELEASED, from=<a@b.test>, nrcpt=1.*check=no")
+    assert os.listdir(os.path.join(gw.folder, "var", "quarantine"))  # the stored copy is kept
