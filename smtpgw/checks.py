@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     from smtpgw.gateway import Gateway
 
 RULE_KINDS = ("ConnectRule", "HeloRule", "MailfromRule")
-DENIED = smtp.R(554, "5.7.1", "Access denied: {}")
-UNVERIFIED = smtp.R(450, "4.7.25", "Cannot verify {} now; try again later")
 
 
 class SessionChecks:
@@ -167,9 +165,9 @@ class SessionChecks:
                     worst[fact] = _worst_value(rules, fact)
                 pessimistic = access.first_match(rules, worst, recipient)
                 if pessimistic is not None and not pessimistic.allow and (rule is None or rule.allow):
-                    return UNVERIFIED.format(pessimistic.condition.replace("_", " "))
+                    return smtp.UNVERIFIED.format(pessimistic.condition.replace("_", " "))
             if rule is not None and not rule.allow:
-                return DENIED.format(f"{kind}={rule.text}")
+                return smtp.ACCESS_DENIED.format(f"{kind}={rule.text}")
         return None
 
     def cancel(self) -> None:

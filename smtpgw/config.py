@@ -306,6 +306,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.network", "ProtectedDomains", DOMAINS, "", [], "rqf"),
     P("smtpgw.network", "TLSCertificateFile", PATH),
     P("smtpgw.network", "TLSKeyFile", PATH),
+    P("smtpgw.network", "RequireTLS", BOOL, "", False),
     P("smtpgw.access", "ConnectRule", CONDITION, "", [], "rf"),
     P("smtpgw.access", "HeloRule", CONDITION, "", [], "rf"),
     P("smtpgw.access", "MailfromRule", CONDITION, "", [], "rf"),
@@ -769,6 +770,8 @@ class _Loader:
             self.problem(self.at(network, given), f"{given} is set but {missing} is not (set both or neither)")
             return
         if certificate is None:
+            if network.RequireTLS:
+                self.problem(self.at(network, "RequireTLS"), "RequireTLS needs TLSCertificateFile and TLSKeyFile")
             return
         unreadable = [name for name, path in (("TLSCertificateFile", certificate), ("TLSKeyFile", key))
                       if not os.access(path, os.R_OK)]

@@ -76,7 +76,6 @@ class Gateway:
         self.outgoing_archive = Store(cfg.path.OutgoingArchivePath) if cfg.path.OutgoingArchivePath else None
         self.ssl_context = self._server_tls(cfg)
         self.client_tls_context = self._client_tls()
-        self.tls_required = False
         self.resolver = Resolver.from_config(self.loop, cfg.resolve)
         self.sender = Sender(self)
         self.scanner = Scanner(self)
@@ -84,6 +83,10 @@ class Gateway:
         self._lock_fd = -1
 
     # -- derived limits ------------------------------------------------------------
+    @property
+    def tls_required(self) -> bool:
+        return bool(self.cfg.network.RequireTLS) and self.ssl_context is not None
+
     @property
     def max_message_bytes(self) -> int:
         return self.cfg.limits.MaximalIncomingMessageSize * 1024

@@ -366,7 +366,7 @@ class Session:
             self.reply(smtp.UNKNOWN_COMMAND)
             return
         if self.gw.tls_required and not self.tls and not entry.pre_tls:
-            self.reply(smtp.R(530, "5.7.0", "Must issue a STARTTLS command first"))
+            self.reply(smtp.TLS_REQUIRED)
             return
         entry.handler(self, arg.strip())
 

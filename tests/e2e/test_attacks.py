@@ -89,3 +89,22 @@ def test_starttls_command_injection_is_discarded(tls_gateway):
     assert tf.readline().startswith(b"503 5.5.1")  # no MAIL transaction exists
     tls_gateway.wait_log(r"discarded \d+ bytes sent after STARTTLS")
     tls.close()
+
+
+def test_require_tls_refuses_mail_in_the_clear(make_gateway, sink, tls_files):
+    cert, key = tls_files
+    gw = make_gateway(sink.port, extra={"smtpgw.network": [("TLSCertificateFile", cert), ("TLSKeyFile", key),
+                                                           ("RequireTLS", "true")]})
+    c = RawClient(gw.port)
+    c.reply()
+    c.cmd("EHLO client.test")
+    code, text = c.cmd("MAIL FROM:<a@b.test>")
+    assert (code, text.split()[0]) == (530, "5.7.0")
+    assert c.cmd("NOOP")[0] == 250  # allowed before STARTTLS
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        client.starttls(context=context)
+        client.sendmail("a@b.test", ["x@example.test"], b"Subject: over tls\r\n\r\nok\r\n")
+    assert b"with ESMTPS" in sink.wait_for(1)[0].data
