@@ -1,0 +1,72 @@
+"""The spool: durable writes and recovery from every state a crash can leave."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from smtpgw.queue import CHK, QUE, SND, WFC, Envelope, Queue, Recipient, new_id
+
+
+def make(queue: Queue, state: str, qid: str | None = None, with_message: bool = True) -> Envelope:
+    env = Envelope(id=qid or new_id(), sender="a@b.test", recipients=[Recipient("x@example.test")])
+    if with_message:
+        with open(queue.msg_path(env.id), "wb") as f:
+            f.write(b"Subject: s\r\n\r\nbody\r\n")
+    queue.write_record(state, env)
+    return env
+
+
+def test_ids_are_unique_and_time_ordered():
+    ids = [new_id(1_700_000_000 + i / 1000) for i in range(200)]
+    assert len(set(ids)) == 200
+    assert ids == sorted(ids)
+
+
+def test_recovery_puts_work_in_progress_back(tmp_path):
+    queue = Queue(str(tmp_path))
+    chk, snd, que = make(queue, CHK), make(queue, SND), make(queue, QUE)
+    counts = queue.recover()
+    assert counts["requeued"] == 2
+    assert queue.find(chk.id) == WFC and queue.find(snd.id) == QUE and queue.find(que.id) == QUE
+
+
+def test_recovery_keeps_the_later_of_two_states(tmp_path):
+    queue = Queue(str(tmp_path))
+    env = make(queue, CHK)
+    queue.write_record(QUE, env)  # crash between writing QUE and unlinking CHK
+    assert queue.recover()["duplicates"] == 1
+    assert queue.find(env.id) == QUE and not os.path.exists(queue.record_path(CHK, env.id))
+
+
+def test_recovery_drops_unacknowledged_bytes_and_keeps_the_unreadable(tmp_path):
+    queue = Queue(str(tmp_path))
+    with open(os.path.join(queue.root, "tmp", "partial"), "wb") as f:
+        f.write(b"half a message")
+    with open(queue.msg_path("orphan"), "wb") as f:  # renamed into msg/ but no record: never got 250
+        f.write(b"x")
+    with open(os.path.join(queue.root, WFC, ".rec.tmp"), "wb") as f:  # a half-written record
+        f.write(b'{"id":')
+    lost = make(queue, QUE, with_message=False)  # a record whose message is gone
+    broken = make(queue, WFC)
+    with open(queue.record_path(WFC, broken.id), "w") as f:
+        f.write("{not json")
+    counts = queue.recover()
+    assert counts["tmp_removed"] == 2 and counts["orphans_removed"] == 1 and counts["no_message"] == 1
+    assert os.listdir(os.path.join(queue.root, "tmp")) == []
+    assert queue.load(WFC, broken.id) is None  # unreadable → corrupt/, with its message
+    corrupt = os.listdir(os.path.join(queue.root, "corrupt"))
+    assert any(name.startswith(lost.id) for name in corrupt)
+    assert any(name.startswith(broken.id) and name.endswith(".msg") for name in corrupt)
+
+
+def test_records_round_trip(tmp_path):
+    queue = Queue(str(tmp_path))
+    env = make(queue, WFC)
+    env.recipients[0].notify = ["SUCCESS"]
+    env.notes["dsn"] = {"failure": ["x@example.test"]}
+    queue.update(WFC, env)
+    again = queue.load(WFC, env.id)
+    assert again == env
+    with open(queue.record_path(WFC, env.id)) as f:
+        assert json.load(f)["recipients"][0]["notify"] == ["SUCCESS"]
