@@ -66,6 +66,7 @@ class Sink:
                  port: int = 0) -> None:
         self.extensions = list(extensions)
         self.replies: dict[str, list[str]] = {}
+        self.rcpt_reply: Callable[[str], str | None] | None = None  # per-address RCPT reply
         self.messages: list[Received] = []
         self.commands: list[str] = []
         self.connections = 0
@@ -127,6 +128,8 @@ class Sink:
                     send((reply + "\r\n").encode())
                 elif verb == "RCPT":
                     reply = self._reply("RCPT", "250 2.1.5 ok")
+                    if self.rcpt_reply is not None:
+                        reply = self.rcpt_reply(re.search(r"<([^>]*)>", line).group(1)) or reply
                     if reply.startswith("2"):
                         rcpts.append(re.search(r"<([^>]*)>", line).group(1))
                         rcpt_lines.append(line)
