@@ -125,3 +125,104 @@ def replace(raw: bytes, name: str, value: str) -> bytes:
         pos = end
     out += raw[pos:]
     return bytes(out)
+
+
+def field_names(raw: bytes) -> list[str]:
+    """The names of the header fields in order (decoded as Latin-1, so any byte survives)."""
+    return [raw[start:end].split(b":", 1)[0].strip().decode("latin-1") for start, end, name in _fields(raw) if name]
+
+
+def remove(raw: bytes, name: str) -> bytes:
+    """Remove every ``name`` field (with its folded lines); other bytes stay as they were."""
+    key = name.lower().encode("latin-1", "replace")
+    spans = [(s, e) for s, e, fname in _fields(raw) if fname == key]
+    if not spans:
+        return raw
+    out = bytearray()
+    pos = 0
+    for start, end in spans:
+        out += raw[pos:start]
+        pos = end
+    out += raw[pos:]
+    return bytes(out)
+
+
+_MAX_FIELD_LINE = 998  # RFC 5322 §2.1.1 MUST: at most 998 characters per line
+
+
+def prefix_subject(raw: bytes, prefix: str) -> bytes:
+    """Put ``prefix`` in front of the first Subject once, keeping the Subject's own bytes.
+
+    The original value (encoded words, raw 8-bit text, folding) is not decoded or
+    re-encoded. A non-ASCII prefix becomes one RFC 2047 encoded word; when the
+    Subject itself starts with an encoded word the prefix's trailing space goes
+    inside our encoded word, since white space between two encoded words is not
+    displayed (RFC 2047 §6.2). A message without Subject gets one.
+    """
+    check_value(prefix)
+    if not prefix.strip():
+        return raw
+    eol = line_ending(raw)
+    for start, end, fname in _fields(raw):
+        if fname != b"subject":
+            continue
+        field = raw[start:end]
+        colon = field.find(b":") + 1
+        value_at = colon
+        while field[value_at : value_at + 1] in (b" ", b"\t"):
+            value_at += 1
+        rest = field[value_at:]
+        if _already_prefixed(rest, prefix):
+            return raw
+        lead = field[:value_at] if value_at > colon else field[:colon] + b" "
+        tag = _prefix_bytes(prefix, rest)
+        if rest.strip(b"\r\n") == b"":
+            tag = tag.rstrip(b" ")
+        line_end = rest.find(b"\n")
+        first_line = len(lead) + len(tag) + (line_end if line_end >= 0 else len(rest))
+        if first_line > _MAX_FIELD_LINE:
+            # RFC 5322 §2.2.3: fold after the prefix; unfolding restores one space.
+            tag = tag.rstrip(b" ") + eol + b" "
+        return raw[:start] + lead + tag + rest + raw[end:]
+    return prepend(raw, [("Subject", prefix.strip())])
+
+
+def _prefix_bytes(prefix: str, rest: bytes) -> bytes:
+    if prefix.isascii():
+        return prefix.encode("ascii")
+    if rest.startswith(b"=?"):
+        return Header(prefix, "utf-8").encode().encode("ascii") + b" "
+    stripped = prefix.rstrip(" ")
+    return Header(stripped, "utf-8").encode().encode("ascii") + b" " * (len(prefix) - len(stripped))
+
+
+def _already_prefixed(rest: bytes, prefix: str) -> bool:
+    mark = prefix.strip()
+    if mark.isascii():
+        return rest.startswith(mark.encode("ascii"))
+    forms = (Header(mark, "utf-8").encode(), Header(prefix, "utf-8").encode())
+    return any(rest.startswith(form.encode("ascii")) for form in forms)
+
+
+# RFC 5322 §3.6: fields that must appear exactly once / at most once.
+_REQUIRED = ("from", "date")
+_AT_MOST_ONCE = ("from", "date", "sender", "reply-to", "to", "cc", "bcc", "subject", "message-id",
+                 "in-reply-to", "references")
+
+
+def violations(raw: bytes) -> list[str]:
+    """RFC 5322 format violations of the header block (what ``StrictStandards`` refuses)."""
+    problems = []
+    fields = _fields(raw)
+    names = [name for _, _, name in fields]
+    for name in _REQUIRED:
+        if name.encode() not in names:
+            problems.append(f"no {name.title()} field (RFC 5322 §3.6)")
+    for name in _AT_MOST_ONCE:
+        if names.count(name.encode()) > 1:
+            problems.append(f"{names.count(name.encode())} {name.title()} fields (RFC 5322 §3.6)")
+    if b"" in names:
+        problems.append("a header line that is not a field (RFC 5322 §2.2)")
+    if b"\0" in raw:
+        problems.append("a NUL character (RFC 5322 §2.1)")
+    return problems

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from smtpgw import antivirus, headers, notify
+from smtpgw import antivirus, headers, notify, stats
 from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, load_config
 from smtpgw.queue import Envelope, Queue, write_durably
@@ -86,6 +86,13 @@ class Job:
         av = antivirus.scan_message(raw, group, self.cfg.ave, self.clamd, self.cfg.base.TemplatesPath)
         copy.events.append(antivirus.av_log_line(av) + f", nrcpt={len(rcpts)}")
         copy.notes = {"status": av.status, "virus_names": list(av.virus_names)}
+        if self.cfg.options.AVStatistics:
+            self._av_statistics(env, rcpts, av)
+        if self.cfg.options.StrictStandards and not av.blocked:
+            problems = headers.violations(raw)
+            if problems:  # kmg-spec §3.8: messages violating RFC format are not delivered
+                av.blocked, av.block_reason = True, "StrictStandards: " + "; ".join(problems)
+                av.save_in_qb = True  # blocked mail is kept where the admin can release it
         if av.save_in_qb and group.QuarantinePath:
             reason = "; ".join(f"{k}: {v}" for k, v in av.reasons.items()) or av.status
             Store(group.QuarantinePath).put(env.id, raw, env.as_dict(), status_for_verdict(av.status), reason)
@@ -95,11 +102,24 @@ class Job:
         if av.blocked:
             copy.blocked = True
             copy.events.append(f'BLOCKED, rcpt={",".join(rcpts)}, size={env.size}, reason="{av.block_reason}"')
-        elif av.message != raw:
-            copy.rewritten = os.path.join(self.queue.root, "tmp", f"{env.id}.scan{index}")
-            write_durably(copy.rewritten, av.message)
+        else:
+            message = av.message
+            if group.AddDisclaimer:  # kmg-spec §5.4: the group's disclaimer as a last text part
+                text = notify.render_disclaimer(self.templates["disclaimer"], env.as_dict(), {"group": group.name},
+                                                self.cfg.locale.DateFormat, self.cfg.locale.TimeFormat, time.time())
+                message = notify.add_disclaimer(message, text)
+            if message != raw:
+                copy.rewritten = os.path.join(self.queue.root, "tmp", f"{env.id}.scan{index}")
+                write_durably(copy.rewritten, message)
         copy.notes["notifications"] = self._notifications(env, raw, group, rcpts, av, index)
         return copy
+
+    def _av_statistics(self, env: Envelope, rcpts: list[str], av: Any) -> None:
+        """Time, Size, Sender, Recipients, Status, VirusList, IP, Message-id (kmg-spec §7.3)."""
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
+        lines = ["\t".join([when, str(o.size), env.sender, ",".join(rcpts), o.status, ",".join(o.virus_names),
+                            env.client_ip, env.message_id or ""]) for o in av.objects]
+        stats.write_av_statistics(self.cfg.options.AVStatistics, lines)
 
     def _notifications(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], av: Any, index: int) -> list[dict[str, Any]]:
         """Notification messages (kmg-spec §1.3, §5.1), written where the main process picks them up."""

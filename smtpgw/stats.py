@@ -9,6 +9,9 @@ Must never: block the event loop for long (the dump is one small durable write).
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -72,3 +75,23 @@ class Stats:
 
     def dump(self, path: str) -> None:
         write_durably(path, self.render().encode())
+
+
+def write_av_statistics(target: str, lines: list[str]) -> None:
+    """``AVStatistics`` (kmg-spec §7.3): one tab-separated line per scanned object, appended to a
+    file or sent to a TCP statistics server; when the target is unavailable the records are
+    dropped silently, as the reference does (a debug line says so)."""
+    data = "".join(line.replace("\n", " ") + "\n" for line in lines).encode("utf-8", "replace")
+    host, sep, port = target.rpartition(":")
+    try:
+        if sep and port.isdigit() and not target.startswith("/"):
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2) as conn:
+                conn.sendall(data)
+        else:
+            fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        logging.getLogger("smtpgw.stats").debug("AVStatistics record dropped: %s", exc)

@@ -149,3 +149,24 @@ def test_group_split_scans_each_group_by_its_policy(make_gateway, sink, clamd):
     [got] = sink.wait_for(1)
     assert got.recipients == ["y@lab.example.test"]  # the lab group is not checked; the other copy is blocked
     gw.wait_log(r"BLOCKED, rcpt=x@example.test")
+
+
+def test_disclaimer_statistics_and_strict_standards(make_gateway, sink, clamd):
+    gw = make_gateway(sink.port, extra={
+        "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
+        "smtpgw.options": [("AVStatistics", "var/avstats.log"), ("StrictStandards", "true")],
+        "smtpgw.policy": [("Check", "true"), ("AddDisclaimer", "true")],
+    })
+    good = b"From: a@b.test\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\nSubject: proper\r\n\r\nhello\r\n"
+    send(gw, good)
+    send(gw, b"From: a@b.test\r\nSubject: no date\r\n\r\nhello\r\n")
+    [got] = sink.wait_for(1)
+    parsed = email.message_from_bytes(got.data, policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/mixed"
+    parts = [p for p in parsed.walk() if p.get_content_type() == "text/plain"]
+    assert parts[0].get_content().strip() == "hello" and len(parts) == 2  # the disclaimer is the last part
+    gw.wait_log(r'BLOCKED, rcpt=x@example.test, size=\d+, reason="StrictStandards: no Date field')
+    stats_path = os.path.join(gw.folder, "var", "avstats.log")
+    lines = wait_until(lambda: os.path.exists(stats_path) and open(stats_path).read().splitlines(), 10, "AV statistics")
+    fields = lines[0].split("\t")
+    assert len(fields) == 8 and fields[2] == "a@b.test" and fields[4] == "clean" and fields[6] == "127.0.0.1"
