@@ -761,6 +761,10 @@ class _Loader:
             if address in network.ListenOn[:index]:
                 self.problem(self.at(network, "ListenOn"), f"ListenOn: {_joined(*address)} given twice")
         self.check_tls(network)
+        if resolve.InternalRecursionEnabled:
+            self.problem(self.at(resolve, "InternalRecursionEnabled"),
+                         "InternalRecursionEnabled=true is not supported: smtpgw asks the recursive resolvers "
+                         "of Nameserver (or /etc/resolv.conf)")
 
     def check_tls(self, network: Section) -> None:
         certificate, key = network.TLSCertificateFile, network.TLSKeyFile

@@ -165,6 +165,7 @@ class Gateway:
             listener.start()
         self.scanner.load()
         self.sender.load()
+        self.sender.purge_unreachable()
         self.control.start()
         self._flush_log()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):

@@ -24,6 +24,7 @@ from typing import Any
 from smtpgw import antivirus, headers, notify, stats
 from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, load_config
+from smtpgw.ichecker import IChecker
 from smtpgw.queue import Envelope, Queue, write_durably
 from smtpgw.store import Store, status_for_verdict
 
@@ -58,7 +59,8 @@ class Job:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.queue = Queue(cfg.path.QueuePath)
-        self.clamd = ClamdPool.from_config(cfg.ave)
+        pool = ClamdPool.from_config(cfg.ave)
+        self.clamd: Any = IChecker(pool, cfg.options.ICheckerDBFilename) if cfg.ave.UseIChecker else pool
         self.templates = notify.load_templates(cfg.base.TemplatesPath)
 
     def run(self, env: Envelope) -> ScanResult:

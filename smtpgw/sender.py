@@ -94,6 +94,12 @@ class Sender:
         self._timer = None
 
     # -- scheduling ---------------------------------------------------------------
+    def purge_unreachable(self) -> None:
+        """``UnreachableCacheRefreshPeriod``: expired entries are ignored at once, dropped here."""
+        now = time.time()
+        self.unreachable = {k: until for k, until in self.unreachable.items() if until > now}
+        self.loop.call_later(self.gw.cfg.resolve.UnreachableCacheRefreshPeriod, self.purge_unreachable)
+
     def load(self) -> None:
         """Schedule every QUE record found at start-up."""
         for qid in self.queue.ids(QUE):
