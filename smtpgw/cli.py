@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if exc.code == 0 else 1
     if args.check_config:
         return check_config(args.config)
+    if command == "keepup2date":
+        from smtpgw.updater import main as update_main
+
+        return update_main(rest, args.config)  # it reports a bad configuration with its own code (75)
     if command == "spam" and not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
         from smtpgw.spam.cli import main as spam_main
 
@@ -104,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         from smtpgw.store import store_main
 
         return store_main(rest, cfg, release_callback=lambda *a: release(cfg, *a))
-    if command == "keepup2date":
-        from smtpgw.updater import main as update_main
 
-        return update_main(rest, cfg)
     if args.command == "queue":
         return queue_command(cfg, args)
     if args.command == "stats":
@@ -118,14 +119,18 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg, args: argparse.Namespace) -> int:
     from smtpgw.gateway import Gateway, StartupError
 
-    logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat,
-                   echo=sys.stderr.isatty())
+    def open_log() -> None:
+        logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat,
+                       echo=sys.stderr.isatty())
+
+    logsetup.setup(None, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat)  # until we know who we are
     pid_file = None if args.no_pid_file else (args.pid_file or cfg.options.PidFile)
     try:
         gateway = Gateway(cfg, args.config)
         gateway.bind()
         if not args.no_change_owner:
             gateway.drop_privileges(args.user or cfg.options.User, cfg.options.Group)
+        open_log()  # as the service user, so that a reopen at HUP works too
         gateway.lock_queue()
         if pid_file:
             write_pid_file(pid_file)

@@ -415,6 +415,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.group", "Recipients", ADDRESSES, "", [ANY_ADDRESS], "rf"),
     P("updater.path", "UploadPatchPath", PATH),
     P("updater.path", "BackUpPath", PATH),
+    P("updater.path", "ClamdDatabasePath", PATH),
     P("updater.path", "PidFile", PATH),
     P("updater.options", "KeepSilent", BOOL, "", False),
     P("updater.options", "UseUpdateServerUrl", BOOL, "", False),

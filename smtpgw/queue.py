@@ -375,6 +375,12 @@ class Committer:
         ``before`` runs first in the same thread (an archive copy of the message)."""
         self.pool.submit(self._remove, qid, state, before)
 
+    def call(self, job: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        """Run ``job`` in an I/O thread; ``done(result, error)`` runs on the loop afterwards."""
+        future = self.pool.submit(job)
+        future.add_done_callback(
+            lambda f: self.call_soon_threadsafe(done, None if f.exception() else f.result(), f.exception()))
+
     def run(self, job: Callable[[], None]) -> None:
         """Disk work that needs no answer (an archive copy)."""
         self.pool.submit(self._logged, job)

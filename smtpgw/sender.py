@@ -19,13 +19,14 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import logging
+import os
 import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from smtpgw import routing
+from smtpgw import downgrade, routing
 from smtpgw.client import Connection, Transaction
 from smtpgw.log import event
 from smtpgw.queue import QUE, SND, Envelope, Recipient
@@ -56,6 +57,7 @@ class Delivery:
     env: Envelope
     dest: Destination
     recipients: list[Recipient]
+    converted: str | None = None  # a 7-bit copy made for this delivery (RFC 6152 §3)
 
 
 @dataclass
@@ -314,18 +316,56 @@ class Sender:
             refusal = self._refuse_before_sending(conn, delivery)
             if refusal is None:
                 env = delivery.env
-                conn.start(Transaction(
-                    sender=env.sender, recipients=delivery.recipients, msg_path=self.queue.msg_path(env.id),
-                    size=env.size, body=env.body, ret=env.ret, envid=env.envid,
-                ))
-                conn.delivery = delivery  # type: ignore[attr-defined]
+                if env.body == "8BITMIME" and not conn.has("8BITMIME"):
+                    self._downgrade_then_send(conn, state, delivery)
+                else:
+                    self._send(conn, delivery, self.queue.msg_path(env.id), env.size, env.body)
                 return
-            status, why, counter = refusal
-            self.gw.stats.inc(counter)
-            for rcpt in delivery.recipients:
-                self._record(delivery.env, rcpt, "failed", status, f"x-smtpgw; {why}", conn.host, conn.ip)
-            self._delivery_finished(delivery)
+            self._fail_delivery(conn, delivery, *refusal)
         self._park(self._dest_of(state), conn)
+
+    def _send(self, conn: Connection, delivery: Delivery, path: str, size: int, body: str) -> None:
+        env = delivery.env
+        conn.start(Transaction(sender=env.sender, recipients=delivery.recipients, msg_path=path, size=size,
+                               body=body, ret=env.ret, envid=env.envid))
+        conn.delivery = delivery  # type: ignore[attr-defined]
+
+    def _fail_delivery(self, conn: Connection, delivery: Delivery, status: str, why: str, counter: str) -> None:
+        self.gw.stats.inc(counter)
+        for rcpt in delivery.recipients:
+            self._record(delivery.env, rcpt, "failed", status, f"x-smtpgw; {why}", conn.host, conn.ip)
+        self._delivery_finished(delivery)
+
+    def _downgrade_then_send(self, conn: Connection, state: DestinationState, delivery: Delivery) -> None:
+        """RFC 6152 §3: an 8-bit message for a peer without 8BITMIME is converted to 7-bit MIME
+        (off the loop), or fails with 5.6.3 when it cannot be converted without changing it."""
+        conn.busy = True
+        source = self.queue.msg_path(delivery.env.id)
+        target = f"{source}.7bit"  # no record of its own: removed at the next start if left over
+
+        def convert() -> int | None:
+            with open(source, "rb") as f:
+                converted = downgrade.to_7bit(f.read())
+            if converted is None:
+                return None
+            with open(target, "wb") as f:
+                f.write(converted)
+            return len(converted)
+
+        def converted(size: int | None, error: BaseException | None) -> None:
+            conn.busy = False
+            if conn.closed:
+                state.queue.appendleft(delivery)
+                self.kick()
+            elif error is not None or size is None:
+                why = f"{conn.host} does not accept 8-bit data (no 8BITMIME) and the message cannot be converted"
+                self._fail_delivery(conn, delivery, "5.6.3", why, "mta_sendings_failed_for_8bitmime")
+                self._use(conn, state)
+            else:
+                delivery.converted = target
+                self._send(conn, delivery, target, size, "7BIT")
+
+        self.gw.committer.call(convert, converted)
 
     def _dest_of(self, state: DestinationState) -> Destination:
         return next(d for d, s in self.dests.items() if s is state)
@@ -336,8 +376,6 @@ class Sender:
         limit = conn.max_size
         if limit is not None and env.size > limit:
             return "5.3.4", f"message size {env.size} exceeds the limit {limit} of {conn.host}", "mta_sendings_failed_for_message_size_limit"
-        if env.body == "8BITMIME" and not conn.has("8BITMIME"):
-            return "5.6.3", f"{conn.host} does not accept 8-bit data (no 8BITMIME)", "mta_sendings_failed_for_8bitmime"
         return None
 
     def _done(self, dest: Destination, conn: Connection, txn: Transaction) -> None:
@@ -413,6 +451,9 @@ class Sender:
         self.kick()
 
     def _delivery_finished(self, delivery: Delivery) -> None:
+        if delivery.converted:
+            converted, delivery.converted = delivery.converted, None
+            self.gw.committer.run(lambda: os.unlink(converted))
         qid = delivery.env.id
         left = self.inflight.get(qid, 1) - 1
         if left > 0:

@@ -131,14 +131,21 @@ def test_peer_refusing_helo_style_ehlo_gets_helo(make_gateway):
         old.close()
 
 
-def test_eight_bit_to_a_peer_without_8bitmime_fails_cleanly(make_gateway):
+def test_eight_bit_to_a_peer_without_8bitmime_is_converted_or_fails_cleanly(make_gateway):
     seven = Sink(extensions=("PIPELINING",))
     try:
         gw = make_gateway(seven.port)
-        send(gw, ["a@example.test"], body="Subject: x\r\n\r\ncafé\r\n".encode(), mail_options=["BODY=8BITMIME"])
-        gw.wait_log(r"status=failed.*8BITMIME")
-        [bounce] = seven.wait_for(1)
-        assert bounce.sender == ""  # only the DSN got there
+        body = "Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\ncafé ½\r\n"
+        send(gw, ["a@example.test"], body=body.encode(), mail_options=["BODY=8BITMIME"])
+        [got] = seven.wait_for(1)
+        assert got.data.isascii() and "BODY=8BITMIME" not in got.mail_line
+        parsed = email.message_from_bytes(got.data, policy=email.policy.default)
+        assert parsed["Content-Transfer-Encoding"] == "quoted-printable"
+        assert parsed.get_content().replace("\r\n", "\n") == "café ½\n"  # RFC 6152 §3: converted, same content
+        send(gw, ["b@example.test"], body="Subject: naïve header\r\n\r\nx\r\n".encode(), mail_options=["BODY=8BITMIME"])
+        gw.wait_log(r"rcpt=<b@example.test>.*status=failed, dsn=5\.6\.3")
+        bounce = seven.wait_for(2)[1]
+        assert bounce.sender == ""  # the unconvertible message itself never got there
     finally:
         seven.close()
 

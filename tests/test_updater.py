@@ -1,0 +1,611 @@
+"""keepup2date (smtpgw/updater.py) against real update sets: a local folder, an HTTP
+server on 127.0.0.1 (stdlib http.server in a thread), a real clamd for signature files.
+
+Return codes checked as kmg-spec §6.1 gives them: 0 no update needed, 1 updated,
+10 critical error, 30 post-update command failed, 75 configuration unreadable/invalid.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from smtpgw import updater
+from smtpgw.av import ClamdServer
+from smtpgw.spam.bayes import Bayes
+from smtpgw.spam.database import DatabaseInfo, SpamDatabase
+from tests.support.components import require
+from tests.support.net import BASE_CONFIG, REPO, wait_until
+
+NO_UPDATE, UPDATED, CRITICAL, POST_FAILED, CONFIG_INVALID = 0, 1, 10, 30, 75
+
+
+# region update sets and configurations
+
+def spam_db(path: str, version: str) -> bytes:
+    """Write a small real spam database of ``version``; its bytes."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    info = DatabaseInfo(version=version, date="2024-01-01", source="test")
+    SpamDatabase(info, Bayes({f"token{version}": (1, 2)}, 1, 2)).save(path)
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def make_set(folder: str, version: str, extra: dict[str, bytes] | None = None,
+             clamd: dict[str, bytes] | None = None) -> str:
+    """An update set in ``folder``/set-VERSION: spam/spam.db of that version plus ``extra``
+    bases files and ``clamd`` signature files."""
+    bases = os.path.join(folder, f"src-{version}")
+    spam_db(os.path.join(bases, "spam", "spam.db"), version)
+    for name, data in (extra or {}).items():
+        write(os.path.join(bases, name), data)
+    clamd_files = []
+    for name, data in (clamd or {}).items():
+        clamd_files.append(os.path.join(folder, f"clamd-{version}", name))
+        write(clamd_files[-1], data)
+    out = os.path.join(folder, f"set-{version}")
+    updater.build_update_set(bases, out, clamd_files=clamd_files)
+    return out
+
+
+def write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+@dataclass
+class Host:
+    """A gateway host's files: configuration, bases, backup, control folder, report."""
+
+    folder: str
+    source: str = ""
+    extra: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        os.makedirs(self.control, exist_ok=True)
+        self.write_config()
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.folder, *parts)
+
+    @property
+    def config(self) -> str:
+        return self.path("smtpgw.conf")
+
+    @property
+    def bases(self) -> str:
+        return self.path("bases")
+
+    @property
+    def control(self) -> str:
+        return self.path("var", "control")
+
+    @property
+    def report(self) -> str:
+        return self.path("keepup2date.log")
+
+    def write_config(self) -> None:
+        sections = {name: list(items) for name, items in BASE_CONFIG.items()}
+        sections["path"] = [("BasesPath", "bases")]
+        sections["updater.path"] = [("BackUpPath", "bases.backup"), ("PidFile", "var/keepup2date.pid"),
+                                    ("UploadPatchPath", "var/updates")]
+        sections["updater.options"] = [("ConnectTimeout", "10")] + (
+            [("UpdateServerUrl", self.source)] if self.source else [])
+        sections["updater.report"] = [("ReportFileName", "keepup2date.log"), ("Append", "true"), ("ReportLevel", "4")]
+        for name, items in self.extra.items():  # an extra key replaces the one set above
+            keys = {key for key, _ in items}
+            sections[name] = [item for item in sections.get(name, []) if item[0] not in keys] + items
+        with open(self.config, "w", encoding="utf-8") as handle:
+            for name, items in sections.items():
+                handle.write(f"[{name}]\n" + "".join(f"{key}={value}\n" for key, value in items))
+
+    def keepup2date(self, *args: str) -> int:
+        return updater.main(list(args), self.config)
+
+    def use(self, source: str) -> None:
+        """Take updates from ``source`` from now on."""
+        self.source = source
+        self.write_config()
+
+    def installed_version(self) -> str | None:
+        index = updater.read_index(os.path.join(self.bases, "index.json"))
+        return index.version if index else None
+
+    def report_text(self) -> str:
+        return read(self.report).decode() if os.path.exists(self.report) else ""
+
+    def take_reload_request(self) -> bool:
+        """Whether .c_db_reload was dropped (and take it away, as the gateway does)."""
+        marker = os.path.join(self.control, ".c_db_reload")
+        if not os.path.exists(marker):
+            return False
+        os.unlink(marker)
+        return True
+
+    def snapshot(self) -> dict[str, bytes]:
+        """Every file under the bases folder (lock file left out)."""
+        files = {}
+        for folder, _, names in os.walk(self.bases):
+            for name in names:
+                if name != ".keepup2date.pid":
+                    path = os.path.join(folder, name)
+                    files[os.path.relpath(path, self.bases)] = read(path)
+        return files
+
+
+def installed_host(tmp_path, version: str, **contents: dict[str, bytes]) -> Host:
+    """A host that installed the set ``version`` (made in tmp_path, with ``extra`` or ``clamd``
+    files) and whose reload request was taken."""
+    host = Host(str(tmp_path / "host"), source=make_set(str(tmp_path), version, **contents))
+    assert host.keepup2date() == UPDATED
+    host.take_reload_request()
+    return host
+
+
+class SetServer:
+    """An HTTP server on 127.0.0.1 serving a folder; it can hold the download of one file
+    (``hold``) until ``release`` is set, trickle one (``trickle``) a byte at a time, and
+    records the request lines it got."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.requests: list[str] = []
+        self.hold: str | None = None
+        self.trickle: str | None = None
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args: object, **kwargs: object) -> None:
+                super().__init__(*args, directory=server.root, **kwargs)  # type: ignore[arg-type]
+
+            def do_GET(self) -> None:
+                server.requests.append(self.requestline)
+                if self.path.startswith("http://"):  # a proxy request: serve the path part
+                    self.path = "/" + self.path.split("/", 3)[3]
+                if server.hold and self.path.endswith(server.hold):
+                    server.holding.set()
+                    server.release.wait(30)
+                if server.trickle and self.path.endswith(server.trickle):
+                    self.send_slowly(read(os.path.join(server.root, self.path.lstrip("/"))))
+                    return
+                super().do_GET()
+
+            def send_slowly(self, data: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                for offset in range(len(data)):
+                    if server.release.wait(0.05):  # pacing a slow server, until the test ends
+                        return
+                    try:
+                        self.wfile.write(data[offset:offset + 1])
+                        self.wfile.flush()
+                    except OSError:
+                        return
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{path}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path) -> Iterator[SetServer]:
+    root = tmp_path / "www"
+    root.mkdir()
+    instance = SetServer(str(root))
+    yield instance
+    instance.close()
+
+
+def publish(server: SetServer, update_set: str, name: str) -> str:
+    """Copy an update set under the server's folder; its URL."""
+    shutil.copytree(update_set, os.path.join(server.root, name))
+    return server.url(name)
+
+# endregion
+# region updating
+
+
+def test_local_folder_installs_then_nothing_to_do(tmp_path) -> None:
+    update_set = make_set(str(tmp_path), "2024.01.10-1", extra={"spam/notes.txt": b"notes"})
+    host = Host(str(tmp_path / "host"), source=update_set)
+    assert host.keepup2date() == UPDATED
+    assert read(os.path.join(host.bases, "spam", "spam.db")) == read(os.path.join(update_set, "bases", "spam", "spam.db"))
+    assert read(os.path.join(host.bases, "spam", "notes.txt")) == b"notes"
+    assert host.installed_version() == "2024.01.10-1"
+    assert host.take_reload_request()
+    assert not os.path.exists(host.path("var", "keepup2date.pid"))  # the lock is gone after the run
+    assert host.keepup2date() == NO_UPDATE
+    assert not host.take_reload_request()
+    assert "no update needed" in host.report_text()
+
+
+def test_http_update_keeps_backup_and_asks_the_gateway_to_reload(tmp_path, server) -> None:
+    folder = str(tmp_path)
+    host = installed_host(tmp_path, "2024.01.10-1", extra={"spam/old.txt": b"old"})
+    before = host.snapshot()
+    host.use(publish(server, make_set(folder, "2024.02.01-1"), "updates"))
+    assert host.keepup2date() == UPDATED
+    assert host.installed_version() == "2024.02.01-1"
+    assert not os.path.exists(os.path.join(host.bases, "spam", "old.txt"))  # dropped by the new set
+    assert host.take_reload_request()
+    backup = updater.read_index(host.path("bases.backup", "index.json"))
+    assert backup is not None and backup.version == "2024.01.10-1"
+    assert read(host.path("bases.backup", "bases", "spam", "spam.db")) == before[os.path.join("spam", "spam.db")]
+    assert read(host.path("bases.backup", "bases", "spam", "old.txt")) == b"old"
+    assert any("GET /updates/bases/spam/spam.db" in line for line in server.requests)
+    assert os.listdir(host.path("var", "updates")) == []  # the temporary folder is removed
+
+
+def test_files_of_the_administrator_stay_and_odd_names_stay_out_of_the_backup(tmp_path) -> None:
+    host = installed_host(tmp_path, "18.0")
+    local = os.path.join(host.bases, "spam", "our list.txt")  # a space: never a name of a set
+    write(local, b"local")
+    host.use(make_set(str(tmp_path), "18.1"))
+    assert host.keepup2date() == UPDATED
+    assert read(local) == b"local"
+    assert "backup: " in host.report_text() and "our list.txt: left out" in host.report_text()
+    assert host.keepup2date("--rollback") == UPDATED
+    assert read(local) == b"local"
+
+
+def test_only_changed_files_are_downloaded(tmp_path, server) -> None:
+    folder = str(tmp_path)
+    host = installed_host(tmp_path, "1.0", extra={"spam/same.txt": b"same"})
+    host.use(publish(server, make_set(folder, "1.1", extra={"spam/same.txt": b"same"}), "u"))
+    assert host.keepup2date() == UPDATED
+    fetched = [line.split()[1] for line in server.requests]
+    assert fetched == ["/u/index.json", "/u/bases/spam/spam.db"]
+
+
+def test_post_update_command_runs_and_its_failure_is_30(tmp_path) -> None:
+    folder = str(tmp_path)
+    seen = tmp_path / "seen"
+    host = Host(str(tmp_path / "host"), source=make_set(folder, "3.0"),
+                extra={"updater.options": [("PostUpdateCmd", f'echo "$SMTPGW_BASES_VERSION" > {seen}')]})
+    assert host.keepup2date() == UPDATED
+    assert seen.read_text() == "3.0\n"
+    assert not host.take_reload_request()  # PostUpdateCmd replaces the default action
+    host.source = make_set(folder, "3.1")
+    host.extra = {"updater.options": [("PostUpdateCmd", "echo cannot reload >&2; exit 3")]}
+    host.write_config()
+    assert host.keepup2date() == POST_FAILED
+    assert host.installed_version() == "3.1"  # the bases are installed all the same
+    assert "exited with 3: cannot reload" in host.report_text()
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "longer", "shorter"])
+def test_damaged_download_leaves_the_installed_bases_untouched(tmp_path, server, damage) -> None:
+    folder = str(tmp_path)
+    host = installed_host(tmp_path, "5.0")
+    before = host.snapshot()
+    url = publish(server, make_set(folder, "5.1"), "u")
+    target = os.path.join(server.root, "u", "bases", "spam", "spam.db")
+    data = bytearray(read(target))
+    if damage == "flipped byte":
+        data[len(data) // 2] ^= 0x01
+    elif damage == "longer":
+        data += b"x"
+    else:
+        del data[-1]
+    write(target, bytes(data))
+    host.use(url)
+    assert host.keepup2date() == CRITICAL
+    assert host.snapshot() == before
+    assert not host.take_reload_request()
+    assert not os.path.exists(host.path("bases.backup"))  # no backup before the download checked out
+    assert os.listdir(host.path("var", "updates")) == []
+    expected = {"flipped byte": "SHA-256 differs", "longer": "longer than", "shorter": "bytes, the index gives"}
+    assert expected[damage] in host.report_text()
+
+
+def test_a_database_that_does_not_load_is_refused(tmp_path) -> None:
+    host = installed_host(tmp_path, "6.0")
+    before = host.snapshot()
+    bases = tmp_path / "broken"
+    write(str(bases / "spam" / "spam.db"), b"smtpgw-spam-db\t1\nversion\t6.1\n")  # truncated
+    updater.build_update_set(str(bases), str(tmp_path / "broken-set"), version="6.1")
+    host.use(str(tmp_path / "broken-set"))
+    assert host.keepup2date() == CRITICAL
+    assert host.snapshot() == before
+    assert "not a usable spam database" in host.report_text()
+
+
+def test_an_older_set_is_refused(tmp_path) -> None:
+    folder = str(tmp_path)
+    host = installed_host(tmp_path, "2024.03.01-2")
+    before = host.snapshot()
+    host.use(make_set(folder, "2024.03.01-1"))
+    assert host.keepup2date() == NO_UPDATE
+    assert host.snapshot() == before
+    assert "older than the installed 2024.03.01-2: refused" in host.report_text()
+
+
+def test_missing_files_of_the_installed_version_are_restored(tmp_path) -> None:
+    host = installed_host(tmp_path, "7.0", extra={"spam/a.txt": b"a"})
+    os.unlink(os.path.join(host.bases, "spam", "a.txt"))
+    assert host.keepup2date() == UPDATED
+    assert read(os.path.join(host.bases, "spam", "a.txt")) == b"a"
+
+
+def test_after_an_interrupted_update_the_backup_from_before_is_kept(tmp_path) -> None:
+    host = installed_host(tmp_path, "20.0")
+    host.use(make_set(str(tmp_path), "20.1"))
+    assert host.keepup2date() == UPDATED
+    kept = read(host.path("bases.backup", "bases", "spam", "spam.db"))
+    newest = make_set(str(tmp_path), "20.2")
+    # as a crash while 20.2 was being installed leaves it: one new file, the journal, the old index
+    write(os.path.join(host.bases, "spam", "spam.db"), read(os.path.join(newest, "bases", "spam", "spam.db")))
+    write(os.path.join(host.bases, ".keepup2date.installing"), b"20.2")
+    host.use(newest)
+    assert host.keepup2date() == UPDATED
+    assert host.installed_version() == "20.2"
+    assert read(host.path("bases.backup", "bases", "spam", "spam.db")) == kept
+    assert "the previous update was interrupted" in host.report_text()
+    assert not os.path.exists(os.path.join(host.bases, ".keepup2date.installing"))
+
+
+def test_a_damaged_installed_index_does_not_block_updates(tmp_path) -> None:
+    host = Host(str(tmp_path / "host"), source=make_set(str(tmp_path), "8.0"))
+    write(os.path.join(host.bases, "index.json"), b"{not json")
+    assert host.keepup2date() == UPDATED
+    assert host.installed_version() == "8.0"
+    assert "taken as no installed version" in host.report_text()
+
+
+def test_a_concurrent_run_is_refused_by_the_pid_file(tmp_path, server) -> None:
+    host = Host(str(tmp_path / "host"), source=publish(server, make_set(str(tmp_path), "9.0"), "u"))
+    server.hold = "spam.db"
+    first = subprocess.Popen([sys.executable, "-m", "smtpgw.updater", "-c", host.config], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert server.holding.wait(30), "the first keepup2date never asked for spam.db"
+        assert host.keepup2date() == CRITICAL
+        assert f"another keepup2date (pid {first.pid}) is running" in host.report_text()
+        assert host.installed_version() is None
+    finally:
+        server.release.set()
+        first.wait(60)
+    assert first.returncode == UPDATED
+    assert host.installed_version() == "9.0"
+
+
+def test_proxy_is_used_when_configured(tmp_path, server) -> None:
+    publish(server, make_set(str(tmp_path), "10.0"), "u")
+    proxy = server.url("").removeprefix("http://").rstrip("/")
+    host = Host(str(tmp_path / "host"), source="http://updates.example.test/u",
+                extra={"updater.options": [("UseProxy", "true"), ("ProxyAddress", proxy)]})
+    assert host.keepup2date() == UPDATED
+    assert "GET http://updates.example.test/u/index.json HTTP/1.1" in server.requests
+
+
+def test_a_trickling_server_is_given_up(tmp_path, server) -> None:
+    host = Host(str(tmp_path / "host"), source=publish(server, make_set(str(tmp_path), "19.0"), "u"),
+                extra={"updater.options": [("ConnectTimeout", "1")]})
+    server.trickle = "spam.db"
+    assert host.keepup2date() == CRITICAL
+    assert "KB/s, given up" in host.report_text()
+    assert host.installed_version() is None
+
+
+def test_unreachable_server_is_a_critical_error(tmp_path, server) -> None:
+    url = server.url("u")
+    server.close()
+    host = Host(str(tmp_path / "host"), source=url)
+    assert host.keepup2date() == CRITICAL
+    assert "index.json" in host.report_text()
+
+# endregion
+# region mirror, rollback, configuration
+
+
+def test_mirror_mode_copies_the_checked_set_for_other_hosts(tmp_path, server) -> None:
+    folder = str(tmp_path)
+    host = Host(str(tmp_path / "mirror-host"), source=publish(server, make_set(folder, "11.0"), "u"))
+    mirror = str(tmp_path / "mirror")
+    assert host.keepup2date("-u", mirror) == UPDATED
+    assert host.installed_version() is None  # the mirror host's own bases are not touched
+    assert host.keepup2date("-u", mirror) == NO_UPDATE
+    other = Host(str(tmp_path / "other"), source=mirror)
+    assert other.keepup2date() == UPDATED
+    assert other.installed_version() == "11.0"
+
+
+def test_rollback_restores_the_backup_and_holds_that_version_back(tmp_path) -> None:
+    folder = str(tmp_path)
+    host = installed_host(tmp_path, "12.0")
+    first = host.snapshot()
+    host.use(make_set(folder, "12.1"))
+    assert host.keepup2date() == UPDATED
+    host.take_reload_request()
+    assert host.keepup2date("--rollback") == UPDATED
+    assert host.take_reload_request()
+    restored = host.snapshot()
+    assert restored.pop("index.json") != first.pop("index.json")  # it now names 12.1 as rejected
+    assert restored == first
+    index = updater.read_index(os.path.join(host.bases, "index.json"))
+    assert index is not None and (index.version, index.rejected) == ("12.0", ("12.1",))
+    assert host.keepup2date() == NO_UPDATE  # 12.1 is not installed again
+    host.use(make_set(folder, "12.2"))
+    assert host.keepup2date() == UPDATED
+    assert host.installed_version() == "12.2"
+
+
+def test_command_line_overrides_backup_temp_and_report(tmp_path) -> None:
+    host = installed_host(tmp_path, "16.0")
+    host.use(make_set(str(tmp_path), "16.1"))
+    backup, temp, report = tmp_path / "other-backup", tmp_path / "other-temp", tmp_path / "other.log"
+    assert host.keepup2date("-b", str(backup), "-t", str(temp), "-l", str(report)) == UPDATED
+    index = updater.read_index(str(backup / "index.json"))
+    assert index is not None and index.version == "16.0"
+    assert not os.path.exists(host.path("bases.backup"))
+    assert os.listdir(temp) == []
+    assert "bases updated to version 16.1" in report.read_text()
+    assert "16.1" not in host.report_text()
+
+
+def test_keep_silent_prints_only_errors(tmp_path, capsys) -> None:
+    host = Host(str(tmp_path / "host"), source=make_set(str(tmp_path), "17.0"),
+                extra={"updater.options": [("KeepSilent", "true")]})
+    with open(host.config, encoding="utf-8") as handle:
+        text = handle.read()
+    with open(host.config, "w", encoding="utf-8") as handle:  # the report goes to standard output
+        handle.write(text.replace("ReportFileName=keepup2date.log\n", ""))
+    assert host.keepup2date() == UPDATED
+    assert capsys.readouterr().out == ""
+    assert host.keepup2date("-s", str(tmp_path / "nowhere")) == CRITICAL
+    out = capsys.readouterr().out
+    assert "nowhere/index.json" in out and " E]: " in out and " I]: " not in out
+
+
+def test_rollback_without_a_backup_fails(tmp_path) -> None:
+    host = Host(str(tmp_path / "host"))
+    assert host.keepup2date("--rollback") == CRITICAL
+    assert "no backup to roll back to" in host.report_text()
+
+
+def test_rollback_refuses_a_damaged_backup(tmp_path) -> None:
+    folder = str(tmp_path)
+    host = installed_host(tmp_path, "13.0")
+    host.use(make_set(folder, "13.1"))
+    assert host.keepup2date() == UPDATED
+    before = host.snapshot()
+    with open(host.path("bases.backup", "bases", "spam", "spam.db"), "ab") as handle:
+        handle.write(b"junk")
+    assert host.keepup2date("--rollback") == CRITICAL
+    assert host.snapshot() == before
+
+
+def test_configuration_problems_are_75(tmp_path) -> None:
+    host = Host(str(tmp_path / "host"))
+    assert updater.main([], str(tmp_path / "missing.conf")) == CONFIG_INVALID
+    assert host.keepup2date() == CONFIG_INVALID  # no UpdateServerUrl
+    host.use("ftp://updates.example.test/set")
+    assert host.keepup2date() == CONFIG_INVALID
+    with open(host.config, "a", encoding="utf-8") as handle:
+        handle.write("[updater.options]\nNoSuchKey=1\n")
+    assert host.keepup2date("-s", str(tmp_path)) == CONFIG_INVALID
+    assert updater.main(["--no-such-option"], host.config) == CONFIG_INVALID
+
+
+def test_unreadable_configuration_is_75(tmp_path) -> None:
+    host = Host(str(tmp_path / "host"), source=str(tmp_path))
+    os.chmod(host.config, 0)
+    try:
+        if os.geteuid() == 0:  # root reads it anyway: make it unreadable by making it a folder
+            os.unlink(host.config)
+            os.mkdir(host.config)
+        assert host.keepup2date() == CONFIG_INVALID
+    finally:
+        if os.path.isfile(host.config):
+            os.chmod(host.config, 0o644)
+
+# endregion
+# region clamd signatures
+
+
+def test_clamd_signatures_are_checked_installed_and_reloaded(tmp_path, clamd_factory) -> None:
+    require("clamscan", "clamav")
+    instance = clamd_factory()
+    marker = b"SMTPGW-UPDATE-" + b"TEST-SIGNATURE-31d5"
+    signature = f"Smtpgw.Test.Update:0:*:{marker.hex()}\n".encode()
+    folder = str(tmp_path)
+    host = Host(str(tmp_path / "host"), source=make_set(folder, "14.0", clamd={"smtpgw-update.ndb": signature}),
+                extra={"smtpgw.ave": [("ClamdAddress", instance.unix_address)]})
+    database = os.path.join(instance.workdir, "db")
+    scanner = ClamdServer(instance.unix_address)
+    assert scanner.instream(marker, 10).status == "clean"
+    assert host.keepup2date("--clamd-dir", database) == UPDATED
+    assert read(os.path.join(database, "smtpgw-update.ndb")) == signature
+    assert "RELOADING" in host.report_text()
+    verdict = wait_until(lambda: (v := scanner.instream(marker, 10)).status == "infected" and v, 30,
+                         "clamd to detect the new signature")
+    assert "Smtpgw.Test.Update.UNOFFICIAL" in verdict.names  # type: ignore[attr-defined]
+
+    broken = make_set(folder, "14.1", clamd={"smtpgw-update.ndb": b"Not:a:valid:signature:zz\n"})
+    host.use(broken)
+    assert host.keepup2date("--clamd-dir", database) == CRITICAL
+    assert read(os.path.join(database, "smtpgw-update.ndb")) == signature
+    assert "clamd signature files do not load" in host.report_text()
+
+
+def test_clamd_files_are_skipped_without_a_clamd_folder(tmp_path) -> None:
+    host = Host(str(tmp_path / "host"), source=make_set(str(tmp_path), "15.0", clamd={"x.ndb": b"X:0:*:41424344\n"}))
+    assert host.keepup2date() == UPDATED
+    assert "1 clamd signature file(s) skipped" in host.report_text()
+
+# endregion
+# region the index format
+
+
+def index_bytes(files: object, **fields: object) -> bytes:
+    document = {"format": "smtpgw-update-set", "format_version": 1, "version": "1.0", "files": files, **fields}
+    return json.dumps(document).encode()
+
+
+GOOD: dict[str, Any] = {"name": "bases/spam/spam.db", "size": 3, "sha256": "0" * 64}
+
+
+HOSTILE = {
+    "empty": b"", "a list": b"[]", "not UTF-8": b"\xff\xfe", "deep nesting": b"[" * 100000,
+    "boolean format_version": index_bytes([GOOD], format_version=True),
+    "version with letters": index_bytes([GOOD], version="2024.01.x"),
+    "path traversal": index_bytes([dict(GOOD, name="bases/../../etc/passwd")]),
+    "absolute path": index_bytes([dict(GOOD, name="/etc/passwd")]),
+    "hidden file": index_bytes([dict(GOOD, name="bases/.hidden")]),
+    "the installed index": index_bytes([dict(GOOD, name="bases/index.json")]),
+    "clamd non-signature": index_bytes([dict(GOOD, name="clamd/evil.so")]),
+    "clamd sub-folder": index_bytes([dict(GOOD, name="clamd/sub/x.ndb")]),
+    "unknown area": index_bytes([dict(GOOD, name="other/x")]),
+    "negative size": index_bytes([dict(GOOD, size=-1)]),
+    "boolean size": index_bytes([dict(GOOD, size=True)]),
+    "huge size": index_bytes([dict(GOOD, size=1 << 40)]),
+    "bad sha256": index_bytes([dict(GOOD, sha256="ABC")]),
+    "duplicate": index_bytes([GOOD, GOOD]),
+    "rejected not a list": index_bytes([GOOD], rejected="1.0"),
+    "files not a list": index_bytes("files"),
+}
+
+
+@pytest.mark.parametrize("data", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_indexes_are_refused_cleanly(data: bytes) -> None:
+    with pytest.raises(updater.UpdateError):
+        updater.Index.parse(data, "index.json")
+
+
+def test_index_round_trip_and_version_order() -> None:
+    index = updater.Index("2005.03.11-1", "2005-03-11", (updater.Entry(**GOOD),), ("2005.03.12-1",))
+    assert updater.Index.parse(index.to_bytes(), "index.json") == index
+    assert updater.version_key("2005.03.11-1") < updater.version_key("2005.03.11-2") < updater.version_key("2005.4")
+
+# endregion
