@@ -159,3 +159,15 @@ def test_queue_remove_while_running(gateway, sink):
     assert result.returncode == 0, result.stderr
     assert gateway.queued() == []
     gateway.wait_log(rf"{qid}: REMOVED")
+
+
+def test_queue_send_id_delivers_that_message_now(gateway, sink):
+    sink.replies["RCPT"] = ["451 4.3.0 later", "451 4.3.0 later", "250 2.1.5 ok"]
+    send(gateway, ["first@example.test"])
+    send(gateway, ["second@example.test"])
+    wait_until(lambda: len(gateway.queued("QUE")) == 2, 20, "two deferred messages")
+    second = next(q for q in gateway.queued("QUE") if "second@example.test" in open(f"{gateway.queue}/QUE/{q}").read())
+    assert gateway.cli("queue", "send", second).returncode == 0
+    [got] = sink.wait_for(1)
+    assert got.recipients == ["second@example.test"]
+    assert len(gateway.queued("QUE")) == 1  # the other one keeps its back-off

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import smtplib
 import socket
 
@@ -242,3 +243,20 @@ def test_bounded_memory_for_fifty_mib(make_gateway, sink):
     assert len(got[1].data) > 50 * len(block)
     grown = peak_rss_kib() - before
     assert grown < 20 * 1024, f"peak RSS grew by {grown} KiB for a 50 MiB message"
+
+
+def test_queue_disk_space_limit_answers_452(make_gateway, sink):
+    free_mib = os.statvfs("/tmp").f_bavail * os.statvfs("/tmp").f_frsize // (1 << 20)
+    gw = limits_gateway(make_gateway, sink, MinimalQueueFreeSpaceSize=min(1000000, free_mib + 1000))
+    c = session(gw.port)
+    code, text = c.cmd("MAIL FROM:<a@b.test>")
+    assert (code, text.split()[0]) == (452, "4.3.1")  # RFC 5321 §4.5.3.1.10-style: try later
+
+
+def test_data_initiation_timeout(make_gateway, sink):
+    gw = make_gateway(sink.port, extra={"smtpgw.timeouts": [("ReceivingDataInitiationTimeout", "1")]})
+    c = session(gw.port)
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    code, text = c.reply()  # no DATA within a second
+    assert (code, text.split()[0]) == (421, "4.4.2")
