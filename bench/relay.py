@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import resource
 import shutil
 import smtplib
@@ -32,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from tests.support.components import which  # noqa: E402
-from tests.support.net import GatewayProcess, Sink, free_port, wait_until  # noqa: E402
+from tests.support.net import GatewayProcess, Sink, free_port, listening, wait_until  # noqa: E402
 
 
 def start_sink() -> tuple[int, object]:
@@ -42,7 +41,7 @@ def start_sink() -> tuple[int, object]:
     if sink_bin:
         proc = subprocess.Popen([sink_bin, "-u", "nobody", "-c", f"127.0.0.1:{port}", "1024"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: _listening(port), 10, "smtp-sink")
+        wait_until(lambda: listening(port), 10, "smtp-sink")
         return port, proc
     sink = Sink()
     return sink.port, sink
@@ -54,14 +53,6 @@ def stop_sink(handle: object) -> None:
         handle.wait(10)
     else:
         handle.close()  # type: ignore[attr-defined]
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def load(port: int, messages: int, sessions: int, size: int) -> float:
@@ -214,7 +205,7 @@ def bench_postfix(folder: str, sink_port: int, args: argparse.Namespace) -> dict
         print(f"postfix did not start (exit {started.returncode}): {started.stdout}{started.stderr}{log}", file=sys.stderr)
         return None
     try:
-        wait_until(lambda: _listening(port), 30, "postfix smtpd")
+        wait_until(lambda: listening(port), 30, "postfix smtpd")
         maillog = os.path.join(folder, "maillog")
         t0 = time.monotonic()
         accepted_s = load(port, args.messages, args.sessions, args.size)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import base64
-import io
 import os
 import random
 import struct
-import tarfile
 import tracemalloc
-import zipfile
 import zlib
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from smtpgw.mime import (
     decompose,
     rebuild,
 )
-from tests.support.clamd import eicar, encrypted_zip, mime_message, tar_gz, zip_bytes
+from tests.support.clamd import encrypted_zip, mime_message, tar_gz, zip_bytes
 from tests.support.components import missing
 from tests.support.net import CORPUS
 

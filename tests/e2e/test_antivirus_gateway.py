@@ -11,7 +11,7 @@ import smtplib
 import pytest
 
 from tests.support.clamd import eicar, mime_message, zip_bytes
-from tests.support.net import GatewayProcess, Sink, wait_until
+from tests.support.net import GatewayProcess, listening, wait_until
 
 CLEAN = b"From: a@b.test\r\nTo: x@example.test\r\nSubject: clean\r\n\r\nnothing to see\r\n"
 
@@ -66,7 +66,7 @@ def test_the_minimal_configuration_scans_and_relays(tmp_path, sink, clamd):
     gw.proc = subprocess.Popen([sys.executable, SMTPGW, "-c", gw.config], cwd=gw.folder,
                                stdout=subprocess.DEVNULL, stderr=open(stderr_path, "wb"))
     try:
-        wait(lambda: _listening(port) or gw.proc.poll() is not None, 20, "the gateway listening")
+        wait(lambda: listening(port) or gw.proc.poll() is not None, 20, "the gateway listening")
         assert gw.proc.poll() is None
         send(gw, CLEAN)
         send(gw, infected_message())
@@ -83,15 +83,6 @@ def test_the_minimal_configuration_scans_and_relays(tmp_path, sink, clamd):
     assert 'AV-SCANNED, group=policy, status="infected"' in log and "BLOCKED" in log
     assert os.listdir(folder / "var" / "quarantine")  # SaveInQB default: infected
 
-
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_infected_message_is_blocked_and_notified(av_gateway, sink):

@@ -8,7 +8,6 @@ import json
 import os
 import smtplib
 import subprocess
-import time
 
 from tests.support.components import require
 from tests.support.net import wait_until

@@ -99,19 +99,13 @@ def test_dns_timeout_defers_delivery(make_gateway, silent_nameserver):
     assert gw.queued("QUE")
 
 
-def _connect_from(address: str, port: int) -> RawClient:
-    client = RawClient.__new__(RawClient)
-    client.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(address, 0))
-    client.buffer = b""
-    return client
-
 
 def test_connect_rule_refuses_a_dnsbl_listed_client(make_gateway, sink, zone):
     gw = make_gateway(sink.port, extra={
         "smtpgw.resolve": resolve_section(zone),
         "smtpgw.access": [("DNSBlackList", "dnsbl.test"), ("ConnectRule", "deny from in_dnsbl to *")],
     })
-    listed = _connect_from("127.0.0.2", gw.port)  # RFC 5782 §5: every DNSBL lists 127.0.0.2
+    listed = RawClient(gw.port, source="127.0.0.2")  # RFC 5782 §5: every DNSBL lists 127.0.0.2
     listed.reply()
     listed.cmd("EHLO listed.test")
     listed.cmd("MAIL FROM:<a@b.test>")
@@ -130,7 +124,7 @@ def test_dnsbl_timeout_never_blocks_mail(make_gateway, sink, silent_nameserver):
         "smtpgw.resolve": [("Nameserver", f"{ip}:{port}"), ("IONetworkTimeout", "1"), ("DNSAttempts", "1")],
         "smtpgw.access": [("DNSBlackList", "dnsbl.test"), ("ConnectRule", "deny from in_dnsbl to *")],
     })
-    client = _connect_from("127.0.0.2", gw.port)
+    client = RawClient(gw.port, source="127.0.0.2")
     client.reply()
     client.cmd("EHLO c.test")
     client.cmd("MAIL FROM:<a@b.test>")

@@ -34,6 +34,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts connections on ``host:port``."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
     """Poll ``predicate`` (state another process changes) until true; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -335,8 +344,10 @@ def gateway(make_gateway, sink) -> GatewayProcess:
 class RawClient:
     """A plain socket SMTP client for what smtplib will not send (pipelining, smuggling, junk)."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0, source: str | None = None) -> None:
+        """``source``: the local address to connect from (another loopback address is another client)."""
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buffer = b""
 
     def send(self, data: bytes | str) -> None:
