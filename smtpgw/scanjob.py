@@ -26,6 +26,7 @@ from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, load_config
 from smtpgw.ichecker import IChecker
 from smtpgw.queue import Envelope, Queue, write_durably
+from smtpgw.spam import BLACKLISTED, PROBABLE_SPAM, SPAM, SpamFilter, SpamVerdict, as_log_fields, mark
 from smtpgw.store import Store, status_for_verdict
 
 log = logging.getLogger("smtpgw.scanjob")
@@ -53,6 +54,16 @@ class ScanResult:
         return cls(copies=[CopyResult(**c) for c in data.get("copies", [])], deferred=data.get("deferred"))
 
 
+def spam_action_for(group: Any, verdict: SpamVerdict) -> str:
+    """The group's action for a spam verdict: ActionSpam, ActionProbableSpam (kmg-spec §10), else pass.
+    A blacklisted sender counts as Spam."""
+    if verdict.status in (SPAM, BLACKLISTED):
+        return str(group.ActionSpam)
+    if verdict.status == PROBABLE_SPAM:
+        return str(group.ActionProbableSpam)
+    return "pass"
+
+
 class Job:
     """One message's scan with a loaded configuration (one per worker process)."""
 
@@ -62,6 +73,7 @@ class Job:
         pool = ClamdPool.from_config(cfg.ave)
         self.clamd: Any = IChecker(pool, cfg.options.ICheckerDBFilename) if cfg.ave.UseIChecker else pool
         self.templates = notify.load_templates(cfg.base.TemplatesPath)
+        self.spam = SpamFilter(cfg.antispam, cfg.base.BasesPath)  # the database is loaded once per worker
 
     def run(self, env: Envelope) -> ScanResult:
         with open(self.queue.msg_path(env.id), "rb") as f:
@@ -71,23 +83,47 @@ class Job:
             group = self.cfg.group_for(env.sender, rcpt.addr)
             groups.setdefault(group.name, (group, []))[1].append(rcpt.addr)
         result = ScanResult()
+        verdict = None
+        if self.spam.enabled and any(group.Check for group, _ in groups.values()):
+            # the spam check runs once, before anti-virus, on the whole message
+            verdict = self.spam.classify(raw, env.client_ip or None, env.sender, [r.addr for r in env.pending()],
+                                         list(env.dnsbl))
         for index, (group, rcpts) in enumerate(groups.values(), start=1):
             try:
-                result.copies.append(self._scan_group(env, raw, group, rcpts, index))
+                result.copies.append(self._scan_group(env, raw, group, rcpts, index, verdict))
             except ScannerUnavailable as exc:
                 return ScanResult(deferred=f"anti-virus unavailable: {exc}")
         return result
 
-    def _scan_group(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], index: int) -> CopyResult:
+    def _scan_group(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], index: int,
+                    verdict: SpamVerdict | None) -> CopyResult:
         copy = CopyResult(group=group.name, recipients=rcpts)
         if not group.Check:
             # kmg-spec §3.13: Check=false passes the group's mail through unchanged
             copy.events.append(f'AV-SCANNED, group={group.name}, status="not scanned", names="", nrcpt={len(rcpts)}')
             copy.notes = {"status": "not scanned"}
             return copy
-        av = antivirus.scan_message(raw, group, self.cfg.ave, self.clamd, self.cfg.base.TemplatesPath)
+        marked = raw
+        spam_action = "pass"
+        if verdict is not None:
+            spam_action = spam_action_for(group, verdict)
+            copy.events.append(f"AS-SCANNED, group={group.name}, nrcpt={len(rcpts)}, {as_log_fields(verdict)}, "
+                               f'action={spam_action}, reasons="{"; ".join(verdict.reasons)[:300]}"')
+            if spam_action in ("block", "quarantine"):
+                copy.blocked = True
+                copy.notes = {"status": "clean", "spam_status": verdict.status}
+                copy.events.append(f'BLOCKED, rcpt={",".join(rcpts)}, size={env.size}, reason="{verdict.status}, '
+                                   f'ActionSpam={spam_action}"')
+                if spam_action == "quarantine" and group.QuarantinePath:
+                    Store(group.QuarantinePath).put(env.id, raw, env.as_dict(), status_for_verdict(verdict.status),
+                                                    f"{verdict.status}, score {verdict.score:.4f}")
+                return copy
+            marked = mark(raw, verdict, self.cfg.antispam, spam_action)  # X-SpamTest-* fields, tagged Subject
+        av = antivirus.scan_message(marked, group, self.cfg.ave, self.clamd, self.cfg.base.TemplatesPath)
         copy.events.append(antivirus.av_log_line(av) + f", nrcpt={len(rcpts)}")
         copy.notes = {"status": av.status, "virus_names": list(av.virus_names)}
+        if verdict is not None:
+            copy.notes["spam_status"] = verdict.status
         if self.cfg.options.AVStatistics:
             self._av_statistics(env, rcpts, av)
         if self.cfg.options.StrictStandards and not av.blocked:

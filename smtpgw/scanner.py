@@ -128,6 +128,8 @@ class Scanner:
             for line in copy.events:
                 event(qid, line)
             self.gw.stats.inc(f"antiviral_status_{str(copy.notes.get('status', 'clean')).replace(' ', '_')}")
+            if "spam_status" in copy.notes:
+                self.gw.stats.inc(f"antispam_status_{str(copy.notes['spam_status']).lower().replace(' ', '_')}")
         for copy in result.copies:
             self._queue_notifications(env, copy)
         live = [c for c in result.copies if not c.blocked]

@@ -1,0 +1,251 @@
+"""The on-disk spam database: token counts, term rules and metadata in one file.
+
+Owns: the file format (``spam.db``), loading it with full validation, writing
+it deterministically and atomically (temp file, fsync, rename, fsync of the
+directory), and the lock that serialises writers (``spam learn``).
+
+Format (UTF-8 text, LF line ends, fields separated by one TAB)::
+
+    smtpgw-spam-db<TAB>1                      magic and format version
+    version<TAB>2005.03.11-1                  database version (free text)
+    date<TAB>2005-03-11                       date of the training data
+    ham<TAB>2868                              messages trained as ham
+    spam<TAB>1328                             messages trained as spam
+    source<TAB>...                            where the training mail came from
+    rules<TAB>N                               then N rule lines (see ``rules``)
+    tokens<TAB>M                              then M lines TOKEN<TAB>HAM<TAB>SPAM, sorted
+    end<TAB>SHA-256 of every byte before this line
+
+Why text and not sqlite3 or a binary format: the file is read whole at start-up
+(about 0.3 s for the shipped 2.6 MB) into a dict, which makes a lookup a hash
+probe; sorted text lines give byte-identical rebuilds and readable diffs
+between database versions; the checksum line makes a truncated or edited file
+fail to load instead of filtering with half a database.
+
+Must never: replace a good database with one that failed validation, leave a
+half-written file under the database name, or accept a token containing a TAB,
+a line break or a space.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from smtpgw.spam.bayes import Bayes
+from smtpgw.spam.rules import Rule, RuleError, parse_rule
+
+MAGIC = "smtpgw-spam-db"
+FORMAT_VERSION = 1
+FILE_NAME = "spam.db"
+MAX_FILE_BYTES = 256 * 1024 * 1024
+MAX_COUNT = 2**31 - 1
+
+
+class DatabaseError(Exception):
+    """The database file is missing, damaged or of an unknown format."""
+
+
+@dataclass
+class DatabaseInfo:
+    version: str = "0"
+    date: str = "1970-01-01"
+    source: str = ""
+    format: int = FORMAT_VERSION
+
+
+@dataclass
+class SpamDatabase:
+    info: DatabaseInfo
+    bayes: Bayes
+    rules: list[Rule] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, rules: list[Rule] | None = None, info: DatabaseInfo | None = None) -> SpamDatabase:
+        return cls(info or DatabaseInfo(), Bayes({}, 0, 0), list(rules or []))
+
+    # -- writing -------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """The file image; equal databases give equal bytes (sorted tokens, fixed fields)."""
+        info = self.info
+        lines = [
+            f"{MAGIC}\t{FORMAT_VERSION}",
+            f"version\t{_one_line(info.version)}",
+            f"date\t{_one_line(info.date)}",
+            f"ham\t{self.bayes.nham}",
+            f"spam\t{self.bayes.nspam}",
+            f"source\t{_one_line(info.source)}",
+            f"rules\t{len(self.rules)}",
+        ]
+        lines.extend(rule.line() for rule in self.rules)
+        counts = self.bayes.counts
+        lines.append(f"tokens\t{len(counts)}")
+        lines.extend(f"{token}\t{ham}\t{spam}" for token, (ham, spam) in sorted(counts.items()))
+        body = ("\n".join(lines) + "\n").encode("utf-8")
+        return body + f"end\t{hashlib.sha256(body).hexdigest()}\n".encode("ascii")
+
+    def save(self, path: str) -> None:
+        """Write atomically: a reader sees the old file or the new one, never a mix."""
+        data = self.to_bytes()
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".spam.db.", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # -- reading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str) -> SpamDatabase:
+        try:
+            with open(path, "rb") as src:
+                data = src.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise DatabaseError(f"{path}: {exc.strerror or exc}") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise DatabaseError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+        return cls.from_bytes(data, path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "spam.db") -> SpamDatabase:
+        body, checksum = _split_trailer(data, where)
+        if hashlib.sha256(body).hexdigest() != checksum:
+            raise DatabaseError(f"{where}: checksum mismatch (damaged or edited file)")
+        try:
+            lines = body.decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            raise DatabaseError(f"{where}: not UTF-8") from None
+        reader = _Lines(lines, where)
+        magic, version = reader.pair()
+        if magic != MAGIC:
+            raise DatabaseError(f"{where}: not a spam database")
+        if version != str(FORMAT_VERSION):
+            raise DatabaseError(f"{where}: unsupported format version {version}")
+        info = DatabaseInfo(version=reader.value("version"), date=reader.value("date"))
+        nham = reader.number("ham")
+        nspam = reader.number("spam")
+        info.source = reader.value("source")
+        rules = []
+        for _ in range(reader.number("rules")):
+            line, number = reader.next()
+            try:
+                rules.append(parse_rule(line.replace("\t", " "), f"{where}:{number}"))
+            except RuleError as exc:
+                raise DatabaseError(str(exc)) from None
+        counts = reader.tokens(reader.number("tokens"))
+        reader.finish()
+        return cls(info, Bayes(counts, nham, nspam), rules)
+
+
+class _Lines:
+    """Sequential reader of the database lines with precise error messages."""
+
+    def __init__(self, lines: list[str], where: str) -> None:
+        if lines and lines[-1] == "":
+            lines.pop()
+        self.lines = lines
+        self.pos = 0
+        self.where = where
+
+    def next(self) -> tuple[str, int]:
+        if self.pos >= len(self.lines):
+            raise DatabaseError(f"{self.where}: unexpected end of file")
+        self.pos += 1
+        return self.lines[self.pos - 1], self.pos
+
+    def pair(self) -> tuple[str, str]:
+        line, number = self.next()
+        key, sep, value = line.partition("\t")
+        if not sep:
+            raise DatabaseError(f"{self.where}:{number}: expected KEY<TAB>VALUE")
+        return key, value
+
+    def value(self, key: str) -> str:
+        found, value = self.pair()
+        if found != key:
+            raise DatabaseError(f"{self.where}:{self.pos}: expected {key!r}, found {found!r}")
+        return value
+
+    def number(self, key: str) -> int:
+        text = self.value(key)
+        if not text.isdigit() or int(text) > MAX_COUNT:
+            raise DatabaseError(f"{self.where}:{self.pos}: bad {key} count {text!r}")
+        return int(text)
+
+    def tokens(self, count: int) -> dict[str, tuple[int, int]]:
+        end = self.pos + count
+        if end > len(self.lines):
+            raise DatabaseError(f"{self.where}: fewer token lines than announced")
+        counts: dict[str, tuple[int, int]] = {}
+        try:
+            for line in self.lines[self.pos : end]:
+                token, ham, spam = line.split("\t")
+                counts[token] = (int(ham), int(spam))
+        except ValueError:
+            raise DatabaseError(f"{self.where}: bad token line near line {self.pos + len(counts) + 1}") from None
+        if len(counts) != count or any(" " in t or not t for t in counts):
+            raise DatabaseError(f"{self.where}: duplicate, empty or spaced token")
+        self.pos = end
+        return counts
+
+    def finish(self) -> None:
+        if self.pos != len(self.lines):
+            raise DatabaseError(f"{self.where}:{self.pos + 1}: unexpected data after the tokens")
+
+
+def _split_trailer(data: bytes, where: str) -> tuple[bytes, str]:
+    if not data.endswith(b"\n"):
+        raise DatabaseError(f"{where}: truncated (no end line)")
+    cut = data.rfind(b"\n", 0, len(data) - 1) + 1
+    trailer = data[cut:-1]
+    if not trailer.startswith(b"end\t"):
+        raise DatabaseError(f"{where}: truncated (no end line)")
+    return data[:cut], trailer[4:].decode("ascii", "replace")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def database_file(path: str) -> str:
+    """The database file for a --db/BasesPath argument: a file, DIR/spam.db or DIR/spam/spam.db."""
+    if os.path.isdir(path):
+        direct = os.path.join(path, FILE_NAME)
+        nested = os.path.join(path, "spam", FILE_NAME)
+        if os.path.exists(direct) or not os.path.exists(nested):
+            return direct
+        return nested
+    return path
+
+
+@contextmanager
+def write_lock(path: str) -> Iterator[None]:
+    """Serialise writers of one database file (readers never wait: they see whole files)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".spam.db.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

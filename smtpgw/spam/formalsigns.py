@@ -1,0 +1,269 @@
+"""Formal (structural) signs of spam in a message's headers and layout.
+
+Owns: the named built-in checks that the rules database refers to as
+``check NAME`` — the header "formal signs" of the reference's header analysis
+(missing To or From, random-looking addresses, an empty X-Mailer, a Subject
+padded with spaces and a random tail, Asian character sets) and layout signs
+(HTML-only mail, hidden text, links to numeric hosts), plus the GTUBE test
+pattern.
+
+Must never: look anything up on the network, raise on odd input, or hold the
+GTUBE string whole in this file (it is assembled from pieces at import time so
+that a scanner reading the source does not flag it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from email.utils import getaddresses, parseaddr
+from urllib.parse import urlsplit
+
+from smtpgw.spam.mailview import MailView
+
+# GTUBE, the Generic Test for Unsolicited Bulk Email (SpamAssassin's test string).
+GTUBE = "".join(
+    ("XJS*C4JDBQADN1.NSBN3*2IDNEN*", "GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL", "*C.34X")
+)
+
+ASIAN_CHARSETS = frozenset({
+    "gb2312", "gbk", "gb18030", "hz-gb-2312", "big5", "big5-hkscs", "euc-kr", "ks_c_5601-1987",
+    "iso-2022-kr", "euc-jp", "shift_jis", "shift-jis", "iso-2022-jp", "x-sjis", "cp949", "cp936",
+    "windows-936", "windows-949", "tis-620", "windows-874",
+})
+
+_VOWELS = set("aeiouy")
+_CONSONANT_RUN = re.compile(r"[bcdfghjklmnpqrstvwxz]{6,}")
+_SEGMENTS = re.compile(r"[-._+=]+")
+_REPEATS = re.compile(r"(.)\1+")
+_SUBJECT_TAIL = re.compile(r"\S\s{3,}[A-Za-z0-9]{3,16}\s*$")
+_IP_HOST = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$|^0x[0-9a-f]+$|^\d{8,10}$", re.I)
+
+
+def looks_random(word: str) -> bool:
+    """True for strings that look machine-made: ``xkqzjw``, ``a8f3k29d``, ``ttt73522``.
+
+    Used on address local parts and Subject tails, one segment at a time
+    (``-``, ``.``, ``_``, ``+`` and ``=`` separate segments). Runs of one letter
+    are counted once, so ``zzzz`` or ``qqqq`` placeholders do not look random.
+    Real names rarely have six consonants in a row, under 20% vowels over eight
+    letters, or letters and digits alternating four times.
+    """
+    for segment in _SEGMENTS.split(_REPEATS.sub(r"\1", word.lower())):
+        if len(segment) < 6:
+            continue
+        if _CONSONANT_RUN.search(segment):
+            return True
+        switches = sum(1 for a, b in zip(segment, segment[1:]) if a.isdigit() != b.isdigit())
+        if switches >= 4:
+            return True
+        letters = [c for c in segment if c.isalpha()]
+        if len(letters) >= 8 and sum(1 for c in letters if c in _VOWELS) / len(letters) < 0.2:
+            return True
+    return False
+
+
+def address_of(value: str | None) -> str:
+    """The bare lower-case address in a From-like header value, or ""."""
+    if not value:
+        return ""
+    try:
+        return parseaddr(value)[1].strip().lower()[:320]
+    except Exception:
+        return ""
+
+
+def addresses_of(values: list[str]) -> list[str]:
+    try:
+        return [addr.lower()[:320] for _, addr in getaddresses(values[:8])[:200] if addr]
+    except Exception:
+        return []
+
+
+def from_address(view: MailView) -> str:
+    """The From: address (lower case), parsed once per message."""
+    if "from" not in view.memo:
+        view.memo["from"] = address_of(view.header("from"))
+    return str(view.memo["from"])
+
+
+def to_addresses(view: MailView) -> list[str]:
+    """The To: addresses (lower case), parsed once per message."""
+    if "to" not in view.memo:
+        view.memo["to"] = addresses_of(view.header_all("to"))
+    return list(view.memo["to"])  # type: ignore[call-overload]
+
+
+def recipient_count(view: MailView) -> int:
+    """Addresses in To: and Cc:."""
+    if "ncpt" not in view.memo:
+        view.memo["ncpt"] = len(to_addresses(view)) + len(addresses_of(view.header_all("cc")))
+    return int(view.memo["ncpt"])  # type: ignore[call-overload]
+
+
+def _local(address: str) -> str:
+    return address.rsplit("@", 1)[0] if "@" in address else address
+
+
+def url_host(url: str) -> str:
+    """The lower-case host of ``url`` ("www.x" links count as http)."""
+    if url[:4].lower() == "www.":
+        url = "http://" + url
+    try:
+        host = urlsplit(url[:512]).hostname or ""
+    except ValueError:
+        return ""
+    return host.strip(".").lower()
+
+
+# -- the checks -------------------------------------------------------------------------------
+
+
+def gtube(view: MailView) -> bool:
+    return GTUBE in view.body or GTUBE in (view.header("subject") or "")
+
+
+def missing_from(view: MailView) -> bool:
+    return not from_address(view)
+
+
+def missing_to(view: MailView) -> bool:
+    return view.header("to") is None and view.header("cc") is None
+
+
+def missing_date(view: MailView) -> bool:
+    return view.header("date") is None
+
+
+def missing_message_id(view: MailView) -> bool:
+    return view.header("message-id") is None
+
+
+def empty_x_mailer(view: MailView) -> bool:
+    value = view.header("x-mailer")
+    return value is not None and not value.strip()
+
+
+def random_from(view: MailView) -> bool:
+    return looks_random(_local(from_address(view)))
+
+
+def random_to(view: MailView) -> bool:
+    return any(looks_random(_local(a)) for a in to_addresses(view)[:10])
+
+
+def numeric_from(view: MailView) -> bool:
+    local = _local(from_address(view))
+    return sum(c.isdigit() for c in local) >= 5
+
+
+def subject_random_tail(view: MailView) -> bool:
+    # Reference: "trailing spaces in Subject followed by a random letter string".
+    subject = view.header("subject") or ""
+    match = _SUBJECT_TAIL.search(subject)
+    if match is None:
+        return False
+    tail = match.group(0).split()[-1]
+    return looks_random(tail) or len(tail) <= 8
+
+
+def subject_all_caps(view: MailView) -> bool:
+    letters = [c for c in view.header("subject") or "" if c.isalpha()]
+    return len(letters) >= 12 and all(c.isupper() for c in letters)
+
+
+def asian_charset(view: MailView) -> bool:
+    charsets = set(view.charsets)
+    for value in (view.raw_headers.get("subject", b""), view.raw_headers.get("from", b"")):
+        for match in re.finditer(rb"=\?([^?]{1,40})\?", value):
+            charsets.add(match.group(1).decode("ascii", "replace").lower())
+    return bool(charsets & ASIAN_CHARSETS)
+
+
+def html_only(view: MailView) -> bool:
+    types = [p.content_type for p in view.parts]
+    return "text/html" in types and "text/plain" not in types
+
+
+def hidden_html_text(view: MailView) -> bool:
+    return view.html is not None and view.html.hidden_chars >= 20
+
+
+def white_text(view: MailView) -> bool:
+    return view.html is not None and "white-text" in view.html.signs
+
+
+def comment_in_word(view: MailView) -> bool:
+    return view.html is not None and "comment-in-word" in view.html.signs
+
+
+def url_numeric_host(view: MailView) -> bool:
+    return any(_IP_HOST.match(url_host(u)) for u in view.urls[:100])
+
+
+def url_text_mismatch(view: MailView) -> bool:
+    """A link whose shown text is a URL on another host than it leads to (phishing)."""
+    if view.html is None:
+        return False
+    for href, shown in view.html.link_texts[:100]:
+        if not re.match(r"\s*(?:https?://|www\.)", shown, re.I):
+            continue
+        real, claimed = url_host(href), url_host(shown.strip().split()[0])
+        if real and claimed and real != claimed and not real.endswith("." + claimed):
+            return True
+    return False
+
+
+def from_is_to(view: MailView) -> bool:
+    sender = from_address(view)
+    return bool(sender) and to_addresses(view) == [sender]
+
+
+def to_undisclosed(view: MailView) -> bool:
+    value = (view.header("to") or "").lower()
+    return "undisclosed" in value or value.strip() in ("", ":;")
+
+
+def many_recipients(view: MailView) -> bool:
+    return recipient_count(view) > 15
+
+
+def text_base64(view: MailView) -> bool:
+    """A plain-text body sent base64-encoded in US-ASCII hides its words from naive filters."""
+    return any(p.content_type == "text/plain" and p.encoding == "base64" and p.charset in ("", "us-ascii") for p in view.parts)
+
+
+def executable_attachment(view: MailView) -> bool:
+    return any(
+        p.filename.lower().rsplit(".", 1)[-1] in ("exe", "scr", "pif", "com", "bat", "cmd", "vbs", "js", "lnk", "cpl")
+        for p in view.parts
+        if "." in p.filename
+    )
+
+
+def high_priority(view: MailView) -> bool:
+    return (view.header("x-priority") or "").strip()[:1] == "1"
+
+
+def run_check(name: str, view: MailView) -> bool:
+    """The result of check ``name`` on ``view``, computed once per message; False when it fails."""
+    key = "check:" + name
+    found = view.memo.get(key)
+    if found is None:
+        try:
+            found = bool(CHECKS[name](view))
+        except Exception:  # a sign that cannot be judged is not a hit
+            found = False
+        view.memo[key] = found
+    return bool(found)
+
+
+CHECKS: dict[str, Callable[[MailView], bool]] = {
+    fn.__name__: fn
+    for fn in (
+        gtube, missing_from, missing_to, missing_date, missing_message_id, empty_x_mailer, random_from,
+        random_to, numeric_from, subject_random_tail, subject_all_caps, asian_charset, html_only,
+        hidden_html_text, white_text, comment_in_word, url_numeric_host, url_text_mismatch, from_is_to,
+        to_undisclosed, many_recipients, text_base64, executable_attachment, high_priority,
+    )
+}

@@ -1,0 +1,168 @@
+"""The anti-spam filter: lists, then formal signs, content and DNSBL, then one verdict.
+
+Owns: ``SpamFilter`` — one per worker process — which holds the loaded spam
+database (shared by every filter of the process that reads the same file),
+swaps it atomically on ``reload()``, and classifies a message.
+
+How the evidence adds up: the Bayes score b of the content becomes log-odds
+log(b / (1 - b)) (a message without a single known clue starts from
+``NO_EVIDENCE`` = 0.3 instead); each rule that hits adds its weight and each
+DNSBL zone that listed the client adds ``DNSBlackListWeight`` × 4 log-odds (the
+setting is 0..1, default 0.5, so +2.0: one listing turns a message the content
+cannot judge into Probable Spam but does not overturn clear ham); the sum goes back through the logistic
+function to a score in [0, 1], which the SpamDetection level's thresholds turn
+into a status.
+
+Must never: raise for any message bytes, block on the network (DNSBL answers
+are looked up by the receiver and passed in; a failed lookup is simply not in
+the list, so a DNS failure is never spam), or let a damaged database replace
+the loaded one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+
+from smtpgw.spam import mailview, tokenizer
+from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
+from smtpgw.spam.formalsigns import address_of
+from smtpgw.spam.lists import SenderLists
+from smtpgw.spam.rules import RuleSet
+from smtpgw.spam.verdict import (
+    NOT_DETECTED,
+    SPAM,
+    SpamVerdict,
+    level_of,
+    status_for,
+    THRESHOLDS,
+)
+
+log = logging.getLogger("smtpgw.spam.filter")
+
+DEFAULT_DNSBL_WEIGHT = 0.5  # [smtpgw.antispam] DNSBlackListWeight default (0..1)
+DNSBL_LOG_ODDS = 4.0  # log-odds of one listing at weight 1.0
+NO_EVIDENCE = 0.3  # the content score of a message with no known clue (below every Probable threshold)
+MAX_LOG_ODDS = 30.0  # |log-odds| cap: scores stay inside [0, 1] and keep their order
+MAX_REASONS = 12
+
+_CACHE_LOCK = threading.Lock()
+_CACHE: dict[str, tuple[tuple[int, int, int], SpamDatabase, RuleSet]] = {}
+
+
+def default_bases() -> str:
+    """The package's shipped BasesPath (``smtpgw/bases``)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bases")
+
+
+def _file_key(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def load_shared(path: str, force: bool = False) -> tuple[SpamDatabase, RuleSet]:
+    """The process-wide copy of the database at ``path``, loaded again only when the file changed."""
+    try:
+        key = _file_key(path)
+    except OSError as exc:
+        raise DatabaseError(f"{path}: {exc.strerror or exc}") from None
+    with _CACHE_LOCK:
+        cached = _CACHE.get(path)
+        if cached is not None and cached[0] == key and not force:
+            return cached[1], cached[2]
+        database = SpamDatabase.load(path)
+        rules = RuleSet(database.rules)
+        _CACHE[path] = (key, database, rules)
+        return database, rules
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-12), 1.0 - 1e-12)
+    return math.log(p / (1.0 - p))
+
+
+def _logistic(x: float) -> float:
+    x = min(max(x, -MAX_LOG_ODDS), MAX_LOG_ODDS)
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+class SpamFilter:
+    """Classifies messages for one [smtpgw.antispam] section."""
+
+    def __init__(self, antispam_section: object, bases_path: str | None) -> None:
+        self.section = antispam_section
+        self.path = database_file(bases_path or default_bases())
+        self.lists = SenderLists(antispam_section)
+        self.level = level_of(antispam_section)
+        weight = getattr(antispam_section, "DNSBlackListWeight", None)
+        self.dnsbl_weight = DNSBL_LOG_ODDS * (DEFAULT_DNSBL_WEIGHT if weight is None else float(weight))
+        self.enabled = bool(getattr(antispam_section, "Check", True))
+        self._loaded = load_shared(self.path)
+
+    @property
+    def database(self) -> SpamDatabase:
+        return self._loaded[0]
+
+    def reload(self) -> bool:
+        """Load the database file again; on any failure keep the current one and return False."""
+        try:
+            self._loaded = load_shared(self.path, force=True)  # one reference swap: atomic for readers
+        except DatabaseError as exc:
+            log.error("spam database not reloaded, keeping version %s: %s", self.database.info.version, exc)
+            return False
+        log.info("spam database %s loaded (version %s)", self.path, self.database.info.version)
+        return True
+
+    def classify(
+        self,
+        raw: bytes,
+        client_ip: str | None,
+        sender: str,
+        recipients: list[str],
+        dnsbl_listed: list[str],
+    ) -> SpamVerdict:
+        if not self.enabled:
+            return SpamVerdict(NOT_DETECTED, 0.0, "not checked", ["anti-spam check disabled"])
+        database, rules = self._loaded  # one read: a concurrent reload cannot mix two databases
+        view = mailview.build(raw)
+        senders = [sender] if sender else []
+        header_from = address_of(view.header("from"))
+        if header_from:
+            senders.append(header_from)
+        decision = self.lists.decide(client_ip, senders, list(recipients))
+        if decision is not None:
+            score = 0.0 if decision.status == "Trusted" else 1.0
+            return SpamVerdict(decision.status, score, decision.method, [decision.reason])
+        return self._score(view, database, rules, dnsbl_listed)
+
+    def _score(
+        self, view: mailview.MailView, database: SpamDatabase, rules: RuleSet, dnsbl_listed: list[str]
+    ) -> SpamVerdict:
+        tokens = tokenizer.tokens(view)
+        bayes = database.bayes.score(tokens)
+        reasons = [f"bayes {bayes.score:.4f} from {len(bayes.clues)} clues"]
+        reasons.extend(f"clue {token} {p:.3f}" for token, p in bayes.clues[:3])
+        hits = rules.evaluate(view, tokens, self.level)
+        forced = [hit for hit in hits if hit.force]
+        if forced:
+            return SpamVerdict(SPAM, 1.0, "rules", [f"rule {hit.name}" for hit in forced] + reasons)
+        added = {"headers": 0.0, "rules": 0.0, "dnsbl": 0.0}
+        for hit in hits:
+            added[hit.method] += hit.weight
+            reasons.append(f"rule {hit.name} {hit.weight:+.2f}")
+        for zone in dict.fromkeys(dnsbl_listed):  # each zone counts once
+            added["dnsbl"] += self.dnsbl_weight
+            reasons.append(f"dnsbl {zone[:255]} {self.dnsbl_weight:+.2f}")
+        base = bayes.score if bayes.clues else NO_EVIDENCE
+        score = _logistic(_logit(base) + sum(added.values()))
+        status = status_for(score, self.level)
+        return SpamVerdict(status, score, self._method(bayes.score, added, status), reasons[:MAX_REASONS])
+
+    def _method(self, bayes_score: float, added: dict[str, float], status: str) -> str:
+        """What decided: the content alone, or the largest push from headers, rules or DNSBL."""
+        if status == NOT_DETECTED or bayes_score >= THRESHOLDS[self.level][0]:
+            return "content"
+        method, push = max(added.items(), key=lambda item: item[1])
+        return method if push > 0 else "content"

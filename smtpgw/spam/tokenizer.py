@@ -1,0 +1,299 @@
+"""Tokens for the Bayesian classifier, drawn from a ``MailView``.
+
+Owns: the token vocabulary — body words, header tokens prefixed with their
+header (``subject:``, ``from:``, ``x-mailer:`` ...), URL and domain tokens,
+HTML structure tokens, MIME layout tokens and the formal signs (``sign:``).
+
+Must never: emit a token containing whitespace or control characters (the
+database format is line- and tab-separated), emit more than ``MAX_TOKENS``
+tokens, or tokenise trace data that only says where a corpus was collected
+(dates, the recipient's own delivery hops, mailing-list headers): such tokens
+teach the classifier the collector, not spam.
+"""
+
+from __future__ import annotations
+
+import re
+
+from smtpgw.spam import formalsigns
+from smtpgw.spam.htmltext import NOTABLE_TAGS
+from smtpgw.spam.mailview import MailView
+
+MAX_TOKENS = 4000
+MAX_WORDS = 20000  # body words looked at
+MAX_PAIRS = 3000  # leading body words paired with their neighbour
+MIN_WORD, MAX_WORD = 3, 20
+
+# Punctuation stripped from both ends of a word; "$" and "%" stay (prices, rates).
+_EDGE = "\"'`.,;:!?()[]{}<>*_=+|\\/~#^&-@"
+_HEADER_WORD = re.compile(r"[^\W_][\w$%'\-!]*", re.UNICODE)
+_DYNAMIC_HOST = re.compile(r"(?:^|[.\-\d])(?:dsl|adsl|dial|dialup|ppp|cable|dyn|dynamic|pool|dhcp|client|modem)(?:[.\-\d]|$)", re.I)
+_HEADER_VALUE_WORD = re.compile(r"[a-z][a-z0-9\-]{1,24}")
+# Headers tokenised by their own functions.
+_OWN_HEADERS = frozenset({
+    "subject", "from", "to", "cc", "x-mailer", "user-agent", "x-priority", "x-msmail-priority", "importance",
+    "message-id", "received", "content-type", "content-transfer-encoding", "mime-version", "date",
+})
+# Headers that describe how the mail reached its collector (delivery, mailing-list
+# software, the collector's own filters), not who wrote it: learning them teaches
+# the classifier one mailbox's subscriptions instead of spam.
+_COLLECTOR_HEADERS = frozenset({
+    "delivered-to", "return-path", "delivery-date", "envelope-to", "precedence", "errors-to", "sender",
+    "mailing-list", "x-beenthere", "x-loop", "x-keywords", "x-status", "status", "x-uid", "x-uidl",
+    "x-authentication-warning", "x-mailscanner", "x-virus-scanned", "x-scanned-by", "in-reply-to",
+    "references", "x-trusted", "x-from-laptop", "lines", "content-length", "x-rcpt-to", "apparently-to",
+    "x-egroups-return", "x-yahoo-profile", "x-yahoo-group-post", "x-apparently-to", "mail-followup-to",
+    "mail-reply-to", "x-acceptable-languages", "x-accept-language", "old-subject", "x-precedence-ref",
+    "x-unsubscription-info", "x-list-admin", "reply-to",
+})
+_COLLECTOR_PREFIXES = ("list-", "x-mailman", "x-spam", "x-list", "x-original", "x-envelope", "resent-",
+                       "x-mailing", "x-beenthere", "x-ml-", "x-egroups", "x-yahoo", "x-virus", "x-loop")
+_DIGITS = re.compile(r"\d+")
+_LETTERS = re.compile(r"[a-z]+")
+_DATE_ZONE = re.compile(r"([+-]\d{4}|\b[a-z]{2,4}t\b)\s*(?:\(.*\))?\s*$")
+_MSGID = re.compile(r"<([^<>@\s]*)@?([^<>@\s]*)>")
+
+
+def _bucket(n: int) -> str:
+    """A coarse size class so counts generalise: 0, 1, 2, 3-4, 5-8, 9-16, ..."""
+    if n <= 2:
+        return str(n)
+    power = (n - 1).bit_length()
+    return f"{2 ** (power - 1) + 1}-{2 ** power}"
+
+
+def _words(text: str, limit: int) -> tuple[list[str], list[str]]:
+    """(lower-case words, extra tokens) of ``text``.
+
+    The extra tokens are SpamBayes' "skip" tokens for over-long runs (base64,
+    hashes) and, for words written with capitals, the word as written: "FREE"
+    and "Free" say more than "free".
+    """
+    out: list[str] = []
+    extra: list[str] = []
+    append = out.append
+    for chunk in text.split(None, limit)[:limit]:
+        word = chunk.strip(_EDGE)
+        size = len(word)
+        if size < MIN_WORD:
+            continue
+        if size > MAX_WORD:
+            extra.append(f"skip:{word[0].lower()}:{_bucket(size)}")
+            continue
+        first = word[0]
+        if not (first.isalnum() or first == "$"):
+            continue
+        if size == 4 and word.isdigit() and word[:2] in ("19", "20"):
+            continue  # years date the corpus, not the spam
+        lower = word.lower()
+        if lower != word:
+            extra.append(word)
+        append(lower)
+    return out, extra
+
+
+def registered_domain(host: str) -> str:
+    """The last two labels of ``host`` (three under a two-letter country second level)."""
+    labels = [label for label in host.split(".") if label]
+    if len(labels) >= 3 and len(labels[-1]) == 2 and len(labels[-2]) <= 3:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
+def _url_tokens(url: str, tokens: set[str]) -> None:
+    host = formalsigns.url_host(url)
+    low = url.lower()
+    tokens.add("url:proto:" + (low.split(":", 1)[0] if "://" in low[:10] else "www"))
+    if not host:
+        tokens.add("url:no-host")
+        return
+    if formalsigns._IP_HOST.match(host):
+        tokens.add("url:ip-host")
+    else:
+        tokens.add("url:" + registered_domain(host))
+        tokens.add("url:host:" + host[:60])
+        tokens.add("url:tld:" + host.rsplit(".", 1)[-1][:12])
+    if "@" in low.split("/", 3)[2 if "://" in low[:10] else 0][:200]:
+        tokens.add("url:userinfo")
+    if "%" in low:
+        tokens.add("url:escaped")
+    path = low.split(host, 1)[-1] if host in low else ""
+    for word in re.findall(r"[a-z]{3,15}", path)[:8]:
+        tokens.add("url:path:" + word)
+
+
+def _address_tokens(prefix: str, value: str, address: str, tokens: set[str]) -> None:
+    name = value.split("<", 1)[0] if "<" in value else ""
+    for word in _HEADER_WORD.findall(name.lower())[:6]:
+        if len(word) >= 2:
+            tokens.add(f"{prefix}:name:{word[:MAX_WORD]}")
+    if not name.strip(" \"'"):
+        tokens.add(f"{prefix}:no-name")
+    if not address or "@" not in address:
+        tokens.add(f"{prefix}:no-address")
+        return
+    local, domain = address.rsplit("@", 1)
+    tokens.add(f"{prefix}:domain:{registered_domain(domain)}")
+    tokens.add(f"{prefix}:tld:{domain.rsplit('.', 1)[-1][:12]}")
+    if sum(c.isdigit() for c in local) >= 3:
+        tokens.add(f"{prefix}:local-digits")
+    if formalsigns.looks_random(local):
+        tokens.add(f"{prefix}:local-random")
+
+
+def _header_tokens(view: MailView, tokens: set[str]) -> None:
+    subject = view.header("subject")
+    if subject is None:
+        tokens.add("subject:missing")
+    else:
+        words = [w[:MAX_WORD] for w in _HEADER_WORD.findall(subject.lower())[:40] if len(w) >= 2]
+        tokens.update("subject:" + word for word in words)
+        tokens.update(f"subject:{first}+{second}" for first, second in zip(words, words[1:]))
+        for mark in ("!", "$", "%", "?"):
+            if mark in subject:
+                tokens.add("subject:has" + mark)
+        if re.search(r"\s{3,}", subject):
+            tokens.add("subject:spaces-run")
+    from_value = view.header("from")
+    sender = formalsigns.from_address(view)
+    if from_value is not None:
+        _address_tokens("from", from_value, sender, tokens)
+    tokens.add("to:count:" + _bucket(formalsigns.recipient_count(view)))
+    for address in formalsigns.to_addresses(view)[:1]:
+        if formalsigns.looks_random(address.rsplit("@", 1)[0]):
+            tokens.add("to:local-random")
+    for name in ("x-mailer", "user-agent"):
+        value = view.header(name)
+        if value is None:
+            continue
+        words = re.findall(r"[a-z]{2,}", value.lower())[:4]
+        tokens.add(f"{name}:" + (words[0] if words else "empty"))
+        tokens.update(f"{name}:{w}" for w in words[1:])
+    for name in ("x-priority", "x-msmail-priority", "importance"):
+        value = view.header(name)
+        if value is not None:
+            tokens.add(f"{name}:{(re.findall(r'[a-z0-9]+', value.lower()) or ['empty'])[0][:12]}")
+    _msgid_tokens(view, sender, tokens)
+    _received_tokens(view, tokens)
+    _date_tokens(view, tokens)
+    _other_header_tokens(view, tokens)
+
+
+def _date_tokens(view: MailView, tokens: set[str]) -> None:
+    """The shape of the Date field, never its value: mail software writes it its own way (RFC 5322 §3.3)."""
+    value = view.header("date")
+    if value is None:
+        return
+    value = value.strip().lower()[:80]
+    shape = _LETTERS.sub("a", _DIGITS.sub("9", value)).replace(" ", "_")
+    tokens.add("date:shape:" + shape[:40])
+    zone = _DATE_ZONE.search(value)
+    tokens.add("date:zone:" + (zone.group(1) if zone else "none"))
+
+
+def _other_header_tokens(view: MailView, tokens: set[str]) -> None:
+    """Presence and first words of the remaining headers (the sending software's fingerprints)."""
+    for name, value in view.headers[:100]:
+        if name in _OWN_HEADERS or name in _COLLECTOR_HEADERS or name.startswith(_COLLECTOR_PREFIXES):
+            continue
+        name = name[:32]
+        tokens.add("hdr:" + name)
+        for word in _HEADER_VALUE_WORD.findall(value[:200].lower())[:6]:
+            tokens.add(f"h:{name}:{word}")
+
+
+def _msgid_tokens(view: MailView, sender: str, tokens: set[str]) -> None:
+    value = view.header("message-id")
+    if value is None:
+        return
+    match = _MSGID.search(value)
+    if not match:
+        tokens.add("msgid:malformed")
+        return
+    left, right = match.group(1), match.group(2).lower()
+    if not right:
+        tokens.add("msgid:no-domain")
+    elif formalsigns._IP_HOST.match(right.strip("[]")):
+        tokens.add("msgid:ip-domain")
+    elif sender.endswith(registered_domain(right)):
+        tokens.add("msgid:from-domain")
+    if "$" in left:
+        tokens.add("msgid:dollar-parts")
+
+
+def _received_tokens(view: MailView, tokens: set[str]) -> None:
+    # Only hops that say something about the sending host; the recipient's own
+    # delivery hops are common to ham and spam alike.
+    for value in view.header_all("received")[:8]:
+        low = value.lower()
+        if "from unknown" in low or "(unknown [" in low:
+            tokens.add("received:unknown-rdns")
+        head = low.split(" by ", 1)[0]
+        if _DYNAMIC_HOST.search(head):
+            tokens.add("received:dynamic-host")
+        if re.search(r"helo[= ]\[?\d{1,3}(?:\.\d{1,3}){3}", head):
+            tokens.add("received:helo-ip")
+
+
+def _mime_tokens(view: MailView, tokens: set[str]) -> None:
+    ctype = (view.header("content-type") or "text/plain").split(";", 1)[0].strip().lower()[:40]
+    tokens.add("ct:" + (ctype or "empty"))
+    for charset in sorted(view.charsets)[:8]:
+        tokens.add("charset:" + charset[:24])
+    for part in view.parts[:32]:
+        tokens.add("part:" + part.content_type[:40])
+        if part.encoding:
+            tokens.add(f"cte:{part.content_type.split('/')[0]}:{part.encoding[:20]}")
+        if part.filename:
+            ext = part.filename.lower().rsplit(".", 1)[-1] if "." in part.filename else ""
+            tokens.add("attach:ext:" + (re.sub(r"[^a-z0-9]", "", ext)[:8] or "none"))
+    tokens.add("parts:" + _bucket(len(view.parts)))
+    for defect in view.defects[:8]:
+        tokens.add("defect:" + defect[:40])
+
+
+def _html_tokens(view: MailView, tokens: set[str]) -> None:
+    html = view.html
+    if html is None:
+        return
+    for tag in sorted(html.tags)[:64]:
+        if tag in NOTABLE_TAGS:
+            tokens.add("html:tag:" + tag)
+    for sign in sorted(html.signs):
+        tokens.add("html:sign:" + sign)
+    tokens.add("html:links:" + _bucket(len(html.links)))
+    tokens.add("html:img:" + _bucket(html.tags.get("img", 0)))
+    visible = len(html.text)
+    tokens.add("html:text:" + ("none" if not visible else "short" if visible < 200 else "long"))
+    if html.comments:
+        tokens.add("html:comments:" + _bucket(html.comments))
+
+
+def tokens(view: MailView) -> set[str]:
+    """The set of tokens of one message (each counted once, as SpamBayes does)."""
+    out: set[str] = set()
+    _header_tokens(view, out)
+    _mime_tokens(view, out)
+    _html_tokens(view, out)
+    for name in formalsigns.CHECKS:
+        if name != "gtube" and formalsigns.run_check(name, view):
+            out.add("sign:" + name)
+    for url in view.urls[:100]:
+        _url_tokens(url, out)
+    body = view.body
+    words, extra = _words(body, MAX_WORDS)
+    if not words:
+        out.add("body:empty")
+    out.update(words)
+    out.update(extra)
+    # Neighbouring words catch phrases ("click here", "remove you") that single words miss.
+    pairs = words[:MAX_PAIRS]
+    out.update(f"{first}+{second}" for first, second in zip(pairs, pairs[1:]))
+    return _clean(out)
+
+
+def _clean(found: set[str]) -> set[str]:
+    out = {token[:64] for token in found if token.isprintable() and " " not in token}
+    if len(out) > MAX_TOKENS:  # keep a deterministic subset, whatever the hash seed
+        out = set(sorted(out)[:MAX_TOKENS])
+    return out

@@ -1,0 +1,100 @@
+"""The spam filter inside the running gateway: verdict headers, Subject tags, actions, lists, DNSBL."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+
+import pytest
+
+from smtpgw.spam.formalsigns import GTUBE
+from tests.support.components import require
+from tests.support.dns import start_dnsmasq
+from tests.support.net import RawClient, wait_until
+
+HAM = (b"From: Alice Example <alice@example.test>\r\nTo: bob@example.test\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\n"
+       b"Message-ID: <m1@example.test>\r\nSubject: minutes of the meeting\r\n\r\nHi Bob,\r\n\r\n"
+       b"attached are the minutes of yesterday's meeting. Let me know if anything is missing.\r\n\r\nThanks,\r\nAlice\r\n")
+SPAM = HAM.replace(b"Thanks,", GTUBE.encode("ascii") + b"\r\nThanks,")
+
+
+def spam_gateway(make_gateway, sink, clamd, policy=(), antispam=(), **extra):
+    sections = {
+        "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
+        "smtpgw.policy": [("Check", "true"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none"), *policy],
+        "smtpgw.antispam": [("Check", "true"), *antispam],
+    }
+    for name, items in extra.items():
+        sections[name.replace("__", ".")] = list(items)
+    return make_gateway(sink.port, extra=sections)
+
+
+def send(gw, data, sender="alice@example.test", source=None):
+    if source is None:
+        with smtplib.SMTP("127.0.0.1", gw.port) as client:
+            client.sendmail(sender, ["bob@example.test"], data)
+        return
+    c = RawClient(gw.port, source=source)
+    c.reply()
+    c.cmd("EHLO client.test")
+    c.cmd(f"MAIL FROM:<{sender}>")
+    c.cmd("RCPT TO:<bob@example.test>")
+    c.cmd("DATA")
+    c.send(data + b".\r\n")
+    assert c.reply()[0] == 250
+    c.cmd("QUIT")
+
+
+def test_gtube_is_tagged_spam_and_ham_passes(make_gateway, sink, clamd):
+    gw = spam_gateway(make_gateway, sink, clamd)
+    send(gw, SPAM)
+    send(gw, HAM)
+    got = {b"GTUBE" in m.data: m.data for m in sink.wait_for(2)}
+    assert b"X-SpamTest-Status: Spam\r\n" in got[True]
+    assert b"\r\nSubject: [SPAM] minutes of the meeting\r\n" in got[True]
+    assert b"X-SpamTest-Status: Not Detected\r\n" in got[False]
+    assert b"\r\nSubject: minutes of the meeting\r\n" in got[False]
+    gw.wait_log(r'AS-SCANNED, group=policy, nrcpt=1, as-status="Spam", score=1\.0000, method="rules", action=tag')
+
+
+@pytest.mark.parametrize("action", ["block", "quarantine"])
+def test_spam_block_and_quarantine_actions(make_gateway, sink, clamd, action):
+    gw = spam_gateway(make_gateway, sink, clamd, policy=[("ActionSpam", action)])
+    send(gw, SPAM)
+    send(gw, HAM)
+    gw.wait_log(r'BLOCKED, rcpt=bob@example.test, size=\d+, reason="Spam, ActionSpam=' + action)
+    [got] = sink.wait_for(1)
+    assert b"GTUBE" not in got.data
+    quarantine = os.path.join(gw.folder, "var", "quarantine")
+    stored = wait_until(lambda: os.path.isdir(quarantine) and os.listdir(quarantine), 10, "quarantine") if action == "quarantine" else []
+    if action == "quarantine":
+        listing = gw.cli("store", "--path", "quarantine", "list").stdout
+        assert " SPM " in listing and stored
+
+
+def test_white_and_black_lists(make_gateway, sink, clamd):
+    gw = spam_gateway(make_gateway, sink, clamd, antispam=[("WhiteListSenders", "*@trusted.test"),
+                                                           ("BlackListSenders", "*@spammer.test")])
+    send(gw, SPAM, sender="boss@trusted.test")
+    send(gw, HAM, sender="promo@spammer.test")
+    got = {m.sender: m.data for m in sink.wait_for(2)}
+    assert b"X-SpamTest-Status: Trusted\r\n" in got["boss@trusted.test"]
+    assert b"X-SpamTest-Status: Blacklisted\r\n" in got["promo@spammer.test"]
+    assert b"Subject: [SPAM] " in got["promo@spammer.test"]  # a blacklisted sender is acted on as Spam
+
+
+def test_dnsbl_listing_adds_to_the_score(make_gateway, sink, clamd, tmp_path):
+    require("dnsmasq")
+    (tmp_path / "dns").mkdir()
+    server = start_dnsmasq(str(tmp_path / "dns"))
+    try:
+        ip, port = server.address
+        gw = spam_gateway(make_gateway, sink, clamd,
+                          smtpgw__resolve=[("Nameserver", f"{ip}:{port}"), ("IONetworkTimeout", "2")],
+                          smtpgw__access=[("DNSBlackList", "dnsbl.test"), ("RelayRule", "allow from any to *")])
+        send(gw, HAM, source="127.0.0.2")  # RFC 5782 §5: 127.0.0.2 is listed by every DNSBL
+        sink.wait_for(1)
+        [line] = gw.wait_log(r"AS-SCANNED")
+        assert "dnsbl dnsbl.test +" in line
+    finally:
+        server.stop()

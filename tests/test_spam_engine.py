@@ -1,0 +1,150 @@
+"""Tokenizer, rules, lists and database format of the anti-spam engine."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from smtpgw.spam import bayes, mailview, tokenizer
+from smtpgw.spam.database import DatabaseError, DatabaseInfo, SpamDatabase
+from smtpgw.spam.formalsigns import looks_random
+from smtpgw.spam.lists import AddressList, IPList
+from smtpgw.spam.rules import RuleError, RuleSet, parse_rule, parse_rules
+from smtpgw.spam.training import default_rules
+
+
+def test_unknown_charset_and_raw_8bit_headers() -> None:
+    raw = ("Subject: =?x-no-such-charset?B?SGVsbG8=?= Привет\r\n"
+           "From: \xe9t\xe9 <a@example.com>\r\n"
+           "Content-Type: text/plain; charset=x-bogus-42\r\n\r\n").encode("utf-8") + "grüße aus köln".encode("latin-1")
+    view = mailview.build(raw)
+    assert "Привет" in (view.header("subject") or "")
+    assert "köln" in view.text  # unknown charset falls back to UTF-8, then cp1252
+    found = tokenizer.tokens(view)
+    assert "köln" in found and "subject:привет" in found
+
+
+def test_html_is_rendered_and_tricks_found() -> None:
+    raw = (b"Content-Type: text/html\n\n<html><head><style>p{}</style></head><body>"
+           b"<p>V<!-- x -->iagra <b>cheap</b></p><div style='display:none'>ham words ham words ham words</div>"
+           b"<a href='http://198.51.100.4/x'>http://www.example-bank.com/</a><img src='t.gif' width=1 height=1>"
+           b"</body></html>")
+    view = mailview.build(raw)
+    assert view.html is not None
+    assert "Viagra cheap" in view.html_text
+    assert "ham words" not in view.html_text
+    assert {"comment-in-word", "style-hidden", "hidden-text", "web-bug"} <= view.html.signs
+    found = tokenizer.tokens(view)
+    assert {"viagra", "Viagra", "url:ip-host", "sign:url_text_mismatch", "sign:hidden_html_text"} <= found
+
+
+def test_tokens_are_clean_and_bounded() -> None:
+    words = " ".join(f"w{i:06d}x" for i in range(60000))
+    raw = b"Subject: many words\n\n" + words.encode() + b"\nbad\x00token tab\there"
+    view = mailview.build(raw)
+    assert view.truncated
+    found = tokenizer.tokens(view)
+    assert len(found) <= tokenizer.MAX_TOKENS
+    assert not any(c.isspace() or not c.isprintable() for t in found for c in t)
+    assert tokenizer.tokens(view) == found  # deterministic, whatever the hash seed
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x00\xff" * 1000, b"Content-Type: multipart/mixed; boundary=x\n\n--x\n" * 200,
+                                 b"Content-Type: text/html\n\n" + b"<div>" * 100000, b"Subject: =?utf-8?b?!!!?=\n\n"],
+                         ids=["empty", "binary", "unclosed-multipart", "deep-html", "bad-encoded-word"])
+def test_malformed_input_never_raises(raw: bytes) -> None:
+    tokenizer.tokens(mailview.build(raw))
+
+
+def test_looks_random() -> None:
+    assert looks_random("xkqzjwp") and looks_random("a8f3k29d")
+    assert not looks_random("john.smith") and not looks_random("rpm-zzzlist") and not looks_random("hirschfeld")
+
+
+def test_bayes_orders_by_evidence() -> None:
+    model = bayes.Bayes({"cheap": (1, 40), "meeting": (40, 1), "neutral": (20, 20)}, 50, 50)
+    assert model.score({"cheap"}).score > 0.9
+    assert model.score({"meeting"}).score < 0.1
+    assert model.score({"neutral"}).score == 0.0 and not model.score({"neutral"}).clues
+    assert model.score({"unknown"}).clues == []
+    model.learn({"cheap"}, is_spam=False, count=1)
+    assert model.counts["cheap"] == (2, 40) and model.nham == 51
+
+
+def test_rule_language() -> None:
+    rule = parse_rule("PILLS 0.8 standard,hard body \\bpills\\b")
+    assert (rule.kind, rule.weight, rule.method) == ("body", 0.8, "rules")
+    assert parse_rule("NO_FROM 1 all check missing_from").method == "headers"
+    assert parse_rule("SUBJ 0.5 all header:Subject (?i)free").target == "subject"
+    for bad in ("X 1 all body (unclosed", "X 1 loud body a", "X lots all body a", "X 1 all check nosuch",
+                "X 1 all teleport a", "bad-name 1 all body a", "X 99 all body a", "X 1 all body a\tb"):
+        with pytest.raises(RuleError):
+            parse_rule(bad)
+    with pytest.raises(RuleError):
+        parse_rules("A 1 all body a\nA 1 all body b\n")
+    view = mailview.build(b"Subject: Free stuff\n\nBuy cheap PILLS   now\n")
+    found = tokenizer.tokens(view)
+    rules = RuleSet(parse_rules("P 0.8 all body cheap pills now\nS 0.5 hard header:subject (?i)free\n"
+                                "W 0.1 all words buy now\n"))
+    assert [h.name for h in rules.evaluate(view, found, "standard")] == ["P", "W"]
+    assert [h.name for h in rules.evaluate(view, found, "hard")] == ["P", "S", "W"]
+
+
+def test_default_rules_carry_no_gtube_literal() -> None:
+    text = open(os.path.join(os.path.dirname(bayes.__file__), "default.rules"), encoding="utf-8").read()
+    assert "GTUBE-STANDARD" not in text
+    assert any(rule.force for rule in default_rules())
+
+
+def test_masks() -> None:
+    senders = AddressList(["*@Example.COM", "boss?@corp.example"])
+    assert senders.matches("<User@example.com>") == "*@Example.COM"
+    assert senders.matches("boss1@corp.example") and not senders.matches("boss12@corp.example")
+    assert not senders.matches("") and not senders.matches("user@example.com.evil")
+    ips = IPList(["10.1.0.0/16", "2001:db8::/32", "192.0.2.*", "not an ip"])
+    assert ips.matches("10.1.200.3") and ips.matches("[2001:db8::1]") and ips.matches("192.0.2.77")
+    assert not ips.matches("10.2.0.1") and not ips.matches("garbage") and not ips.matches(None)
+
+
+def _small_db() -> SpamDatabase:
+    database = SpamDatabase.empty(default_rules(), DatabaseInfo(version="t1", date="2024-01-02", source="test"))
+    database.bayes.learn({"cheap", "pills", "subject:free"}, True)
+    database.bayes.learn({"meeting", "agenda"}, False)
+    return database
+
+
+def test_database_round_trip_and_determinism(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    database = _small_db()
+    path = str(tmp_path / "spam.db")
+    database.save(path)
+    loaded = SpamDatabase.load(path)
+    assert loaded.bayes.counts == database.bayes.counts
+    assert (loaded.bayes.nham, loaded.bayes.nspam) == (1, 1)
+    assert [r.line() for r in loaded.rules] == [r.line() for r in database.rules]
+    assert loaded.to_bytes() == database.to_bytes() == open(path, "rb").read()
+    assert [p.name for p in tmp_path.iterdir()] == ["spam.db"]  # no temp file left behind
+
+
+def test_damaged_database_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = _small_db().to_bytes()
+    for damaged in (data[:-10], data.replace(b"pills", b"pillz"), b"", b"garbage\n",
+                    data.replace(b"smtpgw-spam-db\t1", b"smtpgw-spam-db\t9")):
+        with pytest.raises(DatabaseError):
+            SpamDatabase.from_bytes(damaged)
+    with pytest.raises(DatabaseError):
+        SpamDatabase.load(str(tmp_path / "missing.db"))
+
+
+def test_formal_signs_of_the_reference() -> None:
+    from smtpgw.spam.formalsigns import run_check
+    raw = ("Subject: Great offer for you        xkqjzw\nX-Mailer: \n"
+           "Content-Type: text/plain; charset=big5\n\nhello").encode()
+    view = mailview.build(raw)
+    for name in ("missing_from", "missing_to", "empty_x_mailer", "subject_random_tail", "asian_charset"):
+        assert run_check(name, view), name
+    normal = mailview.build(b"From: Ann <ann@example.com>\nTo: bob@example.org\nSubject: lunch\nX-Mailer: Mutt\n\nhi")
+    for name in ("missing_from", "missing_to", "empty_x_mailer", "subject_random_tail", "asian_charset",
+                 "random_from", "random_to"):
+        assert not run_check(name, normal), name
+    assert run_check("random_from", mailview.build(b"From: xkqzjwbt@example.com\n\nhi"))

@@ -1,0 +1,214 @@
+"""SpamFilter end to end on the shipped database: GTUBE, lists, DNSBL, verdict marking."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from smtpgw import headers
+from smtpgw.spam import SpamFilter, SpamVerdict, as_log_fields, mark
+from smtpgw.spam.formalsigns import GTUBE
+from smtpgw.spam.spamfilter import default_bases
+
+CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                      "shared", "corpus")
+
+HAM = b"""From: Alice Example <alice@example.net>
+To: Bob <bob@example.org>
+Subject: Re: patch for the build script
+Date: Tue, 03 Sep 2002 10:00:00 +0100
+Message-ID: <20020903090000.GA1234@example.net>
+In-Reply-To: <20020902.bob@example.org>
+
+Bob, I tried your patch against the current CVS tree and the build now
+passes on my Debian box. One question though: why did you move the config
+parsing into the library? I think the makefile still references the old file,
+so 'make install' fails. Could you send an updated diff to the list?
+
+Thanks,
+Alice
+"""
+
+SPAM = b"""From: "Best Deals" <deals8841x@hotmail.com>
+To: undisclosed-recipients:;
+Subject: FREE Viagra!!! Lowest prices - ORDER NOW        xkqjzw
+Content-Type: text/html
+
+<html><body><font color="#ffffff">hidden words</font>
+<center><font size=5 color=red>LIMITED TIME OFFER!!!</font></center>
+<p>Click here to be removed: <a href="http://203.0.113.9/remove.php">remove</a></p>
+<p>Lowest prices on Viagra, 100% money back guarantee, order now! Act now,
+no obligation, risk free. Earn $5000 per week working from home!</p>
+<p>This email is not spam. You received it because you opted in.</p>
+<a href="http://203.0.113.9/order">http://www.paypal.com/secure</a>
+</body></html>
+"""
+
+
+def section(**overrides: object) -> SimpleNamespace:
+    values: dict[str, object] = {"Check": True, "SpamDetection": "standard", "SpamSubjectPrefix": "[SPAM] ",
+                                 "ProbableSpamSubjectPrefix": "[Probable Spam] "}
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+@pytest.fixture(scope="module")
+def spam_filter() -> SpamFilter:
+    return SpamFilter(section(), None)
+
+
+def test_shipped_database_loads(spam_filter: SpamFilter) -> None:
+    info = spam_filter.database.info
+    assert os.path.dirname(spam_filter.path).startswith(default_bases())
+    assert spam_filter.database.bayes.nham > 1000 and spam_filter.database.bayes.nspam > 1000
+    assert info.date == "2005-03-11"
+    assert any(rule.name == "GTUBE" for rule in spam_filter.database.rules)
+
+
+def test_obvious_ham_and_spam(spam_filter: SpamFilter) -> None:
+    ham = spam_filter.classify(HAM, "192.0.2.1", "alice@example.net", ["bob@example.org"], [])
+    spam = spam_filter.classify(SPAM, "192.0.2.1", "deals8841x@hotmail.com", ["bob@example.org"], [])
+    assert ham.status == "Not Detected", ham
+    assert spam.status == "Spam", spam
+    assert ham.score < 0.1 < 0.9 <= spam.score
+
+
+def test_gtube_is_spam_even_in_ham(spam_filter: SpamFilter) -> None:
+    raw = HAM.replace(b"Thanks,", GTUBE.encode("ascii") + b"\nThanks,")
+    verdict = spam_filter.classify(raw, None, "alice@example.net", ["bob@example.org"], [])
+    assert verdict.status == "Spam"
+    assert verdict.method == "rules"
+    assert verdict.score == 1.0
+    assert "rule GTUBE" in verdict.reasons
+
+
+def test_white_lists_win(spam_filter: SpamFilter) -> None:
+    listed = SpamFilter(section(WhiteListSenders=["*@hotmail.com"], WhiteListIPs=["198.51.100.0/24"],
+                                BlackListIPs=["198.51.100.7"]), None)
+    by_sender = listed.classify(SPAM, None, "deals8841x@HOTMAIL.com", ["bob@example.org"], [])
+    assert (by_sender.status, by_sender.method) == ("Trusted", "white list")
+    by_ip = listed.classify(GTUBE.encode(), "198.51.100.7", "x@example.com", ["bob@example.org"], [])
+    assert by_ip.status == "Trusted"
+    assert by_ip.score == 0.0
+
+
+def test_white_recipients_need_every_recipient() -> None:
+    listed = SpamFilter(section(WhiteListRecipients=["postmaster@*"]), None)
+    alone = listed.classify(SPAM, None, "x@example.com", ["postmaster@example.org"], [])
+    assert alone.status == "Trusted"
+    mixed = listed.classify(SPAM, None, "x@example.com", ["postmaster@example.org", "bob@example.org"], [])
+    assert mixed.status == "Spam"
+
+
+def test_black_lists() -> None:
+    listed = SpamFilter(section(BlackListSenders=["*@spammer.example"], BlackListIPs=["203.0.113.0/24"],
+                                BlackListRecipients=["trap@example.org"]), None)
+    by_sender = listed.classify(HAM, None, "bulk@spammer.example", ["bob@example.org"], [])
+    assert (by_sender.status, by_sender.method, by_sender.score) == ("Blacklisted", "black list", 1.0)
+    by_ip = listed.classify(HAM, "::ffff:203.0.113.50", "alice@example.net", ["bob@example.org"], [])
+    assert by_ip.status == "Blacklisted"
+    by_trap = listed.classify(HAM, None, "alice@example.net", ["bob@example.org", "TRAP@example.org"], [])
+    assert by_trap.status == "Blacklisted"
+    clean = listed.classify(HAM, "192.0.2.9", "alice@example.net", ["bob@example.org"], [])
+    assert clean.status == "Not Detected"
+    tagged = mark(HAM, by_sender, section(), "tag")
+    assert headers.get_raw(tagged, "Subject") == b"[SPAM] Re: patch for the build script"
+
+
+def test_dnsbl_listing_adds_score(spam_filter: SpamFilter) -> None:
+    unknown = (b"From: Someone <someone@example.com>\nTo: bob@example.org\nSubject: qwzx\n"
+               b"Date: Tue, 03 Sep 2002 10:00:00 +0100\nMessage-ID: <abc@example.com>\n\nqwzxv plorf\n")
+    plain = spam_filter.classify(unknown, "192.0.2.1", "", ["bob@example.org"], [])
+    once = spam_filter.classify(unknown, "192.0.2.1", "", ["bob@example.org"], ["zen.example"])
+    twice = spam_filter.classify(unknown, "192.0.2.1", "", ["bob@example.org"], ["zen.example", "bl.example"])
+    assert plain.score < once.score < twice.score
+    assert plain.status == "Not Detected"
+    assert once.status in ("Probable Spam", "Spam") and once.method == "dnsbl"
+    assert any(reason.startswith("dnsbl zen.example +2.00") for reason in once.reasons)
+    off = SpamFilter(section(DNSBlackListWeight=0.0), None)
+    assert off.classify(unknown, "192.0.2.1", "", ["bob@example.org"], ["zen.example"]).score == plain.score
+    # A zone named twice counts once; a DNS failure never reaches classify.
+    repeated = spam_filter.classify(unknown, "192.0.2.1", "", ["bob@example.org"], ["zen.example", "zen.example"])
+    assert repeated.score == once.score
+
+
+def test_levels_order_thresholds() -> None:
+    raw = SPAM.replace(b"Viagra", b"pills")
+    scores = {}
+    for level in ("soft", "standard", "hard"):
+        verdict = SpamFilter(section(SpamDetection=level), None).classify(raw, None, "", ["bob@example.org"], [])
+        scores[level] = verdict.status
+    rank = {"Not Detected": 0, "Probable Spam": 1, "Spam": 2}
+    assert rank[scores["soft"]] <= rank[scores["standard"]] <= rank[scores["hard"]]
+
+
+def test_check_disabled() -> None:
+    verdict = SpamFilter(section(Check=False), None).classify(SPAM, None, "", [], [])
+    assert (verdict.status, verdict.method) == ("Not Detected", "not checked")
+
+
+def test_mark_headers_and_tag(spam_filter: SpamFilter) -> None:
+    raw = b"X-SpamTest-Status: Not Detected\r\nX-Spamtest-Rate: 0\r\n" + SPAM.replace(b"\n", b"\r\n")
+    verdict = spam_filter.classify(raw, None, "", ["bob@example.org"], [])
+    out = mark(raw, verdict, section(), "tag")
+    assert headers.count(out, "X-SpamTest-Status") == 1
+    assert headers.count(out, "X-SpamTest-Rate") == 1
+    assert headers.get_raw(out, "X-SpamTest-Status") == b"Spam"
+    assert headers.get_raw(out, "X-SpamTest-Method") == verdict.method.encode()
+    assert headers.get_raw(out, "Subject").startswith(b"[SPAM] FREE Viagra")
+    assert out.endswith(SPAM.replace(b"\n", b"\r\n").split(b"\r\n\r\n", 1)[1])
+    passed = mark(raw, verdict, section(), "pass")
+    assert headers.get_raw(passed, "Subject").startswith(b"FREE")
+    assert as_log_fields(verdict) == f'as-status="Spam", score={headers.get_raw(out, "X-SpamTest-Rate").decode()}, method="{verdict.method}"'
+
+
+def test_verdict_values_are_validated() -> None:
+    with pytest.raises(ValueError):
+        SpamVerdict("Spam\r\nX-Evil: 1", 1.0, "content")
+    with pytest.raises(ValueError):
+        SpamVerdict("Spam", 1.5, "content")
+    with pytest.raises(ValueError):
+        SpamVerdict("Spam", 1.0, "magic")
+
+
+def test_reload_keeps_old_database_on_damage(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    shipped = os.path.join(default_bases(), "spam", "spam.db")
+    target = tmp_path / "spam.db"
+    target.write_bytes(open(shipped, "rb").read())
+    own = SpamFilter(section(), str(tmp_path))
+    version = own.database.info.version
+    target.write_bytes(target.read_bytes()[:-200])  # truncated by a failed copy
+    assert own.reload() is False
+    assert own.database.info.version == version
+    assert own.classify(SPAM, None, "", ["bob@example.org"], []).status == "Spam"
+
+
+def test_reload_swaps_in_a_new_version(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from smtpgw.spam.database import SpamDatabase
+
+    shipped = SpamDatabase.load(os.path.join(default_bases(), "spam", "spam.db"))
+    shipped.save(str(tmp_path / "spam.db"))
+    own = SpamFilter(section(), str(tmp_path))
+    shipped.info.version = "next"
+    shipped.save(str(tmp_path / "spam.db"))
+    assert own.database.info.version != "next"
+    assert own.reload() is True
+    assert own.database.info.version == "next"
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(CORPUS, "spamassassin")), reason="corpus not present")
+def test_every_corpus_file_classifies(spam_filter: SpamFilter) -> None:
+    seen = 0
+    for folder, _dirs, files in os.walk(CORPUS):
+        for name in sorted(files):
+            if name.endswith(".md"):
+                continue
+            with open(os.path.join(folder, name), "rb") as src:
+                raw = src.read()
+            verdict = spam_filter.classify(raw, "192.0.2.1", "a@example.com", ["b@example.org"], [])
+            out = mark(raw, verdict, section(), "tag")
+            assert headers.count(out, "X-SpamTest-Status") == 1
+            seen += 1
+    assert seen > 4000

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Rebuild the shipped spam database (smtpgw/bases/spam/spam.db) byte for byte.
+
+Owns: turning the exact input list ``smtpgw/bases/spam/TRAINING_FILES.txt``
+(metadata, token exclusions, and one ``ham|spam SHA256 PATH`` line per
+message, paths relative to the corpus root) plus ``smtpgw/spam/default.rules``
+into the shipped database. The output depends only on those inputs: the date
+and version come from the list, tokens are written sorted, and every input
+file's SHA-256 is checked first.
+
+Usage:
+  python3 tools/train_spam_db.py                 rebuild smtpgw/bases/spam/spam.db
+  python3 tools/train_spam_db.py --check         rebuild in memory, compare with the shipped file
+  python3 tools/train_spam_db.py --write-list    regenerate the list from the corpus folder
+Options: --corpus DIR (default <repo>/../shared/corpus), --list FILE, --out FILE.
+
+Must never: train on a file whose hash differs from the list, or write the
+database other than atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from smtpgw.spam import training  # noqa: E402
+from smtpgw.spam.database import DatabaseInfo  # noqa: E402
+
+DEFAULT_LIST = os.path.join(REPO, "smtpgw", "bases", "spam", "TRAINING_FILES.txt")
+DEFAULT_OUT = os.path.join(REPO, "smtpgw", "bases", "spam", "spam.db")
+DEFAULT_CORPUS = os.path.join(os.path.dirname(REPO), "shared", "corpus")
+
+# Written at the top of a regenerated list: what the corpus is, and the tokens
+# that only describe where it was collected (the collector's hosts and
+# addresses, the corpus's obfuscation placeholders), which must not be learned.
+LIST_HEADER = """\
+# Exact input of the shipped spam database; see tools/train_spam_db.py.
+# Paths are relative to the corpus root (<repo>/../shared/corpus).
+version 2005.03.11-1
+date 2005-03-11
+source SpamAssassin public corpus (20030228 easy_ham, easy_ham_2, hard_ham, spam; 20050311 spam_2), 2868 ham / 1328 spam
+min-count 2
+# Collector artefacts: the corpus owner's hosts and addresses and the obfuscation placeholders.
+exclude taint.org
+exclude netnoteinc
+exclude jmason
+exclude slashnull
+exclude example.com
+exclude example.net
+exclude example.org
+exclude example.sourceforge
+exclude zzzz
+exclude yyyy
+exclude qqqq
+exclude localhost
+"""
+
+
+def sha256_of(path: str) -> str:
+    with open(path, "rb") as src:
+        return hashlib.sha256(src.read()).hexdigest()
+
+
+def write_list(corpus: str, out: str) -> int:
+    lines = [LIST_HEADER.rstrip("\n")]
+    for label in ("ham", "spam"):
+        folder = os.path.join(corpus, "spamassassin", label)
+        for name in sorted(os.listdir(folder)):
+            rel = f"spamassassin/{label}/{name}"
+            lines.append(f"{label} {sha256_of(os.path.join(corpus, rel))} {rel}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as dst:
+        dst.write("\n".join(lines) + "\n")
+    print(f"{out}: {len(lines) - 1} messages")
+    return 0
+
+
+def rebuild(corpus: str, list_path: str):  # type: ignore[no-untyped-def]
+    manifest = training.read_manifest(list_path)
+
+    def messages():  # type: ignore[no-untyped-def]
+        for is_spam, digest, rel in manifest.entries:
+            with open(os.path.join(corpus, rel), "rb") as src:
+                raw = src.read()
+            if hashlib.sha256(raw).hexdigest() != digest:
+                raise SystemExit(f"{rel}: SHA-256 differs from {list_path}")
+            yield rel, raw, is_spam
+
+    info = DatabaseInfo(version=manifest.version, date=manifest.date, source=manifest.source)
+    return training.build(messages(), training.default_rules(), info, manifest.exclude, manifest.min_count)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", default=DEFAULT_CORPUS)
+    parser.add_argument("--list", default=DEFAULT_LIST)
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--check", action="store_true", help="compare a rebuild with --out")
+    parser.add_argument("--write-list", action="store_true", help="regenerate --list from --corpus")
+    args = parser.parse_args(argv)
+    if args.write_list:
+        return write_list(args.corpus, args.list)
+    database = rebuild(args.corpus, args.list)
+    if args.check:
+        with open(args.out, "rb") as src:
+            same = src.read() == database.to_bytes()
+        print(f"{args.out}: {'identical to' if same else 'DIFFERS from'} a rebuild")
+        return 0 if same else 1
+    database.save(args.out)
+    print(f"{args.out}: {database.bayes.nham} ham, {database.bayes.nspam} spam, "
+          f"{len(database.bayes.counts)} tokens, {len(database.rules)} rules, {os.path.getsize(args.out)} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
