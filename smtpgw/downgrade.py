@@ -93,7 +93,7 @@ from itertools import chain
 
 from smtpgw import headers
 
-__all__ = ["MAX_DEPTH", "MAX_LINE", "MAX_PARTS", "needs_downgrade", "to_7bit"]
+__all__ = ["MAX_DEPTH", "MAX_LINE", "MAX_PARTS", "needs_downgrade", "qp_encode", "to_7bit"]
 
 log = logging.getLogger("smtpgw.downgrade")
 
@@ -174,7 +174,7 @@ def _content_type(head: bytes, default: str) -> tuple[str, str | None]:
         raise _Refused(f"unreadable Content-Type: {problem}") from problem
 
 
-def _qp_encode(data: bytes) -> bytes:
+def qp_encode(data: bytes) -> bytes:
     """Quoted-printable text (RFC 2045 §6.7): CRLF is a hard line break; anything else
     that is not printable (lone CR and LF too) an escape; soft breaks keep lines <= 76."""
     return CRLF.join(_qp_encode_line(line) for line in data.split(CRLF))
@@ -386,7 +386,7 @@ def _leaf(body: bytes, content_type: str, encoding: str) -> tuple[str | None, by
     if encoding not in _IDENTITY:
         raise _Refused(f"unknown Content-Transfer-Encoding {encoding!r} (RFC 2045 §6.4)")
     if content_type.startswith("text/"):
-        return "quoted-printable", _qp_encode(body)
+        return "quoted-printable", qp_encode(body)
     return "base64", _base64_lines(base64.b64encode(body), body)
 
 

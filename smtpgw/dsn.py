@@ -13,7 +13,6 @@ with BODY=8BITMIME when `dsn_body_type` says so).
 
 from __future__ import annotations
 
-import binascii
 import email.utils
 import logging
 import os
@@ -21,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from smtpgw import headers
+from smtpgw import downgrade, headers
 from smtpgw.notify import (
     Template,
     decode_subject,
@@ -362,6 +361,6 @@ def _returned_part(original: bytes, ret: Any, full_limit: int) -> tuple[bytes, b
     if block.isascii() and b"\0" not in block:
         return head + CRLF + block + CRLF, False
     # 8-bit header octets: quoted-printable keeps the DSN 7-bit (text/* may use it, RFC 2045 §6.1).
-    encoded = binascii.b2a_qp(block.replace(CRLF, b"\n"), istext=True).replace(b"\n", CRLF)
+    encoded = downgrade.qp_encode(block)
     head += headers.render("Content-Transfer-Encoding", "quoted-printable")
     return head + CRLF + encoded + CRLF, False
