@@ -298,7 +298,7 @@ class Gateway:
         if archive is not None:  # kmg-spec §3.9: a copy of every received message
             path, record = self.queue.msg_path(env.id), env.as_dict()
             self.committer.run(lambda: archive.put(env.id, path, record, "RCV"))
-        self.scanner.submit(env.id, env)
+        self.scanner.accept(env)
 
     def message_scanned(self, env: Envelope) -> None:
         self.sender.enqueue(env.id, env.next_attempt, env.priority, env)
@@ -323,7 +323,7 @@ class Gateway:
         event(env.id, "RELEASED, from=<%s>, nrcpt=%d, size=%d, check=%s", sender, len(recipients), env.size,
               "yes" if check else "no")
         if check:
-            self.scanner.submit(env.id, env)
+            self.scanner.accept(env)
         else:
             self.sender.enqueue(env.id, env=env)
         return env.id

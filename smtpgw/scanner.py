@@ -20,7 +20,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from smtpgw.log import event
-from smtpgw.queue import CHK, QUE, WFC, Envelope, Recipient, new_id
+from smtpgw.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Recipient, new_id
 from smtpgw.scanjob import CopyResult, ScanResult
 from smtpgw.workers import WorkerPool
 
@@ -51,8 +51,37 @@ class Scanner:
         return self.gw.cfg.limits.AntiviralSessions
 
     def load(self) -> None:
+        """At start: messages waiting for a split or a scan (recovery turned SPL into WFS)."""
+        for qid in self.queue.ids(WFS):
+            self.queue.move(qid, WFS, WFC)  # split again: the copies' IDs are the same each time
         for qid in self.queue.ids(WFC):
-            self.submit(qid)
+            env = self.queue.load(WFC, qid)
+            if env is not None:
+                self.accept(env)
+
+    def accept(self, env: Envelope) -> None:
+        """A message in WFC: split it when its recipients fall into several groups, then scan."""
+        groups: dict[str, list[str]] = {}
+        for rcpt in env.pending():
+            groups.setdefault(self.gw.cfg.group_for(env.sender, rcpt.addr).name, []).append(rcpt.addr)
+        if len(groups) < 2:
+            self.submit(env.id, env)
+            return
+        # kmg-spec §1.5 step 4: one virtual copy per group, WFC → WFS → SPL → copies in WFC.
+        self.queue.move(env.id, WFC, WFS)
+        self.queue.move(env.id, WFS, SPL)
+        children = []
+        for index, (name, rcpts) in enumerate(groups.items(), start=1):
+            child = Envelope.from_dict(env.as_dict())
+            child.id, child.srcid, child.group = f"{env.id}-{index}", env.id, name
+            wanted = set(rcpts)
+            child.recipients = [r for r in child.recipients if r.addr in wanted]
+            self.queue.add_message(child, WFC, link_from=self.queue.msg_path(env.id))
+            event(child.id, "SPLITTED, group=%s, nrcpt=%d, srcid=%s", name, len(child.recipients), env.id)
+            children.append(child)
+        self.queue.remove(env.id, SPL)
+        for child in children:
+            self.submit(child.id, child)
 
     def submit(self, qid: str, env: Envelope | None = None) -> None:
         if env is not None:

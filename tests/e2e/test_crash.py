@@ -60,3 +60,26 @@ def test_kill_minus_nine_under_load_loses_nothing(make_gateway, sink):
     assert not missing, f"accepted but never delivered: {missing}"
     duplicates = len(sink.messages) - len(delivered)
     print(f"{len(accepted)} accepted, {len(sink.messages)} delivered, {duplicates} duplicates")
+
+
+def test_a_split_interrupted_by_a_crash_is_done_again(make_gateway, sink):
+    """A record left in SPL goes back to WFS, and the split is redone with the same copy IDs."""
+    from smtpgw.queue import SPL, Envelope, Queue, Recipient, WFC, new_id
+
+    gw = make_gateway(sink.port, start=False, extra={
+        "smtpgw.group:lab": [("Recipients", "*@lab.example.test")],
+    })
+    queue = Queue(gw.queue)
+    env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test"), Recipient("y@lab.example.test")],
+                   received_at=time.time(), size=24)
+    with open(queue.msg_path(env.id), "wb") as f:
+        f.write(b"Subject: split\r\n\r\nbody\r\n")
+    half = Envelope.from_dict(env.as_dict())  # the first copy was made before the crash
+    half.id, half.srcid, half.recipients = f"{env.id}-1", env.id, half.recipients[:1]
+    queue.add_message(half, WFC, link_from=queue.msg_path(env.id))
+    queue.write_record(SPL, env)
+    gw.start()
+    got = sink.wait_for(2)
+    assert sorted(m.recipients[0] for m in got) == ["x@example.test", "y@lab.example.test"]
+    wait_until(lambda: not gw.queued(), 20, "empty queue")
+    assert len(sink.messages) == 2  # the copy made before the crash was not sent twice
