@@ -76,6 +76,7 @@ class Connection:
         self.out = bytearray()
         self.waiting: deque[tuple[Callable[[ServerReply], None], float]] = deque()
         self.timer: Timer | None = None
+        self.write_timer: Timer | None = None
         self.extensions: dict[str, str] = {}
         self.tls = False
         self.busy = False
@@ -140,6 +141,7 @@ class Connection:
     def _flush(self) -> None:
         if self.closed or self.sock is None:
             return
+        progress = False
         while self.out:
             try:
                 sent = self.sock.send(self.out)
@@ -149,7 +151,15 @@ class Connection:
                 self.fail(f"write to {self.host}[{self.ip}]: {exc}")
                 return
             del self.out[:sent]
+            progress = True
+        if self.write_timer is not None and (progress or not self.out):
+            self.write_timer.cancel()
+            self.write_timer = None
         if self.out:
+            # WriteTimeout: a peer that stops reading is given up (its window never opens)
+            if self.write_timer is None:
+                self.write_timer = self.loop.call_later(
+                    self.t.WriteTimeout, self.fail, f"timeout writing to {self.host}[{self.ip}]")
             self.loop.add_writer(self.sock, self._flush)
             return
         self.loop.remove_writer(self.sock)
@@ -455,8 +465,9 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
+        for timer in (self.timer, self.write_timer):
+            if timer is not None:
+                timer.cancel()
         if self._body is not None:
             self._body.close()  # type: ignore[attr-defined]
             self._body = None

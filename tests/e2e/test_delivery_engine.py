@@ -170,3 +170,41 @@ def test_queue_manager_under_load(make_gateway, sink):
     assert gw.cli("queue", "remove-all").returncode == 0
     wait_until(lambda: not gw.queued("QUE"), 20, "remove-all done")
     assert "-- 0 message(s)" in gw.cli("queue", "list").stdout or gw.queued("SND")
+
+
+def test_a_next_hop_that_stops_reading_meets_the_write_timeout(make_gateway):
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    release = threading.Event()
+
+    def stall() -> None:  # answers until DATA, then never reads again
+        conn, _ = server.accept()
+        f = conn.makefile("rb")
+        conn.sendall(b"220 stall.test\r\n")
+        for line in f:
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-stall.test\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go\r\n")
+                release.wait(60)  # hold the connection open, reading nothing
+                conn.close()
+                return
+            else:
+                conn.sendall(b"250 ok\r\n")
+
+    threading.Thread(target=stall, daemon=True).start()
+    try:
+        gw = make_gateway(server.getsockname()[1], extra={
+            "smtpgw.timeouts": [("WriteTimeout", "1")],
+            "smtpgw.limits": [("MaximalIncomingMessageSize", "60000"), ("MaximalIncomingSessionSize", "60000")]})
+        big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 30000  # 30 MB: more than the socket buffers
+        send(gw, ["x@example.test"], body=big)
+        gw.wait_log(r"rcpt=<x@example.test>.*status=deferred.*timeout writing to", timeout=60)
+    finally:
+        release.set()
+        server.close()
