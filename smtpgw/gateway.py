@@ -23,7 +23,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
 
 from smtpgw import access, dsn, log as logsetup, masks, mx, notify, routing, smtp
 from smtpgw.config import Config, ConfigError, load_config
@@ -34,7 +33,7 @@ from smtpgw.loop import EventLoop
 from smtpgw.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id
 from smtpgw.receiver import Listener, Session
 from smtpgw.scanner import Scanner
-from smtpgw.sender import Hop, Sender, literal_hops
+from smtpgw.sender import Hop, ResolveCallback, Sender, literal_hops
 from smtpgw.stats import Stats
 from smtpgw.store import Store
 
@@ -363,7 +362,7 @@ class Gateway:
             copy = lambda: archive.put(env.id, path, record, "SNT")  # noqa: E731
         self.committer.remove(env.id, SND, before=copy)
 
-    def resolve_destination(self, dest: routing.Destination, done: Callable[[list[Hop], str | None, str | None], None]) -> None:
+    def resolve_destination(self, dest: routing.Destination, done: ResolveCallback) -> None:
         """Next hops of a destination: an IP literal as is, ``localhost`` as loopback
         (RFC 6761 §6.3), a bracketed host by its addresses, a domain by its MX (RFC 5321 §5.1)."""
         hops = literal_hops(dest)

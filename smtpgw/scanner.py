@@ -193,7 +193,7 @@ class Scanner:
 
     def _queue_notifications(self, env: Envelope, copy: CopyResult) -> None:
         """Notifications the worker wrote become outgoing mail (they are archived like any)."""
-        for index, note in enumerate(copy.notes.get("notifications", []), start=1):
+        for note in copy.notes.get("notifications", []):
             path = note["path"]
             notice = Envelope(
                 id=new_id(), sender=note["from"], recipients=[Recipient(addr=a) for a in note["to"]],
