@@ -263,7 +263,7 @@ def install_bases(install: Install) -> bool:
     never replacing a newer one. The configuration's paths are used when it loads."""
     package = install.staged(install.prefix)
     sys.path.insert(0, package)
-    from smtpgw import updater  # the installed code, not this folder's
+    from smtpgw import updater, updateset  # the installed code, not this folder's
     from smtpgw.config import ConfigError, load_config
 
     report = updater.Report(sys.stdout, level=3)
@@ -272,8 +272,8 @@ def install_bases(install: Install) -> bool:
     with tempfile.TemporaryDirectory(prefix="postinstall.", dir=updates) as scratch:
         update_set = os.path.join(scratch, "set")
         try:
-            updater.build_update_set(os.path.join(package, "smtpgw", "bases"), update_set)
-        except updater.UpdateError as exc:
+            updateset.build_update_set(os.path.join(package, "smtpgw", "bases"), update_set)
+        except updateset.UpdateError as exc:
             print(f"warning: the shipped bases are not installed: {exc}")
             return True
         options = updater.build_parser().parse_args(["-s", update_set, "-t", scratch])

@@ -16,7 +16,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from smtpgw.dns import A, Answer, Resolver  # noqa: E402
+from smtpgw.dns import Answer, Resolver  # noqa: E402
+from smtpgw.dnswire import A  # noqa: E402
 from smtpgw.loop import EventLoop  # noqa: E402
 from tests.support.dns import start_dnsmasq  # noqa: E402
 

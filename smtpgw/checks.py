@@ -18,8 +18,9 @@ import ipaddress
 from typing import TYPE_CHECKING, Callable
 
 from smtpgw import access, smtp
-from smtpgw.dns import A, AAAA, MX, Answer
+from smtpgw.dns import Answer
 from smtpgw.dnsbl import DNSBLChecker
+from smtpgw.dnswire import AAAA, MX, A
 from smtpgw.smtp import Reply
 
 if TYPE_CHECKING:

@@ -16,7 +16,8 @@ import logging
 from functools import partial
 from typing import Callable, Iterable
 
-from smtpgw.dns import A, Answer, Lookup, Resolver, reverse_labels
+from smtpgw.dns import Answer, Lookup, Resolver
+from smtpgw.dnswire import A, reverse_labels
 from smtpgw.loop import Timer
 
 __all__ = ["DNSBLChecker", "DNSBLCheck", "is_listing"]

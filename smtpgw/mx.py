@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Sequence
 
-from smtpgw.dns import A, AAAA, ERROR_BAD_NAME, MX, Answer, Lookup, Resolver
+from smtpgw.dns import ERROR_BAD_NAME, Answer, Lookup, Resolver
+from smtpgw.dnswire import AAAA, MX, A
 
 __all__ = ["NextHops", "NextHopLookup", "address_literal", "resolve_host", "resolve_next_hops", "MAX_MX_HOSTS"]
 

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from smtpgw import dns
-from smtpgw.dns import AAAA, MX, NXDOMAIN, PTR, SERVFAIL, TXT, A, Resolver
+from smtpgw.dns import Resolver
+from smtpgw.dnswire import AAAA, MX, NXDOMAIN, PTR, SERVFAIL, TXT, A
 from smtpgw.loop import EventLoop
 from tests.support.dns import (
     CNAMES, HOSTS, MISSING_NAME, MX_RECORDS, PTR_RECORDS, TTL, TXT_RECORDS, ZONE, ScriptedDNSServer, ask,

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from smtpgw.dns import Resolver, reverse_labels
+from smtpgw.dns import Resolver
 from smtpgw.dnsbl import DNSBLChecker, is_listing
+from smtpgw.dnswire import reverse_labels
 from smtpgw.loop import EventLoop
 from tests.support.dns import DNSBL_ZONES, ScriptedDNSServer
 

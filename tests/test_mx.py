@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from smtpgw.dns import A, Resolver
+from smtpgw.dns import Resolver
+from smtpgw.dnswire import A
 from smtpgw.loop import EventLoop
 from smtpgw.mx import NextHops, resolve_next_hops
 from tests.support.dns import (

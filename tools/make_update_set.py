@@ -6,7 +6,7 @@ Usage:
 
 BASES is a bases folder (e.g. smtpgw/bases, or a host's BasesPath after training);
 OUT, which must be new or empty, receives ``index.json``, ``bases/...`` and
-``clamd/...`` (the format is described in smtpgw/updater.py). The version and date
+``clamd/...`` (the format is described in smtpgw/updateset.py). The version and date
 default to the spam database's; ``--clamd`` adds clamd signature files (.ndb,
 .hdb, .ldb, .cvd, ...), checked with clamscan as keepup2date will check them.
 Publish OUT with any web server, or share it as a folder.
@@ -24,7 +24,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from smtpgw.updater import UpdateError, build_update_set  # noqa: E402
+from smtpgw.updateset import UpdateError, build_update_set  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
