@@ -6,7 +6,9 @@ stage judges — body parts, attachments, encapsulated messages
 gzip archives — with each object's name, MIME type, decoded content and, for
 MIME entities and uuencoded blocks, its byte span in the original message;
 and rebuilding the message with objects removed or replaced while every other
-byte stays as it was.
+byte stays as it was. Bodies are decoded by ``smtpgw.transfer`` and archives
+read, within their bounds, by ``smtpgw.archives``; this module makes tree
+nodes of what they return.
 
 Must never: raise on malformed input (malformations become ``defects`` and, when
 content cannot be obtained, an object with status ``error``), run a
@@ -14,23 +16,9 @@ subprocess, write anything to disk, or re-serialise untouched parts through
 ``email.generator`` (no re-encoding, no header refolding).
 
 Decisions (documented behaviour):
-* base64 (RFC 2045 §6.8): characters outside the alphabet are ignored (a
-  defect), as the RFC says and mail readers do; a body of pure base64 whose
-  data ends in a quantum of a single character was cut short and makes the
-  object ``error`` (with foreign characters mixed in, the stray character is
-  dropped as noise).
-  Missing padding and data after padding (concatenated encodings, list
-  footers) are defects only; every segment after padding is decoded too.
-* quoted-printable (RFC 2045 §6.7) is decoded leniently, as mail readers do:
-  a bad ``=XY`` escape stays literal and is recorded as a defect, never an error.
-* An unknown Content-Transfer-Encoding is decoded as identity (RFC 2045 §6.4
-  says to treat the part as application/octet-stream); a defect is recorded.
-* Archives are recognised by their magic bytes, not by their names.
-  ``MaximalArchiveMembers`` and ``MaximalExpandedSize`` are budgets for the
-  whole message (they bound the work one message can cause);
-  ``MaximalArchiveDepth`` bounds archive nesting; ``MaximalCompressionRatio``
-  applies per member once its output passes ``RATIO_FLOOR`` (small members
-  cannot be bombs). MIME nesting has its own bound, ``MAX_MIME_DEPTH``.
+* Transfer encodings are decoded leniently, as ``smtpgw.transfer`` documents;
+  archive bounds are per message, as ``smtpgw.archives`` documents. MIME
+  nesting has its own bound, ``MAX_MIME_DEPTH``.
 * A leading mbox ``From `` line (RFC 4155) is skipped, not parsed as a header.
 
 Paths name objects the way an IMAP client numbers parts (RFC 3501 §6.4.5),
@@ -41,38 +29,44 @@ joined with ``/``; a named object adds ``:name``; objects inside a named object
 
 from __future__ import annotations
 
-import binascii
-import io
 import mimetypes
 import re
-import struct
-import tarfile
-import zipfile
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from email.errors import HeaderParseError
 from email.header import decode_header
-from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from smtpgw import headers
+from smtpgw.archives import (
+    ARCHIVE_ERRORS,
+    Budget,
+    LimitExceeded,
+    Limits,
+    Member,
+    archive_format,
+)
+from smtpgw.transfer import (
+    IDENTITY_ENCODINGS,
+    UU_BEGIN,
+    UU_END,
+    decode_transfer,
+    decode_uu_lines,
+)
 from smtpgw.notify import encode_text
 from smtpgw.policy import ERROR, PROTECTED
 
 __all__ = [
     "ERROR",
     "PROTECTED",
+    "Edit",
     "Limits",
     "MimeObject",
     "MimeTree",
-    "Edit",
     "decompose",
     "rebuild",
 ]
 
-CHUNK = 64 * 1024  # decompression step: bounded memory per read
-RATIO_FLOOR = 1 << 20  # a member must expand past 1 MiB before its ratio counts
 MAX_MIME_DEPTH = 32  # nested multiparts and messages
 MAX_MIME_PARTS = 5000  # MIME entities per message
 MAX_HEADER_FIELDS = 500  # fields examined per entity header
@@ -81,56 +75,9 @@ MAX_NAME = 255
 
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")  # RFC 5322 §3.6.8 field-name, obs WSP
 _BLANK_LINE = re.compile(rb"\n\r?\n")
-_B64_INVALID = re.compile(rb"[^A-Za-z0-9+/=]")
-_B64_SPACE = b" \t\r\n\f\v"
-_QP_BAD_ESCAPE = re.compile(rb"=(?![0-9A-Fa-f]{2}|\r?\n|[ \t]*\r?$)", re.M)
-_UU_BEGIN = re.compile(rb"^begin +([0-7]{1,4}) +([^\r\n]+?)\r?$", re.M)
-_UU_END = re.compile(rb"^end[ \t]*\r?$", re.M)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TYPES = mimetypes.MimeTypes()
-_IDENTITY = {"", "7bit", "8bit", "binary"}
 _MIME_FIELDS = {"content-type", "content-transfer-encoding", "content-disposition"}
-_UUENCODE = {"x-uuencode", "uuencode", "x-uue", "uue"}
-
-# The stdlib archive readers report malformed input through this family.
-_ARCHIVE_ERRORS = (
-    zipfile.BadZipFile,
-    zipfile.LargeZipFile,
-    tarfile.TarError,
-    zlib.error,
-    struct.error,
-    EOFError,
-    OSError,
-    ValueError,
-    NotImplementedError,
-    RuntimeError,
-    KeyError,
-    IndexError,
-    OverflowError,
-    UnicodeError,
-)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Decomposition bounds, from ``[smtpgw.ave]`` (KB values converted to bytes)."""
-
-    max_depth: int = 8
-    max_members: int = 1000
-    max_expanded: int = 102400 * 1024
-    max_ratio: int = 100
-    scan_archives: bool = True
-
-    @classmethod
-    def from_ave(cls, ave: Any) -> Limits:
-        return cls(
-            max_depth=int(getattr(ave, "MaximalArchiveDepth", cls.max_depth)),
-            max_members=int(getattr(ave, "MaximalArchiveMembers", cls.max_members)),
-            max_expanded=int(getattr(ave, "MaximalExpandedSize", 102400)) * 1024,
-            max_ratio=int(getattr(ave, "MaximalCompressionRatio", cls.max_ratio)),
-            scan_archives=bool(getattr(ave, "ScanArchives", True)),
-        )
-
 
 @dataclass(eq=False)
 class MimeObject:
@@ -196,10 +143,6 @@ class Edit:
 
     node: MimeObject
     text: str | None = None
-
-
-class _LimitExceeded(Exception):
-    """A decomposition bound was crossed; the message says which."""
 
 
 # region header fields and parameters
@@ -388,132 +331,6 @@ def _filename(fields: dict[str, bytes], params: dict[str, str]) -> str:
 
 
 # endregion
-# region transfer encodings
-
-
-def _decode_base64(body: bytes) -> tuple[bytes | None, str]:
-    """(data, problem); data is None when the encoding is truncated (RFC 2045 §6.8)."""
-    cleaned = body.translate(None, _B64_SPACE)
-    problems: list[str] = []
-    if _B64_INVALID.search(cleaned):
-        # RFC 2045 §6.8: characters outside the alphabet are to be ignored
-        problems.append("characters outside the base64 alphabet ignored")
-        cleaned = _B64_INVALID.sub(b"", cleaned)
-    segments = re.split(rb"=+", cleaned)
-    if len(segments[0]) % 4 == 1 and not problems:
-        # clean base64 that ends mid-quantum was cut short in transfer; with
-        # foreign characters mixed in (list footers) the stray one is noise
-        return None, "truncated base64 (a final quantum of one character)"
-    if any(segments[1:]):
-        problems.append("base64 data after padding")
-    out = bytearray()
-    for segment in segments:
-        segment = segment[: len(segment) - 1] if len(segment) % 4 == 1 else segment
-        out += binascii.a2b_base64(segment + b"=" * (-len(segment) % 4))
-    return bytes(out), "; ".join(problems)
-
-
-def _decode_uu_lines(lines: list[bytes]) -> bytes | None:
-    """Decode uuencoded lines; None when a line cannot be decoded."""
-    out = bytearray()
-    for line in lines:
-        line = line.rstrip(b"\r\n")
-        if not line:
-            continue
-        try:
-            out += binascii.a2b_uu(line)
-        except binascii.Error:
-            # Some encoders pad lines oddly; decode just the declared length
-            # (the same workaround CPython's uu module used).
-            nbytes = (((line[0] - 32) & 63) * 4 + 5) // 3
-            try:
-                out += binascii.a2b_uu(line[:nbytes])
-            except binascii.Error:
-                return None
-    return bytes(out)
-
-
-def _decode_transfer(cte: str, body: bytes) -> tuple[bytes | None, str, str]:
-    """(data, error, defect) for one body under its Content-Transfer-Encoding."""
-    if cte in _IDENTITY:
-        return body, "", ""
-    if cte == "base64":
-        data, problem = _decode_base64(body)
-        return (None, problem, "") if data is None else (data, "", problem)
-    if cte == "quoted-printable":
-        defect = "invalid quoted-printable escape" if _QP_BAD_ESCAPE.search(body) else ""
-        return binascii.a2b_qp(body), "", defect
-    if cte in _UUENCODE:
-        begin = _UU_BEGIN.search(body)
-        lines = body[begin.end() if begin else 0 :].splitlines()
-        ending = next((i for i, line in enumerate(lines) if _UU_END.match(line)), len(lines))
-        data = _decode_uu_lines(lines[:ending])
-        return (None, "undecodable uuencoded body", "") if data is None else (data, "", "")
-    return body, "", f"unknown Content-Transfer-Encoding {cte!r} read as binary"
-
-
-# endregion
-# region archives
-
-
-def _archive_format(data: bytes) -> str:
-    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08"):
-        return "zip"
-    if data[:2] == b"\x1f\x8b":
-        return "gzip"
-    if len(data) >= 512 and data[257:262] == b"ustar":
-        return "tar"
-    return ""
-
-
-def _zip_directory_too_big(data: bytes, limits: Limits) -> str:
-    """Refuse, before zipfile reads it, a central directory that exceeds the member
-    bound (zipfile would build one ZipInfo per entry, APPNOTE 4.3.16)."""
-    eocd = data.rfind(b"PK\x05\x06", max(0, len(data) - 65557))
-    if eocd < 0 or eocd + 22 > len(data):
-        return ""
-    entries, cd_size = struct.unpack("<HI", data[eocd + 10 : eocd + 16])
-    if entries != 0xFFFF and entries > limits.max_members:
-        return f"{entries} members exceed MaximalArchiveMembers ({limits.max_members})"
-    if cd_size != 0xFFFFFFFF and cd_size > limits.max_members * 512:
-        return f"central directory of {cd_size} bytes exceeds MaximalArchiveMembers"
-    return ""
-
-
-def _gzip_name(data: bytes) -> str:
-    """The original file name stored in a gzip header (RFC 1952 §2.3.1 FNAME)."""
-    if len(data) < 10:
-        return ""
-    flags, pos = data[3], 10
-    if flags & 0x04 and len(data) >= 12:  # FEXTRA
-        pos += 2 + int.from_bytes(data[10:12], "little")
-    if not flags & 0x08:
-        return ""
-    stop = data.find(b"\0", pos, pos + 1024)
-    return data[pos:stop].decode("latin-1") if stop > 0 else ""
-
-
-def _gunzip_chunks(data: bytes) -> Iterator[bytes]:
-    """Decompress every gzip member (RFC 1952 §2.2) in bounded output chunks."""
-    pending = data
-    while pending:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        while True:
-            chunk = inflater.decompress(pending, CHUNK)
-            progress = bool(chunk) or len(inflater.unconsumed_tail) < len(pending)
-            pending = inflater.unconsumed_tail
-            if chunk:
-                yield chunk
-            if inflater.eof or not progress:
-                break
-        if not inflater.eof:
-            raise EOFError("truncated gzip stream")
-        pending = inflater.unused_data
-        if pending[:2] != b"\x1f\x8b":
-            return
-
-
-# endregion
 
 
 class _Decomposer:
@@ -523,8 +340,7 @@ class _Decomposer:
         self.limits = limits
         self.defects: list[str] = []
         self.parts = 0
-        self.members = 0
-        self.expanded = 0
+        self.archives = Budget(limits)
         self.outside = 0
 
     # region MIME entities
@@ -568,11 +384,11 @@ class _Decomposer:
         body = buf[body_start:end]
         multipart = ctype.startswith("multipart/")
         if multipart or ctype in ("message/rfc822", "message/global"):
-            if cte not in _IDENTITY:
+            if cte not in IDENTITY_ENCODINGS:
                 # RFC 2045 §6.4: composite types must not be encoded; decode anyway
                 # and parse the decoded copy, whose nodes have no span of their own.
                 self.defects.append(f"{label}: {ctype} with {cte} encoding")
-                data, error, _ = _decode_transfer(cte, body)
+                data, error, _ = decode_transfer(cte, body)
                 if data is None:
                     return self._leaf(node, None, error, cte)
                 buf, body_start, end, editable = data, 0, len(data), False
@@ -589,7 +405,7 @@ class _Decomposer:
                 node.path = number
                 return self._multipart(node, buf, body_start, end, boundary, depth, editable)
             self.defects.append(f"{label}: multipart without boundary")
-        data, error, defect = _decode_transfer(cte, body)
+        data, error, defect = decode_transfer(cte, body)
         if defect:
             self.defects.append(f"{label}: {defect}")
         return self._leaf(node, data, error, cte)
@@ -603,7 +419,7 @@ class _Decomposer:
         if self.limits.scan_archives:
             self._expand(node, 1)
         if not node.children and node.content_type.startswith("text/"):
-            self._uuencoded(node, cte in _IDENTITY and node.start is not None)
+            self._uuencoded(node, cte in IDENTITY_ENCODINGS and node.start is not None)
         return node
 
     def _multipart(
@@ -667,14 +483,14 @@ class _Decomposer:
             return
         pos = 0
         for _ in range(MAX_UU_BLOCKS):
-            begin = _UU_BEGIN.search(data, pos)
+            begin = UU_BEGIN.search(data, pos)
             if not begin:
                 return
             line_start = begin.end() + 1
-            finish = _UU_END.search(data, line_start)
+            finish = UU_END.search(data, line_start)
             block_end = len(data) if finish is None else min(len(data), finish.end() + 1)
             lines = data[line_start : finish.start() if finish else len(data)].splitlines()
-            content = _decode_uu_lines(lines)
+            content = decode_uu_lines(lines)
             name = _clean_name(_decode_text(begin.group(2))) or "uuencoded"
             child = MimeObject(
                 path=_member_path(node, name),
@@ -702,133 +518,36 @@ class _Decomposer:
 
     def _expand(self, node: MimeObject, depth: int) -> None:
         """Open ``node.data`` as an archive, adding its members as children."""
-        fmt = _archive_format(node.data or b"")
+        fmt = archive_format(node.data or b"")
         if not fmt:
             return
         node.archive = fmt
-        if depth > self.limits.max_depth:
-            node.status = ERROR
-            node.reason = f"archives nested deeper than MaximalArchiveDepth ({self.limits.max_depth})"
-            return
         try:
-            if fmt == "zip":
-                self._zip(node, depth)
-            elif fmt == "tar":
-                self._tar(node, depth)
-            else:
-                self._gzip(node, depth)
-        except _LimitExceeded as exc:
+            for member in self.archives.members_of(fmt, node.data or b"", node.name, depth):
+                self._member(node, member, depth)
+        except LimitExceeded as exc:
             node.status, node.reason = ERROR, str(exc)
-        except _ARCHIVE_ERRORS as exc:
+        except ARCHIVE_ERRORS as exc:
             node.status, node.reason = ERROR, f"corrupt {fmt} archive: {exc}"
 
-    def _member(self, parent: MimeObject, name: str) -> MimeObject:
-        if self.members >= self.limits.max_members:
-            raise _LimitExceeded(
-                f"more than MaximalArchiveMembers ({self.limits.max_members}) archive members"
-            )
-        self.members += 1
-        name = _clean_name(name) or "unnamed"
+    def _member(self, parent: MimeObject, member: Member, depth: int) -> None:
+        """Add one archive member as a child of ``parent`` and open it in turn."""
+        name = _clean_name(member.name) or "unnamed"
         child = MimeObject(
             path=_member_path(parent, name),
             kind="member",
             content_type=_guess_type(name),
             name=name,
+            data=member.data,
+            status=member.status,
+            reason=member.reason,
             parent=parent,
         )
         parent.children.append(child)
-        return child
-
-    def _read(self, chunks: Iterable[bytes], packed_size: int, out: bytearray) -> None:
-        """Collect decompressed output into ``out``, stopping as soon as a bound is crossed."""
-        limit = self.limits.max_ratio * max(packed_size, 1)
-        for chunk in chunks:
-            out += chunk
-            self.expanded += len(chunk)
-            if self.expanded > self.limits.max_expanded:
-                raise _LimitExceeded(
-                    f"expanded size above MaximalExpandedSize ({self.limits.max_expanded // 1024} KB)"
-                )
-            if len(out) > RATIO_FLOOR and len(out) > limit:
-                raise _LimitExceeded(
-                    f"compression ratio above MaximalCompressionRatio ({self.limits.max_ratio})"
-                )
-
-    def _fill(self, member: MimeObject, chunks: Iterable[bytes], packed_size: int, depth: int) -> None:
-        """Read one member; a ratio breach marks the member, a budget breach the archive.
-
-        A corrupt member keeps what could be read of it, which is still scanned.
-        """
-        out = bytearray()
-        try:
-            self._read(chunks, packed_size, out)
-        except _LimitExceeded as exc:
-            member.data = b""
-            member.status, member.reason = ERROR, str(exc)
-            if self.expanded > self.limits.max_expanded:
-                raise
-            return
-        except _ARCHIVE_ERRORS as exc:
-            _unreadable(member, exc)
-            member.data = bytes(out)
-            return
-        member.data = bytes(out)
-        self._expand(member, depth + 1)
-
-    def _zip(self, node: MimeObject, depth: int) -> None:
-        data = node.data or b""
-        refused = _zip_directory_too_big(data, self.limits)
-        if refused:
-            raise _LimitExceeded(refused)
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            for info in archive.infolist():
-                if info.is_dir():
-                    continue
-                member = self._member(node, info.filename)
-                # APPNOTE 4.4.4: bit 0 encrypted, bit 6 strong encryption
-                if info.flag_bits & 0x41:
-                    member.data = b""
-                    member.status, member.reason = PROTECTED, "encrypted zip member"
-                    continue
-                try:
-                    stream = archive.open(info)
-                except _ARCHIVE_ERRORS as exc:
-                    _unreadable(member, exc)
-                    continue
-                with stream:
-                    self._fill(member, iter(lambda: stream.read(CHUNK), b""), info.compress_size, depth)
-
-    def _tar(self, node: MimeObject, depth: int) -> None:
-        with tarfile.open(fileobj=io.BytesIO(node.data or b""), mode="r:") as archive:
-            for _ in range(self.limits.max_members + 1):  # directories and links count too
-                info = archive.next()
-                if info is None:
-                    return
-                if not info.isfile():
-                    continue
-                member = self._member(node, info.name)
-                stream = archive.extractfile(info)
-                if stream is None:
-                    continue
-                self._fill(member, iter(lambda: stream.read(CHUNK), b""), info.size, depth)
-            raise _LimitExceeded(
-                f"more than MaximalArchiveMembers ({self.limits.max_members}) archive entries"
-            )
-
-    def _gzip(self, node: MimeObject, depth: int) -> None:
-        data = node.data or b""
-        name = _gzip_name(data)
-        if not name:
-            outer = node.name or "unnamed"
-            lowered = outer.lower()
-            if lowered.endswith(".tgz"):
-                name = outer[:-4] + ".tar"
-            elif lowered.endswith(".gz"):
-                name = outer[:-3]
-            else:
-                name = outer + ".ungzipped"
-        member = self._member(node, name)
-        self._fill(member, _gunzip_chunks(data), len(data), depth)
+        if member.corrupt and parent.status is None:
+            parent.status, parent.reason = ERROR, f"corrupt member {name}: {member.corrupt}"
+        if member.status is None:
+            self._expand(child, depth + 1)
 
     # endregion
 
@@ -868,16 +587,6 @@ def _delimiters(buf: bytes, start: int, end: int, boundary: bytes) -> list[_Deli
         if close:
             return out
         pos = line_end
-
-
-def _unreadable(member: MimeObject, problem: Exception) -> None:
-    """A corrupt member makes its archive an error too, so that the archive as a
-    whole still goes to the scanner (which may read more of it than we did)."""
-    member.data = b""
-    member.status, member.reason = ERROR, f"unreadable archive member: {problem}"
-    archive = member.parent
-    if archive is not None and archive.status is None:
-        archive.status, archive.reason = ERROR, f"corrupt member {member.name}: {problem}"
 
 
 def _guess_type(name: str) -> str:
