@@ -61,7 +61,7 @@ ARCHIVE_ERRORS = (
     EOFError,
     OSError,
     ValueError,
-    NotImplementedError,
+    NotImplementedError,  # zipfile: a compression method it does not support
     RuntimeError,
     KeyError,
     IndexError,

@@ -58,20 +58,20 @@ def test_hup_reloads_the_configuration_and_keeps_the_old_one_when_broken(gateway
                                                                            "RelayRule=allow from 127.0.0.0/8 to *\n"))
     gateway.signal(signal.SIGHUP)
     gateway.wait_log(r"configuration reloaded")
-    c = RawClient(gateway.port)
-    c.reply()
-    c.cmd("EHLO c.test")
-    c.cmd("MAIL FROM:<a@b.test>")
-    assert c.cmd("RCPT TO:<x@blocked.test>")[0] == 550
+    assert rcpt_code(gateway, "x@blocked.test") == 550
     with open(gateway.config, "w") as f:
         f.write(original + "[smtpgw.bogus]\n")
     gateway.signal(signal.SIGHUP)
     gateway.wait_log(r"reload refused: .*smtpgw.conf:\d+: unknown section")
-    d = RawClient(gateway.port)
-    d.reply()
-    d.cmd("EHLO c.test")
-    d.cmd("MAIL FROM:<a@b.test>")
-    assert d.cmd("RCPT TO:<x@blocked.test>")[0] == 550  # the previous configuration is still in force
+    assert rcpt_code(gateway, "x@blocked.test") == 550  # the previous configuration is still in force
+
+
+def rcpt_code(gw, rcpt: str) -> int:
+    c = RawClient(gw.port)
+    c.reply()
+    c.cmd("EHLO c.test")
+    c.cmd("MAIL FROM:<a@b.test>")
+    return c.cmd(f"RCPT TO:<{rcpt}>")[0]
 
 
 def test_check_config_reports_file_and_line(gateway):
