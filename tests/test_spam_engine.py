@@ -9,6 +9,7 @@ import pytest
 from smtpgw.spam import bayes, mailview, tokenizer
 from smtpgw.spam.database import DatabaseError, DatabaseInfo, SpamDatabase
 from smtpgw.spam.formalsigns import looks_random
+from smtpgw.masks import ip_match, parse_ip_mask, wildcard_match
 from smtpgw.spam.lists import AddressList, IPList
 from smtpgw.spam.rules import RuleError, RuleSet, parse_rule, parse_rules
 from smtpgw.spam.training import default_rules
@@ -102,9 +103,28 @@ def test_masks() -> None:
     assert senders.matches("<User@example.com>") == "*@Example.COM"
     assert senders.matches("boss1@corp.example") and not senders.matches("boss12@corp.example")
     assert not senders.matches("") and not senders.matches("user@example.com.evil")
-    ips = IPList(["10.1.0.0/16", "2001:db8::/32", "192.0.2.*", "not an ip"])
+    ips = IPList(["10.1.0.0/16", "2001:db8::/32", "192.0.2.0/255.255.255.0", "not an ip", "198.51.100.*"])
     assert ips.matches("10.1.200.3") and ips.matches("[2001:db8::1]") and ips.matches("192.0.2.77")
+    assert ips.matches("::ffff:10.1.0.9") == "10.1.0.0/16"
     assert not ips.matches("10.2.0.1") and not ips.matches("garbage") and not ips.matches(None)
+    assert not ips.matches("198.51.100.1")  # refused by the config loader, so ignored here too
+
+
+def test_lists_agree_with_config_masks() -> None:
+    """Every IP mask the list keeps is one smtpgw.masks parses, and matching is the same."""
+    candidates = ["192.0.2.0/24", "192.0.2.*", "any", "[::1]", "10.0.0.0/255.0.0.0", "10.0.0.0/255.0.255.0"]
+    for mask in candidates:
+        try:
+            parse_ip_mask(mask)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert bool(IPList([mask])) == accepted
+        for ip in ("192.0.2.9", "::1", "10.9.8.7", "203.0.113.1"):
+            assert (IPList([mask]).matches(ip) is not None) == (accepted and ip_match(mask, ip))
+    for mask in ("*@example.com", "a?c@*", "*"):
+        for address in ("joe@example.com", "abc@x.test", "ABC@X.TEST"):
+            assert (AddressList([mask]).matches(address) is not None) == wildcard_match(mask, address)
 
 
 def _small_db() -> SpamDatabase:

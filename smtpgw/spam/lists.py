@@ -1,10 +1,13 @@
 """White and black lists of senders, recipients and client IPs ([smtpgw.antispam]).
 
-Owns: matching envelope and header addresses against the address masks of
-WhiteListSenders / BlackListSenders / WhiteListRecipients / BlackListRecipients
-(``*`` any run of characters, ``?`` one character, case-insensitive), and
-client IPs against WhiteListIPs / BlackListIPs (an address, a CIDR network, or a
-mask with ``*``), and deciding Trusted or Blacklisted.
+Owns: deciding Trusted or Blacklisted from WhiteListSenders / BlackListSenders
+/ WhiteListRecipients / BlackListRecipients (address masks) and WhiteListIPs /
+BlackListIPs (IP masks). The mask languages are those of ``smtpgw.masks`` —
+``wildcard_match`` for addresses (``*`` any run of characters, ``?`` one
+character, case-insensitive) and ``parse_ip_mask`` for IPs (an address, a CIDR
+network, an address/netmask, or ``any``) — the very functions the config loader
+validates these lists with, so a mask the config accepts matches here exactly as
+it does everywhere else in smtpgw.
 
 Decision order (our choice; the reference does not document it): white lists
 first, so a listed partner is never blocked by a broad black mask.
@@ -14,28 +17,24 @@ first, so a listed partner is never blocked by a broad black mask.
 * Blacklisted when the client IP is black, the envelope sender or From: address
   is black, or any recipient is black (a spam trap).
 
-Must never: raise on a malformed mask (it is logged once and ignored), or match
-a mask against more than ``MAX_ADDRESS`` characters.
+Must never: raise on a malformed mask (it is logged and ignored: the config
+loader already refuses such a line, so only hand-built sections carry one), or
+match a mask against more than ``MAX_ADDRESS`` characters.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from smtpgw.masks import IPMask, client_address, parse_ip_mask, wildcard_match
 
 log = logging.getLogger("smtpgw.spam.lists")
 
 TRUSTED = "Trusted"
 BLACKLISTED = "Blacklisted"
 MAX_ADDRESS = 320  # RFC 5321 §4.5.3.1: 64-octet local part + @ + 255-octet domain
-
-
-def _mask_regex(mask: str) -> re.Pattern[str]:
-    pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in mask.strip().lower())
-    return re.compile(f"^{pattern}$", re.S)
 
 
 def bare_address(address: str) -> str:
@@ -48,59 +47,45 @@ class AddressList:
 
     def __init__(self, masks: Iterable[str] | None) -> None:
         self.masks = [m.strip() for m in masks or () if m and m.strip()]
-        self._regexes = [_mask_regex(m) for m in self.masks]
 
     def __bool__(self) -> bool:
-        return bool(self._regexes)
+        return bool(self.masks)
 
     def matches(self, address: str) -> str | None:
         """The first mask matching ``address``, or None."""
         address = bare_address(address)
         if not address:
             return None
-        for mask, regex in zip(self.masks, self._regexes):
-            if regex.match(address):
+        for mask in self.masks:
+            if wildcard_match(mask, address):
                 return mask
         return None
 
 
 class IPList:
-    """Client IP masks: ``192.0.2.7``, ``192.0.2.0/24``, ``2001:db8::/32`` or ``192.0.2.*``."""
+    """Client IP masks: ``192.0.2.7``, ``192.0.2.0/24``, ``192.0.2.0/255.255.255.0``, ``2001:db8::/32``, ``any``."""
 
     def __init__(self, masks: Iterable[str] | None) -> None:
-        self.networks: list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network]] = []
-        self.patterns: list[tuple[str, re.Pattern[str]]] = []
+        self.masks: list[IPMask] = []
         for mask in masks or ():
-            mask = mask.strip()
-            if not mask:
-                continue
-            if "*" in mask or "?" in mask:
-                self.patterns.append((mask, _mask_regex(mask)))
+            if not mask or not mask.strip():
                 continue
             try:
-                self.networks.append((mask, ipaddress.ip_network(mask, strict=False)))
-            except ValueError:
-                log.warning("ignoring malformed IP mask %r", mask)
+                self.masks.append(parse_ip_mask(mask.strip()))
+            except ValueError as exc:
+                log.warning("ignoring IP list entry: %s", exc)
 
     def __bool__(self) -> bool:
-        return bool(self.networks or self.patterns)
+        return bool(self.masks)
 
     def matches(self, ip: str | None) -> str | None:
-        if not ip:
+        """The first mask covering the client ``ip`` (IPv4-mapped IPv6 unmapped), or None."""
+        address = client_address(ip.split("%", 1)[0]) if ip else None
+        if address is None:
             return None
-        try:
-            address = ipaddress.ip_address(ip.strip().strip("[]").split("%", 1)[0])
-        except ValueError:
-            return None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # ::ffff:192.0.2.1 is the IPv4 client (RFC 4291 §2.5.5.2)
-        for mask, network in self.networks:
-            if address.version == network.version and address in network:
-                return mask
-        text = str(address)
-        for mask, regex in self.patterns:
-            if regex.match(text):
-                return mask
+        for mask in self.masks:
+            if mask.matches(address):
+                return mask.text
         return None
 
 

@@ -38,9 +38,9 @@ METHODS = ("white list", "black list", "dnsbl", "headers", "content", "rules", "
 # public corpus with bench/spam_accuracy.py: "standard" keeps ham called Spam
 # under 0.1% and catches 97%+ of spam as Spam or Probable Spam.
 THRESHOLDS: dict[str, tuple[float, float]] = {
-    "soft": (0.70, 0.99),
-    "standard": (0.50, 0.90),
-    "hard": (0.40, 0.80),
+    "soft": (0.70, 0.995),
+    "standard": (0.50, 0.98),
+    "hard": (0.40, 0.90),
 }
 DEFAULT_LEVEL = "standard"
 
