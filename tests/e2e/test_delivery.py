@@ -153,6 +153,7 @@ def test_eight_bit_to_a_peer_without_8bitmime_is_converted_or_fails_cleanly(make
 def test_queue_remove_while_running(gateway, sink):
     sink.replies["RCPT"] = ["451 4.3.0 later"]
     send(gateway, ["x@example.test"])
+    gateway.wait_log(r"status=deferred")  # before its first attempt it sits in QUE too
     [qid] = wait_until(lambda: gateway.queued("QUE"), 10, "deferred message")
     assert gateway.cli("queue", "remove", "nosuchid").returncode == 4
     result = gateway.cli("queue", "remove", qid)
@@ -165,6 +166,7 @@ def test_queue_send_id_delivers_that_message_now(gateway, sink):
     sink.replies["RCPT"] = ["451 4.3.0 later", "451 4.3.0 later", "250 2.1.5 ok"]
     send(gateway, ["first@example.test"])
     send(gateway, ["second@example.test"])
+    gateway.wait_log(r"status=deferred", count=2)
     wait_until(lambda: len(gateway.queued("QUE")) == 2, 20, "two deferred messages")
     second = next(q for q in gateway.queued("QUE") if "second@example.test" in open(f"{gateway.queue}/QUE/{q}").read())
     assert gateway.cli("queue", "send", second).returncode == 0
