@@ -238,6 +238,11 @@ class Connection:
         if reply.code != 220:
             self._ready()  # opportunistic: carry on in the clear
             return
+        if self.parser.pending:
+            # RFC 3207 §4.2: nothing sent in the clear after 220 may be read as a TLS-time reply
+            self.fail(f"{self.host}[{self.ip}] sent data after its 220 to STARTTLS")
+            return
+        self.parser = smtp.ReplyParser()
         assert self.sock is not None and self.tls_context is not None
         self.loop.forget(self.sock)
         try:
@@ -386,7 +391,7 @@ class Connection:
         try:
             self._body = open(self.txn.msg_path, "rb")
         except OSError as exc:
-            self.fail(f"cannot read queue file: {exc}", retire_only=True)
+            self.fail(f"cannot read queue file: {exc}")  # the transaction ends deferred
             return
         self._line_start = True
         self._carry = b""

@@ -64,15 +64,22 @@ class Control:
         except OSError as exc:
             log.error("cannot read control directory %s: %s", self.folder, exc)
             names = []
-        for name in names:
-            path = os.path.join(self.folder, name)
-            if name in self.commands:
-                self._remove(path)
-                log.info("control command %s", name)
-                self.commands[name]()
-            elif name.startswith(".q_"):
-                self._request(path, name[3:])
-        self.timer = self.gw.loop.call_later(self.gw.cfg.options.ControlPollInterval, self.poll)
+        try:
+            for name in names:
+                path = os.path.join(self.folder, name)
+                try:
+                    if name in self.commands:
+                        self._remove(path)
+                        log.info("control command %s", name)
+                        self.commands[name]()
+                    elif name.startswith(".q_"):
+                        self._request(path, name[3:])
+                except Exception:  # one bad command must not stop the others, now or later
+                    log.exception("control file %s failed", name)
+                    if name.startswith(".q_"):
+                        self._answer(path, name[3:], SYSTEM_ERROR, "the gateway could not carry this out; see its log")
+        finally:
+            self.timer = self.gw.loop.call_later(self.gw.cfg.options.ControlPollInterval, self.poll)
 
     @staticmethod
     def _remove(path: str) -> None:

@@ -352,13 +352,16 @@ class Committer:
         return spare if spare is not None else self._create_tmp()
 
     def _refill(self) -> None:
+        fresh: list[TmpFile] = []
         try:
-            fresh = [self._create_tmp() for _ in range(self.SPARES)]
+            for _ in range(self.SPARES):
+                fresh.append(self._create_tmp())
+        except OSError as exc:  # out of descriptors or space: keep what was made
+            log.warning("cannot make spare queue files: %s", exc)
         finally:
             with self._spares_lock:
                 self._refilling = False
-        with self._spares_lock:
-            self._spares.extend(fresh)
+                self._spares.extend(fresh)
 
     def discard_tmp(self, tmp: TmpFile) -> None:
         """A message that will not be queued: drop its bytes."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 from smtpgw import smtp
 from smtpgw.checks import SessionChecks
 from smtpgw.log import event
+from smtpgw.loop import Timer
 from smtpgw.queue import Envelope, Recipient, TmpFile, new_id
 from smtpgw.smtp import Reply, SyntaxProblem
 
@@ -39,6 +40,7 @@ MAX_COMMAND_LINE = 2048  # RFC 5321 §4.5.3.1.4 says 512; extensions may lengthe
 MAX_DATA_LINE = 1000  # RFC 5321 §4.5.3.1.6, including CRLF
 READ_CHUNK = 65536
 MAX_PENDING_OUTPUT = 65536  # stop reading while a client does not read its replies
+CLOSE_GRACE = 10.0  # seconds for a closing session's last reply to leave
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,7 @@ class Session:
         self.discarding_line = False
         self.committing = False
         self.waiting_checks = False
+        self.close_timer: Timer | None = None
         self.checks = SessionChecks(gateway, self.ip)
         self.helo: str | None = None
         self.esmtp = False
@@ -231,6 +234,10 @@ class Session:
             return
         now = self.loop.time()
         deadline = self._next_deadline()
+        if self.committing:
+            # the client is waiting for us, not the reverse: a 421 now would be followed by a 250
+            self.timer = self.loop.call_later(1.0, self._on_timer)
+            return
         if now >= deadline:
             log.info("timeout after %s from [%s]", "DATA" if self.data else "command", self.ip)
             self.reset_transaction()
@@ -256,10 +263,12 @@ class Session:
                 if not chunk:
                     self.abort("connection closed by client")
                     return
-                self.inbuf += chunk
                 self.last_read = self.loop.time()
-                if self.committing and len(self.inbuf) > MAX_PENDING_OUTPUT:
-                    self.loop.remove_reader(self.sock)  # resumed by flush() after the reply
+                if self.closing:
+                    break  # input after our last reply is not read any more
+                self.inbuf += chunk
+                if (self.committing or self.waiting_checks) and len(self.inbuf) > MAX_PENDING_OUTPUT:
+                    self.loop.remove_reader(self.sock)  # resumed by flush() after the pause
                 if not self.tls or not self.sock.pending() or len(self.inbuf) > READ_CHUNK * 4:
                     break
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
@@ -294,11 +303,17 @@ class Session:
         self.loop.remove_writer(self.sock)
         if self.closing:
             self.close()
-        elif not self.handshaking and not self.closed:
+        elif self.handshaking:
+            if not isinstance(self.sock, ssl.SSLSocket):
+                self._begin_tls()  # the 220 to STARTTLS is out: the handshake may start
+        elif not self.closed:
             self.loop.add_reader(self.sock, self.on_readable)
 
     def close_with(self, r: Reply) -> None:
         self.reply(r)
+        if not self.closing:
+            # a client that never reads our last reply must not hold its slot for ever
+            self.close_timer = self.loop.call_later(CLOSE_GRACE, self.close)
         self.closing = True
         self.inbuf.clear()
         self.flush()
@@ -312,6 +327,8 @@ class Session:
             return
         self.closed = True
         self.timer.cancel()
+        if self.close_timer is not None:
+            self.close_timer.cancel()
         self.checks.cancel()
         self.reset_transaction()
         self.loop.forget(self.sock)
@@ -601,7 +618,10 @@ class Session:
                 "RECEIVED, from=<%s>, nrcpt=%d, size=%d, client=[%s], helo=<%s>, message_id=%s, flags=%s",
                 env.sender, len(env.recipients), env.size, env.client_ip, env.helo, env.message_id or "", flags,
             )
-            self.gw.message_received(env)  # even if the client has gone meanwhile: it is ours now
+            try:
+                self.gw.message_received(env)  # even if the client has gone meanwhile: it is ours now
+            except Exception:  # the message is durable in WFC: recovery or a retry picks it up
+                log.exception("%s: hand-off to the scanner failed", env.id)
             reply = smtp.QUEUED.format(env.id)
         if self.closed:
             return
@@ -659,11 +679,7 @@ class Session:
         self.reply(smtp.START_TLS)
         self.handshaking = True
         self.loop.remove_reader(self.sock)
-        self.flush()
-        if self.closed:
-            return
-        if not self.out:
-            self._begin_tls()
+        self.flush()  # starts the handshake once the 220 is out
 
     def _begin_tls(self) -> None:
         assert self.gw.ssl_context is not None

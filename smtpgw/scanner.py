@@ -44,7 +44,9 @@ class Scanner:
         self.inflight: set[str] = set()
         self.retries: dict[str, Any] = {}  # qid → timer of a deferred scan
         workers = max(1, min(self.limit, os.cpu_count() or 1))
-        self.pool = WorkerPool(self.loop, gateway.config_path, workers, self._done)
+        # a job gets three times the clamd time limit (at least 5 minutes) before its worker is replaced
+        job_timeout = max(300.0, 3.0 * float(gateway.cfg.ave.ScanTimeout or 0))
+        self.pool = WorkerPool(self.loop, gateway.config_path, workers, self._done, job_timeout)
 
     @property
     def limit(self) -> int:
@@ -67,6 +69,13 @@ class Scanner:
         if len(groups) < 2:
             self.submit(env.id, env)
             return
+        try:
+            self._split(env, groups)
+        except OSError as exc:  # done again from wherever it stopped (the copy IDs do not change)
+            log.error("%s: cannot split per group: %s", env.id, exc)
+            self._retry_later(env.id, RETRY_AFTER_CRASH)
+
+    def _split(self, env: Envelope, groups: dict[str, list[str]]) -> None:
         # kmg-spec §1.5 step 4: one virtual copy per group, WFC → WFS → SPL → copies in WFC.
         self.queue.move(env.id, WFC, WFS)
         self.queue.move(env.id, WFS, SPL)
@@ -95,18 +104,40 @@ class Scanner:
             env = self.envelopes.pop(qid, None) or self.queue.load(WFC, qid)
             if env is None:
                 continue
-            self.queue.move(qid, WFC, CHK)
-            self.inflight.add(qid)
-            self.pool.submit(qid, {"env": env.as_dict()})
+            try:
+                self.queue.move(qid, WFC, CHK)
+                self.inflight.add(qid)
+                self.pool.submit(qid, {"env": env.as_dict()})
+            except OSError as exc:  # no worker could be started, or the disk refused the rename
+                log.error("%s: cannot start its scan: %s", qid, exc)
+                self.inflight.discard(qid)
+                self._retry_later(qid, RETRY_AFTER_CRASH)
         self.gw.stats.set("antiviral_checking_sessions_current", len(self.inflight))
 
     def _retry_later(self, qid: str, delay: float) -> None:
-        self.queue.move(qid, CHK, WFC)
+        """Back to WFC (wherever the record got to) and a new scan after ``delay``."""
         self.retries[qid] = self.loop.call_later(delay, self._retry, qid)
+        state = self.queue.find(qid)
+        if state in (CHK, WFS, SPL):
+            try:
+                self.queue.move(qid, state, WFC)
+            except OSError as exc:
+                log.error("%s: cannot move back to WFC: %s", qid, exc)
 
     def _retry(self, qid: str) -> None:
         self.retries.pop(qid, None)
-        self.submit(qid)
+        state = self.queue.find(qid)
+        if state in (CHK, WFS, SPL):
+            try:
+                self.queue.move(qid, state, WFC)
+            except OSError as exc:
+                log.error("%s: cannot move back to WFC: %s", qid, exc)
+                self.retries[qid] = self.loop.call_later(RETRY_AFTER_CRASH, self._retry, qid)
+                return
+        if state is not None:
+            env = self.queue.load(WFC, qid)
+            if env is not None:
+                self.accept(env)
 
     def rescan_all(self) -> int:
         """``queue send-all``: deferred scans are tried now."""
@@ -144,7 +175,11 @@ class Scanner:
                 event(qid, 'SCAN DEFERRED, reason="%s"', result.deferred)
                 self._retry_later(qid, RETRY_AFTER_UNAVAILABLE)
             else:
-                self._apply(qid, result)
+                try:
+                    self._apply(qid, result)
+                except OSError as exc:  # the disk refused a step: the scan is done again later
+                    log.error("%s: cannot apply the scan result: %s", qid, exc)
+                    self._retry_later(qid, RETRY_AFTER_CRASH)
         self.pump()
 
     def _apply(self, qid: str, result: ScanResult) -> None:

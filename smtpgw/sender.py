@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("smtpgw.sender")
 
 IDLE_CONNECTION_SECONDS = 2.0  # as Postfix's smtp_connection_cache_time_limit
+RETRY_LOCAL_ERROR = 60  # seconds before a state the disk refused is written again
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 Destination = routing.Destination
@@ -133,7 +134,7 @@ class Sender:
     def send_all(self) -> int:
         items = [qid for _, _, qid in self.schedule]
         self.unreachable.clear()
-        self.schedule = [(0.0, -p, q) for _, p, q in self.schedule]
+        self.schedule = [(0.0, p, q) for _, p, q in self.schedule]  # p is already -priority
         heapq.heapify(self.schedule)
         self.kick()
         return len(items)
@@ -326,9 +327,9 @@ class Sender:
 
     def _send(self, conn: Connection, delivery: Delivery, path: str, size: int, body: str) -> None:
         env = delivery.env
+        conn.delivery = delivery  # type: ignore[attr-defined]  # before start: it may end at once
         conn.start(Transaction(sender=env.sender, recipients=delivery.recipients, msg_path=path, size=size,
                                body=body, ret=env.ret, envid=env.envid))
-        conn.delivery = delivery  # type: ignore[attr-defined]
 
     def _fail_delivery(self, conn: Connection, delivery: Delivery, status: str, why: str, counter: str) -> None:
         self.gw.stats.inc(counter)
@@ -354,16 +355,22 @@ class Sender:
 
         def converted(size: int | None, error: BaseException | None) -> None:
             conn.busy = False
-            if conn.closed:
-                state.queue.appendleft(delivery)
-                self.kick()
-            elif error is not None or size is None:
+            if size is not None:
+                delivery.converted = target  # removed when the delivery ends
+            if error is not None or conn.closed:
+                why = f"local error converting to 7-bit: {error}" if error else f"connection to {conn.host} lost"
+                for rcpt in delivery.recipients:
+                    self._record(delivery.env, rcpt, "deferred", "4.3.0" if error else "4.4.2",
+                                 f"x-smtpgw; {why}", conn.host, conn.ip)
+                self._delivery_finished(delivery)
+            elif size is None:
                 why = f"{conn.host} does not accept 8-bit data (no 8BITMIME) and the message cannot be converted"
                 self._fail_delivery(conn, delivery, "5.6.3", why, "mta_sendings_failed_for_8bitmime")
-                self._use(conn, state)
             else:
-                delivery.converted = target
                 self._send(conn, delivery, target, size, "7BIT")
+                return
+            if not conn.closed:
+                self._use(conn, state)
 
         self.gw.committer.call(convert, converted)
 
@@ -481,6 +488,13 @@ class Sender:
 
     def _finish(self, env: Envelope) -> None:
         """All deliveries of this attempt are over: done, or back to QUE with a back-off."""
+        try:
+            self._conclude(env)
+        except OSError as exc:  # the disk refused the new state: keep the attempt's results, try again
+            log.error("%s: cannot record the delivery attempt: %s; retrying in %ds", env.id, exc, RETRY_LOCAL_ERROR)
+            self.loop.call_later(RETRY_LOCAL_ERROR, self._finish, env)
+
+    def _conclude(self, env: Envelope) -> None:
         self._expired(env)  # past MaximalQueueLifetime, deferred recipients fail now
         for rcpt in env.pending():
             rcpt.state = "deferred"

@@ -282,6 +282,11 @@ class ReplyParser:
         self._buffer = bytearray()
         self._lines: list[str] = []
 
+    @property
+    def pending(self) -> bool:
+        """Bytes or lines of a reply not yet complete."""
+        return bool(self._buffer or self._lines)
+
     def feed(self, data: bytes) -> list[ServerReply]:
         self._buffer += data
         replies: list[ServerReply] = []

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from typing import Any, Callable
 
-from smtpgw.loop import EventLoop
+from smtpgw.loop import EventLoop, Timer
 
 log = logging.getLogger("smtpgw.workers")
 
@@ -43,6 +43,7 @@ class Worker:
         os.set_blocking(self.stdin, False)
         os.set_blocking(self.stdout, False)
         self.jobs: set[str] = set()
+        self.deadlines: dict[str, Timer] = {}
         self.out = bytearray()
         self.inbuf = bytearray()
         self.retiring = False
@@ -51,6 +52,8 @@ class Worker:
 
     def send(self, qid: str, payload: dict[str, Any]) -> None:
         self.jobs.add(qid)
+        # a job that takes far longer than any scan may means a stuck worker: it is replaced
+        self.deadlines[qid] = self.pool.loop.call_later(self.pool.job_timeout, self._overdue, qid)
         self.out += json.dumps({"qid": qid, **payload}, separators=(",", ":")).encode() + b"\n"
         self._flush()
 
@@ -97,21 +100,44 @@ class Worker:
                 self._died("worker sent an unreadable line")
                 return
             if qid in self.jobs:
-                self.jobs.discard(qid)
-                self.pool.on_result(qid, data)
+                self._job_done(qid)
+                self._deliver(qid, data)
             if self.retiring and not self.jobs:
                 self.close()
                 return
+
+    def _job_done(self, qid: str) -> None:
+        self.jobs.discard(qid)
+        timer = self.deadlines.pop(qid, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _deliver(self, qid: str, data: dict[str, Any]) -> None:
+        try:
+            self.pool.on_result(qid, data)
+        except Exception:  # one result that cannot be applied must not hold up the others
+            log.exception("%s: applying the scan result failed", qid)
+
+    def _overdue(self, qid: str) -> None:
+        self.deadlines.pop(qid, None)
+        if qid in self.jobs and not self.dead:
+            log.error("scanner worker %d: no result for %s in %ds; replacing it", self.proc.pid, qid,
+                      self.pool.job_timeout)
+            self.proc.kill()
+            self._died("job timeout")
 
     def _died(self, why: str) -> None:
         if self.dead:
             return
         log.error("scanner worker %d: %s (exit status %s)", self.proc.pid, why, self.proc.poll())
         jobs, self.jobs = self.jobs, set()
+        for timer in self.deadlines.values():
+            timer.cancel()
+        self.deadlines.clear()
         self.close()
         self.pool.worker_gone(self)
         for qid in jobs:
-            self.pool.on_result(qid, {"error": f"scanner worker died: {why}"})
+            self._deliver(qid, {"error": f"scanner worker died: {why}"})
 
     def close(self) -> None:
         """Close the worker's stdin: it finishes what it has and exits."""
@@ -130,8 +156,10 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, loop: EventLoop, config_path: str, size: int, on_result: ResultCallback) -> None:
+    def __init__(self, loop: EventLoop, config_path: str, size: int, on_result: ResultCallback,
+                 job_timeout: float = 600.0) -> None:
         self.loop = loop
+        self.job_timeout = job_timeout
         self.config_path = config_path
         self.size = max(1, size)
         self.on_result = on_result
@@ -167,7 +195,8 @@ class WorkerPool:
         """Close every worker; returns the jobs that had no result."""
         pending = [qid for w in self.workers for qid in w.jobs]
         for worker in list(self.workers):
-            worker.jobs.clear()
+            for qid in list(worker.jobs):
+                worker._job_done(qid)
             worker.close()
         for proc in self.exiting:
             try:
