@@ -10,9 +10,10 @@ Owns the public API used by the scanner and the command line:
     spam_filter.reload()                                          # after a database update
 
 Modules: ``mailview`` (bounded decoded view of a message), ``htmltext`` (HTML to
-text and HTML tricks), ``tokenizer``, ``formalsigns``, ``rules``, ``bayes``,
-``database`` (file format), ``lists`` (white/black lists), ``verdict``,
-``spamfilter``, ``training``, ``mailsource`` and ``cli``.
+text and HTML tricks), ``tokenizer``, ``received`` (trace-field hints),
+``formalsigns``, ``rules``, ``bayes``, ``database`` (file format), ``lists``
+(white/black lists), ``verdict``, ``spamfilter``, ``training``, ``mailsource``
+and ``cli``.
 
 Must never: do network I/O (DNSBL answers come from the receiver) or raise for
 any message bytes.

@@ -40,6 +40,14 @@ _SUBJECT_TAIL = re.compile(r"\S\s{3,}[A-Za-z0-9]{3,16}\s*$")
 _IP_HOST = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$|^0x[0-9a-f]+$|^\d{8,10}$", re.I)
 
 
+def registered_domain(host: str) -> str:
+    """The last two labels of ``host`` (three under a two-letter country second level)."""
+    labels = [label for label in host.split(".") if label]
+    if len(labels) >= 3 and len(labels[-1]) == 2 and len(labels[-2]) <= 3:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
 def looks_random(word: str) -> bool:
     """True for strings that look machine-made: ``xkqzjw``, ``a8f3k29d``, ``ttt73522``.
 
