@@ -54,6 +54,12 @@ class ScanResult:
         return cls(copies=[CopyResult(**c) for c in data.get("copies", [])], deferred=data.get("deferred"))
 
 
+def not_scanned(group: str, rcpts: list[str]) -> CopyResult:
+    """kmg-spec §3.13: a group with Check=false passes its mail through unchanged."""
+    return CopyResult(group=group, recipients=rcpts, notes={"status": "not scanned"},
+                      events=[f'AV-SCANNED, group={group}, status="not scanned", names="", nrcpt={len(rcpts)}'])
+
+
 def spam_action_for(group: Any, verdict: SpamVerdict) -> str:
     """The group's action for a spam verdict: ActionSpam, ActionProbableSpam (kmg-spec §10), else pass.
     A blacklisted sender counts as Spam."""
@@ -97,12 +103,9 @@ class Job:
 
     def _scan_group(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], index: int,
                     verdict: SpamVerdict | None) -> CopyResult:
-        copy = CopyResult(group=group.name, recipients=rcpts)
         if not group.Check:
-            # kmg-spec §3.13: Check=false passes the group's mail through unchanged
-            copy.events.append(f'AV-SCANNED, group={group.name}, status="not scanned", names="", nrcpt={len(rcpts)}')
-            copy.notes = {"status": "not scanned"}
-            return copy
+            return not_scanned(group.name, rcpts)
+        copy = CopyResult(group=group.name, recipients=rcpts)
         marked = raw
         spam_action = "pass"
         if verdict is not None:

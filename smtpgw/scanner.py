@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from smtpgw.log import event
 from smtpgw.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Recipient, new_id
-from smtpgw.scanjob import CopyResult, ScanResult
+from smtpgw.scanjob import CopyResult, ScanResult, not_scanned
 from smtpgw.workers import WorkerPool
 
 if TYPE_CHECKING:
@@ -104,8 +104,17 @@ class Scanner:
             env = self.envelopes.pop(qid, None) or self.queue.load(WFC, qid)
             if env is None:
                 continue
+            groups: dict[str, list[str]] = {}
+            unchecked = True
+            for rcpt in env.pending():
+                group = self.gw.cfg.group_for(env.sender, rcpt.addr)
+                groups.setdefault(group.name, []).append(rcpt.addr)
+                unchecked = unchecked and not group.Check
             try:
                 self.queue.move(qid, WFC, CHK)
+                if unchecked:  # nothing to scan: no need for a worker
+                    self._apply(qid, ScanResult([not_scanned(name, rcpts) for name, rcpts in groups.items()]), env)
+                    continue
                 self.inflight.add(qid)
                 self.pool.submit(qid, {"env": env.as_dict()})
             except OSError as exc:  # no worker could be started, or the disk refused the rename
@@ -182,9 +191,9 @@ class Scanner:
                     self._retry_later(qid, RETRY_AFTER_CRASH)
         self.pump()
 
-    def _apply(self, qid: str, result: ScanResult) -> None:
-        """Turn a worker's result into queue records: QUE copies, notifications; blocked copies end here."""
-        env = self.queue.load(CHK, qid)
+    def _apply(self, qid: str, result: ScanResult, env: Envelope | None = None) -> None:
+        """Turn a scan result into queue records: QUE copies, notifications; blocked copies end here."""
+        env = env or self.queue.load(CHK, qid)
         if env is None:
             return  # removed by the admin meanwhile
         self.gw.stats.inc("antiviral_checked_messages")
