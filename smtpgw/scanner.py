@@ -126,23 +126,25 @@ class Scanner:
     def _retry_later(self, qid: str, delay: float) -> None:
         """Back to WFC (wherever the record got to) and a new scan after ``delay``."""
         self.retries[qid] = self.loop.call_later(delay, self._retry, qid)
+        self._back_to_wfc(qid)
+
+    def _back_to_wfc(self, qid: str) -> str | None:
+        """Move a record left in CHK, WFS or SPL back to WFC; returns its state, "" when the disk refused."""
         state = self.queue.find(qid)
         if state in (CHK, WFS, SPL):
             try:
                 self.queue.move(qid, state, WFC)
             except OSError as exc:
                 log.error("%s: cannot move back to WFC: %s", qid, exc)
+                return ""
+        return state
 
     def _retry(self, qid: str) -> None:
         self.retries.pop(qid, None)
-        state = self.queue.find(qid)
-        if state in (CHK, WFS, SPL):
-            try:
-                self.queue.move(qid, state, WFC)
-            except OSError as exc:
-                log.error("%s: cannot move back to WFC: %s", qid, exc)
-                self.retries[qid] = self.loop.call_later(RETRY_AFTER_CRASH, self._retry, qid)
-                return
+        state = self._back_to_wfc(qid)
+        if state == "":
+            self.retries[qid] = self.loop.call_later(RETRY_AFTER_CRASH, self._retry, qid)
+            return
         if state is not None:
             env = self.queue.load(WFC, qid)
             if env is not None:
