@@ -692,10 +692,7 @@ class Session:
         self._handshake()
 
     def _handshake(self) -> None:
-        if not isinstance(self.sock, ssl.SSLSocket):
-            if not self.out:
-                self._begin_tls()
-            return
+        assert isinstance(self.sock, ssl.SSLSocket)  # flush() wraps the socket once the 220 is out
         try:
             self.sock.do_handshake()
         except ssl.SSLWantReadError:
