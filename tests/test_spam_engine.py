@@ -149,7 +149,7 @@ def test_database_round_trip_and_determinism(tmp_path) -> None:  # type: ignore[
 def test_damaged_database_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = _small_db().to_bytes()
     for damaged in (data[:-10], data.replace(b"pills", b"pillz"), b"", b"garbage\n",
-                    data.replace(b"smtpgw-spam-db\t1", b"smtpgw-spam-db\t9")):
+                    data.replace(b"smtpgw-spam-db\t2", b"smtpgw-spam-db\t9")):
         with pytest.raises(DatabaseError):
             SpamDatabase.from_bytes(damaged)
     with pytest.raises(DatabaseError):

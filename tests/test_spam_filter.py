@@ -126,7 +126,7 @@ def test_dnsbl_listing_adds_score(spam_filter: SpamFilter) -> None:
     assert plain.score < once.score < twice.score
     assert plain.status == "Not Detected"
     assert once.status in ("Probable Spam", "Spam") and once.method == "dnsbl"
-    assert any(reason.startswith("dnsbl zen.example +2.00") for reason in once.reasons)
+    assert any(reason.startswith("dnsbl zen.example +3.00") for reason in once.reasons)
     off = SpamFilter(section(DNSBlackListWeight=0.0), None)
     assert off.classify(unknown, "192.0.2.1", "", ["bob@example.org"], ["zen.example"]).score == plain.score
     # A zone named twice counts once; a DNS failure never reaches classify.

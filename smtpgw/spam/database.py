@@ -6,15 +6,19 @@ directory), and the lock that serialises writers (``spam learn``).
 
 Format (UTF-8 text, LF line ends, fields separated by one TAB)::
 
-    smtpgw-spam-db<TAB>1                      magic and format version
+    smtpgw-spam-db<TAB>2                      magic and format version
     version<TAB>2005.03.11-1                  database version (free text)
     date<TAB>2005-03-11                       date of the training data
     ham<TAB>2868                              messages trained as ham
     spam<TAB>1328                             messages trained as spam
     source<TAB>...                            where the training mail came from
     rules<TAB>N                               then N rule lines (see ``rules``)
-    tokens<TAB>M                              then M lines TOKEN<TAB>HAM<TAB>SPAM, sorted
+    terms-bias<TAB>-0.25                      bias of the learned term weights (see ``terms``)
+    tokens<TAB>M                              then M lines TOKEN<TAB>HAM<TAB>SPAM<TAB>WEIGHT, sorted
     end<TAB>SHA-256 of every byte before this line
+
+Format 1 (no ``terms-bias`` line, no WEIGHT column) still loads, with no
+term weights: the score is then the Bayes classifier's and the rules' alone.
 
 Why text and not sqlite3 or a binary format: the file is read whole at start-up
 (about 0.3 s for the shipped 2.6 MB) into a dict, which makes a lookup a hash
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -39,9 +44,11 @@ from dataclasses import dataclass, field
 
 from smtpgw.spam.bayes import Bayes
 from smtpgw.spam.rules import Rule, RuleError, parse_rule
+from smtpgw.spam.terms import MAX_WEIGHT, Terms
 
 MAGIC = "smtpgw-spam-db"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = ("1", "2")
 FILE_NAME = "spam.db"
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_COUNT = 2**31 - 1
@@ -64,15 +71,22 @@ class SpamDatabase:
     info: DatabaseInfo
     bayes: Bayes
     rules: list[Rule] = field(default_factory=list)
+    terms: Terms = field(default_factory=Terms)
 
     @classmethod
     def empty(cls, rules: list[Rule] | None = None, info: DatabaseInfo | None = None) -> SpamDatabase:
-        return cls(info or DatabaseInfo(), Bayes({}, 0, 0), list(rules or []))
+        return cls(info or DatabaseInfo(), Bayes({}, 0, 0), list(rules or []), Terms())
 
     # -- writing -------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """The file image; equal databases give equal bytes (sorted tokens, fixed fields)."""
+        """The file image; equal databases give equal bytes (sorted tokens, fixed fields).
+
+        A term weight is kept only for a token that has counts: a token the
+        Bayes classifier forgot (``learn`` with count -1) loses its weight too.
+        """
         info = self.info
+        terms = self.terms.rounded()
+        weights = terms.weights
         lines = [
             f"{MAGIC}\t{FORMAT_VERSION}",
             f"version\t{_one_line(info.version)}",
@@ -83,9 +97,11 @@ class SpamDatabase:
             f"rules\t{len(self.rules)}",
         ]
         lines.extend(rule.line() for rule in self.rules)
+        lines.append(f"terms-bias\t{_weight_text(terms.bias)}")
         counts = self.bayes.counts
         lines.append(f"tokens\t{len(counts)}")
-        lines.extend(f"{token}\t{ham}\t{spam}" for token, (ham, spam) in sorted(counts.items()))
+        lines.extend(f"{token}\t{ham}\t{spam}\t{_weight_text(weights.get(token, 0.0))}"
+                     for token, (ham, spam) in sorted(counts.items()))
         body = ("\n".join(lines) + "\n").encode("utf-8")
         return body + f"end\t{hashlib.sha256(body).hexdigest()}\n".encode("ascii")
 
@@ -139,9 +155,9 @@ class SpamDatabase:
         magic, version = reader.pair()
         if magic != MAGIC:
             raise DatabaseError(f"{where}: not a spam database")
-        if version != str(FORMAT_VERSION):
+        if version not in READABLE_FORMATS:
             raise DatabaseError(f"{where}: unsupported format version {version}")
-        info = DatabaseInfo(version=reader.value("version"), date=reader.value("date"))
+        info = DatabaseInfo(version=reader.value("version"), date=reader.value("date"), format=int(version))
         nham = reader.number("ham")
         nspam = reader.number("spam")
         info.source = reader.value("source")
@@ -152,9 +168,11 @@ class SpamDatabase:
                 rules.append(parse_rule(line.replace("\t", " "), f"{where}:{number}"))
             except RuleError as exc:
                 raise DatabaseError(str(exc)) from None
-        counts = reader.tokens(reader.number("tokens"))
+        weighted = info.format >= 2
+        bias = reader.weight("terms-bias") if weighted else 0.0
+        counts, weights = reader.tokens(reader.number("tokens"), weighted)
         reader.finish()
-        return cls(info, Bayes(counts, nham, nspam), rules)
+        return cls(info, Bayes(counts, nham, nspam), rules, Terms(weights, bias))
 
 
 class _Lines:
@@ -192,21 +210,31 @@ class _Lines:
             raise DatabaseError(f"{self.where}:{self.pos}: bad {key} count {text!r}")
         return int(text)
 
-    def tokens(self, count: int) -> dict[str, tuple[int, int]]:
+    def weight(self, key: str) -> float:
+        return _parse_weight(self.value(key), f"{self.where}:{self.pos}")
+
+    def tokens(self, count: int, weighted: bool) -> tuple[dict[str, tuple[int, int]], dict[str, float]]:
+        """The token lines: counts and, in format 2, the term weights (zeros left out)."""
         end = self.pos + count
         if end > len(self.lines):
             raise DatabaseError(f"{self.where}: fewer token lines than announced")
         counts: dict[str, tuple[int, int]] = {}
+        weights: dict[str, float] = {}
         try:
             for line in self.lines[self.pos : end]:
-                token, ham, spam = line.split("\t")
+                if weighted:
+                    token, ham, spam, weight = line.split("\t")
+                    if weight != "0":
+                        weights[token] = _parse_weight(weight, "")
+                else:
+                    token, ham, spam = line.split("\t")
                 counts[token] = (int(ham), int(spam))
         except ValueError:
             raise DatabaseError(f"{self.where}: bad token line near line {self.pos + len(counts) + 1}") from None
         if len(counts) != count or any(" " in t or not t for t in counts):
             raise DatabaseError(f"{self.where}: duplicate, empty or spaced token")
         self.pos = end
-        return counts
+        return counts, weights
 
     def finish(self) -> None:
         if self.pos != len(self.lines):
@@ -221,6 +249,25 @@ def _split_trailer(data: bytes, where: str) -> tuple[bytes, str]:
     if not trailer.startswith(b"end\t"):
         raise DatabaseError(f"{where}: truncated (no end line)")
     return data[:cut], trailer[4:].decode("ascii", "replace")
+
+
+def _weight_text(weight: float) -> str:
+    """A stored weight: "0", or its four decimals without trailing zeros ("-0.0125")."""
+    text = f"{weight:.4f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def _parse_weight(text: str, where: str) -> float:
+    """A weight from the file; ValueError (a DatabaseError with ``where``) unless finite and in range."""
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = math.nan
+    if not abs(weight) <= MAX_WEIGHT:  # also false for NaN
+        if not where:
+            raise ValueError(text)
+        raise DatabaseError(f"{where}: bad term weight {text!r}")
+    return weight
 
 
 def _one_line(text: str) -> str:

@@ -6,10 +6,11 @@ swaps it atomically on ``reload()``, and classifies a message.
 
 How the evidence adds up: the Bayes score b of the content becomes log-odds
 log(b / (1 - b)) (a message without a single known clue starts from
-``NO_EVIDENCE`` = 0.3 instead); each rule that hits adds its weight and each
-DNSBL zone that listed the client adds ``DNSBlackListWeight`` × 4 log-odds (the
-setting is 0..1, default 0.5, so +2.0: one listing turns a message the content
-cannot judge into Probable Spam but does not overturn clear ham); the sum goes back through the logistic
+``NO_EVIDENCE`` = 0.3 instead); the learned term weights add their own
+log-odds times ``TERMS_FACTOR``; each rule that hits adds its weight and each
+DNSBL zone that listed the client adds ``DNSBlackListWeight`` × 6 log-odds (the
+setting is 0..1, default 0.5, so +3.0: one listing turns a message the content
+judges weakly either way into Probable Spam but does not overturn clear ham); the sum goes back through the logistic
 function to a score in [0, 1], which the SpamDetection level's thresholds turn
 into a status.
 
@@ -43,8 +44,11 @@ from smtpgw.spam.verdict import (
 log = logging.getLogger("smtpgw.spam.filter")
 
 DEFAULT_DNSBL_WEIGHT = 0.5  # [smtpgw.antispam] DNSBlackListWeight default (0..1)
-DNSBL_LOG_ODDS = 4.0  # log-odds of one listing at weight 1.0
+DNSBL_LOG_ODDS = 6.0  # log-odds of one listing at weight 1.0
 NO_EVIDENCE = 0.3  # the content score of a message with no known clue (below every Probable threshold)
+# How much the term weights count beside Bayes; chosen with bench/spam_accuracy.py
+# (5-fold and era protocols).
+TERMS_FACTOR = 2.0
 MAX_LOG_ODDS = 30.0  # |log-odds| cap: scores stay inside [0, 1] and keep their order
 MAX_REASONS = 12
 
@@ -142,7 +146,8 @@ class SpamFilter:
     ) -> SpamVerdict:
         tokens = tokenizer.tokens(view)
         bayes = database.bayes.score(tokens)
-        reasons = [f"bayes {bayes.score:.4f} from {len(bayes.clues)} clues"]
+        terms = TERMS_FACTOR * database.terms.score(tokens)
+        reasons = [f"bayes {bayes.score:.4f} from {len(bayes.clues)} clues", f"terms {terms:+.2f}"]
         reasons.extend(f"clue {token} {p:.3f}" for token, p in bayes.clues[:3])
         hits = rules.evaluate(view, tokens, self.level)
         forced = [hit for hit in hits if hit.force]
@@ -156,13 +161,14 @@ class SpamFilter:
             added["dnsbl"] += self.dnsbl_weight
             reasons.append(f"dnsbl {zone[:255]} {self.dnsbl_weight:+.2f}")
         base = bayes.score if bayes.clues else NO_EVIDENCE
-        score = _logistic(_logit(base) + sum(added.values()))
+        content = _logit(base) + terms
+        score = _logistic(content + sum(added.values()))
         status = status_for(score, self.level)
-        return SpamVerdict(status, score, self._method(bayes.score, added, status), reasons[:MAX_REASONS])
+        return SpamVerdict(status, score, self._method(_logistic(content), added, status), reasons[:MAX_REASONS])
 
-    def _method(self, bayes_score: float, added: dict[str, float], status: str) -> str:
-        """What decided: the content alone, or the largest push from headers, rules or DNSBL."""
-        if status == NOT_DETECTED or bayes_score >= THRESHOLDS[self.level][0]:
+    def _method(self, content_score: float, added: dict[str, float], status: str) -> str:
+        """What decided: the content alone (Bayes and term weights), or the largest push from headers, rules or DNSBL."""
+        if status == NOT_DETECTED or content_score >= THRESHOLDS[self.level][0]:
             return "content"
         method, push = max(added.items(), key=lambda item: item[1])
         return method if push > 0 else "content"
