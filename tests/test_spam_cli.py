@@ -8,6 +8,7 @@ import pytest
 
 from smtpgw.spam.cli import main
 from smtpgw.spam.database import SpamDatabase
+from smtpgw.spam.training import message_tokens
 
 HAM_WORDS = ["meeting", "agenda", "minutes", "project", "review", "schedule", "notes", "budget"]
 SPAM_WORDS = ["winner", "casino", "pills", "discount", "lottery", "bonus", "jackpot", "offer"]
@@ -54,9 +55,16 @@ def test_train_classify_learn_round_trip(corpus, capsys) -> None:  # type: ignor
     assert all(0.0 <= float(score) <= 1.0 for _, _, score in lines)
 
     assert main(["learn", "--db", db_dir, "--spam", str(ham_file)], None) == 0
-    assert SpamDatabase.load(os.path.join(db_dir, "spam.db")).bayes.nspam == 13
+    learned = SpamDatabase.load(os.path.join(db_dir, "spam.db"))
+    assert learned.bayes.nspam == 13
+    assert learned.terms.score(message_tokens(ham_file.read_bytes())) > database.terms.score(
+        message_tokens(ham_file.read_bytes()))  # the term weights learned it too
+    capsys.readouterr()
+    assert main(["classify", "--db", db_dir, str(ham_file)], None) == 0
+    assert float(capsys.readouterr().out.split("\t")[2]) > float(lines[0][2])
     assert main(["info", "--db", db_dir], None) == 0
-    assert "spam\t13" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "spam\t13" in out and "term-weights\t" in out
 
 
 def test_errors_are_one_line(corpus, capsys) -> None:  # type: ignore[no-untyped-def]

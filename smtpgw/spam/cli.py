@@ -93,7 +93,7 @@ def _train(args: argparse.Namespace) -> int:
     path = _output_file(args.db)
     database.save(path)
     print(f"{path}: {database.bayes.nham} ham, {database.bayes.nspam} spam, "
-          f"{len(database.bayes.counts)} tokens, {len(rules)} rules")
+          f"{len(database.bayes.counts)} tokens, {len(database.terms.weights)} term weights, {len(rules)} rules")
     return 0
 
 
@@ -132,7 +132,8 @@ def _info(args: argparse.Namespace) -> int:
     info = database.info
     print(f"file\t{path}\nformat\t{info.format}\nversion\t{info.version}\ndate\t{info.date}\n"
           f"ham\t{database.bayes.nham}\nspam\t{database.bayes.nspam}\n"
-          f"tokens\t{len(database.bayes.counts)}\nrules\t{len(database.rules)}\nsource\t{info.source}")
+          f"tokens\t{len(database.bayes.counts)}\nterm-weights\t{len(database.terms.weights)}\n"
+          f"rules\t{len(database.rules)}\nsource\t{info.source}")
     return 0
 
 
