@@ -3,7 +3,7 @@
 
 Figures: load time and memory of the shipped database; messages classified per
 second by one process over the SpamAssassin public corpus (the full pipeline:
-view, tokens, lists, rules, Bayes); the same messages through spamd -L with one
+view, tokens, lists, rules, Bayes, term weights); the same messages through spamd -L with one
 client (the shipped database's training set teaches spamd's Bayes) and through
 bogofilter -B (one process for all files). Absolute times vary between runs on
 these machines: compare the columns of one run.

@@ -71,10 +71,9 @@ class Terms:
 
     def score(self, tokens: Iterable[str]) -> float:
         """The message's log-odds of being spam according to the weights."""
-        weights = self.weights
-        found = weights.keys() & (tokens if isinstance(tokens, (set, frozenset)) else set(tokens))
-        total = self.bias + math.fsum(weights[t] for t in found)
-        return min(max(total, -MAX_LOG_ODDS), MAX_LOG_ODDS)
+        unique = tokens if isinstance(tokens, (set, frozenset)) else set(tokens)
+        total = math.fsum(filter(None, map(self.weights.get, unique)))  # exact: the order does not matter
+        return min(max(self.bias + total, -MAX_LOG_ODDS), MAX_LOG_ODDS)
 
     def learn(self, tokens: Iterable[str], is_spam: bool) -> int:
         """Update the weights until this message is judged right by ``MARGIN``; returns the updates made."""
