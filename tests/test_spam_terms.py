@@ -103,3 +103,11 @@ def test_bad_weight_is_refused(weight: str) -> None:
     body = body.replace(token_line, token_line.rsplit("\t", 1)[0] + "\t" + weight).encode()
     with pytest.raises(DatabaseError, match="bad token line|bad term weight"):
         SpamDatabase.from_bytes(body + f"end\t{hashlib.sha256(body).hexdigest()}\n".encode())
+
+
+def test_bad_bias_is_refused() -> None:
+    body = training.build_from_tokens(_samples(20, 6), [], DatabaseInfo(), 1).to_bytes().decode().rsplit("end\t", 1)[0]
+    bias_line = next(line for line in body.split("\n") if line.startswith("terms-bias\t"))
+    data = body.replace(bias_line, "terms-bias\tnan").encode()
+    with pytest.raises(DatabaseError, match="bad term weight 'nan'"):
+        SpamDatabase.from_bytes(data + f"end\t{hashlib.sha256(data).hexdigest()}\n".encode())

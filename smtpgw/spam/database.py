@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -211,7 +210,11 @@ class _Lines:
         return int(text)
 
     def weight(self, key: str) -> float:
-        return _parse_weight(self.value(key), f"{self.where}:{self.pos}")
+        text = self.value(key)
+        try:
+            return _parse_weight(text)
+        except ValueError:
+            raise DatabaseError(f"{self.where}:{self.pos}: bad term weight {text!r}") from None
 
     def tokens(self, count: int, weighted: bool) -> tuple[dict[str, tuple[int, int]], dict[str, float]]:
         """The token lines: counts and, in format 2, the term weights (zeros left out)."""
@@ -225,7 +228,7 @@ class _Lines:
                 if weighted:
                     token, ham, spam, weight = line.split("\t")
                     if weight != "0":
-                        weights[token] = _parse_weight(weight, "")
+                        weights[token] = _parse_weight(weight)
                 else:
                     token, ham, spam = line.split("\t")
                 counts[token] = (int(ham), int(spam))
@@ -257,16 +260,11 @@ def _weight_text(weight: float) -> str:
     return "0" if text in ("", "-0") else text
 
 
-def _parse_weight(text: str, where: str) -> float:
-    """A weight from the file; ValueError (a DatabaseError with ``where``) unless finite and in range."""
-    try:
-        weight = float(text)
-    except ValueError:
-        weight = math.nan
+def _parse_weight(text: str) -> float:
+    """A weight from the file; ValueError unless it is a number within ``MAX_WEIGHT``."""
+    weight = float(text)
     if not abs(weight) <= MAX_WEIGHT:  # also false for NaN
-        if not where:
-            raise ValueError(text)
-        raise DatabaseError(f"{where}: bad term weight {text!r}")
+        raise ValueError(f"weight {text!r} out of range")
     return weight
 
 

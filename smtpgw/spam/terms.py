@@ -112,7 +112,7 @@ def fit(samples: Sequence[tuple[Sequence[str], bool]], vocabulary: Iterable[str]
         ids = array("I", sorted(index[t] for t in set(tokens) if t in index))
         key = hashlib.sha256(("S" if is_spam else "H").encode() + ids.tobytes()).hexdigest()
         rows.append((key, ids, 1.0 if is_spam else 0.0))
-    rows.sort(key=lambda row: (row[0], row[2]))  # canonical order: the input order does not matter
+    rows.sort(key=lambda row: row[0])  # canonical order (equal keys are equal rows): the input order does not matter
     weights = [0.0] * len(names)
     bias = 0.0
     order = list(range(len(rows)))
