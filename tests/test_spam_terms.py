@@ -111,3 +111,15 @@ def test_bad_bias_is_refused() -> None:
     data = body.replace(bias_line, "terms-bias\tnan").encode()
     with pytest.raises(DatabaseError, match="bad term weight 'nan'"):
         SpamDatabase.from_bytes(data + f"end\t{hashlib.sha256(data).hexdigest()}\n".encode())
+
+
+def test_pruning_keeps_sender_identities_seen_once() -> None:
+    from smtpgw.spam.tokenizer import is_identity
+    assert is_identity("from:domain:tesco.ie") and is_identity("url:keenspot.com")
+    for token in ("url:host:www.keenspot.com", "url:proto:http", "url:tld:com", "url:path:comics", "url:ip-host",
+                  "from:name:jay", "keenspot", "subject:comic"):
+        assert not is_identity(token), token
+    samples = [({"from:domain:once.example", "url:once.example", "onceword", "common"}, False),
+               ({"common"}, True)]
+    counts = training.build_from_tokens(samples, [], DatabaseInfo(), 2).bayes.counts
+    assert set(counts) == {"from:domain:once.example", "url:once.example", "common"}

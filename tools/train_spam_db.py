@@ -41,7 +41,7 @@ DEFAULT_CORPUS = os.path.join(os.path.dirname(REPO), "shared", "corpus")
 LIST_HEADER = """\
 # Exact input of the shipped spam database; see tools/train_spam_db.py.
 # Paths are relative to the corpus root (<repo>/../shared/corpus).
-version 2005.03.11-3
+version 2005.03.11-4
 date 2005-03-11
 source SpamAssassin public corpus (20030228 easy_ham, easy_ham_2, hard_ham, spam; 20050311 spam_2), 2868 ham / 1328 spam
 min-count 2

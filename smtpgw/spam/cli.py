@@ -44,7 +44,7 @@ def _parser(default_db: str) -> argparse.ArgumentParser:
     train.add_argument("--spam", action="append", required=True, metavar="PATH")
     train.add_argument("--db", required=True, metavar="OUT", help="directory (or file) to write")
     train.add_argument("--rules", metavar="FILE", help="rules file (default: the shipped default.rules)")
-    train.add_argument("--min-count", type=int, default=1, metavar="N", help="drop tokens seen fewer times")
+    train.add_argument("--min-count", type=int, default=1, metavar="N", help="drop tokens seen fewer times (sender domains are kept)")
     train.add_argument("--db-version", metavar="TEXT", help="database version (default: the date)")
     train.add_argument("--date", metavar="YYYY-MM-DD", help="database date (default: today, UTC)")
 
