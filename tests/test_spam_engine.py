@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -72,6 +73,22 @@ def test_bayes_orders_by_evidence() -> None:
     model.learn({"cheap"}, is_spam=False, count=1)
     assert model.counts["cheap"] == (2, 40) and model.nham == 51
 
+
+
+def test_clue_vote_ranks_what_the_chi_square_score_cannot() -> None:
+    # Sixty strong clues each way saturate Fisher's combination at exactly 0.5;
+    # the vote still says which side has more of them, and weak clues do not vote.
+    counts = {f"s{i}": (0, 60) for i in range(90)}
+    counts.update({f"h{i}": (60, 0) for i in range(90)})
+    counts.update({f"w{i}": (6, 60) for i in range(20)})  # f(w) 0.91: a clue, not a strong one
+    model = bayes.Bayes(counts, 100, 100)
+    spammy = model.score({f"s{i}" for i in range(80)} | {f"h{i}" for i in range(60)})
+    hammy = model.score({f"s{i}" for i in range(60)} | {f"h{i}" for i in range(80)})
+    assert spammy.score == hammy.score == 0.5
+    assert spammy.votes == pytest.approx(math.log(81 / 61)) and hammy.votes == pytest.approx(math.log(61 / 81))
+    weak = model.score({f"w{i}" for i in range(20)})
+    assert len(weak.clues) == 20 and weak.votes == 0.0
+    assert model.score(set()).votes == 0.0
 
 def test_rule_language() -> None:
     rule = parse_rule("PILLS 0.8 standard,hard body \\bpills\\b")

