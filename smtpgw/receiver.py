@@ -41,6 +41,7 @@ MAX_DATA_LINE = 1000  # RFC 5321 §4.5.3.1.6, including CRLF
 READ_CHUNK = 65536
 MAX_PENDING_OUTPUT = 65536  # stop reading while a client does not read its replies
 CLOSE_GRACE = 10.0  # seconds for a closing session's last reply to leave
+MAX_RCPT_OVERSHOOT = 1000  # 452s for recipients over the limit not counted as errors (Postfix's default)
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,7 @@ class Session:
         self.mail: smtp.MailParams | None = None
         self.rcpts: list[Recipient] = []
         self.rcpt_refused = 0
+        self.rcpt_overshoot = 0
         self.qid: str | None = None
 
     def _discard_tmp(self) -> None:
@@ -278,8 +280,9 @@ class Session:
             return
         self.resume()
 
-    def reply(self, r: Reply, extra: list[str] | None = None) -> None:
-        if r.is_error and r.code != 421:
+    def reply(self, r: Reply, extra: list[str] | None = None, counts: bool = True) -> None:
+        """Queue a reply; an error reply spends the error budget unless ``counts`` is False."""
+        if counts and r.is_error and r.code != 421:
             self.errors += 1
         self.out += r.lines(extra)
 
@@ -469,7 +472,11 @@ class Session:
             return
         if len(self.rcpts) >= self.cfg.limits.MaximalIncomingRcptsPerMessage:
             self.gw.stats.refuse("recipients_limit")
-            self.reply(smtp.TOO_MANY_RCPTS)
+            # RFC 5321 §4.5.3.1.10: the client sends the message to the recipients accepted and
+            # retries the others; a long pipelined list is no client error (Postfix's
+            # smtpd_recipient_overshoot_limit), else it would lose its session before DATA.
+            self.rcpt_overshoot += 1
+            self.reply(smtp.TOO_MANY_RCPTS, counts=self.rcpt_overshoot > MAX_RCPT_OVERSHOOT)
             return
         if "@" not in address:
             # RFC 5321 §4.5.1: <Postmaster> without a domain is always accepted;

@@ -102,6 +102,23 @@ def test_recipients_per_message(make_gateway, sink):
     assert got.recipients == ["x1@example.test", "x2@example.test"]
 
 
+def test_recipients_over_the_limit_do_not_end_the_session(make_gateway, sink):
+    """RFC 5321 §4.5.3.1.10: the client delivers to the recipients accepted and retries the others;
+    the 452s for a pipelined list longer than the limit are not client errors (Postfix:
+    smtpd_recipient_overshoot_limit), so they must not spend the error budget and drop the session."""
+    gw = limits_gateway(make_gateway, sink, MaximalIncomingRcptsPerMessage=2, MaximalIncomingErrors=3)
+    c = session(gw.port)
+    c.send("MAIL FROM:<a@b.test>\r\n" + "".join(f"RCPT TO:<x{i}@example.test>\r\n" for i in range(8)) + "DATA\r\n")
+    assert c.reply()[0] == 250
+    codes = [c.reply()[0] for _ in range(8)]
+    assert codes == [250, 250] + [452] * 6
+    assert c.reply()[0] == 354
+    c.send(b"Subject: many\r\n\r\nbody\r\n.\r\n")
+    assert c.reply()[0] == 250
+    [got] = sink.wait_for(1)
+    assert got.recipients == ["x0@example.test", "x1@example.test"]
+
+
 def test_hop_count_loop_detection(make_gateway, sink):
     gw = limits_gateway(make_gateway, sink, MaximalIncomingHops=3)
     c = session(gw.port)
