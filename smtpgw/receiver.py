@@ -122,14 +122,15 @@ class DataReader:
         crlf = text.count(b"\r\n")
         if text.count(b"\n") != crlf or text.count(b"\r") != crlf:
             self.bare_newline = True
-        if len(text) >= MAX_DATA_LINE and max(map(len, text.split(b"\n"))) >= MAX_DATA_LINE:
-            self.long_line = True
         if self.in_header:
             self._scan_header(text)
         # RFC 5321 §4.5.2: a leading period on a line is removed.
         body = text.replace(b"\r\n.", b"\r\n")
         if self.at_line_start and body.startswith(b"."):
             body = body[1:]
+        # RFC 5321 §4.5.3.1.6: the limit does not count the dot duplicated for transparency.
+        if len(body) >= MAX_DATA_LINE and max(map(len, body.split(b"\n"))) >= MAX_DATA_LINE:
+            self.long_line = True
         self.at_line_start = text.endswith(b"\r\n")
         if not self.has_8bit and not body.isascii():
             self.has_8bit = True

@@ -167,6 +167,15 @@ def test_long_command_line_and_long_data_line(make_gateway, sink):
     c.cmd("MAIL FROM:<a@b.test>")
     c.cmd("RCPT TO:<x@example.test>")
     assert send_data(c, b"Subject: fits\r\n\r\n" + b"z" * 998 + b"\r\n")[0] == 250
+    # RFC 5321 §4.5.3.1.6: the limit does not count the leading dot duplicated for transparency
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    assert send_data(c, b"Subject: stuffed\r\n\r\n.." + b"s" * 997 + b"\r\n")[0] == 250
+    assert sink.wait_for(2)[1].data.endswith(b"\r\n\r\n." + b"s" * 997 + b"\r\n")
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    code, text = send_data(c, b"Subject: stuffed, too long\r\n\r\n.." + b"s" * 998 + b"\r\n")
+    assert (code, text.split()[0]) == (500, "5.5.6")
 
 
 def test_junk_command_budget(make_gateway, sink):
