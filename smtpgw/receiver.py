@@ -353,9 +353,11 @@ class Session:
             if nl < 0:
                 if len(self.inbuf) > MAX_COMMAND_LINE:
                     self.inbuf.clear()
-                    self.discarding_line = True
-                    self.reply(smtp.LINE_TOO_LONG)
-                    self._check_budgets()
+                    if not self.discarding_line:
+                        # one reply per command (RFC 2920 §3.1), however many reads the line takes
+                        self.discarding_line = True
+                        self.reply(smtp.LINE_TOO_LONG)
+                        self._check_budgets()
                 return
             line = bytes(self.inbuf[:nl])
             del self.inbuf[: nl + 1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import smtplib
 
-from tests.support.net import RawClient
+from tests.support.net import RawClient, wait_until
 
 
 def session(port: int) -> RawClient:
@@ -176,6 +176,32 @@ def test_long_command_line_and_long_data_line(make_gateway, sink):
     c.cmd("RCPT TO:<x@example.test>")
     code, text = send_data(c, b"Subject: stuffed, too long\r\n\r\n.." + b"s" * 998 + b"\r\n")
     assert (code, text.split()[0]) == (500, "5.5.6")
+
+
+def unread_by_gateway(c: RawClient) -> int:
+    """Bytes the client sent that wait in the gateway's receive queue (/proc/net/tcp rx_queue)."""
+    local = "%08X:%04X" % (0x0100007F, c.sock.getpeername()[1])  # 127.0.0.1, little-endian as the kernel shows it
+    remote = "%08X:%04X" % (0x0100007F, c.sock.getsockname()[1])
+    with open("/proc/net/tcp") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1:3] == [local, remote]:
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError("no gateway side socket for this client")
+
+
+def test_long_command_line_arriving_in_pieces_gets_one_reply(make_gateway, sink):
+    """RFC 2920 §3.1: one reply per command, however many reads an over-long line takes."""
+    gw = limits_gateway(make_gateway, sink)
+    c = session(gw.port)
+    c.send(b"NOOP " + b"x" * 3000)
+    code, text = c.reply()
+    assert (code, text.split()[0]) == (500, "5.5.2")
+    for piece in (b"y" * 3000, b"z" * 3000):  # read by the gateway one at a time
+        c.send(piece)
+        wait_until(lambda: unread_by_gateway(c) == 0, 10, "the gateway reading the piece")
+    c.send(b"\r\nNOOP\r\n")
+    assert c.reply()[0] == 250  # the NOOP's reply, not another 500 for the same line
 
 
 def test_junk_command_budget(make_gateway, sink):
