@@ -104,6 +104,8 @@ _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
 _LITERAL = r"\[(?:[0-9.]{7,15}|IPv6:[0-9A-Fa-f:.]{2,45})\]"
 MAILBOX = re.compile(rf"^(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})$")
 _SOURCE_ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
+# A path in angle brackets; a ">" in a quoted local part does not end it (RFC 5321 §4.1.2 qtextSMTP).
+_BRACKETED = re.compile(r'<((?:[^">]|"(?:[^"\\]|\\.)*")*)>')
 MAX_LOCAL_PART = 64  # RFC 5321 §4.5.3.1.1
 MAX_DOMAIN = 255  # §4.5.3.1.2
 MAX_PATH = 256  # §4.5.3.1.3
@@ -125,18 +127,21 @@ def parse_path(arg: str, keyword: str, allow_null: bool, local_ok: tuple[str, ..
     Tolerates a space after the colon and a missing pair of angle brackets,
     as Postfix does, but nothing else.
     """
+    usage = BAD_SYNTAX.format(f"{'MAIL FROM' if keyword == 'FROM' else 'RCPT TO'}:<address>")
     if not arg[: len(keyword) + 1].upper() == keyword + ":":
-        raise SyntaxProblem(BAD_SYNTAX.format(f"{'MAIL FROM' if keyword == 'FROM' else 'RCPT TO'}:<address>"))
+        raise SyntaxProblem(usage)
     rest = arg[len(keyword) + 1 :].lstrip(" ")
     if rest.startswith("<"):
-        end = rest.find(">")
-        if end < 0:
+        bracketed = _BRACKETED.match(rest)
+        if bracketed is None:
             raise SyntaxProblem(BAD_SYNTAX.format("missing '>'"))
-        path, params = rest[1:end], rest[end + 1 :]
+        path, params = bracketed.group(1), rest[bracketed.end() :]
         if params and not params.startswith(" "):
             raise SyntaxProblem(BAD_SYNTAX.format("garbage after '>'"))
     else:
         path, _, params = rest.partition(" ")
+        if not path:
+            raise SyntaxProblem(usage)  # RFC 5321 §4.1.2: the null reverse-path is "<>", not nothing
     path = _SOURCE_ROUTE.sub("", path)  # RFC 5321 §4.1.2: accept and ignore source routes
     bad = BAD_SENDER if keyword == "FROM" else BAD_RECIPIENT
     if path == "":

@@ -35,6 +35,8 @@ def test_reply_lines_strip_line_breaks_from_text():
     ('FROM:<"quoted local"@b.test>', ('"quoted local"@b.test', "")),
     ("FROM:<a@[192.0.2.1]>", ("a@[192.0.2.1]", "")),
     ("FROM:<a@[IPv6:2001:db8::1]>", ("a@[IPv6:2001:db8::1]", "")),
+    ('FROM:<"a>b"@c.test> SIZE=5', ('"a>b"@c.test', "SIZE=5")),  # qtextSMTP includes ">"
+    ('FROM:<"a\\"> x"@c.test>', ('"a\\"> x"@c.test', "")),  # so does a quoted-pair
 ])
 def test_paths(arg, expected):
     assert smtp.parse_path(arg, "FROM", allow_null=True) == expected
@@ -44,6 +46,8 @@ def test_paths(arg, expected):
     ("FROM:a@b.test>", 501), ("FROM:<a@b.test", 501), ("FROM:<a@b.test>x", 501), ("FROM:<a b@c.test>", 501),
     ("FROM:<a@-bad-.test>", 501), ("FROM:<" + "l" * 65 + "@b.test>", 501), ("FROM:<é@b.test>", 553),
     ("TO:<a@b.test>", 501),
+    ("FROM:", 501), ("FROM: SIZE=5", 501),  # the null path is "<>", not nothing
+    ('FROM:<"a>b@c.test>', 501),
 ])
 def test_bad_paths(arg, code):
     with pytest.raises(SyntaxProblem) as info:

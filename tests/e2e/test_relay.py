@@ -70,6 +70,7 @@ def test_commands_before_helo_and_bad_arguments(gateway):
     assert c.cmd("MAIL FROM:<a@b.test> FOO=1")[0] == 555  # RFC 5321 §4.1.1.11
     assert c.cmd("MAIL FROM:<a@b.test> RET=FULL RET=HDRS")[0] == 501
     assert c.cmd("MAIL FROM:<a@b.test> RET=PARTIAL")[0] == 501
+    assert c.cmd("MAIL FROM:")[0] == 501  # RFC 5321 §4.1.2: the null reverse-path is "<>", not nothing
     assert c.cmd("MAIL FROM:<>")[0] == 250  # the null reverse-path
     assert c.cmd("RCPT TO:<>")[0] == 501
     assert c.cmd("RCPT TO:<x@example.test> NOTIFY=NEVER,SUCCESS")[0] == 501
@@ -77,6 +78,21 @@ def test_commands_before_helo_and_bad_arguments(gateway):
     assert c.cmd("RCPT TO:<räksmörgås@example.test>")[0] == 553
     assert c.cmd("RCPT TO:<x@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x+40example.test")[0] == 250
     c.cmd("QUIT")
+
+
+def test_quoted_local_part_with_an_angle_bracket_is_relayed(gateway, sink):
+    """RFC 5321 §4.1.2: qtextSMTP includes ">", which does not end the path inside quotes."""
+    c = RawClient(gateway.port)
+    c.reply()
+    c.cmd("EHLO client.test")
+    assert c.cmd('MAIL FROM:<"a>b"@b.test> SIZE=100')[0] == 250
+    assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(MSG + b".\r\n")
+    assert c.reply()[0] == 250
+    c.cmd("QUIT")
+    [got] = sink.wait_for(1)
+    assert got.mail_line.startswith('MAIL FROM:<"a>b"@b.test>')
 
 
 def test_dsn_parameters_are_kept_and_passed_on(gateway, sink):
