@@ -227,6 +227,9 @@ def mail_params(params: dict[str, str | None]) -> MailParams:
                 out.envid = xtext_decode(value)
             except ValueError:
                 raise SyntaxProblem(BAD_PARAM.format("ENVID")) from None
+            # §4.4: the decoded identifier is printable US-ASCII (as Postfix's allprint check)
+            if not (out.envid.isascii() and out.envid.isprintable()):
+                raise SyntaxProblem(BAD_PARAM.format("ENVID"))
         else:
             raise SyntaxProblem(UNKNOWN_PARAM.format(key[:40]))
     return out

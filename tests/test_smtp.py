@@ -60,7 +60,8 @@ def test_mail_and_rcpt_parameters():
     assert (mail.size, mail.body, mail.ret, mail.envid) == (100, "8BITMIME", "FULL", "a+b")
     rcpt = smtp.rcpt_params(smtp.parse_params("NOTIFY=FAILURE,DELAY ORCPT=rfc822;a+40b.test"))
     assert rcpt.notify == ["FAILURE", "DELAY"] and rcpt.orcpt == "rfc822;a@b.test"
-    for bad in ("SIZE=x", "SIZE", "BODY=9BIT", "RET=X", "ENVID=" + "e" * 101, "ENVID=a+zz"):
+    for bad in ("SIZE=x", "SIZE", "BODY=9BIT", "RET=X", "ENVID=" + "e" * 101, "ENVID=a+zz", "ENVID=a+0D+0Ab",
+                "ENVID=a+00", "ENVID=+7F"):
         with pytest.raises(SyntaxProblem):
             smtp.mail_params(smtp.parse_params(bad))
     for bad in ("NOTIFY=NEVER,FAILURE", "NOTIFY=SOMETIMES", "NOTIFY=FAILURE,FAILURE", "ORCPT=nosemicolon",

@@ -70,6 +70,7 @@ def test_commands_before_helo_and_bad_arguments(gateway):
     assert c.cmd("MAIL FROM:<a@b.test> FOO=1")[0] == 555  # RFC 5321 §4.1.1.11
     assert c.cmd("MAIL FROM:<a@b.test> RET=FULL RET=HDRS")[0] == 501
     assert c.cmd("MAIL FROM:<a@b.test> RET=PARTIAL")[0] == 501
+    assert c.cmd("MAIL FROM:<a@b.test> ENVID=a+0D+0AX-Injected:+20x")[0] == 501  # RFC 3461 §4.4: printable
     assert c.cmd("MAIL FROM:")[0] == 501  # RFC 5321 §4.1.2: the null reverse-path is "<>", not nothing
     assert c.cmd("MAIL FROM:<>")[0] == 250  # the null reverse-path
     assert c.cmd("RCPT TO:<>")[0] == 501
