@@ -90,7 +90,9 @@ ACCESS_DENIED = R(554, "5.7.1", "Access denied: {}")
 UNVERIFIED = R(450, "4.7.25", "Cannot verify {} now; try again later")  # a DNS check failed
 BARE_NEWLINE = R(550, "5.6.2", "Bare <CR> or <LF> in message data is not allowed")
 SIZE_EXCEEDED = R(552, "5.3.4", "Message size exceeds fixed limit")  # RFC 1870 §6
-SESSION_SIZE_EXCEEDED = R(552, "5.3.4", "Session size exceeds fixed limit")
+# The message would fit in a new session: a temporary refusal (RFC 5321 §4.2.1, RFC 1870 §6.2's 452),
+# not 552, which makes the client bounce it.
+SESSION_SIZE_EXCEEDED = R(452, "4.3.1", "Session size limit reached; send it in a new session")
 HOPS_EXCEEDED = R(554, "5.4.6", "Too many hops: mail loop detected")  # RFC 5321 §6.3
 UNKNOWN_PARAM = R(555, "5.5.4", "Unsupported parameter: {}")  # RFC 5321 §4.1.1.11
 UTF8_ADDRESS = R(553, "5.6.7", "Non-ASCII address requires SMTPUTF8, which is not offered")
