@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import os
 import re
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -342,7 +343,10 @@ class Sender:
         (off the loop), or fails with 5.6.3 when it cannot be converted without changing it."""
         conn.busy = True
         source = self.queue.msg_path(delivery.env.id)
-        target = f"{source}.7bit"  # no record of its own: removed at the next start if left over
+        # One copy per delivery: deliveries of one message to several destinations convert at once,
+        # and one must neither truncate nor unlink the copy another is streaming. No record of its
+        # own: removed at the next start if left over.
+        target = f"{source}.7bit-{secrets.token_hex(4)}"
 
         def convert() -> int | None:
             with open(source, "rb") as f:

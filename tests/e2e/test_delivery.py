@@ -173,3 +173,32 @@ def test_queue_send_id_delivers_that_message_now(gateway, sink):
     [got] = sink.wait_for(1)
     assert got.recipients == ["second@example.test"]
     assert len(gateway.queued("QUE")) == 1  # the other one keeps its back-off
+
+
+def test_eight_bit_converted_for_two_destinations_at_once(make_gateway):
+    """Each delivery's 7-bit copy is its own: one destination finishing first must not remove
+    (or rewrite) the copy another is about to stream."""
+    import time
+
+    fast, slow = Sink(extensions=("PIPELINING",)), Sink(extensions=())
+
+    def hold_rcpt(addr: str) -> None:
+        time.sleep(1.5)  # the other delivery ends meanwhile
+        return None
+
+    slow.rcpt_reply = hold_rcpt
+    try:
+        gw = make_gateway(None, extra={"smtpgw.forward": [
+            ("ForwardRoute", f"*@one.test [127.0.0.1:{fast.port}]"),
+            ("ForwardRoute", f"* [127.0.0.1:{slow.port}]"),
+        ]})
+        body = "Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\ncafé\r\n"
+        send(gw, ["a@one.test", "b@two.test"], body=body.encode(), mail_options=["BODY=8BITMIME"])
+        [m1] = fast.wait_for(1)
+        [m2] = slow.wait_for(1)
+        assert m1.data == m2.data and m1.data.isascii()
+        assert "status=deferred" not in gw.log_text()
+        wait_until(lambda: not gw.queued(), 10, "empty queue")
+    finally:
+        fast.close()
+        slow.close()
