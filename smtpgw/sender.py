@@ -70,6 +70,9 @@ class DestinationState:
     resolving: bool = False
     next_hop: int = 0
     last_error: str | None = None
+    # hops that could not be reached since the deliveries queued here were last deferred: each
+    # is tried once per round even when UnreachableTTL=0 caches nothing
+    failed_hops: set[tuple[str, int]] = field(default_factory=set)
     idle_timers: dict[int, object] = field(default_factory=dict)
 
 
@@ -252,7 +255,8 @@ class Sender:
         for _ in range(len(state.hops)):
             hop = state.hops[state.next_hop % len(state.hops)]
             state.next_hop += 1
-            if self.unreachable.get((hop.ip, hop.port), 0) <= now:
+            key = (hop.ip, hop.port)
+            if key not in state.failed_hops and self.unreachable.get(key, 0) <= now:
                 return hop
         return None
 
@@ -445,6 +449,7 @@ class Sender:
                 self._record(delivery.env, rcpt, "failed" if permanent else "deferred", status, f"x-smtpgw; {why}", "none", "-")
             self._delivery_finished(delivery)
         state.hops = None  # resolve again next time
+        state.failed_hops.clear()  # and try every hop again
 
     def _closed(self, dest: Destination, conn: Connection, why: str | None) -> None:
         self.total_connections -= 1
@@ -454,6 +459,8 @@ class Sender:
             self.unreachable[(conn.ip, conn.port)] = time.time() + self.gw.cfg.resolve.UnreachableTTL
         state = self.dests.get(dest)
         if state is not None:
+            if why and not conn.greeted:
+                state.failed_hops.add((conn.ip, conn.port))
             if why:
                 state.last_error = why
             state.idle_timers.pop(id(conn), None)

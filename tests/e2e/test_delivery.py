@@ -202,3 +202,13 @@ def test_eight_bit_converted_for_two_destinations_at_once(make_gateway):
     finally:
         fast.close()
         slow.close()
+
+
+def test_next_hop_down_without_unreachable_cache_is_deferred(make_gateway):
+    """UnreachableTTL=0 caches nothing: each hop is still tried once per attempt, then the
+    recipients are deferred (never a connect loop that keeps the message in SND)."""
+    port = free_port()
+    gw = make_gateway(port, extra={"smtpgw.resolve": [("UnreachableTTL", "0")]})
+    send(gw, ["x@example.test"])
+    gw.wait_log(r"DELIVERED, rcpt=<x@example.test>.*status=deferred", timeout=10)
+    wait_until(lambda: gw.queued("QUE"), 10, "message back in QUE")
