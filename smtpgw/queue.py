@@ -42,6 +42,9 @@ WFC, CHK, WFS, SPL, QUE, SND = "WFC", "CHK", "WFS", "SPL", "QUE", "SND"
 STATES = (WFC, CHK, WFS, SPL, QUE, SND)
 # What a state left by a crash becomes on restart: work in progress is redone.
 RECOVER_TO = {CHK: WFC, SPL: WFS, SND: QUE}
+# msg/ID.staged: the new bytes of message ID, given their place once its record has moved on
+# (see ``Queue.replace_and_move``); ``recover`` finishes or drops it.
+STAGED = ".staged"
 
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZbcdfghjklmnpqrstvwxz"
 _counter = itertools.count()
@@ -206,6 +209,23 @@ class Queue:
         a lost rename only makes recovery redo the step)."""
         os.rename(self.record_path(src, qid), self.record_path(dst, qid))
 
+    def replace_and_move(self, env: Envelope, src: str, dst: str, new_message: str) -> None:
+        """Give ``env`` the message in ``new_message`` (a durable file on this file system) and
+        move its record from ``src`` to ``dst``, as one step a crash cannot split: the record
+        is in ``dst`` with the new bytes, or still in ``src`` with the old ones.
+
+        The new bytes wait as msg/ID.staged until the record in ``dst`` is durable (the commit
+        point); ``recover`` gives a staged file its place when the record got past ``src``,
+        and removes it otherwise.
+        """
+        staged = self.msg_path(env.id) + STAGED
+        os.replace(new_message, staged)
+        fsync_dir(os.path.join(self.root, "msg"))
+        env.size = os.path.getsize(staged)
+        self.write_record(dst, env)  # commit point: recovery keeps the later of two states
+        os.unlink(self.record_path(src, env.id))
+        os.replace(staged, self.msg_path(env.id))
+
     def update(self, state: str, env: Envelope) -> None:
         """Rewrite a record in place (per-recipient delivery state)."""
         self.write_record(state, env)
@@ -291,6 +311,9 @@ class Queue:
             if state in RECOVER_TO:
                 self.move(qid, state, RECOVER_TO[state])
                 counts["requeued"] += 1
+        for name in os.listdir(os.path.join(self.root, "msg")):
+            if name.endswith(STAGED) and not name.startswith("."):
+                self._recover_staged(name[: -len(STAGED)], seen.get(name[: -len(STAGED)]))
         for qid in os.listdir(os.path.join(self.root, "msg")):
             if qid not in seen and not qid.startswith("."):
                 # A message whose record was never written was never acknowledged.
@@ -300,6 +323,14 @@ class Queue:
                 os.unlink(self.msg_path(qid))
         self.sync_state_dirs()
         return counts
+
+    def _recover_staged(self, qid: str, state: str | None) -> None:
+        """A ``replace_and_move`` cut short: past its commit point when the record left CHK."""
+        staged = self.msg_path(qid) + STAGED
+        if state is not None and STATES.index(state) > STATES.index(CHK):
+            os.replace(staged, self.msg_path(qid))
+        else:
+            os.unlink(staged)  # the record is still before the step: it is done again
 
 
 @dataclass

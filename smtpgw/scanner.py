@@ -213,10 +213,10 @@ class Scanner:
             copy = live[0]
             env.group = copy.group
             if copy.rewritten:
-                os.replace(copy.rewritten, self.queue.msg_path(qid))
-                env.size = os.path.getsize(self.queue.msg_path(qid))
-                self.queue.update(CHK, env)
-            self.queue.move(qid, CHK, QUE)
+                # never the rewritten bytes with the record still in CHK: a restart would scan them again
+                self.queue.replace_and_move(env, CHK, QUE, copy.rewritten)
+            else:
+                self.queue.move(qid, CHK, QUE)
             self.gw.message_scanned(env)
             return
         children = []

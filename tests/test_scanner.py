@@ -1,0 +1,94 @@
+"""Applying a scan result: every crash point leaves a message the restart handles right."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import pytest
+
+from smtpgw.queue import CHK, QUE, WFC, Envelope, Queue, Recipient, new_id
+from smtpgw.scanjob import CopyResult, ScanResult
+from smtpgw.scanner import Scanner
+
+ORIGINAL = b"Subject: s\r\n\r\nbody\r\n"
+REWRITTEN = b"Subject: s\r\n\r\nbody\r\n-- \r\ndisclaimer\r\n"
+
+
+class Crash(BaseException):
+    """kill -9 at this file operation: nothing after it happens."""
+
+
+def scanner_on(queue: Queue) -> tuple[Scanner, list[Envelope]]:
+    scanned: list[Envelope] = []
+    cfg = SimpleNamespace(ave=SimpleNamespace(ScanTimeout=10), limits=SimpleNamespace(AntiviralSessions=1))
+    gateway = SimpleNamespace(loop=None, queue=queue, cfg=cfg, config_path="/nonexistent",
+                              stats=SimpleNamespace(inc=lambda *a: None, set=lambda *a: None),
+                              message_scanned=scanned.append)
+    return Scanner(gateway), scanned  # type: ignore[arg-type]
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[[], int]:
+    """Make the ``n``-th rename/replace/link/unlink raise Crash; returns a counter of operations."""
+    count = [0]
+
+    def wrap(real: Callable[..., Any]) -> Callable[..., Any]:
+        def op(*args: Any, **kw: Any) -> Any:
+            count[0] += 1
+            if count[0] == n:
+                raise Crash()
+            return real(*args, **kw)
+        return op
+
+    for name in ("rename", "replace", "link", "unlink"):
+        monkeypatch.setattr(os, name, wrap(getattr(os, name)))
+    return lambda: count[0]
+
+
+def scanned_and_rewritten(queue: Queue) -> tuple[str, str]:
+    env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test")], size=len(ORIGINAL))
+    with open(queue.msg_path(env.id), "wb") as f:
+        f.write(ORIGINAL)
+    queue.write_record(CHK, env)
+    rewritten = os.path.join(queue.root, "tmp", f"{env.id}.scan1")
+    with open(rewritten, "wb") as f:
+        f.write(REWRITTEN)
+    return env.id, rewritten
+
+
+def test_a_rewritten_message_moves_on_with_its_new_bytes(tmp_path):
+    queue = Queue(str(tmp_path))
+    qid, rewritten = scanned_and_rewritten(queue)
+    scanner, scanned = scanner_on(queue)
+    scanner._apply(qid, ScanResult([CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten)]))
+    assert queue.find(qid) == QUE and [e.id for e in scanned] == [qid]
+    with open(queue.msg_path(qid), "rb") as f:
+        assert f.read() == REWRITTEN
+    assert queue.load(QUE, qid).size == len(REWRITTEN)
+    assert sorted(os.listdir(os.path.join(queue.root, "msg"))) == [qid]
+
+
+@pytest.mark.parametrize("crash", range(1, 12))
+def test_a_crash_while_applying_a_rewrite_never_scans_the_rewritten_message_again(tmp_path, monkeypatch, crash):
+    """After a crash the record is either in QUE with the rewritten message, or back in WFC with
+    the message as received (scanned again: a disclaimer or a spam tag is never added twice)."""
+    queue = Queue(str(tmp_path))
+    qid, rewritten = scanned_and_rewritten(queue)
+    scanner, _ = scanner_on(queue)
+    counter = crash_at(monkeypatch, crash)
+    try:
+        scanner._apply(qid, ScanResult([CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten)]))
+    except Crash:
+        pass
+    monkeypatch.undo()
+    if counter() < crash:
+        pytest.skip(f"_apply makes fewer than {crash} file operations")
+    queue.recover()
+    with open(queue.msg_path(qid), "rb") as f:
+        data = f.read()
+    state = queue.find(qid)
+    assert (state, data) in ((QUE, REWRITTEN), (WFC, ORIGINAL)), (state, data)
+    assert sorted(os.listdir(os.path.join(queue.root, "msg"))) == [qid]
+    if state == QUE:
+        assert queue.load(QUE, qid).size == len(REWRITTEN)
