@@ -227,10 +227,11 @@ class Scanner:
             child.srcid = qid
             child.group = copy.group
             child.recipients = [r for r in child.recipients if r.addr in wanted]
-            self.queue.add_message(child, QUE, link_from=copy.rewritten or self.queue.msg_path(qid))
+            source = copy.rewritten or self.queue.msg_path(qid)
+            child.size = os.path.getsize(source)  # the record written next states its own message's size
+            self.queue.add_message(child, QUE, link_from=source)
             if copy.rewritten:
                 os.unlink(copy.rewritten)
-                child.size = os.path.getsize(self.queue.msg_path(child.id))
             event(child.id, "SPLITTED, group=%s, nrcpt=%d, srcid=%s", copy.group, len(child.recipients), qid)
             children.append(child)
         self.queue.remove(qid, CHK)

@@ -92,3 +92,24 @@ def test_a_crash_while_applying_a_rewrite_never_scans_the_rewritten_message_agai
     assert sorted(os.listdir(os.path.join(queue.root, "msg"))) == [qid]
     if state == QUE:
         assert queue.load(QUE, qid).size == len(REWRITTEN)
+
+
+def test_per_group_copies_record_the_size_of_their_own_message(tmp_path):
+    queue = Queue(str(tmp_path))
+    env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test"), Recipient("y@lab.test")],
+                   size=len(ORIGINAL))
+    with open(queue.msg_path(env.id), "wb") as f:
+        f.write(ORIGINAL)
+    queue.write_record(CHK, env)
+    rewritten = os.path.join(queue.root, "tmp", f"{env.id}.scan1")
+    with open(rewritten, "wb") as f:
+        f.write(REWRITTEN)
+    scanner, scanned = scanner_on(queue)
+    scanner._apply(env.id, ScanResult([
+        CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten),
+        CopyResult(group="lab", recipients=["y@lab.test"]),
+    ]))
+    sizes = {e.id: e.size for e in scanned}
+    assert sizes == {f"{env.id}-1": len(REWRITTEN), f"{env.id}-2": len(ORIGINAL)}
+    for qid, size in sizes.items():
+        assert queue.load(QUE, qid).size == size  # the record on disk, not only the one in memory
