@@ -69,29 +69,31 @@ def test_a_rewritten_message_moves_on_with_its_new_bytes(tmp_path):
     assert sorted(os.listdir(os.path.join(queue.root, "msg"))) == [qid]
 
 
-@pytest.mark.parametrize("crash", range(1, 12))
-def test_a_crash_while_applying_a_rewrite_never_scans_the_rewritten_message_again(tmp_path, monkeypatch, crash):
-    """After a crash the record is either in QUE with the rewritten message, or back in WFC with
-    the message as received (scanned again: a disclaimer or a spam tag is never added twice)."""
-    queue = Queue(str(tmp_path))
-    qid, rewritten = scanned_and_rewritten(queue)
-    scanner, _ = scanner_on(queue)
-    counter = crash_at(monkeypatch, crash)
-    try:
-        scanner._apply(qid, ScanResult([CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten)]))
-    except Crash:
-        pass
-    monkeypatch.undo()
-    if counter() < crash:
-        pytest.skip(f"_apply makes fewer than {crash} file operations")
-    queue.recover()
-    with open(queue.msg_path(qid), "rb") as f:
-        data = f.read()
-    state = queue.find(qid)
-    assert (state, data) in ((QUE, REWRITTEN), (WFC, ORIGINAL)), (state, data)
-    assert sorted(os.listdir(os.path.join(queue.root, "msg"))) == [qid]
-    if state == QUE:
-        assert queue.load(QUE, qid).size == len(REWRITTEN)
+def test_a_crash_while_applying_a_rewrite_never_scans_the_rewritten_message_again(tmp_path, monkeypatch):
+    """After a crash at any file operation the record is either in QUE with the rewritten message,
+    or back in WFC with the message as received (scanned again: a disclaimer or a spam tag is never
+    added twice)."""
+    for crash in range(1, 50):  # every operation of _apply in turn, until one run has no crash point left
+        queue = Queue(str(tmp_path / f"crash{crash}"))
+        qid, rewritten = scanned_and_rewritten(queue)
+        scanner, _ = scanner_on(queue)
+        counter = crash_at(monkeypatch, crash)
+        try:
+            scanner._apply(qid, ScanResult([CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten)]))
+        except Crash:
+            pass
+        monkeypatch.undo()
+        if counter() < crash:
+            break
+        queue.recover()
+        with open(queue.msg_path(qid), "rb") as f:
+            data = f.read()
+        state = queue.find(qid)
+        assert (state, data) in ((QUE, REWRITTEN), (WFC, ORIGINAL)), (crash, state, data)
+        assert sorted(os.listdir(os.path.join(queue.root, "msg"))) == [qid]
+        if state == QUE:
+            assert queue.load(QUE, qid).size == len(REWRITTEN)
+    assert crash > 3, "the rewrite takes several file operations, each one tried as a crash point"
 
 
 def test_per_group_copies_record_the_size_of_their_own_message(tmp_path):
