@@ -303,6 +303,7 @@ class Queue:
                     os.unlink(self.record_path(seen[qid], qid))
                     counts["duplicates"] += 1
                 seen[qid] = state
+        counts["unfinished_copies"] = self._drop_unfinished_copies(seen)
         for qid, state in seen.items():
             if not os.path.exists(self.msg_path(qid)):
                 self._quarantine_corrupt(self.record_path(state, qid), qid, "message file missing")
@@ -323,6 +324,30 @@ class Queue:
                 os.unlink(self.msg_path(qid))
         self.sync_state_dirs()
         return counts
+
+    def _drop_unfinished_copies(self, seen: dict[str, str]) -> int:
+        """Per-group copies (``ID-N`` in QUE, srcid ID) whose message is still in CHK: the scan
+        result that made them was cut short, and the message is scanned again from WFC, which
+        makes them anew. They were never handed to the sender (that happens only once the
+        original has left CHK), so removing them loses nothing and delivers nothing twice."""
+        dropped = 0
+        for qid, state in list(seen.items()):
+            parent = qid.rpartition("-")[0]
+            if state != QUE or seen.get(parent) != CHK:
+                continue
+            env = self.load(QUE, qid)
+            if env is None:  # unreadable: moved to corrupt/ with its message
+                del seen[qid]
+                continue
+            if env.srcid != parent:
+                continue
+            log.warning("%s: copy of %s made by an unfinished scan removed; the message is scanned again", qid, parent)
+            os.unlink(self.record_path(QUE, qid))
+            if os.path.exists(self.msg_path(qid)):
+                os.unlink(self.msg_path(qid))
+            del seen[qid]
+            dropped += 1
+        return dropped
 
     def _recover_staged(self, qid: str, state: str | None) -> None:
         """A ``replace_and_move`` cut short: past its commit point when the record left CHK."""

@@ -115,3 +115,43 @@ def test_per_group_copies_record_the_size_of_their_own_message(tmp_path):
     assert sizes == {f"{env.id}-1": len(REWRITTEN), f"{env.id}-2": len(ORIGINAL)}
     for qid, size in sizes.items():
         assert queue.load(QUE, qid).size == size  # the record on disk, not only the one in memory
+
+
+def test_a_crash_while_making_per_group_copies_leaves_the_copies_or_the_message(tmp_path, monkeypatch):
+    """A scan result for two groups makes ID-1 and ID-2 in QUE, then removes ID from CHK. After a
+    crash at any file operation the restart has either both copies (and not the original) or the
+    original back in WFC and no copy: never a copy beside an original that is scanned again."""
+    for crash in range(1, 80):
+        queue = Queue(str(tmp_path / f"crash{crash}"))
+        env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test"), Recipient("y@lab.test")],
+                       size=len(ORIGINAL))
+        with open(queue.msg_path(env.id), "wb") as f:
+            f.write(ORIGINAL)
+        queue.write_record(CHK, env)
+        rewritten = os.path.join(queue.root, "tmp", f"{env.id}.scan1")
+        with open(rewritten, "wb") as f:
+            f.write(REWRITTEN)
+        scanner, _ = scanner_on(queue)
+        counter = crash_at(monkeypatch, crash)
+        try:
+            scanner._apply(env.id, ScanResult([
+                CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten),
+                CopyResult(group="lab", recipients=["y@lab.test"]),
+            ]))
+        except Crash:
+            pass
+        monkeypatch.undo()
+        if counter() < crash:
+            break
+        queue.recover()
+        states = {qid: queue.find(qid) for qid in (env.id, f"{env.id}-1", f"{env.id}-2")}
+        messages = sorted(os.listdir(os.path.join(queue.root, "msg")))
+        if states[env.id] is None:
+            assert states == {env.id: None, f"{env.id}-1": QUE, f"{env.id}-2": QUE}, (crash, states)
+            with open(queue.msg_path(f"{env.id}-1"), "rb") as f:
+                assert f.read() == REWRITTEN
+            assert messages == [f"{env.id}-1", f"{env.id}-2"]
+        else:
+            assert states == {env.id: WFC, f"{env.id}-1": None, f"{env.id}-2": None}, (crash, states)
+            assert messages == [env.id]
+    assert crash > 5, "making two copies takes several file operations, each one tried as a crash point"
