@@ -655,6 +655,9 @@ class Session:
         self.flush()
 
     def smtp_RSET(self, arg: str) -> None:
+        if arg:  # RFC 5321 §4.1.1.5: "RSET" CRLF, no parameters (Postfix: 501 Syntax: RSET)
+            self.reply(smtp.BAD_SYNTAX.format("RSET"))
+            return
         self.reset_transaction()
         self.set_timeout(self.cfg.timeouts.ReceivingCommandTimeout)
         self.reply(smtp.RESET_OK)
@@ -667,6 +670,10 @@ class Session:
 
     def smtp_VRFY(self, arg: str) -> None:
         self.reply(smtp.VRFY if arg else smtp.BAD_SYNTAX.format("VRFY address"))
+
+    def smtp_EXPN(self, arg: str) -> None:
+        # RFC 5321 §3.5.2: EXPN is optional; a relay does not disclose list members.
+        self.reply(smtp.NOT_IMPLEMENTED)
 
     def smtp_HELP(self, arg: str) -> None:
         self.reply(smtp.HELP)
@@ -738,6 +745,7 @@ VERBS: dict[str, Verb] = {
     "NOOP": Verb(Session.smtp_NOOP, pre_tls=True, junk=True),
     "QUIT": Verb(Session.smtp_QUIT, pre_tls=True),
     "VRFY": Verb(Session.smtp_VRFY, junk=True),
+    "EXPN": Verb(Session.smtp_EXPN, junk=True),
     "HELP": Verb(Session.smtp_HELP, pre_tls=True, junk=True),
     "STARTTLS": Verb(Session.smtp_STARTTLS, pre_tls=True),
 }

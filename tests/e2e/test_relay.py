@@ -52,7 +52,8 @@ def test_ehlo_advertises_extensions_and_every_reply_has_an_enhanced_code(gateway
         ("NOOP", 250, "2.0.0"), ("VRFY someone", 252, "2.5.0"), ("HELP", 214, "2.0.0"),
         ("RCPT TO:<x@example.test>", 503, "5.5.1"), ("DATA", 503, "5.5.1"), ("FOO", 500, "5.5.1"),
         ("MAIL FROM:<a@b.test>", 250, "2.1.0"), ("MAIL FROM:<a@b.test>", 503, "5.5.1"),
-        ("RSET", 250, "2.0.0"), ("STARTTLS", 502, "5.5.1"), ("QUIT", 221, "2.0.0"),
+        ("RSET now", 501, "5.5.4"), ("RSET", 250, "2.0.0"), ("EXPN staff", 502, "5.5.1"),
+        ("STARTTLS", 502, "5.5.1"), ("QUIT", 221, "2.0.0"),
     ]:
         got_code, got_text = c.cmd(command)
         assert (got_code, got_text.split(" ")[0]) == (code, status), command
