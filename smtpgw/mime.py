@@ -72,6 +72,10 @@ MAX_MIME_PARTS = 5000  # MIME entities per message
 MAX_HEADER_FIELDS = 500  # fields examined per entity header
 MAX_UU_BLOCKS = 100  # uuencoded blocks per text part
 MAX_NAME = 255
+# Characters of an encoded file name decoded (RFC 2047 words): ample for MAX_NAME
+# decoded characters, and a bound on email.header.decode_header, whose joining of
+# adjacent words is quadratic in their number.
+MAX_ENCODED_NAME = 4096
 
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")  # RFC 5322 §3.6.8 field-name, obs WSP
 _BLANK_LINE = re.compile(rb"\n\r?\n")
@@ -285,7 +289,12 @@ def _parameters(value: str) -> dict[str, str]:
 
 
 def _rfc2047(value: str) -> str:
-    """Decode RFC 2047 encoded-words, which many mailers put in filenames."""
+    """Decode RFC 2047 encoded-words, which many mailers put in filenames.
+
+    Only the first ``MAX_ENCODED_NAME`` characters are decoded (the name is cut
+    to ``MAX_NAME`` afterwards anyway).
+    """
+    value = value[:MAX_ENCODED_NAME]
     if "=?" not in value:
         return value
     try:
