@@ -280,20 +280,30 @@ def _gzip_name(data: bytes) -> str:
 
 
 def _gunzip_chunks(data: bytes) -> Iterator[bytes]:
-    """Decompress every gzip member (RFC 1952 §2.2) in bounded output chunks."""
-    pending = data
-    while pending:
+    """Decompress every gzip member (RFC 1952 §2.2) in bounded output chunks.
+
+    Input is fed ``CHUNK`` bytes at a time: zlib copies what it has not used
+    (``unconsumed_tail``, ``unused_data``) on every call, so feeding the whole
+    rest of the stream made many small members (or a bomb followed by a long
+    tail) cost time quadratic in the stream's size.
+    """
+    view = memoryview(data)
+    pos = 0
+    while pos < len(data):
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        while True:
-            chunk = inflater.decompress(pending, CHUNK)
-            progress = bool(chunk) or len(inflater.unconsumed_tail) < len(pending)
-            pending = inflater.unconsumed_tail
-            if chunk:
-                yield chunk
-            if inflater.eof or not progress:
-                break
-        if not inflater.eof:
-            raise EOFError("truncated gzip stream")
-        pending = inflater.unused_data
-        if pending[:2] != b"\x1f\x8b":
+        while not inflater.eof:
+            pending: bytes | memoryview = view[pos : pos + CHUNK]
+            if not pending:
+                raise EOFError("truncated gzip stream")
+            pos += len(pending)
+            while pending and not inflater.eof:
+                chunk = inflater.decompress(pending, CHUNK)
+                progress = bool(chunk) or len(inflater.unconsumed_tail) < len(pending)
+                pending = inflater.unconsumed_tail
+                if chunk:
+                    yield chunk
+                if not progress:
+                    raise EOFError("gzip stream makes no progress")
+        pos -= len(inflater.unused_data)  # the next member starts inside the last piece fed
+        if view[pos : pos + 2] != b"\x1f\x8b":
             return

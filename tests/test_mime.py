@@ -221,6 +221,17 @@ def test_zip_bomb_stops_early_with_bounded_memory() -> None:
     assert peak < 1.5 * Limits().max_ratio * len(packed) + (4 << 20), peak
 
 
+def test_gzip_stream_of_countless_members_is_read_in_linear_time() -> None:
+    # each gzip member used to be fed the whole rest of the stream, which zlib copies
+    empty = _gzip(b"", fname=b"m")
+    stream = _gzip(b"first", fname=b"m") + empty * 120_000 + _gzip(b"last", fname=b"m")
+    raw = mime_message([attachment("m.gz", stream, "application/gzip")])
+    started = time.perf_counter()
+    tree = decompose(raw)
+    assert time.perf_counter() - started < 3.0
+    assert by_path(tree)["1:m.gz/m"].data == b"firstlast"
+
+
 def test_expanded_size_member_count_and_depth_limits() -> None:
     limits = Limits(max_depth=2, max_members=3, max_expanded=4096, max_ratio=100)
     big = mime_message([attachment("big.zip", zip_bytes({"a": os.urandom(3000), "b": os.urandom(3000)}))])
