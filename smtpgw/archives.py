@@ -28,6 +28,7 @@ Decisions (documented behaviour):
 from __future__ import annotations
 
 import io
+import lzma
 import struct
 import tarfile
 import zipfile
@@ -57,6 +58,7 @@ ARCHIVE_ERRORS = (
     zipfile.LargeZipFile,
     tarfile.TarError,
     zlib.error,
+    lzma.LZMAError,  # zipfile: a corrupt LZMA member (bzip2 reports OSError)
     struct.error,
     EOFError,
     OSError,

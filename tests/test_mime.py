@@ -8,6 +8,7 @@ import random
 import struct
 import time
 import tracemalloc
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -181,6 +182,17 @@ def test_truncated_archives_are_errors(data: bytes, reason: str) -> None:
     tree = decompose(mime_message([attachment("t.bin", data)]))
     bad = [n for n in tree.walk() if n.status == "error"]
     assert bad and reason in bad[0].reason
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_corrupt_compressed_zip_member_is_an_error(method: int) -> None:
+    packed = bytearray(zip_bytes({"a.txt": random.Random(7).randbytes(3000)}, method))
+    start = 30 + len("a.txt") + 40  # inside the compressed data, past any method header
+    packed[start : start + 100] = bytes(b ^ 0x55 for b in packed[start : start + 100])
+    tree = decompose(mime_message([attachment("c.zip", bytes(packed))]))
+    member = by_path(tree)["1:c.zip/a.txt"]
+    assert member.status == "error" and "unreadable archive member" in member.reason
+    assert by_path(tree)["1:c.zip"].status == "error"
 
 
 def test_broken_base64_is_an_error_and_footers_are_defects() -> None:
