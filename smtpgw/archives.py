@@ -27,6 +27,7 @@ Decisions (documented behaviour):
 
 from __future__ import annotations
 
+import bz2
 import io
 import lzma
 import struct
@@ -203,6 +204,11 @@ class Budget:
                 if info.flag_bits & 0x41:
                     yield Member(info.filename, b"", PROTECTED, "encrypted zip member")
                     continue
+                if info.compress_type in (zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+                    # zipfile inflates these without an output bound per read
+                    unpacked = _zip_unpacked(data, info, min(info.file_size, self.limits.max_expanded))
+                    yield from self._fill(info.filename, unpacked, info.compress_size)
+                    continue
                 try:
                     stream = archive.open(info)
                 except ARCHIVE_ERRORS as exc:
@@ -247,6 +253,56 @@ class Budget:
 def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
     """A member's stream read in ``CHUNK`` steps, so no read is unbounded."""
     return iter(partial(stream.read, CHUNK), b"")
+
+
+def _zip_unpacked(data: bytes, info: zipfile.ZipInfo, max_size: int) -> Iterator[bytes]:
+    """A bzip2 or LZMA zip member decompressed in ``CHUNK`` steps of output.
+
+    ``ZipExtFile`` hands these decompressors whole input reads without a
+    ``max_length``: a few hundred bytes of bzip2 became a gigabyte in one call,
+    before any budget could be checked. Read here from the local header on
+    (APPNOTE 4.3.7), with the sizes and CRC of the central directory checked.
+    No more than ``max_size`` bytes of output (the member's size, within the
+    budget) are ever needed, which bounds the LZMA dictionary the member's
+    properties may ask for (up to 4 GiB).
+    """
+    header = data[info.header_offset : info.header_offset + 30]
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.filename!r}")
+    name_size, extra_size = struct.unpack("<HH", header[26:30])
+    start = info.header_offset + 30 + name_size + extra_size
+    packed = data[start : start + info.compress_size]
+    decompressor: bz2.BZ2Decompressor | lzma.LZMADecompressor
+    if info.compress_type == zipfile.ZIP_BZIP2:
+        decompressor = bz2.BZ2Decompressor()
+    else:  # APPNOTE 5.8.8: LZMA version (2 bytes), properties size (2), properties, raw LZMA1 data
+        props_size = int.from_bytes(packed[2:4], "little")
+        decompressor = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[_lzma1_filter(packed[4 : 4 + props_size], max_size)])
+        packed = packed[4 + props_size :]
+    crc, size = 0, 0
+    chunk = decompressor.decompress(packed, CHUNK)
+    while chunk:
+        crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+        yield chunk
+        if decompressor.eof or decompressor.needs_input:
+            break
+        chunk = decompressor.decompress(b"", CHUNK)
+    if size != info.file_size or crc != info.CRC:
+        raise zipfile.BadZipFile(f"bad size or CRC-32 for {info.filename!r}")
+
+
+def _lzma1_filter(props: bytes, max_size: int) -> dict[str, int]:
+    """The LZMA1 filter of 5 properties bytes: lc/lp/pb packed in one byte, dictionary size.
+
+    The dictionary is allocated whole when decoding starts; it never needs to be
+    larger than the output (``max_size``), nor smaller than LZMA's 4 KiB minimum.
+    """
+    if len(props) != 5 or props[0] >= 9 * 5 * 5:
+        raise lzma.LZMAError("bad LZMA properties")
+    pb, rest = divmod(props[0], 9 * 5)
+    lp, lc = divmod(rest, 9)
+    dict_size = max(min(int.from_bytes(props[1:5], "little"), max_size), 4096)
+    return {"id": lzma.FILTER_LZMA1, "lc": lc, "lp": lp, "pb": pb, "dict_size": dict_size}
 
 
 def _unreadable(name: str, problem: Exception, data: bytes) -> Member:

@@ -244,6 +244,30 @@ def test_gzip_stream_of_countless_members_is_read_in_linear_time() -> None:
     assert by_path(tree)["1:m.gz/m"].data == b"firstlast"
 
 
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_bzip2_and_lzma_zip_bombs_stop_with_bounded_memory(method: int) -> None:
+    packed = zip_bytes({"zeros.bin": bytes(64 << 20)}, method)  # 179 bytes with bzip2
+    raw = mime_message([attachment("bomb.zip", packed, "application/zip")])
+    tracemalloc.start()
+    try:
+        tree = decompose(raw, Limits())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    member = by_path(tree)["1:bomb.zip/zeros.bin"]
+    assert member.status == "error" and "MaximalCompressionRatio" in member.reason
+    assert peak < 16 << 20, peak  # zipfile inflated all 64 MiB in one read; LZMA keeps an 8 MiB dictionary
+
+
+def test_bzip2_and_lzma_zip_members_are_read_whole() -> None:
+    for method in (zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        content = {"a.txt": b"alpha " * 50_000, "empty": b"", "b.bin": random.Random(3).randbytes(70_000)}
+        tree = decompose(mime_message([attachment("m.zip", zip_bytes(content, method))]))
+        nodes = by_path(tree)
+        assert {name: nodes[f"1:m.zip/{name}"].data for name in content} == content
+        assert all(node.status is None for node in tree.walk())
+
+
 def test_expanded_size_member_count_and_depth_limits() -> None:
     limits = Limits(max_depth=2, max_members=3, max_expanded=4096, max_ratio=100)
     big = mime_message([attachment("big.zip", zip_bytes({"a": os.urandom(3000), "b": os.urandom(3000)}))])
