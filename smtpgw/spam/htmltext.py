@@ -19,6 +19,7 @@ from html.parser import HTMLParser
 MAX_LINKS = 200
 MAX_STACK = 256
 MAX_SIGNS = 64
+MAX_UNTERMINATED = 16  # constructs left open at the end of the input that are read as text
 
 # Elements whose content is not shown to the reader (HTML Living Standard §15.3.1).
 _NOT_RENDERED = {"script", "style", "head", "template", "noscript", "xml"}
@@ -139,6 +140,27 @@ class _Renderer(HTMLParser):
         # A comment glued between letters splits a word for filters only ("V<!--x-->iagra").
         self.comment_after_letter = bool(self.out) and self.out[-1][-1:].isalpha()
 
+    def finish(self) -> None:
+        """``close()``, with at most ``MAX_UNTERMINATED`` constructs that never end read as text.
+
+        What ``feed()`` leaves starts with a tag, comment or declaration that
+        does not end. ``close()`` reads its "<" as text and parses on, but in
+        Python < 3.13.4 it re-scans the whole rest for every such construct
+        (quadratic: 64 KB of "<a" took 6 s). That is done here for the first
+        ``MAX_UNTERMINATED`` of them; the rest of the input is then dropped, as
+        HTML drops a construct still open at the end of the input (§13.2.5).
+        """
+        for _ in range(MAX_UNTERMINATED):
+            pending = self.rawdata
+            if not pending.startswith("<"):
+                break
+            self.rawdata = ""
+            self.handle_data("<")
+            self.feed(pending[1:])
+        if self.rawdata.startswith("<"):
+            self.rawdata = ""
+        self.close()
+
     # -- signs -------------------------------------------------------------------
     def _hides(self, tag: str, values: dict[str, str]) -> bool:
         signs = self.result.signs
@@ -175,7 +197,7 @@ def html_to_text(html: str) -> HtmlText:
     renderer = _Renderer()
     try:
         renderer.feed(html)
-        renderer.close()
+        renderer.finish()
     except Exception:  # html.parser can assert on broken declarations; keep what we have
         renderer.result.signs.add("html-parse-error")
     result = renderer.result
