@@ -673,6 +673,13 @@ class Resolver:
         if exchange.depth >= MAX_CNAME_CHAIN:
             exchange.done(_failure(qname, qtype, ERROR_CNAME_CHAIN))
             return
+        try:
+            encode_name(target)
+        except ValueError:
+            # A label may hold any octet (RFC 2181 §11); read_name shows the ones a query name
+            # cannot carry as \DDD (RFC 1035 §5.1), so such an alias cannot be followed.
+            exchange.done(_failure(qname, qtype, ERROR_CNAME_CHAIN))
+            return
         cached = self._cached((target, qtype))
         if cached is not None:
             self.loop.call_soon(finish, cached)

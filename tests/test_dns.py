@@ -275,6 +275,18 @@ def test_cname_loop_is_an_error(dns_loop: EventLoop, scripted_dns: ScriptedDNSSe
     assert scripted_dns.count() <= dns.MAX_CNAME_CHAIN + 1
 
 
+def test_cname_to_a_name_no_query_can_carry_is_an_error(dns_loop: EventLoop,
+                                                        scripted_dns: ScriptedDNSServer) -> None:
+    # A label may hold any octet (RFC 2181 §11): the space comes back as "\\032" (RFC 1035 §5.1),
+    # a name no query can be built for. The lookup must fail, not raise out of the loop.
+    scripted_dns.add("www.odd.test", "CNAME", "sp ace.odd.test").add("next.odd.test", "A", "192.0.2.24")
+    r = resolver(dns_loop, scripted_dns.address, max_in_flight=1)
+    answer = ask(dns_loop, r, "www.odd.test", A, timeout=5)
+    assert (answer.error, answer.records) == ("cname-chain", [])
+    # the one slot for a query in flight was given back
+    assert ask(dns_loop, r, "next.odd.test", A, timeout=5).records == ["192.0.2.24"]
+
+
 def test_ids_and_source_ports_are_random(dns_loop: EventLoop, scripted_dns: ScriptedDNSServer) -> None:
     r = resolver(dns_loop, scripted_dns.address)
     for n in range(20):
