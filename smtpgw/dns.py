@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, TypeVar
 
 from smtpgw.dnswire import (
-    AAAA, CLASS_IN, CNAME, FLAG_QR, FORMERR, MX, NOERROR, NOTIMP, NXDOMAIN, PTR, REFUSED, SERVFAIL, SOA, TXT,
+    AAAA, CLASS_IN, CNAME, FLAG_QR, FORMERR, MX, NOERROR, NOTIMP, NS, NXDOMAIN, PTR, REFUSED, SERVFAIL, SOA, TXT,
     TYPE_NAMES, A, DNSFormatError, Message, Record, build_query, encode_name, normalise_name, parse_header,
     parse_message, rdtype_code, read_name, reverse_labels, reverse_name,
 )
@@ -37,7 +37,7 @@ __all__ = [
     "A", "AAAA", "CNAME", "MX", "PTR", "SOA", "TXT",
     "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED",
     "ERROR_TIMEOUT", "ERROR_SERVFAIL", "ERROR_BAD_NAME", "ERROR_MALFORMED", "ERROR_OVERLOADED",
-    "ERROR_CLOSED", "ERROR_UNREACHABLE", "ERROR_CNAME_CHAIN",
+    "ERROR_CLOSED", "ERROR_UNREACHABLE", "ERROR_CNAME_CHAIN", "ERROR_REFERRAL",
     "Answer", "DNSFormatError", "Lookup", "Message", "Record", "Resolver",
     "build_query", "encode_name", "normalise_name", "parse_header", "parse_message", "parse_nameserver",
     "parse_resolv_conf",
@@ -62,6 +62,7 @@ ERROR_OVERLOADED = "overloaded"
 ERROR_CLOSED = "closed"
 ERROR_UNREACHABLE = "unreachable"
 ERROR_CNAME_CHAIN = "cname-chain"
+ERROR_REFERRAL = "referral"
 _RCODE_ERRORS = {FORMERR: "formerr", SERVFAIL: ERROR_SERVFAIL, NOTIMP: "notimp", REFUSED: "refused"}
 # endregion
 
@@ -656,6 +657,12 @@ class Resolver:
             seen.add(current)
         if current != qname:
             self._follow(exchange, current, ttl)  # the server stopped at an alias: ask for its target
+            return
+        authority = {record.rdtype for record in message.authority}
+        if NS in authority and SOA not in authority:
+            # RFC 2308 §2.2.1: NS records and no SOA in the authority section make a referral, not
+            # NODATA: this server did not recurse and has no answer; the next one may.
+            self._try_failed(exchange, ERROR_REFERRAL)
             return
         self._complete(exchange, Answer(qname, qtype, NOERROR, [], self._negative_ttl(message)))
 

@@ -214,6 +214,21 @@ def test_servfail_is_an_error_and_tried_again(dns_loop: EventLoop, scripted_dns:
     assert scripted_dns.count("broken.test") == 4
 
 
+def test_referral_is_a_failure_not_nodata(dns_loop: EventLoop, scripted_dns: ScriptedDNSServer) -> None:
+    # RFC 2308 §2.2.1: NS records and no SOA in the authority section make a referral from a
+    # server that did not recurse; taken for NODATA it would make the domain "have no MX".
+    scripted_dns.behave("lame.test", "referral")
+    r = resolver(dns_loop, scripted_dns.address, negative_ttl=600)
+    answer = ask(dns_loop, r, "lame.test", MX)
+    assert (answer.error, answer.nodata, answer.nxdomain) == ("referral", False, False)
+    ask(dns_loop, r, "lame.test", MX)  # a failure is not cached
+    assert scripted_dns.count("lame.test") == 2
+    with ScriptedDNSServer() as good:
+        good.add("lame.test", "MX", (10, "mx.lame.test"))
+        r = resolver(dns_loop, scripted_dns.address, good.address)
+        assert ask(dns_loop, r, "lame.test", MX).records == [(10, "mx.lame.test")]
+
+
 def test_truncated_answer_is_asked_again_over_tcp(dns_loop: EventLoop, scripted_dns: ScriptedDNSServer) -> None:
     scripted_dns.behave("big.test", "truncate").add("big.test", "A", "192.0.2.7")
     answer = ask(dns_loop, resolver(dns_loop, scripted_dns.address), "big.test", A)

@@ -184,7 +184,8 @@ class ScriptedDNSServer:
     UDP, the full answer over TCP), ``wrong-id``, ``wrong-question``, ``wrong-source`` (a forged
     reply carrying 192.0.2.66 first, then the real one), ``pointer-loop`` / ``pointer-self`` (an
     answer whose owner name is a compression loop), ``formerr-edns`` (FORMERR to any query with
-    an OPT record, as pre-EDNS servers do). CNAMEs are served but never chased. ``soa(zone, n)``
+    an OPT record, as pre-EDNS servers do), ``referral`` (no answer, the parent zone's NS in the
+    authority section and no SOA, as a server that does not recurse answers). CNAMEs are served but never chased. ``soa(zone, n)``
     puts an SOA with MINIMUM n in negative answers below ``zone``. Every query is recorded in
     ``queries`` as (name, qtype, "udp"|"tcp").
     """
@@ -347,6 +348,10 @@ class ScriptedDNSServer:
             return [self._header(query, 1, (0, 0, 0), question=False)]
         if behaviour == "truncate" and transport == "udp":
             return [self._header(query, 0, (0, 0, 0), tc=True) + query.question]
+        if behaviour == "referral":
+            zone = query.name.partition(".")[2] or query.name
+            ns = _rr(_labels(zone), 2, TTL, _labels("ns." + zone))
+            return [self._header(query, 0, (0, 1, 0)) + query.question + ns]
         if behaviour in ("pointer-loop", "pointer-self"):
             start = 12 + len(query.question)
             pointer = struct.pack("!H", 0xC000 | start)
