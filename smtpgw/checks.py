@@ -97,11 +97,11 @@ class SessionChecks:
         self._addresses(name, lambda ips, failed: self._helo_facts(ips, failed))
 
     def _helo_facts(self, ips: list[str], failed: bool) -> None:
-        if failed and not ips:
-            self.unknown.update(("has_ip", "same_ip"))
-            return
-        self.facts["has_ip"] = bool(ips)
-        self.facts["same_ip"] = any(_same(ip, self.ip) for ip in ips)
+        self._set("has_ip", bool(ips), failed and not ips)
+        same = any(_same(ip, self.ip) for ip in ips)
+        # With the A or the AAAA lookup failed, the client's address may be among the addresses
+        # not seen: only a match is certain, a mismatch is unknown (450, never 5xx).
+        self._set("same_ip", same, failed and not same)
 
     def mail(self, sender: str) -> None:
         for fact in ("has_mx", "has_ip"):

@@ -194,7 +194,7 @@ class ScriptedDNSServer:
 
     def __init__(self) -> None:
         self._records: dict[tuple[str, int], list[tuple[int, Any, int]]] = {}
-        self._behaviour: dict[str, str] = {}
+        self._behaviour: dict[tuple[str, int | None], str] = {}
         self._soa: dict[str, int] = {}
         self.queries: list[tuple[str, int, str]] = []
         self.sources: list[tuple[int, int]] = []  # (query ID, client port) of each UDP query
@@ -216,9 +216,13 @@ class ScriptedDNSServer:
         self._records.setdefault((name.lower().rstrip("."), code), []).append((code, value, ttl))
         return self
 
-    def behave(self, name: str, behaviour: str) -> "ScriptedDNSServer":
-        self._behaviour[name.lower().rstrip(".")] = behaviour
+    def behave(self, name: str, behaviour: str, rtype: str | None = None) -> "ScriptedDNSServer":
+        """Misbehave for queries of ``name`` (only those of type ``rtype`` when given)."""
+        self._behaviour[(name.lower().rstrip("."), _TYPES[rtype] if rtype else None)] = behaviour
         return self
+
+    def _behaviour_for(self, query: _Query) -> str | None:
+        return self._behaviour.get((query.name, query.qtype)) or self._behaviour.get((query.name, None))
 
     def soa(self, zone: str, minimum: int) -> "ScriptedDNSServer":
         self._soa[zone.lower().rstrip(".")] = minimum
@@ -317,7 +321,7 @@ class ScriptedDNSServer:
         self._record(query, "udp")
         with self._changed:
             self.sources.append((query.qid, peer[1]))
-        behaviour = self._behaviour.get(query.name)
+        behaviour = self._behaviour_for(query)
         if behaviour == "wrong-source":
             self._forger.sendto(self._poisoned(query, query.qid, query.question), peer)
         elif behaviour == "wrong-id":
@@ -339,7 +343,7 @@ class ScriptedDNSServer:
         return self._header(query, 0, (1, 0, 0), qid=qid) + question + answer
 
     def _replies(self, query: _Query, transport: str) -> list[bytes]:
-        behaviour = self._behaviour.get(query.name)
+        behaviour = self._behaviour_for(query)
         if behaviour == "silent":
             return []
         if behaviour in ("servfail", "refused"):
