@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from typing import TYPE_CHECKING, Callable
 
 from smtpgw.queue import QUE, STATES, WFC, WFS, write_durably
@@ -34,6 +35,7 @@ class Control:
     def __init__(self, gateway: "Gateway") -> None:
         self.gw = gateway
         self.timer = None
+        self.ignored: set[str] = set()  # names of control entries already reported as not regular files
         self.commands: dict[str, Callable[[], None]] = {
             ".c_stats": self.dump_stats,
             ".c_recv_on": lambda: self._switch("receiving", True),
@@ -64,9 +66,12 @@ class Control:
         except OSError as exc:
             log.error("cannot read control directory %s: %s", self.folder, exc)
             names = []
+        self.ignored.intersection_update(names)  # one taken away and made again is reported again
         try:
             for name in names:
                 path = os.path.join(self.folder, name)
+                if (name in self.commands or name.startswith(".q_")) and not self._regular(path, name):
+                    continue
                 try:
                     if name in self.commands:
                         self._remove(path)
@@ -80,6 +85,18 @@ class Control:
                         self._answer(path, name[3:], SYSTEM_ERROR, "the gateway could not carry this out; see its log")
         finally:
             self.timer = self.gw.loop.call_later(self.gw.cfg.options.ControlPollInterval, self.poll)
+
+    def _regular(self, path: str, name: str) -> bool:
+        """Only a regular file (not a symlink) is a command or a request: a directory cannot
+        be deleted once acted on, and a link would read a file outside ControlPath. Anything
+        else is reported once and left alone, and the poll goes on with the other names."""
+        regular = _is_regular(path)
+        if regular:
+            self.ignored.discard(name)
+        elif name not in self.ignored:
+            self.ignored.add(name)
+            log.error("control entry %s ignored: not a regular file; remove it", name)
+        return regular
 
     @staticmethod
     def _remove(path: str) -> None:
@@ -175,8 +192,16 @@ class Control:
             check = bool(request.get("check", True))
         except (KeyError, TypeError) as exc:
             return BAD_ARGS, f"bad release request: {exc}"
-        if not recipients or not os.path.exists(message):
+        if not recipients or not _is_regular(message):  # a link could name any file the gateway can read
             return NOT_PERFORMED, "nothing to release"
         qid = self.gw.inject(message, sender, recipients, check)
         os.unlink(message)
         return DONE, f"released as {qid}" + ("" if check else " (without checks)")
+
+
+def _is_regular(path: str) -> bool:
+    """``path`` is a regular file itself (a symlink is not followed)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:  # gone since the listing, or unreachable
+        return False

@@ -103,3 +103,20 @@ def test_store_release_from_quarantine(make_gateway, sink, clamd):
     assert got.recipients == ["x@example.test"] and b'filename="a.zip"' in got.data
     gw.wait_log(r"RELEASED, from=<a@b.test>, nrcpt=1.*check=no")
     assert os.listdir(os.path.join(gw.folder, "var", "quarantine"))  # the stored copy is kept
+
+
+def test_a_directory_or_link_in_the_control_folder_does_not_stop_requests(gateway, sink, tmp_path):
+    # A directory named like a request sorts first: it must not keep the later ones from running,
+    # and neither a directory nor a symlink is acted on as a command or a request.
+    os.makedirs(os.path.join(gateway.control_path, ".q_0"))
+    os.makedirs(os.path.join(gateway.control_path, ".c_stats"))
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"op": "remove-all"}')
+    os.symlink(outside, os.path.join(gateway.control_path, ".q_1link"))
+    result = gateway.cli("queue", "send-all")
+    assert result.returncode == 0, result.stdout + result.stderr
+    gateway.wait_log(r"control entry \.q_0 ignored: not a regular file")
+    gateway.wait_log(r"control entry \.q_1link ignored: not a regular file")
+    assert os.path.islink(os.path.join(gateway.control_path, ".q_1link"))
+    assert not os.path.exists(os.path.join(gateway.control_path, ".a_1link"))
+    assert "control file .q_0 failed" not in gateway.log_text()
