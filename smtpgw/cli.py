@@ -18,6 +18,8 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 from smtpgw import __version__
@@ -190,15 +192,20 @@ def format_queue(queue: Queue) -> str:
     return "\n".join(lines)
 
 
-def gateway_running(queue: Queue) -> bool:
+@contextmanager
+def offline_lock(queue: Queue) -> Iterator[bool]:
+    """The queue's lock, held for the whole block when no gateway runs (True), so that a
+    gateway starting meanwhile waits for the spool to be consistent; False: a gateway holds it."""
     fd = os.open(os.path.join(queue.root, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
-    return False
 
 
 def ask_gateway(control_path: str, op: str, qid: str | None, extra: dict | None = None) -> tuple[int, str]:
@@ -229,22 +236,20 @@ def queue_command(cfg, args: argparse.Namespace) -> int:
         print(format_queue(queue))
         return 0
     qid = getattr(args, "id", None)
-    if gateway_running(queue):
+    with offline_lock(queue) as offline:
+        if offline:
+            code, output = offline_queue_command(queue, args.op, qid)
+    if not offline:
         code, output = ask_gateway(cfg.path.ControlPath, args.op, qid)
-    else:
-        code, output = offline_queue_command(queue, args.op, qid)
     print(output, file=sys.stdout if code == 0 else sys.stderr)
     return code
 
 
 def offline_queue_command(queue: Queue, op: str, qid: str | None) -> tuple[int, str]:
-    """With no gateway running, act on the spool directly (under its lock)."""
-    from smtpgw.control import REMOVABLE
+    """With no gateway running, act on the spool directly; the caller holds its lock. The
+    same rules as the gateway's (``control.locate``, ``control.removal_refused``)."""
+    from smtpgw.control import NOT_PERFORMED, REMOVABLE, locate, removal_refused
 
-    if op in ("send", "send-all"):
-        if op == "send" and (qid is None or queue.find(qid) is None):
-            return 4, f"{qid}: no such message in the queue"
-        return 4, "the gateway is not running: messages are sent when it starts"
     if op == "remove-all":
         removed = 0
         for state in REMOVABLE:
@@ -252,31 +257,40 @@ def offline_queue_command(queue: Queue, op: str, qid: str | None) -> tuple[int, 
                 queue.remove(item, state)
                 removed += 1
         return 0, f"{removed} message(s) removed"
-    state = queue.find(qid or "")
+    if op == "send-all":
+        return NOT_PERFORMED, "the gateway is not running: messages are sent when it starts"
+    state, code, why = locate(queue, qid)
     if state is None:
-        return 4, f"{qid}: no such message in the queue"
-    queue.remove(qid or "", state)
+        return code, why
+    assert qid is not None
+    if op == "send":
+        return NOT_PERFORMED, "the gateway is not running: messages are sent when it starts"
+    refused = removal_refused(qid, state)
+    if refused:
+        return NOT_PERFORMED, refused
+    queue.remove(qid, state)
     return 0, f"{qid}: removed"
 
 
 def release(cfg, raw: bytes, sender: str, recipients: list[str], check: bool) -> bool:
     """Queue a released store item: through the running gateway, or directly when none runs."""
-    queue = Queue(cfg.path.QueuePath)
-    if gateway_running(queue):
-        os.makedirs(cfg.path.ControlPath, exist_ok=True)
-        name = f".m_{os.getpid()}_{secrets.token_hex(4)}"
-        write_durably(os.path.join(cfg.path.ControlPath, name), raw)
-        code, output = ask_gateway(cfg.path.ControlPath, "release", None,
-                                   {"message": name, "sender": sender, "recipients": recipients, "check": check})
-        print(output, file=sys.stdout if code == 0 else sys.stderr)
-        return code == 0
     from smtpgw.queue import QUE, WFC, Envelope, Recipient, new_id
 
-    env = Envelope(id=new_id(), sender=sender, recipients=[Recipient(addr=r) for r in recipients],
-                   received_at=time.time(), size=len(raw))
-    queue.add_message(env, WFC if check else QUE, data=raw)  # picked up when the gateway starts
-    print(f"released as {env.id}")
-    return True
+    queue = Queue(cfg.path.QueuePath)
+    with offline_lock(queue) as offline:
+        if offline:  # under the lock: a gateway starting now cannot take the half-written record
+            env = Envelope(id=new_id(), sender=sender, recipients=[Recipient(addr=r) for r in recipients],
+                           received_at=time.time(), size=len(raw))
+            queue.add_message(env, WFC if check else QUE, data=raw)  # picked up when the gateway starts
+            print(f"released as {env.id}")
+            return True
+    os.makedirs(cfg.path.ControlPath, exist_ok=True)
+    name = f".m_{os.getpid()}_{secrets.token_hex(4)}"
+    write_durably(os.path.join(cfg.path.ControlPath, name), raw)
+    code, output = ask_gateway(cfg.path.ControlPath, "release", None,
+                               {"message": name, "sender": sender, "recipients": recipients, "check": check})
+    print(output, file=sys.stdout if code == 0 else sys.stderr)
+    return code == 0
 
 
 def stats_command(cfg, timeout: float) -> int:

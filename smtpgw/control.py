@@ -23,6 +23,7 @@ from smtpgw.queue import QUE, STATES, WFC, WFS, write_durably
 
 if TYPE_CHECKING:
     from smtpgw.gateway import Gateway
+    from smtpgw.queue import Queue
 
 log = logging.getLogger("smtpgw.control")
 
@@ -165,14 +166,14 @@ class Control:
                     gw.remove_queued(item, state)
                     removed += 1
             return DONE, f"{removed} message(s) removed"
-        if not qid or not isinstance(qid, str) or "/" in qid or qid.startswith("."):
-            return BAD_ARGS, "a queue ID is needed"
-        state = queue.find(qid)
+        state, code, why = locate(queue, qid)
         if state is None:
-            return NOT_PERFORMED, f"{qid}: no such message in the queue"
+            return code, why
+        assert isinstance(qid, str)
         if op == "remove":
-            if state not in REMOVABLE:
-                return NOT_PERFORMED, f"{qid}: is {state} (being processed); only WFC, WFS and QUE can be removed"
+            refused = removal_refused(qid, state)
+            if refused:
+                return NOT_PERFORMED, refused
             gw.remove_queued(qid, state)
             return DONE, f"{qid}: removed"
         if op == "send":
@@ -197,6 +198,24 @@ class Control:
         qid = self.gw.inject(message, sender, recipients, check)
         os.unlink(message)
         return DONE, f"released as {qid}" + ("" if check else " (without checks)")
+
+
+def locate(queue: Queue, qid: object) -> tuple[str | None, int, str]:
+    """(state, DONE, "") of the record ``qid``, or (None, code, why): ``qid`` must be a plain
+    queue ID, never a path or a hidden name (``../msg``, ``.lock``), and name a record."""
+    if not isinstance(qid, str) or not qid or "/" in qid or "\0" in qid or qid.startswith("."):
+        return None, BAD_ARGS, "a queue ID is needed"
+    state = queue.find(qid)
+    if state is None:
+        return None, NOT_PERFORMED, f"{qid}: no such message in the queue"
+    return state, DONE, ""
+
+
+def removal_refused(qid: str, state: str) -> str | None:
+    """Why the record ``qid`` in ``state`` cannot be removed (kmg-spec §4.6), or None."""
+    if state in REMOVABLE:
+        return None
+    return f"{qid}: is {state} (being processed); only WFC, WFS and QUE can be removed"
 
 
 def _is_regular(path: str) -> bool:

@@ -1,0 +1,68 @@
+"""The command line with no gateway running: ``queue`` acts on the spool itself, safely."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import pytest
+
+from smtpgw import cli
+from smtpgw.queue import CHK, QUE, SND, WFC, Envelope, Queue, Recipient, new_id
+from tests.support.net import GatewayProcess
+
+
+@pytest.fixture
+def gw(tmp_path) -> GatewayProcess:
+    """A configuration and its spool; the gateway itself is not started."""
+    return GatewayProcess(str(tmp_path / "gw"), None)
+
+
+def queued(gw: GatewayProcess, state: str) -> Envelope:
+    queue = Queue(gw.queue)
+    env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test")])
+    queue.add_message(env, state, data=b"Subject: s\r\n\r\nbody\r\n")
+    return env
+
+
+@pytest.mark.parametrize("qid", ["", ".", "..", "../.lock", "../msg", ".lock"])
+def test_offline_remove_takes_only_a_queue_id(gw, qid):
+    env = queued(gw, QUE)
+    result = gw.cli("queue", "remove", qid)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "a queue ID is needed" in result.stderr
+    assert os.path.exists(os.path.join(gw.queue, ".lock"))
+    assert os.path.isdir(os.path.join(gw.queue, "msg"))
+    assert Queue(gw.queue).find(env.id) == QUE
+
+
+@pytest.mark.parametrize("state", [CHK, SND])
+def test_offline_remove_refuses_the_states_the_gateway_refuses(gw, state):
+    env = queued(gw, state)
+    result = gw.cli("queue", "remove", env.id)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert f"is {state}" in result.stderr
+    assert Queue(gw.queue).find(env.id) == state
+
+
+def test_offline_remove_holds_the_queue_lock_while_it_acts(gw, monkeypatch, capsys):
+    env = queued(gw, WFC)
+    held: list[bool] = []
+    remove = Queue.remove
+
+    def probing_remove(queue: Queue, qid: str, state: str) -> None:
+        # What a gateway starting now would try: the lock must still be taken.
+        fd = os.open(os.path.join(queue.root, ".lock"), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        remove(queue, qid, state)
+
+    monkeypatch.setattr(Queue, "remove", probing_remove)
+    assert cli.main(["-c", gw.config, "queue", "remove", env.id]) == 0
+    assert held == [True]
+    assert Queue(gw.queue).find(env.id) is None
