@@ -137,12 +137,30 @@ class Gateway:
             raise StartupError(f"another gateway is running on the queue {self.queue.root}", 41) from None
 
     def bind(self) -> None:
-        for host, port in self.cfg.network.ListenOn:
-            try:
-                listener = Listener(self, host, port)
-            except OSError as exc:
-                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-            self.listeners.append(listener)
+        self.listeners = self._bind(self.cfg.network.ListenOn, {})
+
+    def _bind(self, addresses: list[tuple[str, int]],
+              existing: dict[tuple[str, int], Listener]) -> list[Listener]:
+        """One listener per address, in order: the ``existing`` one for an address kept, a new
+        one bound otherwise. All or nothing: when one address cannot be bound, the listeners
+        bound here are closed again and StartupError says why (``existing`` stay as they are)."""
+        listeners: list[Listener] = []
+        fresh: list[Listener] = []
+        try:
+            for host, port in addresses:
+                listener = existing.get((host, port))
+                if listener is None:
+                    try:
+                        listener = Listener(self, host, port)
+                    except OSError as exc:
+                        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+                    fresh.append(listener)
+                listeners.append(listener)
+        except StartupError:
+            for listener in fresh:
+                listener.close()
+            raise
+        return listeners
 
     def drop_privileges(self, user: str | None, group: str | None) -> None:
         if not user or os.geteuid() != 0:
@@ -215,27 +233,29 @@ class Gateway:
         if cfg.path.QueuePath != self.cfg.path.QueuePath:
             log.error("reload: QueuePath cannot change while running; restart instead")
             return
+        # Everything that can fail is prepared before anything is changed: the new listeners are
+        # bound while the old ones still serve (after the privilege drop, a port given up could
+        # not be taken back), so a refused reload leaves the gateway exactly as it was.
+        current = dict(zip((tuple(a) for a in self.cfg.network.ListenOn), self.listeners))
         try:
-            self.ssl_context = self._server_tls(cfg)
+            ssl_context = self._server_tls(cfg)
+            listeners = self._bind([tuple(a) for a in cfg.network.ListenOn], current)
         except StartupError as exc:
             log.error("reload refused: %s", exc)
             return
         logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat,
                        echo=sys.stderr.isatty())
-        old = {tuple(a) for a in self.cfg.network.ListenOn}
         self.cfg = cfg
+        self.ssl_context = ssl_context
         self.resolver.close()
         self.resolver = Resolver.from_config(self.loop, cfg.resolve)
-        if {tuple(a) for a in cfg.network.ListenOn} != old:
-            for listener in self.listeners:
+        for listener in self.listeners:
+            if listener not in listeners:
                 listener.close()
-            self.listeners.clear()
-            try:
-                self.bind()
-            except StartupError as exc:
-                log.error("reload: %s", exc)
-            for listener in self.listeners:
+        for listener in listeners:
+            if listener not in self.listeners:
                 listener.start()
+        self.listeners = listeners
         self.scanner.restart_workers()
         log.info("configuration reloaded from %s", self.config_path)
 

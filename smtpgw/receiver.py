@@ -758,12 +758,16 @@ class Listener:
         self.gw = gateway
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(1024)
-        self.sock.setblocking(False)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            self.sock.bind((host, port))
+            self.sock.listen(1024)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()  # a refused reload must not keep the socket open
+            raise
         self.address = self.sock.getsockname()[:2]
 
     def start(self) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import socket
 
-from tests.support.net import RawClient, wait_until
+from tests.support.net import RawClient, free_port, wait_until
 
 MSG = b"Subject: control\r\n\r\nbody\r\n"
 
@@ -120,3 +121,35 @@ def test_a_directory_or_link_in_the_control_folder_does_not_stop_requests(gatewa
     assert os.path.islink(os.path.join(gateway.control_path, ".q_1link"))
     assert not os.path.exists(os.path.join(gateway.control_path, ".a_1link"))
     assert "control file .q_0 failed" not in gateway.log_text()
+
+
+def test_hup_with_a_listen_address_that_cannot_be_bound_keeps_the_old_listener(gateway):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        with open(gateway.config) as f:
+            original = f.read()
+        taken = f"ListenOn=127.0.0.1:{busy.getsockname()[1]}"
+        with open(gateway.config, "w") as f:
+            f.write(original.replace(f"ListenOn=127.0.0.1:{gateway.port}", taken))
+        gateway.signal(signal.SIGHUP)
+        gateway.wait_log(r"cannot listen on 127\.0\.0\.1:\d+")
+    finally:
+        busy.close()
+    assert RawClient(gateway.port).reply()[0] == 220  # still served where it was
+    gateway.wait_log(r"reload refused: cannot listen on")
+    assert "configuration reloaded" not in gateway.log_text()
+
+
+def test_hup_adding_a_listen_address_keeps_the_first_one(gateway):
+    added = free_port()
+    with open(gateway.config) as f:
+        original = f.read()
+    with open(gateway.config, "w") as f:
+        f.write(original.replace(f"ListenOn=127.0.0.1:{gateway.port}\n",
+                                 f"ListenOn=127.0.0.1:{gateway.port}\nListenOn=127.0.0.1:{added}\n"))
+    gateway.signal(signal.SIGHUP)
+    gateway.wait_log(r"configuration reloaded")
+    assert RawClient(gateway.port).reply()[0] == 220
+    assert RawClient(added).reply()[0] == 220
