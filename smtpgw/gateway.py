@@ -80,6 +80,7 @@ class Gateway:
         self.scanner = Scanner(self)
         self.control = Control(self)
         self._lock_fd = -1
+        self._handle_signals()
 
     # -- derived limits ------------------------------------------------------------
     @property
@@ -185,12 +186,18 @@ class Gateway:
         self.sender.purge_unreachable()
         self.control.start()
         self._flush_log()
+        where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
+        log.info("smtpgw started: listening on %s", where)
+
+    def _handle_signals(self) -> None:
+        """Installed as soon as the loop exists, before the (possibly long) start-up: a signal
+        only queues its action, which runs once the loop does. A HUP during start-up (a log
+        rotation) thus reloads after it instead of killing the process, and a TERM stops it
+        cleanly."""
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(signum, lambda *_: self.loop.call_soon(self.shutdown))
         signal.signal(signal.SIGHUP, lambda *_: self.loop.call_soon(self.reload))
         signal.set_wakeup_fd(self.loop._wake_w.fileno(), warn_on_full_buffer=False)
-        where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
-        log.info("smtpgw started: listening on %s", where)
 
     def _flush_log(self) -> None:
         logsetup.flush_all()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import smtplib
 import socket
+import subprocess
+import sys
 
-from tests.support.net import RawClient, free_port, wait_until
+from tests.support.net import SMTPGW, RawClient, free_port, wait_until
 
 MSG = b"Subject: control\r\n\r\nbody\r\n"
 
@@ -153,3 +156,41 @@ def test_hup_adding_a_listen_address_keeps_the_first_one(gateway):
     gateway.wait_log(r"configuration reloaded")
     assert RawClient(gateway.port).reply()[0] == 220
     assert RawClient(added).reply()[0] == 220
+
+
+def test_hup_during_start_up_reloads_after_it_instead_of_killing(make_gateway, sink):
+    gw = make_gateway(sink.port, start=False)
+    # The PID file is a FIFO: the gateway blocks opening it, after taking the queue lock and
+    # before its start-up is done, until this test opens the other end.
+    fifo = os.path.join(gw.folder, "smtpgw.pid")
+    os.mkfifo(fifo)
+    gw.proc = subprocess.Popen([sys.executable, SMTPGW, "-c", gw.config, "-p", fifo], cwd=gw.folder,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_until(lambda: queue_locked(gw.queue) or gw.proc.poll() is not None, 20, "the queue lock taken")
+    gw.signal(signal.SIGHUP)
+    writer = wait_until(lambda: open_writer(fifo), 20, "the gateway reading its PID file")
+    os.close(writer)
+    gw.wait_log(r"smtpgw started")
+    gw.wait_log(r"configuration reloaded")
+    assert RawClient(gw.port).reply()[0] == 220
+
+
+def queue_locked(queue: str) -> bool:
+    try:
+        fd = os.open(os.path.join(queue, ".lock"), os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def open_writer(fifo: str) -> int | None:
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # fails (ENXIO) while no one reads
+    except OSError:
+        return None
