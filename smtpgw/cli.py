@@ -137,10 +137,10 @@ def run(cfg, args: argparse.Namespace) -> int:
         if pid_file:
             write_pid_file(pid_file)
         gateway.start()
-    except StartupError as exc:
+    except (StartupError, OSError) as exc:  # OSError: a folder that cannot be made (QueuePath, ...)
         logsetup.root.error("cannot start: %s", exc)
         print(f"smtpgw: {exc}", file=sys.stderr)
-        return exc.code
+        return exc.code if isinstance(exc, StartupError) else 30
     try:
         gateway.run()
     finally:

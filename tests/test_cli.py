@@ -66,3 +66,11 @@ def test_offline_remove_holds_the_queue_lock_while_it_acts(gw, monkeypatch, caps
     assert cli.main(["-c", gw.config, "queue", "remove", env.id]) == 0
     assert held == [True]
     assert Queue(gw.queue).find(env.id) is None
+
+
+def test_a_queue_folder_that_cannot_be_made_stops_the_start_with_code_30(tmp_path):
+    gw = GatewayProcess(str(tmp_path / "gw"), None, extra={"smtpgw.path": [("QueuePath", "not-a-folder/queue")]})
+    (tmp_path / "gw" / "not-a-folder").write_text("a file where the queue's parent should be\n")
+    result = gw.cli("-n", timeout=30)
+    assert result.returncode == 30, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "not-a-folder/queue" in result.stderr
