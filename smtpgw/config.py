@@ -38,6 +38,7 @@ import pwd
 import re
 import ssl
 import sys
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -193,6 +194,7 @@ def _stats_target(text: str, param: Param, where: str, folder: str) -> str:
 
 def _url_or_path(text: str, param: Param, where: str, folder: str) -> str:
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
+        urllib.parse.urlsplit(text)  # its ValueError (an unclosed [IPv6] host, ...) is this line's problem
         return _text(text, param, where, folder)
     return _path(text, param, where, folder)
 

@@ -136,7 +136,10 @@ class Source:
         self.location = location
         self.timeout = timeout
         self.folder: str | None = None
-        scheme = urllib.parse.urlsplit(location).scheme.lower() if _URL.match(location) else ""
+        try:
+            scheme = urllib.parse.urlsplit(location).scheme.lower() if _URL.match(location) else ""
+        except ValueError as exc:  # e.g. an unclosed [IPv6] host: a bad -s or UpdateServerUrl (75)
+            raise SettingsError(f"update source {location}: {exc}") from None
         if scheme in ("http", "https"):
             self.base = location if location.endswith("/") else location + "/"
             if use_proxy and proxy:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -516,6 +517,15 @@ def test_configuration_problems_are_75(tmp_path) -> None:
         handle.write("[updater.options]\nNoSuchKey=1\n")
     assert host.keepup2date("-s", str(tmp_path)) == CONFIG_INVALID
     assert updater.main(["--no-such-option"], host.config) == CONFIG_INVALID
+
+
+def test_a_malformed_source_url_is_75_not_a_traceback(tmp_path, capsys) -> None:
+    host = Host(str(tmp_path / "host"))
+    assert host.keepup2date("-s", "http://[::1/set") == CONFIG_INVALID
+    assert "Invalid IPv6 URL" in capsys.readouterr().err
+    host.use("http://[::1/set")
+    assert host.keepup2date() == CONFIG_INVALID
+    assert re.search(r"smtpgw\.conf:\d+: UpdateServerUrl: Invalid IPv6 URL", capsys.readouterr().err)
 
 
 def test_unreadable_configuration_is_75(tmp_path) -> None:
