@@ -208,22 +208,38 @@ def offline_lock(queue: Queue) -> Iterator[bool]:
         os.close(fd)
 
 
-def ask_gateway(control_path: str, op: str, qid: str | None, extra: dict | None = None) -> tuple[int, str]:
-    """Drop a request in the control directory and wait for the gateway's answer."""
+def ask_gateway(control_path: str, op: str, qid: str | None, extra: dict | None = None,
+                poll_interval: float = 0.0) -> tuple[int, str]:
+    """Drop a request in the control directory and wait for the gateway's answer: up to
+    REQUEST_DEADLINE after its next poll (``poll_interval``, ControlPollInterval). A request
+    not taken by then is withdrawn, so that it is never carried out after this reported
+    failure; one taken meanwhile is answered, and that answer is awaited."""
     nonce = f"{os.getpid()}_{secrets.token_hex(4)}"
-    request = {"op": op, "id": qid, **(extra or {})}
-    write_durably(os.path.join(control_path, f".q_{nonce}"), json.dumps(request).encode())
+    request = os.path.join(control_path, f".q_{nonce}")
+    write_durably(request, json.dumps({"op": op, "id": qid, **(extra or {})}).encode())
     answer = os.path.join(control_path, f".a_{nonce}")
-    deadline = time.monotonic() + REQUEST_DEADLINE
+    got = _answer(answer, REQUEST_DEADLINE + poll_interval)
+    if got is None:
+        try:
+            os.unlink(request)
+            return 3, "the gateway did not answer in time (is it running?); nothing was done"
+        except FileNotFoundError:  # the gateway took it just now
+            got = _answer(answer, REQUEST_DEADLINE)
+    return got if got is not None else (3, "the gateway took the request but did not answer in time")
+
+
+def _answer(path: str, timeout: float) -> tuple[int, str] | None:
+    """The gateway's answer in ``path`` (code, output), or None when none came in ``timeout``."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with open(answer, "rb") as f:
+            with open(path, "rb") as f:
                 data = json.load(f)
-            os.unlink(answer)
+            os.unlink(path)
             return int(data["code"]), str(data["output"])
         except (FileNotFoundError, ValueError):
             time.sleep(0.05)  # polling a file another process writes
-    return 3, "the gateway did not answer in time"
+    return None
 
 
 def queue_command(cfg, args: argparse.Namespace) -> int:
@@ -240,7 +256,7 @@ def queue_command(cfg, args: argparse.Namespace) -> int:
         if offline:
             code, output = offline_queue_command(queue, args.op, qid)
     if not offline:
-        code, output = ask_gateway(cfg.path.ControlPath, args.op, qid)
+        code, output = ask_gateway(cfg.path.ControlPath, args.op, qid, poll_interval=cfg.options.ControlPollInterval)
     print(output, file=sys.stdout if code == 0 else sys.stderr)
     return code
 
@@ -288,7 +304,8 @@ def release(cfg, raw: bytes, sender: str, recipients: list[str], check: bool) ->
     name = f".m_{os.getpid()}_{secrets.token_hex(4)}"
     write_durably(os.path.join(cfg.path.ControlPath, name), raw)
     code, output = ask_gateway(cfg.path.ControlPath, "release", None,
-                               {"message": name, "sender": sender, "recipients": recipients, "check": check})
+                               {"message": name, "sender": sender, "recipients": recipients, "check": check},
+                               poll_interval=cfg.options.ControlPollInterval)
     print(output, file=sys.stdout if code == 0 else sys.stderr)
     return code == 0
 

@@ -74,3 +74,28 @@ def test_a_queue_folder_that_cannot_be_made_stops_the_start_with_code_30(tmp_pat
     result = gw.cli("-n", timeout=30)
     assert result.returncode == 30, result.stdout + result.stderr
     assert "Traceback" not in result.stderr and "not-a-folder/queue" in result.stderr
+
+
+def test_a_request_not_taken_in_time_is_withdrawn(tmp_path, monkeypatch):
+    # No gateway polls this folder: the request must not stay behind to be carried out
+    # later, after the command reported that nothing was done.
+    monkeypatch.setattr(cli, "REQUEST_DEADLINE", 0.1)
+    code, output = cli.ask_gateway(str(tmp_path), "remove-all", None)
+    assert code == 3 and "nothing was done" in output
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_request_taken_at_the_deadline_waits_for_its_answer(tmp_path, monkeypatch):
+    calls: list[float] = []
+
+    def answer(path: str, timeout: float) -> tuple[int, str] | None:
+        calls.append(timeout)
+        if len(calls) == 1:  # the gateway takes the request just as the first wait ends
+            [request] = [n for n in os.listdir(tmp_path) if n.startswith(".q_")]
+            os.unlink(tmp_path / request)
+            return None
+        return 0, "3 message(s) removed"
+
+    monkeypatch.setattr(cli, "_answer", answer)
+    assert cli.ask_gateway(str(tmp_path), "remove-all", None, poll_interval=60) == (0, "3 message(s) removed")
+    assert calls == [cli.REQUEST_DEADLINE + 60, cli.REQUEST_DEADLINE]
