@@ -250,8 +250,15 @@ class Gateway:
         except StartupError as exc:
             log.error("reload refused: %s", exc)
             return
-        logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat,
-                       echo=sys.stderr.isatty())
+        try:
+            logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat,
+                           echo=sys.stderr.isatty())
+        except OSError as exc:  # the old log stays in use
+            for listener in listeners:
+                if listener not in self.listeners:
+                    listener.close()
+            log.error("reload refused: cannot open the log file %s: %s", cfg.options.LogFile, exc)
+            return
         self.cfg = cfg
         self.ssl_context = ssl_context
         self.resolver.close()

@@ -68,16 +68,18 @@ def setup(path: str | None, level: str = "info", date_format: str = "%Y-%m-%d", 
 
     Without a log file, lines go to stderr; with one, ``echo`` also copies them
     to stderr (the gateway does so when it runs in the foreground on a terminal).
+    The new log file is opened before the old handlers are let go: when it cannot be
+    (OSError raised), logging goes on exactly as before.
     """
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
     handlers: list[logging.Handler] = []
     if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         handlers.append(BufferedFileHandler(path))
     if not path or echo:
         handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
     for handler in handlers:
         handler.setFormatter(LineFormatter(date_format, time_format))
         root.addHandler(handler)

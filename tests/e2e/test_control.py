@@ -194,3 +194,17 @@ def open_writer(fifo: str) -> int | None:
         return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # fails (ENXIO) while no one reads
     except OSError:
         return None
+
+
+def test_hup_with_a_log_file_that_cannot_be_opened_keeps_the_old_log(gateway):
+    with open(gateway.config) as f:
+        original = f.read()
+    blocker = os.path.join(gateway.folder, "not-a-folder")
+    with open(blocker, "w") as f:
+        f.write("a file where the log's folder should be\n")
+    with open(gateway.config, "w") as f:
+        f.write(original.replace("LogFile=var/smtpgw.log", "LogFile=not-a-folder/smtpgw.log"))
+    gateway.signal(signal.SIGHUP)
+    gateway.control(".c_recv_off")
+    gateway.wait_log(r"receiving off")  # the log in force goes on
+    gateway.wait_log(r"reload refused: cannot open the log file .*not-a-folder/smtpgw\.log")
