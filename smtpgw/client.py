@@ -355,6 +355,12 @@ class Connection:
         return handler
 
     def _data_reply(self, reply: ServerReply) -> None:
+        if reply.code != 354 and reply.code < 400:
+            # RFC 5321 §4.3.2: the only positive reply to DATA is 354. A 2xx (or another 3xx) came
+            # before any of the message was sent: never a delivery. What the peer now expects is
+            # unknown, so the session ends and the transaction is deferred.
+            self.fail(f"protocol error from {self.host}[{self.ip}]: {reply} in reply to DATA")
+            return
         if reply.code == 354 and self._mail_ok() and self._accepted():
             self._begin_body()
         elif reply.code == 354:

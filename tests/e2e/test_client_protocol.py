@@ -1,0 +1,149 @@
+"""The SMTP client against next hops that misbehave in ways a real MTA meets: scripted peers on loopback.
+
+Each test writes the peer's side of the conversation (``ScriptedPeer``), so it can say what
+``Sink`` cannot: a DATA answered without 354, a 421 that closes the session, a STARTTLS whose
+handshake fails, a peer that reads the message slowly.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import threading
+from typing import Callable
+
+from tests.support.net import wait_until
+
+
+class PeerIO:
+    """One accepted connection, line by line."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.file = conn.makefile("rb")
+        self.commands: list[str] = []
+
+    def send(self, text: str) -> None:
+        self.conn.sendall(text.encode())
+
+    def line(self) -> str | None:
+        raw = self.file.readline(65536)
+        if not raw:
+            return None
+        line = raw.decode("latin-1").rstrip("\r\n")
+        self.commands.append(line)
+        return line
+
+    def body(self) -> bytes:
+        """The message up to the lone dot, unstuffed."""
+        lines = []
+        for raw in self.file:
+            if raw == b".\r\n":
+                break
+            lines.append(raw[1:] if raw.startswith(b".") else raw)
+        return b"".join(lines)
+
+    def greet(self, extensions: tuple[str, ...]) -> None:
+        """220, then the EHLO reply offering ``extensions``."""
+        self.send("220 peer.test ESMTP\r\n")
+        assert (self.line() or "").upper().startswith("EHLO")
+        lines = ["peer.test", *extensions]
+        self.send("".join(f"250{'-' if i < len(lines) - 1 else ' '}{l}\r\n" for i, l in enumerate(lines)))
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+
+class ScriptedPeer:
+    """A next hop whose sessions the test writes: ``session(io, index)`` for the index-th connection."""
+
+    def __init__(self, session: Callable[[PeerIO, int], None], rcvbuf: int | None = None) -> None:
+        self.session = session
+        self.sessions: list[PeerIO] = []
+        self.errors: list[BaseException] = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rcvbuf is not None:  # set before listen: accepted sockets inherit it
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        index = 0
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            io = PeerIO(conn)
+            self.sessions.append(io)
+            threading.Thread(target=self._run, args=(io, index), daemon=True).start()
+            index += 1
+
+    def _run(self, io: PeerIO, index: int) -> None:
+        try:
+            self.session(io, index)
+        except OSError:
+            pass
+        except BaseException as exc:  # an assertion in the script: reported by the test
+            self.errors.append(exc)
+        finally:
+            io.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def serve_rest(io: PeerIO, received: list[bytes] | None = None) -> None:
+    """A plain, well-behaved peer from here on (one command at a time)."""
+    while (line := io.line()) is not None:
+        verb = line.split(" ", 1)[0].upper()
+        if verb == "DATA":
+            io.send("354 go ahead\r\n")
+            data = io.body()
+            if received is not None:
+                received.append(data)
+            io.send("250 2.0.0 queued\r\n")
+        elif verb == "QUIT":
+            io.send("221 2.0.0 bye\r\n")
+            return
+        else:
+            io.send("250 2.0.0 ok\r\n")
+
+
+def send(gw, rcpts, body=b"Subject: t\r\n\r\nbody\r\n", sender="a@b.test"):
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.sendmail(sender, rcpts, body)
+
+
+def test_data_answered_without_354_is_not_a_delivery(make_gateway):
+    """RFC 5321 §4.1.1.4 / §4.3.2: DATA's positive reply is 354; a 250 in its place means the
+    message was never transferred, so the recipients stay pending (never "sent")."""
+    bodies: list[bytes] = []
+
+    def session(io: PeerIO, index: int) -> None:
+        io.greet(("8BITMIME",))
+        if index == 0:
+            assert (io.line() or "").startswith("MAIL")
+            io.send("250 2.1.0 ok\r\n")
+            assert (io.line() or "").startswith("RCPT")
+            io.send("250 2.1.5 ok\r\n")
+            assert io.line() == "DATA"
+            io.send("250 2.0.0 ok\r\n")  # no 354: the body was never asked for
+        serve_rest(io, bodies)
+
+    peer = ScriptedPeer(session)
+    try:
+        gw = make_gateway(peer.port)
+        send(gw, ["x@example.test"])
+        [line] = gw.wait_log(r"DELIVERED, rcpt=<x@example.test>")
+        assert "status=deferred" in line, line
+        assert not bodies
+        assert not peer.errors
+    finally:
+        peer.close()
