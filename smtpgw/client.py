@@ -82,6 +82,7 @@ class Connection:
         self.busy = False
         self.closed = False
         self.greeted = False
+        self.closing: ServerReply | None = None  # the peer's 421: it is closing the channel
         self.txn: Transaction | None = None
         self._body: object | None = None
         self.transactions = 0
@@ -94,6 +95,11 @@ class Connection:
     def max_size(self) -> int | None:
         value = self.extensions.get("SIZE", "")
         return int(value) if value.isdigit() and int(value) > 0 else None
+
+    @property
+    def reusable(self) -> bool:
+        """Open, and no 421 received: another command may follow (RFC 5321 §3.8)."""
+        return not self.closed and self.closing is None
 
     # -- connection -----------------------------------------------------------------
     def connect(self) -> None:
@@ -194,8 +200,15 @@ class Connection:
                 self.timer = None
             if self.waiting:
                 self._arm(self.waiting[0][1], "reply")
+            if reply.code == 421:
+                # RFC 5321 §3.8: the server is closing the channel. The reply answers its command;
+                # then the session ends here, and is never given another transaction.
+                self.closing = reply
             handler(reply)
             if self.closed:
+                return
+            if self.closing is not None:
+                self.fail(f"{self.host}[{self.ip}] is closing the session: {reply}")
                 return
 
     # -- session setup ------------------------------------------------------------------
@@ -273,6 +286,8 @@ class Connection:
         self._ehlo()  # RFC 3207 §4.2: capabilities are learnt again
 
     def _ready(self) -> None:
+        if not self.reusable:
+            return
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -349,7 +364,7 @@ class Connection:
         def handler(reply: ServerReply) -> None:
             assert self.txn is not None
             self.txn.rcpt_replies[addr] = reply
-            if then is not None:
+            if then is not None and self.reusable:
                 then()
 
         return handler
@@ -377,7 +392,7 @@ class Connection:
             return
         if data_reply is not None and self._accepted():
             txn.data_reply = data_reply
-        needs_rset = not self.closed
+        needs_rset = self.reusable
         self._complete()
         if needs_rset and not self.closed:
             self.busy = True
@@ -440,7 +455,7 @@ class Connection:
         self.txn.data_reply = reply
         self.transactions += 1
         self._complete()
-        if not self.closed:
+        if self.reusable:
             self.on_ready(self)
 
     def _complete(self) -> None:

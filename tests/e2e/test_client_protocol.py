@@ -52,6 +52,7 @@ class PeerIO:
 
     def close(self) -> None:
         try:
+            self.file.close()  # the socket stays open while its file does
             self.conn.close()
         except OSError:
             pass
@@ -146,4 +147,41 @@ def test_data_answered_without_354_is_not_a_delivery(make_gateway):
         assert not bodies
         assert not peer.errors
     finally:
+        peer.close()
+
+
+def test_421_closes_the_session_and_the_next_message_gets_a_new_one(make_gateway):
+    """RFC 5321 §3.8: a 421 says the server closes the channel. The connection is not reused:
+    a message waiting for it goes over a new connection instead of failing on the dead one."""
+    release = threading.Event()
+    received: list[bytes] = []
+
+    def session(io: PeerIO, index: int) -> None:
+        io.greet(("PIPELINING", "8BITMIME"))
+        if index == 0:
+            for expected in ("MAIL", "RCPT", "DATA"):
+                assert (io.line() or "").startswith(expected)
+            io.send("250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n")
+            io.body()
+            assert release.wait(30)
+            io.send("421 4.3.2 peer.test shutting down\r\n")
+            return  # and closes, as §3.8 allows after a 421
+        serve_rest(io, received)
+
+    peer = ScriptedPeer(session)
+    try:
+        gw = make_gateway(peer.port, extra={"smtpgw.limits": [("MaximalOutgoingSessionsPerHost", "1")]})
+        send(gw, ["first@example.test"], body=b"Subject: first\r\n\r\nx\r\n")
+        send(gw, ["second@example.test"], body=b"Subject: second\r\n\r\nx\r\n")
+        # both in flight: the second waits for the only connection the first is using
+        wait_until(lambda: len(gw.queued("SND")) == 2, 20, "both messages in SND")
+        release.set()
+        [first] = gw.wait_log(r"DELIVERED, rcpt=<first@example.test>")
+        assert "status=deferred" in first and "421 4.3.2" in first, first
+        [second] = gw.wait_log(r"DELIVERED, rcpt=<second@example.test>")
+        assert "status=sent" in second, second
+        assert len(received) == 1 and b"Subject: second" in received[0]
+        assert not peer.errors
+    finally:
+        release.set()
         peer.close()
