@@ -261,9 +261,12 @@ class Connection:
         try:
             self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=None, do_handshake_on_connect=False)
         except (OSError, ssl.SSLError) as exc:
-            self.fail(f"TLS with {self.host}[{self.ip}]: {exc}")
+            self._again_in_clear(f"TLS with {self.host}[{self.ip}]: {exc}")
             return
-        self._arm(self.t.SendingHelloTimeout, "TLS handshake")
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(self.t.SendingHelloTimeout, self._again_in_clear,
+                                          f"timeout in the TLS handshake with {self.host}[{self.ip}]")
         self._handshake()
 
     def _handshake(self) -> None:
@@ -278,12 +281,33 @@ class Connection:
             self.loop.add_writer(self.sock, self._handshake)
             return
         except (OSError, ssl.SSLError) as exc:
-            self.fail(f"TLS handshake with {self.host}[{self.ip}]: {exc}")
+            self._again_in_clear(f"TLS handshake with {self.host}[{self.ip}]: {exc}")
             return
         self.loop.remove_writer(self.sock)
         self.loop.add_reader(self.sock, self._readable)
         self.tls = True
         self._ehlo()  # RFC 3207 §4.2: capabilities are learnt again
+
+    def _again_in_clear(self, why: str) -> None:
+        """Opportunistic TLS (RFC 7435 §1.3, as Postfix's security level "may"): a failed handshake is
+        no reason to hold the mail. The session starts over on a new connection without STARTTLS."""
+        log.info("%s; connecting again without TLS", why)
+        for timer in (self.timer, self.write_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.write_timer = None
+        assert self.sock is not None
+        self.loop.forget(self.sock)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.tls_context = None
+        self.parser = smtp.ReplyParser()
+        self.out.clear()
+        self.waiting.clear()
+        self.extensions = {}
+        self.connect()
 
     def _ready(self) -> None:
         if not self.reusable:

@@ -185,3 +185,32 @@ def test_421_closes_the_session_and_the_next_message_gets_a_new_one(make_gateway
     finally:
         release.set()
         peer.close()
+
+
+def test_failed_starttls_handshake_falls_back_to_plaintext(make_gateway):
+    """Opportunistic TLS (RFC 7435 §1.3, Postfix's smtp_tls_security_level=may): a peer that offers
+    STARTTLS but cannot complete the handshake still gets the mail, over a new plaintext session."""
+    received: list[bytes] = []
+
+    def session(io: PeerIO, index: int) -> None:
+        io.greet(("STARTTLS", "8BITMIME"))
+        if index == 0:
+            assert io.line() == "STARTTLS"
+            io.send("220 2.0.0 ready to start TLS\r\n")
+            assert io.file.read1(4096)  # the client hello
+            io.send("this is not a TLS server hello\r\n")  # the handshake fails
+            return
+        serve_rest(io, received)
+
+    peer = ScriptedPeer(session)
+    try:
+        gw = make_gateway(peer.port)
+        send(gw, ["x@example.test"])
+        [line] = gw.wait_log(r"DELIVERED, rcpt=<x@example.test>")
+        assert "status=sent" in line, line
+        assert len(received) == 1
+        assert len(peer.sessions) == 2 and "STARTTLS" not in peer.sessions[1].commands
+        assert not peer.errors
+    finally:
+        peer.close()
+
