@@ -440,7 +440,9 @@ class Connection:
             return
         self._line_start = True
         self._carry = b""
-        self._arm(self.t.SendingDataTerminationTimeout, "end of data transfer")
+        # No reply timer while the message goes out: WriteTimeout bounds each stalled write (RFC 5321
+        # §4.5.3.2.5, data block) and SendingDataTerminationTimeout starts at the final dot (§4.5.3.2.6,
+        # the wait for the reply), so a large message on a slow link is not cut off for being large.
         self._pump_body()
 
     def _pump_body(self) -> None:

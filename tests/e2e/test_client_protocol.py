@@ -214,3 +214,35 @@ def test_failed_starttls_handshake_falls_back_to_plaintext(make_gateway):
     finally:
         peer.close()
 
+
+def test_slow_transfer_is_not_cut_by_the_end_of_data_timeout(make_gateway):
+    """SendingDataTerminationTimeout is the wait for the reply after the end of data (kmg-spec
+    §3.10, Postfix's smtp_data_done_timeout); a transfer that keeps moving is bounded by
+    WriteTimeout per write, not by it. The peer here stops reading for a while mid-message, as a
+    slow link does; the message still goes through."""
+    import time
+
+    received: list[bytes] = []
+
+    def session(io: PeerIO, index: int) -> None:
+        io.greet(("8BITMIME",))
+        for expected in ("MAIL", "RCPT", "DATA"):
+            assert (io.line() or "").startswith(expected)
+            io.send("354 go ahead\r\n" if expected == "DATA" else "250 ok\r\n")
+        io.file.read(256 * 1024)
+        time.sleep(2.5)  # a slow link, not a synchronisation: the gateway's buffers are full meanwhile
+        received.append(io.body())
+        io.send("250 2.0.0 queued\r\n")
+        serve_rest(io)
+
+    peer = ScriptedPeer(session, rcvbuf=4096)
+    try:
+        gw = make_gateway(peer.port, extra={"smtpgw.timeouts": [("SendingDataTerminationTimeout", "1")]})
+        body = b"Subject: big\r\n\r\n" + (b"z" * 78 + b"\r\n") * 100_000  # 8 MB: more than the socket buffers
+        send(gw, ["x@example.test"], body=body)
+        [line] = gw.wait_log(r"DELIVERED, rcpt=<x@example.test>", timeout=60)
+        assert "status=sent" in line, line
+        assert received and received[0].endswith(b"z" * 78 + b"\r\n")
+        assert not peer.errors
+    finally:
+        peer.close()
