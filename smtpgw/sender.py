@@ -424,11 +424,13 @@ class Sender:
         why = txn.error or "connection lost before the end of the transaction"
         return "deferred", "4.4.2" if "timeout" in why else "4.4.1", f"x-smtpgw; {why}"
 
-    def _record(self, env: Envelope, rcpt: Recipient, state: str, status: str, diag: str, host: str, ip: str) -> None:
+    def _record(self, env: Envelope, rcpt: Recipient, state: str, status: str, diag: str, host: str, ip: str,
+                reached: bool = True) -> None:
+        """``reached``: ``host`` is a next hop we talked to, the DSN's Remote-MTA (RFC 3464 §2.3.5)."""
         rcpt.state = state
         rcpt.status = status
         rcpt.diag = diag
-        rcpt.remote_mta = host
+        rcpt.remote_mta = host if reached else None
         rcpt.attempts += 1
         rcpt.last_attempt = time.time()
         event(
@@ -446,7 +448,8 @@ class Sender:
         while state.queue:
             delivery = state.queue.popleft()
             for rcpt in delivery.recipients:
-                self._record(delivery.env, rcpt, "failed" if permanent else "deferred", status, f"x-smtpgw; {why}", "none", "-")
+                self._record(delivery.env, rcpt, "failed" if permanent else "deferred", status, f"x-smtpgw; {why}",
+                             "none", "-", reached=False)
             self._delivery_finished(delivery)
         state.hops = None  # resolve again next time
         state.failed_hops.clear()  # and try every hop again

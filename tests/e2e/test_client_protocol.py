@@ -246,3 +246,22 @@ def test_slow_transfer_is_not_cut_by_the_end_of_data_timeout(make_gateway):
         assert not peer.errors
     finally:
         peer.close()
+
+
+def test_no_remote_mta_in_a_dsn_when_no_next_hop_was_reached(make_gateway, sink):
+    """RFC 3464 §2.3.5: Remote-MTA names the MTA that reported the status. When no next hop
+    could be reached there is none, and the DSN says nothing rather than "dns; none"."""
+    from tests.support.net import free_port
+
+    down = free_port()
+    gw = make_gateway(None, extra={"smtpgw.forward": [
+        ("ForwardRoute", f"*@example.test [127.0.0.1:{down}]"),
+        ("ForwardRoute", f"* [127.0.0.1:{sink.port}]"),
+    ]})
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.ehlo()
+        client.sendmail("a@b.test", ["x@example.test"], b"Subject: t\r\n\r\nbody\r\n",
+                        rcpt_options=["NOTIFY=DELAY,FAILURE"])
+    [report] = sink.wait_for(1)  # the delay DSN
+    assert report.sender == "" and b"Action: delayed" in report.data
+    assert b"Remote-MTA" not in report.data, report.data.decode()
