@@ -187,6 +187,11 @@ class Sink:
 
     def close(self) -> None:
         self.running = False
+        try:
+            # wakes the thread blocked in accept(): on Linux close() alone leaves the port listening
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 
