@@ -68,7 +68,6 @@ class DestinationState:
     connections: list[Connection] = field(default_factory=list)
     hops: list[Hop] | None = None
     resolving: bool = False
-    next_hop: int = 0
     last_error: str | None = None
     # hops that could not be reached since the deliveries queued here were last deferred: each
     # is tried once per round even when UnreachableTTL=0 caches nothing
@@ -250,11 +249,15 @@ class Sender:
         return False
 
     def _pick_hop(self, state: DestinationState) -> Hop | None:
+        """The first hop, in the order resolved, not known to be down.
+
+        RFC 5321 §5.1: next hops are tried in preference order (equal preferences are already
+        shuffled by the lookup); every connection, not just the first, goes to the most preferred
+        reachable one, never to a backup MX while the primary answers.
+        """
         assert state.hops is not None
         now = time.time()
-        for _ in range(len(state.hops)):
-            hop = state.hops[state.next_hop % len(state.hops)]
-            state.next_hop += 1
+        for hop in state.hops:
             key = (hop.ip, hop.port)
             if key not in state.failed_hops and self.unreachable.get(key, 0) <= now:
                 return hop

@@ -97,6 +97,11 @@ class ScriptedPeer:
             io.close()
 
     def close(self) -> None:
+        try:
+            # wakes the thread blocked in accept(): on Linux close() alone leaves the port listening
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 

@@ -143,3 +143,30 @@ def test_helo_rule_with_unverifiable_name_answers_450(make_gateway, sink, silent
     client.cmd("MAIL FROM:<a@b.test>")
     code, text = client.cmd("RCPT TO:<x@example.test>")
     assert (code, text.split()[0]) == (450, "4.7.25")
+
+
+def test_parallel_connections_stay_on_the_preferred_mx(make_gateway, zone):
+    """RFC 5321 §5.1: MX hosts are tried in preference order. A second connection opened while the
+    first is busy goes to the preferred mx1 too, never to the backup mx2 while mx1 answers."""
+    import threading
+
+    from tests.support.net import wait_until
+
+    primary, backup = sink_on("127.0.0.61"), sink_on("127.0.0.62")
+    release = threading.Event()
+    primary.rcpt_reply = lambda addr: None if addr != "one@route.test" or release.wait(30) else "451 4.0.0 held"
+    try:
+        gw = make_gateway(None, extra={"smtpgw.resolve": resolve_section(zone)}, replace={"smtpgw.forward": []})
+        with smtplib.SMTP("127.0.0.1", gw.port) as client:
+            client.sendmail("a@b.test", [f"one@{ROUTE_ZONE}"], b"Subject: one\r\n\r\nhi\r\n")
+            client.sendmail("a@b.test", [f"two@{ROUTE_ZONE}"], b"Subject: two\r\n\r\nhi\r\n")
+        # the second message is in flight while the first holds mx1's only connection so far
+        wait_until(lambda: len(gw.queued("SND")) == 2, 20, "both messages in SND")
+        release.set()
+        delivered = gw.wait_log(rf"DELIVERED, rcpt=<(one|two)@{ROUTE_ZONE}>", count=2)
+        assert all(f"server=mx1.{ROUTE_ZONE}[127.0.0.61]" in line and "status=sent" in line for line in delivered), delivered
+        assert backup.connections == 0
+    finally:
+        release.set()
+        primary.close()
+        backup.close()
