@@ -69,6 +69,7 @@ __all__ = [
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 MAX_HEADER_OBJECTS = 10  # objects named in the X-Anti-Virus header
 OUTSIDE_TEXT_LIMIT = 64  # bytes; the usual "This is a multi-part message" notice is less
+X_HEADER = "X-Anti-Virus"  # kmg-spec §5.5, the sibling product's name
 
 PLACEHOLDER_MACROS = frozenset(
     {
@@ -274,7 +275,10 @@ def _finish(result: AVResult, raw: bytes, group: Any, engine: str, now: float) -
     result.engine = engine
     result.x_header = _x_header(engine, result.status, result.objects, now)
     if getattr(group, "AddXHeaders", True):
-        raw = headers.prepend(raw, [("X-Anti-Virus", result.x_header)])
+        # Ours is the only X-Anti-Virus the recipient sees: fields that came with the message
+        # are removed first, as spam.verdict.mark does for X-SpamTest-* (clients filter on
+        # them, so a sender's forged "clean" must not sit next to our verdict, kmg-spec §5.5).
+        raw = headers.prepend(headers.remove(raw, X_HEADER), [(X_HEADER, result.x_header)])
     result.message = raw
     return result
 

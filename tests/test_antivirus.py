@@ -262,6 +262,16 @@ def test_x_header_value(tmp_path: Path, clamd: ClamdInstance) -> None:
     assert result.message.startswith(b"X-Anti-Virus: smtpgw 0.1.0, clamd ")
 
 
+def test_x_header_replaces_the_senders_own(tmp_path: Path, clamd: ClamdInstance) -> None:
+    # a sender's forged "clean" verdict (folded, in any case) must not reach the recipient next to ours
+    cfg = config(tmp_path, clamd, "ActionInfected=remove", "BlockMessage=none")
+    forged = b"x-anti-virus: smtpgw 0.1.0,\r\n check: 20231114 clean\r\nX-Anti-Virus: clean\r\n"
+    result = scan(cfg, forged + message_with("eicar.com", eicar()))
+    assert result.message.lower().count(b"x-anti-virus:") == 1
+    assert result.message.startswith(b"X-Anti-Virus: " + result.x_header.encode()[:40])
+    assert b"clean" not in result.message[: result.message.index(b"From: ")]
+
+
 def test_cure_cannot_disinfect(tmp_path: Path, clamd: ClamdInstance) -> None:
     cfg = config(tmp_path, clamd, "ActionDisinfected=cure", "ActionInfected=placeholder", ave=("Cure=true",))
     result = scan(cfg, message_with("eicar.com", eicar()))
