@@ -151,7 +151,7 @@ def _objects(root: mime.MimeObject, group: Any) -> Iterator[tuple[mime.MimeObjec
                 yield node, None, False
             stack.extend(reversed(node.children))
             continue
-        reason = filter_reason(group, node.name, node.content_type)
+        reason = filter_reason(group, (node.name, *node.other_names), node.content_type)
         if reason:
             yield node, reason, False  # filtered objects are not scanned (§1.1), nor what they hold
             continue

@@ -99,6 +99,9 @@ class MimeObject:
     kind: str
     content_type: str
     name: str = ""
+    # the entity's other declared file name: Content-Type name= when Content-Disposition
+    # filename= differs from it (mail readers disagree on which one they show and save)
+    other_names: tuple[str, ...] = ()
     data: bytes | None = None
     archive: str = ""  # "zip", "tar" or "gzip" when the content is an archive
     status: str | None = None  # ERROR or PROTECTED when set by decomposition
@@ -329,14 +332,22 @@ def _content_type(fields: dict[str, bytes], default: str) -> tuple[str, dict[str
     return ctype, _parameters(rest), True
 
 
-def _filename(fields: dict[str, bytes], params: dict[str, str]) -> str:
+def _filenames(fields: dict[str, bytes], params: dict[str, str]) -> tuple[str, tuple[str, ...]]:
+    """(the object's name, its other declared names).
+
+    The name is Content-Disposition filename= (RFC 2183 §2.3), else Content-Type name=
+    (RFC 2046 §4.5.1); when both are given and differ, the latter is kept as another name
+    so that the attachment filter sees it too (kmg-spec §3.13).
+    """
+    by_type = _clean_name(_rfc2047(params.get("name", "")))
     disposition = fields.get("content-disposition")
     if disposition is not None:
         _, _, rest = _decode_text(disposition).partition(";")
         name = _parameters(rest).get("filename")
         if name:
-            return _clean_name(_rfc2047(name))
-    return _clean_name(_rfc2047(params.get("name", "")))
+            chosen = _clean_name(_rfc2047(name))
+            return chosen, (by_type,) if by_type and by_type != chosen else ()
+    return by_type, ()
 
 
 # endregion
@@ -378,8 +389,10 @@ class _Decomposer:
         if not valid:
             self.defects.append(f"{label}: invalid Content-Type, read as text/plain")
         cte = _decode_text(fields.get("content-transfer-encoding", b"")).strip().lower()
-        name = _filename(fields, params)
-        node = MimeObject(path=_named(leaf_number, name), kind="part", content_type=ctype, name=name)
+        name, other_names = _filenames(fields, params)
+        node = MimeObject(
+            path=_named(leaf_number, name), kind="part", content_type=ctype, name=name, other_names=other_names
+        )
         if editable:
             node.start, node.end, node.body_start = start, end, body_start
         if depth > MAX_MIME_DEPTH or self.parts > MAX_MIME_PARTS:

@@ -105,17 +105,22 @@ def _first_match(masks: Iterable[str], value: str) -> str | None:
     return next((mask for mask in masks if wildcard_match(mask, value)), None)
 
 
-def filter_reason(group: Any, name: str, mime_type: str) -> str | None:
+def filter_reason(group: Any, name: str | Sequence[str], mime_type: str) -> str | None:
     """Why an object is ``filtered``, or None (kmg-spec §3.13, B50 p.80).
 
     Filtered when its name matches an IncludeByName mask and no ExcludeByName
     mask, or its MIME type matches IncludeByMime and no ExcludeByMime. An
-    object without a file name is judged by its MIME type alone.
+    object without a file name is judged by its MIME type alone. ``name`` may
+    be every name the object declares (Content-Disposition filename= and
+    Content-Type name=): any one of them filtered filters the object, since a
+    mail reader may save it under either.
     """
-    if name:
-        include = _first_match(getattr(group, "IncludeByName", ()), name)
-        if include is not None and _first_match(getattr(group, "ExcludeByName", ()), name) is None:
-            return f'name "{name}" matches IncludeByName "{include}"'
+    for each in (name,) if isinstance(name, str) else name:
+        if not each:
+            continue
+        include = _first_match(getattr(group, "IncludeByName", ()), each)
+        if include is not None and _first_match(getattr(group, "ExcludeByName", ()), each) is None:
+            return f'name "{each}" matches IncludeByName "{include}"'
     include = _first_match(getattr(group, "IncludeByMime", ()), mime_type)
     if include is not None and _first_match(getattr(group, "ExcludeByMime", ()), mime_type) is None:
         return f'type "{mime_type}" matches IncludeByMime "{include}"'

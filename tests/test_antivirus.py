@@ -34,7 +34,7 @@ from tests.support.clamd import (
     tar_gz,
     zip_bytes,
 )
-from tests.test_mime import B64, attachment, corpus_files, zeros_zip
+from tests.test_mime import B64, attachment, b64, corpus_files, zeros_zip
 
 MINIMAL = Path(__file__).parent / "data" / "config" / "minimal.conf"
 TEXT = ("Content-Type: text/plain; charset=us-ascii", b"Hello, the report is attached.")
@@ -210,6 +210,27 @@ def test_filtered_names_and_types_are_not_scanned(tmp_path: Path, clamd: ClamdIn
     rebuilt = decompose(result.message)
     # a member cannot be cut out of a zip: the archive holding a filtered member goes
     assert sorted(n.name for n in rebuilt.walk() if n.name) == ["safe-setup.exe"]
+
+
+def test_filter_sees_content_type_name_and_disposition_filename(tmp_path: Path, clamd: ClamdInstance) -> None:
+    # a reader may save the part under either name: a harmless filename= must not hide name="x.exe"
+    cfg = config(tmp_path, clamd, "IncludeByName=*.exe", "ActionFiltered=remove", "BlockMessage=filtered")
+    b64_header = "Content-Transfer-Encoding: base64"
+    parts = [
+        ('Content-Type: application/octet-stream; name="run.EXE"\n'
+         f'Content-Disposition: attachment; filename="readme.txt"\n{b64_header}', b64(b"MZ")),
+        ("Content-Type: application/octet-stream; name*=utf-8''setup%2Eexe\n"
+         f'Content-Disposition: attachment; filename="notes.txt"\n{b64_header}', b64(b"MZ")),
+        ('Content-Type: application/octet-stream; name="same.txt"\n'
+         f'Content-Disposition: attachment; filename="same.txt"\n{b64_header}', b64(b"ok")),
+    ]
+    result = scan(cfg, mime_message([TEXT, *parts]))
+    assert statuses(result) == {"1": "clean", "2:readme.txt": "filtered", "3:notes.txt": "filtered",
+                                "4:same.txt": "clean"}
+    reasons = {item.path: item.reason for item in result.objects}
+    assert reasons["2:readme.txt"] == 'name "run.EXE" matches IncludeByName "*.exe"'
+    assert reasons["3:notes.txt"] == 'name "setup.exe" matches IncludeByName "*.exe"'
+    assert result.blocked
 
 
 def test_remove_keeps_every_other_byte(tmp_path: Path, clamd: ClamdInstance) -> None:
