@@ -676,13 +676,29 @@ def _removal_target(node: MimeObject) -> MimeObject:
     return target
 
 
+def _keep_one_part(merged: dict[int, tuple[MimeObject, list[str], bool]]) -> None:
+    """A multipart whose every part is removed keeps its first one as an empty text part.
+
+    RFC 2046 §5.1.1: a multipart body has at least one body part; a bare close-delimiter
+    is not valid MIME (readers report a missing start boundary).
+    """
+    removed = [target for target, _, remove in merged.values() if remove and target.cut is not None]
+    parents = {id(t.parent): t.parent for t in removed if t.parent is not None and t.parent.kind == "multipart"}
+    gone = {id(t) for t in removed}
+    for parent in parents.values():
+        if parent.children and all(id(child) in gone for child in parent.children):
+            first = parent.children[0]
+            merged[id(first)] = (first, [""], False)
+
+
 def rebuild(raw: bytes, edits: Iterable[Edit]) -> bytes:
     """Apply removals and replacements; bytes outside the edited spans are kept as they are.
 
     Objects without a span (archive members, nodes of an encoded encapsulated
     message) are edited through the nearest ancestor that has one. Removing
-    an entity that is not a multipart child (a single-part message body)
-    replaces it with an empty text part. Several edits of one entity merge:
+    an entity that is not a multipart child (a single-part message body), or
+    every part of a multipart, replaces it (the first part) with an empty
+    text part. Several edits of one entity merge:
     removal wins, placeholder texts are joined; an edit inside an entity that
     is itself edited is dropped.
     """
@@ -696,6 +712,7 @@ def rebuild(raw: bytes, edits: Iterable[Edit]) -> bytes:
             merged[id(target)] = (target, entry[1], True)
         elif edit.text is not None:
             entry[1].append(edit.text)
+    _keep_one_part(merged)
     spans: list[tuple[int, int, bytes]] = []
     for target, texts, remove in merged.values():
         if remove and target.cut is not None:

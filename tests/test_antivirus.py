@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import email
+import email.policy
 import os
 import re
 from collections.abc import Callable
@@ -231,6 +233,21 @@ def test_filter_sees_content_type_name_and_disposition_filename(tmp_path: Path, 
     assert reasons["2:readme.txt"] == 'name "run.EXE" matches IncludeByName "*.exe"'
     assert reasons["3:notes.txt"] == 'name "setup.exe" matches IncludeByName "*.exe"'
     assert result.blocked
+
+
+def test_removing_every_part_leaves_valid_mime(tmp_path: Path, clamd: ClamdInstance) -> None:
+    # RFC 2046 §5.1.1: a multipart keeps at least one body part, here an empty text part
+    cfg = config(tmp_path, clamd, "ActionInfected=remove", "BlockMessage=none", "AddXHeaders=false")
+    raw = mime_message([attachment("eicar.com", eicar()), attachment("eicar2.com", eicar())])
+    result = scan(cfg, raw)
+    assert result.modified and not result.blocked
+    parsed = email.message_from_bytes(result.message, policy=email.policy.default)
+    assert [part.defects for part in parsed.walk()] == [[], []]
+    assert [part.get_content_type() for part in parsed.walk()] == ["multipart/mixed", "text/plain"]
+    assert parsed.get_payload()[0].get_content() == ""
+    assert b"eicar" not in result.message
+    tree = decompose(result.message)
+    assert not tree.defects and [n.path for n in tree.walk()] == ["", "1"]
 
 
 def test_remove_keeps_every_other_byte(tmp_path: Path, clamd: ClamdInstance) -> None:
