@@ -168,7 +168,8 @@ class Job:
         if av.notify_admin and group.AdminNotifyAddress:
             wanted.append(("admin", [group.AdminNotifyAddress]))
         if av.notify_recipient:
-            wanted.append(("recipient", rcpts))
+            # one notice per recipient: a shared To: would show each one the others, Bcc included
+            wanted.extend(("recipient", [rcpt]) for rcpt in rcpts)
         if av.notify_sender and env.sender:  # never to the null sender
             wanted.append(("sender", [env.sender]))
         if not wanted:

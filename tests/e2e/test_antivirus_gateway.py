@@ -162,3 +162,16 @@ def test_disclaimer_statistics_and_strict_standards(make_gateway, sink, clamd):
     lines = wait_until(lambda: os.path.exists(stats_path) and open(stats_path).read().splitlines(), 10, "AV statistics")
     fields = lines[0].split("\t")
     assert len(fields) == 8 and fields[2] == "a@b.test" and fields[4] == "clean" and fields[6] == "127.0.0.1"
+
+
+def test_recipient_notifications_do_not_disclose_the_other_recipients(av_gateway, sink):
+    # a Bcc recipient must not be revealed to the others (nor they to it): one notice each
+    gw = av_gateway(NotifyAdmin="none")
+    send(gw, infected_message(), rcpts=("x@example.test", "hidden@example.test"))
+    gw.wait_log(r"BLOCKED, rcpt=x@example.test,hidden@example.test")
+    got = sink.wait_for(2)
+    assert sorted(tuple(m.recipients) for m in got) == [("hidden@example.test",), ("x@example.test",)]
+    for m in got:
+        parsed = email.message_from_bytes(m.data, policy=email.policy.default)
+        assert [a.addr_spec for a in parsed["To"].addresses] == m.recipients
+    wait_until(lambda: not gw.queued(), 10, "empty queue")
