@@ -16,6 +16,7 @@ from email.header import Header
 
 _FIELD_NAME = re.compile(rb"^[!-9;-~]+$")  # RFC 5322 §3.6.8 ftext
 _MAX_LINE = 78  # RFC 5322 §2.1.1 SHOULD
+_MAX_FIELD_LINE = 998  # RFC 5322 §2.1.1 MUST: at most 998 characters per line
 
 
 class HeaderValueError(ValueError):
@@ -86,10 +87,14 @@ def render(name: str, value: str, eol: bytes = b"\r\n") -> bytes:
     check_value(value)
     if not _FIELD_NAME.match(name.encode("ascii", "replace")):
         raise HeaderValueError(f"bad header field name: {name!r}")
-    if not value.isascii():
+    words = value.split(" ")
+    # A word that cannot fit on a line of at most 998 characters (RFC 5322 §2.1.1 MUST; e.g.
+    # a long unspaced Subject quoted in a notification) cannot be folded at white space:
+    # RFC 2047 encoded words can, as for non-ASCII text.
+    too_long = any(len(name) + 2 + len(word) > _MAX_FIELD_LINE for word in words)
+    if not value.isascii() or too_long:
         encoded = Header(value, "utf-8", header_name=name).encode(linesep=eol.decode())
         return f"{name}: {encoded}".encode("ascii") + eol
-    words = value.split(" ")
     lines: list[str] = []
     current = f"{name}:"
     for word in words:
@@ -145,9 +150,6 @@ def remove(raw: bytes, name: str) -> bytes:
         pos = end
     out += raw[pos:]
     return bytes(out)
-
-
-_MAX_FIELD_LINE = 998  # RFC 5322 §2.1.1 MUST: at most 998 characters per line
 
 
 def prefix_subject(raw: bytes, prefix: str) -> bytes:

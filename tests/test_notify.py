@@ -235,6 +235,18 @@ def test_subject_injection_stays_in_one_header() -> None:
     assert message["Subject"].endswith("hi Bcc: victim@c.test body")
 
 
+def test_a_long_unspaced_subject_keeps_lines_within_998() -> None:
+    # folded encoded words decode to one 1,800-character word: RFC 5322 §2.1.1 still binds us
+    subject = "\r\n ".join(f"=?utf-8?q?{'a' * 60}?=" for _ in range(30))
+    data = notify.build_notification(
+        "admin", ENVELOPE, dict(EVENT, subject=subject.encode()), "smtpgw@gw.test", ["admin@gw.test"],
+        TEMPLATES / "notify.tmpl", "%Y-%m-%d", "%H:%M", NOW,
+    )
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert message["Subject"] == "[staff] Blocked message (infected): " + "a" * 1800
+
+
 def test_non_ascii_values_are_encoded() -> None:
     message = notification("admin", dict(EVENT, subject="=?utf-8?q?Gr=C3=BC=C3=9Fe?= aus Köln", group="Düsseldorf"))
     assert message["Subject"] == "[Düsseldorf] Blocked message (infected): Grüße aus Köln"
