@@ -242,7 +242,10 @@ class Session:
             self.timer = self.loop.call_later(1.0, self._on_timer)
             return
         if now >= deadline:
-            log.info("timeout after %s from [%s]", "DATA" if self.data else "command", self.ip)
+            if self.handshaking:
+                log.info("timeout during the TLS handshake with [%s]", self.ip)
+            else:
+                log.info("timeout after %s from [%s]", "DATA" if self.data else "command", self.ip)
             self.reset_transaction()
             self.close_with(smtp.TIMEOUT.format(self.cfg.network.Hostname))
         else:
@@ -314,6 +317,12 @@ class Session:
             self.loop.add_reader(self.sock, self.on_readable)
 
     def close_with(self, r: Reply) -> None:
+        if self.handshaking:
+            # RFC 3207 §4: after our 220 the next bytes on the wire are the TLS handshake's; a reply
+            # can go neither in the clear nor through a TLS session not yet set up (a write would
+            # only ever want more of the handshake, and the writer would spin). End it now.
+            self.close()
+            return
         self.reply(r)
         if not self.closing:
             # a client that never reads our last reply must not hold its slot for ever

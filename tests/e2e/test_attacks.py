@@ -108,3 +108,22 @@ def test_require_tls_refuses_mail_in_the_clear(make_gateway, sink, tls_files):
         client.starttls(context=context)
         client.sendmail("a@b.test", ["x@example.test"], b"Subject: over tls\r\n\r\nok\r\n")
     assert b"with ESMTPS" in sink.wait_for(1)[0].data
+
+
+@pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"], ids=["nothing", "half-hello"])
+def test_stalled_tls_handshake_is_closed_at_the_timeout(make_gateway, sink, tls_files, sent):
+    """A client that sends STARTTLS then nothing (or half a ClientHello) loses its session at the
+    timeout: no reply can be written mid-handshake, so the session ends there and then instead of
+    keeping the event loop polling an unwritable reply for CLOSE_GRACE seconds."""
+    cert, key = tls_files
+    gw = make_gateway(sink.port, extra={"smtpgw.network": [("TLSCertificateFile", cert), ("TLSKeyFile", key)],
+                                        "smtpgw.timeouts": [("ReadTimeout", "1")]})
+    c = RawClient(gw.port)
+    c.reply()
+    c.cmd("EHLO client.test")
+    assert c.cmd("STARTTLS")[0] == 220
+    c.sock.sendall(sent)
+    c.sock.settimeout(6.0)  # well under ReadTimeout + CLOSE_GRACE (10 s)
+    assert c.sock.recv(100) == b""  # closed, with no cleartext reply inside the handshake
+    gw.wait_log(r"timeout during the TLS handshake with \[127\.0\.0\.1\]")
+    c.close()
