@@ -40,6 +40,7 @@ from typing import Any
 
 from smtpgw import PRODUCT, __version__, headers, mime, notify
 from smtpgw.av import ClamdPool, ScannerUnavailable, Verdict
+from smtpgw.log import quoted
 from smtpgw.policy import (
     CLEAN,
     ERROR,
@@ -80,12 +81,6 @@ PLACEHOLDER_MACROS = frozenset(
 _TOKEN = re.compile(r"%%|%([A-Z][A-Z0-9_]{0,63})%|%")
 
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f\"]")
-
-
-def _quoted(text: str) -> str:
-    """One line without control characters or double quotes (log and header values)."""
-    return " ".join(_UNSAFE.sub(" ", text).split())
 
 
 @dataclass
@@ -268,7 +263,7 @@ def _x_header(engine: str, status: str, objects: list[ObjectResult], now: float)
         notes.append(f"and {len(acted) - MAX_HEADER_OBJECTS} more")
     if notes:
         value += "; " + "; ".join(notes)
-    return _quoted(value)
+    return quoted(value)
 
 
 def _finish(result: AVResult, raw: bytes, group: Any, engine: str, now: float) -> AVResult:
@@ -340,10 +335,10 @@ def av_log_line(result: AVResult) -> str:
     """``AV-SCANNED, group=<name>, status="...", names="..."`` (kmg-spec §7.1),
     followed by ``reasons="..."`` when a message-level action fired."""
     line = (
-        f'AV-SCANNED, group={_quoted(result.group)}, status="{result.status}", '
-        f'names="{_quoted(", ".join(result.virus_names))}"'
+        f'AV-SCANNED, group={quoted(result.group)}, status="{result.status}", '
+        f'names="{quoted(", ".join(result.virus_names))}"'
     )
     if result.reasons:
         reasons = "; ".join(f"{key}: {why}" for key, why in result.reasons.items())
-        line += f', reasons="{_quoted(reasons)}"'
+        line += f', reasons="{quoted(reasons)}"'
     return line

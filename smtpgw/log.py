@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 _LETTER = {logging.DEBUG: "D", logging.INFO: "I", logging.WARNING: "W", logging.ERROR: "E", logging.CRITICAL: "C"}
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\"]")
 
 root = logging.getLogger("smtpgw")
 events = logging.getLogger("smtpgw.events")
@@ -90,3 +93,10 @@ def setup(path: str | None, level: str = "info", date_format: str = "%Y-%m-%d", 
 def event(qid: str, text: str, *args: object, level: int = logging.INFO) -> None:
     """A per-message event line: RECEIVED, SCANNED, SPLITTED, DELIVERED, BLOCKED, ..."""
     events.log(level, text, *args, extra={"qid": qid})
+
+
+def quoted(text: str) -> str:
+    """The inside of a ``name="..."`` field (kmg-spec §7.1: ``status="..."``, ``names="..."``):
+    one line without control characters or double quotes, so that text taken from a message
+    (file names, addresses, tokens) can neither end the field early nor fake the fields after it."""
+    return " ".join(_UNSAFE.sub(" ", text).split())

@@ -25,6 +25,7 @@ from smtpgw import antivirus, headers, notify, stats
 from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, load_config
 from smtpgw.ichecker import IChecker
+from smtpgw.log import quoted
 from smtpgw.queue import Envelope, Queue, write_durably
 from smtpgw.spam import BLACKLISTED, PROBABLE_SPAM, SPAM, SpamFilter, SpamVerdict, as_log_fields, mark
 from smtpgw.store import Store, status_for_verdict
@@ -111,7 +112,7 @@ class Job:
         if verdict is not None:
             spam_action = spam_action_for(group, verdict)
             copy.events.append(f"AS-SCANNED, group={group.name}, nrcpt={len(rcpts)}, {as_log_fields(verdict)}, "
-                               f'action={spam_action}, reasons="{"; ".join(verdict.reasons)[:300]}"')
+                               f'action={spam_action}, reasons="{quoted("; ".join(verdict.reasons)[:300])}"')
             if spam_action in ("block", "quarantine"):
                 copy.blocked = True
                 copy.notes = {"status": "clean", "spam_status": verdict.status}
@@ -142,7 +143,7 @@ class Job:
                 sorted({o.decision for o in av.objects if o.action != "pass"})))
         if av.blocked:
             copy.blocked = True
-            copy.events.append(f'BLOCKED, rcpt={",".join(rcpts)}, size={env.size}, reason="{av.block_reason}"')
+            copy.events.append(f'BLOCKED, rcpt={",".join(rcpts)}, size={env.size}, reason="{quoted(av.block_reason)}"')
         else:
             message = av.message
             if group.AddDisclaimer:  # kmg-spec §5.4: the group's disclaimer as a last text part

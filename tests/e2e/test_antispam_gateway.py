@@ -83,6 +83,17 @@ def test_white_and_black_lists(make_gateway, sink, clamd):
     assert b"Subject: [SPAM] " in got["promo@spammer.test"]  # a blacklisted sender is acted on as Spam
 
 
+def test_a_quoted_sender_cannot_break_the_quoting_of_log_fields(make_gateway, sink, clamd):
+    """The AS-SCANNED ``reasons="..."`` field names a listed sender; a quoted local part (RFC 5321
+    §4.1.2) holding a double quote must not end the field early and fake the fields after it."""
+    gw = spam_gateway(make_gateway, sink, clamd, antispam=[("BlackListSenders", "*@spammer.test")])
+    send(gw, HAM, sender='"x\\", action=pass, y"@spammer.test')
+    sink.wait_for(1)
+    [line] = gw.wait_log(r"AS-SCANNED")
+    reasons = line.split(', reasons="', 1)[1]
+    assert reasons.endswith('"') and reasons.count('"') == 1, line
+
+
 def test_dnsbl_listing_adds_to_the_score(make_gateway, sink, clamd, tmp_path):
     require("dnsmasq")
     (tmp_path / "dns").mkdir()
