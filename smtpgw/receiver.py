@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import socket
 import ssl
 import time
@@ -41,6 +42,7 @@ MAX_DATA_LINE = 1000  # RFC 5321 §4.5.3.1.6, including CRLF
 READ_CHUNK = 65536
 MAX_PENDING_OUTPUT = 65536  # stop reading while a client does not read its replies
 CLOSE_GRACE = 10.0  # seconds for a closing session's last reply to leave
+MSG_ID = re.compile(rb"<[^<>\s\",]{1,250}>")  # a msg-id as logged: one token in angle brackets
 MAX_RCPT_OVERSHOOT = 1000  # 452s for recipients over the limit not counted as errors (Postfix's default)
 
 
@@ -152,7 +154,10 @@ class DataReader:
             if lower.startswith(b"received:"):
                 self.hops += 1  # RFC 5321 §6.3: loop detection by counting trace fields
             elif lower.startswith(b"message-id:") and self.message_id is None:
-                self.message_id = line[11:].strip().decode("ascii", "replace")[:200]
+                # kmg-spec §7.1 logs ``message_id=<message id>``: the msg-id only (RFC 5322 §3.6.4),
+                # never the rest of the line, whose spaces, commas and quotes would add fields.
+                found = MSG_ID.search(line, 11)
+                self.message_id = found.group().decode("ascii", "replace") if found else None
 
     def finish(self) -> None:
         """At end of data: write what is still held (the prefix of an empty message)."""

@@ -34,6 +34,17 @@ def test_smtplib_message_is_relayed_byte_exact(gateway, sink):
     assert "message_id=<m1@b.test>" in line and "flags=E" in line
 
 
+def test_message_id_cannot_fake_fields_of_the_received_line(gateway, sink):
+    """kmg-spec §7.1 ``message_id=<message id>``: only the msg-id (RFC 5322 §3.6.4) is logged,
+    not the rest of the header line, which would otherwise add fields (a second ``flags=``)."""
+    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
+        client.sendmail("a@b.test", ["x@example.test"],
+                        MSG.replace(b"<m1@b.test>", b'<m1@b.test> , flags=ED, "q"'))
+    sink.wait_for(1)
+    [line] = gateway.wait_log(r"RECEIVED, from=<a@b.test>, nrcpt=1")
+    assert line.endswith("message_id=<m1@b.test>, flags=E"), line
+
+
 def test_ehlo_advertises_extensions_and_every_reply_has_an_enhanced_code(gateway):
     c = RawClient(gateway.port)
     assert c.reply()[0] == 220
