@@ -39,6 +39,10 @@ NAMES = (
     "antiviral_scanner_unavailable",
 )
 
+# Refusals of a message for its form (RFC 5321 §2.3.8 bare CR or LF, §4.5.3.1.6 a line over 1000
+# octets): kmg-spec §7.2 counts them as ``mta_malformed_messages`` too ("malformed incoming messages").
+MALFORMED = frozenset({"bare_newline", "line_length"})
+
 
 class Stats:
     def __init__(self) -> None:
@@ -55,6 +59,8 @@ class Stats:
         """A refused receiving: the total and the per-reason counter."""
         self.counters["mta_receivings_refused_total"] += 1
         self.counters[f"mta_receivings_refused_for_{reason}"] += 1
+        if reason in MALFORMED:
+            self.counters["mta_malformed_messages"] += 1
 
     def connection_opened(self) -> None:
         c = self.counters

@@ -306,3 +306,18 @@ def test_data_initiation_timeout(make_gateway, sink):
     c.cmd("RCPT TO:<x@example.test>")
     code, text = c.reply()  # no DATA within a second
     assert (code, text.split()[0]) == (421, "4.4.2")
+
+
+def test_malformed_messages_are_counted(make_gateway, sink):
+    """kmg-spec §7.2 ``mta_malformed_messages``: incoming messages refused for their form
+    (bare CR or LF, RFC 5321 §2.3.8; a line over 1000 octets, §4.5.3.1.6) count there."""
+    gw = limits_gateway(make_gateway, sink)
+    c = session(gw.port)
+    for body, code in ((b"bare\nnewline\r\n", 550), (b"x" * 1200 + b"\r\n", 500)):
+        assert c.cmd("MAIL FROM:<a@b.test>")[0] == 250
+        assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
+        assert send_data(c, b"Subject: malformed\r\n\r\n" + body)[0] == code
+    counters = stats(gw)
+    assert counters["mta_malformed_messages"] == 2
+    assert counters["mta_receivings_refused_for_bare_newline"] == 1
+    assert counters["mta_receivings_refused_for_line_length"] == 1
