@@ -84,7 +84,7 @@ SERVICE_GROUP=${SERVICE_GROUP:-$SERVICE_USER}
 # Paths are written unquoted into the unit, the init script and the cron line.
 for path in "$PREFIX" "$CONFDIR" "$DATADIR" "$SPOOLDIR" "$LOGDIR"; do
     case $path in
-        /*/../* | */.. | *[!A-Za-z0-9._/+-]*) die "$path: use an absolute path of letters, digits and . _ / + -" ;;
+        */../* | */.. | *[!A-Za-z0-9._/+-]*) die "$path: use an absolute path of letters, digits and . _ / + -" ;;
         /?*) ;;
         *) die "$path: an absolute path below / is needed" ;;
     esac

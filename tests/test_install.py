@@ -252,6 +252,7 @@ def test_uninstall_keeps_configuration_and_data_unless_purged(release: str, tmp_
     (["--prefix", "opt/smtpgw"], "absolute path"),
     (["--confdir", "/etc/smtp gw"], "letters, digits"),
     (["--datadir", "/var/lib/../../etc"], "absolute path"),
+    (["--datadir", "/../etc"], "absolute path"),
     (["--user"], "--user needs a value"),
     (["--init", "upstart"], "systemd, sysv or auto"),
     (["--purge"], "--purge goes with --uninstall"),
