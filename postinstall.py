@@ -347,8 +347,16 @@ def next_steps(install: Install, new_config: bool, kind: str | None) -> str:
     return "Next steps:\n" + "\n".join(steps)
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors exit with FAILED: argparse's 2 is CONFIG_PROBLEMS to install.sh."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(FAILED, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv: list[str]) -> Install:
-    parser = argparse.ArgumentParser(description="Finish an smtpgw installation (run by install.sh).")
+    parser = Parser(description="Finish an smtpgw installation (run by install.sh).")
     parser.add_argument("--prefix", default="/opt/smtpgw")
     parser.add_argument("--confdir", default="/etc/smtpgw")
     parser.add_argument("--datadir", default="/var/lib/smtpgw")

@@ -267,6 +267,14 @@ def test_bad_options_are_refused_with_a_reason(release: str, tmp_path, options: 
     assert not os.path.exists(os.path.join(root, "opt"))
 
 
+def test_postinstall_usage_errors_are_failures_not_configuration_problems(tmp_path) -> None:
+    # install.sh reads exit 2 as "installed, but the configuration fails the check"
+    done = subprocess.run([sys.executable, os.path.join(REPO, "postinstall.py"), "--root", str(tmp_path),
+                           "--datadir", "var/lib/smtpgw"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == postinstall.FAILED
+    assert "--datadir 'var/lib/smtpgw'" in done.stderr
+
+
 def test_install_refuses_a_folder_that_is_not_a_release(release: str, tmp_path) -> None:
     partial = str(tmp_path / "partial")
     shutil.copytree(release, partial)
