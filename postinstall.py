@@ -325,6 +325,40 @@ def own(install: Install, path: str, group_only: bool = False) -> None:
         os.chown(path, 0 if group_only else pwd.getpwnam(install.user).pw_uid, grp.getgrnam(install.group).gr_gid)
 
 
+def previous_manifest(install: Install) -> list[tuple[str, str]]:
+    """The (kind, value) lines of the manifest an earlier install left, if any."""
+    try:
+        with open(install.staged(f"{install.prefix}/{MANIFEST}"), encoding="utf-8") as handle:
+            return [(kind, value) for kind, _, value in (line.rstrip("\n").partition(" ") for line in handle)
+                    if kind in ("service", "file")]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise InstallError(f"cannot read {install.prefix}/{MANIFEST}: {exc.strerror}") from None
+
+
+def remove_stale(install: Install, previous: list[tuple[str, str]], lines: list[tuple[str, str]]) -> None:
+    """Remove what an earlier install wrote and this one does not (a service of another kind,
+    or none with --no-service): the new manifest forgets it, so --uninstall would not."""
+    old_kind = next((value for what, value in previous if what == "service"), None)
+    new_kind = next((value for what, value in lines if what == "service"), None)
+    if install.live and old_kind and old_kind != new_kind:
+        command = (["systemctl", "disable", "smtpgw.service"] if old_kind == "systemd" else
+                   ["update-rc.d", "-f", "smtpgw", "remove"] if shutil.which("update-rc.d") else
+                   ["chkconfig", "--del", "smtpgw"])
+        try:
+            subprocess.run(command, capture_output=True, text=True, check=False, timeout=180)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            print(f"warning: {' '.join(command)}: {exc}")
+    for what, path in previous:
+        if what == "file" and ("file", path) not in lines and os.path.lexists(install.staged(path)):
+            try:
+                os.unlink(install.staged(path))
+            except OSError as exc:
+                raise InstallError(f"cannot remove {path}: {exc.strerror}") from None
+            print(f"removed {path} (no longer installed)")
+
+
 def write_manifest(install: Install, lines: list[tuple[str, str]]) -> None:
     keep = [("keep", path) for path in (install.confdir, install.datadir, install.spooldir, install.logdir)]
     text = "".join(f"{kind} {value}\n" for kind, value in [*lines, *keep])
@@ -392,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         print(output)
         if not good and new_config:
             raise InstallError("the generated configuration fails the check (see above)")
+        previous = previous_manifest(install)
         manifest = install_files(install)
+        remove_stale(install, previous, manifest)
         kind = next((value for what, value in manifest if what == "service"), None)
         write_manifest(install, manifest)
         bases_ok = install_bases(install)

@@ -231,6 +231,22 @@ def test_systemd_unit_and_an_existing_account(release: str, tmp_path) -> None:
     assert "service " not in read(os.path.join(root, "opt", "smtpgw", "installed-files")).decode()
 
 
+def test_a_rerun_with_another_service_removes_the_old_one(release: str, tmp_path) -> None:
+    root = str(tmp_path / "root")
+    unit = os.path.join(root, "etc", "systemd", "system", "smtpgw.service")
+    script = os.path.join(root, "etc", "init.d", "smtpgw")
+    installed(root, "--init", "systemd", release=release)
+    assert os.path.exists(unit)
+    assert "removed /etc/systemd/system/smtpgw.service" in installed(root, release=release)  # now sysv
+    assert not os.path.exists(unit) and os.path.exists(script)
+    installed(root, "--no-service", release=release)
+    assert not os.path.exists(script)
+    installed(root, "--uninstall", release=release)
+    etc = os.path.join(root, "etc")
+    left = [os.path.relpath(os.path.join(folder, name), etc) for folder, _, names in os.walk(etc) for name in names]
+    assert [path for path in left if not path.startswith("smtpgw/")] == []
+
+
 def test_uninstall_keeps_configuration_and_data_unless_purged(release: str, tmp_path) -> None:
     root = str(tmp_path / "root")
     installed(root, release=release)
