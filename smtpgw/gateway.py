@@ -34,6 +34,8 @@ from smtpgw.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, n
 from smtpgw.receiver import Listener, Session
 from smtpgw.scanner import Scanner
 from smtpgw.sender import Hop, ResolveCallback, Sender, literal_hops
+from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
+from smtpgw.spam.spamfilter import default_bases
 from smtpgw.stats import Stats
 from smtpgw.store import Store
 
@@ -71,6 +73,7 @@ class Gateway:
         self.stopping = False
         self.listeners: list[Listener] = []
         self.templates = self._templates(cfg)
+        self._check_spam_database(cfg)
         self.incoming_archive = Store(cfg.path.IncomingArchivePath) if cfg.path.IncomingArchivePath else None
         self.outgoing_archive = Store(cfg.path.OutgoingArchivePath) if cfg.path.OutgoingArchivePath else None
         self.ssl_context = self._server_tls(cfg)
@@ -115,6 +118,48 @@ class Gateway:
             return notify.load_templates(cfg.base.TemplatesPath)
         except notify.TemplateError as exc:
             raise StartupError(str(exc), 1) from exc
+
+    @staticmethod
+    def _spam_database_problem(cfg: Config) -> str | None:
+        """Why the spam database the scanner workers would load is unusable, or None.
+
+        Every worker loads it when it starts (scanjob.Job); a damaged or missing file would make each
+        worker exit and every message wait in WFC with nothing in the log saying why."""
+        if not cfg.antispam.Check:
+            return None
+        path = database_file(cfg.base.BasesPath or default_bases())
+        try:
+            SpamDatabase.load(path)
+        except DatabaseError as exc:
+            return f"spam database unusable: {exc}"
+        return None
+
+    @classmethod
+    def _check_spam_database(cls, cfg: Config) -> None:
+        """At start a bad spam database stops the start with its reason (like a broken template)."""
+        problem = cls._spam_database_problem(cfg)
+        if problem:
+            raise StartupError(problem, 1)
+
+    def _restart_workers_checked(self, done: str) -> None:
+        """New scanner workers, once the spam database they will load has been checked; then log ``done``.
+
+        The check (a full load, about 0.3 s) runs in an I/O thread, not on the loop. A damaged file
+        (a half-copied update, a bad hand edit) leaves the current workers and the database they hold
+        in place: ARCHITECTURE.md and spam.spamfilter, a damaged database never replaces the loaded one."""
+        cfg = self.cfg
+        future = self.committer.pool.submit(self._spam_database_problem, cfg)
+
+        def checked() -> None:
+            problem = future.exception() or future.result()
+            if problem:
+                log.error("scanner workers not restarted, they keep the configuration and databases they"
+                          " loaded: %s", problem)
+                return
+            self.scanner.restart_workers()
+            log.info("%s", done)
+
+        future.add_done_callback(lambda _f: self.loop.call_soon_threadsafe(checked))
 
     @staticmethod
     def _client_tls() -> ssl.SSLContext:
@@ -270,8 +315,7 @@ class Gateway:
             if listener not in self.listeners:
                 listener.start()
         self.listeners = listeners
-        self.scanner.restart_workers()
-        log.info("configuration reloaded from %s", self.config_path)
+        self._restart_workers_checked(f"configuration reloaded from {self.config_path}")
 
     # -- sessions ---------------------------------------------------------------------
     def session_opened(self, conn: socket.socket, peer: tuple) -> None:
@@ -344,9 +388,8 @@ class Gateway:
         event(qid, "REMOVED, state=%s, by=admin", state)
 
     def reload_databases(self) -> None:
-        """``.c_db_reload``: new scanner workers load the databases again."""
-        self.scanner.restart_workers()
-        log.info("databases reloaded")
+        """``.c_db_reload``: new scanner workers load the databases again (unless the spam one is damaged)."""
+        self._restart_workers_checked("databases reloaded")
 
     def inject(self, path: str, sender: str, recipients: list[str], check: bool) -> str:
         """Put a message file (a released store item) into the queue: WFC to be scanned, or QUE."""

@@ -28,6 +28,7 @@ from smtpgw.ichecker import IChecker
 from smtpgw.log import quoted
 from smtpgw.queue import Envelope, Queue, write_durably
 from smtpgw.spam import BLACKLISTED, PROBABLE_SPAM, SPAM, SpamFilter, SpamVerdict, as_log_fields, mark
+from smtpgw.spam.database import DatabaseError
 from smtpgw.store import Store, status_for_verdict
 
 log = logging.getLogger("smtpgw.scanjob")
@@ -202,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     from smtpgw import log as logsetup
 
     logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat)
-    job = Job(cfg)
+    try:
+        job = Job(cfg)
+    except DatabaseError as exc:  # said in the log, not only in a traceback on the gateway's stderr
+        log.error("scanner worker cannot start: %s", exc)
+        logsetup.flush_all()
+        return 1
     out = sys.stdout.buffer
     for line in sys.stdin.buffer:
         qid = "?"

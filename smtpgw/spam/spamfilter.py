@@ -109,7 +109,9 @@ class SpamFilter:
         weight = getattr(antispam_section, "DNSBlackListWeight", None)
         self.dnsbl_weight = DNSBL_LOG_ODDS * (DEFAULT_DNSBL_WEIGHT if weight is None else float(weight))
         self.enabled = bool(getattr(antispam_section, "Check", True))
-        self._loaded = load_shared(self.path)
+        # With Check=false the database is never read: a missing or damaged file must not stop the
+        # scanner workers of a gateway that does not filter spam at all.
+        self._loaded = load_shared(self.path) if self.enabled else (SpamDatabase.empty(), RuleSet([]))
 
     @property
     def database(self) -> SpamDatabase:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import smtplib
+import subprocess
+import sys
 
 import pytest
 
 from smtpgw.spam.formalsigns import GTUBE
+from smtpgw.spam.spamfilter import default_bases
 from tests.support.components import require
 from tests.support.dns import start_dnsmasq
-from tests.support.net import RawClient, wait_until
+from tests.support.net import SMTPGW, RawClient, wait_until
 
 HAM = (b"From: Alice Example <alice@example.test>\r\nTo: bob@example.test\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\n"
        b"Message-ID: <m1@example.test>\r\nSubject: minutes of the meeting\r\n\r\nHi Bob,\r\n\r\n"
@@ -18,7 +23,7 @@ HAM = (b"From: Alice Example <alice@example.test>\r\nTo: bob@example.test\r\nDat
 SPAM = HAM.replace(b"Thanks,", GTUBE.encode("ascii") + b"\r\nThanks,")
 
 
-def spam_gateway(make_gateway, sink, clamd, policy=(), antispam=(), **extra):
+def spam_gateway(make_gateway, sink, clamd, policy=(), antispam=(), start=True, **extra):
     sections = {
         "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
         "smtpgw.policy": [("Check", "true"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none"), *policy],
@@ -26,7 +31,7 @@ def spam_gateway(make_gateway, sink, clamd, policy=(), antispam=(), **extra):
     }
     for name, items in extra.items():
         sections[name.replace("__", ".")] = list(items)
-    return make_gateway(sink.port, extra=sections)
+    return make_gateway(sink.port, extra=sections, start=start)
 
 
 def send(gw, data, sender="alice@example.test", source=None):
@@ -109,3 +114,61 @@ def test_dnsbl_listing_adds_to_the_score(make_gateway, sink, clamd, tmp_path):
         assert "dnsbl dnsbl.test +" in line
     finally:
         server.stop()
+
+
+def private_bases(tmp_path) -> str:
+    """A BasesPath holding a copy of the shipped spam database, for tests that damage it."""
+    bases = tmp_path / "bases"
+    (bases / "spam").mkdir(parents=True)
+    shutil.copy(os.path.join(default_bases(), "spam", "spam.db"), bases / "spam" / "spam.db")
+    return str(bases)
+
+
+def damage(bases: str) -> None:
+    path = os.path.join(bases, "spam", "spam.db")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])  # a half-copied file: no end line, checksum lost
+
+
+def test_a_damaged_database_at_reload_keeps_the_loaded_one(make_gateway, sink, clamd, tmp_path):
+    """A damaged spam.db seen at .c_db_reload or HUP must not replace the loaded one (spam.spamfilter):
+    mail goes on being scanned by the workers that hold the good database, and the log says why."""
+    bases = private_bases(tmp_path)
+    gw = spam_gateway(make_gateway, sink, clamd, path=[("BasesPath", bases)])
+    send(gw, HAM)
+    sink.wait_for(1)
+    damage(bases)
+    gw.control(".c_db_reload")
+    gw.wait_log(r"scanner workers not restarted.*spam database unusable: .*truncated")
+    gw.signal(signal.SIGHUP)
+    gw.wait_log(r"scanner workers not restarted.*spam database unusable", count=2)
+    send(gw, SPAM)
+    got = sink.wait_for(2)
+    assert b"X-SpamTest-Status: Spam\r\n" in got[1].data
+    assert "databases reloaded" not in gw.log_text()
+
+
+def test_a_damaged_database_at_start_is_named(make_gateway, sink, clamd, tmp_path):
+    bases = private_bases(tmp_path)
+    damage(bases)
+    gw = spam_gateway(make_gateway, sink, clamd, path=[("BasesPath", bases)], start=False)
+    result = subprocess.run([sys.executable, SMTPGW, "-c", gw.config, "-n"], cwd=gw.folder,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "spam database unusable" in result.stderr and "truncated" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_antispam_off_does_not_need_the_database(make_gateway, sink, clamd, tmp_path):
+    """With [smtpgw.antispam] Check=false the workers never read spam.db: a missing one stops nothing."""
+    bases = tmp_path / "empty-bases"
+    bases.mkdir()
+    gw = make_gateway(sink.port, extra={"path": [("BasesPath", str(bases))],
+                                        "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
+                                        "smtpgw.policy": [("Check", "true"), ("NotifyAdmin", "none"),
+                                                          ("NotifyRecipient", "none")]})
+    send(gw, HAM)
+    [got] = sink.wait_for(1)
+    assert b"X-SpamTest" not in got.data
