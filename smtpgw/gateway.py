@@ -15,6 +15,7 @@ import fcntl
 import grp
 import logging
 import os
+import pickle
 import pwd
 import signal
 import socket
@@ -30,9 +31,10 @@ from smtpgw.control import Control
 from smtpgw.dns import Resolver
 from smtpgw.log import event
 from smtpgw.loop import EventLoop
-from smtpgw.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id
+from smtpgw.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id, write_durably
 from smtpgw.receiver import Listener, Session
 from smtpgw.scanner import Scanner
+from smtpgw.workers import worker_config_path
 from smtpgw.sender import Hop, ResolveCallback, Sender, literal_hops
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
 from smtpgw.spam.spamfilter import default_bases
@@ -156,10 +158,20 @@ class Gateway:
                 log.error("scanner workers not restarted, they keep the configuration and databases they"
                           " loaded: %s", problem)
                 return
+            self._publish_worker_config(cfg)
             self.scanner.restart_workers()
             log.info("%s", done)
 
         future.add_done_callback(lambda _f: self.loop.call_soon_threadsafe(checked))
+
+    def _publish_worker_config(self, cfg: Config) -> None:
+        """Give the scanner workers the configuration this process accepted, file: lists included.
+
+        Workers are started on demand and replaced when they die or time out; reading smtpgw.conf
+        themselves, a replacement would see an edit the gateway refused at HUP (a file: list that is
+        gone, a syntax error) and exit, and no message would be scanned. kmg-spec §3.1: a bad
+        configuration at reload keeps the old one."""
+        write_durably(worker_config_path(self.queue.root), pickle.dumps(cfg))
 
     @staticmethod
     def _client_tls() -> ssl.SSLContext:
@@ -222,6 +234,7 @@ class Gateway:
 
     def start(self) -> None:
         self.lock_queue()
+        self._publish_worker_config(self.cfg)
         counts = self.queue.recover()
         log.info("queue %s recovered: %s", self.queue.root, ", ".join(f"{k}={v}" for k, v in counts.items()))
         for listener in self.listeners:

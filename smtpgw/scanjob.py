@@ -1,4 +1,4 @@
-"""What a scanner worker does with one message (run as ``python3 -m smtpgw.scanjob CONFIG``).
+"""What a scanner worker does with one message (``python3 -m smtpgw.scanjob CONFIG | --snapshot FILE``).
 
 Owns: the per-message scan in a worker process: splitting recipients into
 groups (first matching ``[smtpgw.group:NAME]``, else ``[smtpgw.policy]``),
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -199,7 +200,11 @@ class Job:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    cfg = load_config(args[0])
+    if args[0] == "--snapshot":  # what the gateway accepted (gateway._publish_worker_config)
+        with open(args[1], "rb") as f:
+            cfg = pickle.load(f)
+    else:
+        cfg = load_config(args[0])
     from smtpgw import log as logsetup
 
     logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from smtpgw.log import event
 from smtpgw.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Recipient, new_id
 from smtpgw.scanjob import CopyResult, ScanResult, not_scanned
-from smtpgw.workers import WorkerPool
+from smtpgw.workers import WorkerPool, worker_config_path
 
 if TYPE_CHECKING:
     from smtpgw.gateway import Gateway
@@ -46,7 +46,7 @@ class Scanner:
         workers = max(1, min(self.limit, os.cpu_count() or 1))
         # a job gets three times the clamd time limit (at least 5 minutes) before its worker is replaced
         job_timeout = max(300.0, 3.0 * float(gateway.cfg.ave.ScanTimeout or 0))
-        self.pool = WorkerPool(self.loop, gateway.config_path, workers, self._done, job_timeout)
+        self.pool = WorkerPool(self.loop, worker_config_path(gateway.queue.root), workers, self._done, job_timeout)
 
     @property
     def limit(self) -> int:

@@ -1,6 +1,6 @@
 """Scanner worker processes and the line protocol the event loop speaks with them.
 
-Owns: starting ``python3 -m smtpgw.scanjob CONFIG`` worker processes (about one
+Owns: starting ``python3 -m smtpgw.scanjob --snapshot FILE`` worker processes (about one
 per core), handing each a job as one JSON line on its stdin and reading one
 JSON line of result per job from its stdout, non-blocking on the event loop;
 replacing a worker that dies (its jobs fail and are retried by the caller);
@@ -27,6 +27,12 @@ MAX_LINE = 64 * 1024 * 1024  # a result line larger than this is a broken worker
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ResultCallback = Callable[[str, dict[str, Any]], None]
+WORKER_CONFIG = ".worker-config"  # in QueuePath: the configuration the gateway accepted, for its workers
+
+
+def worker_config_path(queue_root: str) -> str:
+    """Where the gateway leaves the (pickled) configuration its scanner workers load."""
+    return os.path.join(queue_root, WORKER_CONFIG)
 
 
 class Worker:
@@ -34,7 +40,7 @@ class Worker:
         self.pool = pool
         env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smtpgw.scanjob", pool.config_path],
+            [sys.executable, "-m", "smtpgw.scanjob", "--snapshot", pool.config_path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True, cwd="/",
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None

@@ -172,3 +172,41 @@ def test_antispam_off_does_not_need_the_database(make_gateway, sink, clamd, tmp_
     send(gw, HAM)
     [got] = sink.wait_for(1)
     assert b"X-SpamTest" not in got.data
+
+
+def scanner_workers(gw) -> list[int]:
+    """The gateway's live child processes (not the retired ones not yet reaped): its scanner workers."""
+    with open(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+
+    def running(pid: int) -> bool:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+
+    return [pid for pid in children if running(pid)]
+
+
+def test_a_replaced_worker_keeps_the_configuration_the_gateway_accepted(make_gateway, sink, clamd, tmp_path):
+    """A file: list gone at HUP is a refused reload (the old lists stay); a worker started after that
+    (on demand, or replacing one that died) must scan with the accepted lists, not read the broken
+    configuration itself and exit."""
+    white = tmp_path / "white.txt"
+    white.write_text("*@trusted.test\n")
+    gw = spam_gateway(make_gateway, sink, clamd, antispam=[("WhiteListSenders", f"file:{white}")])
+    send(gw, HAM, sender="boss@trusted.test")
+    sink.wait_for(1)
+    white.write_text("*@other.test\n")  # re-read at reload
+    gw.signal(signal.SIGHUP)
+    gw.wait_log(r"configuration reloaded")
+    send(gw, HAM, sender="boss@trusted.test")
+    assert b"X-SpamTest-Status: Not Detected\r\n" in sink.wait_for(2)[1].data
+    white.unlink()
+    gw.signal(signal.SIGHUP)
+    gw.wait_log(r"reload refused: .*white\.txt")
+    workers = scanner_workers(gw)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    gw.wait_log(r"scanner worker \d+: worker exited", count=len(workers))
+    send(gw, HAM, sender="boss@other.test")
+    got = sink.wait_for(3)[2]
+    assert got.sender == "boss@other.test" and b"X-SpamTest-Status: Trusted\r\n" in got.data
