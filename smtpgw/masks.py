@@ -165,7 +165,20 @@ def parse_ip_mask(text: str) -> IPMask:
         network = ipaddress.ip_network(f"{address}/{prefix}" if slash else address, strict=False)
     except ValueError:
         raise ValueError(f"'{mask}' is not an IP mask ({IP_MASK_FORMS})") from None
-    return IPMask(text=mask, networks=(network,))
+    return IPMask(text=mask, networks=(_unmapped(network),))
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # RFC 4291 §2.5.5.2 IPv4-mapped IPv6 addresses
+
+
+def _unmapped(network: IPNetwork) -> IPNetwork:
+    """``::ffff:192.0.2.0/120`` → ``192.0.2.0/24``: ``client_address`` unmaps every client, so a
+    mask written in the mapped form must be IPv4 too, or it would match nobody."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+    return network
 
 
 def client_address(value: str | IPAddress | None) -> IPAddress | None:

@@ -147,6 +147,10 @@ def test_masks() -> None:
     assert ips.matches("::ffff:10.1.0.9") == "10.1.0.0/16"
     assert not ips.matches("10.2.0.1") and not ips.matches("garbage") and not ips.matches(None)
     assert not ips.matches("198.51.100.1")  # refused by the config loader, so ignored here too
+    # a mask in IPv4-mapped form covers the same clients as its IPv4 network (clients are unmapped)
+    mapped = IPList(["::ffff:203.0.113.0/120", "[::ffff:198.51.100.7]"])
+    assert mapped.matches("203.0.113.9") and mapped.matches("::ffff:203.0.113.9") and mapped.matches("198.51.100.7")
+    assert not mapped.matches("203.0.114.1") and not mapped.matches("2001:db8::1")
 
 
 def test_lists_agree_with_config_masks() -> None:
