@@ -46,8 +46,9 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[[], int]:
     return lambda: count[0]
 
 
-def scanned_and_rewritten(queue: Queue) -> tuple[str, str]:
-    env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test")], size=len(ORIGINAL))
+def scanned_and_rewritten(queue: Queue, recipients: tuple[str, ...] = ("x@example.test",)) -> tuple[str, str]:
+    """A message in CHK (ORIGINAL) and the rewritten bytes a scan left for it in tmp/ (REWRITTEN)."""
+    env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient(r) for r in recipients], size=len(ORIGINAL))
     with open(queue.msg_path(env.id), "wb") as f:
         f.write(ORIGINAL)
     queue.write_record(CHK, env)
@@ -55,6 +56,17 @@ def scanned_and_rewritten(queue: Queue) -> tuple[str, str]:
     with open(rewritten, "wb") as f:
         f.write(REWRITTEN)
     return env.id, rewritten
+
+
+TWO_GROUPS = ("x@example.test", "y@lab.test")
+
+
+def two_groups(rewritten: str) -> ScanResult:
+    """A scan result splitting TWO_GROUPS: the first group's copy rewritten, the second's not."""
+    return ScanResult([
+        CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten),
+        CopyResult(group="lab", recipients=["y@lab.test"]),
+    ])
 
 
 def test_a_rewritten_message_moves_on_with_its_new_bytes(tmp_path):
@@ -98,21 +110,11 @@ def test_a_crash_while_applying_a_rewrite_never_scans_the_rewritten_message_agai
 
 def test_per_group_copies_record_the_size_of_their_own_message(tmp_path):
     queue = Queue(str(tmp_path))
-    env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test"), Recipient("y@lab.test")],
-                   size=len(ORIGINAL))
-    with open(queue.msg_path(env.id), "wb") as f:
-        f.write(ORIGINAL)
-    queue.write_record(CHK, env)
-    rewritten = os.path.join(queue.root, "tmp", f"{env.id}.scan1")
-    with open(rewritten, "wb") as f:
-        f.write(REWRITTEN)
+    qid, rewritten = scanned_and_rewritten(queue, TWO_GROUPS)
     scanner, scanned = scanner_on(queue)
-    scanner._apply(env.id, ScanResult([
-        CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten),
-        CopyResult(group="lab", recipients=["y@lab.test"]),
-    ]))
+    scanner._apply(qid, two_groups(rewritten))
     sizes = {e.id: e.size for e in scanned}
-    assert sizes == {f"{env.id}-1": len(REWRITTEN), f"{env.id}-2": len(ORIGINAL)}
+    assert sizes == {f"{qid}-1": len(REWRITTEN), f"{qid}-2": len(ORIGINAL)}
     for qid, size in sizes.items():
         assert queue.load(QUE, qid).size == size  # the record on disk, not only the one in memory
 
@@ -123,35 +125,25 @@ def test_a_crash_while_making_per_group_copies_leaves_the_copies_or_the_message(
     original back in WFC and no copy: never a copy beside an original that is scanned again."""
     for crash in range(1, 80):
         queue = Queue(str(tmp_path / f"crash{crash}"))
-        env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test"), Recipient("y@lab.test")],
-                       size=len(ORIGINAL))
-        with open(queue.msg_path(env.id), "wb") as f:
-            f.write(ORIGINAL)
-        queue.write_record(CHK, env)
-        rewritten = os.path.join(queue.root, "tmp", f"{env.id}.scan1")
-        with open(rewritten, "wb") as f:
-            f.write(REWRITTEN)
+        qid, rewritten = scanned_and_rewritten(queue, TWO_GROUPS)
         scanner, _ = scanner_on(queue)
         counter = crash_at(monkeypatch, crash)
         try:
-            scanner._apply(env.id, ScanResult([
-                CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten),
-                CopyResult(group="lab", recipients=["y@lab.test"]),
-            ]))
+            scanner._apply(qid, two_groups(rewritten))
         except Crash:
             pass
         monkeypatch.undo()
         if counter() < crash:
             break
         queue.recover()
-        states = {qid: queue.find(qid) for qid in (env.id, f"{env.id}-1", f"{env.id}-2")}
+        states = {qid: queue.find(qid) for qid in (qid, f"{qid}-1", f"{qid}-2")}
         messages = sorted(os.listdir(os.path.join(queue.root, "msg")))
-        if states[env.id] is None:
-            assert states == {env.id: None, f"{env.id}-1": QUE, f"{env.id}-2": QUE}, (crash, states)
-            with open(queue.msg_path(f"{env.id}-1"), "rb") as f:
+        if states[qid] is None:
+            assert states == {qid: None, f"{qid}-1": QUE, f"{qid}-2": QUE}, (crash, states)
+            with open(queue.msg_path(f"{qid}-1"), "rb") as f:
                 assert f.read() == REWRITTEN
-            assert messages == [f"{env.id}-1", f"{env.id}-2"]
+            assert messages == [f"{qid}-1", f"{qid}-2"]
         else:
-            assert states == {env.id: WFC, f"{env.id}-1": None, f"{env.id}-2": None}, (crash, states)
-            assert messages == [env.id]
+            assert states == {qid: WFC, f"{qid}-1": None, f"{qid}-2": None}, (crash, states)
+            assert messages == [qid]
     assert crash > 5, "making two copies takes several file operations, each one tried as a crash point"
