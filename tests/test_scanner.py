@@ -58,6 +58,19 @@ def scanned_and_rewritten(queue: Queue, recipients: tuple[str, ...] = ("x@exampl
     return env.id, rewritten
 
 
+def applied_with_a_crash(monkeypatch: pytest.MonkeyPatch, queue: Queue, qid: str, crash: int,
+                         result: ScanResult) -> bool:
+    """Apply ``result`` with a kill -9 at file operation ``crash``; False when _apply makes fewer."""
+    scanner, _ = scanner_on(queue)
+    counter = crash_at(monkeypatch, crash)
+    try:
+        scanner._apply(qid, result)
+    except Crash:
+        pass
+    monkeypatch.undo()
+    return counter() >= crash
+
+
 TWO_GROUPS = ("x@example.test", "y@lab.test")
 
 
@@ -88,14 +101,8 @@ def test_a_crash_while_applying_a_rewrite_never_scans_the_rewritten_message_agai
     for crash in range(1, 50):  # every operation of _apply in turn, until one run has no crash point left
         queue = Queue(str(tmp_path / f"crash{crash}"))
         qid, rewritten = scanned_and_rewritten(queue)
-        scanner, _ = scanner_on(queue)
-        counter = crash_at(monkeypatch, crash)
-        try:
-            scanner._apply(qid, ScanResult([CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten)]))
-        except Crash:
-            pass
-        monkeypatch.undo()
-        if counter() < crash:
+        if not applied_with_a_crash(monkeypatch, queue, qid, crash,
+                                    ScanResult([CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten)])):
             break
         queue.recover()
         with open(queue.msg_path(qid), "rb") as f:
@@ -126,17 +133,10 @@ def test_a_crash_while_making_per_group_copies_leaves_the_copies_or_the_message(
     for crash in range(1, 80):
         queue = Queue(str(tmp_path / f"crash{crash}"))
         qid, rewritten = scanned_and_rewritten(queue, TWO_GROUPS)
-        scanner, _ = scanner_on(queue)
-        counter = crash_at(monkeypatch, crash)
-        try:
-            scanner._apply(qid, two_groups(rewritten))
-        except Crash:
-            pass
-        monkeypatch.undo()
-        if counter() < crash:
+        if not applied_with_a_crash(monkeypatch, queue, qid, crash, two_groups(rewritten)):
             break
         queue.recover()
-        states = {qid: queue.find(qid) for qid in (qid, f"{qid}-1", f"{qid}-2")}
+        states = {name: queue.find(name) for name in (qid, f"{qid}-1", f"{qid}-2")}
         messages = sorted(os.listdir(os.path.join(queue.root, "msg")))
         if states[qid] is None:
             assert states == {qid: None, f"{qid}-1": QUE, f"{qid}-2": QUE}, (crash, states)
