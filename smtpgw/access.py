@@ -28,6 +28,16 @@ Decisions:
   recipient decides; when none matches, the recipient is refused
   (``Decision(False, None)``). A client address that is not an IP (a Unix
   socket, garbage) matches only ``any``.
+  Untrusted routing: a recipient with sender-specified routing in its local
+  part (``user%other.test@example.test``, ``other.test!user@example.test``,
+  ``"user@other.test"@example.test``; ``smtp.routed``) is never allowed by a
+  rule that allows every client (``allow from any``, or a ``/0`` network):
+  such a rule is skipped, so only a rule naming the client's own networks (a
+  trusted client) can allow it. This is Postfix's allow_untrusted_routing=no,
+  whose permit_auth_destination skips a routed address so that
+  reject_unauth_destination refuses it; without it a domain rule would pass
+  the address to a next hop that may honour the route and relay to
+  other.test. The refusal names the rule skipped (``untrusted_routing``).
 * ``first_match(rules, facts, recipient)``: for ConnectRule, HeloRule and
   MailfromRule, the first rule whose condition holds and whose recipient mask
   matches, or None (no rule applies: the caller lets the command through).
@@ -51,6 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from smtpgw import smtp
 from smtpgw.masks import (
     IPAddress,
     IPMask,
@@ -208,6 +219,11 @@ class RelayRule:
             self.recipients, recipient
         )
 
+    @property
+    def for_every_client(self) -> bool:
+        """True when a source matches every client (``any``, ``0.0.0.0/0``, ``::/0``)."""
+        return any(source.is_any or any(net.prefixlen == 0 for net in source.networks) for source in self.sources)
+
 
 @dataclass(frozen=True)
 class ConditionRule:
@@ -241,13 +257,15 @@ class Decision:
 
     allowed: bool
     rule: Rule | None
+    untrusted_routing: bool = False  # refused: a routed recipient only a rule for every client allows
 
     @property
     def reason(self) -> str:
         """A log-ready account of why, e.g. ``RelayRule=deny from any to * (smtpgw.conf:14)``."""
         if self.rule is None:
             return "no rule matched"
-        return f"{self.rule.kind}={self.rule.text} ({self.rule.where})"
+        said = f"{self.rule.kind}={self.rule.text} ({self.rule.where})"
+        return f"untrusted routing, not allowed by {said}" if self.untrusted_routing else said
 
 
 def parse_relay_rule(text: str, where: str, folder: str) -> RelayRule:
@@ -272,11 +290,24 @@ def parse_condition_rule(kind: str, text: str, where: str, folder: str) -> Condi
 def relay_decision(
     rules: list[RelayRule], client_ip: str | IPAddress | None, recipient: str
 ) -> Decision:
-    """First matching RelayRule decides; no match refuses (never an open relay)."""
+    """First matching RelayRule decides; no match refuses (never an open relay).
+
+    A routed recipient skips the allow rules for every client (see the module docstring).
+    """
     client = client_address(client_ip)
+    routed = smtp.routed(recipient)
+    skipped: RelayRule | None = None
     for rule in rules:
-        if rule.matches(client, recipient):
-            return Decision(rule.allow, rule)
+        if not rule.matches(client, recipient):
+            continue
+        if routed and rule.allow and rule.for_every_client:
+            skipped = skipped or rule
+            continue
+        if skipped is not None and not rule.allow:
+            break  # the refusal is owed to the routing, not to a catch-all deny
+        return Decision(rule.allow, rule)
+    if skipped is not None:
+        return Decision(False, skipped, untrusted_routing=True)
     return Decision(False, None)
 
 

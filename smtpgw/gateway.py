@@ -366,7 +366,10 @@ class Gateway:
         if rules:
             decision = access.relay_decision(rules, ip, rcpt)
             return RelayVerdict(decision.allowed, decision.reason)
-        # No RelayRule at all: mail to ProtectedDomains only (never an open relay).
+        # No RelayRule at all: mail to ProtectedDomains only (never an open relay), from any client,
+        # so never with sender-specified routing (access.py: untrusted routing).
+        if smtp.routed(rcpt):
+            return RelayVerdict(False, "untrusted routing, not allowed by ProtectedDomains (no RelayRule configured)")
         domain = routing.recipient_domain(rcpt)
         allowed = any(masks.domain_match(mask, domain) for mask in self.cfg.network.ProtectedDomains)
         return RelayVerdict(allowed, "ProtectedDomains (no RelayRule configured)")

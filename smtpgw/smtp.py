@@ -3,7 +3,8 @@
 Owns: every reply the gateway sends (code + enhanced status code + text, one
 table), reply parsing for the client side, envelope address parsing (RFC 5321
 §4.1.2), ESMTP parameter parsing (SIZE RFC 1870, BODY RFC 6152, DSN RFC 3461),
-xtext (RFC 3461 §4) and dot-stuffing (RFC 5321 §4.5.2).
+xtext (RFC 3461 §4), dot-stuffing (RFC 5321 §4.5.2), and telling a mailbox
+whose local part carries sender-specified routing (``routed``).
 
 Must never: accept an address or parameter that does not match the grammar
 (a validation failure is a hard error path, cf. CVE-2020-7247), or build a
@@ -144,7 +145,9 @@ def parse_path(arg: str, keyword: str, allow_null: bool, local_ok: tuple[str, ..
         path, _, params = rest.partition(" ")
         if not path:
             raise SyntaxProblem(usage)  # RFC 5321 §4.1.2: the null reverse-path is "<>", not nothing
-    path = _SOURCE_ROUTE.sub("", path)  # RFC 5321 §4.1.2: accept and ignore source routes
+    # RFC 5321 §4.1.2 and Appendix C: a source route is accepted and ignored (as Postfix does); only
+    # the mailbox after it is kept, so the route never reaches the next hop.
+    path = _SOURCE_ROUTE.sub("", path)
     bad = BAD_SENDER if keyword == "FROM" else BAD_RECIPIENT
     if path == "":
         if allow_null:
@@ -160,6 +163,24 @@ def parse_path(arg: str, keyword: str, allow_null: bool, local_ok: tuple[str, ..
     if len(local) > MAX_LOCAL_PART or len(domain) > MAX_DOMAIN:
         raise SyntaxProblem(bad)
     return path, params.strip()
+
+
+# Routing operators inside a local part: "@" (in a quoted local part), "%" (the percent hack) and
+# "!" (UUCP bang paths). RFC 5321 §3.6.1 leaves relaying such mail to the server's policy; a next
+# hop may honour them and send the mail on to the host they name.
+ROUTING_OPERATORS = frozenset("@%!")
+
+
+def routed(address: str) -> bool:
+    """True when the local part of ``address`` (quotes and quoted-pairs undone) holds a routing operator.
+
+    As Postfix's resolver flags a recipient as routed (RESOLVE_FLAG_ROUTED): ``user%other.test@d``,
+    ``other.test!user@d`` and ``"user@other.test"@d`` are routed; ``user@d`` and ``postmaster`` are not.
+    """
+    local = address.rpartition("@")[0]
+    if local.startswith('"') and local.endswith('"') and len(local) >= 2:
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])  # RFC 5321 §4.1.2 quoted-pairSMTP
+    return not ROUTING_OPERATORS.isdisjoint(local)
 
 
 def parse_params(text: str) -> dict[str, str | None]:

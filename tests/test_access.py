@@ -151,13 +151,39 @@ CANONICAL = (
     ("2001:db8::9", "user@other.test", True, 4),
     ("203.0.113.9", "user@far.away", False, 5),           # everything else refused
     ("203.0.113.9", "user@example.test.far.away", False, 5),
-    ("203.0.113.9", "user%far.away@example.test", True, 3),
+    ("203.0.113.9", "user%far.away@example.test", False, 3),  # untrusted routing: rule 3 skipped
+    ("192.168.1.1", "user%far.away@example.test", True, 1),  # a trusted client may route
     ("unix socket", "user@far.away", False, 5),
 ])
 def test_relay_decision(client: str, recipient: str, allowed: bool, line: int) -> None:
     decision = relay_decision(relay_rules(*CANONICAL), client, recipient)
     assert decision.allowed is allowed
     assert decision.rule is not None and decision.rule.where == f"smtpgw.conf:{line}"
+
+
+@pytest.mark.parametrize("recipient", [
+    "user%other.test@example.test", "other.test!user@example.test", '"user@other.test"@example.test',
+    '"user\\@other.test"@example.test', "a%b%c.test@EXAMPLE.test",
+])
+def test_untrusted_routing_is_refused_to_clients_allowed_by_a_domain_rule(recipient: str) -> None:
+    """Postfix's allow_untrusted_routing=no: a rule for every client never allows a routed address."""
+    rules = relay_rules("allow from 10.0.0.0/8 to *", "allow from any to *@example.test",
+                        "allow from 0.0.0.0/0 to *@example.test", "deny from any to *")
+    outside = relay_decision(rules, "203.0.113.9", recipient)
+    assert outside == Decision(False, rules[1], untrusted_routing=True)
+    assert outside.reason == "untrusted routing, not allowed by RelayRule=allow from any to *@example.test (smtpgw.conf:2)"
+    assert relay_decision(rules, "10.1.2.3", recipient) == Decision(True, rules[0])  # trusted client
+    plain = recipient.replace("%", ".").replace("!", ".").replace('"', "").replace("\\", "").replace("@other", ".other")
+    assert relay_decision(rules, "203.0.113.9", plain) == Decision(True, rules[1])
+
+
+def test_routed_recipient_reaches_a_later_rule_for_the_client() -> None:
+    # As Postfix's permit_auth_destination answers DUNNO for a routed address: the next rules decide.
+    rules = relay_rules("allow from any to *@example.test", "allow from 10.0.0.0/8 to *", "deny from any to *")
+    assert relay_decision(rules, "10.9.9.9", "u%x.test@example.test") == Decision(True, rules[1])
+    assert relay_decision(rules, "192.0.2.1", "u%x.test@example.test").untrusted_routing is True
+    denied = relay_rules("deny from 192.0.2.0/24 to *", "allow from any to *@example.test")
+    assert relay_decision(denied, "192.0.2.1", "u%x.test@example.test") == Decision(False, denied[0])
 
 
 def test_unmatched_recipient_is_refused() -> None:

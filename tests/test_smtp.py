@@ -55,6 +55,22 @@ def test_bad_paths(arg, code):
     assert info.value.reply.code == code
 
 
+@pytest.mark.parametrize("address, expected", [
+    ("user@example.test", False), ("postmaster", False), ("first.last+tag@example.test", False),
+    ('"quoted local"@example.test', False), ("user@[192.0.2.1]", False),
+    ("user%other.test@example.test", True), ("other.test!user@example.test", True),
+    ('"user@other.test"@example.test', True), ('"user\\@other.test"@example.test', True),
+    ('"user\\%x"@example.test', True),
+])
+def test_routed_local_parts(address, expected):
+    assert smtp.routed(address) is expected
+
+
+def test_source_route_is_dropped_and_routing_in_the_mailbox_kept():
+    assert smtp.parse_path("TO:<@a.test,@b.test:u%o.test@example.test>", "TO", allow_null=False) == (
+        "u%o.test@example.test", "")
+
+
 def test_mail_and_rcpt_parameters():
     mail = smtp.mail_params(smtp.parse_params("size=100 body=8bitmime RET=full ENVID=a+2Bb"))
     assert (mail.size, mail.body, mail.ret, mail.envid) == (100, "8BITMIME", "FULL", "a+b")

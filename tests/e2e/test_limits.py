@@ -8,8 +8,8 @@ import smtplib
 from tests.support.net import RawClient, wait_until
 
 
-def session(port: int) -> RawClient:
-    c = RawClient(port)
+def session(port: int, source: str | None = None) -> RawClient:
+    c = RawClient(port, source=source)
     assert c.reply()[0] == 220
     assert c.cmd("EHLO client.test")[0] == 250
     return c

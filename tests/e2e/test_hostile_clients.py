@@ -1,0 +1,49 @@
+"""Regression tests for what hostile clients tried on the receiver: sender-specified routing through
+a domain rule, NUL bytes in commands and data, HELO names that do not exist, and bare LF line ends."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.test_limits import send_data, session
+
+# 127.0.0.1 (every test client) may send only to the protected domain; 127.0.0.2 is a trusted network.
+DOMAIN_ONLY = [
+    ("RelayRule", "allow from 127.0.0.2 to *"),
+    ("RelayRule", "allow from any to *@example.test"),
+    ("RelayRule", "deny from any to *"),
+]
+ROUTED = ("user%other.test@example.test", "other.test!user@example.test", '"user@other.test"@example.test')
+
+
+def test_untrusted_routing_is_refused_and_trusted_clients_may_route(make_gateway, sink):
+    """Postfix's allow_untrusted_routing=no: %, ! and a quoted @ from a client only a domain rule
+    allows get the relay refusal; a source route is dropped and the mailbox after it decides."""
+    gw = make_gateway(sink.port, replace={"smtpgw.access": DOMAIN_ONLY})
+    outside = session(gw.port)
+    assert outside.cmd("MAIL FROM:<a@b.test>")[0] == 250
+    for rcpt in ROUTED:
+        code, text = outside.cmd(f"RCPT TO:<{rcpt}>")
+        assert (code, text.split()[0]) == (550, "5.7.1"), rcpt
+        gw.wait_log(r"relay denied: client=\[127\.0\.0\.1\] rcpt=<.*> rule=untrusted routing, not allowed by "
+                    r"RelayRule=allow from any to \*@example\.test")
+    assert outside.cmd("RCPT TO:<@other.test:user@example.test>")[0] == 250  # RFC 5321 Appendix C
+    assert outside.cmd("RCPT TO:<@example.test:user@other.test>")[0] == 550
+    assert send_data(outside, b"Subject: outside\r\n\r\nhi\r\n")[0] == 250
+    [got] = sink.wait_for(1)
+    assert got.recipients == ["user@example.test"]  # the route never reaches the next hop
+
+    trusted = session(gw.port, source="127.0.0.2")
+    assert trusted.cmd("MAIL FROM:<a@example.test>")[0] == 250
+    for rcpt in ROUTED:
+        assert trusted.cmd(f"RCPT TO:<{rcpt}>")[0] == 250, rcpt
+    assert send_data(trusted, b"Subject: trusted\r\n\r\nhi\r\n")[0] == 250
+    assert sink.wait_for(2)[1].recipients == list(ROUTED)
+
+
+def test_untrusted_routing_is_refused_without_relay_rules(make_gateway, sink):
+    gw = make_gateway(sink.port, replace={"smtpgw.access": []})  # ProtectedDomains decide
+    c = session(gw.port)
+    c.cmd("MAIL FROM:<a@b.test>")
+    assert c.cmd("RCPT TO:<user%other.test@example.test>")[0] == 550
+    assert c.cmd("RCPT TO:<user@example.test>")[0] == 250
