@@ -7,7 +7,8 @@ cf. Postfix smtpd_cmd_table), every receiving limit and timeout of
 DATA to the queue's tmp/ folder in bounded chunks.
 
 Must never: answer 250 to end-of-data before the queue has made the message
-durable; end DATA on anything but CRLF.CRLF (SMTP smuggling); keep plaintext
+durable; end DATA on anything but CRLF.CRLF (SMTP smuggling); run a command or
+accept a message holding a NUL byte (501 5.5.2, 550 5.6.0); keep plaintext
 received before a TLS handshake (CVE-2011-0411); hold an unbounded buffer;
 relay for a client and recipient no RelayRule allows.
 """
@@ -76,13 +77,14 @@ class DataReader:
         self.carry = b""
         self.too_big = False
         self.bare_newline = False
+        self.nul = False  # RFC 2045 §2.8: no NUL without BINARYMIME (RFC 3030), which is not offered
         self.long_line = False
         self.has_8bit = False
         self.message_id: str | None = None
 
     @property
     def failed(self) -> bool:
-        return self.too_big or self.bare_newline or self.long_line or self.hops > self.max_hops
+        return self.too_big or self.bare_newline or self.nul or self.long_line or self.hops > self.max_hops
 
     def feed(self, data: bytes) -> int:
         """Consume input; returns -1 if more is needed, else the offset after CRLF.CRLF."""
@@ -124,6 +126,8 @@ class DataReader:
         crlf = text.count(b"\r\n")
         if text.count(b"\n") != crlf or text.count(b"\r") != crlf:
             self.bare_newline = True
+        if b"\0" in text:
+            self.nul = True
         if self.in_header:
             self._scan_header(text)
         # RFC 5321 §4.5.2: a leading period on a line is removed.
@@ -380,6 +384,8 @@ class Session:
                 continue
             if len(line) > MAX_COMMAND_LINE:
                 self.reply(smtp.LINE_TOO_LONG)
+            elif b"\0" in line:
+                self.reply(smtp.NUL_IN_COMMAND)  # never dispatched: a NUL cuts C strings downstream
             else:
                 self.dispatch(line.rstrip(b"\r"))
             self._check_budgets()
@@ -576,6 +582,8 @@ class Session:
         refusal: tuple[str, Reply] | None = None
         if reader.bare_newline:
             refusal = ("bare_newline", smtp.BARE_NEWLINE)
+        elif reader.nul:
+            refusal = ("nul_character", smtp.NUL_IN_DATA)
         elif reader.long_line:
             refusal = ("line_length", smtp.DATA_LINE_TOO_LONG)
         elif reader.too_big:

@@ -78,6 +78,8 @@ LINE_TOO_LONG = R(500, "5.5.2", "Line too long")  # RFC 5321 §4.5.3.1.4
 DATA_LINE_TOO_LONG = R(500, "5.5.6", "Message line longer than 1000 octets")  # §4.5.3.1.6
 UNKNOWN_COMMAND = R(500, "5.5.1", "Command unrecognized")
 BAD_SYNTAX = R(501, "5.5.4", "Syntax: {}")
+# RFC 5321 §4.1.2: no production of the command grammar admits NUL; RFC 3463 X.5.2 syntax error.
+NUL_IN_COMMAND = R(501, "5.5.2", "NUL character in command is not allowed")
 BAD_SENDER = R(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = R(501, "5.1.3", "Bad recipient address syntax")
 BAD_PARAM = R(501, "5.5.4", "Invalid parameter: {}")
@@ -90,6 +92,9 @@ RELAY_DENIED = R(550, "5.7.1", "<{}>: Relay access denied")
 ACCESS_DENIED = R(554, "5.7.1", "Access denied: {}")
 UNVERIFIED = R(450, "4.7.25", "Cannot verify {} now; try again later")  # a DNS check failed
 BARE_NEWLINE = R(550, "5.6.2", "Bare <CR> or <LF> in message data is not allowed")
+# RFC 2045 §2.7-2.8: neither 7bit nor 8bit data holds NUL; only BINARYMIME (RFC 3030 §3) carries
+# it, and it is not offered. RFC 3463 X.6.0: a media error.
+NUL_IN_DATA = R(550, "5.6.0", "NUL character in message data is not allowed (BINARYMIME is not offered)")
 SIZE_EXCEEDED = R(552, "5.3.4", "Message size exceeds fixed limit")  # RFC 1870 §6
 # The message would fit in a new session: a temporary refusal (RFC 5321 §4.2.1, RFC 1870 §6.2's 452),
 # not 552, which makes the client bounce it.

@@ -30,6 +30,7 @@ NAMES = (
     "mta_receivings_refused_for_messages_per_session_limit",
     "mta_receivings_refused_for_recipients_limit", "mta_receivings_refused_for_relay",
     "mta_receivings_refused_for_bare_newline", "mta_receivings_refused_for_line_length",
+    "mta_receivings_refused_for_nul_character",
     "mta_sendings_failed_total", "mta_sendings_failed_for_message_size_limit",
     "mta_sendings_failed_for_8bitmime", "mta_sendings_deferred_total",
     "mta_outgoing_connections_total", "mta_outgoing_connections_current",
@@ -40,8 +41,9 @@ NAMES = (
 )
 
 # Refusals of a message for its form (RFC 5321 §2.3.8 bare CR or LF, §4.5.3.1.6 a line over 1000
-# octets): kmg-spec §7.2 counts them as ``mta_malformed_messages`` too ("malformed incoming messages").
-MALFORMED = frozenset({"bare_newline", "line_length"})
+# octets, RFC 2045 §2.8 NUL): kmg-spec §7.2 counts them as ``mta_malformed_messages`` too
+# ("malformed incoming messages").
+MALFORMED = frozenset({"bare_newline", "line_length", "nul_character"})
 
 
 class Stats:

@@ -47,3 +47,24 @@ def test_untrusted_routing_is_refused_without_relay_rules(make_gateway, sink):
     c.cmd("MAIL FROM:<a@b.test>")
     assert c.cmd("RCPT TO:<user%other.test@example.test>")[0] == 550
     assert c.cmd("RCPT TO:<user@example.test>")[0] == 250
+
+
+def test_nul_bytes_are_refused_in_commands_and_data_and_the_session_goes_on(make_gateway, sink):
+    """501 5.5.2 for a command holding NUL (it is not run); 550 5.6.0 at the end of a message holding
+    NUL (RFC 2045 §2.8; BINARYMIME, RFC 3030, is not offered); the next transaction goes through."""
+    gw = make_gateway(sink.port)
+    c = session(gw.port)
+    code, text = c.cmd("MAIL FROM:<a@b.test>\0 SIZE=10")
+    assert (code, text.split()[0]) == (501, "5.5.2")
+    assert c.cmd("RCPT TO:<x@example.test>")[0] == 503  # the MAIL with NUL was not run
+    assert c.cmd("MAIL FROM:<a@b.test>")[0] == 250
+    assert c.cmd("RCPT TO:<x\0y@example.test>")[:1] == (501,)
+    assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
+    code, text = send_data(c, b"Subject: nul\r\n\r\nbefore\0after\r\n")
+    assert (code, text.split()[0]) == (550, "5.6.0")
+    gw.wait_log(r"refused message from \[127\.0\.0\.1\] <a@b\.test>: NUL character in message data")
+    assert c.cmd("MAIL FROM:<a@b.test>")[0] == 250
+    assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
+    assert send_data(c, b"Subject: clean\r\n\r\nno nul\r\n")[0] == 250
+    [got] = sink.wait_for(1)
+    assert b"Subject: clean" in got.data and b"\0" not in got.data

@@ -310,14 +310,15 @@ def test_data_initiation_timeout(make_gateway, sink):
 
 def test_malformed_messages_are_counted(make_gateway, sink):
     """kmg-spec §7.2 ``mta_malformed_messages``: incoming messages refused for their form
-    (bare CR or LF, RFC 5321 §2.3.8; a line over 1000 octets, §4.5.3.1.6) count there."""
+    (bare CR or LF, RFC 5321 §2.3.8; a line over 1000 octets, §4.5.3.1.6; NUL, RFC 2045 §2.8) count there."""
     gw = limits_gateway(make_gateway, sink)
     c = session(gw.port)
-    for body, code in ((b"bare\nnewline\r\n", 550), (b"x" * 1200 + b"\r\n", 500)):
+    for body, code in ((b"bare\rreturn\r\n", 550), (b"x" * 1200 + b"\r\n", 500), (b"nul\0\r\n", 550)):
         assert c.cmd("MAIL FROM:<a@b.test>")[0] == 250
         assert c.cmd("RCPT TO:<x@example.test>")[0] == 250
         assert send_data(c, b"Subject: malformed\r\n\r\n" + body)[0] == code
     counters = stats(gw)
-    assert counters["mta_malformed_messages"] == 2
+    assert counters["mta_malformed_messages"] == 3
     assert counters["mta_receivings_refused_for_bare_newline"] == 1
     assert counters["mta_receivings_refused_for_line_length"] == 1
+    assert counters["mta_receivings_refused_for_nul_character"] == 1
