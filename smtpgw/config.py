@@ -309,6 +309,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.network", "TLSCertificateFile", PATH),
     P("smtpgw.network", "TLSKeyFile", PATH),
     P("smtpgw.network", "RequireTLS", BOOL, "", False),
+    P("smtpgw.network", "BareNewline", CHOICE, "reject|normalize", "normalize"),
     P("smtpgw.access", "ConnectRule", CONDITION, "", [], "rf"),
     P("smtpgw.access", "HeloRule", CONDITION, "", [], "rf"),
     P("smtpgw.access", "MailfromRule", CONDITION, "", [], "rf"),

@@ -65,8 +65,11 @@ class DataReader:
     after end-of-data, as RFC 5321 §4.2.5 implies.
     """
 
-    def __init__(self, fd: int, max_size: int, max_hops: int, prefix: bytes = b"") -> None:
+    def __init__(self, fd: int, max_size: int, max_hops: int, prefix: bytes = b"", normalize_lf: bool = False) -> None:
         self.fd = fd
+        # BareNewline=normalize (Postfix 3.9's smtpd_forbid_bare_newline=normalize): a bare LF ends a
+        # line and is stored as CRLF; only CRLF.CRLF still ends the data (at_line_start is about CRLF).
+        self.normalize_lf = normalize_lf
         self.prefix = prefix  # written with the first bytes of the message (one write, not two)
         self.max_size = max_size
         self.max_hops = max_hops
@@ -74,6 +77,7 @@ class DataReader:
         self.hops = 0
         self.in_header = True
         self.at_line_start = True  # after a CRLF; DATA's own CRLF precedes the first line
+        self.after_newline = True  # after any line end: where a transparency dot is removed
         self.carry = b""
         self.too_big = False
         self.bare_newline = False
@@ -115,35 +119,51 @@ class DataReader:
             self.long_line = True
             self._write(b"")
             partial = partial[-4:]
-            self.at_line_start = False
+            self.at_line_start = self.after_newline = False
         self.carry = partial
 
     def _content(self, text: bytes) -> None:
         """Whole lines of message text (ending in LF), not yet unstuffed."""
         if not text:
             return
-        # RFC 5321 §2.3.8: lines end in CRLF; a lone CR or LF is what smuggling uses.
-        crlf = text.count(b"\r\n")
-        if text.count(b"\n") != crlf or text.count(b"\r") != crlf:
-            self.bare_newline = True
-        if b"\0" in text:
+        self.at_line_start = text.endswith(b"\r\n")  # of the text as sent: only CRLF.CRLF ends the data
+        lines = self._line_ends(text)
+        if b"\0" in lines:
             self.nul = True
         if self.in_header:
-            self._scan_header(text)
+            self._scan_header(lines)
         # RFC 5321 §4.5.2: a leading period on a line is removed.
-        body = text.replace(b"\r\n.", b"\r\n")
-        if self.at_line_start and body.startswith(b"."):
+        body = lines.replace(b"\r\n.", b"\r\n")
+        if self.after_newline and body.startswith(b"."):
             body = body[1:]
+        self.after_newline = True  # the text is whole lines
         # RFC 5321 §4.5.3.1.6: the limit does not count the dot duplicated for transparency.
         if len(body) >= MAX_DATA_LINE and max(map(len, body.split(b"\n"))) >= MAX_DATA_LINE:
             self.long_line = True
-        self.at_line_start = text.endswith(b"\r\n")
         if not self.has_8bit and not body.isascii():
             self.has_8bit = True
         self.size += len(body)
         if self.size > self.max_size:
             self.too_big = True
         self._write(body)
+
+    def _line_ends(self, text: bytes) -> bytes:
+        """Whole lines with CRLF ends; a bare CR, or a bare LF unless normalized, fails the message.
+
+        RFC 5321 §2.3.8: lines end in CRLF; a lone CR or LF is what SMTP smuggling uses
+        (CVE-2023-51764 class). A bare CR is never a line end. A bare LF is one only under
+        BareNewline=normalize, where it becomes CRLF, so the stored message and what the sender
+        relays are CRLF throughout, and ``.<LF>`` or ``<LF>.<CRLF>`` never end the data.
+        """
+        crlf = text.count(b"\r\n")
+        if text.count(b"\r") != crlf:
+            self.bare_newline = True
+        elif text.count(b"\n") != crlf:
+            if not self.normalize_lf:
+                self.bare_newline = True
+            else:
+                return text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        return text
 
     def _scan_header(self, text: bytes) -> None:
         pos = 0
@@ -541,7 +561,8 @@ class Session:
             return
         remaining = self.gw.max_session_bytes - self.session_bytes
         self.data = DataReader(self.tmp.fd, min(self.gw.max_message_bytes, remaining), self.cfg.limits.MaximalIncomingHops,
-                               prefix=self._received_header())
+                               prefix=self._received_header(),
+                               normalize_lf=self.cfg.network.BareNewline == "normalize")
         self.set_timeout(self.cfg.timeouts.ReceivingDataTerminationTimeout)
         self.reply(smtp.START_DATA)
 

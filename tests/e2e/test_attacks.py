@@ -14,8 +14,10 @@ SMUGGLED = "MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@example.test>\r\nD
 
 
 @pytest.mark.parametrize("fake_end", [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\r.\r\n", b"\r\n.\r", b"\r\r\n.\r\r\n"])
-def test_smtp_smuggling_is_refused(gateway, sink, fake_end):
-    """SEC Consult 2023 (CVE-2023-51764 class): only CRLF.CRLF ends DATA; bare CR/LF → 550 5.6.2."""
+def test_smtp_smuggling_is_refused(make_gateway, sink, fake_end):
+    """SEC Consult 2023 (CVE-2023-51764 class): only CRLF.CRLF ends DATA; bare CR/LF → 550 5.6.2
+    under BareNewline=reject (normalize: test_hostile_clients.py)."""
+    gateway = make_gateway(sink.port, extra={"smtpgw.network": [("BareNewline", "reject")]})
     c = RawClient(gateway.port)
     c.reply()
     c.cmd("EHLO attacker.test")

@@ -68,3 +68,41 @@ def test_nul_bytes_are_refused_in_commands_and_data_and_the_session_goes_on(make
     assert send_data(c, b"Subject: clean\r\n\r\nno nul\r\n")[0] == 250
     [got] = sink.wait_for(1)
     assert b"Subject: clean" in got.data and b"\0" not in got.data
+
+
+def test_bare_lf_lines_are_normalized_and_only_crlf_dot_crlf_ends_the_data(make_gateway, sink):
+    """BareNewline=normalize (the default, as Postfix 3.9): a script's LF-only message is stored and
+    relayed with CRLF; a dot line after a bare LF, or ending in one, is text (the smuggling attempt
+    stays inside the one message); a bare CR is still refused."""
+    gw = make_gateway(sink.port)
+    c = session(gw.port)
+    smuggled = b"MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n"
+    for fake_end in (b"\n.\r\n", b"\r\n.\n", b"\n.\n"):
+        c.cmd("MAIL FROM:<a@b.test>")
+        c.cmd("RCPT TO:<x@example.test>")
+        assert send_data(c, b"Subject: lf\n\nline one\n..dot\nhello" + fake_end + smuggled)[0] == 250
+    assert c.cmd("NOOP")[0] == 250  # nothing smuggled ran: no reply is left over
+    got = sink.wait_for(3)
+    assert [m.recipients for m in got] == [["x@example.test"]] * 3
+    for message in got:
+        body = message.data.split(b"\r\n\r\n", 1)[1]
+        assert b"\n" not in message.data.replace(b"\r\n", b"")  # CRLF throughout
+        assert body.startswith(b"line one\r\n.dot\r\nhello\r\n")  # "..dot" unstuffed after a bare LF
+        assert body.endswith(b"\r\nMAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n")
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    code, text = send_data(c, b"Subject: cr\r\n\r\nbare\rcr\r\n")
+    assert (code, text.split()[0]) == (550, "5.6.2")
+
+
+def test_bare_lf_is_refused_under_bare_newline_reject(make_gateway, sink):
+    gw = make_gateway(sink.port, extra={"smtpgw.network": [("BareNewline", "reject")]})
+    c = session(gw.port)
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    code, text = send_data(c, b"Subject: lf\n\nfrom a script\r\n")
+    assert (code, text.split()[0]) == (550, "5.6.2")
+    c.cmd("MAIL FROM:<a@b.test>")
+    c.cmd("RCPT TO:<x@example.test>")
+    assert send_data(c, b"Subject: crlf\r\n\r\nfine\r\n")[0] == 250
+    assert len(sink.wait_for(1)) == 1
