@@ -41,7 +41,9 @@ Decisions:
 * ``first_match(rules, facts, recipient)``: for ConnectRule, HeloRule and
   MailfromRule, the first rule whose condition holds and whose recipient mask
   matches, or None (no rule applies: the caller lets the command through).
-  ``facts`` holds what the caller found out: ``in_dnsbl`` (client IP listed in
+  ``facts`` holds what the caller found out for the rules' kind (each kind
+  has facts of its own: HeloRule's ``has_ip`` is not MailfromRule's):
+  ``in_dnsbl`` (client IP listed in
   a DNSBlackList zone), ``has_name`` (client IP has a reverse DNS name),
   ``has_ip`` (HELO name, or MAIL FROM domain, resolves to an address),
   ``same_ip`` (HELO name resolves to the client's own address), ``has_mx``

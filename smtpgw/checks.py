@@ -3,13 +3,15 @@
 Owns: starting the lookups a session's rules need (reverse name of the client
 at connect, DNSBL zones at connect, the HELO name's addresses at HELO, the
 sender domain's MX and addresses at MAIL), collecting them as facts
-(``in_dnsbl``, ``has_name``, ``has_ip``, ``same_ip``, ``has_mx``), and deciding
-at RCPT with the rules of kmg-spec §3.4 (first match wins).
+(``in_dnsbl``, ``has_name``, ``has_ip``, ``same_ip``, ``has_mx``) apart for each
+rule kind, and deciding at RCPT with the rules of kmg-spec §3.4 (first match wins).
 
 Must never: look anything up that no configured rule or zone needs (no DNS
 traffic by default); turn a DNS failure into a rejection: a DNSBL that does
 not answer is not a listing, and a name that could not be checked makes a
-rule that would deny on it answer 450 (try later), never 5xx.
+rule that would deny on it answer 450 (try later), never 5xx; let one kind's
+fact stand for another's (a MAIL FROM replaces the sender's facts, never the
+HELO name's), or an answer for an earlier HELO or MAIL set a current fact.
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ RULE_KINDS = ("ConnectRule", "HeloRule", "MailfromRule")
 
 
 class SessionChecks:
+    """The facts of one session, kept per rule kind: HeloRule's ``has_ip`` (the HELO name resolves)
+    and MailfromRule's ``has_ip`` (the sender domain resolves) are different facts, and a new HELO
+    or MAIL replaces only its own kind's facts."""
+
     def __init__(self, gateway: "Gateway", client_ip: str) -> None:
         self.gw = gateway
         self.ip = client_ip
-        self.facts: dict[str, bool] = {}
-        self.unknown: set[str] = set()  # facts whose lookup failed temporarily
+        self.facts: dict[str, dict[str, bool]] = {kind: {} for kind in RULE_KINDS}
+        self.unknown: dict[str, set[str]] = {kind: set() for kind in RULE_KINDS}  # lookups that failed
+        self.generation = dict.fromkeys(RULE_KINDS, 0)  # bumped when a kind's facts are replaced
         self.pending = 0
         self.waiters: list[Callable[[], None]] = []
         self.client_name: str | None = None
@@ -45,6 +52,26 @@ class SessionChecks:
 
     def _needs(self, kind: str, *facts: str) -> bool:
         return any(r.condition != "any" and access.CONDITIONS[kind][r.condition][0] in facts for r in self.rules[kind])
+
+    def _renew(self, kind: str) -> Callable[[str, bool, bool], None]:
+        """Forget ``kind``'s facts; returns the recorder of the facts that replace them."""
+        self.facts[kind].clear()
+        self.unknown[kind].clear()
+        self.generation[kind] += 1
+        return self._recorder(kind)
+
+    def _recorder(self, kind: str) -> Callable[[str, bool, bool], None]:
+        generation = self.generation[kind]
+
+        def record(fact: str, value: bool, failed: bool) -> None:
+            if self.generation[kind] != generation:
+                return  # the answer for an earlier HELO or MAIL, whose facts were replaced since
+            if failed:
+                self.unknown[kind].add(fact)
+            else:
+                self.facts[kind][fact] = value
+
+        return record
 
     # -- starting lookups ---------------------------------------------------------
     def _start(self) -> Callable[[], None]:
@@ -62,13 +89,14 @@ class SessionChecks:
     def connected(self) -> None:
         resolver = self.gw.resolver
         zones = self.gw.cfg.access.DNSBlackList
+        record = self._recorder("ConnectRule")
         if zones:
             finished = self._start()
 
             def dnsbl_done(listed: list[str], errors: list[str]) -> None:
                 # a zone that did not answer lists nobody: a DNS failure never blocks mail
                 self.dnsbl_listed = listed
-                self.facts["in_dnsbl"] = bool(listed)
+                record("in_dnsbl", bool(listed), False)
                 finished()
 
             self.lookups.append(DNSBLChecker(resolver, zones).check(self.ip, dnsbl_done))
@@ -76,7 +104,7 @@ class SessionChecks:
             finished = self._start()
 
             def ptr_done(answer: Answer) -> None:
-                self._fact("has_name", answer, bool(answer.records))
+                record("has_name", bool(answer.records), answer.error is not None)
                 if answer.records:
                     self.client_name = str(answer.records[0])
                 finished()
@@ -84,29 +112,25 @@ class SessionChecks:
             self.lookups.append(resolver.reverse(self.ip, ptr_done))
 
     def helo(self, name: str) -> None:
-        for fact in ("has_ip", "same_ip"):
-            self.facts.pop(fact, None)
-            self.unknown.discard(fact)
+        record = self._renew("HeloRule")
         if not self._needs("HeloRule", "has_ip", "same_ip"):
             return
         literal = name[1:-1].removeprefix("IPv6:") if name.startswith("[") and name.endswith("]") else None
         if literal is not None:
-            self.facts["has_ip"] = _is_ip(literal)
-            self.facts["same_ip"] = _same(literal, self.ip)
+            record("has_ip", _is_ip(literal), False)
+            record("same_ip", _same(literal, self.ip), False)
             return
-        self._addresses(name, lambda ips, failed: self._helo_facts(ips, failed))
+        self._addresses(name, lambda ips, failed: self._helo_facts(record, ips, failed))
 
-    def _helo_facts(self, ips: list[str], failed: bool) -> None:
-        self._set("has_ip", bool(ips), failed and not ips)
+    def _helo_facts(self, record: Callable[[str, bool, bool], None], ips: list[str], failed: bool) -> None:
+        record("has_ip", bool(ips), failed and not ips)
         same = any(_same(ip, self.ip) for ip in ips)
         # With the A or the AAAA lookup failed, the client's address may be among the addresses
         # not seen: only a match is certain, a mismatch is unknown (450, never 5xx).
-        self._set("same_ip", same, failed and not same)
+        record("same_ip", same, failed and not same)
 
     def mail(self, sender: str) -> None:
-        for fact in ("has_mx", "has_ip"):
-            self.facts.pop(fact, None)
-            self.unknown.discard(fact)
+        record = self._renew("MailfromRule")
         domain = sender.rpartition("@")[2]
         if not domain or domain.startswith("["):
             return  # the null sender or an address literal: nothing to look up
@@ -114,12 +138,12 @@ class SessionChecks:
             finished = self._start()
 
             def mx_done(answer: Answer) -> None:
-                self._fact("has_mx", answer, any(host != "." for _, host in answer.records))
+                record("has_mx", any(host != "." for _, host in answer.records), answer.error is not None)
                 finished()
 
             self.lookups.append(self.gw.resolver.query(domain, MX, mx_done))
         if self._needs("MailfromRule", "has_ip"):
-            self._addresses(domain, lambda ips, failed: self._set("has_ip", bool(ips), failed and not ips))
+            self._addresses(domain, lambda ips, failed: record("has_ip", bool(ips), failed and not ips))
 
     def _addresses(self, name: str, done: Callable[[list[str], bool], None]) -> None:
         finished = self._start()
@@ -135,15 +159,6 @@ class SessionChecks:
         for rdtype in (A, AAAA):
             self.lookups.append(self.gw.resolver.query(name, rdtype, one))
 
-    def _fact(self, fact: str, answer: Answer, value: bool) -> None:
-        self._set(fact, value, answer.error is not None)
-
-    def _set(self, fact: str, value: bool, failed: bool) -> None:
-        if failed:
-            self.unknown.add(fact)
-        else:
-            self.facts[fact] = value
-
     # -- deciding ---------------------------------------------------------------------
     def when_ready(self, callback: Callable[[], None]) -> bool:
         """True when every lookup has answered; else ``callback`` runs when they have."""
@@ -155,14 +170,14 @@ class SessionChecks:
     def decide(self, recipient: str) -> Reply | None:
         """The refusal for this recipient, or None; the first matching rule of each list decides."""
         for kind in RULE_KINDS:
-            rules = self.rules[kind]
+            rules, facts = self.rules[kind], self.facts[kind]
             if not rules:
                 continue
-            rule = access.first_match(rules, self.facts, recipient)
-            if self.unknown:
+            rule = access.first_match(rules, facts, recipient)
+            if self.unknown[kind]:
                 # What if the facts we could not check were the worst ones?
-                worst = dict(self.facts)
-                for fact in self.unknown:
+                worst = dict(facts)
+                for fact in self.unknown[kind]:
                     worst[fact] = _worst_value(rules, fact)
                 pessimistic = access.first_match(rules, worst, recipient)
                 if pessimistic is not None and not pessimistic.allow and (rule is None or rule.allow):

@@ -46,7 +46,7 @@ def test_helo_address_lookup_failing_in_the_client_family_is_not_diff_ip(
     checks = session(dns_loop, scripted_dns, client, HeloRule=["deny from diff_ip to *"])
     checks.helo("helo.partial.test")
     settled(dns_loop, checks)
-    assert checks.facts.get("has_ip") is True
+    assert checks.facts["HeloRule"].get("has_ip") is True
     assert checks.decide("u@x.test") == smtp.UNVERIFIED.format("diff ip")
 
 
@@ -56,4 +56,29 @@ def test_helo_address_lookup_in_the_other_family_failing_keeps_a_match(
     checks = session(dns_loop, scripted_dns, "192.0.2.5", HeloRule=["deny from diff_ip to *"])
     checks.helo("helo.match.test")
     settled(dns_loop, checks)
-    assert checks.facts == {"has_ip": True, "same_ip": True} and checks.decide("u@x.test") is None
+    assert checks.facts["HeloRule"] == {"has_ip": True, "same_ip": True} and checks.decide("u@x.test") is None
+
+
+def test_mail_from_keeps_the_helo_facts_apart(dns_loop: EventLoop, scripted_dns: ScriptedDNSServer) -> None:
+    # HeloRule's has_ip (the HELO name resolves) and MailfromRule's has_ip (the sender domain
+    # resolves) are two facts: MAIL FROM neither erases nor overwrites the HELO name's.
+    scripted_dns.add("sender.test", "A", "192.0.2.7")
+    checks = session(dns_loop, scripted_dns, "192.0.2.5", HeloRule=["deny from no_ip to *"],
+                     MailfromRule=["deny from no_ip to *"])
+    checks.helo("nonexistent.test")
+    checks.mail("a@sender.test")
+    settled(dns_loop, checks)
+    assert checks.facts == {"ConnectRule": {}, "HeloRule": {"has_ip": False, "same_ip": False}, "MailfromRule": {"has_ip": True}}
+    assert checks.decide("u@x.test") == smtp.ACCESS_DENIED.format("HeloRule=deny from no_ip to *")
+    checks.helo("sender.test")
+    settled(dns_loop, checks)
+    assert checks.decide("u@x.test") is None
+
+
+def test_answers_for_an_earlier_helo_are_dropped(dns_loop: EventLoop, scripted_dns: ScriptedDNSServer) -> None:
+    scripted_dns.add("first.test", "A", "192.0.2.5").behave("first.test", "truncate")  # TCP: answers last
+    checks = session(dns_loop, scripted_dns, "192.0.2.5", HeloRule=["deny from no_ip to *"])
+    checks.helo("first.test")
+    checks.helo("second.test")  # before the first name's answers came: they must not count
+    settled(dns_loop, checks)
+    assert checks.facts["HeloRule"] == {"has_ip": False, "same_ip": False}

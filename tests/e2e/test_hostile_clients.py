@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.test_limits import send_data, session
+from tests.support.net import RawClient
 
 # 127.0.0.1 (every test client) may send only to the protected domain; 127.0.0.2 is a trusted network.
 DOMAIN_ONLY = [
@@ -106,3 +107,28 @@ def test_bare_lf_is_refused_under_bare_newline_reject(make_gateway, sink):
     c.cmd("RCPT TO:<x@example.test>")
     assert send_data(c, b"Subject: crlf\r\n\r\nfine\r\n")[0] == 250
     assert len(sink.wait_for(1)) == 1
+
+
+def rcpt_after(port: int, helo: str, sender: str) -> tuple[int, str]:
+    c = RawClient(port)
+    c.reply()
+    assert c.cmd(f"EHLO {helo}")[0] == 250
+    assert c.cmd(f"MAIL FROM:<{sender}>")[0] == 250
+    return c.cmd("RCPT TO:<x@example.test>")
+
+
+def test_helo_rule_no_ip_refuses_helo_names_that_do_not_exist(make_gateway, sink, dns_server):
+    """HeloRule has_ip/no_ip read the HELO name's lookup, which MAIL FROM (and its own has_ip
+    lookup for MailfromRule) no longer erases: names the test zone does not hold are refused."""
+    ip, port = dns_server.address
+    gw = make_gateway(sink.port, extra={
+        "smtpgw.resolve": [("Nameserver", f"{ip}:{port}"), ("IONetworkTimeout", "2"), ("DNSAttempts", "1")],
+        "smtpgw.access": [("HeloRule", "deny from no_ip to *"), ("MailfromRule", "deny from no_ip to *")],
+    })
+    for name in ("nonexistent.example.test", "ghost.example.test", "nohost.example.test", "a.b.example.test"):
+        code, text = rcpt_after(gw.port, name, "a@mail2.example.test")
+        assert (code, text.split()[0]) == (554, "5.7.1") and "HeloRule=deny from no_ip to *" in text, name
+    code, text = rcpt_after(gw.port, "mail1.example.test", "a@nonexistent.example.test")
+    assert (code, text.split()[0]) == (554, "5.7.1") and "MailfromRule=deny from no_ip to *" in text
+    assert rcpt_after(gw.port, "mail1.example.test", "a@mail2.example.test")[0] == 250
+    assert rcpt_after(gw.port, "[127.0.0.1]", "a@mail2.example.test")[0] == 250  # an address literal has an IP
