@@ -1,0 +1,52 @@
+"""DataReader (receiver.py): end of data, transparency and line-end checks, fed in any piece sizes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from smtpgw.receiver import DataReader
+
+LF_MESSAGE = b"Subject: lf\n\n..dot\n.\r\nsmuggled\r\n\n.\nlast\r\n.\r\nafter"
+LF_STORED = b"Subject: lf\r\n\r\n.dot\r\n\r\nsmuggled\r\n\r\n\r\nlast\r\n"
+
+
+def read_through(tmp_path, data: bytes, piece: int, **options) -> tuple[DataReader, bytes, bytes]:
+    """Feed ``data`` in pieces of ``piece`` bytes; returns the reader, what it stored, what followed."""
+    path = tmp_path / "msg"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    reader = DataReader(fd, 1 << 20, 20, **options)
+    try:
+        for start in range(0, len(data), piece):
+            chunk = data[start:start + piece]
+            consumed = reader.feed(chunk)
+            if consumed >= 0:
+                reader.finish()
+                return reader, path.read_bytes(), chunk[consumed:] + data[start + piece:]
+    finally:
+        os.close(fd)
+    raise AssertionError("no end of data")
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 4096])
+def test_bare_lf_is_normalized_and_only_crlf_dot_crlf_ends(tmp_path, piece):
+    reader, stored, rest = read_through(tmp_path, LF_MESSAGE, piece, normalize_lf=True)
+    assert (stored, rest, reader.failed) == (LF_STORED, b"after", False)
+
+
+@pytest.mark.parametrize("piece", [1, 5, 4096])
+def test_bare_lf_fails_the_message_unless_normalized(tmp_path, piece):
+    reader, _, rest = read_through(tmp_path, LF_MESSAGE, piece)
+    assert reader.bare_newline and rest == b"after"
+
+
+@pytest.mark.parametrize("data", [b"a\rb\r\n.\r\n", b"a\r\r\n.\r\n"])
+def test_bare_cr_fails_even_when_normalizing(tmp_path, data):
+    assert read_through(tmp_path, data, 4096, normalize_lf=True)[0].bare_newline
+
+
+@pytest.mark.parametrize("piece", [1, 4096])
+def test_nul_fails_the_message(tmp_path, piece):
+    reader, stored, _ = read_through(tmp_path, b"Subject: x\r\n\r\na\0b\r\n.\r\n", piece)
+    assert reader.nul and reader.failed and b"\0" not in stored
