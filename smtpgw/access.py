@@ -31,9 +31,9 @@ Decisions:
   Untrusted routing: a recipient with sender-specified routing in its local
   part (``user%other.test@example.test``, ``other.test!user@example.test``,
   ``"user@other.test"@example.test``; ``smtp.routed``) is never allowed by a
-  rule that allows every client (``allow from any``, or a ``/0`` network):
-  such a rule is skipped, so only a rule naming the client's own networks (a
-  trusted client) can allow it. This is Postfix's allow_untrusted_routing=no,
+  rule that allows every client (``allow from any``, or a ``/0`` network) to
+  some recipients only: such a rule is skipped, so only a rule naming the
+  client's own networks (a trusted client) can allow it. This is Postfix's allow_untrusted_routing=no,
   whose permit_auth_destination skips a routed address so that
   reject_unauth_destination refuses it; without it a domain rule would pass
   the address to a next hop that may honour the route and relay to
@@ -226,6 +226,16 @@ class RelayRule:
         """True when a source matches every client (``any``, ``0.0.0.0/0``, ``::/0``)."""
         return any(source.is_any or any(net.prefixlen == 0 for net in source.networks) for source in self.sources)
 
+    @property
+    def untrusted_routing(self) -> bool:
+        """True when a routed recipient must not pass this rule: it allows every client, but not to
+        every recipient (``allow from any to *`` lets anything through, routed or not)."""
+        return self.allow and self.for_every_client and not _every_recipient(self.recipients)
+
+
+def _every_recipient(masks: tuple[str, ...]) -> bool:
+    return any(not mask.strip("*") for mask in masks)
+
 
 @dataclass(frozen=True)
 class ConditionRule:
@@ -247,7 +257,7 @@ class ConditionRule:
     @property
     def for_everyone(self) -> bool:
         """True when the recipient mask matches every recipient (``*``)."""
-        return any(not mask.strip("*") for mask in self.recipients)
+        return _every_recipient(self.recipients)
 
 
 Rule = RelayRule | ConditionRule
@@ -302,7 +312,7 @@ def relay_decision(
     for rule in rules:
         if not rule.matches(client, recipient):
             continue
-        if routed and rule.allow and rule.for_every_client:
+        if routed and rule.untrusted_routing:
             skipped = skipped or rule
             continue
         if skipped is not None and not rule.allow:

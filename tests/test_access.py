@@ -182,6 +182,8 @@ def test_routed_recipient_reaches_a_later_rule_for_the_client() -> None:
     rules = relay_rules("allow from any to *@example.test", "allow from 10.0.0.0/8 to *", "deny from any to *")
     assert relay_decision(rules, "10.9.9.9", "u%x.test@example.test") == Decision(True, rules[1])
     assert relay_decision(rules, "192.0.2.1", "u%x.test@example.test").untrusted_routing is True
+    open_relay = relay_rules("allow from any to *")  # routing reaches nothing it does not already
+    assert relay_decision(open_relay, "192.0.2.1", "u%x.test@example.test") == Decision(True, open_relay[0])
     denied = relay_rules("deny from 192.0.2.0/24 to *", "allow from any to *@example.test")
     assert relay_decision(denied, "192.0.2.1", "u%x.test@example.test") == Decision(False, denied[0])
 
