@@ -37,7 +37,9 @@ Decisions:
   whose permit_auth_destination skips a routed address so that
   reject_unauth_destination refuses it; without it a domain rule would pass
   the address to a next hop that may honour the route and relay to
-  other.test. The refusal names the rule skipped (``untrusted_routing``).
+  other.test. The refusal names the rule skipped (``untrusted_routing``); the
+  client gets the gateway's one relay refusal, 550 5.7.1 (Postfix answers
+  with its relay_domains_reject_code, 554 5.7.1).
 * ``first_match(rules, facts, recipient)``: for ConnectRule, HeloRule and
   MailfromRule, the first rule whose condition holds and whose recipient mask
   matches, or None (no rule applies: the caller lets the command through).
