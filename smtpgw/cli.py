@@ -263,29 +263,17 @@ def queue_command(cfg, args: argparse.Namespace) -> int:
 
 def offline_queue_command(queue: Queue, op: str, qid: str | None) -> tuple[int, str]:
     """With no gateway running, act on the spool directly; the caller holds its lock. The
-    same rules as the gateway's (``control.locate``, ``control.removal_refused``)."""
-    from smtpgw.control import NOT_PERFORMED, REMOVABLE, locate, removal_refused
+    same rules and the same removal as the gateway's (``control.remove_request``)."""
+    from smtpgw.control import NOT_PERFORMED, locate, remove_record, remove_request
 
-    if op == "remove-all":
-        removed = 0
-        for state in REMOVABLE:
-            for item in queue.ids(state):
-                queue.remove(item, state)
-                removed += 1
-        return 0, f"{removed} message(s) removed"
+    if op in ("remove", "remove-all"):
+        return remove_request(queue, op, qid, lambda item, state: remove_record(queue, item, state))
     if op == "send-all":
         return NOT_PERFORMED, "the gateway is not running: messages are sent when it starts"
     state, code, why = locate(queue, qid)
     if state is None:
         return code, why
-    assert qid is not None
-    if op == "send":
-        return NOT_PERFORMED, "the gateway is not running: messages are sent when it starts"
-    refused = removal_refused(qid, state)
-    if refused:
-        return NOT_PERFORMED, refused
-    queue.remove(qid, state)
-    return 0, f"{qid}: removed"
+    return NOT_PERFORMED, "the gateway is not running: messages are sent when it starts"
 
 
 def release(cfg, raw: bytes, sender: str, recipients: list[str], check: bool) -> bool:

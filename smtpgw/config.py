@@ -317,6 +317,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.access", "DNSBlackList", ZONES, "", [], "rf"),
     P("smtpgw.forward", "ForwardRoute", ROUTE, "", [], "rf"),
     P("smtpgw.limits", "AntiviralSessions", INT, "10-1024", 10),
+    P("smtpgw.limits", "MaximalScanAttempts", INT, "1-100", 3),
     P("smtpgw.limits", "IncomingSessions", INT, "1-1024", 100),
     P("smtpgw.limits", "OutgoingSessions", INT, "1-1024", 20),
     P("smtpgw.limits", "MaximalIncomingHops", INT, "1-100", 20),

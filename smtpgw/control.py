@@ -19,7 +19,7 @@ import os
 import stat
 from typing import TYPE_CHECKING, Callable
 
-from smtpgw.queue import QUE, STATES, WFC, WFS, write_durably
+from smtpgw.queue import CHK, QUE, STAGED, STATES, WFC, WFS, write_durably
 
 if TYPE_CHECKING:
     from smtpgw.gateway import Gateway
@@ -27,7 +27,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("smtpgw.control")
 
-REMOVABLE = (WFC, WFS, QUE)  # kmg-spec §4.6: only these states can be removed
+# kmg-spec §4.6 allows WFC, WFS and QUE; this project adds CHK (``queue remove ID`` only): a
+# message whose scan hangs can be taken out without stopping the gateway, and the result of
+# its scan is discarded when it comes back. SPL and SND are short steps the gateway finishes.
+REMOVABLE = (WFC, CHK, WFS, QUE)
+REMOVED_BY_ALL = (WFC, WFS, QUE)  # ``queue remove-all``: what is not being processed
 # klmailq / klmaila return codes (kmg-spec §4.7)
 DONE, BAD_ARGS, UNREADABLE, SYSTEM_ERROR, NOT_PERFORMED = 0, 1, 2, 3, 4
 
@@ -159,23 +163,12 @@ class Control:
         if op == "send-all":
             count = gw.sender.send_all() + gw.scanner.rescan_all()
             return DONE, f"{count} message(s) scheduled for immediate delivery"
-        if op == "remove-all":
-            removed = 0
-            for state in REMOVABLE:
-                for item in queue.ids(state):
-                    gw.remove_queued(item, state)
-                    removed += 1
-            return DONE, f"{removed} message(s) removed"
+        if op in ("remove", "remove-all"):
+            return remove_request(queue, op, qid, gw.remove_queued)
         state, code, why = locate(queue, qid)
         if state is None:
             return code, why
         assert isinstance(qid, str)
-        if op == "remove":
-            refused = removal_refused(qid, state)
-            if refused:
-                return NOT_PERFORMED, refused
-            gw.remove_queued(qid, state)
-            return DONE, f"{qid}: removed"
         if op == "send":
             if state == QUE:
                 gw.sender.send_now(qid)
@@ -215,7 +208,46 @@ def removal_refused(qid: str, state: str) -> str | None:
     """Why the record ``qid`` in ``state`` cannot be removed (kmg-spec §4.6), or None."""
     if state in REMOVABLE:
         return None
-    return f"{qid}: is {state} (being processed); only WFC, WFS and QUE can be removed"
+    return f"{qid}: is {state} (being processed); only {', '.join(REMOVABLE)} can be removed"
+
+
+def remove_request(queue: Queue, op: str, qid: object, remove: Callable[[str, str], None]) -> tuple[int, str]:
+    """``queue remove ID`` and ``queue remove-all``, the same for the running gateway (``remove``
+    is ``Gateway.remove_queued``) and with none running (``remove_record`` under the queue's lock)."""
+    if op == "remove-all":
+        removed = 0
+        for state in REMOVED_BY_ALL:
+            for item in queue.ids(state):
+                remove(item, state)
+                removed += 1
+        return DONE, f"{removed} message(s) removed"
+    state, code, why = locate(queue, qid)
+    if state is None:
+        return code, why
+    assert isinstance(qid, str)
+    refused = removal_refused(qid, state)
+    if refused:
+        return NOT_PERFORMED, refused
+    remove(qid, state)
+    return DONE, f"{qid}: removed"
+
+
+def remove_record(queue: Queue, qid: str, state: str) -> None:
+    """Take a message out of the spool: its record and message, and for one in CHK what a
+    scan result cut short by a crash left of it (the staged rewrite, per-group copies in QUE
+    that recovery would otherwise remove only while the message is still in CHK)."""
+    queue.remove(qid, state)
+    if state != CHK:
+        return
+    try:
+        os.unlink(queue.msg_path(qid) + STAGED)
+    except FileNotFoundError:
+        pass
+    for copy in queue.ids(QUE):
+        if copy.rpartition("-")[0] == qid:
+            env = queue.load(QUE, copy)
+            if env is not None and env.srcid == qid:
+                queue.remove(copy, QUE)
 
 
 def _is_regular(path: str) -> bool:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from smtpgw import access, dsn, log as logsetup, masks, mx, notify, routing, smtp
 from smtpgw.config import Config, ConfigError, load_config
-from smtpgw.control import Control
+from smtpgw.control import Control, remove_record
 from smtpgw.dns import Resolver
 from smtpgw.log import event
 from smtpgw.loop import EventLoop
@@ -397,10 +397,10 @@ class Gateway:
         self.sender.enqueue(env.id, env.next_attempt, env.priority, env)
 
     def remove_queued(self, qid: str, state: str) -> None:
-        """The admin removed a message (``queue remove``)."""
+        """The admin removed a message (``queue remove``); one in CHK has its scan result discarded."""
         self.sender.forget(qid)
-        self.scanner.forget(qid)
-        self.queue.remove(qid, state)
+        self.scanner.cancel(qid)
+        remove_record(self.queue, qid, state)
         event(qid, "REMOVED, state=%s, by=admin", state)
 
     def reload_databases(self) -> None:

@@ -101,6 +101,8 @@ class Envelope:
     group: str | None = None
     next_attempt: float = 0.0
     priority: int = 0  # 1 = "send ahead of the queue" (queue send ID)
+    scan_attempts: int = 0  # scans that killed or hung their worker, or failed (MaximalScanAttempts)
+    scan_error: str | None = None  # why the last of them failed
     dnsbl: list[str] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
 

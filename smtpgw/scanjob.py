@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         logsetup.flush_all()
         return 1
     out = sys.stdout.buffer
+    out.write(b'{"ready":true}\n')  # loaded: jobs may come (smtpgw.workers)
+    out.flush()
     for line in sys.stdin.buffer:
         qid = "?"
         try:

@@ -5,10 +5,18 @@ event loop), the bounded number of messages in flight (``AntiviralSessions``),
 the job a worker runs for one message (group split, anti-spam, anti-virus,
 policy, rebuild), and applying a job's result to the queue in the main process.
 
+A scan that kills or hangs its worker, or fails, counts against the message
+(``scan_attempts`` in its record, durable before the retry); at
+``MaximalScanAttempts`` the message is kept in quarantine with status error
+(ERR) and the admin is notified. A scanner that is unavailable (SCAN DEFERRED)
+is no attempt. A message the admin removes while in CHK has its result
+discarded when it comes back.
+
 Must never: let a message leave CHK unscanned when its group says Check=true;
 lose a message when a worker dies or a scanner is down (it goes back to WFC and
-is retried); change queue states from inside a worker (workers only write new
-message files; the main process owns states).
+is retried, or to quarantine at the cap, never dropped); change queue states
+from inside a worker (workers only write new message files; the main process
+owns states); bring back a message the admin removed.
 """
 
 from __future__ import annotations
@@ -19,9 +27,11 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from smtpgw.log import event
-from smtpgw.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Recipient, new_id
+from smtpgw import headers, notify
+from smtpgw.log import event, quoted
+from smtpgw.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Recipient, new_id, write_durably
 from smtpgw.scanjob import CopyResult, ScanResult, not_scanned
+from smtpgw.store import Store
 from smtpgw.workers import WorkerPool, worker_config_path
 
 if TYPE_CHECKING:
@@ -31,6 +41,8 @@ log = logging.getLogger("smtpgw.scanner")
 
 RETRY_AFTER_UNAVAILABLE = 30.0  # seconds before a deferred scan is tried again
 RETRY_AFTER_CRASH = 60.0
+HEAD_BYTES = 64 * 1024  # read of a message for the Subject quoted in the admin's notice
+MAX_REASON = 500  # characters of a failed scan's reason kept in the record
 
 
 class Scanner:
@@ -43,6 +55,7 @@ class Scanner:
         self.envelopes: dict[str, Envelope] = {}  # known WFC records, to spare a re-read
         self.inflight: set[str] = set()
         self.retries: dict[str, Any] = {}  # qid → timer of a deferred scan
+        self.removed: set[str] = set()  # removed by the admin while a worker scans them
         workers = max(1, min(self.limit, os.cpu_count() or 1))
         # a job gets three times the clamd time limit (at least 5 minutes) before its worker is replaced
         job_timeout = max(300.0, 3.0 * float(gateway.cfg.ave.ScanTimeout or 0))
@@ -51,6 +64,10 @@ class Scanner:
     @property
     def limit(self) -> int:
         return self.gw.cfg.limits.AntiviralSessions
+
+    @property
+    def max_attempts(self) -> int:
+        return self.gw.cfg.limits.MaximalScanAttempts
 
     def load(self) -> None:
         """At start: messages waiting for a split or a scan (recovery turned SPL into WFS)."""
@@ -115,6 +132,9 @@ class Scanner:
                 if unchecked:  # nothing to scan: no need for a worker
                     self._apply(qid, ScanResult([not_scanned(name, rcpts) for name, rcpts in groups.items()]), env)
                     continue
+                if env.scan_attempts >= self.max_attempts:  # reached before a restart, or the cap was lowered
+                    self._give_up(env)
+                    continue
                 self.inflight.add(qid)
                 self.pool.submit(qid, {"env": env.as_dict()})
             except OSError as exc:  # no worker could be started, or the disk refused the rename
@@ -174,11 +194,25 @@ class Scanner:
             self.waiting.remove(qid)
         self.envelopes.pop(qid, None)
 
+    def cancel(self, qid: str) -> None:
+        """``queue remove ID``: the message is no longer scanned; a scan a worker runs for it
+        goes on, and its result is discarded when it comes back."""
+        self.forget(qid)
+        if qid not in self.inflight:
+            return
+        if self.pool.cancel(qid):  # no worker had taken it: no result will come
+            self.inflight.discard(qid)
+            self.loop.call_soon(self.pump)
+        else:
+            self.removed.add(qid)
+
     def _done(self, qid: str, answer: dict[str, Any]) -> None:
         self.inflight.discard(qid)
-        if "error" in answer:
-            log.error("%s: scan failed (%s); the message goes back to WFC", qid, answer["error"])
-            self._retry_later(qid, RETRY_AFTER_CRASH)
+        if qid in self.removed:
+            self.removed.discard(qid)
+            self._discard(qid, answer)
+        elif "error" in answer:
+            self._failed(qid, answer)
         else:
             result = ScanResult.from_dict(answer)
             if result.deferred:
@@ -192,6 +226,98 @@ class Scanner:
                     log.error("%s: cannot apply the scan result: %s", qid, exc)
                     self._retry_later(qid, RETRY_AFTER_CRASH)
         self.pump()
+
+    def _discard(self, qid: str, answer: dict[str, Any]) -> None:
+        """The result of a scan of a message removed meanwhile: the files it made go too."""
+        try:
+            copies = [] if "error" in answer else ScanResult.from_dict(answer).copies
+        except (TypeError, ValueError):
+            copies = []
+        tmp = os.path.join(self.queue.root, "tmp")
+        for copy in copies:
+            paths = [copy.rewritten] + [note.get("path") for note in copy.notes.get("notifications", [])]
+            for path in paths:
+                if isinstance(path, str) and os.path.dirname(path) == tmp:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+        event(qid, 'SCAN DISCARDED, reason="removed while being scanned"')
+
+    def _failed(self, qid: str, answer: dict[str, Any]) -> None:
+        """No result: a worker died or overran its time with this message, or its scan failed."""
+        why = str(answer["error"])
+        if not answer.get("started", True):  # no worker took it: nothing to hold against the message
+            log.error("%s: not scanned (%s); the message goes back to WFC", qid, why)
+            self._retry_later(qid, RETRY_AFTER_CRASH)
+            return
+        try:
+            env = self._count_attempt(qid, why)
+            if env is not None and env.scan_attempts >= self.max_attempts:
+                self._give_up(env)
+                return
+        except OSError as exc:  # the record stays as it was; the next failure counts again
+            log.error("%s: cannot record the failed scan: %s", qid, exc)
+        self._retry_later(qid, RETRY_AFTER_CRASH)
+
+    def _count_attempt(self, qid: str, why: str) -> Envelope | None:
+        """One more failed scan in the record in CHK, on disk before anything else: a restart
+        keeps the count. None when the record is gone."""
+        env = self.queue.load(CHK, qid)
+        if env is None:
+            return None
+        env.scan_attempts += 1
+        env.scan_error = why[:MAX_REASON]
+        self.queue.update(CHK, env)
+        event(qid, 'SCAN FAILED, attempt=%d, max=%d, reason="%s"', env.scan_attempts, self.max_attempts,
+              quoted(env.scan_error), level=logging.WARNING)
+        return env
+
+    def _give_up(self, env: Envelope) -> None:
+        """``MaximalScanAttempts`` reached (the record is in CHK): the message is kept in the
+        group's quarantine with status ERR and taken out of the queue once that copy is durable;
+        the admin is notified. Never delivered unscanned, never dropped (a disk error raises
+        OSError and the message stays queued)."""
+        rcpts = [r.addr for r in env.pending()]
+        cfg = self.gw.cfg
+        group = cfg.group_for(env.sender, rcpts[0]) if rcpts else cfg.policy
+        reason = (f"scan failed {env.scan_attempts} times (MaximalScanAttempts={self.max_attempts}), "
+                  f"last: {env.scan_error or 'unknown'}")
+        folder = group.QuarantinePath or cfg.policy.QuarantinePath
+        item = Store(folder).put(env.id, self.queue.msg_path(env.id), env.as_dict(), "ERR", reason)
+        log.error("%s: %s; kept in quarantine %s as item %s", env.id, reason, folder, item)
+        copy = CopyResult(group=group.name, recipients=rcpts, blocked=True, notes={"status": "error"}, events=[
+            f'AV-SCANNED, group={group.name}, status="error", names="", nrcpt={len(rcpts)}',
+            f'BLOCKED, rcpt={",".join(rcpts)}, size={env.size}, reason="{quoted(reason)}, quarantined as {item}"',
+        ])
+        copy.notes["notifications"] = self._admin_notice(env, group, reason)
+        self._apply(env.id, ScanResult([copy]), env)
+
+    def _admin_notice(self, env: Envelope, group: Any, reason: str) -> list[dict[str, Any]]:
+        """The notification (notify.tmpl, FOR_ADMIN) about a message whose scan was given up,
+        written to tmp/ as a worker writes its own (see ``_queue_notifications``)."""
+        admin = group.AdminNotifyAddress or self.gw.cfg.policy.AdminNotifyAddress
+        sender = group.NotifyFromAddress or self.gw.cfg.policy.NotifyFromAddress
+        if not admin or not sender:
+            return []
+        with open(self.queue.msg_path(env.id), "rb") as f:
+            head = f.read(HEAD_BYTES).split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+        about = {
+            "status": "error", "group": group.name, "queue_id": env.id, "blocked": True,
+            "subject": headers.get_raw(head, "Subject") or b"",
+            "objects": [{"name": "(whole message)", "status": "error", "viruses": [],
+                         "action": f"kept in quarantine: {reason}"}],
+        }
+        locale = self.gw.cfg.locale
+        try:
+            data = notify.build_notification("admin", env.as_dict(), about, sender, [admin], self.gw.templates["notify"],
+                                             locale.DateFormat, locale.TimeFormat, time.time())
+        except ValueError as exc:
+            log.warning("%s: no admin notification: %s", env.id, exc)
+            return []
+        path = os.path.join(self.queue.root, "tmp", f"{env.id}.notify-error")
+        write_durably(path, data)
+        return [{"kind": "admin", "path": path, "from": sender, "to": [admin], "size": len(data)}]
 
     def _apply(self, qid: str, result: ScanResult, env: Envelope | None = None) -> None:
         """Turn a scan result into queue records: QUE copies, notifications; blocked copies end here."""

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from smtpgw import cli
-from smtpgw.queue import CHK, QUE, SND, WFC, Envelope, Queue, Recipient, new_id
+from smtpgw.queue import CHK, QUE, SND, SPL, STAGED, WFC, Envelope, Queue, Recipient, new_id
 from tests.support.net import GatewayProcess
 
 
@@ -36,13 +36,31 @@ def test_offline_remove_takes_only_a_queue_id(gw, qid):
     assert Queue(gw.queue).find(env.id) == QUE
 
 
-@pytest.mark.parametrize("state", [CHK, SND])
+@pytest.mark.parametrize("state", [SPL, SND])
 def test_offline_remove_refuses_the_states_the_gateway_refuses(gw, state):
     env = queued(gw, state)
     result = gw.cli("queue", "remove", env.id)
     assert result.returncode == 4, result.stdout + result.stderr
     assert f"is {state}" in result.stderr
     assert Queue(gw.queue).find(env.id) == state
+
+
+def test_offline_remove_of_a_message_left_in_chk_takes_what_its_cut_short_scan_made(gw):
+    """A crash left the record in CHK with a staged rewrite and a per-group copy in QUE: the
+    removal takes them too, so that the next start delivers nothing of the removed message."""
+    env = queued(gw, CHK)
+    queue = Queue(gw.queue)
+    copy = Envelope.from_dict(env.as_dict())
+    copy.id, copy.srcid = f"{env.id}-1", env.id
+    queue.add_message(copy, QUE, link_from=queue.msg_path(env.id))
+    other = queued(gw, QUE)  # an unrelated message stays
+    with open(queue.msg_path(env.id) + STAGED, "wb") as f:
+        f.write(b"Subject: s\r\n\r\nrewritten\r\n")
+    result = gw.cli("queue", "remove", env.id)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert queue.find(env.id) is None and queue.find(copy.id) is None
+    assert sorted(os.listdir(os.path.join(gw.queue, "msg"))) == [other.id]
+    assert queue.find(other.id) == QUE
 
 
 def test_offline_remove_holds_the_queue_lock_while_it_acts(gw, monkeypatch, capsys):

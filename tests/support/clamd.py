@@ -30,6 +30,7 @@ import struct
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
@@ -45,9 +46,12 @@ from tests.support.net import free_port
 __all__ = [
     "SIGNATURES",
     "ClamdInstance",
+    "STALL_MARKER",
+    "StallingClamd",
     "start_clamd",
     "clamd",
     "clamd_factory",
+    "stalling_clamd",
     "eicar",
     "custom_marker",
     "suspect_marker",
@@ -64,6 +68,7 @@ START_TIMEOUT = 60.0
 EICAR_NAME = "Smtpgw.Test.Eicar.UNOFFICIAL"
 CUSTOM_NAME = "Smtpgw.Test.Custom.UNOFFICIAL"
 SUSPECT_NAME = "PUA.Smtpgw.Test.Suspect.UNOFFICIAL"
+STALL_MARKER = b"smtpgw-test: this scan never ends"  # what StallingClamd holds
 
 
 # region samples
@@ -329,6 +334,108 @@ def start_clamd(
     return instance
 
 
+class StallingClamd:
+    """A clamd that hangs on chosen messages, for the scanner's failure tests: a unix socket
+    in front of a real ``ClamdInstance``. A request whose stream carries ``marker`` gets no
+    answer (as a scan stuck in the engine) until ``release()``, which hands it to the real
+    clamd; every other request goes to the real clamd at once. ``held_pids`` are the
+    processes (SO_PEERCRED) whose requests are held: the scanner workers stuck on them."""
+
+    MAX_REQUEST = 64 * 1024 * 1024
+
+    def __init__(self, upstream: ClamdInstance, marker: bytes) -> None:
+        self.upstream = upstream
+        self.marker = marker
+        self.folder = tempfile.mkdtemp(prefix="smtpgw-stall-")
+        self.path = os.path.join(self.folder, "clamd.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(16)
+        self.held_pids: list[int] = []
+        self.released = threading.Event()
+        self.closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return "unix:" + self.path
+
+    def _serve(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(30)
+                request, data = self._read_request(conn)
+                if self.marker in data:
+                    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+                    self.held_pids.append(pid)
+                    self.released.wait()
+                    if self.closed:
+                        return
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as up:
+                    up.settimeout(30)
+                    up.connect(self.upstream.unix_path)
+                    up.sendall(request)
+                    reply = b""
+                    while not reply.endswith(b"\0"):
+                        chunk = up.recv(4096)
+                        if not chunk:
+                            break
+                        reply += chunk
+                conn.sendall(reply)
+            except (OSError, ValueError):
+                return  # the worker went away (killed) or the request was cut: nothing to answer
+
+    def _read_request(self, conn: socket.socket) -> tuple[bytes, bytes]:
+        """(the request's bytes as sent, the scanned stream's bytes)."""
+        request = bytearray()
+        while not request.endswith(b"\0"):
+            request += self._exactly(conn, 1)
+            if len(request) > 64:
+                raise ValueError("not a clamd command")
+        if bytes(request) != b"zINSTREAM\0":
+            return bytes(request), b""
+        data = bytearray()
+        while True:
+            head = self._exactly(conn, 4)
+            request += head
+            size = struct.unpack(">I", head)[0]
+            if not size:
+                return bytes(request), bytes(data)
+            if len(data) + size > self.MAX_REQUEST:
+                raise ValueError("stream too long")
+            piece = self._exactly(conn, size)
+            request += piece
+            data += piece
+
+    @staticmethod
+    def _exactly(conn: socket.socket, size: int) -> bytes:
+        out = bytearray()
+        while len(out) < size:
+            chunk = conn.recv(size - len(out))
+            if not chunk:
+                raise ValueError("connection closed mid-request")
+            out += chunk
+        return bytes(out)
+
+    def release(self) -> None:
+        """Held requests (and any later ones) go to the real clamd."""
+        self.released.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.released.set()
+        self.sock.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 # endregion
 # region fixtures
 
@@ -339,6 +446,14 @@ def clamd() -> Iterator[ClamdInstance]:
     instance = start_clamd(require("clamd", "clamav-daemon"))
     yield instance
     instance.remove()
+
+
+@pytest.fixture
+def stalling_clamd(clamd: ClamdInstance) -> Iterator[StallingClamd]:
+    """A clamd in front of the session's one that holds every stream carrying ``STALL_MARKER``."""
+    front = StallingClamd(clamd, STALL_MARKER)
+    yield front
+    front.close()
 
 
 @pytest.fixture

@@ -1,0 +1,59 @@
+"""The scanner worker pool with real worker processes: deadlines run from when a worker takes a
+job, and only the job a worker was running is blamed when it is replaced."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import Any
+
+from smtpgw.config import load_config
+from smtpgw.loop import EventLoop
+from smtpgw.queue import CHK, Envelope, Queue, Recipient, new_id, write_durably
+from smtpgw.workers import WorkerPool, worker_config_path
+from tests.support.clamd import STALL_MARKER
+from tests.support.net import GatewayProcess
+
+JOB_TIMEOUT = 3.0  # seconds; a scan of a small clean message takes milliseconds
+
+
+def queued(queue: Queue, body: bytes) -> Envelope:
+    env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test")])
+    queue.add_message(env, CHK, data=b"Subject: s\r\n\r\n" + body + b"\r\n")
+    return env
+
+
+def run_pool(config_path: str, jobs: list[Envelope], timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+    """Submit ``jobs`` to a one-worker pool and run the loop until each has its result."""
+    results: dict[str, dict[str, Any]] = {}
+    loop = EventLoop()
+    pool = WorkerPool(loop, config_path, 1, results.__setitem__, job_timeout=JOB_TIMEOUT)
+    for env in jobs:
+        pool.submit(env.id, {"env": env.as_dict()})
+    try:
+        assert loop.run_until(lambda: len(results) == len(jobs), timeout), results
+    finally:
+        pool.stop()
+    return results
+
+
+def test_a_job_waiting_behind_a_hung_one_gets_its_own_full_deadline(tmp_path, stalling_clamd):
+    gw = GatewayProcess(str(tmp_path / "gw"), None, extra={
+        "smtpgw.ave": [("ClamdAddress", stalling_clamd.address)], "smtpgw.policy": [("Check", "true")]})
+    cfg = load_config(gw.config)
+    queue = Queue(cfg.path.QueuePath)
+    write_durably(worker_config_path(queue.root), pickle.dumps(cfg))
+    hung, waiting = queued(queue, STALL_MARKER), queued(queue, b"nothing to see")
+    started = time.monotonic()
+    results = run_pool(worker_config_path(queue.root), [hung, waiting])
+    assert results[hung.id] == {"error": "scanner worker died: job timeout", "started": True}
+    assert "error" not in results[waiting.id] and results[waiting.id]["copies"][0]["notes"]["status"] == "clean"
+    # it waited a whole deadline behind the hung job: a deadline counted from submission had expired
+    assert time.monotonic() - started > JOB_TIMEOUT
+
+
+def test_a_worker_that_cannot_start_blames_no_job(tmp_path):
+    queue = Queue(str(tmp_path / "queue"))
+    env = queued(queue, b"body")
+    results = run_pool(str(tmp_path / "no-such-snapshot"), [env])
+    assert results[env.id] == {"error": "no scanner worker could be started", "started": False}
