@@ -1,5 +1,5 @@
 """keepup2date (smtpgw/updater.py) against real update sets: a local folder, an HTTP
-server on 127.0.0.1 (stdlib http.server in a thread), a real clamd for signature files.
+server on 127.0.0.1 (tests/support/updates.py: stdlib http.server in a thread), a real clamd for signature files.
 Sets are signed with keys the tests make (smtpgw/signing.py); each host trusts the key
 ``keys/release`` of its test's folder unless a test says otherwise.
 
@@ -10,7 +10,6 @@ Return codes checked as kmg-spec §6.1 gives them: 0 no update needed, 1 updated
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import os
 import re
@@ -18,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +28,7 @@ from smtpgw.spam.bayes import Bayes
 from smtpgw.spam.database import DatabaseInfo, SpamDatabase
 from tests.support.components import require
 from tests.support.net import BASE_CONFIG, REPO, wait_until
+from tests.support.updates import publish, server  # noqa: F401 (server: a fixture)
 
 NO_UPDATE, UPDATED, CRITICAL, POST_FAILED, CONFIG_INVALID = 0, 1, 10, 30, 75
 
@@ -183,92 +182,6 @@ def installed_host(tmp_path, version: str, **contents: dict[str, bytes]) -> Host
     host.take_reload_request()
     return host
 
-
-class SetServer:
-    """An HTTP server on 127.0.0.1 serving a folder; it can hold the download of one file
-    (``hold``) until ``release`` is set, trickle one (``trickle``) a byte at a time, cut
-    one (``cut``) half way, closing the connection, and records the request lines it got."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.requests: list[str] = []
-        self.hold: str | None = None
-        self.trickle: str | None = None
-        self.cut: str | None = None
-        self.holding = threading.Event()
-        self.release = threading.Event()
-        server = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *args: object, **kwargs: object) -> None:
-                super().__init__(*args, directory=server.root, **kwargs)  # type: ignore[arg-type]
-
-            def do_GET(self) -> None:
-                server.requests.append(self.requestline)
-                if self.path.startswith("http://"):  # a proxy request: serve the path part
-                    self.path = "/" + self.path.split("/", 3)[3]
-                if server.hold and self.path.endswith(server.hold):
-                    server.holding.set()
-                    server.release.wait(30)
-                if server.trickle and self.path.endswith(server.trickle):
-                    self.send_slowly(read(os.path.join(server.root, self.path.lstrip("/"))))
-                    return
-                if server.cut and self.path.endswith(server.cut):
-                    self.send_half(read(os.path.join(server.root, self.path.lstrip("/"))))
-                    return
-                super().do_GET()
-
-            def send_half(self, data: bytes) -> None:
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data[: len(data) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-
-            def send_slowly(self, data: bytes) -> None:
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                for offset in range(len(data)):
-                    if server.release.wait(0.05):  # pacing a slow server, until the test ends
-                        return
-                    try:
-                        self.wfile.write(data[offset:offset + 1])
-                        self.wfile.flush()
-                    except OSError:
-                        return
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{path}"
-
-    def close(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server(tmp_path) -> Iterator[SetServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    instance = SetServer(str(root))
-    yield instance
-    instance.close()
-
-
-def publish(server: SetServer, update_set: str, name: str) -> str:
-    """Copy an update set under the server's folder; its URL."""
-    shutil.copytree(update_set, os.path.join(server.root, name))
-    return server.url(name)
 
 # endregion
 # region updating
