@@ -170,7 +170,8 @@ def _write_new(path: str, data: bytes, mode: int) -> None:
         raise SignatureError(f"{path}: {exc.strerror or exc}") from None
     try:
         os.fchmod(fd, mode)  # the umask may have taken bits off the public key's mode
-        os.write(fd, data)
+        with os.fdopen(os.dup(fd), "wb") as out:
+            out.write(data)
         os.fsync(fd)
     finally:
         os.close(fd)

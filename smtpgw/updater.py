@@ -97,8 +97,8 @@ from smtpgw.signing import (
     MAX_SIGNATURE_BYTES, SIGNATURE, PublicKey, SignatureError, check_signature, generate, shipped_keys,
 )
 from smtpgw.updateset import (
-    CHUNK, INDEX, MAX_INDEX_BYTES, MAX_REJECTED, Entry, Index, Layout, UpdateError, build_signed_set, build_update_set,
-    check_contents, copy_into, database_version, make_folder, matches, printable, read_index, scan_files,
+    CHUNK, INDEX, MAX_INDEX_BYTES, MAX_REJECTED, Entry, Index, Layout, UpdateError, build_signed_set,
+    build_update_set, check_contents, copy_into, database_version, make_folder, matches, printable, read_index, scan_files,
     version_key, write_file,
 )
 
@@ -107,8 +107,8 @@ from smtpgw.updateset import (
 __all__ = [
     "CONFIG_INVALID", "CRITICAL", "LICENCE", "NO_UPDATE", "POST_UPDATE_FAILED", "UPDATED",
     "Entry", "Index", "Layout", "Report", "Settings", "Source", "UpdateError",
-    "build_signed_set", "build_update_set", "database_version", "main", "make_bundle", "mirror", "read_index", "rollback", "run", "update",
-    "version_key",
+    "build_signed_set", "build_update_set", "database_version", "main", "make_bundle", "mirror", "read_index",
+    "rollback", "run", "update", "version_key",
 ]
 
 NO_UPDATE, UPDATED, CRITICAL, POST_UPDATE_FAILED, LICENCE, CONFIG_INVALID = 0, 1, 10, 30, 60, 75
@@ -679,7 +679,8 @@ def after_update(settings: Settings, index: Index, clamd_changed: bool, report: 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smtpgw.py keepup2date", description="Update the anti-spam and "
-                                     "clamd databases from UpdateServerUrl (kmg-spec 6.1).")
+                                     "clamd databases from UpdateServerUrl (kmg-spec 6.1).",
+                                     epilog="keys and signed sets: keepup2date keygen -h, keepup2date make-bundle -h")
     parser.add_argument("-c", "--config", help=f"configuration file (default {DEFAULT_CONFIG})")
     parser.add_argument("-s", "--source", help="update set URL or folder (overrides UpdateServerUrl)")
     parser.add_argument("-u", "--mirror", metavar="DIR", help="copy the checked update set into DIR "

@@ -49,7 +49,8 @@ from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
 __all__ = [
     "CHUNK", "INDEX", "MAX_INDEX_BYTES", "MAX_REJECTED",
     "Entry", "Index", "Layout", "UpdateError",
-    "build_signed_set", "build_update_set", "check_contents", "copy_into", "database_version", "file_digest", "make_folder",
+    "build_signed_set", "build_update_set", "check_contents", "copy_into", "database_version", "file_digest",
+    "make_folder",
     "matches", "name_problem", "printable", "read_index", "scan_files", "version_key", "write_file",
 ]
 

@@ -618,7 +618,8 @@ def test_an_index_changed_after_signing_is_refused(tmp_path, server) -> None:
     url = publish(server, make_set(str(tmp_path), "32.1"), "u")
     theirs = make_set(str(tmp_path), "32.2", signers=())
     write(os.path.join(server.root, "u", "index.json"), read(os.path.join(theirs, "index.json")))
-    write(os.path.join(server.root, "u", "bases", "spam", "spam.db"), read(os.path.join(theirs, "bases", "spam", "spam.db")))
+    spam = os.path.join("bases", "spam", "spam.db")
+    write(os.path.join(server.root, "u", spam), read(os.path.join(theirs, spam)))
     host.use(url)
     assert_refused(host, before, "does not verify")
 
@@ -729,9 +730,10 @@ def test_public_keys_are_checked_when_the_configuration_loads(tmp_path, capsys) 
     inline = read(key_pair(folder) + ".pub").decode().strip()
     host = Host(str(tmp_path / "host"), source=make_set(folder, "39.0"), keys=[inline])
     assert host.keepup2date() == UPDATED
+    off_curve = "ed25519:" + base64.b64encode((2).to_bytes(32, "little")).decode()
     for bad, problem in (("ed25519:not-a-key", "not base64 of the right length"),
                          ("keys/missing.pub", "No such file or directory"),
-                         ("ed25519:" + base64.b64encode((2).to_bytes(32, "little")).decode(), "not a point of Ed25519")):
+                         (off_curve, "not a point of Ed25519")):
         host.use(host.source, keys=[bad])
         assert host.keepup2date() == CONFIG_INVALID
         assert re.search(r"smtpgw\.conf:\d+: PublicKey: .*" + re.escape(problem), capsys.readouterr().err)
