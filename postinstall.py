@@ -289,9 +289,29 @@ def install_bases(install: Install) -> bool:
             settings, bases=install.staged(settings.bases), backup=install.staged(settings.backup),
             lock=install.staged(settings.lock), control=install.staged(settings.control or ""),
             clamd=None, temp=scratch, post_update_cmd=None,
+            allow_unsigned=True,  # a set made here from the package being installed: as trusted as its code
         )
+        if older_than_installed(update_set, settings.bases):
+            return True
         code = updater.run(settings, report)
     return code in (updater.NO_UPDATE, updater.UPDATED)
+
+
+def older_than_installed(update_set: str, bases: str) -> bool:
+    """Whether the shipped bases are older than the installed ones, which are then kept
+    (keepup2date refuses an older set as an error: from a package it is no error)."""
+    from smtpgw import updateset
+
+    shipped = updateset.read_index(os.path.join(update_set, updateset.INDEX))
+    try:
+        current = updateset.read_index(os.path.join(bases, updateset.INDEX))
+    except updateset.UpdateError:
+        return False  # a damaged installed index: keepup2date installs the shipped set in full
+    if shipped is None or current is None or shipped.key >= current.key:
+        return False
+    print(f"the shipped bases: version {shipped.version} is older than the installed {current.version}: "
+          f"refused, the installed ones are kept")
+    return True
 
 # endregion
 # region helpers and main

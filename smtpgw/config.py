@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from smtpgw import access, routing
+from smtpgw import access, routing, signing
 from smtpgw.masks import match_any, parse_ip_mask
 
 __all__ = ["SCHEMA", "Config", "ConfigError", "Group", "Param", "Section", "check_config", "load_config"]
@@ -199,6 +199,16 @@ def _url_or_path(text: str, param: Param, where: str, folder: str) -> str:
     return _path(text, param, where, folder)
 
 
+def _public_key(text: str, param: Param, where: str, folder: str) -> signing.PublicKey:
+    """``ed25519:<base64> [NAME]``, or the path of a ``.pub`` file holding one."""
+    try:
+        if text.startswith(signing.PUBLIC_PREFIX):
+            return signing.parse_public_key(text)
+        return signing.read_public_key(_path(text, param, where, folder))
+    except signing.SignatureError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _account(lookup: Callable[[str], object], what: str) -> Parse:
     def parse(text: str, param: Param, where: str, folder: str) -> str:
         try:
@@ -259,6 +269,7 @@ ADDRESSES = Kind("address masks", _address_mask, splits=True)
 NAMES, IPS = Kind("name masks", _name_mask, splits=True), Kind("ip masks", _ip_mask, splits=True)
 RELAY, CONDITION = Kind("relay rule", _relay_rule), Kind("condition rule", _condition_rule)
 ROUTE = Kind("route", _route)
+PUBLIC_KEY = Kind("ed25519:key|path", _public_key)
 
 
 # --- the schema ----------------------------------------------------------------------------
@@ -431,6 +442,8 @@ SCHEMA: tuple[Param, ...] = (
     P("updater.options", "UseProxy", BOOL, "", False),
     P("updater.options", "PassiveFtp", BOOL, "", True),
     P("updater.options", "RegionSettings", TEXT),
+    P("updater.options", "PublicKey", PUBLIC_KEY, "", [], "r"),  # none: the shipped key (smtpgw.signing)
+    P("updater.options", "AllowUnsigned", BOOL, "", False),
     P("updater.report", "Append", BOOL, "", False),
     P("updater.report", "ReportFileName", PATH),
     P("updater.report", "ReportLevel", LEVEL, "0|1|2|3|4|9", 3),

@@ -3,12 +3,18 @@
 Usage (the arguments after ``smtpgw.py -c CONF keepup2date``; ``python3 -m
 smtpgw.updater -c CONF ...`` runs the same)::
 
-    keepup2date [-s URL|DIR] [-u DIR] [-b DIR] [-t DIR] [-l FILE] [--clamd-dir DIR] [--rollback]
+    keepup2date [-s URL|DIR] [-u DIR] [-b DIR] [-t DIR] [-l FILE] [--clamd-dir DIR] [--rollback] [--force]
+    keepup2date keygen --out PREFIX
+    keepup2date make-bundle --key PREFIX [--key PREFIX2] --db DIR --out DIR [--clamd FILE ...]
 
 ``-s`` overrides UpdateServerUrl, ``-u DIR`` makes DIR a mirror (a copy of the
-checked set for other hosts; the local bases are left alone), ``-b``, ``-t`` and
-``-l`` override BackUpPath, UploadPatchPath and ReportFileName, ``--clamd-dir``
-ClamdDatabasePath; ``--rollback`` reinstalls the backup.
+checked set for other hosts, with its index and signature as published; the local
+bases are left alone), ``-b``, ``-t`` and ``-l`` override BackUpPath,
+UploadPatchPath and ReportFileName, ``--clamd-dir`` ClamdDatabasePath;
+``--rollback`` reinstalls the backup, or with ``-s`` installs the signed set there
+even when it is older (the only way down); ``--force`` downloads and verifies every
+file again when the version is not newer (never an older one). ``keygen`` makes a
+signing key pair, ``make-bundle`` a signed update set (smtpgw/signing.py).
 
 Owns: fetching an update set (its format and checks are ``smtpgw.updateset``'s)
 from ``[updater.options] UpdateServerUrl`` (an http(s) URL or a local folder, a
@@ -19,14 +25,21 @@ kept for ``--rollback`` in ``[updater.path] BackUpPath``, the run lock
 (``[updater.report]``).
 
 Must never: change an installed file before every new file is downloaded and
-checked; install a set older than the installed one; leave a half-written file
+checked; install a set that no trusted key signed (an unsigned one only from a
+local folder with AllowUnsigned=yes, said in the report), or parse an index
+before its signature verifies; read a set's file from the source twice (what
+is verified is the downloaded copy that is installed); install a set older than
+the installed one without --rollback; leave a half-written file
 under an installed name; run twice at once; run the post-update action after a
 failed update.
 
 Update sets are described in smtpgw/updateset.py.
 
-A run: lock; read the index; decide (same version with every file present, an
-older version, or a rolled-back one: nothing to do); download the files that
+A run: lock; read the index and its signature once, verify the signature
+against the trusted keys ([updater.options] PublicKey, else the project's key
+shipped in smtpgw/keys/); decide (same version with every file present, or a
+rolled-back one: nothing to do; an older version: refused, return code 10);
+download the files that
 differ from the installed ones into a temporary folder, checking size and
 SHA-256 while reading and the content afterwards (the spam database must load;
 clamd signatures must load in ``clamscan``); copy the installed bases and the
@@ -41,9 +54,11 @@ loads the new databases). Run as root, new files and folders take the owner of
 the folder they are made in (the service account's bases stay its own).
 
 Return codes (kmg-spec §6.1): 0 no update needed, 1 updated (or rolled back),
-10 critical error (nothing changed), 30 the post-update action failed (the new
+10 critical error (nothing changed: an unsigned or badly signed set, an older
+version, a damaged or short download included), 30 the post-update action failed (the new
 bases are installed), 75 configuration unreadable or invalid (bad options and a
-missing update source included). 60 (licence missing) is never returned:
+missing update source included). ``keygen`` and ``make-bundle`` return 0 when
+done, 10 when they cannot, 75 for bad options. 60 (licence missing) is never returned:
 smtpgw has no licence keys.
 
 Options accepted from reference configurations and unused: UseUpdateServerUrl,
@@ -78,9 +93,12 @@ from typing import TextIO
 from smtpgw.av import ClamdError, ClamdServer
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.queue import fsync_dir, write_durably
+from smtpgw.signing import (
+    MAX_SIGNATURE_BYTES, SIGNATURE, PublicKey, SignatureError, check_signature, generate, shipped_keys,
+)
 from smtpgw.updateset import (
-    CHUNK, INDEX, MAX_INDEX_BYTES, MAX_REJECTED, Entry, Index, Layout, UpdateError, build_update_set,
-    check_contents, copy_into, database_version, make_folder, matches, printable, read_index, scan_files,
+    CHUNK, INDEX, MAX_INDEX_BYTES, MAX_REJECTED, Entry, Index, Layout, UpdateError, build_signed_set,
+    build_update_set, check_contents, copy_into, database_version, make_folder, matches, printable, read_index, scan_files,
     version_key, write_file,
 )
 
@@ -89,8 +107,8 @@ from smtpgw.updateset import (
 __all__ = [
     "CONFIG_INVALID", "CRITICAL", "LICENCE", "NO_UPDATE", "POST_UPDATE_FAILED", "UPDATED",
     "Entry", "Index", "Layout", "Report", "Settings", "Source", "UpdateError",
-    "build_update_set", "database_version", "main", "mirror", "read_index", "rollback", "run", "update",
-    "version_key",
+    "build_signed_set", "build_update_set", "database_version", "main", "make_bundle", "mirror", "read_index",
+    "rollback", "run", "update", "version_key",
 ]
 
 NO_UPDATE, UPDATED, CRITICAL, POST_UPDATE_FAILED, LICENCE, CONFIG_INVALID = 0, 1, 10, 30, 60, 75
@@ -100,6 +118,7 @@ DEFAULT_CONFIG = "/etc/smtpgw/smtpgw.conf"
 MIN_RATE = 16 * 1024  # bytes/s a download must average, beyond ConnectTimeout
 POST_UPDATE_TIMEOUT = 600  # seconds for PostUpdateCmd
 RELOAD_MARKER = ".c_db_reload"
+TOOLS = ("keygen", "make-bundle")  # keepup2date subcommands that need no configuration
 JOURNAL = ".keepup2date.installing"  # in the bases folder while files are being replaced
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 LEVEL_LETTERS = {0: "F", 1: "E", 2: "W", 3: "I", 4: "A", 9: "D"}  # [updater.report] ReportLevel
@@ -127,6 +146,10 @@ def remove_tree(path: str) -> None:
 
 # endregion
 # region sources
+
+
+class Missing(UpdateError):
+    """The source has no such file (HTTP 404, no such file in the folder)."""
 
 
 class Source:
@@ -162,6 +185,8 @@ class Source:
         if self.folder is not None:
             try:
                 handle = open(url, "rb")
+            except FileNotFoundError:
+                raise Missing(f"{url}: no such file") from None
             except OSError as exc:
                 raise UpdateError(f"{url}: {exc.strerror or exc}") from None
             with handle:
@@ -170,7 +195,8 @@ class Source:
         try:
             response = self.opener.open(url, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            raise UpdateError(f"{url}: HTTP {exc.code} {printable(str(exc.reason))}") from None
+            error = Missing if exc.code in (404, 410) else UpdateError
+            raise error(f"{url}: HTTP {exc.code} {printable(str(exc.reason))}") from None
         except urllib.error.URLError as exc:
             raise UpdateError(f"{url}: {printable(str(exc.reason))}") from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -204,8 +230,41 @@ def chunks(source: Source, name: str, limit: int) -> Iterator[bytes]:
                 raise UpdateError(f"{where}: slower than {MIN_RATE // 1024} KB/s, given up")
 
 
-def fetch_index(source: Source) -> Index:
-    return Index.parse(b"".join(chunks(source, INDEX, MAX_INDEX_BYTES + 1)), source.where(INDEX))
+@dataclass(frozen=True)
+class Fetched:
+    """An update set's index as read once from the source: the bytes that were verified are the
+    bytes that are parsed, and the bytes a mirror publishes again with their signature."""
+
+    index: Index
+    data: bytes
+    signature: bytes | None  # index.json.sig; None: an unsigned set (AllowUnsigned, a local folder)
+    signer: PublicKey | None
+
+
+def fetch_signed(source: Source, settings: Settings, report: Report) -> Fetched:
+    """Read index.json and index.json.sig once; the index is parsed only after a trusted key's
+    signature over those exact bytes verifies (or, unsigned, when AllowUnsigned lets it)."""
+    where = source.where(INDEX)
+    data = b"".join(chunks(source, INDEX, MAX_INDEX_BYTES + 1))
+    try:
+        signature: bytes | None = b"".join(chunks(source, SIGNATURE, MAX_SIGNATURE_BYTES + 1))
+    except Missing:
+        signature = None
+    signer = None
+    if signature is not None:
+        try:
+            signer = check_signature(data, signature, settings.keys, source.where(SIGNATURE))
+        except SignatureError as exc:
+            raise UpdateError(f"refused: {exc}") from None
+        report.info(f"{where}: signed by {signer}")
+    elif not settings.allow_unsigned:
+        raise UpdateError(f"refused: {where} is not signed ({source.where(SIGNATURE)} is missing)")
+    elif source.folder is None:
+        raise UpdateError(f"refused: {where} is not signed; AllowUnsigned=yes applies to local folders only")
+    else:
+        report.warning(f"UNSIGNED update set accepted from the local folder {source.folder} (AllowUnsigned): "
+                       f"nothing proves who made it")
+    return Fetched(Index.parse(data, where), data, signature, signer)
 
 
 def download(source: Source, entry: Entry, target: str) -> None:
@@ -229,29 +288,35 @@ def download(source: Source, entry: Entry, target: str) -> None:
 # region planning and installing
 
 
-def plan(index: Index, current: Index | None, layout: Layout, report: Report) -> list[Entry] | None:
-    """The entries to install into ``layout``, or None when no update is needed."""
-    if current is not None:
-        if index.version in current.rejected:
-            report.warning(f"version {index.version} was rolled back here; it is not installed again")
+def plan(index: Index, current: Index | None, layout: Layout, report: Report,
+         force: bool = False, downgrade: bool = False) -> list[Entry] | None:
+    """The entries to install into ``layout``, or None when no update is needed. An older set
+    is refused (UpdateError) unless ``downgrade`` (--rollback); ``force`` takes every file
+    again, and a version rolled back earlier too."""
+    wanted = [e for e in index.entries if layout.path(e.name)]
+    if current is not None and index.key < current.key and not downgrade:
+        raise UpdateError(f"refused: the update set's version {index.version} is older than the installed "
+                          f"{current.version} (a stale or replayed index; a downgrade needs --rollback -s)")
+    if force:
+        return wanted
+    if current is not None and index.version in current.rejected and not downgrade:
+        report.warning(f"version {index.version} was rolled back here; it is not installed again (--force does)")
+        return None
+    if current is not None and index.key == current.key:
+        missing = [e for e in wanted if not os.path.exists(layout.path(e.name) or "")]
+        if not missing:
+            report.info(f"version {index.version} is installed: no update needed")
             return None
-        if index.key < current.key:
-            report.warning(f"the update set's version {index.version} is older than the installed "
-                           f"{current.version}: refused")
-            return None
-        if index.key == current.key:
-            missing = [e for e in index.entries if (path := layout.path(e.name)) and not os.path.exists(path)]
-            if not missing:
-                report.info(f"version {index.version} is installed: no update needed")
-                return None
-            report.warning(f"{len(missing)} file(s) of version {index.version} are missing; installing them again")
-            return missing
-    return [e for e in index.entries if (path := layout.path(e.name)) and not matches(path, e)]
+        report.warning(f"{len(missing)} file(s) of version {index.version} are missing; installing them again")
+        return missing
+    return [e for e in wanted if not matches(layout.path(e.name) or "", e)]
 
 
-def apply(index: Index, source: Layout, target: Layout, changed: list[Entry], report: Report) -> None:
+def apply(index: Index, source: Layout, target: Layout, changed: list[Entry], report: Report,
+          published: Fetched | None = None) -> None:
     """Install the ``changed`` files of ``index`` from ``source``, drop files of the previous
-    set that ``index`` no longer lists, and write ``index`` last."""
+    set that ``index`` no longer lists, and write ``index`` last. A mirror gets ``published``:
+    the index bytes exactly as they were signed, after their signature (none: an unsigned set)."""
     previous = read_current(target.index, report)
     journal = os.path.join(target.bases, JOURNAL)
     write_file(journal, lambda out: out.write(index.version.encode()))
@@ -272,9 +337,38 @@ def apply(index: Index, source: Layout, target: Layout, changed: list[Entry], re
             report.activity(f"removed {entry.name} (not in version {index.version})")
     for folder in folders:
         fsync_dir(folder)
-    write_file(target.index, lambda out: out.write(index.to_bytes()))
+    if published is None:
+        write_file(target.index, lambda out: out.write(index.to_bytes()))
+    else:
+        publish(published, target)
     os.unlink(journal)
     fsync_dir(os.path.dirname(target.index))
+
+
+def publish(fetched: Fetched, target: Layout) -> None:
+    """The signature, then the index it signs: a reader in between sees a mismatch and refuses
+    the set for now, never an unsigned or wrongly signed one accepted."""
+    signature = os.path.join(os.path.dirname(target.index), SIGNATURE)
+    if fetched.signature is None:
+        if os.path.exists(signature):
+            os.unlink(signature)
+    else:
+        write_file(signature, lambda out: out.write(fetched.signature or b""))
+    write_file(target.index, lambda out: out.write(fetched.data))
+
+
+def published_as(fetched: Fetched, target: Layout) -> bool:
+    """Whether the mirror ``target`` already publishes ``fetched``'s index and signature."""
+    signature = os.path.join(os.path.dirname(target.index), SIGNATURE)
+    return read_bytes(target.index) == fetched.data and read_bytes(signature) == fetched.signature
+
+
+def read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(MAX_INDEX_BYTES + 1)
+    except FileNotFoundError:
+        return None
 
 
 def back_up(backup: str, layout: Layout, current: Index | None, index: Index, report: Report) -> None:
@@ -411,6 +505,8 @@ class Settings:
     timeout: float = 30.0
     proxy: str | None = None
     use_proxy: bool = False
+    keys: tuple[PublicKey, ...] = ()  # trusted signers ([updater.options] PublicKey, else the shipped key)
+    allow_unsigned: bool = False  # AllowUnsigned: an unsigned set from a local folder is installed
 
     @property
     def layout(self) -> Layout:
@@ -426,6 +522,10 @@ class Settings:
     def from_config(cls, cfg: Config, args: argparse.Namespace) -> Settings:
         paths, options = cfg.updater_path, cfg.updater_options
         bases = cfg.base.BasesPath
+        try:
+            keys = tuple(options.PublicKey) or shipped_keys()
+        except SignatureError as exc:
+            raise SettingsError(f"{exc}; name the trusted keys with [updater.options] PublicKey") from None
         source = os.path.abspath(args.source) if args.source and not _URL.match(args.source) else args.source
         settings = cls(
             source=source or options.UpdateServerUrl,
@@ -440,8 +540,10 @@ class Settings:
             timeout=float(options.ConnectTimeout),
             proxy=options.ProxyAddress,
             use_proxy=options.UseProxy,
+            keys=keys,
+            allow_unsigned=options.AllowUnsigned,
         )
-        if not args.rollback:
+        if not args.rollback or args.source:
             settings.open_source()  # an unusable source is a configuration problem (75)
         return settings
 
@@ -467,44 +569,54 @@ def fetch_checked(source: Source, entries: list[Entry], folder: str) -> Layout:
     return staged
 
 
-def update(settings: Settings, report: Report) -> int:
-    """Install the newest set from the source into BasesPath (and ClamdDatabasePath)."""
+def update(settings: Settings, report: Report, force: bool = False, downgrade: bool = False) -> int:
+    """Install the newest set from the source into BasesPath (and ClamdDatabasePath); with
+    ``downgrade`` (--rollback -s) an older one too, and the installed version is held back."""
     source = settings.open_source()
     layout = settings.layout
-    index = fetch_index(source)
+    fetched = fetch_signed(source, settings, report)
+    index = fetched.index
     current = read_current(layout.index, report)
     report.info(f"update set version {index.version} at {source.location}; installed: "
                 f"{current.version if current else 'none'}")
-    changed = plan(index, current, layout, report)
+    changed = plan(index, current, layout, report, force, downgrade)
     if changed is None:
         return NO_UPDATE
     skipped = [e for e in index.entries if e.name.startswith("clamd/")] if layout.clamd is None else []
     if skipped:
         report.info(f"{len(skipped)} clamd signature file(s) skipped: [updater.path] ClamdDatabasePath is not set")
+    rejected = list(current.rejected) if current else []
+    if downgrade and current is not None and index.key < current.key:
+        rejected = (rejected + [current.version])[-MAX_REJECTED:]
+    rejected = [version for version in rejected if version != index.version]
     with staging(settings) as folder:
         staged = fetch_checked(source, changed, folder)
         if os.path.exists(os.path.join(layout.bases, JOURNAL)):
             report.warning("the previous update was interrupted: the backup made before it is kept")
         elif current is None or current.version != index.version:
             back_up(settings.backup, layout, current, index, report)
-        apply(replace(index, rejected=current.rejected if current else ()), staged, layout, changed, report)
-    report.info(f"bases updated to version {index.version} ({len(changed)} file(s) installed)")
+        apply(replace(index, rejected=tuple(rejected)), staged, layout, changed, report)
+    unsigned = "" if fetched.signer else ", UNSIGNED (AllowUnsigned)"
+    report.info(f"bases updated to version {index.version} ({len(changed)} file(s) installed{unsigned})")
     return after_update(settings, index, any(e.name.startswith("clamd/") for e in changed), report)
 
 
-def mirror(settings: Settings, folder: str, report: Report) -> int:
+def mirror(settings: Settings, folder: str, report: Report, force: bool = False) -> int:
     """``-u DIR``: make DIR a checked copy of the source's update set, for other hosts'
-    UpdateServerUrl; the local bases are not touched."""
+    UpdateServerUrl, with the index and its signature as published (downstream gateways
+    verify them too); the local bases are not touched."""
     source = settings.open_source()
     layout = Layout.of_set(os.path.abspath(folder))
-    index = fetch_index(source)
-    changed = plan(index, read_current(layout.index, report), layout, report)
-    if changed is None:
+    fetched = fetch_signed(source, settings, report)
+    index = fetched.index
+    changed = plan(index, read_current(layout.index, report), layout, report, force)
+    if changed is None and published_as(fetched, layout):
         return NO_UPDATE
     with staging(settings) as temp:
-        staged = fetch_checked(source, changed, temp)
-        apply(index, staged, layout, changed, report)
-    report.info(f"mirror {folder} holds version {index.version} ({len(changed)} file(s) copied)")
+        staged = fetch_checked(source, changed or [], temp)
+        apply(index, staged, layout, changed or [], report, published=fetched)
+    signed = f"signed by {fetched.signer}" if fetched.signer else "UNSIGNED (AllowUnsigned)"
+    report.info(f"mirror {folder} holds version {index.version}, {signed} ({len(changed or [])} file(s) copied)")
     return UPDATED
 
 
@@ -567,7 +679,8 @@ def after_update(settings: Settings, index: Index, clamd_changed: bool, report: 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smtpgw.py keepup2date", description="Update the anti-spam and "
-                                     "clamd databases from UpdateServerUrl (kmg-spec 6.1).")
+                                     "clamd databases from UpdateServerUrl (kmg-spec 6.1).",
+                                     epilog="keys and signed sets: keepup2date keygen -h, keepup2date make-bundle -h")
     parser.add_argument("-c", "--config", help=f"configuration file (default {DEFAULT_CONFIG})")
     parser.add_argument("-s", "--source", help="update set URL or folder (overrides UpdateServerUrl)")
     parser.add_argument("-u", "--mirror", metavar="DIR", help="copy the checked update set into DIR "
@@ -576,13 +689,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-t", "--temp", metavar="DIR", help="temporary folder (overrides UploadPatchPath)")
     parser.add_argument("-l", "--log", metavar="FILE", help="report file (overrides ReportFileName)")
     parser.add_argument("--clamd-dir", metavar="DIR", help="clamd DatabaseDirectory (overrides ClamdDatabasePath)")
-    parser.add_argument("--rollback", action="store_true", help="reinstall the bases kept in the backup folder")
+    parser.add_argument("--rollback", action="store_true", help="reinstall the bases kept in the backup folder; "
+                        "with -s, install the signed set there even when it is older (a downgrade)")
+    parser.add_argument("--force", action="store_true", help="download and verify every file again, even when "
+                        "the version is not newer (never an older one)")
     return parser
+
+
+def build_tools_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smtpgw.py keepup2date", description="Keys and signed update sets.")
+    tools = parser.add_subparsers(dest="tool", required=True)
+    keygen = tools.add_parser("keygen", help="make an Ed25519 key pair for signing update sets")
+    keygen.add_argument("--out", required=True, metavar="PREFIX",
+                        help="PREFIX receives the secret key (mode 0600), PREFIX.pub the public key")
+    bundle = tools.add_parser("make-bundle", help="make a signed update set from a bases folder")
+    bundle.add_argument("--key", required=True, action="append", metavar="PREFIX",
+                        help="secret key file (repeat to sign with several keys, e.g. while rotating)")
+    bundle.add_argument("--db", required=True, metavar="DIR", help="bases folder, laid out as the shipped "
+                        "smtpgw/bases (spam/spam.db, ...)")
+    bundle.add_argument("--out", required=True, metavar="DIR", help="new or empty folder for the update set")
+    bundle.add_argument("--clamd", nargs="+", default=[], metavar="FILE", help="clamd signature files to add")
+    bundle.add_argument("--version", help="set version (default: the spam database's)")
+    bundle.add_argument("--date", help="set date (default: the spam database's)")
+    return parser
+
+
+def keygen(prefix: str) -> int:
+    try:
+        key = generate(prefix)
+    except SignatureError as exc:
+        print(f"keepup2date keygen: {exc}", file=sys.stderr)
+        return CRITICAL
+    print(f"secret key: {prefix} (mode 0600: keep it off the update server, never publish it)")
+    print(f"public key: {prefix}.pub\n{key.text} {key.name}")
+    print(f"gateways trust it with [updater.options] PublicKey={key.text} (or the path of {prefix}.pub)")
+    return NO_UPDATE
+
+
+def make_bundle(bases: str, out: str, keys: list[str], version: str | None = None, date: str | None = None,
+                clamd_files: list[str] | None = None, prog: str = "keepup2date make-bundle") -> int:
+    """Make and sign an update set; its summary on standard output, a failure on standard error."""
+    try:
+        index = build_signed_set(bases, out, keys, version, date, clamd_files or [])
+    except (UpdateError, OSError) as exc:
+        print(f"{prog}: {exc} ({out} is not a usable update set)", file=sys.stderr)
+        return CRITICAL
+    total = sum(entry.size for entry in index.entries)
+    print(f"{out}: version {index.version}, {len(index.entries)} file(s), {total} bytes, "
+          f"signed by {len(keys)} key(s)")
+    return NO_UPDATE
+
+
+def tools_main(argv: list[str]) -> int:
+    """``keepup2date keygen|make-bundle``: no configuration needed."""
+    try:
+        args = build_tools_parser().parse_args(argv)
+    except SystemExit as exc:
+        return NO_UPDATE if exc.code == 0 else CONFIG_INVALID
+    if args.tool == "keygen":
+        return keygen(args.out)
+    return make_bundle(args.db, args.out, args.key, args.version, args.date, args.clamd)
 
 
 def main(argv: list[str], cfg: Config | str | None = None) -> int:
     """``keepup2date``: ``argv`` are its arguments; ``cfg`` a loaded Config, or the path of the
     configuration to load (``-c`` wins). Returns the kmg-spec §6.1 code."""
+    if argv and argv[0] in TOOLS:
+        return tools_main(argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
@@ -607,24 +780,26 @@ def main(argv: list[str], cfg: Config | str | None = None) -> int:
         print(f"keepup2date: cannot write the report: {exc}", file=sys.stderr)
         return CRITICAL
     try:
-        code = run(settings, report, mirror_to=args.mirror, undo=args.rollback)
+        code = run(settings, report, mirror_to=args.mirror, undo=args.rollback, force=args.force,
+                   from_source=bool(args.source))
         report.say(3 if code in (NO_UPDATE, UPDATED) else 1, f"keepup2date finished: {code} ({MEANING[code]})")
         return code
     finally:
         report.close()
 
 
-def run(settings: Settings, report: Report, mirror_to: str | None = None, undo: bool = False) -> int:
-    """One locked run: update, mirror into ``mirror_to``, or roll back (``undo``); the return
-    code, with every error reported."""
+def run(settings: Settings, report: Report, mirror_to: str | None = None, undo: bool = False,
+        force: bool = False, from_source: bool = False) -> int:
+    """One locked run: update, mirror into ``mirror_to``, or roll back (``undo``: to the backup,
+    or, ``from_source`` (-s), to the signed set there); the return code, with every error reported."""
     try:
         make_folder(settings.bases)
         with RunLock(settings.lock):
-            if undo:
+            if undo and not from_source:
                 return rollback(settings, report)
             if mirror_to:
-                return mirror(settings, mirror_to, report)
-            return update(settings, report)
+                return mirror(settings, mirror_to, report, force)
+            return update(settings, report, force, downgrade=undo)
     except SettingsError as exc:
         report.error(str(exc))
         return CONFIG_INVALID

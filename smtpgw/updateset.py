@@ -5,6 +5,7 @@ An update set is a folder, served over http(s) or read locally::
     index.json          {"format": "smtpgw-update-set", "format_version": 1,
                          "version": "2005.03.11-1", "date": "2005-03-11",
                          "files": [{"name": "bases/spam/spam.db", "size": N, "sha256": "..."}]}
+    index.json.sig      Ed25519 signatures of index.json's exact bytes (smtpgw.signing)
     bases/...           files installed under BasesPath (the same relative paths)
     clamd/NAME.ndb      clamd signature files, installed under ClamdDatabasePath
 
@@ -17,7 +18,8 @@ Owns: parsing and checking ``index.json`` (``Index``, ``Entry``, ``version_key``
 rules for file names), where a set's files lie (``Layout``), checking files against
 their entries (size, SHA-256) and their contents (the spam database loads, clamd
 signatures load in ``clamscan``), making a set from a bases folder
-(``build_update_set``), and the atomic file writing it shares with the installer.
+(``build_update_set``; signed: ``build_signed_set``), and the atomic file writing it
+shares with the installer.
 
 Must never: accept an index field it has not checked (a name outside bases/ or
 clamd/, a hidden name, "..", counts and sizes past their bounds), read more than
@@ -40,13 +42,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import IO, Any
 
+from smtpgw.signing import SIGNATURE, SignatureError, read_secret_key, sign_index
 from smtpgw.spam.database import FILE_NAME as SPAM_DATABASE
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
 
 __all__ = [
     "CHUNK", "INDEX", "MAX_INDEX_BYTES", "MAX_REJECTED",
     "Entry", "Index", "Layout", "UpdateError",
-    "build_update_set", "check_contents", "copy_into", "database_version", "file_digest", "make_folder",
+    "build_signed_set", "build_update_set", "check_contents", "copy_into", "database_version", "file_digest",
+    "make_folder",
     "matches", "name_problem", "printable", "read_index", "scan_files", "version_key", "write_file",
 ]
 
@@ -271,6 +275,21 @@ def build_update_set(bases: str, out: str, version: str | None = None, date: str
         with tempfile.TemporaryDirectory(prefix="update-set.") as scratch:
             check_contents(layout, entries, scratch)
     write_file(layout.index, lambda out_file: out_file.write(index.to_bytes()))
+    return index
+
+def build_signed_set(bases: str, out: str, key_files: list[str], version: str | None = None,
+                     date: str | None = None, clamd_files: tuple[str, ...] | list[str] = ()) -> Index:
+    """``build_update_set`` with its contents checked, then ``index.json.sig`` by each secret key
+    file. The keys are read first: a key that cannot sign leaves no set behind."""
+    try:
+        secrets = [read_secret_key(path) for path in key_files]
+        sign_index(b"", secrets)  # the number of keys is checked before anything is made
+    except SignatureError as exc:
+        raise UpdateError(str(exc)) from None
+    index = build_update_set(bases, out, version, date, clamd_files, check=True)
+    with open(os.path.join(out, INDEX), "rb") as handle:  # what is published is what is signed
+        signature = sign_index(handle.read(), secrets)
+    write_file(os.path.join(out, SIGNATURE), lambda out_file: out_file.write(signature))
     return index
 
 # endregion

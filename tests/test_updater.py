@@ -1,5 +1,7 @@
 """keepup2date (smtpgw/updater.py) against real update sets: a local folder, an HTTP
-server on 127.0.0.1 (stdlib http.server in a thread), a real clamd for signature files.
+server on 127.0.0.1 (tests/support/updates.py: stdlib http.server in a thread), a real clamd for signature files.
+Sets are signed with keys the tests make (smtpgw/signing.py); each host trusts the key
+``keys/release`` of its test's folder unless a test says otherwise.
 
 Return codes checked as kmg-spec §6.1 gives them: 0 no update needed, 1 updated,
 10 critical error, 30 post-update command failed, 75 configuration unreadable/invalid.
@@ -7,7 +9,7 @@ Return codes checked as kmg-spec §6.1 gives them: 0 no update needed, 1 updated
 
 from __future__ import annotations
 
-import http.server
+import base64
 import json
 import os
 import re
@@ -15,18 +17,18 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from smtpgw import updater
+from smtpgw import signing, updater
 from smtpgw.av import ClamdServer
 from smtpgw.spam.bayes import Bayes
 from smtpgw.spam.database import DatabaseInfo, SpamDatabase
 from tests.support.components import require
 from tests.support.net import BASE_CONFIG, REPO, wait_until
+from tests.support.updates import publish, server  # noqa: F401 (server: a fixture)
 
 NO_UPDATE, UPDATED, CRITICAL, POST_FAILED, CONFIG_INVALID = 0, 1, 10, 30, 75
 
@@ -42,10 +44,26 @@ def spam_db(path: str, version: str) -> bytes:
         return handle.read()
 
 
+def key_pair(folder: str, name: str = "release") -> str:
+    """The PREFIX of the key pair ``folder``/keys/NAME, made on first use."""
+    prefix = os.path.join(folder, "keys", name)
+    if not os.path.exists(prefix):
+        signing.generate(prefix)
+    return prefix
+
+
+def sign(update_set: str, *prefixes: str) -> None:
+    """Write the set's index.json.sig, signed by each secret key file."""
+    secrets = [signing.read_secret_key(prefix) for prefix in prefixes]
+    write(os.path.join(update_set, "index.json.sig"), signing.sign_index(read(os.path.join(update_set, "index.json")),
+                                                                         secrets))
+
+
 def make_set(folder: str, version: str, extra: dict[str, bytes] | None = None,
-             clamd: dict[str, bytes] | None = None) -> str:
+             clamd: dict[str, bytes] | None = None, signers: tuple[str, ...] | None = None) -> str:
     """An update set in ``folder``/set-VERSION: spam/spam.db of that version plus ``extra``
-    bases files and ``clamd`` signature files."""
+    bases files and ``clamd`` signature files, signed by the key files ``signers`` (default:
+    the folder's release key; none: unsigned)."""
     bases = os.path.join(folder, f"src-{version}")
     spam_db(os.path.join(bases, "spam", "spam.db"), version)
     for name, data in (extra or {}).items():
@@ -56,6 +74,9 @@ def make_set(folder: str, version: str, extra: dict[str, bytes] | None = None,
         write(clamd_files[-1], data)
     out = os.path.join(folder, f"set-{version}")
     updater.build_update_set(bases, out, clamd_files=clamd_files)
+    signers = (key_pair(folder),) if signers is None else signers
+    if signers:
+        sign(out, *signers)
     return out
 
 
@@ -77,9 +98,11 @@ class Host:
     folder: str
     source: str = ""
     extra: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)  # PublicKey values; default: the release key beside the host
 
     def __post_init__(self) -> None:
         os.makedirs(self.control, exist_ok=True)
+        self.keys = self.keys or [key_pair(os.path.dirname(self.folder)) + ".pub"]
         self.write_config()
 
     def path(self, *parts: str) -> str:
@@ -106,7 +129,7 @@ class Host:
         sections["path"] = [("BasesPath", "bases")]
         sections["updater.path"] = [("BackUpPath", "bases.backup"), ("PidFile", "var/keepup2date.pid"),
                                     ("UploadPatchPath", "var/updates")]
-        sections["updater.options"] = [("ConnectTimeout", "10")] + (
+        sections["updater.options"] = [("ConnectTimeout", "10")] + [("PublicKey", key) for key in self.keys] + (
             [("UpdateServerUrl", self.source)] if self.source else [])
         sections["updater.report"] = [("ReportFileName", "keepup2date.log"), ("Append", "true"), ("ReportLevel", "4")]
         for name, items in self.extra.items():  # an extra key replaces the one set above
@@ -119,9 +142,10 @@ class Host:
     def keepup2date(self, *args: str) -> int:
         return updater.main(list(args), self.config)
 
-    def use(self, source: str) -> None:
-        """Take updates from ``source`` from now on."""
+    def use(self, source: str, keys: list[str] | None = None) -> None:
+        """Take updates from ``source`` from now on (trusting ``keys`` when given)."""
         self.source = source
+        self.keys = keys or self.keys
         self.write_config()
 
     def installed_version(self) -> str | None:
@@ -158,80 +182,6 @@ def installed_host(tmp_path, version: str, **contents: dict[str, bytes]) -> Host
     host.take_reload_request()
     return host
 
-
-class SetServer:
-    """An HTTP server on 127.0.0.1 serving a folder; it can hold the download of one file
-    (``hold``) until ``release`` is set, trickle one (``trickle``) a byte at a time, and
-    records the request lines it got."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.requests: list[str] = []
-        self.hold: str | None = None
-        self.trickle: str | None = None
-        self.holding = threading.Event()
-        self.release = threading.Event()
-        server = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *args: object, **kwargs: object) -> None:
-                super().__init__(*args, directory=server.root, **kwargs)  # type: ignore[arg-type]
-
-            def do_GET(self) -> None:
-                server.requests.append(self.requestline)
-                if self.path.startswith("http://"):  # a proxy request: serve the path part
-                    self.path = "/" + self.path.split("/", 3)[3]
-                if server.hold and self.path.endswith(server.hold):
-                    server.holding.set()
-                    server.release.wait(30)
-                if server.trickle and self.path.endswith(server.trickle):
-                    self.send_slowly(read(os.path.join(server.root, self.path.lstrip("/"))))
-                    return
-                super().do_GET()
-
-            def send_slowly(self, data: bytes) -> None:
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                for offset in range(len(data)):
-                    if server.release.wait(0.05):  # pacing a slow server, until the test ends
-                        return
-                    try:
-                        self.wfile.write(data[offset:offset + 1])
-                        self.wfile.flush()
-                    except OSError:
-                        return
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{path}"
-
-    def close(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server(tmp_path) -> Iterator[SetServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    instance = SetServer(str(root))
-    yield instance
-    instance.close()
-
-
-def publish(server: SetServer, update_set: str, name: str) -> str:
-    """Copy an update set under the server's folder; its URL."""
-    shutil.copytree(update_set, os.path.join(server.root, name))
-    return server.url(name)
 
 # endregion
 # region updating
@@ -286,7 +236,7 @@ def test_only_changed_files_are_downloaded(tmp_path, server) -> None:
     host.use(publish(server, make_set(folder, "1.1", extra={"spam/same.txt": b"same"}), "u"))
     assert host.keepup2date() == UPDATED
     fetched = [line.split()[1] for line in server.requests]
-    assert fetched == ["/u/index.json", "/u/bases/spam/spam.db"]
+    assert fetched == ["/u/index.json", "/u/index.json.sig", "/u/bases/spam/spam.db"]
 
 
 def test_post_update_command_runs_and_its_failure_is_30(tmp_path) -> None:
@@ -336,20 +286,23 @@ def test_a_database_that_does_not_load_is_refused(tmp_path) -> None:
     bases = tmp_path / "broken"
     write(str(bases / "spam" / "spam.db"), b"smtpgw-spam-db\t1\nversion\t6.1\n")  # truncated
     updater.build_update_set(str(bases), str(tmp_path / "broken-set"), version="6.1")
+    sign(str(tmp_path / "broken-set"), key_pair(str(tmp_path)))
     host.use(str(tmp_path / "broken-set"))
     assert host.keepup2date() == CRITICAL
     assert host.snapshot() == before
     assert "not a usable spam database" in host.report_text()
 
 
-def test_an_older_set_is_refused(tmp_path) -> None:
+def test_an_older_signed_set_is_refused(tmp_path, server) -> None:
     folder = str(tmp_path)
     host = installed_host(tmp_path, "2024.03.01-2")
     before = host.snapshot()
-    host.use(make_set(folder, "2024.03.01-1"))
-    assert host.keepup2date() == NO_UPDATE
+    host.use(publish(server, make_set(folder, "2024.03.01-1"), "u"))
+    assert host.keepup2date() == CRITICAL
     assert host.snapshot() == before
-    assert "older than the installed 2024.03.01-2: refused" in host.report_text()
+    assert not host.take_reload_request()
+    assert "version 2024.03.01-1 is older than the installed 2024.03.01-2" in host.report_text()
+    assert not any("spam.db" in line for line in server.requests)  # refused before any download
 
 
 def test_missing_files_of_the_installed_version_are_restored(tmp_path) -> None:
@@ -617,5 +570,306 @@ def test_index_round_trip_and_version_order() -> None:
     index = updater.Index("2005.03.11-1", "2005-03-11", (updater.Entry(**GOOD),), ("2005.03.12-1",))
     assert updater.Index.parse(index.to_bytes(), "index.json") == index
     assert updater.version_key("2005.03.11-1") < updater.version_key("2005.03.11-2") < updater.version_key("2005.4")
+
+# endregion
+# region signatures
+
+
+def assert_refused(host: Host, before: dict[str, bytes], reason: str) -> None:
+    """keepup2date refuses the set: code 10, the bases as they were, no reload asked, ``reason`` reported."""
+    assert host.keepup2date() == CRITICAL
+    assert host.snapshot() == before
+    assert not host.take_reload_request()
+    assert reason in host.report_text()
+    assert "keepup2date finished: 10" in host.report_text()
+
+
+def flip_signature_bit(update_set: str, bit: int) -> None:
+    path = os.path.join(update_set, "index.json.sig")
+    key, signature = read(path).decode().split()
+    raw = bytearray(base64.b64decode(signature))
+    raw[bit // 8] ^= 1 << (bit % 8)
+    write(path, f"{key} {base64.b64encode(bytes(raw)).decode()}\n".encode())
+
+
+def test_a_set_signed_by_an_unknown_key_is_refused(tmp_path, server) -> None:
+    host = installed_host(tmp_path, "30.0")
+    before = host.snapshot()
+    host.use(publish(server, make_set(str(tmp_path), "30.1", signers=(key_pair(str(tmp_path), "stranger"),)), "u"))
+    assert_refused(host, before, "signed only by keys not trusted here")
+    assert not any("spam.db" in line for line in server.requests)  # nothing downloaded past the index
+
+
+@pytest.mark.parametrize("bit", [0, 300, 511])
+def test_a_flipped_signature_bit_is_refused(tmp_path, server, bit) -> None:
+    host = installed_host(tmp_path, "31.0")
+    before = host.snapshot()
+    url = publish(server, make_set(str(tmp_path), "31.1"), "u")
+    flip_signature_bit(os.path.join(server.root, "u"), bit)
+    host.use(url)
+    assert_refused(host, before, "does not verify: the index was changed after signing")
+
+
+def test_an_index_changed_after_signing_is_refused(tmp_path, server) -> None:
+    """Whoever can change what the server holds can point the index at their own spam.db: the
+    signature no longer verifies."""
+    host = installed_host(tmp_path, "32.0")
+    before = host.snapshot()
+    url = publish(server, make_set(str(tmp_path), "32.1"), "u")
+    theirs = make_set(str(tmp_path), "32.2", signers=())
+    write(os.path.join(server.root, "u", "index.json"), read(os.path.join(theirs, "index.json")))
+    spam = os.path.join("bases", "spam", "spam.db")
+    write(os.path.join(server.root, "u", spam), read(os.path.join(theirs, spam)))
+    host.use(url)
+    assert_refused(host, before, "does not verify")
+
+
+def test_a_file_changed_after_signing_is_refused(tmp_path, server) -> None:
+    host = installed_host(tmp_path, "33.0")
+    before = host.snapshot()
+    url = publish(server, make_set(str(tmp_path), "33.1"), "u")
+    served = os.path.join(server.root, "u", "bases", "spam", "spam.db")
+    data = bytearray(read(served))
+    data[-70] ^= 0x01  # same size, one bit of the checksum line: only the SHA-256 tells
+    write(served, bytes(data))
+    host.use(url)
+    assert_refused(host, before, "SHA-256 differs from the index")
+
+
+def test_a_truncated_download_is_refused(tmp_path, server) -> None:
+    host = installed_host(tmp_path, "34.0")
+    before = host.snapshot()
+    host.use(publish(server, make_set(str(tmp_path), "34.1"), "u"))
+    server.cut = "spam.db"
+    assert_refused(host, before, "bytes, the index gives")
+    assert not os.path.exists(host.path("bases.backup"))
+
+
+def test_a_replayed_older_signed_index_is_refused(tmp_path, server) -> None:
+    """A validly signed index of an earlier version, served again (alone or with the new files),
+    must not take a host back."""
+    folder = str(tmp_path)
+    host = Host(str(tmp_path / "host"))
+    old = publish(server, make_set(folder, "35.0"), "old")
+    new = publish(server, make_set(folder, "35.1"), "new")
+    for url in (old, new):
+        host.use(url)
+        assert host.keepup2date() == UPDATED
+    host.take_reload_request()
+    before = host.snapshot()
+    host.use(old)
+    assert_refused(host, before, "version 35.0 is older than the installed 35.1")
+    replay = os.path.join(server.root, "new")
+    for name in ("index.json", "index.json.sig"):
+        shutil.copy(os.path.join(server.root, "old", name), os.path.join(replay, name))
+    host.use(new)
+    assert_refused(host, before, "version 35.0 is older than the installed 35.1")
+
+
+def test_key_rotation_with_two_keys(tmp_path, server) -> None:
+    folder = str(tmp_path)
+    old_key, new_key = key_pair(folder, "old"), key_pair(folder, "new")
+    host = Host(str(tmp_path / "host"), keys=[old_key + ".pub", new_key + ".pub"])
+    host.use(publish(server, make_set(folder, "36.0", signers=(old_key,)), "a"))
+    assert host.keepup2date() == UPDATED
+    host.use(publish(server, make_set(folder, "36.1", signers=(old_key, new_key)), "b"))  # the change-over
+    assert host.keepup2date() == UPDATED
+    assert "signed by ed25519:" in host.report_text()
+    host.use(publish(server, make_set(folder, "36.2", signers=(new_key,)), "c"), keys=[new_key + ".pub"])
+    assert host.keepup2date() == UPDATED
+    assert host.installed_version() == "36.2"
+    host.take_reload_request()
+    before = host.snapshot()
+    host.use(publish(server, make_set(folder, "36.3", signers=(old_key,)), "d"))  # the retired key
+    assert_refused(host, before, "signed only by keys not trusted here")
+
+
+def test_unsigned_sets_are_refused_unless_allowed_for_a_local_folder(tmp_path, server) -> None:
+    folder = str(tmp_path)
+    host = installed_host(tmp_path, "37.0")
+    before = host.snapshot()
+    unsigned = make_set(folder, "37.1", signers=())
+    url = publish(server, unsigned, "u")
+    host.use(url)
+    assert_refused(host, before, "is not signed (")
+    host.extra = {"updater.options": [("AllowUnsigned", "yes")]}
+    host.write_config()
+    assert_refused(host, before, "AllowUnsigned=yes applies to local folders only")
+    badly_signed = make_set(folder, "37.2")
+    flip_signature_bit(badly_signed, 9)
+    host.use(badly_signed)
+    assert_refused(host, before, "does not verify")  # a signature present must verify, allowed or not
+    host.use(unsigned)
+    assert host.keepup2date() == UPDATED
+    assert host.installed_version() == "37.1"
+    text = host.report_text()
+    assert f"UNSIGNED update set accepted from the local folder {unsigned}" in text
+    assert "bases updated to version 37.1 (1 file(s) installed, UNSIGNED (AllowUnsigned))" in text
+
+
+def test_the_shipped_key_is_trusted_when_none_is_configured(tmp_path) -> None:
+    host = installed_host(tmp_path, "38.0")
+    before = host.snapshot()
+    with open(host.config, encoding="utf-8") as handle:
+        text = handle.read()
+    with open(host.config, "w", encoding="utf-8") as handle:
+        handle.write(re.sub(r"PublicKey=.*\n", "", text))
+    args = updater.build_parser().parse_args([])
+    settings = updater.Settings.from_config(updater.load_config(host.config), args)
+    assert settings.keys == signing.shipped_keys()
+    assert settings.keys[0].text == read(os.path.join(REPO, "smtpgw", "keys", "smtpgw-release.pub")).decode().split()[0]
+    host.use(make_set(str(tmp_path), "38.1"))  # signed by the test's key, not the project's
+    text = read(host.config).decode()
+    with open(host.config, "w", encoding="utf-8") as handle:
+        handle.write(re.sub(r"PublicKey=.*\n", "", text))
+    assert_refused(host, before, "signed only by keys not trusted here")
+
+
+def test_public_keys_are_checked_when_the_configuration_loads(tmp_path, capsys) -> None:
+    folder = str(tmp_path)
+    inline = read(key_pair(folder) + ".pub").decode().strip()
+    host = Host(str(tmp_path / "host"), source=make_set(folder, "39.0"), keys=[inline])
+    assert host.keepup2date() == UPDATED
+    off_curve = "ed25519:" + base64.b64encode((2).to_bytes(32, "little")).decode()
+    for bad, problem in (("ed25519:not-a-key", "not base64 of the right length"),
+                         ("keys/missing.pub", "No such file or directory"),
+                         (off_curve, "not a point of Ed25519")):
+        host.use(host.source, keys=[bad])
+        assert host.keepup2date() == CONFIG_INVALID
+        assert re.search(r"smtpgw\.conf:\d+: PublicKey: .*" + re.escape(problem), capsys.readouterr().err)
+
+
+def test_mirror_mode_keeps_the_signature_for_downstream_gateways(tmp_path, server) -> None:
+    folder = str(tmp_path)
+    served = make_set(folder, "41.0")
+    host = Host(str(tmp_path / "mirror-host"), source=publish(server, served, "u"))
+    mirror = str(tmp_path / "mirror")
+    assert host.keepup2date("-u", mirror) == UPDATED
+    for name in ("index.json", "index.json.sig"):  # byte for byte as published
+        assert read(os.path.join(mirror, name)) == read(os.path.join(served, name))
+    os.unlink(os.path.join(mirror, "index.json.sig"))
+    assert host.keepup2date("-u", mirror) == UPDATED  # a mirror missing its signature is repaired
+    assert read(os.path.join(mirror, "index.json.sig")) == read(os.path.join(served, "index.json.sig"))
+    assert host.keepup2date("-u", mirror) == NO_UPDATE
+    other = Host(str(tmp_path / "other"), source=mirror)
+    assert other.keepup2date() == UPDATED  # verified downstream against the same trusted key
+    flip_signature_bit(mirror, 3)
+    assert other.keepup2date("--force") == CRITICAL  # downstream checks the mirror's copy itself
+    assert "does not verify" in other.report_text()
+
+
+def test_a_mirror_host_refuses_to_copy_a_set_it_does_not_trust(tmp_path, server) -> None:
+    folder = str(tmp_path)
+    host = Host(str(tmp_path / "mirror-host"),
+                source=publish(server, make_set(folder, "42.0", signers=(key_pair(folder, "stranger"),)), "u"))
+    mirror = str(tmp_path / "mirror")
+    assert host.keepup2date("-u", mirror) == CRITICAL
+    assert not os.path.exists(os.path.join(mirror, "index.json"))
+
+
+def test_force_downloads_and_verifies_the_same_version_again(tmp_path, server) -> None:
+    folder = str(tmp_path)
+    host = Host(str(tmp_path / "host"), source=publish(server, make_set(folder, "43.0"), "u"))
+    assert host.keepup2date() == UPDATED
+    installed = os.path.join(host.bases, "spam", "spam.db")
+    good = read(installed)
+    write(installed, good[:-10])  # damaged in place: same version, file present
+    assert host.keepup2date() == NO_UPDATE
+    server.requests.clear()
+    assert host.keepup2date("--force") == UPDATED
+    assert read(installed) == good
+    assert [line.split()[1] for line in server.requests] == ["/u/index.json", "/u/index.json.sig",
+                                                             "/u/bases/spam/spam.db"]
+    host.use(publish(server, make_set(folder, "42.9"), "older"))
+    assert host.keepup2date("--force") == CRITICAL  # --force never goes down
+    assert host.installed_version() == "43.0"
+
+
+def test_rollback_from_a_signed_older_set(tmp_path, server) -> None:
+    folder = str(tmp_path)
+    old = publish(server, make_set(folder, "44.0"), "old")
+    host = Host(str(tmp_path / "host"), source=publish(server, make_set(folder, "44.1"), "new"))
+    assert host.keepup2date() == UPDATED
+    assert host.keepup2date("--rollback", "-s", old) == UPDATED
+    index = updater.read_index(os.path.join(host.bases, "index.json"))
+    assert index is not None and (index.version, index.rejected) == ("44.0", ("44.1",))
+    assert host.keepup2date() == NO_UPDATE  # 44.1 is held back
+    unsigned = publish(server, make_set(folder, "43.0", signers=()), "unsigned")
+    assert host.keepup2date("--rollback", "-s", unsigned) == CRITICAL  # a downgrade is verified too
+    assert host.installed_version() == "44.0"
+
+
+def test_every_file_is_read_once_and_the_verified_copy_is_installed(tmp_path, server) -> None:
+    """Time of check = time of use: the index, its signature and each file are fetched once, and
+    what is installed is the copy that was checked (the server changing afterwards changes nothing)."""
+    folder = str(tmp_path)
+    served = make_set(folder, "45.0", extra={"spam/notes.txt": b"notes"})
+    host = Host(str(tmp_path / "host"), source=publish(server, served, "u"))
+    server.hold = "spam.db"  # hold the last file; meanwhile the one already fetched is replaced
+    run = threading.Thread(target=lambda: results.append(host.keepup2date()))
+    results: list[int] = []
+    run.start()
+    try:
+        assert server.holding.wait(30), "keepup2date never asked for spam.db"
+        write(os.path.join(server.root, "u", "bases", "spam", "notes.txt"), b"tampered")
+    finally:
+        server.release.set()
+        run.join(60)
+    assert results == [UPDATED]
+    assert read(os.path.join(host.bases, "spam", "notes.txt")) == b"notes"
+    paths = [line.split()[1] for line in server.requests]
+    assert sorted(paths) == sorted(set(paths)) and len(paths) == 4
+
+# endregion
+# region keys and signed sets from the command line
+
+
+def smtpgw(*args: str, cwd: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(REPO, "smtpgw.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_keygen_and_make_bundle_through_the_command_line(tmp_path) -> None:
+    folder = str(tmp_path)
+    done = smtpgw("keepup2date", "keygen", "--out", "site-keys/site", cwd=folder)
+    assert done.returncode == 0, done.stderr
+    prefix = os.path.join(folder, "site-keys", "site")
+    assert os.stat(prefix).st_mode & 0o777 == 0o600
+    assert os.stat(os.path.dirname(prefix)).st_mode & 0o777 == 0o700
+    public = read(prefix + ".pub").decode()
+    assert public.startswith("ed25519:") and public.endswith(" site\n") and public.split()[0] in done.stdout
+    secret = read(prefix)
+    again = smtpgw("keepup2date", "keygen", "--out", "site-keys/site", cwd=folder)
+    assert again.returncode == CRITICAL and "never overwritten" in again.stderr
+    assert read(prefix) == secret
+
+    bases = os.path.join(folder, "trained")
+    spam_db(os.path.join(bases, "spam", "spam.db"), "46.0")
+    done = smtpgw("keepup2date", "make-bundle", "--key", prefix, "--db", bases, "--out", "bundle", cwd=folder)
+    assert done.returncode == 0, done.stderr
+    assert "version 46.0, 1 file(s)" in done.stdout and "signed by 1 key(s)" in done.stdout
+    host = Host(str(tmp_path / "host"), source=os.path.join(folder, "bundle"), keys=[prefix + ".pub"])
+    assert host.keepup2date() == UPDATED
+    assert host.installed_version() == "46.0"
+
+    os.chmod(prefix, 0o640)
+    done = smtpgw("keepup2date", "make-bundle", "--key", prefix, "--db", bases, "--out", "bundle2", cwd=folder)
+    assert done.returncode == CRITICAL and "readable by its owner only" in done.stderr
+    assert not os.path.exists(os.path.join(folder, "bundle2"))
+    assert smtpgw("keepup2date", "make-bundle", "--db", bases, "--out", "x", cwd=folder).returncode == CONFIG_INVALID
+
+
+def test_make_update_set_signs_with_the_release_key_it_is_given(tmp_path) -> None:
+    folder = str(tmp_path)
+    release, site = key_pair(folder), key_pair(folder, "site")
+    out = os.path.join(folder, "published")
+    done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_update_set.py"),
+                           os.path.join(REPO, "smtpgw", "bases"), out, "--key", release, "--key", site,
+                           "--version", "47.0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(read(os.path.join(out, "index.json.sig")).splitlines()) == 2
+    host = Host(str(tmp_path / "host"), source=out, keys=[site + ".pub"])
+    assert host.keepup2date() == UPDATED
+    assert host.installed_version() == "47.0"
 
 # endregion

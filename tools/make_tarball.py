@@ -32,7 +32,7 @@ import tarfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ("smtpgw.py", "smtpgw.conf.sample", "install.sh", "postinstall.py", "LICENSE", "README.md", "ARCHITECTURE.md")
 FOLDERS = ("smtpgw", "dist")
-REQUIRED_INSIDE = ("smtpgw/bases", "smtpgw/templates")
+REQUIRED_INSIDE = ("smtpgw/bases", "smtpgw/templates", "smtpgw/keys/smtpgw-release.pub")
 EXECUTABLES = frozenset({"smtpgw.py", "install.sh", "postinstall.py", "dist/smtpgw.init"})
 JUNK = ("__pycache__", "*.pyc", "*.pyo", ".*", "*~", "*.swp", "*.tmp", "*.bak", "*.orig", "*.rej")
 
