@@ -200,8 +200,8 @@ class Scanner:
             return  # removed by the admin meanwhile
         self.gw.stats.inc("antiviral_checked_messages")
         for copy in result.copies:
-            for line in copy.events:
-                event(qid, line)
+            for template, values in copy.events:
+                event(qid, template, *values)
             self.gw.stats.inc(f"antiviral_status_{str(copy.notes.get('status', 'clean')).replace(' ', '_')}")
             if "spam_status" in copy.notes:
                 self.gw.stats.inc(f"antispam_status_{str(copy.notes['spam_status']).lower().replace(' ', '_')}")
@@ -252,7 +252,7 @@ class Scanner:
             except OSError as exc:
                 log.error("%s: cannot queue the %s notification: %s", env.id, note.get("kind"), exc)
                 continue
-            event(notice.id, "NOTIFICATION, kind=%s, srcid=%s, to=%s", note.get("kind"), env.id, ",".join(note["to"]))
+            event(notice.id, "NOTIFICATION, kind=%s, srcid=%s, to=%s", note.get("kind"), env.id, note["to"])
             self.gw.message_scanned(notice)
 
     def restart_workers(self) -> None:
