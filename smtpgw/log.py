@@ -134,10 +134,11 @@ def escape(value: object, context: str = BARE) -> str:
     written as ``\\xNN`` (below U+0100, and a byte that was not UTF-8), ``\\uNNNN`` or
     ``\\UNNNNNNNN`` above, as Python's ``backslashreplace``; a backslash is doubled, so
     an escape cannot be faked; printable text (UTF-8 included) stays readable. Then by
-    ``context``, the place the value has in its line: ``QUOTED`` (inside ``"..."``): a double quote becomes ``\\"``; ``BARE``, ``ANGLE``,
-    ``SQUARE``: a value holding a space, a comma, a double quote or its own brackets is
-    written as a quoted string, so it can neither end its field nor add one; ``TEXT``
-    (free text): escaped only. A list or tuple is its items escaped and joined by ``,``.
+    ``context``, the place the value has in its line: ``QUOTED`` (inside ``"..."``): a
+    double quote becomes ``\\"``; ``BARE``, ``ANGLE``, ``SQUARE``: a value holding a space,
+    a comma, a double quote or its own brackets is written as a quoted string, so it can
+    neither end its field nor add one; ``TEXT`` (free text): escaped only. A list or tuple
+    is its items escaped and joined by ``,``.
     """
     if isinstance(value, (list, tuple)):
         return ",".join(escape(item, context) for item in value)

@@ -89,7 +89,7 @@ class Job:
             raw = f.read()
         groups: dict[str, tuple[Any, list[str]]] = {}
         for rcpt in env.pending():
-            group = self.cfg.group_for(env.sender, rcpt.addr)
+            group = self.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
             groups.setdefault(group.name, (group, []))[1].append(rcpt.addr)
         result = ScanResult()
         verdict = None

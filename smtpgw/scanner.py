@@ -65,7 +65,8 @@ class Scanner:
         """A message in WFC: split it when its recipients fall into several groups, then scan."""
         groups: dict[str, list[str]] = {}
         for rcpt in env.pending():
-            groups.setdefault(self.gw.cfg.group_for(env.sender, rcpt.addr).name, []).append(rcpt.addr)
+            group = self.gw.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
+            groups.setdefault(group.name, []).append(rcpt.addr)
         if len(groups) < 2:
             self.submit(env.id, env)
             return
@@ -107,7 +108,7 @@ class Scanner:
             groups: dict[str, list[str]] = {}
             unchecked = True
             for rcpt in env.pending():
-                group = self.gw.cfg.group_for(env.sender, rcpt.addr)
+                group = self.gw.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
                 groups.setdefault(group.name, []).append(rcpt.addr)
                 unchecked = unchecked and not group.Check
             try:

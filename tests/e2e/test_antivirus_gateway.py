@@ -156,6 +156,26 @@ def test_group_split_scans_each_group_by_its_policy(make_gateway, sink, clamd):
     gw.wait_log(r"BLOCKED, rcpt=x@example.test")
 
 
+def test_a_group_by_sender_applies_only_to_mail_from_trusted_clients(make_gateway, sink, clamd):
+    """``Senders=*@example.test Check=false``: a client outside GroupSendersTrusted that writes an
+    internal sender is scanned by the policy (EICAR blocked); a trusted client's mail is the group's."""
+    gw = make_gateway(sink.port, extra={
+        "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
+        "smtpgw.policy": [("Check", "true"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none"),
+                          ("GroupSendersTrusted", "127.0.0.1")],
+        "smtpgw.group:internal": [("Senders", "*@example.test"), ("Check", "false")],
+    })
+    with smtplib.SMTP("127.0.0.1", gw.port, source_address=("127.0.0.2", 0)) as outside:  # RelayRule: to us only
+        outside.sendmail("ceo@example.test", ["x@example.test"], infected_message())
+    gw.wait_log(r'AV-SCANNED, group=policy, status="infected"')
+    gw.wait_log(r"BLOCKED, rcpt=x@example.test")
+    with smtplib.SMTP("127.0.0.1", gw.port) as inside:
+        inside.sendmail("ceo@example.test", ["y@example.test"], infected_message())
+    gw.wait_log(r'AV-SCANNED, group=internal, status="not scanned"')
+    [got] = sink.wait_for(1)
+    assert got.recipients == ["y@example.test"]
+
+
 def test_disclaimer_statistics_and_strict_standards(make_gateway, sink, clamd):
     gw = make_gateway(sink.port, extra={
         "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
