@@ -163,9 +163,9 @@ class Job:
     def _av_statistics(self, env: Envelope, rcpts: list[str], av: Any) -> None:
         """Time, Size, Sender, Recipients, Status, VirusList, IP, Message-id (kmg-spec §7.3)."""
         when = time.strftime("%Y-%m-%d %H:%M:%S")
-        lines = ["\t".join([when, str(o.size), env.sender, ",".join(rcpts), o.status, ",".join(o.virus_names),
-                            env.client_ip, env.message_id or ""]) for o in av.objects]
-        stats.write_av_statistics(self.cfg.options.AVStatistics, lines)
+        rows = [[when, o.size, env.sender, ",".join(rcpts), o.status, ",".join(o.virus_names),
+                 env.client_ip, env.message_id or ""] for o in av.objects]
+        stats.write_av_statistics(self.cfg.options.AVStatistics, rows)
 
     def _notifications(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], av: Any, index: int) -> list[dict[str, Any]]:
         """Notification messages (kmg-spec §1.3, §5.1), written where the main process picks them up."""

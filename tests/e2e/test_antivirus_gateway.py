@@ -182,7 +182,8 @@ def test_disclaimer_statistics_and_strict_standards(make_gateway, sink, clamd):
         "smtpgw.options": [("AVStatistics", "var/avstats.log"), ("StrictStandards", "true")],
         "smtpgw.policy": [("Check", "true"), ("AddDisclaimer", "true")],
     })
-    good = b"From: a@b.test\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\nSubject: proper\r\n\r\nhello\r\n"
+    good = (b"From: a@b.test\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <m\x1b[2J@b.test>\r\n"
+            b"Subject: proper\r\n\r\nhello\r\n")
     send(gw, good)
     send(gw, b"From: a@b.test\r\nSubject: no date\r\n\r\nhello\r\n")
     [got] = sink.wait_for(1)
@@ -192,9 +193,12 @@ def test_disclaimer_statistics_and_strict_standards(make_gateway, sink, clamd):
     assert parts[0].get_content().strip() == "hello" and len(parts) == 2  # the disclaimer is the last part
     gw.wait_log(r'BLOCKED, rcpt=x@example.test, size=\d+, reason="StrictStandards: no Date field')
     stats_path = os.path.join(gw.folder, "var", "avstats.log")
-    lines = wait_until(lambda: os.path.exists(stats_path) and open(stats_path).read().splitlines(), 10, "AV statistics")
-    fields = lines[0].split("\t")
-    assert len(fields) == 8 and fields[2] == "a@b.test" and fields[4] == "clean" and fields[6] == "127.0.0.1"
+    escaped_id = r"<m\x1b[2J@b.test>"  # escaped as in the log: no control byte reaches the file
+    text = wait_until(lambda: os.path.exists(stats_path) and escaped_id in open(stats_path).read()
+                      and open(stats_path).read(), 10, "AV statistics")
+    rows = [line.split("\t") for line in text.splitlines()]
+    assert all(len(row) == 8 and row[2] == "a@b.test" and row[4] == "clean" and row[6] == "127.0.0.1" for row in rows)
+    assert escaped_id in [row[7] for row in rows], rows
 
 
 def test_recipient_notifications_do_not_disclose_the_other_recipients(av_gateway, sink):
