@@ -14,6 +14,7 @@ no control byte reaches the file, and no value can end its field or line early.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -29,8 +30,11 @@ _SUSPECT = re.compile(r"[^\x20-\x5b\x5d-\x7e]")
 # in <...>, in [...] or in "..."; a bare or bracketed value holding one of the characters that
 # could end it (or start another field) is written as a quoted string instead (``escape``).
 BARE, ANGLE, SQUARE, QUOTED, TEXT = "", "<", "[", '"', "text"
-_ENDS = {BARE: ' ,"', ANGLE: ' ,"<>', SQUARE: ' ,"[]'}
-_CONVERSION = re.compile(r"%[sd%]")
+_ENDS = {BARE: re.compile(r'[ ,"]'), ANGLE: re.compile(r'[ ,"<>]'), SQUARE: re.compile(r'[ ,"\[\]]')}
+# a printf conversion as logging uses them: %s, %d, %.1f, %r, %(name)s, %%
+_CONVERSION = re.compile(r"%(\([^)]*\))?([-#0 +]*\d*(?:\.\d+)?)([diouxXeEfFgGcrsa%])")
+
+_MISSING = object()
 
 root = logging.getLogger("smtpgw")
 events = logging.getLogger("smtpgw.events")
@@ -54,26 +58,16 @@ class LineFormatter(logging.Formatter):
 
 
 def free_text(record: logging.LogRecord) -> str:
-    """A message that is not an event line: its arguments (a next hop's reply, a HELO name, an
-    exception's text) are escaped as text (control bytes as \\xNN, no quoting: free text has no
-    fields), numbers are left to their conversions; a message without arguments is escaped whole."""
-    args = record.args
-    if not args:
+    """A message that is not an event line, rendered by ``render``: its values (a next hop's
+    reply, a HELO name, an exception's text) escaped as text (no quoting: free text has no
+    fields) unless the message puts them in ``<>``, ``[]`` or ``""``; one without values is
+    escaped whole."""
+    if not record.args:
         return escape(record.msg, TEXT)
-    if isinstance(args, dict):
-        safe: object = {key: _text_arg(value) for key, value in args.items()}
-    else:
-        safe = tuple(_text_arg(value) for value in args)
     try:
-        return str(record.msg) % safe
+        return render(str(record.msg), record.args, TEXT)
     except (TypeError, ValueError, KeyError):  # a bad format string still logs what it was given
-        return escape(f"{record.msg} {args!r}", TEXT)
-
-
-def _text_arg(value: object) -> object:
-    if isinstance(value, (int, float)):
-        return value
-    return escape(value, TEXT)
+        return escape(f"{record.msg} {record.args!r}", TEXT)
 
 
 class BufferedFileHandler(logging.FileHandler):
@@ -150,7 +144,7 @@ def escape(value: object, context: str = BARE) -> str:
     if context == QUOTED:
         return text.replace('"', '\\"')
     ends = _ENDS.get(context)
-    if ends is not None and any(c in ends for c in text):
+    if ends is not None and ends.search(text):
         return '"' + text.replace('"', '\\"') + '"'
     return text
 
@@ -170,22 +164,55 @@ def _escape_char(found: re.Match[str]) -> str:
 
 
 def line(template: str, *args: object) -> str:
-    """An event line from its template (our own text: ``%s`` and ``%d`` conversions, ``%%``)
-    and its values: each ``%s`` value is escaped for the place the template gives it (after
-    ``<``, ``[`` or ``"``, else bare), each ``%d`` value is written as an integer."""
-    values = iter(args)
+    """An event line from its template (our own text) and its values (``render``): a value that
+    the template does not put in ``<>``, ``[]`` or ``""`` is quoted when it holds a separator."""
+    return render(template, args, BARE)
 
-    def convert(found: re.Match[str]) -> str:
-        kind = found.group()
-        if kind == "%%":
-            return "%"
-        value = next(values, "")
-        if kind == "%d" and isinstance(value, int):
-            return str(int(value))
+
+def render(template: str, args: tuple[object, ...] | dict[str, object], default: str) -> str:
+    """``template % args``, each value escaped for its place (``escape``): a text conversion
+    (``%s``, ``%r``) right after ``<``, ``[`` or ``"`` in the template gets that context, any
+    other the ``default``; a number conversion formats its number, and a value that is not
+    one is written as text. KeyError or TypeError when values and conversions do not agree."""
+    literals, conversions = _parsed(template)
+    values = iter(args) if isinstance(args, tuple) else iter(())
+    out = [literals[0]]
+    for (key, spec, kind, place), literal in zip(conversions, literals[1:]):
+        value = args[key] if key is not None and isinstance(args, dict) else next(values, _MISSING)
+        if value is _MISSING:
+            raise TypeError(f"not enough values for {template!r}")
+        if kind in "sra":
+            text = value if kind == "s" else repr(value) if kind == "r" else ascii(value)
+            out.append(escape(text, place or default))
+        else:
+            try:
+                out.append(spec % (value,))
+            except (TypeError, ValueError):
+                out.append(escape(value, default))
+        out.append(literal)
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(template: str) -> tuple[list[str], list[tuple[str | None, str, str, str]]]:
+    """A template cut at its conversions: the literal texts (``%%`` made ``%``) around them, and
+    per conversion its mapping key, its spec without the key, its kind and the place it has
+    (``<``, ``[`` or ``"`` right before it, else "")."""
+    literals, conversions, text, pos = [], [], "", 0
+    for found in _CONVERSION.finditer(template):
+        key, flags, kind = found.groups()
+        text += template[pos : found.start()]
+        pos = found.end()
+        if kind == "%":
+            text += "%"
+            continue
         before = template[found.start() - 1] if found.start() else ""
-        return escape(value, before if before in (ANGLE, SQUARE, QUOTED) else BARE)
-
-    return _CONVERSION.sub(convert, template)
+        conversions.append((key[1:-1] if key else None, f"%{flags}{kind}", kind,
+                            before if before in (ANGLE, SQUARE, QUOTED) else ""))
+        literals.append(text)
+        text = ""
+    literals.append(text + template[pos:])
+    return literals, conversions
 
 
 Event = tuple[str, list]  # (template, values) of an event line made in a scanner worker, logged by the gateway

@@ -129,3 +129,16 @@ def test_an_event_line_is_written_once_escaped(log_file: str) -> None:
     log.event("ABC\x1b", 'RELEASED, from=<%s>, reason="%s"', "a\\b@x", "q\"\x07")
     [text] = written(log_file)
     assert re.fullmatch(r'\[[-0-9 :]+ I\] ABC\\x1b: RELEASED, from=<a\\\\b@x>, reason="q\\"\\x07"', text), text
+
+
+def test_free_text_values_in_brackets_or_quotes_are_escaped_for_that_place(log_file: str) -> None:
+    logger = logging.getLogger("smtpgw.receiver")
+    logger.info('relay denied: client=[%s] rcpt=<%s> said "%s" %r', "127.0.0.1", '"a> rule=allow"@x',
+                'q"uote', "r\x07")
+    logger.info("mapping %(who)s <%(addr)s>", {"who": "a b", "addr": "x>y"})
+    logger.info("too few %s %s", "one")
+    lines = written(log_file)
+    assert lines[0].endswith(r'relay denied: client=[127.0.0.1] rcpt=<"\"a> rule=allow\"@x"> said "q\"uote" '
+                             r"'r\\x07'"), lines[0]
+    assert lines[1].endswith('mapping a b <"x>y">'), lines[1]
+    assert lines[2].endswith("too few %s %s ('one',)"), lines[2]
