@@ -140,8 +140,10 @@ def test_an_oversized_request_file_is_refused_unread(gateway, sink):
         f.truncate(400 * 1024 * 1024)  # sparse: as large as it gets to the reader, no disk used
     os.rename(big + ".tmp", big)
     gateway.wait_log(r"control request \.q_big refused and removed: 419430400 bytes, more than 1048576")
+    answer = os.path.join(gateway.control_path, ".a_big")
+    wait_until(lambda: os.path.exists(answer), 10, "the answer to .q_big")  # written after the log line
     assert not os.path.exists(big)
-    with open(os.path.join(gateway.control_path, ".a_big"), "rb") as f:
+    with open(answer, "rb") as f:
         assert json.load(f)["code"] == 1
     assert peak_rss_kib(gateway.proc.pid) < 200 * 1024  # never anywhere near the file's size
     assert RawClient(gateway.port).reply()[0] == 220
