@@ -40,7 +40,7 @@ from typing import Any
 
 from smtpgw import PRODUCT, __version__, headers, mime, notify
 from smtpgw.av import ClamdPool, ScannerUnavailable, Verdict
-from smtpgw.log import quoted
+from smtpgw.log import Event, quoted
 from smtpgw.policy import (
     CLEAN,
     ERROR,
@@ -331,14 +331,12 @@ def scan_message(
     return _finish(result, rebuilt, group, _engine_text(clamd_pool, verdicts), now)
 
 
-def av_log_line(result: AVResult) -> str:
+def av_log_event(result: AVResult) -> Event:
     """``AV-SCANNED, group=<name>, status="...", names="..."`` (kmg-spec §7.1),
-    followed by ``reasons="..."`` when a message-level action fired."""
-    line = (
-        f'AV-SCANNED, group={quoted(result.group)}, status="{result.status}", '
-        f'names="{quoted(", ".join(result.virus_names))}"'
-    )
+    followed by ``reasons="..."`` when a message-level action fired (see ``log.line``)."""
+    template = 'AV-SCANNED, group=%s, status="%s", names="%s"'
+    values: list[object] = [result.group, result.status, ", ".join(result.virus_names)]
     if result.reasons:
-        reasons = "; ".join(f"{key}: {why}" for key, why in result.reasons.items())
-        line += f', reasons="{quoted(reasons)}"'
-    return line
+        template += ', reasons="%s"'
+        values.append("; ".join(f"{key}: {why}" for key, why in result.reasons.items()))
+    return template, values

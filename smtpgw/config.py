@@ -22,8 +22,12 @@ Groups: ``[smtpgw.group:NAME]`` takes Senders and Recipients (address masks;
 an omitted one matches every address, the null sender ``<>`` included) and any
 [smtpgw.policy] key; omitted keys are inherited from [smtpgw.policy] (a list
 set in a group replaces the policy's list). ``Config.group_for(sender,
-recipient)`` returns the first group in file order whose masks match both, or
-the policy itself (named "policy").
+recipient, client)`` returns the first group in file order whose masks match both, or
+the policy itself (named "policy"). The envelope sender is the client's word: a
+group's Senders (unless it admits every sender) is believed only for mail whose
+client address falls in the group's ``GroupSendersTrusted`` IP masks (a policy key,
+so [smtpgw.policy] sets the default; loopback unless set); from anywhere else
+such a group is not chosen.
 
 Our choices where the reference is silent are documented in smtpgw.conf.sample.
 """
@@ -44,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from smtpgw import access, routing, signing
-from smtpgw.masks import match_any, parse_ip_mask
+from smtpgw.masks import client_address, match_any, parse_ip_mask
 
 __all__ = ["SCHEMA", "Config", "ConfigError", "Group", "Param", "Section", "check_config", "load_config"]
 
@@ -56,6 +60,9 @@ PACKAGE = os.path.dirname(os.path.abspath(__file__))
 STATUSES = ("disinfected", "infected", "suspicious", "protected", "error", "filtered")
 GROUP_PREFIX = "smtpgw.group:"
 ANY_ADDRESS = "*"  # what an omitted Senders / Recipients matches (the reference's *@*)
+# whose word on the envelope sender a group's Senders= believes by default: this host only,
+# as Postfix's mynetworks_style=host
+TRUSTED_BY_DEFAULT = ["127.0.0.0/8", "::1"]
 
 
 class ConfigError(ValueError):
@@ -426,6 +433,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.policy", "AddDisclaimer", BOOL, "", False),
     P("smtpgw.policy", "ActionSpam", CHOICE, _SPAM_ACTION, "tag"),
     P("smtpgw.policy", "ActionProbableSpam", CHOICE, _SPAM_ACTION, "tag"),
+    P("smtpgw.policy", "GroupSendersTrusted", IPS, "", TRUSTED_BY_DEFAULT, "rf"),
     P("smtpgw.group", "Senders", ADDRESSES, "", [ANY_ADDRESS], "rf"),
     P("smtpgw.group", "Recipients", ADDRESSES, "", [ANY_ADDRESS], "rf"),
     P("updater.path", "UploadPatchPath", PATH),
@@ -500,13 +508,30 @@ class Group(Section):
         super().__init__(title, values, wheres)
         self.name = name
 
-    def matches(self, sender: str, recipient: str) -> bool:
-        """Both masks match; ``*`` (an omitted Senders/Recipients) also matches ``<>`` (empty)."""
-        return _matches(self.Senders, sender) and _matches(self.Recipients, recipient)
+    def matches(self, sender: str, recipient: str, client: str | None) -> bool:
+        """Both masks match; ``*`` (an omitted Senders/Recipients) also matches ``<>`` (empty).
+        Senders that do not admit every sender match only mail from a ``GroupSendersTrusted``
+        client: anyone else can write any sender, so for them the sender proves nothing."""
+        if not _matches(self.Recipients, recipient):
+            return False
+        if _admits_everyone(self.Senders):
+            return True
+        return self.trusts(client) and match_any(self.Senders, sender)
+
+    def trusts(self, client: str | None) -> bool:
+        """``client`` (an address, or None / "" for mail that came from no client) is in
+        GroupSendersTrusted."""
+        address = client_address(client)
+        return address is not None and any(parse_ip_mask(mask).matches(address) for mask in self.GroupSendersTrusted)
 
 
 def _matches(masks: list[str], address: str) -> bool:
     return ANY_ADDRESS in masks or match_any(masks, address)
+
+
+def _admits_everyone(masks: list[str]) -> bool:
+    """``*`` or ``*@*`` (every sender but ``<>``): no sender a client could write is left out."""
+    return any(mask.replace("*", "") in ("", "@") for mask in masks)
 
 
 class Config:
@@ -535,10 +560,11 @@ class Config:
         self.__dict__.update(sections)
         self.groups = groups
 
-    def group_for(self, sender: str, recipient: str) -> Group:
-        """The first [smtpgw.group:NAME] matching (sender, recipient), else the policy."""
+    def group_for(self, sender: str, recipient: str, client: str | None) -> Group:
+        """The first [smtpgw.group:NAME] matching (sender, recipient) for mail from the client
+        address ``client`` (see ``Group.matches``), else the policy."""
         for group in self.groups:
-            if group.matches(sender, recipient):
+            if group.matches(sender, recipient, client):
                 return group
         return self.policy
 

@@ -7,8 +7,11 @@ reference's command files (``.c_stats``, ``.c_recv_on``/``.c_recv_off``,
 requests (``.q_<nonce>`` JSON files written by ``smtpgw.py queue ...``) with an
 answer file ``.a_<nonce>``, so that only the gateway changes queue states.
 
-Must never: execute a file twice (it is deleted before the command runs), or
-act on a request it cannot parse (it answers with an error instead).
+Must never: execute a file twice (it is deleted before the command runs), act
+on a request it cannot parse (it answers with an error instead), or block the
+event loop on a control file: a command file is never read, a request is read
+only when it is a regular file of at most ``MAX_REQUEST`` bytes (opened without
+following a link and without waiting, so a FIFO put there cannot stall it).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ log = logging.getLogger("smtpgw.control")
 # its scan is discarded when it comes back. SPL and SND are short steps the gateway finishes.
 REMOVABLE = (WFC, CHK, WFS, QUE)
 REMOVED_BY_ALL = (WFC, WFS, QUE)  # ``queue remove-all``: what is not being processed
+# A request is one JSON object: an operation and a queue ID, or a release with its recipients
+# (MaximalRecipients addresses of at most 256 octets, RFC 5321 §4.5.3.1.3). Larger is not ours.
+MAX_REQUEST = 1024 * 1024
 # klmailq / klmaila return codes (kmg-spec §4.7)
 DONE, BAD_ARGS, UNREADABLE, SYSTEM_ERROR, NOT_PERFORMED = 0, 1, 2, 3, 4
 
@@ -135,11 +141,14 @@ class Control:
     # -- queue requests -----------------------------------------------------------
     def _request(self, path: str, nonce: str) -> None:
         try:
-            with open(path, "rb") as f:
-                request = json.load(f)
+            request = json.loads(read_request(path))
             op = request["op"]
             qid = request.get("id")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except RequestTooLarge as exc:
+            log.error("control request .q_%s refused and removed: %s", nonce, exc)
+            self._answer(path, nonce, BAD_ARGS, f"request refused: {exc}")
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             self._answer(path, nonce, BAD_ARGS, f"unreadable request: {exc}")
             return
         if op == "release":
@@ -248,6 +257,31 @@ def remove_record(queue: Queue, qid: str, state: str) -> None:
             env = queue.load(QUE, copy)
             if env is not None and env.srcid == qid:
                 queue.remove(copy, QUE)
+
+
+class RequestTooLarge(ValueError):
+    """A request file larger than any request the command line writes."""
+
+
+def read_request(path: str, limit: int = MAX_REQUEST) -> bytes:
+    """The bytes of the request file ``path``: at most ``limit`` of them are ever read.
+
+    Opened without following a symlink (O_NOFOLLOW) and without waiting (O_NONBLOCK: a FIFO
+    or device swapped in after the listing must not block the loop), then checked on the
+    open descriptor: it must be a regular file no larger than ``limit``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{os.path.basename(path)} is not a regular file")
+        if info.st_size > limit:
+            raise RequestTooLarge(f"{info.st_size} bytes, more than {limit}")
+        data = os.read(fd, limit + 1)  # one read: a regular file is read at once, and never blocks
+        if len(data) > limit:  # grown since fstat
+            raise RequestTooLarge(f"more than {limit} bytes")
+        return data
+    finally:
+        os.close(fd)
 
 
 def _is_regular(path: str) -> bool:

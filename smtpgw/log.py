@@ -3,13 +3,18 @@
 Owns: the log file (or stderr in the foreground), the line format
 ``[date time L] queue-id: MESSAGE`` for per-message events and
 ``[date time L]: MESSAGE`` otherwise (L = first letter of the level), and
-reopening the file on HUP so logrotate can move it.
+reopening the file on HUP so logrotate can move it; ``escape``, the one function
+every value written to the log goes through, and the event-line builder that
+applies it to each field (``EVENT, name=value, name=<value>, name="value"``).
 
-Must never: raise into the caller because the log file went away.
+Must never: raise into the caller because the log file went away, or write a
+value taken from a peer (HELO, addresses, Message-ID, a next hop's reply) raw:
+no control byte reaches the file, and no value can end its field or line early.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -19,6 +24,17 @@ LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.IN
 _LETTER = {logging.DEBUG: "D", logging.INFO: "I", logging.WARNING: "W", logging.ERROR: "E", logging.CRITICAL: "C"}
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\"]")
+# anything but printable ASCII other than the backslash: looked at one character at a time
+_SUSPECT = re.compile(r"[^\x20-\x5b\x5d-\x7e]")
+# The field grammar of an event line: fields are separated by ", ", a value is written bare,
+# in <...>, in [...] or in "..."; a bare or bracketed value holding one of the characters that
+# could end it (or start another field) is written as a quoted string instead (``escape``).
+BARE, ANGLE, SQUARE, QUOTED, TEXT = "", "<", "[", '"', "text"
+_ENDS = {BARE: re.compile(r'[ ,"]'), ANGLE: re.compile(r'[ ,"<>]'), SQUARE: re.compile(r'[ ,"\[\]]')}
+# a printf conversion as logging uses them: %s, %d, %.1f, %r, %(name)s, %%
+_CONVERSION = re.compile(r"%(\([^)]*\))?([-#0 +]*\d*(?:\.\d+)?)([diouxXeEfFgGcrsa%])")
+
+_MISSING = object()
 
 root = logging.getLogger("smtpgw")
 events = logging.getLogger("smtpgw.events")
@@ -33,11 +49,25 @@ class LineFormatter(logging.Formatter):
         when = self.formatTime(record, self.stamp)
         letter = _LETTER.get(record.levelno, "I")
         qid = getattr(record, "qid", None)
-        text = record.getMessage().replace("\n", " ").replace("\r", " ")
-        line = f"[{when} {letter}] {qid}: {text}" if qid else f"[{when} {letter}]: {text}"
+        text = record.getMessage() if getattr(record, "built", False) else free_text(record)
+        line = f"[{when} {letter}] {escape(qid)}: {text}" if qid else f"[{when} {letter}]: {text}"
         if record.exc_info:
-            line += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+            trace = self.formatException(record.exc_info).splitlines()
+            line += " | " + " | ".join(escape(part, TEXT) for part in trace)
         return line
+
+
+def free_text(record: logging.LogRecord) -> str:
+    """A message that is not an event line, rendered by ``render``: its values (a next hop's
+    reply, a HELO name, an exception's text) escaped as text (no quoting: free text has no
+    fields) unless the message puts them in ``<>``, ``[]`` or ``""``; one without values is
+    escaped whole."""
+    if not record.args:
+        return escape(record.msg, TEXT)
+    try:
+        return render(str(record.msg), record.args, TEXT)
+    except (TypeError, ValueError, KeyError):  # a bad format string still logs what it was given
+        return escape(f"{record.msg} {record.args!r}", TEXT)
 
 
 class BufferedFileHandler(logging.FileHandler):
@@ -90,13 +120,112 @@ def setup(path: str | None, level: str = "info", date_format: str = "%Y-%m-%d", 
     root.propagate = False
 
 
-def event(qid: str, text: str, *args: object, level: int = logging.INFO) -> None:
-    """A per-message event line: RECEIVED, SCANNED, SPLITTED, DELIVERED, BLOCKED, ..."""
-    events.log(level, text, *args, extra={"qid": qid})
+def escape(value: object, context: str = BARE) -> str:
+    """The one function every value written to the log goes through.
+
+    Any character that is not printable (C0 controls, DEL, C1 controls, and the other
+    non-printable code points, such as bidirectional overrides and line separators) is
+    written as ``\\xNN`` (below U+0100, and a byte that was not UTF-8), ``\\uNNNN`` or
+    ``\\UNNNNNNNN`` above, as Python's ``backslashreplace``; a backslash is doubled, so
+    an escape cannot be faked; printable text (UTF-8 included) stays readable. Then by
+    ``context``, the place the value has in its line: ``QUOTED`` (inside ``"..."``): a
+    double quote becomes ``\\"``; ``BARE``, ``ANGLE``, ``SQUARE``: a value holding a space,
+    a comma, a double quote or its own brackets is written as a quoted string, so it can
+    neither end its field nor add one; ``TEXT`` (free text): escaped only. A list or tuple
+    is its items escaped and joined by ``,``.
+    """
+    if isinstance(value, (list, tuple)):
+        return ",".join(escape(item, context) for item in value)
+    if isinstance(value, (bytes, bytearray)):
+        text = bytes(value).decode("utf-8", "surrogateescape")
+    else:
+        text = value if isinstance(value, str) else str(value)
+    text = _SUSPECT.sub(_escape_char, text)
+    if context == QUOTED:
+        return text.replace('"', '\\"')
+    ends = _ENDS.get(context)
+    if ends is not None and ends.search(text):
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
+
+
+def _escape_char(found: re.Match[str]) -> str:
+    char = found.group()
+    if char == "\\":
+        return "\\\\"
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape): the byte itself
+        code -= 0xDC00
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return char.encode("ascii", "backslashreplace").decode("ascii")  # \\uNNNN, \\UNNNNNNNN
+
+
+def line(template: str, *args: object) -> str:
+    """An event line from its template (our own text) and its values (``render``): a value that
+    the template does not put in ``<>``, ``[]`` or ``""`` is quoted when it holds a separator."""
+    return render(template, args, BARE)
+
+
+def render(template: str, args: tuple[object, ...] | dict[str, object], default: str) -> str:
+    """``template % args``, each value escaped for its place (``escape``): a text conversion
+    (``%s``, ``%r``) right after ``<``, ``[`` or ``"`` in the template gets that context, any
+    other the ``default``; a number conversion formats its number, and a value that is not
+    one is written as text. KeyError or TypeError when values and conversions do not agree."""
+    literals, conversions = _parsed(template)
+    values = iter(args) if isinstance(args, tuple) else iter(())
+    out = [literals[0]]
+    for (key, spec, kind, place), literal in zip(conversions, literals[1:]):
+        value = args[key] if key is not None and isinstance(args, dict) else next(values, _MISSING)
+        if value is _MISSING:
+            raise TypeError(f"not enough values for {template!r}")
+        if kind in "sra":
+            text = value if kind == "s" else repr(value) if kind == "r" else ascii(value)
+            out.append(escape(text, place or default))
+        else:
+            try:
+                out.append(spec % (value,))
+            except (TypeError, ValueError):
+                out.append(escape(value, default))
+        out.append(literal)
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(template: str) -> tuple[list[str], list[tuple[str | None, str, str, str]]]:
+    """A template cut at its conversions: the literal texts (``%%`` made ``%``) around them, and
+    per conversion its mapping key, its spec without the key, its kind and the place it has
+    (``<``, ``[`` or ``"`` right before it, else "")."""
+    literals, conversions, text, pos = [], [], "", 0
+    for found in _CONVERSION.finditer(template):
+        key, flags, kind = found.groups()
+        text += template[pos : found.start()]
+        pos = found.end()
+        if kind == "%":
+            text += "%"
+            continue
+        before = template[found.start() - 1] if found.start() else ""
+        conversions.append((key[1:-1] if key else None, f"%{flags}{kind}", kind,
+                            before if before in (ANGLE, SQUARE, QUOTED) else ""))
+        literals.append(text)
+        text = ""
+    literals.append(text + template[pos:])
+    return literals, conversions
+
+
+Event = tuple[str, list]  # (template, values) of an event line made in a scanner worker, logged by the gateway
+
+
+def event(qid: str, template: str, *args: object, level: int = logging.INFO) -> None:
+    """A per-message event line: RECEIVED, SCANNED, SPLITTED, DELIVERED, BLOCKED, ...,
+    built by ``line``: every value escaped, so none can forge a field or a line."""
+    events.log(level, line(template, *args), extra={"qid": qid, "built": True})
 
 
 def quoted(text: str) -> str:
-    """The inside of a ``name="..."`` field (kmg-spec §7.1: ``status="..."``, ``names="..."``):
-    one line without control characters or double quotes, so that text taken from a message
-    (file names, addresses, tokens) can neither end the field early nor fake the fields after it."""
+    """Text from a message (file names, virus names) made one line without control characters
+    or double quotes, for a header field that quotes it (X-Anti-Virus). Not for the log: there
+    every value goes through ``escape``, which keeps what was there, escaped, instead."""
     return " ".join(_UNSAFE.sub(" ", text).split())

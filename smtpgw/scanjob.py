@@ -26,7 +26,7 @@ from smtpgw import antivirus, headers, notify, stats
 from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, load_config
 from smtpgw.ichecker import IChecker
-from smtpgw.log import quoted
+from smtpgw.log import Event
 from smtpgw.queue import Envelope, Queue, write_durably
 from smtpgw.spam import BLACKLISTED, PROBABLE_SPAM, SPAM, SpamFilter, SpamVerdict, as_log_fields, mark
 from smtpgw.spam.database import DatabaseError
@@ -43,7 +43,7 @@ class CopyResult:
     recipients: list[str]
     blocked: bool = False
     rewritten: str | None = None  # a new message file written by the worker, or None: unchanged
-    events: list[str] = field(default_factory=list)  # log lines (AV-SCANNED, AS-SCANNED, BLOCKED...)
+    events: list[Event] = field(default_factory=list)  # log events (AV-SCANNED, AS-SCANNED, BLOCKED...)
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,7 +60,7 @@ class ScanResult:
 def not_scanned(group: str, rcpts: list[str]) -> CopyResult:
     """kmg-spec §3.13: a group with Check=false passes its mail through unchanged."""
     return CopyResult(group=group, recipients=rcpts, notes={"status": "not scanned"},
-                      events=[f'AV-SCANNED, group={group}, status="not scanned", names="", nrcpt={len(rcpts)}'])
+                      events=[('AV-SCANNED, group=%s, status="not scanned", names="", nrcpt=%d', [group, len(rcpts)])])
 
 
 def spam_action_for(group: Any, verdict: SpamVerdict) -> str:
@@ -89,7 +89,7 @@ class Job:
             raw = f.read()
         groups: dict[str, tuple[Any, list[str]]] = {}
         for rcpt in env.pending():
-            group = self.cfg.group_for(env.sender, rcpt.addr)
+            group = self.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
             groups.setdefault(group.name, (group, []))[1].append(rcpt.addr)
         result = ScanResult()
         verdict = None
@@ -113,20 +113,22 @@ class Job:
         spam_action = "pass"
         if verdict is not None:
             spam_action = spam_action_for(group, verdict)
-            copy.events.append(f"AS-SCANNED, group={group.name}, nrcpt={len(rcpts)}, {as_log_fields(verdict)}, "
-                               f'action={spam_action}, reasons="{quoted("; ".join(verdict.reasons)[:300])}"')
+            fields, values = as_log_fields(verdict)
+            copy.events.append((f'AS-SCANNED, group=%s, nrcpt=%d, {fields}, action=%s, reasons="%s"',
+                                [group.name, len(rcpts), *values, spam_action, "; ".join(verdict.reasons)[:300]]))
             if spam_action in ("block", "quarantine"):
                 copy.blocked = True
                 copy.notes = {"status": "clean", "spam_status": verdict.status}
-                copy.events.append(f'BLOCKED, rcpt={",".join(rcpts)}, size={env.size}, reason="{verdict.status}, '
-                                   f'ActionSpam={spam_action}"')
+                copy.events.append(('BLOCKED, rcpt=%s, size=%d, reason="%s, ActionSpam=%s"',
+                                    [rcpts, env.size, verdict.status, spam_action]))
                 if spam_action == "quarantine" and group.QuarantinePath:
                     Store(group.QuarantinePath).put(env.id, raw, env.as_dict(), status_for_verdict(verdict.status),
                                                     f"{verdict.status}, score {verdict.score:.4f}")
                 return copy
             marked = mark(raw, verdict, self.cfg.antispam, spam_action)  # X-SpamTest-* fields, tagged Subject
         av = antivirus.scan_message(marked, group, self.cfg.ave, self.clamd, self.cfg.base.TemplatesPath)
-        copy.events.append(antivirus.av_log_line(av) + f", nrcpt={len(rcpts)}")
+        template, values = antivirus.av_log_event(av)
+        copy.events.append((template + ", nrcpt=%d", [*values, len(rcpts)]))
         copy.notes = {"status": av.status, "virus_names": list(av.virus_names)}
         if verdict is not None:
             copy.notes["spam_status"] = verdict.status
@@ -145,7 +147,7 @@ class Job:
                 sorted({o.decision for o in av.objects if o.action != "pass"})))
         if av.blocked:
             copy.blocked = True
-            copy.events.append(f'BLOCKED, rcpt={",".join(rcpts)}, size={env.size}, reason="{quoted(av.block_reason)}"')
+            copy.events.append(('BLOCKED, rcpt=%s, size=%d, reason="%s"', [rcpts, env.size, av.block_reason]))
         else:
             message = av.message
             if group.AddDisclaimer:  # kmg-spec §5.4: the group's disclaimer as a last text part
@@ -161,9 +163,9 @@ class Job:
     def _av_statistics(self, env: Envelope, rcpts: list[str], av: Any) -> None:
         """Time, Size, Sender, Recipients, Status, VirusList, IP, Message-id (kmg-spec §7.3)."""
         when = time.strftime("%Y-%m-%d %H:%M:%S")
-        lines = ["\t".join([when, str(o.size), env.sender, ",".join(rcpts), o.status, ",".join(o.virus_names),
-                            env.client_ip, env.message_id or ""]) for o in av.objects]
-        stats.write_av_statistics(self.cfg.options.AVStatistics, lines)
+        rows = [[when, o.size, env.sender, ",".join(rcpts), o.status, ",".join(o.virus_names),
+                 env.client_ip, env.message_id or ""] for o in av.objects]
+        stats.write_av_statistics(self.cfg.options.AVStatistics, rows)
 
     def _notifications(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], av: Any, index: int) -> list[dict[str, Any]]:
         """Notification messages (kmg-spec §1.3, §5.1), written where the main process picks them up."""

@@ -28,7 +28,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from smtpgw import headers, notify
-from smtpgw.log import event, quoted
+from smtpgw.log import event
 from smtpgw.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Recipient, new_id, write_durably
 from smtpgw.scanjob import CopyResult, ScanResult, not_scanned
 from smtpgw.store import Store
@@ -82,7 +82,8 @@ class Scanner:
         """A message in WFC: split it when its recipients fall into several groups, then scan."""
         groups: dict[str, list[str]] = {}
         for rcpt in env.pending():
-            groups.setdefault(self.gw.cfg.group_for(env.sender, rcpt.addr).name, []).append(rcpt.addr)
+            group = self.gw.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
+            groups.setdefault(group.name, []).append(rcpt.addr)
         if len(groups) < 2:
             self.submit(env.id, env)
             return
@@ -124,7 +125,7 @@ class Scanner:
             groups: dict[str, list[str]] = {}
             unchecked = True
             for rcpt in env.pending():
-                group = self.gw.cfg.group_for(env.sender, rcpt.addr)
+                group = self.gw.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
                 groups.setdefault(group.name, []).append(rcpt.addr)
                 unchecked = unchecked and not group.Check
             try:
@@ -270,7 +271,7 @@ class Scanner:
         env.scan_error = why[:MAX_REASON]
         self.queue.update(CHK, env)
         event(qid, 'SCAN FAILED, attempt=%d, max=%d, reason="%s"', env.scan_attempts, self.max_attempts,
-              quoted(env.scan_error), level=logging.WARNING)
+              env.scan_error, level=logging.WARNING)
         return env
 
     def _give_up(self, env: Envelope) -> None:
@@ -280,15 +281,15 @@ class Scanner:
         OSError and the message stays queued)."""
         rcpts = [r.addr for r in env.pending()]
         cfg = self.gw.cfg
-        group = cfg.group_for(env.sender, rcpts[0]) if rcpts else cfg.policy
+        group = cfg.group_for(env.sender, rcpts[0], env.client_ip) if rcpts else cfg.policy
         reason = (f"scan failed {env.scan_attempts} times (MaximalScanAttempts={self.max_attempts}), "
                   f"last: {env.scan_error or 'unknown'}")
         folder = group.QuarantinePath or cfg.policy.QuarantinePath
         item = Store(folder).put(env.id, self.queue.msg_path(env.id), env.as_dict(), "ERR", reason)
         log.error("%s: %s; kept in quarantine %s as item %s", env.id, reason, folder, item)
         copy = CopyResult(group=group.name, recipients=rcpts, blocked=True, notes={"status": "error"}, events=[
-            f'AV-SCANNED, group={group.name}, status="error", names="", nrcpt={len(rcpts)}',
-            f'BLOCKED, rcpt={",".join(rcpts)}, size={env.size}, reason="{quoted(reason)}, quarantined as {item}"',
+            ('AV-SCANNED, group=%s, status="error", names="", nrcpt=%d', [group.name, len(rcpts)]),
+            ('BLOCKED, rcpt=%s, size=%d, reason="%s, quarantined as %s"', [rcpts, env.size, reason, item]),
         ])
         copy.notes["notifications"] = self._admin_notice(env, group, reason)
         self._apply(env.id, ScanResult([copy]), env)
@@ -326,8 +327,8 @@ class Scanner:
             return  # removed by the admin meanwhile
         self.gw.stats.inc("antiviral_checked_messages")
         for copy in result.copies:
-            for line in copy.events:
-                event(qid, line)
+            for template, values in copy.events:
+                event(qid, template, *values)
             self.gw.stats.inc(f"antiviral_status_{str(copy.notes.get('status', 'clean')).replace(' ', '_')}")
             if "spam_status" in copy.notes:
                 self.gw.stats.inc(f"antispam_status_{str(copy.notes['spam_status']).lower().replace(' ', '_')}")
@@ -378,7 +379,7 @@ class Scanner:
             except OSError as exc:
                 log.error("%s: cannot queue the %s notification: %s", env.id, note.get("kind"), exc)
                 continue
-            event(notice.id, "NOTIFICATION, kind=%s, srcid=%s, to=%s", note.get("kind"), env.id, ",".join(note["to"]))
+            event(notice.id, "NOTIFICATION, kind=%s, srcid=%s, to=%s", note.get("kind"), env.id, note["to"])
             self.gw.message_scanned(notice)
 
     def restart_workers(self) -> None:

@@ -438,7 +438,7 @@ class Sender:
         rcpt.last_attempt = time.time()
         event(
             env.id, "DELIVERED, rcpt=<%s>, server=%s[%s], size=%d, status=%s, dsn=%s, reply=\"%s\"",
-            rcpt.addr, host, ip, env.size, state, status, diag.replace('"', "'")[:300],
+            rcpt.addr, host, ip, env.size, state, status, diag[:300],
         )
         if state == "sent":
             self.gw.stats.inc("mta_sent_recipients")

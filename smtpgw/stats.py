@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 
+from smtpgw.log import TEXT, escape
 from smtpgw.queue import write_durably
 
 # Counters that exist from the start (shown as 0), in the reference's order.
@@ -85,11 +86,13 @@ class Stats:
         write_durably(path, self.render().encode())
 
 
-def write_av_statistics(target: str, lines: list[str]) -> None:
-    """``AVStatistics`` (kmg-spec §7.3): one tab-separated line per scanned object, appended to a
-    file or sent to a TCP statistics server; when the target is unavailable the records are
-    dropped silently, as the reference does (a debug line says so)."""
-    data = "".join(line.replace("\n", " ") + "\n" for line in lines).encode("utf-8", "replace")
+def write_av_statistics(target: str, rows: list[list[object]]) -> None:
+    """``AVStatistics`` (kmg-spec §7.3): one tab-separated line per scanned object (a row of
+    fields, each escaped by ``log.escape``: a tab, a line end or another control byte in a
+    sender or Message-ID cannot add a column or a record), appended to a file or sent to a TCP
+    statistics server; when the target is unavailable the records are dropped silently, as the
+    reference does (a debug line says so)."""
+    data = "".join("\t".join(escape(field, TEXT) for field in row) + "\n" for row in rows).encode("utf-8", "replace")
     host, sep, port = target.rpartition(":")
     try:
         if sep and port.isdigit() and not target.startswith("/"):

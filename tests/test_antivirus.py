@@ -16,13 +16,14 @@ import pytest
 
 from smtpgw.antivirus import (
     AVResult,
-    av_log_line,
+    av_log_event,
     load_placeholder,
     render_placeholder,
     scan_message,
 )
 from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import load_config
+from smtpgw.log import line
 from smtpgw.mime import decompose
 from smtpgw.notify import TemplateError
 from tests.support.clamd import (
@@ -84,7 +85,8 @@ def test_eicar_as_plain_8bit_attachment(cfg: Any) -> None:
     assert result.blocked and result.block_reason == f"infected 2:eicar.com ({EICAR_NAME})"
     assert result.notify_admin and result.notify_recipient and not result.notify_sender
     assert result.save_in_qb
-    assert av_log_line(result) == (
+    template, values = av_log_event(result)
+    assert line(template, *values) == (
         f'AV-SCANNED, group=policy, status="infected", names="{EICAR_NAME}", '
         f'reasons="BlockMessage: infected 2:eicar.com ({EICAR_NAME}); '
         f"NotifyAdmin: infected 2:eicar.com ({EICAR_NAME}); "

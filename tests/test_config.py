@@ -95,7 +95,7 @@ def test_minimal_contract_config_and_defaults() -> None:
     assert policy.NotifyRecipient == {"disinfected", "infected", "suspicious", "protected", "error"}
     assert policy.NotifySender == frozenset()
     assert policy.IncludeByName == [] and policy.AddXHeaders is True
-    assert config.groups == [] and config.group_for("a@x.test", "b@example.test") is policy
+    assert config.groups == [] and config.group_for("a@x.test", "b@example.test", "127.0.0.1") is policy
     assert config.network.where("Hostname") == f"{MINIMAL}:3"
     assert config.limits.where("IncomingSessions") is None
     rule = config.access.RelayRule[1]
@@ -376,11 +376,39 @@ def test_groups_inherit_and_first_match_wins(tmp_path: Path) -> None:
     assert execs.QuarantinePath == config.policy.QuarantinePath
     assert partners.Senders == ["*@partner.test", "*@ally.test"] and partners.Check is False
     assert config.policy.IncludeByName == ["*.exe"]
-    assert config.group_for("boss@partner.test", "boss@example.test") is execs  # file order
-    assert config.group_for("", "CFO@Example.Test") is execs  # omitted Senders matches <>
-    assert config.group_for("x@ally.test", "sales@example.test") is partners
-    assert config.group_for("", "sales@example.test") is config.policy
-    assert config.group_for("x@other.test", "sales@example.test") is config.policy
+    local = "127.0.0.1"  # GroupSendersTrusted by default
+    assert config.group_for("boss@partner.test", "boss@example.test", local) is execs  # file order
+    assert config.group_for("", "CFO@Example.Test", local) is execs  # omitted Senders matches <>
+    assert config.group_for("x@ally.test", "sales@example.test", local) is partners
+    assert config.group_for("", "sales@example.test", local) is config.policy
+    assert config.group_for("x@other.test", "sales@example.test", local) is config.policy
+
+
+def test_a_groups_senders_are_believed_only_from_trusted_clients(tmp_path: Path) -> None:
+    path = minimal_with(tmp_path, "[smtpgw.group:internal]\nSenders=*@example.test\nCheck=false\n"
+                        "[smtpgw.group:anyone]\nSenders=*@*\nRecipients=postmaster@example.test\n"
+                        "[smtpgw.group:partner]\nSenders=*@partner.test\nGroupSendersTrusted=198.51.100.0/24\n")
+    config = load_config(path)
+    internal, anyone, partner = config.groups
+    assert internal.GroupSendersTrusted == ["127.0.0.0/8", "::1"]  # the default: this host only
+    for client in ("127.0.0.1", "::1", "::ffff:127.0.0.2", "[127.0.0.1]"):
+        assert config.group_for("ceo@example.test", "x@example.test", client) is internal, client
+    for client in ("192.0.2.1", "198.51.100.7", "", None, "unix-socket"):  # the sender is the client's word
+        assert config.group_for("ceo@example.test", "x@example.test", client) is config.policy, client
+    assert config.group_for("a@b.test", "postmaster@example.test", "192.0.2.1") is anyone  # *@* admits anyone
+    assert config.group_for("a@partner.test", "x@example.test", "198.51.100.7") is partner
+    assert config.group_for("a@partner.test", "x@example.test", "127.0.0.1") is config.policy
+
+
+def test_group_senders_trusted_is_inherited_from_the_policy(tmp_path: Path) -> None:
+    path = minimal_with(tmp_path, "[smtpgw.policy]\nGroupSendersTrusted=10.0.0.0/8, any\n"
+                        "[smtpgw.group:internal]\nSenders=*@example.test\n")
+    config = load_config(path)
+    assert config.groups[0].GroupSendersTrusted == ["10.0.0.0/8", "any"]
+    assert config.group_for("ceo@example.test", "x@example.test", "203.0.113.9") is config.groups[0]
+    bad = minimal_with(tmp_path, "[smtpgw.group:internal]\nSenders=*@example.test\nGroupSendersTrusted=10.0.0.0/33\n")
+    assert problems_of(bad) == [f"{bad}:23: GroupSendersTrusted: '10.0.0.0/33' is not an IP mask "
+                                "(x.x.x.x, x.x.x.x/n, x.x.x.x/x.x.x.x, an IPv6 address or network, or any)"]
 
 
 def test_tls_pair_is_loaded(tmp_path: Path) -> None:
@@ -407,7 +435,7 @@ def test_config_crosses_process_boundaries() -> None:
     config = load_config(SAMPLE)
     copy = pickle.loads(pickle.dumps(config))
     assert copy.network.where("Hostname") == config.network.where("Hostname")
-    assert copy.group_for("a@x.test", "b@example.test").name == "policy"
+    assert copy.group_for("a@x.test", "b@example.test", "127.0.0.1").name == "policy"
     assert copy.access.RelayRule == config.access.RelayRule
     with pytest.raises(AttributeError, match=r"\[smtpgw.limits\] has no parameter 'Nope'"):
         copy.limits.Nope  # noqa: B018

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from smtpgw import headers
+from smtpgw.log import line
 from smtpgw.spam import SpamFilter, SpamVerdict, as_log_fields, mark
 from smtpgw.spam.formalsigns import GTUBE
 from smtpgw.spam.spamfilter import NO_EVIDENCE, _logistic, _logit, default_bases
@@ -167,7 +168,8 @@ def test_mark_headers_and_tag(spam_filter: SpamFilter) -> None:
     assert out.endswith(SPAM.replace(b"\n", b"\r\n").split(b"\r\n\r\n", 1)[1])
     passed = mark(raw, verdict, section(), "pass")
     assert headers.get_raw(passed, "Subject").startswith(b"FREE")
-    assert as_log_fields(verdict) == f'as-status="Spam", score={headers.get_raw(out, "X-SpamTest-Rate").decode()}, method="{verdict.method}"'
+    fields, values = as_log_fields(verdict)
+    assert line(fields, *values) == f'as-status="Spam", score={headers.get_raw(out, "X-SpamTest-Rate").decode()}, method="{verdict.method}"'
 
 
 def test_verdict_values_are_validated() -> None:

@@ -6,7 +6,7 @@ Owns the public API used by the scanner and the command line:
     spam_filter = SpamFilter(cfg.antispam, cfg.base.BasesPath)   # once per worker process
     verdict = spam_filter.classify(raw, client_ip, sender, recipients, dnsbl_listed)
     raw = mark(raw, verdict, cfg.antispam, group.ActionSpam)      # X-SpamTest-* and Subject tag
-    log.info("%s: AS-SCANNED, %s", queue_id, as_log_fields(verdict))
+    fields, values = as_log_fields(verdict)                       # template and values for smtpgw.log.event
     spam_filter.reload()                                          # after a database update
 
 Modules: ``mailview`` (bounded decoded view of a message), ``htmltext`` (HTML to

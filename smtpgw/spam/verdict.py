@@ -94,9 +94,10 @@ def format_score(score: float) -> str:
     return f"{math.floor(score * 10000) / 10000:.4f}"
 
 
-def as_log_fields(verdict: SpamVerdict) -> str:
-    """``as-status="Spam", score=0.9999, method="content"`` for the AS-SCANNED log line."""
-    return f'as-status="{verdict.status}", score={format_score(verdict.score)}, method="{verdict.method}"'
+def as_log_fields(verdict: SpamVerdict) -> tuple[str, list[object]]:
+    """``as-status="Spam", score=0.9999, method="content"`` for the AS-SCANNED log line:
+    its template and values (``smtpgw.log.line`` escapes them)."""
+    return 'as-status="%s", score=%s, method="%s"', [verdict.status, format_score(verdict.score), verdict.method]
 
 
 def clean_prefix(prefix: str) -> str:

@@ -10,8 +10,9 @@ import smtplib
 
 import pytest
 
-from tests.support.clamd import eicar, mime_message, zip_bytes
+from tests.support.clamd import EICAR_NAME, eicar, mime_message, zip_bytes
 from tests.support.net import GatewayProcess, listening, wait_until
+from tests.test_log import fields
 
 CLEAN = b"From: a@b.test\r\nTo: x@example.test\r\nSubject: clean\r\n\r\nnothing to see\r\n"
 
@@ -88,14 +89,14 @@ def test_the_minimal_configuration_scans_and_relays(tmp_path, sink, clamd):
 
 def test_a_file_name_cannot_break_the_quoting_of_log_fields(av_gateway, sink):
     """kmg-spec §7.1 quotes free text as ``reason="..."``: a double quote in an attachment's file
-    name must not end the field early (the BLOCKED line names the infected object)."""
+    name must not end the field early (the BLOCKED line names the infected object): it is kept, escaped."""
     gw = av_gateway()
     named = 'Content-Type: application/octet-stream; name="ev\\"il.com"\nContent-Disposition: attachment; ' \
             'filename="ev\\"il.com"\nContent-Transfer-Encoding: base64'
     send(gw, mime_message([("Content-Type: text/plain", b"see attachment"), (named, b64(eicar()))]))
     [line] = gw.wait_log(r"BLOCKED, rcpt=x@example.test")
-    assert line.endswith('"') and line.count('"') == 2, line  # reason="..." holds no quote of its own
-    assert "ev il.com" in line
+    assert fields(line.split(": ", 1)[1]) == ["BLOCKED", "rcpt", "size", "reason"], line
+    assert line.endswith(f' reason="infected 2:ev\\"il.com ({EICAR_NAME})"'), line
 
 
 def test_infected_message_is_blocked_and_notified(av_gateway, sink):
@@ -155,13 +156,34 @@ def test_group_split_scans_each_group_by_its_policy(make_gateway, sink, clamd):
     gw.wait_log(r"BLOCKED, rcpt=x@example.test")
 
 
+def test_a_group_by_sender_applies_only_to_mail_from_trusted_clients(make_gateway, sink, clamd):
+    """``Senders=*@example.test Check=false``: a client outside GroupSendersTrusted that writes an
+    internal sender is scanned by the policy (EICAR blocked); a trusted client's mail is the group's."""
+    gw = make_gateway(sink.port, extra={
+        "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
+        "smtpgw.policy": [("Check", "true"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none"),
+                          ("GroupSendersTrusted", "127.0.0.1")],
+        "smtpgw.group:internal": [("Senders", "*@example.test"), ("Check", "false")],
+    })
+    with smtplib.SMTP("127.0.0.1", gw.port, source_address=("127.0.0.2", 0)) as outside:  # RelayRule: to us only
+        outside.sendmail("ceo@example.test", ["x@example.test"], infected_message())
+    gw.wait_log(r'AV-SCANNED, group=policy, status="infected"')
+    gw.wait_log(r"BLOCKED, rcpt=x@example.test")
+    with smtplib.SMTP("127.0.0.1", gw.port) as inside:
+        inside.sendmail("ceo@example.test", ["y@example.test"], infected_message())
+    gw.wait_log(r'AV-SCANNED, group=internal, status="not scanned"')
+    [got] = sink.wait_for(1)
+    assert got.recipients == ["y@example.test"]
+
+
 def test_disclaimer_statistics_and_strict_standards(make_gateway, sink, clamd):
     gw = make_gateway(sink.port, extra={
         "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
         "smtpgw.options": [("AVStatistics", "var/avstats.log"), ("StrictStandards", "true")],
         "smtpgw.policy": [("Check", "true"), ("AddDisclaimer", "true")],
     })
-    good = b"From: a@b.test\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\nSubject: proper\r\n\r\nhello\r\n"
+    good = (b"From: a@b.test\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <m\x1b[2J@b.test>\r\n"
+            b"Subject: proper\r\n\r\nhello\r\n")
     send(gw, good)
     send(gw, b"From: a@b.test\r\nSubject: no date\r\n\r\nhello\r\n")
     [got] = sink.wait_for(1)
@@ -171,9 +193,12 @@ def test_disclaimer_statistics_and_strict_standards(make_gateway, sink, clamd):
     assert parts[0].get_content().strip() == "hello" and len(parts) == 2  # the disclaimer is the last part
     gw.wait_log(r'BLOCKED, rcpt=x@example.test, size=\d+, reason="StrictStandards: no Date field')
     stats_path = os.path.join(gw.folder, "var", "avstats.log")
-    lines = wait_until(lambda: os.path.exists(stats_path) and open(stats_path).read().splitlines(), 10, "AV statistics")
-    fields = lines[0].split("\t")
-    assert len(fields) == 8 and fields[2] == "a@b.test" and fields[4] == "clean" and fields[6] == "127.0.0.1"
+    escaped_id = r"<m\x1b[2J@b.test>"  # escaped as in the log: no control byte reaches the file
+    text = wait_until(lambda: os.path.exists(stats_path) and escaped_id in open(stats_path).read()
+                      and open(stats_path).read(), 10, "AV statistics")
+    rows = [line.split("\t") for line in text.splitlines()]
+    assert all(len(row) == 8 and row[2] == "a@b.test" and row[4] == "clean" and row[6] == "127.0.0.1" for row in rows)
+    assert escaped_id in [row[7] for row in rows], rows
 
 
 def test_recipient_notifications_do_not_disclose_the_other_recipients(av_gateway, sink):
