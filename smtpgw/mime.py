@@ -51,7 +51,7 @@ from smtpgw.transfer import (
     UU_BEGIN,
     UU_END,
     decode_transfer,
-    decode_uu_lines,
+    decode_uu,
 )
 from smtpgw.notify import encode_text
 from smtpgw.policy import ERROR, PROTECTED
@@ -511,8 +511,7 @@ class _Decomposer:
             line_start = begin.end() + 1
             finish = UU_END.search(data, line_start)
             block_end = len(data) if finish is None else min(len(data), finish.end() + 1)
-            lines = data[line_start : finish.start() if finish else len(data)].splitlines()
-            content = decode_uu_lines(lines)
+            content, problem = decode_uu(data, line_start, finish.start() if finish else len(data))
             name = _clean_name(_decode_text(begin.group(2))) or "uuencoded"
             child = MimeObject(
                 path=_member_path(node, name),
@@ -525,7 +524,7 @@ class _Decomposer:
             if finish is None:
                 child.status, child.reason = ERROR, "uuencoded block without end line (truncated)"
             elif content is None:
-                child.status, child.reason = ERROR, "undecodable uuencoded line"
+                child.status, child.reason = ERROR, problem
             if spans and node.body_start is not None:
                 child.start = node.body_start + begin.start()
                 child.end = node.body_start + block_end
