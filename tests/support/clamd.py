@@ -147,6 +147,23 @@ def tar_gz(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+def tar_bytes(members: dict[str, bytes], extended: bytes = b"", fmt: int = tarfile.USTAR_FORMAT) -> bytes:
+    """An uncompressed tar of ``members``; ``extended``, when given, is the content of a pax
+    extended header (typeflag ``x``) written first, as it is, whatever it holds."""
+    head = b""
+    if extended:
+        info = tarfile.TarInfo("././@PaxHeader")
+        info.type, info.size = tarfile.XHDTYPE, len(extended)
+        head = info.tobuf(tarfile.USTAR_FORMAT) + extended + bytes(-len(extended) % 512)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return head + buffer.getvalue()
+
+
 def mime_message(
     parts: list[tuple[str, bytes]], eol: bytes = b"\r\n", boundary: str = "=_b0und4ry"
 ) -> bytes:
