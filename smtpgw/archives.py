@@ -89,13 +89,21 @@ ARCHIVE_ERRORS = (
 
 @dataclass(frozen=True)
 class Limits:
-    """Decomposition bounds, from ``[smtpgw.ave]`` (KB values converted to bytes)."""
+    """Per-message bounds, from ``[smtpgw.ave]`` (KB values converted to bytes).
+
+    The archive bounds, and the message's scan budget: objects made
+    (MIME entities, uuencoded blocks, archive members), bytes of content they
+    hold (decoded bodies, uudecoded blocks, archive members) and clamd scans.
+    """
 
     max_depth: int = 8
     max_members: int = 1000
     max_expanded: int = 102400 * 1024
     max_ratio: int = 100
     scan_archives: bool = True
+    max_objects: int = 5000
+    max_decoded: int = 204800 * 1024
+    max_clamd_scans: int = 2000
 
     @classmethod
     def from_ave(cls, ave: Any) -> Limits:
@@ -105,6 +113,9 @@ class Limits:
             max_expanded=int(getattr(ave, "MaximalExpandedSize", 102400)) * 1024,
             max_ratio=int(getattr(ave, "MaximalCompressionRatio", cls.max_ratio)),
             scan_archives=bool(getattr(ave, "ScanArchives", True)),
+            max_objects=int(getattr(ave, "MaximalMessageObjects", cls.max_objects)),
+            max_decoded=int(getattr(ave, "MaximalDecodedSize", 204800)) * 1024,
+            max_clamd_scans=int(getattr(ave, "MaximalClamdScans", cls.max_clamd_scans)),
         )
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "decode_base64",
     "decode_transfer",
     "decode_uu",
+    "too_large",
 ]
 
 CHUNK = 64 * 1024  # bytes of encoded input handled per step
@@ -117,6 +118,11 @@ class _Base64:
         if self.after_padding:
             problems.append("base64 data after padding")
         return self.out.getvalue(), "; ".join(problems)
+
+
+def too_large(limit: int) -> str:
+    """The error of a decode stopped at its ``limit``."""
+    return f"decoded content larger than {limit} bytes"
 
 
 def _decode_segment(segment: bytes) -> bytes:
@@ -204,7 +210,7 @@ def decode_uu(data: bytes, start: int = 0, stop: int | None = None, limit: int |
                 return None, "undecodable uuencoded line"
             out.write(decoded)
         if limit is not None and out.tell() > limit:
-            return None, f"uuencoded content larger than {limit} bytes"
+            return None, too_large(limit)
     return out.getvalue(), ""
 
 
@@ -235,5 +241,5 @@ def decode_transfer(cte: str, body: bytes, limit: int | None = None) -> tuple[by
     else:
         data, defect = body, f"unknown Content-Transfer-Encoding {cte!r} read as binary"
     if data is not None and limit is not None and len(data) > limit:
-        return None, f"decoded content larger than {limit} bytes", defect
+        return None, too_large(limit), defect
     return data, error, defect
