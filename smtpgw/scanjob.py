@@ -2,12 +2,16 @@
 
 Owns: the per-message scan in a worker process: splitting recipients into
 groups (first matching ``[smtpgw.group:NAME]``, else ``[smtpgw.policy]``),
-and for each group the checks its policy asks for, producing a result the
-main process applies to the queue. Speaks one JSON line per job on stdin and
+and for each group the checks its policy asks for — every verdict (spam,
+anti-virus) made before any action is taken, the actions then combined
+(``smtpgw.policy.combine``) — producing a result the main process applies to
+the queue. Speaks one JSON line per job on stdin and
 one JSON line per result on stdout (see smtpgw.workers).
 
 Must never: change queue states (the main process owns them), pass a message
 as clean when a check could not run (the result says ``deferred`` instead),
+act on one verdict before the others are made (a spam stopped unscanned was
+stored as clean, and released with its virus),
 or let one bad message stop the worker (an error becomes that job's result).
 """
 
