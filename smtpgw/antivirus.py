@@ -124,6 +124,7 @@ class AVResult:
     defects: list[str] = field(default_factory=list)
     engine: str = ""  # clamd version and databases, as in the X-header
     scans: int = 0  # clamd scans made
+    spent: str = ""  # why the message's scan budget ran out, or empty
 
     @property
     def checked(self) -> bool:
@@ -369,6 +370,7 @@ def scan_message(
         modified=bool(edits),
         defects=list(tree.defects),
         scans=len(scans.verdicts),
+        spent=tree.spent or scans.spent,
     )
     rebuilt = mime.rebuild(raw, edits) if edits else raw
     return _finish(result, rebuilt, group, _engine_text(clamd_pool, scans.verdicts), now)

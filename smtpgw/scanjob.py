@@ -126,6 +126,8 @@ class Job:
                 marked = mark(raw, verdict, self.cfg.antispam, spam_action)  # X-SpamTest-* fields, tagged Subject
         av = antivirus.scan_message(marked, group, self.cfg.ave, self.clamd, self.cfg.base.TemplatesPath)
         copy.events.append(antivirus.av_log_line(av) + f", nrcpt={len(rcpts)}")
+        if av.spent:
+            log.warning("%s: scan budget exceeded, status error: %s", env.id, av.spent)
         copy.notes = {"status": av.status, "virus_names": list(av.virus_names)}
         if verdict is not None:
             copy.notes["spam_status"] = verdict.status

@@ -363,6 +363,7 @@ def test_one_message_cannot_become_thousands_of_clamd_scans(tmp_path: Path, clam
     # 40 text parts x 100 uuencoded files: 4,040 objects, each its own clamd scan before
     result, pool = budget_scan(tmp_path, clamd, uu_flood(40, 100), "MaximalClamdScans=100")
     assert pool.calls == 101 == result.scans  # the budget, and the whole message once more
+    assert result.spent == "not scanned: more than MaximalClamdScans (100) clamd scans for the message"
     assert result.status == "error" and result.blocked
     unscanned = [o for o in result.objects if "MaximalClamdScans (100)" in o.reason]
     assert unscanned and all(o.status == "error" for o in unscanned)

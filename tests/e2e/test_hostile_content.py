@@ -65,6 +65,7 @@ def test_one_message_cannot_become_a_hundred_thousand_clamd_scans(make_gateway, 
     send(gw, uu_flood(1000, 100))
     gw.wait_log(r'AV-SCANNED, group=policy, status="error"', timeout=60)
     gw.wait_log(r'BLOCKED, rcpt=x@example.test, size=\d+, reason="error ')
+    gw.wait_log(r"scan budget exceeded, status error: more than MaximalMessageObjects \(5000\) objects")
     scans = clamd_scans(counted)
     assert scans <= 301, scans  # the budget, and the whole message once more
     canary_delivered(gw, sink)
