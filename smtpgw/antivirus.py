@@ -18,6 +18,7 @@ What goes to clamd, and why:
   remove just that object. Archives that opened cleanly are represented by
   their members and are not sent again (that would double the cost for
   nothing new); filtered objects are not scanned at all (§1.1).
+* each distinct content once: objects with the same bytes share one verdict.
 * objects the decomposition could not open (status ``error`` or ``protected``:
   truncated or encrypted archives, bombs) are still sent as they are, so a
   payload clamd can reach turns them ``infected``.
@@ -27,10 +28,18 @@ What goes to clamd, and why:
   may see it differently from us, and clamd's own parser is a second opinion.
   A detection there that no object explains becomes the object ``message``.
   Well-formed mail (about 95% of the test corpus) costs one pass.
+
+The message's scan budget (``[smtpgw.ave]``): ``MaximalMessageObjects`` and
+``MaximalDecodedSize`` bound what the decomposition makes (``smtpgw.mime``),
+``MaximalClamdScans`` the clamd scans of its objects. An object left
+unscanned by the budget is ``error`` (never clean: the group's policy for
+error decides), and the whole message then goes to clamd once more, so that
+clamd's own parser reads what we did not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -61,7 +70,7 @@ __all__ = [
     "ObjectResult",
     "AVResult",
     "scan_message",
-    "av_log_line",
+    "av_log_event",
     "load_placeholder",
     "render_placeholder",
     "PLACEHOLDER_MACROS",
@@ -114,6 +123,8 @@ class AVResult:
     x_header: str = ""  # the X-Anti-Virus value
     defects: list[str] = field(default_factory=list)
     engine: str = ""  # clamd version and databases, as in the X-header
+    scans: int = 0  # clamd scans made
+    spent: str = ""  # why the message's scan budget ran out, or empty
 
     @property
     def checked(self) -> bool:
@@ -156,24 +167,54 @@ def _objects(root: mime.MimeObject, group: Any) -> Iterator[tuple[mime.MimeObjec
         stack.extend(reversed(node.children))
 
 
-def _scan_objects(tree: mime.MimeTree, group: Any, pool: ClamdPool) -> tuple[list[_Found], list[Verdict]]:
+class _Scans:
+    """The message's clamd scans: one per distinct content, at most ``limit`` of them."""
+
+    def __init__(self, pool: ClamdPool, limit: int) -> None:
+        self.pool = pool
+        self.limit = limit
+        self.by_digest: dict[bytes, Verdict] = {}
+        self.verdicts: list[Verdict] = []  # one per scan made
+        self.spent = ""  # why an object was left unscanned, once one was
+
+    def scan(self, data: bytes) -> Verdict | None:
+        """clamd's verdict on ``data``, or None when the budget allows no more scans."""
+        digest = hashlib.sha256(data).digest()
+        known = self.by_digest.get(digest)
+        if known is not None:
+            return known
+        if len(self.verdicts) >= self.limit:
+            self.spent = f"not scanned: more than MaximalClamdScans ({self.limit}) clamd scans for the message"
+            return None
+        verdict = self.pool.scan(data)
+        self.verdicts.append(verdict)
+        self.by_digest[digest] = verdict
+        return verdict
+
+    def whole(self, raw: bytes) -> Verdict:
+        """The whole message: always scanned, the one scan past the budget."""
+        verdict = self.pool.scan(raw)
+        self.verdicts.append(verdict)
+        return verdict
+
+
+def _scan_objects(tree: mime.MimeTree, group: Any, scans: _Scans) -> list[_Found]:
     found: list[_Found] = []
-    verdicts: list[Verdict] = []
     for node, filtered, send in _objects(tree.root, group):
         path = node.path or "message"
         if filtered:
             result = ObjectResult(path, node.name, node.content_type, node.size, FILTERED, (), PASS, filtered)
             found.append(_Found(node, result))
             continue
-        verdict = pool.scan(node.data or b"") if send else None
-        if verdict is not None:
-            verdicts.append(verdict)
-        status, names, reason = _verdict_status(node, verdict)
+        verdict = scans.scan(node.data or b"") if send else None
+        if send and verdict is None:
+            status, names, reason = ERROR, (), scans.spent
+        else:
+            status, names, reason = _verdict_status(node, verdict)
         result = ObjectResult(path, node.name, node.content_type, node.size, status, names, PASS, reason)
         found.append(_Found(node, result))
-    if tree.defects or tree.outside > OUTSIDE_TEXT_LIMIT:
-        verdict = pool.scan(tree.raw)
-        verdicts.append(verdict)
+    if tree.defects or tree.outside > OUTSIDE_TEXT_LIMIT or scans.spent:
+        verdict = scans.whole(tree.raw)
         known = {name for item in found for name in item.result.virus_names}
         # only detections add to what the objects said (errors and encryption they report)
         if verdict.status in (INFECTED, SUSPICIOUS) and not set(verdict.names) <= known:
@@ -187,7 +228,7 @@ def _scan_objects(tree: mime.MimeTree, group: Any, pool: ClamdPool) -> tuple[lis
                     ),
                 )
             )
-    return found, verdicts
+    return found
 
 
 def load_placeholder(templates_path: str | None = None) -> str:
@@ -296,8 +337,10 @@ def scan_message(
     name = str(getattr(group, "name", "policy"))
     if not getattr(group, "Check", True):
         return _finish(AVResult(name, NOT_SCANNED), raw, group, "", now)
-    tree = mime.decompose(raw, mime.Limits.from_ave(ave))
-    found, verdicts = _scan_objects(tree, group, clamd_pool)
+    limits = mime.Limits.from_ave(ave)
+    tree = mime.decompose(raw, limits)
+    scans = _Scans(clamd_pool, limits.max_clamd_scans)
+    found = _scan_objects(tree, group, scans)
     decision = decide(group, [item.result for item in found], cure=bool(getattr(ave, "Cure", False)))
     template: str | None = None
     edits: list[mime.Edit] = []
@@ -326,9 +369,11 @@ def scan_message(
         reasons=dict(decision.fired),
         modified=bool(edits),
         defects=list(tree.defects),
+        scans=len(scans.verdicts),
+        spent=tree.spent or scans.spent,
     )
     rebuilt = mime.rebuild(raw, edits) if edits else raw
-    return _finish(result, rebuilt, group, _engine_text(clamd_pool, verdicts), now)
+    return _finish(result, rebuilt, group, _engine_text(clamd_pool, scans.verdicts), now)
 
 
 def av_log_event(result: AVResult) -> Event:

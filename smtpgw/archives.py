@@ -5,8 +5,10 @@ bounds (``Limits``) and the per-message budgets they set; bounded
 decompression of each member (zip, tar, gzip with every gzip member of the
 stream, RFC 1952 §2.2), stopping as soon as ``MaximalArchiveMembers``,
 ``MaximalExpandedSize`` or ``MaximalCompressionRatio`` is crossed; refusing an
-oversized zip central directory before it is read; and marking encrypted zip
-members ``protected`` and unreadable ones ``error``.
+oversized zip central directory before it is read; reading tar headers itself
+(ustar, pax ``x``/``g`` and GNU ``L``/``K`` extended headers, old GNU sparse),
+each in one pass, extended headers bounded by ``MAX_TAR_HEADER``; and marking
+encrypted zip members ``protected`` and unreadable ones ``error``.
 
 Must never: read more output than the budgets allow (decompression goes in
 ``CHUNK`` steps), let a bound be crossed silently, write anything to disk,
@@ -20,6 +22,13 @@ Decisions (documented behaviour):
   ``MaximalArchiveDepth`` bounds archive nesting; ``MaximalCompressionRatio``
   applies per member once its output passes ``RATIO_FLOOR`` (small members
   cannot be bombs).
+* Tar is not read with the standard library's ``tarfile``: its pax parsing
+  takes time quadratic in a header's size (CVE-2024-6232, unfixed in Python
+  3.11), and it stops silently at a bad header. Here an extended header over
+  ``MAX_TAR_HEADER`` (64 KiB: ample for names, links and attributes) exceeds
+  a limit, and a header with a bad checksum or cut short makes the archive an
+  error, so that it goes whole to the scanner too. The members are the regular
+  files; sparse files are read as stored.
 * A member that cannot be read keeps what could be read of it (still
   scanned) and makes its archive an error too, so that the archive as a whole
   still goes to the scanner (which may read more of it than we did).
@@ -30,8 +39,8 @@ from __future__ import annotations
 import bz2
 import io
 import lzma
+import re
 import struct
-import tarfile
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -51,13 +60,18 @@ __all__ = [
 ]
 
 CHUNK = 64 * 1024  # decompression step: bounded memory per read
+MAX_TAR_HEADER = 64 * 1024  # bytes of one pax or GNU extended header (names, links, attributes)
+MAX_PAX_DIGITS = 20  # digits of a pax record's length
 RATIO_FLOOR = 1 << 20  # a member must expand past 1 MiB before its ratio counts
+# tar typeflags (POSIX.1-2017 pax, ustar Interchange Format; GNU tar's extensions)
+_TAR_FILES = {b"0", b"\0", b"7", b"S"}  # regular, old regular, contiguous, GNU sparse
+_TAR_EXTENDED = {b"x", b"g", b"L", b"K"}  # headers describing the next entry (or all of them)
+_TAR_NO_DATA = {b"1", b"2", b"3", b"4", b"5", b"6"}  # links, devices, directories, FIFOs
 
 # The stdlib archive readers report malformed input through this family.
 ARCHIVE_ERRORS = (
     zipfile.BadZipFile,
     zipfile.LargeZipFile,
-    tarfile.TarError,
     zlib.error,
     lzma.LZMAError,  # zipfile: a corrupt LZMA member (bzip2 reports OSError)
     struct.error,
@@ -75,13 +89,21 @@ ARCHIVE_ERRORS = (
 
 @dataclass(frozen=True)
 class Limits:
-    """Decomposition bounds, from ``[smtpgw.ave]`` (KB values converted to bytes)."""
+    """Per-message bounds, from ``[smtpgw.ave]`` (KB values converted to bytes).
+
+    The archive bounds, and the message's scan budget: objects made
+    (MIME entities, uuencoded blocks, archive members), bytes of content they
+    hold (decoded bodies, uudecoded blocks, archive members) and clamd scans.
+    """
 
     max_depth: int = 8
     max_members: int = 1000
     max_expanded: int = 102400 * 1024
     max_ratio: int = 100
     scan_archives: bool = True
+    max_objects: int = 5000
+    max_decoded: int = 204800 * 1024
+    max_clamd_scans: int = 2000
 
     @classmethod
     def from_ave(cls, ave: Any) -> Limits:
@@ -91,6 +113,9 @@ class Limits:
             max_expanded=int(getattr(ave, "MaximalExpandedSize", 102400)) * 1024,
             max_ratio=int(getattr(ave, "MaximalCompressionRatio", cls.max_ratio)),
             scan_archives=bool(getattr(ave, "ScanArchives", True)),
+            max_objects=int(getattr(ave, "MaximalMessageObjects", cls.max_objects)),
+            max_decoded=int(getattr(ave, "MaximalDecodedSize", 204800)) * 1024,
+            max_clamd_scans=int(getattr(ave, "MaximalClamdScans", cls.max_clamd_scans)),
         )
 
 
@@ -218,22 +243,19 @@ class Budget:
                     yield from self._fill(info.filename, _chunks(stream), info.compress_size)
 
     def _tar(self, data: bytes) -> Iterator[Member]:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
-            for _ in range(self.limits.max_members + 1):  # directories and links count too
-                info = archive.next()
-                if info is None:
-                    return
-                if not info.isfile():
-                    continue
-                self._count()
-                stream = archive.extractfile(info)
-                if stream is None:
-                    yield Member(info.name, None)  # nothing to read: not a regular file
-                    continue
-                yield from self._fill(info.name, _chunks(stream), info.size)
-            raise LimitExceeded(
-                f"more than MaximalArchiveMembers ({self.limits.max_members}) archive entries"
-            )
+        entries = 0
+        for entry in _tar_entries(data):
+            entries += 1  # directories and links count too
+            if entries > self.limits.max_members:
+                raise LimitExceeded(
+                    f"more than MaximalArchiveMembers ({self.limits.max_members}) archive entries"
+                )
+            if entry.kind not in _TAR_FILES:
+                continue
+            self._count()
+            stop = entry.offset + entry.size
+            view = memoryview(data)[entry.offset : min(stop, len(data))]
+            yield from self._fill(entry.name, _tar_chunks(view, entry.size), entry.size)
 
     def _gzip(self, data: bytes, outer_name: str) -> Iterator[Member]:
         name = _gzip_name(data)
@@ -253,6 +275,139 @@ class Budget:
 def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
     """A member's stream read in ``CHUNK`` steps, so no read is unbounded."""
     return iter(partial(stream.read, CHUNK), b"")
+
+
+class CorruptTar(ValueError):
+    """A tar header that cannot be read, or data cut short."""
+
+
+@dataclass(frozen=True)
+class _TarEntry:
+    name: str
+    kind: bytes  # the typeflag (POSIX.1-2017 pax, ustar Interchange Format)
+    offset: int  # where its data starts in the archive
+    size: int
+
+
+def _tar_number(field: bytes) -> int:
+    """A ustar numeric field: octal digits ended by NUL or space, or GNU base-256 (first byte 0x80)."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * (len(field) - 1))) if field[0] == 0xFF else value
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    if len(text) > 22 or text.strip(b"01234567"):
+        raise CorruptTar(f"bad number {bytes(field)!r} in tar header")
+    return int(text, 8)
+
+
+def _tar_checksum_ok(block: bytes) -> bool:
+    """POSIX ustar chksum: the byte sum of the header with the chksum field as spaces
+    (a sum of signed bytes accepted too, as old tar programs wrote it)."""
+    rest = block[:148] + block[156:]
+    unsigned = sum(rest) + 8 * 0x20
+    high = len(rest.translate(None, bytes(range(128))))  # bytes that count negative when signed
+    return _tar_number(block[148:156]) in (unsigned, unsigned - 256 * high)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """pax extended header records ``"%d %s=%s\\n"`` (POSIX.1-2017 pax, Extended Header),
+    read in one linear pass: each length is at most ``MAX_PAX_DIGITS`` digits."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.find(b" ", pos, pos + MAX_PAX_DIGITS + 1)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise CorruptTar("bad pax record length")
+        end = pos + int(digits)
+        if end > len(data) or end <= space + 1 or data[end - 1] != 0x0A:
+            raise CorruptTar("bad pax record")
+        key, sep, value = data[space + 1 : end - 1].partition(b"=")
+        if not sep:
+            raise CorruptTar("pax record without '='")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos = end
+    return records
+
+
+def _tar_entries(data: bytes) -> Iterator[_TarEntry]:
+    """The entries of a tar archive, their extended headers (pax ``x``/``g``, GNU ``L``/``K``)
+    applied; ends at the end-of-archive zero block or the end of the data.
+
+    The standard library's reader is not used: its pax parsing takes time quadratic in the
+    header's size (CVE-2024-6232), and headers of any size are taken. Here an extended
+    header larger than ``MAX_TAR_HEADER`` bytes is refused (``LimitExceeded``), and each
+    header is read once.
+    """
+    pos = 0
+    pending: dict[str, str] = {}  # what extended headers say about the next entry
+    while pos + 512 <= len(data):
+        block = data[pos : pos + 512]
+        if not block.strip(b"\0"):
+            return  # end of archive
+        if not _tar_checksum_ok(block):
+            raise CorruptTar(f"bad tar header checksum at offset {pos}")
+        kind = block[156:157]
+        size = _tar_number(block[124:136])
+        if size < 0:
+            raise CorruptTar(f"negative size in tar header at offset {pos}")
+        start = pos + 512
+        if kind in _TAR_EXTENDED:
+            if size > MAX_TAR_HEADER:
+                raise LimitExceeded(f"tar extended header of {size} bytes (more than {MAX_TAR_HEADER})")
+            content = data[start : start + size]
+            if len(content) < size:
+                raise CorruptTar("tar extended header cut short")
+            if kind == b"x":
+                pending.update(_pax_records(content))
+            elif kind == b"g":
+                _pax_records(content)  # checked, not needed: global values name nothing we read
+            elif kind == b"L":
+                pending["path"] = content.split(b"\0", 1)[0].decode("utf-8", "replace")
+            pos = start + _tar_blocks(size)
+            continue
+        name = pending.get("path") or _tar_name(block)
+        if "size" in pending:
+            if not re.fullmatch(r"[0-9]{1,20}", pending["size"]):
+                raise CorruptTar("bad pax size")
+            size = int(pending["size"])
+        pending = {}
+        extended = kind == b"S" and block[482]  # old GNU sparse: extension blocks follow the header
+        while extended:
+            if start + 512 > len(data):
+                raise CorruptTar("tar sparse header cut short")
+            extended, start = data[start + 504], start + 512
+        if kind in _TAR_NO_DATA:
+            size = 0  # these types store no data, whatever their size field says
+        if kind in (b"0", b"\0") and name.endswith("/"):
+            kind = b"5"  # an old-style directory entry
+        yield _TarEntry(name, kind, start, size)
+        pos = start + _tar_blocks(size)
+    if pos < len(data) and data[pos:].strip(b"\0"):
+        raise CorruptTar("tar header cut short")
+
+
+def _tar_blocks(size: int) -> int:
+    return (size + 511) // 512 * 512
+
+
+def _tar_name(block: bytes) -> str:
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:263] == b"ustar\0":  # POSIX ustar: prefix/name (GNU tar uses the field otherwise)
+        prefix = block[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "replace")
+
+
+def _tar_chunks(view: memoryview, size: int) -> Iterator[bytes]:
+    """A member's data in ``CHUNK`` steps; raises CorruptTar when the archive ends before it does."""
+    for offset in range(0, len(view), CHUNK):
+        yield bytes(view[offset : offset + CHUNK])
+    if len(view) < size:
+        raise CorruptTar("unexpected end of data in tar member")
 
 
 def _zip_unpacked(data: bytes, info: zipfile.ZipInfo, max_size: int) -> Iterator[bytes]:

@@ -19,6 +19,11 @@ Decisions (documented behaviour):
 * Transfer encodings are decoded leniently, as ``smtpgw.transfer`` documents;
   archive bounds are per message, as ``smtpgw.archives`` documents. MIME
   nesting has its own bound, ``MAX_MIME_DEPTH``.
+* The message's scan budget (``Limits``: ``MaximalMessageObjects`` objects
+  made, entities, uuencoded blocks and archive members alike, and
+  ``MaximalDecodedSize`` bytes of content they hold) ends the walk where it
+  runs out: the object that crosses it is an error with the reason, no
+  further object is made, and ``MimeTree.spent`` and a defect say why.
 * A leading mbox ``From `` line (RFC 4155) is skipped, not parsed as a header.
 
 Paths name objects the way an IMAP client numbers parts (RFC 3501 §6.4.5),
@@ -51,7 +56,8 @@ from smtpgw.transfer import (
     UU_BEGIN,
     UU_END,
     decode_transfer,
-    decode_uu_lines,
+    decode_uu,
+    too_large,
 )
 from smtpgw.notify import encode_text
 from smtpgw.policy import ERROR, PROTECTED
@@ -139,6 +145,7 @@ class MimeTree:
     root: MimeObject
     defects: list[str]
     outside: int = 0  # non-blank bytes of multipart preambles and epilogues (RFC 2046 §5.1.1)
+    spent: str = ""  # why the message's scan budget ran out (objects not made), or empty
 
     def walk(self) -> Iterator[MimeObject]:
         return self.root.walk()
@@ -362,6 +369,47 @@ class _Decomposer:
         self.parts = 0
         self.archives = Budget(limits)
         self.outside = 0
+        self.objects = 0  # objects made: entities, uuencoded blocks, archive members
+        self.held = 0  # bytes of content they hold
+        self.spent = ""  # why the message's scan budget ran out, once it has
+
+    # region the message's scan budget
+
+    def _room(self) -> int:
+        """Bytes of content the budget still allows."""
+        return max(0, self.limits.max_decoded - self.held)
+
+    def _count(self, node: MimeObject, size: int = 0, object_made: bool = True) -> bool:
+        """Count ``node`` (and ``size`` bytes it holds); once the budget is spent, False and ``node`` an error.
+
+        The first crossing is recorded as a defect of the message: the objects not made are not
+        judged, so the message goes whole to the scanner as well, and its status is error.
+        """
+        self.objects += object_made
+        self.held += size
+        if not self.spent:
+            if self.objects > self.limits.max_objects:
+                self.spent = f"more than MaximalMessageObjects ({self.limits.max_objects}) objects in the message"
+            elif self.held > self.limits.max_decoded:
+                self.spent = (
+                    f"content above MaximalDecodedSize ({self.limits.max_decoded // 1024} KB) for the message"
+                )
+            else:
+                return True
+            self.defects.append(f"message: scan budget exceeded: {self.spent}")
+        node.status, node.reason, node.data = ERROR, self.spent, b""
+        return False
+
+    def _decode(self, node: MimeObject, cte: str, body: bytes) -> tuple[bytes | None, str, str]:
+        """``decode_transfer`` within the budget's room; content past it spends the budget."""
+        room = self._room()
+        data, error, defect = decode_transfer(cte, body, room)
+        if data is None and error == too_large(room):
+            self._count(node, room + 1, object_made=False)
+            return None, self.spent, defect
+        return data, error, defect
+
+    # endregion
 
     # region MIME entities
 
@@ -395,6 +443,8 @@ class _Decomposer:
         )
         if editable:
             node.start, node.end, node.body_start = start, end, body_start
+        if not self._count(node):
+            return node
         if depth > MAX_MIME_DEPTH or self.parts > MAX_MIME_PARTS:
             node.status = ERROR
             node.reason = (
@@ -403,16 +453,15 @@ class _Decomposer:
                 else f"more than {MAX_MIME_PARTS} MIME parts"
             )
             return node
-        body = buf[body_start:end]
         multipart = ctype.startswith("multipart/")
         if multipart or ctype in ("message/rfc822", "message/global"):
             if cte not in IDENTITY_ENCODINGS:
                 # RFC 2045 §6.4: composite types must not be encoded; decode anyway
                 # and parse the decoded copy, whose nodes have no span of their own.
                 self.defects.append(f"{label}: {ctype} with {cte} encoding")
-                data, error, _ = decode_transfer(cte, body)
-                if data is None:
-                    return self._leaf(node, None, error, cte)
+                data, error, _ = self._decode(node, cte, buf[body_start:end])
+                if data is None or not self._count(node, len(data), object_made=False):
+                    return self._leaf(node, None, error or self.spent, cte)
                 buf, body_start, end, editable = data, 0, len(data), False
             if not multipart:
                 inner = self.entity(
@@ -427,14 +476,14 @@ class _Decomposer:
                 node.path = number
                 return self._multipart(node, buf, body_start, end, boundary, depth, editable)
             self.defects.append(f"{label}: multipart without boundary")
-        data, error, defect = decode_transfer(cte, body)
+        data, error, defect = self._decode(node, cte, buf[body_start:end])
         if defect:
             self.defects.append(f"{label}: {defect}")
         return self._leaf(node, data, error, cte)
 
     def _leaf(self, node: MimeObject, data: bytes | None, error: str, cte: str) -> MimeObject:
-        if data is None:
-            node.status, node.reason = ERROR, error
+        if data is None or not self._count(node, len(data), object_made=False):
+            node.status, node.reason = ERROR, error or self.spent
             node.data = b""
             return node
         node.data = data
@@ -490,6 +539,9 @@ class _Decomposer:
                 child.cut = (delim.break_start, part_end)
             child.parent = node
             node.children.append(child)
+            if self.spent:  # the parts not made are not judged: the multipart is not whole
+                node.status, node.reason = ERROR, self.spent
+                break
             if self.parts > MAX_MIME_PARTS:
                 node.status, node.reason = ERROR, f"more than {MAX_MIME_PARTS} MIME parts"
                 break
@@ -505,14 +557,16 @@ class _Decomposer:
             return
         pos = 0
         for _ in range(MAX_UU_BLOCKS):
+            if self.spent:
+                return
             begin = UU_BEGIN.search(data, pos)
             if not begin:
                 return
             line_start = begin.end() + 1
             finish = UU_END.search(data, line_start)
             block_end = len(data) if finish is None else min(len(data), finish.end() + 1)
-            lines = data[line_start : finish.start() if finish else len(data)].splitlines()
-            content = decode_uu_lines(lines)
+            room = self._room()
+            content, problem = decode_uu(data, line_start, finish.start() if finish else len(data), room)
             name = _clean_name(_decode_text(begin.group(2))) or "uuencoded"
             child = MimeObject(
                 path=_member_path(node, name),
@@ -525,13 +579,15 @@ class _Decomposer:
             if finish is None:
                 child.status, child.reason = ERROR, "uuencoded block without end line (truncated)"
             elif content is None:
-                child.status, child.reason = ERROR, "undecodable uuencoded line"
+                child.status, child.reason = ERROR, problem
             if spans and node.body_start is not None:
                 child.start = node.body_start + begin.start()
                 child.end = node.body_start + block_end
                 child.cut = (child.start, child.end)
             node.children.append(child)
             pos = block_end
+            if not self._count(child, room + 1 if problem == too_large(room) else child.size):
+                return
             if child.status is None and self.limits.scan_archives:
                 self._expand(child, 1)
 
@@ -547,6 +603,8 @@ class _Decomposer:
         try:
             for member in self.archives.members_of(fmt, node.data or b"", node.name, depth):
                 self._member(node, member, depth)
+                if self.spent:
+                    return
         except LimitExceeded as exc:
             node.status, node.reason = ERROR, str(exc)
         except ARCHIVE_ERRORS as exc:
@@ -566,6 +624,8 @@ class _Decomposer:
             parent=parent,
         )
         parent.children.append(child)
+        if not self._count(child, child.size):
+            return
         if member.corrupt and parent.status is None:
             parent.status, parent.reason = ERROR, f"corrupt member {name}: {member.corrupt}"
         if member.status is None:
@@ -631,7 +691,7 @@ def decompose(raw: bytes, limits: Limits | None = None) -> MimeTree:
         nl = raw.find(b"\n")
         start = len(raw) if nl < 0 else nl + 1
     root = walker.entity(raw, start, len(raw), "", "1", 0, "text/plain", True)
-    return MimeTree(raw=raw, root=root, defects=walker.defects, outside=walker.outside)
+    return MimeTree(raw=raw, root=root, defects=walker.defects, outside=walker.outside, spent=walker.spent)
 
 
 # region rebuilding

@@ -10,6 +10,11 @@ Must never: scan, parse or modify a message, or talk to anything: it only maps
 statuses to actions. Every decision carries a short reason for the log line
 and the X-header.
 
+A message's actions combine its verdicts (``combine``): the anti-virus
+decision and the spam action (``spam_fired``, ``SPAM_MESSAGE_ACTIONS``) are
+both computed for every scanned message before any is carried out, so a
+stopped spam still has its anti-virus status and a stored copy carries both.
+
 ``cure``: clamd cannot disinfect, so no object ever becomes ``disinfected``.
 ``Cure=true`` and ``ActionDisinfected=cure`` are accepted and change nothing:
 an infected object stays ``infected`` and gets ``ActionInfected`` (its reason
@@ -46,6 +51,9 @@ __all__ = [
     "ObjectDecision",
     "Decision",
     "decide",
+    "SPAM_MESSAGE_ACTIONS",
+    "spam_fired",
+    "combine",
 ]
 
 CLEAN = "clean"
@@ -83,6 +91,14 @@ MESSAGE_ACTION_KEYS: tuple[str, ...] = (
     "NotifySender",
     "SaveInQB",
 )
+
+
+# The message actions a spam action fires (ActionSpam, ActionProbableSpam: this project's
+# extension, kmg-spec §2.5): "tag" and "pass" deliver, so they fire none.
+SPAM_MESSAGE_ACTIONS: dict[str, tuple[str, ...]] = {
+    "block": ("BlockMessage",),
+    "quarantine": ("BlockMessage", "SaveInQB"),
+}
 
 
 class ObjectVerdict(Protocol):
@@ -179,3 +195,19 @@ def decide(group: Any, object_results: Sequence[ObjectVerdict], cure: bool = Fal
         more = f" and {len(hits) - 1} more" if len(hits) > 1 else ""
         decision.fired[key] = _describe(worst) + more
     return decision
+
+
+def spam_fired(spam_status: str, key: str, action: str) -> dict[str, str]:
+    """The message actions the group's spam action ``key=action`` fires, each with its reason."""
+    why = f"{spam_status}, {key}={action}"
+    return {name: why for name in SPAM_MESSAGE_ACTIONS.get(action, ())}
+
+
+def combine(*fired: dict[str, str]) -> dict[str, str]:
+    """One message's actions from several verdicts (spam, anti-virus, standards): an action
+    fires when any verdict fires it, and keeps every reason, in the order given."""
+    out: dict[str, str] = {}
+    for each in fired:
+        for name, why in each.items():
+            out[name] = f"{out[name]}; {why}" if name in out else why
+    return out

@@ -2,12 +2,16 @@
 
 Owns: the per-message scan in a worker process: splitting recipients into
 groups (first matching ``[smtpgw.group:NAME]``, else ``[smtpgw.policy]``),
-and for each group the checks its policy asks for, producing a result the
-main process applies to the queue. Speaks one JSON line per job on stdin and
+and for each group the checks its policy asks for — every verdict (spam,
+anti-virus) made before any action is taken, the actions then combined
+(``smtpgw.policy.combine``) — producing a result the main process applies to
+the queue. Speaks one JSON line per job on stdin and
 one JSON line per result on stdout (see smtpgw.workers).
 
 Must never: change queue states (the main process owns them), pass a message
 as clean when a check could not run (the result says ``deferred`` instead),
+act on one verdict before the others are made (a spam stopped unscanned was
+stored as clean, and released with its virus),
 or let one bad message stop the worker (an error becomes that job's result).
 """
 
@@ -22,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from smtpgw import antivirus, headers, notify, stats
+from smtpgw import antivirus, headers, notify, policy, stats
 from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, load_config
 from smtpgw.ichecker import IChecker
@@ -63,14 +67,14 @@ def not_scanned(group: str, rcpts: list[str]) -> CopyResult:
                       events=[('AV-SCANNED, group=%s, status="not scanned", names="", nrcpt=%d', [group, len(rcpts)])])
 
 
-def spam_action_for(group: Any, verdict: SpamVerdict) -> str:
-    """The group's action for a spam verdict: ActionSpam, ActionProbableSpam (kmg-spec §10), else pass.
-    A blacklisted sender counts as Spam."""
+def spam_action_for(group: Any, verdict: SpamVerdict) -> tuple[str, str]:
+    """(the group's action for a spam verdict, the parameter that set it): ActionSpam,
+    ActionProbableSpam (kmg-spec §10), else pass. A blacklisted sender counts as Spam."""
     if verdict.status in (SPAM, BLACKLISTED):
-        return str(group.ActionSpam)
+        return str(group.ActionSpam), "ActionSpam"
     if verdict.status == PROBABLE_SPAM:
-        return str(group.ActionProbableSpam)
-    return "pass"
+        return str(group.ActionProbableSpam), "ActionProbableSpam"
+    return "pass", ""
 
 
 class Job:
@@ -106,42 +110,42 @@ class Job:
 
     def _scan_group(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], index: int,
                     verdict: SpamVerdict | None) -> CopyResult:
+        """Both verdicts first (spam, then anti-virus on every message, a spam that is stopped
+        too), then the group's actions for them together."""
         if not group.Check:
             return not_scanned(group.name, rcpts)
         copy = CopyResult(group=group.name, recipients=rcpts)
         marked = raw
-        spam_action = "pass"
+        spam: dict[str, str] = {}
         if verdict is not None:
-            spam_action = spam_action_for(group, verdict)
+            spam_action, key = spam_action_for(group, verdict)
             fields, values = as_log_fields(verdict)
             copy.events.append((f'AS-SCANNED, group=%s, nrcpt=%d, {fields}, action=%s, reasons="%s"',
                                 [group.name, len(rcpts), *values, spam_action, "; ".join(verdict.reasons)[:300]]))
-            if spam_action in ("block", "quarantine"):
-                copy.blocked = True
-                copy.notes = {"status": "clean", "spam_status": verdict.status}
-                copy.events.append(('BLOCKED, rcpt=%s, size=%d, reason="%s, ActionSpam=%s"',
-                                    [rcpts, env.size, verdict.status, spam_action]))
-                if spam_action == "quarantine" and group.QuarantinePath:
-                    Store(group.QuarantinePath).put(env.id, raw, env.as_dict(), status_for_verdict(verdict.status),
-                                                    f"{verdict.status}, score {verdict.score:.4f}")
-                return copy
-            marked = mark(raw, verdict, self.cfg.antispam, spam_action)  # X-SpamTest-* fields, tagged Subject
+            spam = policy.spam_fired(verdict.status, key, spam_action)
+            if not spam:
+                marked = mark(raw, verdict, self.cfg.antispam, spam_action)  # X-SpamTest-* fields, tagged Subject
         av = antivirus.scan_message(marked, group, self.cfg.ave, self.clamd, self.cfg.base.TemplatesPath)
         template, values = antivirus.av_log_event(av)
         copy.events.append((template + ", nrcpt=%d", [*values, len(rcpts)]))
+        if av.spent:
+            log.warning("%s: scan budget exceeded, status error: %s", env.id, av.spent)
         copy.notes = {"status": av.status, "virus_names": list(av.virus_names)}
         if verdict is not None:
             copy.notes["spam_status"] = verdict.status
         if self.cfg.options.AVStatistics:
             self._av_statistics(env, rcpts, av)
-        if self.cfg.options.StrictStandards and not av.blocked:
+        standards: dict[str, str] = {}
+        if self.cfg.options.StrictStandards and not spam and not av.blocked:
             problems = headers.violations(raw)
-            if problems:  # kmg-spec §3.8: messages violating RFC format are not delivered
-                av.blocked, av.block_reason = True, "StrictStandards: " + "; ".join(problems)
-                av.save_in_qb = True  # blocked mail is kept where the admin can release it
+            if problems:  # kmg-spec §3.8: messages violating RFC format are not delivered (kept to release)
+                why = "StrictStandards: " + "; ".join(problems)
+                standards = {"BlockMessage": why, "SaveInQB": why}
+        fired = policy.combine(spam, av.reasons, standards)
+        av.blocked, av.block_reason = "BlockMessage" in fired, fired.get("BlockMessage", "")
+        av.save_in_qb = "SaveInQB" in fired
         if av.save_in_qb and group.QuarantinePath:
-            reason = "; ".join(f"{k}: {v}" for k, v in av.reasons.items()) or av.status
-            Store(group.QuarantinePath).put(env.id, raw, env.as_dict(), status_for_verdict(av.status), reason)
+            self._quarantine(env, raw, group, av, verdict, fired)
         if av.modified and not av.blocked and group.BackupPath:
             Store(group.BackupPath).put(env.id, raw, env.as_dict(), "BAK", "original before " + ", ".join(
                 sorted({o.decision for o in av.objects if o.action != "pass"})))
@@ -159,6 +163,22 @@ class Job:
                 write_durably(copy.rewritten, message)
         copy.notes["notifications"] = self._notifications(env, raw, group, rcpts, av, index)
         return copy
+
+    def _quarantine(self, env: Envelope, raw: bytes, group: Any, av: Any, verdict: SpamVerdict | None,
+                    fired: dict[str, str]) -> None:
+        """The original in QuarantinePath with both verdicts: its status code is the anti-virus
+        status when that is not clean (what a release must know first), else the spam verdict
+        when spam put it there."""
+        status = av.status
+        if status in (policy.CLEAN, policy.NOT_SCANNED) and verdict is not None and verdict.status in (
+                SPAM, BLACKLISTED, PROBABLE_SPAM):
+            status = PROBABLE_SPAM if verdict.status == PROBABLE_SPAM else SPAM
+        names = f" ({', '.join(av.virus_names)})" if av.virus_names else ""
+        verdicts = {"anti-virus": av.status + names}
+        if verdict is not None:
+            verdicts["spam"] = verdict.status
+        reason = "; ".join(f"{k}: {v}" for k, v in fired.items())
+        Store(group.QuarantinePath).put(env.id, raw, env.as_dict(), status_for_verdict(status), reason, verdicts)
 
     def _av_statistics(self, env: Envelope, rcpts: list[str], av: Any) -> None:
         """Time, Size, Sender, Recipients, Status, VirusList, IP, Message-id (kmg-spec §7.3)."""

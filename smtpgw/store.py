@@ -111,6 +111,7 @@ class Item:
     sender: str
     recipients: tuple[str, ...]
     reason: str
+    verdicts: tuple[tuple[str, str], ...] = ()  # each check's verdict: ("anti-virus", "infected"), ("spam", "Spam")
 
 
 class Store:
@@ -128,10 +129,12 @@ class Store:
         envelope: Mapping[str, Any],
         status: str,
         reason: str = "",
+        verdicts: Mapping[str, str] | None = None,
     ) -> str:
         """Store a message durably; returns the new item ID (the queue ID, made unique).
 
-        ``raw`` is the message bytes or the path of a file holding them.
+        ``raw`` is the message bytes or the path of a file holding them; ``verdicts``
+        names each check's verdict (the status code says the most telling one).
         Raises StoreError for an unknown status and OSError when the disk fails.
         """
         if status not in STATUSES:
@@ -147,6 +150,7 @@ class Store:
             "queue_id": str(qid),
             "status": status,
             "reason": str(reason),
+            "verdicts": {str(k): str(v) for k, v in (verdicts or {}).items()},
             "stored_at": time.time(),
             "size": os.stat(self._file(item_id, ".eml")).st_size,
             "envelope": dict(envelope),
@@ -291,6 +295,7 @@ class Store:
                 r["addr"] for r in recipients if isinstance(r, dict) and isinstance(r.get("addr"), str)
             ),
             reason=str(record.get("reason", "")),
+            verdicts=tuple((str(k), str(v)) for k, v in _field(record, "verdicts", dict, {}).items()),
         )
 
     # --- removing --------------------------------------------------------------------------
@@ -501,7 +506,10 @@ def _run(args: argparse.Namespace, store: Store, cfg: Any, release: ReleaseCallb
     if args.command == "show":
         raw, item = store.get(args.id)
         print(f"ID: {item.id}\nQueue-ID: {item.queue_id}\nStatus: {item.status} ({STATUSES[item.status]})")
-        print(f"Reason: {item.reason}\nSender: <{item.sender}>\nRecipients: {', '.join(item.recipients)}\n")
+        print(f"Reason: {item.reason}")
+        if item.verdicts:
+            print("Verdicts: " + "; ".join(f"{check} {verdict}" for check, verdict in item.verdicts if verdict))
+        print(f"Sender: <{item.sender}>\nRecipients: {', '.join(item.recipients)}\n")
         _write_bytes(raw)
         return EXIT_DONE
     if args.command == "remove":

@@ -35,6 +35,7 @@ from tests.support.clamd import (
     mime_message,
     suspect_marker,
     tar_gz,
+    uu_flood,
     zip_bytes,
 )
 from tests.test_mime import B64, attachment, b64, corpus_files, zeros_zip
@@ -337,6 +338,65 @@ def test_defects_bring_a_whole_message_pass(cfg: Any) -> None:
 
 
 # endregion
+# region the message's scan budget
+
+
+class CountingPool(ClamdPool):
+    """The real pool, counting the scans it is asked for and the bytes sent."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+        self.sent = 0
+
+    def scan(self, data: bytes) -> Any:
+        self.calls += 1
+        self.sent += len(data)
+        return super().scan(data)
+
+
+def budget_scan(tmp_path: Path, clamd: ClamdInstance, raw: bytes, *ave: str) -> tuple[AVResult, CountingPool]:
+    cfg = config(tmp_path, clamd, ave=ave)
+    pool = CountingPool([clamd.unix_address])
+    return scan(cfg, raw, pool), pool
+
+
+def test_one_message_cannot_become_thousands_of_clamd_scans(tmp_path: Path, clamd: ClamdInstance) -> None:
+    # 40 text parts x 100 uuencoded files: 4,040 objects, each its own clamd scan before
+    result, pool = budget_scan(tmp_path, clamd, uu_flood(40, 100), "MaximalClamdScans=100")
+    assert pool.calls == 101 == result.scans  # the budget, and the whole message once more
+    assert result.spent == "not scanned: more than MaximalClamdScans (100) clamd scans for the message"
+    assert result.status == "error" and result.blocked
+    unscanned = [o for o in result.objects if "MaximalClamdScans (100)" in o.reason]
+    assert unscanned and all(o.status == "error" for o in unscanned)
+
+
+def test_a_virus_past_the_budget_is_found_in_the_whole_message(tmp_path: Path, clamd: ClamdInstance) -> None:
+    result, pool = budget_scan(tmp_path, clamd, uu_flood(3, 20, tail=eicar()), "MaximalClamdScans=10")
+    assert pool.calls == 11
+    assert statuses(result)["message"] == "infected" and EICAR_NAME in result.virus_names
+
+
+def test_objects_with_the_same_content_share_one_scan(tmp_path: Path, clamd: ClamdInstance) -> None:
+    same = b"begin 644 a.bin\r\n" + b"#86)C\r\n`\r\nend\r\n"
+    raw = mime_message([("Content-Type: text/plain", same * 100)] * 3)
+    result, pool = budget_scan(tmp_path, clamd, raw, "MaximalClamdScans=10")
+    assert result.status == "clean" and len(result.objects) == 303
+    assert pool.calls == 2  # the text of the parts (the same three times) and the file
+
+
+def test_the_object_and_content_budgets_end_decomposition(tmp_path: Path, clamd: ClamdInstance) -> None:
+    result, pool = budget_scan(tmp_path, clamd, uu_flood(40, 100), "MaximalMessageObjects=50")
+    assert result.status == "error" and len(result.objects) <= 51  # the one that crossed the budget too
+    assert any("MaximalMessageObjects (50)" in o.reason for o in result.objects)
+    assert pool.calls <= 51
+    big = os.urandom(700 * 1024)
+    raw = mime_message([TEXT, attachment("a.bin", big), attachment("b.bin", big[::-1])])
+    result, pool = budget_scan(tmp_path, clamd, raw, "MaximalDecodedSize=1024")
+    assert statuses(result)["3:b.bin"] == "error" and result.status == "error"
+    assert pool.sent < 2 * len(raw) + 1024 * 1024  # the text, a.bin and the whole message
+
+
 # region clamd availability
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import io
 import os
 import random
 import struct
+import tarfile
 import time
 import tracemalloc
 import zipfile
@@ -26,7 +28,7 @@ from smtpgw.mime import (
 )
 from smtpgw import archives as archives_module
 from smtpgw import mime as mime_module
-from tests.support.clamd import encrypted_zip, mime_message, tar_gz, zip_bytes
+from tests.support.clamd import encrypted_zip, mime_message, tar_bytes, tar_gz, zip_bytes
 from tests.support.components import missing
 from tests.support.net import CORPUS
 
@@ -216,6 +218,101 @@ def test_broken_base64_is_an_error_and_footers_are_defects() -> None:
     assert nodes["3"].status is None and nodes["3"].data == b"a=ZZb=4"  # lenient
     assert any("outside the base64 alphabet" in d for d in tree.defects)
     assert any("quoted-printable" in d for d in tree.defects)
+
+
+# endregion
+# region tar
+
+
+def tar_of_every_kind(fmt: int) -> bytes:
+    """Regular files (empty, spanning many blocks, long and non-ASCII names), a directory,
+    links and a FIFO, written by the standard library in ``fmt``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as archive:
+        files = {"a.txt": b"alpha", "empty": b"", "d/" + "long" * 40 + ".bin": random.Random(5).randbytes(70_000),
+                 "caf\u00e9.txt": b"unicode"}
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        for name, kind in (("d", tarfile.DIRTYPE), ("sym", tarfile.SYMTYPE), ("hard", tarfile.LNKTYPE),
+                           ("fifo", tarfile.FIFOTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "a.txt" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+            archive.addfile(info)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_members_are_those_the_standard_library_reads(fmt: int) -> None:
+    data = tar_of_every_kind(fmt) if fmt != tarfile.USTAR_FORMAT else tar_bytes({"a.txt": b"alpha", "b/c": b"c"})
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        expected = {m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile()}
+    tree = decompose(mime_message([attachment("t.tar", data)]))
+    got = {node.path.split(":t.tar/", 1)[1]: node.data for node in tree.walk() if node.kind == "member"}
+    assert {name[:255]: content for name, content in expected.items()} == got
+    assert all(node.status is None for node in tree.walk())
+
+
+def test_a_pax_header_of_digits_is_refused_before_any_quadratic_parse() -> None:
+    """CVE-2024-6232: the standard library's pax parsing took time quadratic in a header of
+    digits (600,000 of them kept a worker busy past the job timeout). The archive is an error."""
+    data = tar_bytes({"x.txt": b"x"}, b"1" * 600_000)
+    node = by_path(decompose(mime_message([attachment("p.tar", data)])))["1:p.tar"]
+    assert node.status == "error" and "tar extended header of 600000 bytes" in node.reason, node.reason
+    assert not node.children
+    assert "tarfile" not in vars(archives_module)  # the standard library's reader is not reachable
+
+
+class CountingBytes(bytes):
+    """Bytes whose ``find`` reports the span of every search, to bound a parser's work."""
+
+    scanned = 0
+
+    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:  # type: ignore[override]
+        stop = len(self) if end is None else min(end, len(self))
+        CountingBytes.scanned += max(0, stop - start)
+        return super().find(sub, start, end)
+
+
+@pytest.mark.parametrize("content", [b"1" * 60_000, b"9 a=b\n" * 10_000, b"99999 " + b"x" * 60_000])
+def test_pax_records_are_read_in_one_pass(content: bytes) -> None:
+    CountingBytes.scanned = 0
+    try:
+        records = archives_module._pax_records(CountingBytes(content))
+    except archives_module.CorruptTar:
+        records = {}
+    assert CountingBytes.scanned <= len(content) + 64, CountingBytes.scanned
+    assert records in ({}, {"a": "b"})
+
+
+def test_pax_and_gnu_long_names_and_pax_size_are_applied() -> None:
+    long_name = "dir/" + "n" * 300 + ".exe"
+    record = f" path={long_name}\n"
+    length = len(record) + len(str(len(record) + 3))
+    data = tar_bytes({"short": b"MZ payload"}, f"{length}{record}".encode())
+    nodes = by_path(decompose(mime_message([attachment("l.tar", data)])))
+    [member] = [n for n in nodes.values() if n.kind == "member"]
+    assert member.data == b"MZ payload" and member.name == long_name[:255]
+
+
+def test_cut_and_corrupt_tars_are_errors_that_keep_what_was_read() -> None:
+    data = tar_bytes({"a.txt": b"A" * 2000, "b.txt": b"B" * 2000})
+    cut = data[: 512 + 1000]
+    nodes = by_path(decompose(mime_message([attachment("cut.tar", cut)])))
+    assert nodes["1:cut.tar"].status == "error" and "unexpected end of data" in nodes["1:cut.tar"].reason
+    assert nodes["1:cut.tar/a.txt"].status == "error" and nodes["1:cut.tar/a.txt"].data == b"A" * 1000
+    bad = bytearray(data)
+    bad[2560 + 10] ^= 0xFF  # the second header's name: its checksum no longer matches
+    nodes = by_path(decompose(mime_message([attachment("bad.tar", bytes(bad))])))
+    assert nodes["1:bad.tar"].status == "error" and "checksum" in nodes["1:bad.tar"].reason
+    assert nodes["1:bad.tar/a.txt"].data == b"A" * 2000
+
+
+def test_tar_entries_count_toward_the_member_limit() -> None:
+    data = tar_bytes({f"m{i}": b"" for i in range(6)})
+    node = by_path(decompose(mime_message([attachment("many.tar", data)]), Limits(max_members=5)))["1:many.tar"]
+    assert node.status == "error" and "MaximalArchiveMembers" in node.reason
 
 
 # endregion

@@ -20,6 +20,7 @@ that user. Both are exercised by tests/test_av.py.
 
 from __future__ import annotations
 
+import binascii
 import io
 import os
 import pwd
@@ -150,6 +151,37 @@ def tar_gz(members: dict[str, bytes]) -> bytes:
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def tar_bytes(members: dict[str, bytes], extended: bytes = b"", fmt: int = tarfile.USTAR_FORMAT) -> bytes:
+    """An uncompressed tar of ``members``; ``extended``, when given, is the content of a pax
+    extended header (typeflag ``x``) written first, as it is, whatever it holds."""
+    head = b""
+    if extended:
+        info = tarfile.TarInfo("././@PaxHeader")
+        info.type, info.size = tarfile.XHDTYPE, len(extended)
+        head = info.tobuf(tarfile.USTAR_FORMAT) + extended + bytes(-len(extended) % 512)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return head + buffer.getvalue()
+
+
+def uu_flood(parts: int, blocks: int, tail: bytes = b"") -> bytes:
+    """A message of ``parts`` text parts each holding ``blocks`` distinct tiny uuencoded files
+    (one clamd scan each, were every object scanned on its own); ``tail``, when given, is the
+    content of one more uuencoded file at the very end."""
+    def block(name: str, data: bytes) -> bytes:
+        lines = b"".join(binascii.b2a_uu(data[i : i + 45]) for i in range(0, len(data), 45))
+        return b"begin 644 " + name.encode() + b"\r\n" + lines.replace(b"\n", b"\r\n") + b"`\r\nend\r\n"
+
+    bodies = [b"".join(block(f"f{p}-{b}.bin", b"%d/%d" % (p, b)) for b in range(blocks)) for p in range(parts)]
+    if tail:
+        bodies[-1] += block("last.com", tail)
+    return mime_message([("Content-Type: text/plain", body) for body in bodies])
 
 
 def mime_message(
