@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from smtpgw import access, routing
+from smtpgw import access, console_auth, routing
 from smtpgw.masks import match_any, parse_ip_mask
 
 __all__ = ["SCHEMA", "Config", "ConfigError", "Group", "Param", "Section", "check_config", "load_config"]
@@ -55,6 +55,7 @@ MAX_PROBLEMS = 1000
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 STATUSES = ("disinfected", "infected", "suspicious", "protected", "error", "filtered")
 GROUP_PREFIX = "smtpgw.group:"
+CONSOLE_PORT = 8025  # [smtpgw.console] ListenOn without a port
 ANY_ADDRESS = "*"  # what an omitted Senders / Recipients matches (the reference's *@*)
 
 
@@ -176,6 +177,27 @@ def _listen(text: str, param: Param, where: str, folder: str) -> tuple[str, int]
     return _host_port(text, None, names=False)
 
 
+def _console_listen(text: str, param: Param, where: str, folder: str) -> tuple[str, int]:
+    return _host_port(text, CONSOLE_PORT, names=False)
+
+
+def _user_name(text: str, param: Param, where: str, folder: str) -> str:
+    if not console_auth.USER_NAME.fullmatch(text):
+        raise ValueError(f"'{text[:40]}' is not a user name (letters, digits, _ . @ -)")
+    return text
+
+
+def _password_hash(text: str, param: Param, where: str, folder: str) -> str:
+    problem = console_auth.hash_problem(text)
+    if problem:
+        raise ValueError(problem)
+    return text
+
+
+def _user_entry(text: str, param: Param, where: str, folder: str) -> tuple[str, str]:
+    return console_auth.parse_user_entry(text)
+
+
 def _nameserver(text: str, param: Param, where: str, folder: str) -> tuple[str, int]:
     return _host_port(text, 53, names=False)
 
@@ -259,6 +281,8 @@ ADDRESSES = Kind("address masks", _address_mask, splits=True)
 NAMES, IPS = Kind("name masks", _name_mask, splits=True), Kind("ip masks", _ip_mask, splits=True)
 RELAY, CONDITION = Kind("relay rule", _relay_rule), Kind("condition rule", _condition_rule)
 ROUTE = Kind("route", _route)
+CONSOLE_LISTEN, USER_NAME = Kind("ip[:port]", _console_listen), Kind("user name", _user_name)
+PASSWORD_HASH, ACCOUNT = Kind("password hash", _password_hash), Kind("name:hash", _user_entry)
 
 
 # --- the schema ----------------------------------------------------------------------------
@@ -416,6 +440,13 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.policy", "ActionProbableSpam", CHOICE, _SPAM_ACTION, "tag"),
     P("smtpgw.group", "Senders", ADDRESSES, "", [ANY_ADDRESS], "rf"),
     P("smtpgw.group", "Recipients", ADDRESSES, "", [ANY_ADDRESS], "rf"),
+    P("smtpgw.console", "ListenOn", CONSOLE_LISTEN),  # None: no console
+    P("smtpgw.console", "TLSCertificateFile", PATH),
+    P("smtpgw.console", "TLSKeyFile", PATH),
+    P("smtpgw.console", "AdminUser", USER_NAME, "", "admin"),
+    P("smtpgw.console", "AdminPasswordHash", PASSWORD_HASH),
+    P("smtpgw.console", "ReadOnlyUsers", ACCOUNT, "", [], "r"),
+    P("smtpgw.console", "MetricsAllowFrom", IPS, "", ["127.0.0.0/8", "::1"], "rf"),
     P("updater.path", "UploadPatchPath", PATH),
     P("updater.path", "BackUpPath", PATH),
     P("updater.path", "ClamdDatabasePath", PATH),
@@ -510,6 +541,7 @@ class Config:
     path: Section
     ave: Section
     antispam: Section
+    console: Section
     policy: Group
     updater_path: Section
     updater_options: Section
@@ -765,10 +797,27 @@ class _Loader:
             if address in network.ListenOn[:index]:
                 self.problem(self.at(network, "ListenOn"), f"ListenOn: {_joined(*address)} given twice")
         self.check_tls(network)
+        self.check_console(config)
         if resolve.InternalRecursionEnabled:
             self.problem(self.at(resolve, "InternalRecursionEnabled"),
                          "InternalRecursionEnabled=true is not supported: smtpgw asks the recursive resolvers "
                          "of Nameserver (or /etc/resolv.conf)")
+
+    def check_console(self, config: Config) -> None:
+        """[smtpgw.console]: a console listening needs the admin's password hash, a port of its own
+        and a usable certificate when it has one."""
+        console = config.console
+        if console.ListenOn is None:
+            return
+        if not console.AdminPasswordHash:
+            self.problem(self.at(console, "ListenOn"),
+                         "ListenOn is set but AdminPasswordHash is not (make one with: smtpgw.py console passwd)")
+        if tuple(console.ListenOn) in (tuple(a) for a in config.network.ListenOn):
+            self.problem(self.at(console, "ListenOn"), f"ListenOn: {_joined(*console.ListenOn)} is an SMTP address too")
+        names = [name for name, _ in console.ReadOnlyUsers]
+        if console.AdminUser in names or len(set(names)) != len(names):
+            self.problem(self.at(console, "ReadOnlyUsers"), "ReadOnlyUsers: a user name given twice or the AdminUser's")
+        self.check_tls(console)
 
     def check_tls(self, network: Section) -> None:
         certificate, key = network.TLSCertificateFile, network.TLSKeyFile
@@ -778,7 +827,7 @@ class _Loader:
             self.problem(self.at(network, given), f"{given} is set but {missing} is not (set both or neither)")
             return
         if certificate is None:
-            if network.RequireTLS:
+            if getattr(network, "RequireTLS", False):
                 self.problem(self.at(network, "RequireTLS"), "RequireTLS needs TLSCertificateFile and TLSKeyFile")
             return
         unreadable = [name for name, path in (("TLSCertificateFile", certificate), ("TLSKeyFile", key))

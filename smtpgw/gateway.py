@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from smtpgw import access, dsn, log as logsetup, masks, mx, notify, routing, smtp
 from smtpgw.config import Config, ConfigError, load_config
+from smtpgw.console import Console
 from smtpgw.control import Control
 from smtpgw.dns import Resolver
 from smtpgw.log import event
@@ -84,6 +85,7 @@ class Gateway:
         self.sender = Sender(self)
         self.scanner = Scanner(self)
         self.control = Control(self)
+        self.console = Console(self)
         self._lock_fd = -1
         self._handle_signals()
 
@@ -196,6 +198,7 @@ class Gateway:
 
     def bind(self) -> None:
         self.listeners = self._bind(self.cfg.network.ListenOn, {})
+        self.console.bind()
 
     def _bind(self, addresses: list[tuple[str, int]],
               existing: dict[tuple[str, int], Listener]) -> list[Listener]:
@@ -243,6 +246,7 @@ class Gateway:
         self.sender.load()
         self.sender.purge_unreachable()
         self.control.start()
+        self.console.start()
         self._flush_log()
         where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
         log.info("smtpgw started: listening on %s", where)
@@ -270,6 +274,7 @@ class Gateway:
             return
         self.stopping = True
         log.info("stopping")
+        self.console.stop()
         for listener in self.listeners:
             listener.close()
         self.listeners.clear()

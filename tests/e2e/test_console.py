@@ -1,0 +1,251 @@
+"""The web console of a running gateway, in a real headless Chromium, and its /metrics and /healthz."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from smtpgw.console_auth import LoginThrottle, hash_password, verify_password
+from tests.e2e.test_antivirus_gateway import CLEAN, infected_message
+from tests.support.net import SMTPGW, free_port, wait_until
+from tests.support.webdriver import Browser, browser  # noqa: F401 - the fixture
+
+PASSWORD = "console-secret-1"
+READER_PASSWORD = "reader-secret-1"
+HASHES = {PASSWORD: hash_password(PASSWORD, 100_000), READER_PASSWORD: hash_password(READER_PASSWORD, 100_000)}
+FROM, TO = "a@b.test", "x@example.test"
+
+# Prometheus text exposition format 0.0.4: comment lines and samples (name, labels, value, timestamp).
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
+_VALUE = r"[+-]?(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+|NaN|Inf)"
+SAMPLE = re.compile(rf"({_NAME})(\{{(?:{_LABEL}(?:,{_LABEL})*,?)?\}})? ({_VALUE})(?: -?\d+)?")
+HELP = re.compile(rf"# HELP ({_NAME}) (?:[^\\\n]|\\[\\n])*")
+TYPE = re.compile(rf"# TYPE ({_NAME}) (counter|gauge|histogram|summary|untyped)")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Samples by ``name{labels}``; AssertionError for any line outside the grammar, a sample
+    before its family's TYPE, or a family typed twice."""
+    assert text.endswith("\n"), "the exposition ends with a line feed"
+    typed: dict[str, str] = {}
+    samples: dict[str, float] = {}
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        if line.startswith("# TYPE"):
+            match = TYPE.fullmatch(line)
+            assert match and match.group(1) not in typed, f"line {number}: bad or repeated TYPE: {line!r}"
+            typed[match.group(1)] = match.group(2)
+        elif line.startswith("# HELP"):
+            assert HELP.fullmatch(line), f"line {number}: bad HELP: {line!r}"
+        elif line.startswith("#") or not line:
+            continue
+        else:
+            match = SAMPLE.fullmatch(line)
+            assert match, f"line {number}: not a sample: {line!r}"
+            assert match.group(1) in typed, f"line {number}: {match.group(1)} has no TYPE before it"
+            key = match.group(1) + (match.group(2) or "")
+            assert key not in samples, f"line {number}: {key} twice"
+            samples[key] = float(match.group(3))
+    return samples
+
+
+@pytest.fixture
+def console_gateway(make_gateway, sink, clamd):
+    port = free_port()
+    gw = make_gateway(sink.port, extra={
+        "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
+        "smtpgw.policy": [("Check", "true"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none")],
+        "smtpgw.console": [("ListenOn", f"127.0.0.1:{port}"), ("AdminUser", "admin"),
+                           ("AdminPasswordHash", HASHES[PASSWORD]),
+                           ("ReadOnlyUsers", f"reader:{HASHES[READER_PASSWORD]}")],
+    })
+    gw.console = f"http://127.0.0.1:{port}"
+    return gw
+
+
+def http(url: str, form: dict[str, str] | None = None, cookie: str = "") -> tuple[int, str, dict[str, str]]:
+    """(status, body, headers) of one request, redirects not followed."""
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return None
+
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Cookie": cookie} if cookie else {})
+    try:
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=20) as answer:
+            return answer.status, answer.read().decode(), dict(answer.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), dict(exc.headers)
+
+
+def log_in(b: Browser, base: str, user: str, password: str) -> str:
+    b.get(base + "/login")
+    b.type("input[name=user]", user)
+    b.type("input[name=password]", password)
+    b.click("button[type=submit]")
+    return b.text()
+
+
+def send(port: int, data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.sendmail(FROM, [TO], data)
+
+
+def test_an_admin_steers_the_gateway_from_a_browser(console_gateway, sink, browser: Browser, tmp_path):
+    gw, base, b = console_gateway, console_gateway.console, browser
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+
+    def shot(name: str) -> None:
+        assert len(b.screenshot(str(shots / f"{name}.png"))) > 1000
+
+    b.get(base + "/queue")
+    assert b.url.endswith("/login")  # no session: the login page
+    shot("login")
+    assert "Status" in log_in(b, base, "admin", PASSWORD)
+    assert re.search(r"Sender\s+on", b.text())
+    shot("status")
+
+    # sender off: a message sent over SMTP waits in the queue, and the statistics count it
+    b.click("form[action='/control'] input[value='.c_send_off'] ~ button")
+    assert re.search(r"Sender\s+off", b.text())
+    send(gw.port, CLEAN)
+    b.wait_text(base + "/queue", rf" QUE .*<{FROM}> <{TO}>")
+    shot("queue")
+    stats = b.wait_text(base + "/stats", "mta_received_messages 1")
+    shot("stats")
+    assert "mta_received_messages 1" in stats
+    b.get(base + "/")
+    b.click("form[action='/control'] input[value='.c_send_on'] ~ button")
+    assert sink.wait_for(1)[0].recipients == [TO]
+
+    # an EICAR message is quarantined; a checked release is quarantined again, only one released
+    # without check reaches the sink
+    send(gw.port, infected_message())
+    page = b.wait_text(base + "/store?name=quarantine", r"1 item\(s\)")
+    assert "INF" in page
+    b.click("td a[href^='/store/item']")
+    item = b.text()
+    assert "Header" in item and f"<{FROM}>" in item and "application/zip part a.zip not shown" in item
+    shot("quarantine-item")
+    b.click("input[value=release] ~ button")
+    b.wait_text(base + "/store?name=quarantine", r"2 item\(s\)")
+    assert len(sink.messages) == 1
+    b.get(base + "/store?name=quarantine")
+    b.click("tr:nth-of-type(2) input[value=release-without-check] ~ button")
+    assert "without check" in b.text()
+    shot("quarantine")
+    assert sink.wait_for(2)[1].recipients == [TO]
+    gw.wait_log(r"RELEASED, .*check=no")
+
+    # the receiver switched off in the browser: an SMTP client gets 421
+    b.get(base + "/")
+    b.click("form[action='/control'] input[value='.c_recv_off'] ~ button")
+    assert re.search(r"Receiver\s+off", b.text()), b.text()
+    with smtplib.SMTP() as client:
+        code, _ = client.connect("127.0.0.1", gw.port)
+    assert code == 421
+
+    # a POST without the CSRF token is refused, even with the session cookie
+    cookie = f"smtpgw_session={b.cookie('smtpgw_session')}"
+    status, body, _ = http(base + "/control", {"command": ".c_recv_on"}, cookie)
+    assert status == 403 and "CSRF" in body
+    assert re.search(r"Receiver\s+off", b.wait_text(base + "/", "Receiver"))
+    b.click("form[action='/control'] input[value='.c_recv_on'] ~ button")
+    assert re.search(r"Receiver\s+on", b.text())
+
+    # the log page filters by queue ID; every action is in the audit log
+    gw.wait_log(r"console: user=admin, .*action=store-release-without-check, item=quarantine/")
+    log_page = b.wait_text(base + "/log?event=console%3A", "action=control")
+    shot("log")
+    assert "action=login" in log_page and "item=.c_send_off" in log_page and "RELEASED" not in log_page
+
+    # /metrics: every counter and the queue depth, equal to the traffic sent
+    status, text, headers = http(base + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    metrics = parse_metrics(text)
+    assert metrics["smtpgw_mta_received_messages"] == 2
+    assert metrics["smtpgw_mta_sent_messages"] == len(sink.messages) == 2
+    assert metrics["smtpgw_queue_messages{state=\"QUE\"}"] == 0
+    assert metrics["smtpgw_receiving"] == 1
+    assert http(base + "/healthz")[:2] == (200, "ok\n")
+
+    # wrong passwords lock the client out: then even the right one is refused
+    b.click("header button")
+    for _ in range(5):
+        assert "Wrong user name or password" in log_in(b, base, "admin", "not-the-password")
+    assert "locked out" in log_in(b, base, "admin", PASSWORD)
+    shot("locked-out")
+    for png in shots.iterdir():
+        assert png.stat().st_size > 1000
+
+
+def test_console_answers_carry_the_security_headers_and_a_reader_cannot_act(console_gateway):
+    base = console_gateway.console
+    status, body, headers = http(base + "/login", {"user": "reader", "password": READER_PASSWORD})
+    assert status == 303
+    cookie = headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    session = cookie.split(";")[0]
+    status, page, headers = http(base + "/", cookie=session)
+    assert status == 200 and "Switch off" not in page  # no buttons for a reader
+    assert headers["X-Frame-Options"] == "DENY" and "script-src" not in headers["Content-Security-Policy"]
+    assert "default-src 'none'" in headers["Content-Security-Policy"] and "<script" not in page
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    status, body, _ = http(base + "/control", {"command": ".c_recv_off", "csrf": csrf}, session)
+    assert status == 403 and "may look, not act" in body
+    # parameters never reach the file system unchecked
+    assert http(base + "/store/item?name=quarantine&id=../../smtpgw.conf", cookie=session)[0] == 400
+    assert http(base + "/store?name=/etc", cookie=session)[0] == 404
+    assert http(base + "/queue?state=../x", cookie=session)[0] == 400
+    console_gateway.wait_log(r"console: user=reader, .*action=control, item=.c_recv_off, result=refused: read-only")
+
+
+def test_metrics_are_refused_outside_metrics_allow_from(make_gateway, sink):
+    port = free_port()
+    gw = make_gateway(sink.port, extra={"smtpgw.console": [
+        ("ListenOn", f"127.0.0.1:{port}"), ("AdminPasswordHash", HASHES[PASSWORD]), ("MetricsAllowFrom", "10.0.0.0/8")]})
+    assert http(f"http://127.0.0.1:{port}/metrics")[0] == 403
+    assert http(f"http://127.0.0.1:{port}/healthz")[0] == 403
+    gw.control(".c_recv_off")
+    gw.wait_log("receiving off")
+
+
+def test_console_configuration_errors_name_file_and_line(tmp_path):
+    conf = tmp_path / "smtpgw.conf"
+    conf.write_text("[smtpgw.network]\nListenOn=127.0.0.1:2525\nHostname=gw.example.test\nPostmaster=p@example.test\n"
+                    "ProtectedDomains=example.test\n[smtpgw.path]\nQueuePath=q\nControlPath=c\n[smtpgw.policy]\n"
+                    "AdminNotifyAddress=a@example.test\nNotifyFromAddress=n@example.test\nBackupPath=b\nQuarantinePath=q2\n"
+                    "[smtpgw.console]\nListenOn=127.0.0.1\nReadOnlyUsers=bob:secret\n")
+    result = subprocess.run([sys.executable, SMTPGW, "-c", str(conf), "-k"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"{conf}:15: ListenOn is set but AdminPasswordHash is not" in result.stdout
+    assert f"{conf}:16: ReadOnlyUsers: bob: not a pbkdf2_sha256$ITERATIONS$SALT$HASH value" in result.stdout
+
+
+def test_console_passwd_prints_a_hash_that_verifies():
+    result = subprocess.run([sys.executable, SMTPGW, "console", "passwd"], input="a good password\n",
+                            capture_output=True, text=True)
+    assert result.returncode == 0
+    value = result.stdout.strip()
+    assert value.startswith("pbkdf2_sha256$") and verify_password("a good password", value)
+    assert not verify_password("another password", value)
+    short = subprocess.run([sys.executable, SMTPGW, "console", "passwd"], input="short\n", capture_output=True, text=True)
+    assert short.returncode == 1 and not short.stdout
+
+
+def test_login_throttle_locks_out_after_repeated_failures_and_forgets_on_success():
+    throttle = LoginThrottle(failures=3, window=60, lock_out=60)
+    assert not throttle.failed("ip:1", "user:a") and not throttle.failed("ip:1", "user:a")
+    throttle.succeeded("ip:1", "user:a")
+    assert not throttle.failed("ip:1", "user:a") and not throttle.locked("ip:1")
+    throttle.failed("ip:1", "user:b")
+    assert throttle.failed("ip:1", "user:c")  # the third from this address locks it
+    assert throttle.locked("ip:1") and not throttle.locked("user:c")
