@@ -64,6 +64,18 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(digest, expected)
 
 
+_DECOY: list[str] = []
+
+
+def verify_unknown(password: str) -> bool:
+    """As long as `verify_password` takes, for a user name that does not exist (its answer
+    time must not tell which names do); always False."""
+    if not _DECOY:
+        _DECOY.append(hash_password(secrets.token_hex(16)))
+    verify_password(password, _DECOY[0])
+    return False
+
+
 def parse_user_entry(text: str) -> tuple[str, str]:
     """``NAME:HASH`` of ``ReadOnlyUsers``; ValueError says what is wrong."""
     name, colon, value = text.partition(":")

@@ -235,6 +235,8 @@ def login(h: Handler, form: dict[str, str]) -> None:
         h.send_page(429, pages.login_page("Too many failed logins: locked out, try again later."))
         return
     account = h.console.account(user)
+    if account is None:
+        console_auth.verify_unknown(password)
     if account is None or not console_auth.verify_password(password, account[0]):
         locked = h.console.throttle.failed(*keys)
         h.console.audit(None, h.ip, "login", user, "wrong user or password" + (", now locked out" if locked else ""))

@@ -56,12 +56,12 @@ def esc(value: object) -> str:
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]], numeric: Sequence[int] = ()) -> Markup:
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers) if any(headers) else ""
     body = "".join(
         "<tr>" + "".join(f"<td{' class=num' if i in numeric else ''}>{esc(c)}</td>" for i, c in enumerate(row)) + "</tr>"
         for row in rows
     )
-    return Markup(f"<table><tr>{head}</tr>{body}</table>")
+    return Markup(f"<table>{f'<tr>{head}</tr>' if head else ''}{body}</table>")
 
 
 def button(action: str, fields: dict[str, str], label: str, csrf: str) -> Markup:
@@ -185,20 +185,23 @@ def _store_actions(name: str, item_id: str, admin: bool, csrf: str) -> Markup:
 
 
 def item_page(name: str, item: Item, raw: bytes, admin: bool, csrf: str) -> Markup:
+    """An item's facts, its header section as it is stored (text) and the preview of its text."""
     message = BytesParser(policy=email.policy.default).parsebytes(raw)
-    headers = "\n".join(f"{key}: {_header(value)}" for key, value in message.items())
+    head = raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode("utf-8", "replace")
     about = table(("", ""), [("Status", f"{item.status} ({STATUSES.get(item.status, '')})"), ("Reason", item.reason),
                              ("Sender", f"<{item.sender}>"), ("Recipients", ", ".join(item.recipients)),
-                             ("Queue ID", item.queue_id), ("Size", format_size(item.size))])
-    text = f"<h2>Header</h2><pre>{esc(headers)}</pre><h2>Text (preview)</h2><pre>{esc(text_preview(message))}</pre>"
+                             ("Subject", decoded_subject(message)), ("Queue ID", item.queue_id),
+                             ("Size", format_size(item.size))])
+    text = f"<h2>Header</h2><pre>{esc(head)}</pre><h2>Text (preview)</h2><pre>{esc(text_preview(message))}</pre>"
     return about + _store_actions(name, item.id, admin, csrf) + Markup(text)
 
 
-def _header(value: object) -> str:
+def decoded_subject(message: EmailMessage) -> str:
+    """The Subject with its RFC 2047 encoded words decoded (as text: it is escaped like any value)."""
     try:
-        return str(value)
-    except Exception:  # a header field the parser could not decode is shown as it came
-        return repr(value)
+        return str(message.get("Subject", ""))
+    except Exception:  # an undecodable field is shown as stored, in the header section
+        return ""
 
 
 def text_preview(message: EmailMessage) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import smtplib
 import subprocess
@@ -13,6 +14,7 @@ import urllib.request
 import pytest
 
 from smtpgw.console_auth import LoginThrottle, hash_password, verify_password
+from smtpgw.store import Store
 from tests.e2e.test_antivirus_gateway import CLEAN, infected_message
 from tests.support.net import SMTPGW, free_port, wait_until
 from tests.support.webdriver import Browser, browser  # noqa: F401 - the fixture
@@ -206,6 +208,31 @@ def test_console_answers_carry_the_security_headers_and_a_reader_cannot_act(cons
     assert http(base + "/store?name=/etc", cookie=session)[0] == 404
     assert http(base + "/queue?state=../x", cookie=session)[0] == 400
     console_gateway.wait_log(r"console: user=reader, .*action=control, item=.c_recv_off, result=refused: read-only")
+
+
+HOSTILE = (b"From: <script>alert(1)</script>@x.test\r\nSubject: =?utf-8?q?=3Cimg_src=3Dx_onerror=3Dalert(2)=3E?=\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\n"
+           b"Content-Type: text/plain\r\n\r\nplain <b>words</b>\r\n--b\r\nContent-Type: text/html\r\n\r\n"
+           b"<iframe src=//evil.test></iframe><p>html words</p>\r\n--b--\r\n")
+
+
+def test_a_stored_message_is_previewed_as_escaped_text_never_as_html(console_gateway, browser: Browser):
+    gw, base = console_gateway, console_gateway.console
+    item = Store(os.path.join(gw.folder, "var", "quarantine")).put(
+        "tzgHOSTILE01", HOSTILE, {"sender": "<x>@x.test", "recipients": [{"addr": TO}]}, "SPM", "<b>reason</b>")
+    status, _, headers = http(base + "/login", {"user": "admin", "password": PASSWORD})
+    session = headers["Set-Cookie"].split(";")[0]
+    status, page, _ = http(f"{base}/store/item?name=quarantine&id={item}", cookie=session)
+    assert status == 200
+    for raw in ("<script", "<img", "<iframe", "<b>"):
+        assert raw not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
+    assert "plain &lt;b&gt;words&lt;/b&gt;" in page and "[text/html part not shown]" in page
+    assert "html words" not in page
+    log_in(browser, base, "admin", PASSWORD)
+    browser.get(f"{base}/store/item?name=quarantine&id={item}")
+    assert "<script>alert(1)</script>@x.test" in browser.text()  # shown as text, not run
+    assert not browser.find_all("main iframe, main img, main script")
 
 
 def test_metrics_are_refused_outside_metrics_allow_from(make_gateway, sink):
