@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import smtplib
+import ssl
 import subprocess
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from http.client import HTTPException
 
 import pytest
 
@@ -233,6 +235,31 @@ def test_a_stored_message_is_previewed_as_escaped_text_never_as_html(console_gat
     browser.get(f"{base}/store/item?name=quarantine&id={item}")
     assert "<script>alert(1)</script>@x.test" in browser.text()  # shown as text, not run
     assert not browser.find_all("main iframe, main img, main script")
+
+
+def test_over_https_the_session_cookie_is_secure_and_plain_http_is_not_served(make_gateway, sink, tls_files):
+    cert, key = tls_files
+    port = free_port()
+    make_gateway(sink.port, extra={"smtpgw.console": [
+        ("ListenOn", f"127.0.0.1:{port}"), ("AdminPasswordHash", HASHES[PASSWORD]),
+        ("TLSCertificateFile", cert), ("TLSKeyFile", key)]})
+    context = ssl.create_default_context(cafile=cert)
+    context.check_hostname = False
+    request = urllib.request.Request(f"https://127.0.0.1:{port}/login",
+                                     urllib.parse.urlencode({"user": "admin", "password": PASSWORD}).encode())
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect, urllib.request.HTTPSHandler(context=context))
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        opener.open(request, timeout=20)
+    assert answer.value.code == 303
+    cookie = answer.value.headers["Set-Cookie"]
+    assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    with pytest.raises((urllib.error.URLError, ConnectionError, HTTPException)):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=20)
 
 
 def test_metrics_are_refused_outside_metrics_allow_from(make_gateway, sink):
