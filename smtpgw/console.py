@@ -23,12 +23,14 @@ import os
 import socket
 import ssl
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from smtpgw.console_auth import ADMIN, READ_ONLY, LoginThrottle, Session, Sessions
 from smtpgw.console_http import Handler, Refused
+from smtpgw.history import History
 from smtpgw.masks import ip_match
-from smtpgw.queue import STATES, Envelope
+from smtpgw.queue import STATES, Envelope, write_durably
 from smtpgw.spam.database import database_file
 from smtpgw.spam.spamfilter import default_bases
 
@@ -40,6 +42,7 @@ log = logging.getLogger("smtpgw.console")
 MAX_THREADS = 16  # requests served at once; more are closed
 LOOP_TIMEOUT = 10.0  # seconds an action may wait for the event loop
 LOG_TAIL_BYTES = 256 * 1024
+SAMPLE_INTERVAL = 60.0  # seconds between samples of the traffic history (also taken when a chart is shown)
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -79,6 +82,8 @@ class Console:
         self.throttle = LoginThrottle()
         self.server: _Server | None = None
         self.thread: threading.Thread | None = None
+        self.history = History()
+        self.timer: Any = None
 
     @property
     def cfg(self) -> Any:
@@ -111,6 +116,8 @@ class Console:
     def start(self) -> None:
         if self.server is None:
             return
+        self.history = History.load(History.path(self.gw.queue.root))
+        self.timer = self.gw.loop.call_later(SAMPLE_INTERVAL, self._tick)
         self.thread = threading.Thread(target=self.server.serve_forever, name="console", daemon=True)
         self.thread.start()
         host, port = self.server.server_address[:2]
@@ -123,6 +130,35 @@ class Console:
             self.server.shutdown()
         self.server.server_close()
         self.server = None
+
+    def save_history(self) -> None:
+        """At shutdown, once deliveries in flight have ended: the history is kept for the next start."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self._sample()
+            try:
+                self.history.save(History.path(self.gw.queue.root))
+            except OSError as exc:
+                log.error("cannot save the console history: %s", exc)
+
+    def _sample(self) -> None:
+        self.history.sample(self.gw.stats.counters, time.time())
+
+    def _tick(self) -> None:
+        """Each minute on the loop: a sample, written by an I/O thread."""
+        self._sample()
+        data, path = self.history.to_bytes(), History.path(self.gw.queue.root)
+        self.gw.committer.run(lambda: write_durably(path, data))
+        self.timer = self.gw.loop.call_later(SAMPLE_INTERVAL, self._tick)
+
+    def charts(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """(per minute over 24 hours, per hour over 30 days), sampled now."""
+        def read() -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+            self._sample()
+            now = time.time()
+            return self.history.series(False, now), self.history.series(True, now)
+        return self.on_loop(read)
 
     # -- the event loop ---------------------------------------------------------------------
     def on_loop(self, job: Callable[[], Any]) -> Any:

@@ -388,7 +388,8 @@ def _level(line: str) -> str:
 @guarded
 def stats(h: Handler, form: dict[str, str]) -> None:
     session = h.user()
-    h.page(session, "Statistics", pages.stats_page(h.console.snapshot()["counters"]))
+    by_minute, by_hour = h.console.charts()
+    h.page(session, "Statistics", pages.stats_page(h.console.snapshot()["counters"], by_minute, by_hour))
 
 
 def _monitor(h: Handler) -> None:

@@ -40,6 +40,11 @@ form.inline { display: inline; }
 .notice { background: #ffd; border: 1px solid #cc8; padding: .3em .6em; }
 pre { background: #fff; border: 1px solid #ccc; padding: .5em; white-space: pre-wrap; word-break: break-all; }
 input, select, button { font: inherit; }
+svg.chart { background: #fff; border: 1px solid #ccc; }
+svg.chart polyline { fill: none; stroke-width: 1.5; }
+.s0 { stroke: #36c; color: #36c; } .s1 { stroke: #393; color: #393; } .s2 { stroke: #999; color: #777; }
+.s3 { stroke: #c90; color: #c90; } .s4 { stroke: #c33; color: #c33; }
+span.key { font-weight: bold; }
 """
 
 
@@ -239,8 +244,29 @@ def log_page(lines: list[str], filters: dict[str, str], follow: bool) -> Markup:
     return Markup(form + f"<pre>{esc(chr(10).join(lines))}</pre><p>{len(lines)} line(s)</p>")
 
 
-def stats_page(counters: dict[str, int]) -> Markup:
-    return table(("Counter", "Value"), sorted(counters.items()), numeric=(1,))
+CHART_WIDTH, CHART_HEIGHT = 720, 160
+
+
+def chart(title: str, series: dict[str, list[int]]) -> Markup:
+    """One inline SVG line chart of every series (drawn here, no script), and a table of their totals."""
+    points = max((len(v) for v in series.values()), default=0)
+    top = max((max(v) for v in series.values() if v), default=0) or 1
+    step = CHART_WIDTH / max(1, points - 1)
+    lines = []
+    for index, (name, values) in enumerate(series.items()):
+        coords = " ".join(f"{i * step:.1f},{CHART_HEIGHT - v * CHART_HEIGHT / top:.1f}" for i, v in enumerate(values))
+        lines.append(f'<polyline class="s{index}" points="{coords}"><title>{esc(name)}</title></polyline>')
+    svg = (f'<svg class="chart" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" width="{CHART_WIDTH}" height="{CHART_HEIGHT}" '
+           f'role="img" aria-label="{esc(title)}">{"".join(lines)}</svg>')
+    legend = table(("Series", "Total", "Peak"),
+                   [(Markup(f'<span class="key s{i}">{esc(name)}</span>'), sum(v), max(v, default=0))
+                    for i, (name, v) in enumerate(series.items())], numeric=(1, 2))
+    return Markup(f"<h2>{esc(title)}</h2>{svg}") + legend
+
+
+def stats_page(counters: dict[str, int], by_minute: dict[str, list[int]], by_hour: dict[str, list[int]]) -> Markup:
+    return (chart("Last 24 hours, per minute", by_minute) + chart("Last 30 days, per hour", by_hour)
+            + Markup("<h2>Counters</h2>") + table(("Counter", "Value"), sorted(counters.items()), numeric=(1,)))
 
 
 def metric_kind(name: str) -> str:

@@ -286,6 +286,7 @@ class Gateway:
         self.loop.run_until(self.sender.idle, SHUTDOWN_GRACE)
         self.sender.stop()
         self.loop.run_until(lambda: not self.sessions, 1.0)
+        self.console.save_history()
         self.committer.close()
         self.queue.sync_state_dirs()
         log.info("stopped")

@@ -126,6 +126,7 @@ def test_an_admin_steers_the_gateway_from_a_browser(console_gateway, sink, brows
     stats = b.wait_text(base + "/stats", "mta_received_messages 1")
     shot("stats")
     assert "mta_received_messages 1" in stats
+    assert re.search(r"received 1 1\n", stats) and len(b.find_all("svg.chart polyline")) == 10
     b.get(base + "/")
     b.click("form[action='/control'] input[value='.c_send_on'] ~ button")
     assert sink.wait_for(1)[0].recipients == [TO]
@@ -260,6 +261,21 @@ def test_over_https_the_session_cookie_is_secure_and_plain_http_is_not_served(ma
     assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
     with pytest.raises((urllib.error.URLError, ConnectionError, HTTPException)):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=20)
+
+
+def test_the_traffic_history_survives_a_restart(console_gateway, sink):
+    gw, base = console_gateway, console_gateway.console
+    send(gw.port, CLEAN)
+    wait_until(lambda: "smtpgw_mta_sent_messages 1\n" in http(base + "/metrics")[1], 20, "the delivery counted")
+    assert gw.stop() == 0
+    gw.start()
+    wait_until(lambda: http(base + "/login")[0] == 200, 10, "the console")
+    session = http(base + "/login", {"user": "admin", "password": PASSWORD})[2]["Set-Cookie"].split(";")[0]
+    page = http(base + "/stats", cookie=session)[1]
+    assert "<td>mta_received_messages</td><td class=num>0</td>" in page  # counters start again at 0
+    for series in ("received", "delivered"):  # the charts keep the last 24 hours and 30 days
+        assert page.count(f'<span class="key s{1 if series == "delivered" else 0}">{series}</span></td>'
+                          f"<td class=num>1</td>") == 2
 
 
 def test_metrics_are_refused_outside_metrics_allow_from(make_gateway, sink):
