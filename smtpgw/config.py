@@ -573,7 +573,8 @@ class _Raw:
 
 
 class _Loader:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, text: bytes | None = None) -> None:
+        self.text = text  # the file's content when it is not read from ``path`` (an edited copy)
         self.display = str(path)
         self.source = os.path.abspath(path)
         self.folder = os.path.dirname(self.source)
@@ -589,8 +590,11 @@ class _Loader:
     def lines(self) -> list[tuple[str, str]]:
         """(``FILE:LINE``, text) of each line that is not blank or a comment."""
         try:
-            with open(self.source, "rb") as handle:
-                data = handle.read(MAX_CONFIG_BYTES + 1)
+            if self.text is not None:
+                data = self.text[:MAX_CONFIG_BYTES + 1]
+            else:
+                with open(self.source, "rb") as handle:
+                    data = handle.read(MAX_CONFIG_BYTES + 1)
         except OSError as error:
             raise ConfigError([f"{self.display}:1: cannot read configuration: {error.strerror}"]) from None
         if len(data) > MAX_CONFIG_BYTES:
@@ -842,9 +846,10 @@ class _Loader:
                              f"TLSCertificateFile/TLSKeyFile: not a usable certificate and key ({error})")
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Load and check ``path``; raises ConfigError listing every problem found."""
-    return _Loader(os.fspath(path)).load()
+def load_config(path: str | os.PathLike[str], text: bytes | None = None) -> Config:
+    """Load and check ``path`` (or ``text`` as if it were that file's content: relative paths and
+    ``file:`` lists are taken from its folder); raises ConfigError listing every problem found."""
+    return _Loader(os.fspath(path), text).load()
 
 
 def check_config(path: str | os.PathLike[str], out: TextIO | None = None) -> int:

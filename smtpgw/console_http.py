@@ -23,6 +23,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any, Callable
 
 from smtpgw import __version__, console_auth, console_pages as pages
+from smtpgw.config import ConfigError, load_config
 from smtpgw.console_auth import ADMIN, Session
 from smtpgw.queue import STATES
 from smtpgw.store import STATUSES, Store, StoreError
@@ -35,6 +36,7 @@ log = logging.getLogger("smtpgw.console")
 COOKIE = "smtpgw_session"
 MAX_BODY = 16 * 1024  # bytes of a form
 MAX_FIELD = 256  # characters of one form or query value
+MAX_CONFIG_FORM = 1024 * 1024  # bytes of a configuration sent to be checked
 MAX_ROWS = 500  # rows of a listing
 REQUEST_TIMEOUT = 30.0  # seconds a client may take to send its request
 SWITCHES = (".c_recv_on", ".c_recv_off", ".c_send_on", ".c_send_off", ".c_avir_on", ".c_avir_off",
@@ -105,15 +107,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- request parts ----------------------------------------------------------------------
     def form(self) -> dict[str, str]:
+        """The POST's form: bounded; only a configuration check carries one long field (``text``)."""
         if self.headers.get_content_type() != "application/x-www-form-urlencoded":
             raise Refused(415, "a form is expected")
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             raise Refused(411, "Content-Length is needed") from None
-        if not 0 <= length <= MAX_BODY:
+        long_field = "text" if urllib.parse.urlsplit(self.path).path == "/config/check" else None
+        if not 0 <= length <= (MAX_CONFIG_FORM if long_field else MAX_BODY):
             raise Refused(413, "form too large")
-        return fields(self.rfile.read(length).decode("utf-8", "replace"))
+        return fields(self.rfile.read(length).decode("utf-8", "replace"), long_field)
 
     def token(self) -> str | None:
         for part in self.headers.get("Cookie", "").split(";"):
@@ -176,15 +180,15 @@ class Redirect(Refused):
         self.where = where
 
 
-def fields(text: str) -> dict[str, str]:
-    """Form or query fields, each name once; values bounded."""
+def fields(text: str, long_field: str | None = None) -> dict[str, str]:
+    """Form or query fields, each name once; values bounded (``long_field`` by the form's size)."""
     try:
         pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, max_num_fields=32)
     except ValueError:
         raise Refused(400, "too many fields") from None
     found: dict[str, str] = {}
     for name, value in pairs:
-        if name in found or len(value) > MAX_FIELD:
+        if name in found or (len(value) > MAX_FIELD and name != long_field):
             raise Refused(400, f"field {name[:32]!r} repeated or too long")
         found[name] = value
     return found
@@ -392,6 +396,42 @@ def stats(h: Handler, form: dict[str, str]) -> None:
     h.page(session, "Statistics", pages.stats_page(h.console.snapshot()["counters"], by_minute, by_hour))
 
 
+@guarded
+def config_view(h: Handler, form: dict[str, str]) -> None:
+    session = h.user()
+    path = h.console.gw.config_path
+    with open(path, "rb") as f:
+        text = f.read(MAX_CONFIG_FORM).decode("utf-8", "replace")
+    h.page(session, "Configuration", pages.config_page(path, text, session.role == ADMIN, session.csrf))
+
+
+def config_check(h: Handler, form: dict[str, str]) -> None:
+    """``-k`` of an edited copy, as if it were the configuration file (its folder, its file: lists)."""
+    session = h.acting(form, "config-check")
+    text, path = form.get("text", ""), h.console.gw.config_path
+    try:
+        load_config(path, text.encode("utf-8"))
+        problems = []
+    except ConfigError as error:
+        problems = error.problems
+    h.console.audit(session, h.ip, "config-check", "-", f"{len(problems)} problem(s)")
+    h.page(session, "Configuration", pages.config_page(path, text, True, session.csrf, problems))
+
+
+def config_reload(h: Handler, form: dict[str, str]) -> None:
+    """As SIGHUP: the file is read again; a bad one leaves the running configuration in force."""
+    session = h.acting(form, "config-reload")
+    gw = h.console.gw
+
+    def reload() -> bool:
+        before = gw.cfg
+        gw.reload()
+        return gw.cfg is not before
+    result = "configuration reloaded" if h.console.on_loop(reload) else "reload refused; the log says why"
+    h.console.audit(session, h.ip, "config-reload", "-", result)
+    h.redirect(_notice("/config", result))
+
+
 def _monitor(h: Handler) -> None:
     if not h.console.metrics_allowed(h.ip):
         raise Refused(403, "not allowed from this address (MetricsAllowFrom)")
@@ -425,6 +465,9 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/store"): store_action,
     ("GET", "/log"): log_view,
     ("GET", "/stats"): stats,
+    ("GET", "/config"): config_view,
+    ("POST", "/config/check"): config_check,
+    ("POST", "/config/reload"): config_reload,
     ("GET", "/metrics"): metrics,
     ("GET", "/healthz"): healthz,
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email.policy
 import html
+import re
 import time
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -23,7 +24,7 @@ from smtpgw.store import STATUSES, Item, format_size
 
 PREVIEW_BYTES = 64 * 1024  # characters of text shown from a stored message
 NAV = (("/", "Status"), ("/queue", "Queue"), ("/store?name=quarantine", "Quarantine"), ("/store?name=backup", "Backup"),
-       ("/log", "Log"), ("/stats", "Statistics"))
+       ("/log", "Log"), ("/stats", "Statistics"), ("/config", "Configuration"))
 
 STYLESHEET = """
 body { font: 14px/1.4 sans-serif; margin: 0; color: #222; background: #fafafa; }
@@ -267,6 +268,27 @@ def chart(title: str, series: dict[str, list[int]]) -> Markup:
 def stats_page(counters: dict[str, int], by_minute: dict[str, list[int]], by_hour: dict[str, list[int]]) -> Markup:
     return (chart("Last 24 hours, per minute", by_minute) + chart("Last 30 days, per hour", by_hour)
             + Markup("<h2>Counters</h2>") + table(("Counter", "Value"), sorted(counters.items()), numeric=(1,)))
+
+
+_HASH_VALUE = re.compile(r"(pbkdf2_sha256\$\d+\$)\S+")
+
+
+def config_page(path: str, text: str, admin: bool, csrf: str, problems: list[str] | None = None) -> Markup:
+    """The configuration file; for the admin an editable copy to check (-k) and the reload button.
+    A read-only user sees the password hashes hidden."""
+    if not admin:
+        hidden = _HASH_VALUE.sub(r"\1(hidden)", text)
+        return Markup(f"<p>{esc(path)}</p><pre>{esc(hidden)}</pre>")
+    result = Markup("")
+    if problems is not None:
+        result = notice("Config OK" if not problems else f"{len(problems)} problem(s):")
+        result += Markup("<pre>" + esc("\n".join(problems)) + "</pre>") if problems else Markup("")
+    check = (f'<form method="post" action="/config/check"><input type="hidden" name="csrf" value="{esc(csrf)}">'
+             f'<p><textarea name="text" rows="30" cols="110" spellcheck="false">{esc(text)}</textarea></p>'
+             f'<p><button type="submit">Check (-k)</button></p></form>')
+    return (result + Markup(f"<p>{esc(path)}: edit a copy below and check it; the file itself is changed on the "
+                            f"server only. </p>") + button("/config/reload", {}, "Reload the configuration file", csrf)
+            + Markup(check))
 
 
 def metric_kind(name: str) -> str:

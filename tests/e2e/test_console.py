@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import smtplib
@@ -211,6 +212,40 @@ def test_console_answers_carry_the_security_headers_and_a_reader_cannot_act(cons
     assert http(base + "/store?name=/etc", cookie=session)[0] == 404
     assert http(base + "/queue?state=../x", cookie=session)[0] == 400
     console_gateway.wait_log(r"console: user=reader, .*action=control, item=.c_recv_off, result=refused: read-only")
+    status, page, _ = http(base + "/config", cookie=session)
+    assert status == 200 and "AdminPasswordHash=pbkdf2_sha256$100000$(hidden)" in page and "<textarea" not in page
+    assert HASHES[READER_PASSWORD].split("$")[3] not in page
+
+
+def admin_session(base: str) -> tuple[str, str]:
+    """(cookie, CSRF token) of a fresh admin login."""
+    session = http(base + "/login", {"user": "admin", "password": PASSWORD})[2]["Set-Cookie"].split(";")[0]
+    page = http(base + "/", cookie=session)[1]
+    return session, re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+
+
+def test_the_configuration_is_checked_and_reloaded_from_the_console(console_gateway):
+    gw, base = console_gateway, console_gateway.console
+    session, csrf = admin_session(base)
+    page = http(base + "/config", cookie=session)[1]
+    text = html.unescape(re.search(r"<textarea[^>]*>(.*)</textarea>", page, re.S).group(1))
+    assert text == open(gw.config).read()
+    broken = text.replace("LogLevel=debug", "LogLevel=loud")
+    line = broken.split("\n").index("LogLevel=loud") + 1
+    status, page, _ = http(base + "/config/check", {"csrf": csrf, "text": broken}, session)
+    assert status == 200 and f"{gw.config}:{line}: LogLevel: " in page and "1 problem(s)" in page
+    status, page, _ = http(base + "/config/check", {"csrf": csrf, "text": text}, session)
+    assert "Config OK" in page
+    assert http(base + "/config/check", {"text": text}, session)[0] == 403  # no CSRF token
+    with open(gw.config, "w") as f:
+        f.write(broken)
+    status, _, headers = http(base + "/config/reload", {"csrf": csrf}, session)
+    assert status == 303 and "reload%20refused" in headers["Location"]
+    gw.wait_log(r"reload refused: .*LogLevel")
+    with open(gw.config, "w") as f:
+        f.write(text.replace("LogLevel=debug", "LogLevel=info"))
+    assert "configuration%20reloaded" in http(base + "/config/reload", {"csrf": csrf}, session)[2]["Location"]
+    gw.wait_log(r"console: user=admin, .*action=config-reload, item=-, result=configuration reloaded")
 
 
 HOSTILE = (b"From: <script>alert(1)</script>@x.test\r\nSubject: =?utf-8?q?=3Cimg_src=3Dx_onerror=3Dalert(2)=3E?=\r\n"
