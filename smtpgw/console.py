@@ -28,11 +28,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from smtpgw.console_auth import ADMIN, READ_ONLY, LoginThrottle, Session, Sessions
 from smtpgw.console_http import Handler, Refused
+from smtpgw.av import ClamdError, ClamdServer
 from smtpgw.history import History
 from smtpgw.masks import ip_match
 from smtpgw.queue import STATES, Envelope, write_durably
 from smtpgw.spam.database import database_file
 from smtpgw.spam.spamfilter import default_bases
+from smtpgw.spam.training import learn_files
 
 if TYPE_CHECKING:
     from smtpgw.gateway import Gateway
@@ -42,6 +44,7 @@ log = logging.getLogger("smtpgw.console")
 MAX_THREADS = 16  # requests served at once; more are closed
 LOOP_TIMEOUT = 10.0  # seconds an action may wait for the event loop
 LOG_TAIL_BYTES = 256 * 1024
+CLAMD_TIMEOUT = 2.0  # seconds a clamd server has to answer VERSION for the status page and /metrics
 SAMPLE_INTERVAL = 60.0  # seconds between samples of the traffic history (also taken when a chart is shown)
 
 
@@ -228,6 +231,23 @@ class Console:
             if key in info:
                 info[key] = value[:64]
         return info
+
+    def clamd_health(self, timeout: float = CLAMD_TIMEOUT) -> list[tuple[str, bool, str]]:
+        """(address, answers, engine and database version or why not) of each ClamdAddress."""
+        health = []
+        for address in self.gw.cfg.ave.ClamdAddress:
+            try:
+                health.append((address, True, str(ClamdServer(address).version(timeout))))
+            except (ClamdError, OSError, ValueError) as exc:
+                health.append((address, False, str(exc)))
+        return health
+
+    def learn(self, message_path: str, is_spam: bool) -> int:
+        """``spam learn`` of one stored message into the spam database, then new workers load it
+        (``.c_db_reload``); from a request thread (the database is rewritten whole)."""
+        count = learn_files(self.gw.cfg.base.BasesPath or default_bases(), [message_path], is_spam)
+        self.on_loop(self.gw.reload_databases)
+        return count
 
     def log_tail(self) -> list[str]:
         path = self.gw.cfg.options.LogFile

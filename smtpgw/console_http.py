@@ -264,7 +264,7 @@ def logout(h: Handler, form: dict[str, str]) -> None:
 def status(h: Handler, form: dict[str, str]) -> None:
     session, console = h.user(), h.console
     body = pages.status_page(console.snapshot(), console.queue_depth(), console.spam_database(),
-                             list(console.gw.cfg.ave.ClamdAddress), __version__, session.role == ADMIN, session.csrf)
+                             console.clamd_health(), __version__, session.role == ADMIN, session.csrf)
     h.page(session, "Status", pages.notice(form.get("notice", "")) + body)
 
 
@@ -352,11 +352,14 @@ def store_item(h: Handler, form: dict[str, str]) -> None:
 def store_action(h: Handler, form: dict[str, str]) -> None:
     op, item_id = form.get("op", ""), form.get("id", "")
     session = h.acting(form, f"store-{op}", item_id)
-    if op not in ("release", "release-without-check", "delete"):
+    if op not in ("release", "release-without-check", "delete", "learn-spam", "learn-ham"):
         raise Refused(400, "not a store operation")
     name, store = _store(h, form)
     item = _item(store, item_id)
-    if op == "delete":
+    if op.startswith("learn-"):
+        count = h.console.learn(store.message_path(item.id), op == "learn-spam")
+        result = f"{item.id} learned as {op[6:]} ({count} message(s)); databases reloading"
+    elif op == "delete":
         store.remove(item.id)
         result = f"{item.id} deleted"
     elif not item.recipients:
@@ -439,7 +442,7 @@ def _monitor(h: Handler) -> None:
 
 def metrics(h: Handler, form: dict[str, str]) -> None:
     _monitor(h)
-    text = pages.metrics_text(h.console.snapshot(), h.console.queue_depth(), __version__)
+    text = pages.metrics_text(h.console.snapshot(), h.console.queue_depth(), h.console.clamd_health(), __version__)
     h.send_page(200, text, "text/plain; version=0.0.4; charset=utf-8")
 
 

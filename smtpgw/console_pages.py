@@ -113,7 +113,7 @@ def _duration(seconds: int) -> str:
     return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
 
 
-def status_page(snap: dict[str, Any], depth: dict[str, int], spam: dict[str, str], clamd: list[str],
+def status_page(snap: dict[str, Any], depth: dict[str, int], spam: dict[str, str], clamd: list[tuple[str, bool, str]],
                 version: str, admin: bool, csrf: str) -> Markup:
     rows = []
     for label, key, command in (("Receiver", "receiving", "recv"), ("Sender", "sending", "send"),
@@ -134,8 +134,11 @@ def status_page(snap: dict[str, Any], depth: dict[str, int], spam: dict[str, str
         ("Version", version), ("Started", _when(snap["started"])),
         ("Uptime", _duration(int(time.time() - snap["started"]))),
         ("Spam database", f"{spam['version']} ({spam['date']})"),
-        ("clamd", ", ".join(clamd) or "-"),
     ]))
+    parts.append(Markup("<h2>clamd</h2>"))
+    parts.append(table(("Server", "State", "Version or problem"), [
+        (address, Markup(f'<span class="{"on" if up else "off"}">{"answers" if up else "down"}</span>'), text)
+        for address, up, text in clamd]))
     return Markup("".join(parts))
 
 
@@ -176,18 +179,25 @@ def store_page(name: str, names: Sequence[str], items: list[Item], filters: dict
     for item in items:
         link = Markup(f'<a href="/store/item?name={esc(name)}&amp;id={esc(item.id)}">{esc(item.id)}</a>')
         rows.append((link, item.status, format_size(item.size), _when(item.time), f"<{item.sender}>",
-                     ", ".join(item.recipients), item.reason, _store_actions(name, item.id, admin, csrf)))
+                     ", ".join(item.recipients), item.reason, _store_actions(name, item, admin, csrf)))
     return Markup(form + table(("Item", "Status", "Size", "Arrived", "Sender", "Recipients", "Reason", ""), rows)
                   + f"<p>{len(items)} item(s)</p>")
 
 
-def _store_actions(name: str, item_id: str, admin: bool, csrf: str) -> Markup:
+SPAM_STATUSES = ("SPM", "PSP")  # items that may be learned as spam or ham
+
+
+def _store_actions(name: str, item: Item, admin: bool, csrf: str) -> Markup:
     if not admin:
         return Markup("")
-    fields = {"name": name, "id": item_id}
+    fields = {"name": name, "id": item.id}
+    learn = Markup("")
+    if item.status in SPAM_STATUSES:
+        learn = (button("/store", {**fields, "op": "learn-spam"}, "Learn as spam", csrf)
+                 + button("/store", {**fields, "op": "learn-ham"}, "Learn as ham", csrf))
     return (button("/store", {**fields, "op": "release"}, "Release", csrf)
             + button("/store", {**fields, "op": "release-without-check"}, "Release without check", csrf)
-            + button("/store", {**fields, "op": "delete"}, "Delete", csrf))
+            + button("/store", {**fields, "op": "delete"}, "Delete", csrf) + learn)
 
 
 def item_page(name: str, item: Item, raw: bytes, admin: bool, csrf: str) -> Markup:
@@ -199,7 +209,7 @@ def item_page(name: str, item: Item, raw: bytes, admin: bool, csrf: str) -> Mark
                              ("Subject", decoded_subject(message)), ("Queue ID", item.queue_id),
                              ("Size", format_size(item.size))])
     text = f"<h2>Header</h2><pre>{esc(head)}</pre><h2>Text (preview)</h2><pre>{esc(text_preview(message))}</pre>"
-    return about + _store_actions(name, item.id, admin, csrf) + Markup(text)
+    return about + _store_actions(name, item, admin, csrf) + Markup(text)
 
 
 def decoded_subject(message: EmailMessage) -> str:
@@ -295,7 +305,12 @@ def metric_kind(name: str) -> str:
     return "gauge" if name.endswith(("_current", "_maximum")) else "counter"
 
 
-def metrics_text(snap: dict[str, Any], depth: dict[str, int], version: str) -> str:
+def _label(value: str) -> str:
+    """A label value in the exposition format: backslash, double quote and line feed escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics_text(snap: dict[str, Any], depth: dict[str, int], clamd: list[tuple[str, bool, str]], version: str) -> str:
     """Prometheus text exposition format 0.0.4: every counter, the switches, queue depth per state."""
     lines: list[str] = []
 
@@ -310,6 +325,8 @@ def metrics_text(snap: dict[str, Any], depth: dict[str, int], version: str) -> s
            [(f'{{state="{state}"}}', count) for state, count in depth.items()])
     for key in ("receiving", "sending", "scanning"):
         metric(key, "gauge", f"1 when {key} is switched on", [("", 1 if snap[key] else 0)])
+    metric("clamd_up", "gauge", "1 when the clamd server answers",
+           [(f'{{address="{_label(address)}"}}', 1 if up else 0) for address, up, _ in clamd])
     metric("uptime_seconds", "gauge", "seconds since the gateway started", [("", int(time.time() - snap["started"]))])
     metric("build_info", "gauge", "the running version", [(f'{{version="{version}"}}', 1)])
     return "\n".join(lines) + "\n"

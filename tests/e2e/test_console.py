@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import shutil
 import smtplib
 import ssl
 import subprocess
@@ -16,6 +17,7 @@ from http.client import HTTPException
 
 import pytest
 
+import smtpgw
 from smtpgw.console_auth import LoginThrottle, hash_password, verify_password
 from smtpgw.store import Store
 from tests.e2e.test_antivirus_gateway import CLEAN, infected_message
@@ -71,7 +73,7 @@ def console_gateway(make_gateway, sink, clamd):
                            ("AdminPasswordHash", HASHES[PASSWORD]),
                            ("ReadOnlyUsers", f"reader:{HASHES[READER_PASSWORD]}")],
     })
-    gw.console = f"http://127.0.0.1:{port}"
+    gw.console, gw.clamd_address = f"http://127.0.0.1:{port}", clamd.unix_address
     return gw
 
 
@@ -116,6 +118,7 @@ def test_an_admin_steers_the_gateway_from_a_browser(console_gateway, sink, brows
     shot("login")
     assert "Status" in log_in(b, base, "admin", PASSWORD)
     assert re.search(r"Sender\s+on", b.text())
+    assert re.search(rf"{re.escape(gw.clamd_address)}\s+answers\s+\d", b.text())  # clamd's health and version
     shot("status")
 
     # sender off: a message sent over SMTP waits in the queue, and the statistics count it
@@ -181,6 +184,7 @@ def test_an_admin_steers_the_gateway_from_a_browser(console_gateway, sink, brows
     assert metrics["smtpgw_mta_sent_messages"] == len(sink.messages) == 2
     assert metrics["smtpgw_queue_messages{state=\"QUE\"}"] == 0
     assert metrics["smtpgw_receiving"] == 1
+    assert metrics[f'smtpgw_clamd_up{{address="{gw.clamd_address}"}}'] == 1
     assert http(base + "/healthz")[:2] == (200, "ok\n")
 
     # wrong passwords lock the client out: then even the right one is refused
@@ -311,6 +315,36 @@ def test_the_traffic_history_survives_a_restart(console_gateway, sink):
     for series in ("received", "delivered"):  # the charts keep the last 24 hours and 30 days
         assert page.count(f'<span class="key s{1 if series == "delivered" else 0}">{series}</span></td>'
                           f"<td class=num>1</td>") == 2
+
+
+def spam_counts(bases: str) -> tuple[int, int]:
+    with open(os.path.join(bases, "spam", "spam.db"), "rb") as f:
+        head = dict(line.split(b"\t", 1) for line in f.read(4096).split(b"\n")[1:5])
+    return int(head[b"ham"]), int(head[b"spam"])
+
+
+def test_a_quarantined_spam_is_learned_from_the_browser(make_gateway, sink, browser: Browser, tmp_path):
+    bases = tmp_path / "bases"
+    shutil.copytree(os.path.join(os.path.dirname(smtpgw.__file__), "bases"), bases)
+    port = free_port()
+    gw = make_gateway(sink.port, extra={
+        "path": [("BasesPath", str(bases))],
+        "smtpgw.console": [("ListenOn", f"127.0.0.1:{port}"), ("AdminPasswordHash", HASHES[PASSWORD])]})
+    base = f"http://127.0.0.1:{port}"
+    item = Store(os.path.join(gw.folder, "var", "quarantine")).put(
+        "tzgSPAM00001", b"Subject: cheap pills\r\n\r\nbuy cheap pills now\r\n",
+        {"sender": FROM, "recipients": [{"addr": TO}]}, "SPM", "spam")
+    ham, spam = spam_counts(str(bases))
+    log_in(browser, base, "admin", PASSWORD)
+    browser.get(f"{base}/store/item?name=quarantine&id={item}")
+    browser.click("input[value=learn-spam] ~ button")
+    assert f"{item} learned as spam (1 message(s))" in browser.text()
+    assert spam_counts(str(bases)) == (ham, spam + 1)
+    gw.wait_log("databases reloaded")
+    gw.wait_log(rf"console: user=admin, .*action=store-learn-spam, item=quarantine/{item}")
+    browser.get(f"{base}/store/item?name=quarantine&id={item}")
+    browser.click("input[value=learn-ham] ~ button")
+    assert spam_counts(str(bases)) == (ham + 1, spam + 1)
 
 
 def test_metrics_are_refused_outside_metrics_allow_from(make_gateway, sink):
