@@ -20,6 +20,7 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Any, Iterable, Sequence
 
+from smtpgw.latency import HISTOGRAMS
 from smtpgw.store import STATUSES, Item, format_size
 
 PREVIEW_BYTES = 64 * 1024  # characters of text shown from a stored message
@@ -314,9 +315,10 @@ def metrics_text(snap: dict[str, Any], depth: dict[str, int], clamd: list[tuple[
     """Prometheus text exposition format 0.0.4: every counter, the switches, queue depth per state."""
     lines: list[str] = []
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, int | float]]) -> None:
         lines.extend((f"# HELP smtpgw_{name} {help_text}", f"# TYPE smtpgw_{name} {kind}"))
-        lines.extend(f"smtpgw_{name}{labels} {value:g}" for labels, value in samples)
+        lines.extend(f"smtpgw_{name}{labels} {value if isinstance(value, int) else repr(float(value))}"
+                     for labels, value in samples)
 
     counters = dict(snap["counters"], mta_stored_messages_current=sum(depth.values()))
     for name, value in sorted(counters.items()):
@@ -325,6 +327,10 @@ def metrics_text(snap: dict[str, Any], depth: dict[str, int], clamd: list[tuple[
            [(f'{{state="{state}"}}', count) for state, count in depth.items()])
     for key in ("receiving", "sending", "scanning"):
         metric(key, "gauge", f"1 when {key} is switched on", [("", 1 if snap[key] else 0)])
+    for name, histogram in snap["latency"].items():
+        samples = [(f'_bucket{{le="{bound}"}}', count) for bound, count in histogram.cumulative()]
+        samples += [("_sum", histogram.total), ("_count", sum(histogram.counts))]
+        metric(f"{name}_seconds", "histogram", HISTOGRAMS[name], samples)
     metric("clamd_up", "gauge", "1 when the clamd server answers",
            [(f'{{address="{_label(address)}"}}', 1 if up else 0) for address, up, _ in clamd])
     metric("uptime_seconds", "gauge", "seconds since the gateway started", [("", int(time.time() - snap["started"]))])

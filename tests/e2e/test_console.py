@@ -56,10 +56,18 @@ def parse_metrics(text: str) -> dict[str, float]:
         else:
             match = SAMPLE.fullmatch(line)
             assert match, f"line {number}: not a sample: {line!r}"
-            assert match.group(1) in typed, f"line {number}: {match.group(1)} has no TYPE before it"
+            family = re.sub(r"_(bucket|sum|count)$", "", match.group(1))
+            assert match.group(1) in typed or typed.get(family) == "histogram", \
+                f"line {number}: {match.group(1)} has no TYPE before it"
             key = match.group(1) + (match.group(2) or "")
             assert key not in samples, f"line {number}: {key} twice"
             samples[key] = float(match.group(3))
+    for family in (name for name, kind in typed.items() if kind == "histogram"):
+        buckets = [(float(key.split('le="')[1].rstrip('"}')), value) for key, value in samples.items()
+                   if key.startswith(family + "_bucket{")]
+        assert buckets and buckets[-1][0] == float("inf") and buckets == sorted(buckets), family
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets), f"{family}: buckets not cumulative"
+        assert buckets[-1][1] == samples[family + "_count"] and family + "_sum" in samples
     return samples
 
 
@@ -184,6 +192,9 @@ def test_an_admin_steers_the_gateway_from_a_browser(console_gateway, sink, brows
     assert metrics["smtpgw_mta_sent_messages"] == len(sink.messages) == 2
     assert metrics["smtpgw_queue_messages{state=\"QUE\"}"] == 0
     assert metrics["smtpgw_receiving"] == 1
+    assert metrics["smtpgw_commit_seconds_count"] == 2  # the two messages received over SMTP
+    assert metrics["smtpgw_delivery_seconds_count"] == 2  # the clean one and the one released unchecked
+    assert 0 < metrics["smtpgw_commit_seconds_sum"] < 10
     assert metrics[f'smtpgw_clamd_up{{address="{gw.clamd_address}"}}'] == 1
     assert http(base + "/healthz")[:2] == (200, "ok\n")
 
