@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from smtpgw.console_auth import ADMIN, READ_ONLY, LoginThrottle, Session, Sessions
 from smtpgw.console_http import Handler, Refused
+from smtpgw.console_updates import Updates
 from smtpgw.av import ClamdError, ClamdServer
 from smtpgw.history import History
 from smtpgw.masks import ip_match
@@ -87,6 +88,7 @@ class Console:
         self.thread: threading.Thread | None = None
         self.history = History()
         self.timer: Any = None
+        self.updates = Updates(gateway.config_path)
 
     @property
     def cfg(self) -> Any:

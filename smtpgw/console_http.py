@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from smtpgw import __version__, console_auth, console_pages as pages
 from smtpgw.config import ConfigError, load_config
 from smtpgw.console_auth import ADMIN, Session
+from smtpgw.console_updates import report_tail
 from smtpgw.queue import STATES
 from smtpgw.store import STATUSES, Store, StoreError
 
@@ -435,6 +436,22 @@ def config_reload(h: Handler, form: dict[str, str]) -> None:
     h.redirect(_notice("/config", result))
 
 
+@guarded
+def updates_view(h: Handler, form: dict[str, str]) -> None:
+    session, cfg = h.user(), h.console.gw.cfg
+    body = pages.updates_page(h.console.updates.last, report_tail(cfg.updater_report.ReportFileName),
+                              cfg.updater_options.UpdateServerUrl or "", h.console.spam_database(),
+                              session.role == ADMIN, session.csrf)
+    h.page(session, "Updates", pages.notice(form.get("notice", "")) + body)
+
+
+def updates_run(h: Handler, form: dict[str, str]) -> None:
+    session = h.acting(form, "keepup2date")
+    result = "keepup2date started" if h.console.updates.start() else "keepup2date is already running"
+    h.console.audit(session, h.ip, "keepup2date", "-", result)
+    h.redirect(_notice("/updates", result))
+
+
 def _monitor(h: Handler) -> None:
     if not h.console.metrics_allowed(h.ip):
         raise Refused(403, "not allowed from this address (MetricsAllowFrom)")
@@ -471,6 +488,8 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/config"): config_view,
     ("POST", "/config/check"): config_check,
     ("POST", "/config/reload"): config_reload,
+    ("GET", "/updates"): updates_view,
+    ("POST", "/updates/run"): updates_run,
     ("GET", "/metrics"): metrics,
     ("GET", "/healthz"): healthz,
 }

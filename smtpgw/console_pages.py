@@ -25,7 +25,7 @@ from smtpgw.store import STATUSES, Item, format_size
 
 PREVIEW_BYTES = 64 * 1024  # characters of text shown from a stored message
 NAV = (("/", "Status"), ("/queue", "Queue"), ("/store?name=quarantine", "Quarantine"), ("/store?name=backup", "Backup"),
-       ("/log", "Log"), ("/stats", "Statistics"), ("/config", "Configuration"))
+       ("/log", "Log"), ("/stats", "Statistics"), ("/config", "Configuration"), ("/updates", "Updates"))
 
 STYLESHEET = """
 body { font: 14px/1.4 sans-serif; margin: 0; color: #222; background: #fafafa; }
@@ -300,6 +300,19 @@ def config_page(path: str, text: str, admin: bool, csrf: str, problems: list[str
     return (result + Markup(f"<p>{esc(path)}: edit a copy below and check it; the file itself is changed on the "
                             f"server only. </p>") + button("/config/reload", {}, "Reload the configuration file", csrf)
             + Markup(check))
+
+
+def updates_page(run: Any, report: str, source: str, spam: dict[str, str], admin: bool, csrf: str) -> Markup:
+    """The installed spam database, the update source, the last run from here and the report file."""
+    facts = table(("", ""), [("Spam database", f"{spam['version']} ({spam['date']})"),
+                             ("UpdateServerUrl", source or "(not set)")])
+    action = button("/updates/run", {}, "Run keepup2date now", csrf) if admin else Markup("")
+    last = Markup("<p>No run from the console since the gateway started.</p>")
+    if run is not None:
+        last = Markup(f"<h2>Last run from the console</h2><p>Started {esc(_when(run.started))}: "
+                      f"<strong>{esc(run.outcome)}</strong></p><pre>{esc(run.output)}</pre>")
+    report_part = Markup(f"<h2>Report file</h2><pre>{esc(report)}</pre>") if report else Markup("")
+    return facts + action + last + report_part
 
 
 def metric_kind(name: str) -> str:

@@ -358,6 +358,34 @@ def test_a_quarantined_spam_is_learned_from_the_browser(make_gateway, sink, brow
     assert spam_counts(str(bases)) == (ham + 1, spam + 1)
 
 
+def test_keepup2date_runs_from_the_console_and_its_report_is_shown(make_gateway, sink, browser: Browser, tmp_path):
+    from tests.test_updater import make_set
+
+    bases = tmp_path / "bases"
+    shutil.copytree(os.path.join(os.path.dirname(smtpgw.__file__), "bases"), bases)
+    update_set = make_set(str(tmp_path), "2031.01.01-1")
+    port = free_port()
+    gw = make_gateway(sink.port, extra={
+        "path": [("BasesPath", str(bases))],
+        "updater.path": [("BackUpPath", str(tmp_path / "bases.backup")), ("UploadPatchPath", str(tmp_path / "up"))],
+        "updater.options": [("UpdateServerUrl", update_set)],
+        "updater.report": [("ReportFileName", str(tmp_path / "keepup2date.log"))],
+        "smtpgw.console": [("ListenOn", f"127.0.0.1:{port}"), ("AdminPasswordHash", HASHES[PASSWORD])]})
+    base = f"http://127.0.0.1:{port}"
+    log_in(browser, base, "admin", PASSWORD)
+    browser.get(base + "/updates")
+    assert "2005.03.11-4" in browser.text() and "No run from the console" in browser.text()
+    browser.click("form[action='/updates/run'] button")
+    assert "keepup2date started" in browser.text()
+    page = browser.wait_text(base + "/updates", r"exit code \d+", timeout=60)
+    assert "exit code 1 (updated)" in page and "2031.01.01-1" in page
+    assert "Report file" in page
+    gw.wait_log("databases reloaded")  # the post-update action: .c_db_reload
+    gw.wait_log(r"console: user=admin, .*action=keepup2date, item=-, result=keepup2date started")
+    browser.screenshot(str(tmp_path / "updates.png"))
+    assert os.path.getsize(tmp_path / "updates.png") > 1000
+
+
 def test_metrics_are_refused_outside_metrics_allow_from(make_gateway, sink):
     port = free_port()
     gw = make_gateway(sink.port, extra={"smtpgw.console": [
