@@ -397,7 +397,7 @@ def _level(line: str) -> str:
 def stats(h: Handler, form: dict[str, str]) -> None:
     session = h.user()
     by_minute, by_hour = h.console.charts()
-    h.page(session, "Statistics", pages.stats_page(h.console.snapshot()["counters"], by_minute, by_hour))
+    h.page(session, "Statistics", pages.stats_page(h.console.snapshot(), by_minute, by_hour))
 
 
 @guarded

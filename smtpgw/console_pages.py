@@ -20,7 +20,7 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Any, Iterable, Sequence
 
-from smtpgw.latency import HISTOGRAMS
+from smtpgw.traffic import HISTOGRAMS
 from smtpgw.store import STATUSES, Item, format_size
 
 PREVIEW_BYTES = 64 * 1024  # characters of text shown from a stored message
@@ -276,9 +276,12 @@ def chart(title: str, series: dict[str, list[int]]) -> Markup:
     return Markup(f"<h2>{esc(title)}</h2>{svg}") + legend
 
 
-def stats_page(counters: dict[str, int], by_minute: dict[str, list[int]], by_hour: dict[str, list[int]]) -> Markup:
-    return (chart("Last 24 hours, per minute", by_minute) + chart("Last 30 days, per hour", by_hour)
-            + Markup("<h2>Counters</h2>") + table(("Counter", "Value"), sorted(counters.items()), numeric=(1,)))
+def stats_page(snap: dict[str, Any], by_minute: dict[str, list[int]], by_hour: dict[str, list[int]]) -> Markup:
+    tops = Markup("")
+    for title, rows in snap["top"].items():
+        tops += Markup(f"<h2>Top {esc(title)} since start</h2>") + table(("", "Count"), rows, numeric=(1,))
+    return (chart("Last 24 hours, per minute", by_minute) + chart("Last 30 days, per hour", by_hour) + tops
+            + Markup("<h2>Counters</h2>") + table(("Counter", "Value"), sorted(snap["counters"].items()), numeric=(1,)))
 
 
 _HASH_VALUE = re.compile(r"(pbkdf2_sha256\$\d+\$)\S+")

@@ -30,7 +30,7 @@ from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.console import Console
 from smtpgw.control import Control
 from smtpgw.dns import Resolver
-from smtpgw.latency import Latency
+from smtpgw.traffic import Traffic
 from smtpgw.log import event
 from smtpgw.loop import EventLoop
 from smtpgw.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id, write_durably
@@ -69,7 +69,7 @@ class Gateway:
         self.config_path = os.path.abspath(config_path)
         self.loop = EventLoop()
         self.stats = Stats()
-        self.latency = Latency()
+        self.traffic = Traffic()
         self.queue = Queue(cfg.path.QueuePath)
         self.committer = Committer(self.queue, self.loop.call_soon_threadsafe)
         self.sessions: set[Session] = set()
@@ -392,7 +392,7 @@ class Gateway:
 
     # -- hand-offs between stages -------------------------------------------------------
     def message_received(self, env: Envelope) -> None:
-        self.latency.since("commit", env.received_at)
+        self.traffic.received(env)
         self.stats.inc("mta_received_messages")
         self.stats.inc("mta_received_bytes", env.size)
         self.stats.inc("mta_received_recipients", len(env.recipients))
@@ -456,7 +456,7 @@ class Gateway:
         return True
 
     def delivery_complete(self, env: Envelope) -> None:
-        self.latency.since("delivery", env.received_at)
+        self.traffic.delivered(env)
         archive = self.outgoing_archive
         copy = None
         if archive is not None and any(r.state == "sent" for r in env.recipients):

@@ -139,6 +139,7 @@ def test_an_admin_steers_the_gateway_from_a_browser(console_gateway, sink, brows
     shot("stats")
     assert "mta_received_messages 1" in stats
     assert re.search(r"received 1 1\n", stats) and len(b.find_all("svg.chart polyline")) == 10
+    assert "Top recipient domains (received) since start\nCount\nexample.test 1" in stats
     b.get(base + "/")
     b.click("form[action='/control'] input[value='.c_send_on'] ~ button")
     assert sink.wait_for(1)[0].recipients == [TO]

@@ -81,7 +81,8 @@ class Browser:
                 self.cmd("GET", f"/element/{old}/name")
                 return False
             except WebDriverError as exc:
-                if "stale element" not in str(exc):
+                # Chromium says "stale element", or, mid-navigation, that the node left the document
+                if "stale element" not in str(exc) and "does not belong to the document" not in str(exc):
                     raise
                 return True
         wait_until(replaced, timeout, f"the page after clicking {css}")
