@@ -191,7 +191,7 @@ class Console:
         return self.on_loop(lambda: {
             "receiving": gw.receiving, "sending": gw.sender.enabled, "scanning": gw.scanner.enabled,
             "counters": dict(gw.stats.counters), "started": gw.stats.started, "stopping": gw.stopping,
-            "latency": gw.traffic.copy(), "top": gw.traffic.top(),
+            "latency": gw.traffic.copy(), "top": gw.traffic.top(), "dns": dict(gw.resolver.stats),
         })
 
     def queue_depth(self) -> dict[str, int]:

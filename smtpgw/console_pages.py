@@ -347,6 +347,9 @@ def metrics_text(snap: dict[str, Any], depth: dict[str, int], clamd: list[tuple[
         samples = [(f'_bucket{{le="{bound}"}}', count) for bound, count in histogram.cumulative()]
         samples += [("_sum", histogram.total), ("_count", sum(histogram.counts))]
         metric(f"{name}_seconds", "histogram", HISTOGRAMS[name], samples)
+    for name, value in sorted(snap["dns"].items()):
+        metric(f"dns_{name}_total", "counter", f"DNS resolver: {name.replace('_', ' ')} (since start or reload)",
+               [("", value)])
     metric("clamd_up", "gauge", "1 when the clamd server answers",
            [(f'{{address="{_label(address)}"}}', 1 if up else 0) for address, up, _ in clamd])
     metric("uptime_seconds", "gauge", "seconds since the gateway started", [("", int(time.time() - snap["started"]))])
