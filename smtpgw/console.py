@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from smtpgw.console_auth import ADMIN, READ_ONLY, LoginThrottle, Session, Sessions
 from smtpgw.console_http import Handler, Refused
+from smtpgw.console_routes import ROUTES
 from smtpgw.console_updates import Updates
 from smtpgw.av import ClamdError, ClamdServer
 from smtpgw.history import History
@@ -56,6 +57,7 @@ class _Server(http.server.ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.console, self.tls = console, tls
         self.slots = threading.BoundedSemaphore(MAX_THREADS)
+        self.routes = ROUTES
         super().__init__(address, Handler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
