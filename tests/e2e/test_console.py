@@ -161,12 +161,12 @@ def test_an_admin_steers_the_gateway_from_a_browser(console_gateway, sink, brows
     assert "without check" in b.text()
     shot("quarantine")
     assert sink.wait_for(2)[1].recipients == [TO]
-    gw.wait_log(r"RELEASED, .*check=no")
+    released = gw.wait_log(r"RELEASED, .*check=no")[0]
 
     # the receiver switched off in the browser: an SMTP client gets 421
     b.get(base + "/")
     b.click("form[action='/control'] input[value='.c_recv_off'] ~ button")
-    assert re.search(r"Receiver\s+off", b.text()), b.text()
+    assert re.search(r"Receiver\s+off", b.text())
     with smtplib.SMTP() as client:
         code, _ = client.connect("127.0.0.1", gw.port)
     assert code == 421
@@ -179,13 +179,21 @@ def test_an_admin_steers_the_gateway_from_a_browser(console_gateway, sink, brows
     b.click("form[action='/control'] input[value='.c_recv_on'] ~ button")
     assert re.search(r"Receiver\s+on", b.text())
 
-    # the log page filters by queue ID; every action is in the audit log
+    # the log page filters by queue ID, event and level; every action is in the audit log
     gw.wait_log(r"console: user=admin, .*action=store-release-without-check, item=quarantine/")
     log_page = b.wait_text(base + "/log?event=console%3A", "action=control")
     shot("log")
     assert "action=login" in log_page and "item=.c_send_off" in log_page and "RELEASED" not in log_page
+    qid = re.search(r"\] (\S+): RELEASED", released).group(1)
+    lines = b.wait_text(f"{base}/log?qid={qid}", "DELIVERED").split("\n")
+    shown = [line for line in lines if line.startswith("[")]
+    assert len(shown) >= 2 and all(f"] {qid}: " in line for line in shown)
+    b.get(f"{base}/log?level=D")  # the test gateway logs at debug level
+    shown = [line for line in b.text().split("\n") if line.startswith("[")]
+    assert shown and all(re.match(r"\[[^\]]* D\]", line) for line in shown)
 
     # /metrics: every counter and the queue depth, equal to the traffic sent
+    wait_until(lambda: "smtpgw_mta_sent_messages 2\n" in http(base + "/metrics")[1], 20, "both deliveries counted")
     status, text, headers = http(base + "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     metrics = parse_metrics(text)
