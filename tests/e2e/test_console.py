@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from http.client import HTTPException
 import pytest
 
 import smtpgw
+from smtpgw.console import MAX_THREADS
 from smtpgw.console_auth import LoginThrottle, hash_password, verify_password
 from smtpgw.store import Store
 from tests.e2e.test_antivirus_gateway import CLEAN, infected_message
@@ -394,6 +396,39 @@ def test_keepup2date_runs_from_the_console_and_its_report_is_shown(make_gateway,
     gw.wait_log(r"console: user=admin, .*action=keepup2date, item=-, result=keepup2date started")
     browser.screenshot(str(tmp_path / "updates.png"))
     assert os.path.getsize(tmp_path / "updates.png") > 1000
+
+
+def test_idle_browsers_never_hold_up_smtp_and_the_console_stays_bounded(console_gateway, sink):
+    gw, base = console_gateway, console_gateway.console
+    port = int(base.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(MAX_THREADS)]
+    try:
+        with pytest.raises((ConnectionError, HTTPException, urllib.error.URLError)):  # one more is closed at once
+            urllib.request.urlopen(base + "/login", timeout=5)
+        send(gw.port, CLEAN)  # SMTP goes on meanwhile
+        assert sink.wait_for(1)[0].recipients == [TO]
+    finally:
+        for conn in idle:
+            conn.close()
+    def serving() -> bool:
+        try:
+            return http(base + "/login")[0] == 200
+        except (ConnectionError, HTTPException):  # a slot not yet given back by a closed idle one
+            return False
+    wait_until(serving, 10, "the console serving again")
+
+
+def test_a_console_port_in_use_stops_the_start_with_its_reason(make_gateway, sink):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        gw = make_gateway(sink.port, start=False, extra={"smtpgw.console": [
+            ("ListenOn", f"127.0.0.1:{port}"), ("AdminPasswordHash", HASHES[PASSWORD])]})
+        result = subprocess.run([sys.executable, SMTPGW, "-c", gw.config, "-n"], cwd=gw.folder,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 30
+    assert f"console: cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
 def test_metrics_are_refused_outside_metrics_allow_from(make_gateway, sink):
