@@ -87,14 +87,18 @@ def console_gateway(make_gateway, sink, clamd):
     return gw
 
 
-def http(url: str, form: dict[str, str] | None = None, cookie: str = "") -> tuple[int, str, dict[str, str]]:
+def http(url: str, form: dict[str, str] | None = None, cookie: str = "",
+         origin: str | None = None) -> tuple[int, str, dict[str, str]]:
     """(status, body, headers) of one request, redirects not followed."""
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             return None
 
     data = urllib.parse.urlencode(form).encode() if form is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Cookie": cookie} if cookie else {})
+    headers = {"Cookie": cookie} if cookie else {}
+    if origin is not None:
+        headers["Origin"] = origin
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.build_opener(NoRedirect).open(request, timeout=20) as answer:
             return answer.status, answer.read().decode(), dict(answer.headers)
@@ -264,6 +268,9 @@ def test_the_configuration_is_checked_and_reloaded_from_the_console(console_gate
     status, page, _ = http(base + "/config/check", {"csrf": csrf, "text": text}, session)
     assert "Config OK" in page
     assert http(base + "/config/check", {"text": text}, session)[0] == 403  # no CSRF token
+    status, page, _ = http(base + "/config/check", {"csrf": csrf, "text": text}, session, origin="http://evil.test")
+    assert status == 403 and "Config OK" not in page  # another site's page cannot post, token or not
+    assert http(base + "/login", {"user": "admin", "password": PASSWORD}, origin="http://evil.test")[0] == 403
     with open(gw.config, "w") as f:
         f.write(broken)
     status, _, headers = http(base + "/config/reload", {"csrf": csrf}, session)
