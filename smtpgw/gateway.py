@@ -403,6 +403,7 @@ class Gateway:
         self.scanner.accept(env)
 
     def message_scanned(self, env: Envelope) -> None:
+        self.traffic.scanned(env)
         self.sender.enqueue(env.id, env.next_attempt, env.priority, env)
 
     def remove_queued(self, qid: str, state: str) -> None:

@@ -2,7 +2,7 @@
 
 Owns: cumulative histograms (Prometheus buckets, sum, count) of how long a
 message took from its end of data to being durable in the queue (the 250
-reply) and to its last recipient's final delivery state; and the top lists of
+reply), to being scanned and to its last recipient's final delivery state; and the top lists of
 recipient domains received and of groups delivered (`TOP_KEEP` entries at most).
 
 Must never: grow with the traffic (fixed buckets; a top list past `TOP_KEEP`
@@ -27,6 +27,7 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 TOP_KEEP = 1000  # entries of a top list
 HISTOGRAMS = {
     "commit": "seconds from the end of DATA to the message being durable in the queue (the 250 reply)",
+    "scan": "seconds from the end of DATA to the scanned message queued for delivery",
     "delivery": "seconds from the end of DATA to the last recipient's final delivery state",
 }
 
@@ -61,6 +62,12 @@ class Traffic:
         self.histograms["commit"].observe(time.time() - env.received_at)
         for rcpt in env.recipients:
             _count(self.domains, rcpt.addr.rpartition("@")[2].lower() or "(none)")
+
+    def scanned(self, env: "Envelope") -> None:
+        """A scanned message goes to the sender (``Gateway.message_scanned``); a notification the
+        scan made (a new ID whose ``srcid`` is the scanned one) is not a scan of its own."""
+        if env.srcid is None or env.id.startswith(f"{env.srcid}-"):  # the message or a per-group copy
+            self.histograms["scan"].observe(time.time() - env.received_at)
 
     def delivered(self, env: "Envelope") -> None:
         """Every recipient of a message has its final state (``Gateway.delivery_complete``)."""

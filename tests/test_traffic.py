@@ -30,3 +30,10 @@ def test_top_lists_count_recipient_domains_and_delivered_groups_and_stay_bounded
     for index in range(10):
         observed.received(Envelope(id="b", sender="", recipients=[Recipient(f"x@d{index}.test")], received_at=0.0))
     assert len(observed.domains) <= 4 and observed.domains["big.test"] == 2
+
+
+def test_a_notification_made_by_a_scan_is_not_a_scan():
+    observed = Traffic()
+    for qid, srcid in (("A", None), ("A-1", "A"), ("N", "A")):
+        observed.scanned(Envelope(id=qid, sender="", recipients=[], srcid=srcid, received_at=0.0))
+    assert sum(observed.histograms["scan"].counts) == 2

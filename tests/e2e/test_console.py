@@ -209,6 +209,7 @@ def test_an_admin_steers_the_gateway_from_a_browser(console_gateway, sink, brows
     assert metrics["smtpgw_receiving"] == 1
     assert metrics["smtpgw_commit_seconds_count"] == 2  # the two messages received over SMTP
     assert metrics["smtpgw_delivery_seconds_count"] == 2  # the clean one and the one released unchecked
+    assert metrics["smtpgw_scan_seconds_count"] == 1  # the clean one: blocked ones are not queued for delivery
     assert 0 < metrics["smtpgw_commit_seconds_sum"] < 10
     assert metrics["smtpgw_dns_queries_total"] >= metrics["smtpgw_dns_cache_hits_total"] >= 0
     assert metrics[f'smtpgw_clamd_up{{address="{gw.clamd_address}"}}'] == 1
