@@ -256,6 +256,37 @@ def admin_session(base: str) -> tuple[str, str]:
     return session, re.search(r'name="csrf" value="([^"]+)"', page).group(1)
 
 
+def queued(base: str, session: str) -> list[str]:
+    """The queue IDs the console's queue page lists in QUE."""
+    return re.findall(r"<tr><td>(\S+)</td><td>QUE</td>", http(base + "/queue?state=QUE", cookie=session)[1])
+
+
+def test_a_deferred_message_is_sent_now_and_another_removed_from_the_console(make_gateway, sink):
+    port = free_port()
+    gw = make_gateway(sink.port, extra={"smtpgw.console": [
+        ("ListenOn", f"127.0.0.1:{port}"), ("AdminPasswordHash", HASHES[PASSWORD])]})
+    base = f"http://127.0.0.1:{port}"
+    session, csrf = admin_session(base)
+    sink.replies["RCPT"] = ["451 4.3.0 try again later", "250 2.1.5 ok"]
+    send(gw.port, CLEAN)
+    deferred = gw.wait_log(r"DELIVERED, .*status=deferred")[0]
+    qid = re.search(r"\] (\S+): DELIVERED", deferred).group(1)
+    wait_until(lambda: queued(base, session) == [qid], 20, "the deferred message listed in QUE")
+    status, _, headers = http(base + "/queue", {"op": "send", "id": qid, "csrf": csrf}, session)
+    assert status == 303 and f"{qid}%3A%20scheduled%20ahead" in headers["Location"]
+    assert sink.wait_for(1)[0].recipients == [TO]  # at once, not after MinimalBackoffTime
+    gw.wait_log(rf"console: user=admin, .*action=queue-send, item={qid}, result=done")
+
+    http(base + "/control", {"command": ".c_send_off", "csrf": csrf}, session)
+    send(gw.port, CLEAN)
+    other = wait_until(lambda: queued(base, session), 20, "the second message listed in QUE")[0]
+    assert "a queue ID is needed" in urllib.parse.unquote(
+        http(base + "/queue", {"op": "remove", "id": "../msg", "csrf": csrf}, session)[2]["Location"])
+    http(base + "/queue", {"op": "remove", "id": other, "csrf": csrf}, session)
+    gw.wait_log(rf"{other}: REMOVED, state=QUE, by=admin")
+    assert "0 message(s)" in http(base + "/queue", cookie=session)[1] and not gw.queued()
+
+
 def test_the_configuration_is_checked_and_reloaded_from_the_console(console_gateway):
     gw, base = console_gateway, console_gateway.console
     session, csrf = admin_session(base)
