@@ -337,6 +337,10 @@ def test_a_stored_message_is_previewed_as_escaped_text_never_as_html(console_gat
     browser.get(f"{base}/store/item?name=quarantine&id={item}")
     assert "<script>alert(1)</script>@x.test" in browser.text()  # shown as text, not run
     assert not browser.find_all("main iframe, main img, main script")
+    browser.click("input[value=delete] ~ button")
+    assert f"{item} deleted" in browser.text() and "0 item(s)" in browser.text()
+    assert not os.listdir(os.path.join(gw.folder, "var", "quarantine"))
+    gw.wait_log(rf"console: user=admin, .*action=store-delete, item=quarantine/{item}, result={item} deleted")
 
 
 def test_over_https_the_session_cookie_is_secure_and_plain_http_is_not_served(make_gateway, sink, tls_files):
