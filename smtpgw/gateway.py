@@ -30,7 +30,6 @@ from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.console import Console
 from smtpgw.control import Control
 from smtpgw.dns import Resolver
-from smtpgw.traffic import Traffic
 from smtpgw.log import event
 from smtpgw.loop import EventLoop
 from smtpgw.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id, write_durably
@@ -42,6 +41,7 @@ from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.stats import Stats
 from smtpgw.store import Store
+from smtpgw.traffic import Traffic
 
 log = logging.getLogger("smtpgw")
 
