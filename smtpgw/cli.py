@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("store", help="quarantine, backup and archives (klmaila); store -h for more")
     sub.add_parser("keepup2date", help="update the databases; keepup2date -h for more")
     sub.add_parser("spam", help="train and run the spam filter; spam -h for more")
+    console = sub.add_parser("console", help="the web console ([smtpgw.console])")
+    console.add_subparsers(dest="op", required=True).add_parser(
+        "passwd", help="read a password (stdin or prompt) and print the AdminPasswordHash value to paste")
     stats = sub.add_parser("stats", help="write the statistics (.c_stats) and print them")
     stats.add_argument("--timeout", type=float, default=REQUEST_DEADLINE)
     return parser
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if exc.code == 0 else 1
     if args.check_config:
         return check_config(args.config)
+    if args.command == "console":
+        return console_passwd()
     if command == "keepup2date":
         from smtpgw.updater import main as update_main
 
@@ -116,6 +121,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stats":
         return stats_command(cfg, args.timeout)
     return run(cfg, args)
+
+
+def console_passwd() -> int:
+    """``console passwd``: the PBKDF2 hash of a password, for AdminPasswordHash or ReadOnlyUsers."""
+    from getpass import getpass
+
+    from smtpgw.console_auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass("Password: ")
+        if getpass("Again: ") != password:
+            print("the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        print("a password needs at least 8 characters", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
 
 
 def run(cfg, args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from smtpgw import access, routing, signing
+from smtpgw import access, console_auth, routing, signing
 from smtpgw.masks import client_address, match_any, parse_ip_mask
 
 __all__ = ["SCHEMA", "Config", "ConfigError", "Group", "Param", "Section", "check_config", "load_config"]
@@ -59,6 +59,7 @@ MAX_PROBLEMS = 1000
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 STATUSES = ("disinfected", "infected", "suspicious", "protected", "error", "filtered")
 GROUP_PREFIX = "smtpgw.group:"
+CONSOLE_PORT = 8025  # [smtpgw.console] ListenOn without a port
 ANY_ADDRESS = "*"  # what an omitted Senders / Recipients matches (the reference's *@*)
 # whose word on the envelope sender a group's Senders= believes by default: this host only,
 # as Postfix's mynetworks_style=host
@@ -183,6 +184,27 @@ def _listen(text: str, param: Param, where: str, folder: str) -> tuple[str, int]
     return _host_port(text, None, names=False)
 
 
+def _console_listen(text: str, param: Param, where: str, folder: str) -> tuple[str, int]:
+    return _host_port(text, CONSOLE_PORT, names=False)
+
+
+def _user_name(text: str, param: Param, where: str, folder: str) -> str:
+    if not console_auth.USER_NAME.fullmatch(text):
+        raise ValueError(f"'{text[:40]}' is not a user name (letters, digits, _ . @ -)")
+    return text
+
+
+def _password_hash(text: str, param: Param, where: str, folder: str) -> str:
+    problem = console_auth.hash_problem(text)
+    if problem:
+        raise ValueError(problem)
+    return text
+
+
+def _user_entry(text: str, param: Param, where: str, folder: str) -> tuple[str, str]:
+    return console_auth.parse_user_entry(text)
+
+
 def _nameserver(text: str, param: Param, where: str, folder: str) -> tuple[str, int]:
     return _host_port(text, 53, names=False)
 
@@ -277,6 +299,8 @@ NAMES, IPS = Kind("name masks", _name_mask, splits=True), Kind("ip masks", _ip_m
 RELAY, CONDITION = Kind("relay rule", _relay_rule), Kind("condition rule", _condition_rule)
 ROUTE = Kind("route", _route)
 PUBLIC_KEY = Kind("ed25519:key|path", _public_key)
+CONSOLE_LISTEN, USER_NAME = Kind("ip[:port]", _console_listen), Kind("user name", _user_name)
+PASSWORD_HASH, ACCOUNT = Kind("password hash", _password_hash), Kind("name:hash", _user_entry)
 
 
 # --- the schema ----------------------------------------------------------------------------
@@ -439,6 +463,13 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.policy", "GroupSendersTrusted", IPS, "", TRUSTED_BY_DEFAULT, "rf"),
     P("smtpgw.group", "Senders", ADDRESSES, "", [ANY_ADDRESS], "rf"),
     P("smtpgw.group", "Recipients", ADDRESSES, "", [ANY_ADDRESS], "rf"),
+    P("smtpgw.console", "ListenOn", CONSOLE_LISTEN),  # None: no console
+    P("smtpgw.console", "TLSCertificateFile", PATH),
+    P("smtpgw.console", "TLSKeyFile", PATH),
+    P("smtpgw.console", "AdminUser", USER_NAME, "", "admin"),
+    P("smtpgw.console", "AdminPasswordHash", PASSWORD_HASH),
+    P("smtpgw.console", "ReadOnlyUsers", ACCOUNT, "", [], "r"),
+    P("smtpgw.console", "MetricsAllowFrom", IPS, "", ["127.0.0.0/8", "::1"], "rf"),
     P("updater.path", "UploadPatchPath", PATH),
     P("updater.path", "BackUpPath", PATH),
     P("updater.path", "ClamdDatabasePath", PATH),
@@ -552,6 +583,7 @@ class Config:
     path: Section
     ave: Section
     antispam: Section
+    console: Section
     policy: Group
     updater_path: Section
     updater_options: Section
@@ -584,7 +616,8 @@ class _Raw:
 
 
 class _Loader:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, text: bytes | None = None) -> None:
+        self.text = text  # the file's content when it is not read from ``path`` (an edited copy)
         self.display = str(path)
         self.source = os.path.abspath(path)
         self.folder = os.path.dirname(self.source)
@@ -600,8 +633,11 @@ class _Loader:
     def lines(self) -> list[tuple[str, str]]:
         """(``FILE:LINE``, text) of each line that is not blank or a comment."""
         try:
-            with open(self.source, "rb") as handle:
-                data = handle.read(MAX_CONFIG_BYTES + 1)
+            if self.text is not None:
+                data = self.text[:MAX_CONFIG_BYTES + 1]
+            else:
+                with open(self.source, "rb") as handle:
+                    data = handle.read(MAX_CONFIG_BYTES + 1)
         except OSError as error:
             raise ConfigError([f"{self.display}:1: cannot read configuration: {error.strerror}"]) from None
         if len(data) > MAX_CONFIG_BYTES:
@@ -808,10 +844,27 @@ class _Loader:
             if address in network.ListenOn[:index]:
                 self.problem(self.at(network, "ListenOn"), f"ListenOn: {_joined(*address)} given twice")
         self.check_tls(network)
+        self.check_console(config)
         if resolve.InternalRecursionEnabled:
             self.problem(self.at(resolve, "InternalRecursionEnabled"),
                          "InternalRecursionEnabled=true is not supported: smtpgw asks the recursive resolvers "
                          "of Nameserver (or /etc/resolv.conf)")
+
+    def check_console(self, config: Config) -> None:
+        """[smtpgw.console]: a console listening needs the admin's password hash, a port of its own
+        and a usable certificate when it has one."""
+        console = config.console
+        if console.ListenOn is None:
+            return
+        if not console.AdminPasswordHash:
+            self.problem(self.at(console, "ListenOn"),
+                         "ListenOn is set but AdminPasswordHash is not (make one with: smtpgw.py console passwd)")
+        if tuple(console.ListenOn) in (tuple(a) for a in config.network.ListenOn):
+            self.problem(self.at(console, "ListenOn"), f"ListenOn: {_joined(*console.ListenOn)} is an SMTP address too")
+        names = [name for name, _ in console.ReadOnlyUsers]
+        if console.AdminUser in names or len(set(names)) != len(names):
+            self.problem(self.at(console, "ReadOnlyUsers"), "ReadOnlyUsers: a user name given twice or the AdminUser's")
+        self.check_tls(console)
 
     def check_tls(self, network: Section) -> None:
         certificate, key = network.TLSCertificateFile, network.TLSKeyFile
@@ -821,7 +874,7 @@ class _Loader:
             self.problem(self.at(network, given), f"{given} is set but {missing} is not (set both or neither)")
             return
         if certificate is None:
-            if network.RequireTLS:
+            if getattr(network, "RequireTLS", False):
                 self.problem(self.at(network, "RequireTLS"), "RequireTLS needs TLSCertificateFile and TLSKeyFile")
             return
         unreadable = [name for name, path in (("TLSCertificateFile", certificate), ("TLSKeyFile", key))
@@ -836,9 +889,10 @@ class _Loader:
                              f"TLSCertificateFile/TLSKeyFile: not a usable certificate and key ({error})")
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Load and check ``path``; raises ConfigError listing every problem found."""
-    return _Loader(os.fspath(path)).load()
+def load_config(path: str | os.PathLike[str], text: bytes | None = None) -> Config:
+    """Load and check ``path`` (or ``text`` as if it were that file's content: relative paths and
+    ``file:`` lists are taken from its folder); raises ConfigError listing every problem found."""
+    return _Loader(os.fspath(path), text).load()
 
 
 def check_config(path: str | os.PathLike[str], out: TextIO | None = None) -> int:

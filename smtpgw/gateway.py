@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from smtpgw import access, dsn, log as logsetup, masks, mx, notify, routing, smtp
 from smtpgw.config import Config, ConfigError, load_config
+from smtpgw.console import Console
 from smtpgw.control import Control, remove_record
 from smtpgw.dns import Resolver
 from smtpgw.log import event
@@ -40,6 +41,7 @@ from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.stats import Stats
 from smtpgw.store import Store
+from smtpgw.traffic import Traffic
 
 log = logging.getLogger("smtpgw")
 
@@ -67,6 +69,7 @@ class Gateway:
         self.config_path = os.path.abspath(config_path)
         self.loop = EventLoop()
         self.stats = Stats()
+        self.traffic = Traffic()
         self.queue = Queue(cfg.path.QueuePath)
         self.committer = Committer(self.queue, self.loop.call_soon_threadsafe)
         self.sessions: set[Session] = set()
@@ -84,6 +87,7 @@ class Gateway:
         self.sender = Sender(self)
         self.scanner = Scanner(self)
         self.control = Control(self)
+        self.console = Console(self)
         self._lock_fd = -1
         self._handle_signals()
 
@@ -196,6 +200,7 @@ class Gateway:
 
     def bind(self) -> None:
         self.listeners = self._bind(self.cfg.network.ListenOn, {})
+        self.console.bind()
 
     def _bind(self, addresses: list[tuple[str, int]],
               existing: dict[tuple[str, int], Listener]) -> list[Listener]:
@@ -243,6 +248,7 @@ class Gateway:
         self.sender.load()
         self.sender.purge_unreachable()
         self.control.start()
+        self.console.start()
         self._flush_log()
         where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
         log.info("smtpgw started: listening on %s", where)
@@ -270,6 +276,7 @@ class Gateway:
             return
         self.stopping = True
         log.info("stopping")
+        self.console.stop()
         for listener in self.listeners:
             listener.close()
         self.listeners.clear()
@@ -281,6 +288,7 @@ class Gateway:
         self.loop.run_until(self.sender.idle, SHUTDOWN_GRACE)
         self.sender.stop()
         self.loop.run_until(lambda: not self.sessions, 1.0)
+        self.console.save_history()
         self.committer.close()
         self.queue.sync_state_dirs()
         log.info("stopped")
@@ -384,6 +392,7 @@ class Gateway:
 
     # -- hand-offs between stages -------------------------------------------------------
     def message_received(self, env: Envelope) -> None:
+        self.traffic.received(env)
         self.stats.inc("mta_received_messages")
         self.stats.inc("mta_received_bytes", env.size)
         self.stats.inc("mta_received_recipients", len(env.recipients))
@@ -394,6 +403,7 @@ class Gateway:
         self.scanner.accept(env)
 
     def message_scanned(self, env: Envelope) -> None:
+        self.traffic.scanned(env)
         self.sender.enqueue(env.id, env.next_attempt, env.priority, env)
 
     def remove_queued(self, qid: str, state: str) -> None:
@@ -447,6 +457,7 @@ class Gateway:
         return True
 
     def delivery_complete(self, env: Envelope) -> None:
+        self.traffic.delivered(env)
         archive = self.outgoing_archive
         copy = None
         if archive is not None and any(r.state == "sent" for r in env.recipients):
