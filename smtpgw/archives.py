@@ -103,7 +103,7 @@ class Limits:
     scan_archives: bool = True
     max_objects: int = 5000
     max_decoded: int = 204800 * 1024
-    max_clamd_scans: int = 2000
+    max_clamd_scans: int = 1000
 
     @classmethod
     def from_ave(cls, ave: Any) -> Limits:

@@ -424,7 +424,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.ave", "MaximalCompressionRatio", INT, "1-100000", 100),
     P("smtpgw.ave", "MaximalMessageObjects", INT, "10-100000", 5000),
     P("smtpgw.ave", "MaximalDecodedSize", INT, "1024-4194304 KB", 204800),
-    P("smtpgw.ave", "MaximalClamdScans", INT, "1-100000", 2000),
+    P("smtpgw.ave", "MaximalClamdScans", INT, "1-100000", 1000),
     P("smtpgw.antispam", "Check", BOOL, "", True),
     P("smtpgw.antispam", "SpamDetection", CHOICE, "soft|standard|hard", "standard"),
     P("smtpgw.antispam", "SpamSubjectPrefix", TEXT, "", "[SPAM] "),

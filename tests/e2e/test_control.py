@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+from tests.support.hostile import oversized_request, peak_rss
 from tests.support.net import SMTPGW, RawClient, free_port, wait_until
 
 MSG = b"Subject: control\r\n\r\nbody\r\n"
@@ -127,25 +128,17 @@ def test_a_directory_or_link_in_the_control_folder_does_not_stop_requests(gatewa
     assert "control file .q_0 failed" not in gateway.log_text()
 
 
-def peak_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-
-
 def test_an_oversized_request_file_is_refused_unread(gateway, sink):
     """A 400 MB file named like a request is neither read nor kept: refused with a log line and an
     answer, while the gateway keeps greeting and the next request is carried out."""
-    big = os.path.join(gateway.control_path, ".q_big")
-    with open(big + ".tmp", "wb") as f:  # not yet a request name: the poll must not see it half made
-        f.truncate(400 * 1024 * 1024)  # sparse: as large as it gets to the reader, no disk used
-    os.rename(big + ".tmp", big)
+    big = oversized_request(gateway, "big")
     gateway.wait_log(r"control request \.q_big refused and removed: 419430400 bytes, more than 1048576")
     answer = os.path.join(gateway.control_path, ".a_big")
     wait_until(lambda: os.path.exists(answer), 10, "the answer to .q_big")  # written after the log line
     assert not os.path.exists(big)
     with open(answer, "rb") as f:
         assert json.load(f)["code"] == 1
-    assert peak_rss_kib(gateway.proc.pid) < 200 * 1024  # never anywhere near the file's size
+    assert peak_rss(gateway.proc.pid) < 200 << 20  # never anywhere near the file's size
     assert RawClient(gateway.port).reply()[0] == 220
     result = gateway.cli("queue", "send-all")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -6,15 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.test_limits import send_data, session
+from tests.support.hostile import DOMAIN_ONLY, ROUTED
 from tests.support.net import RawClient
-
-# 127.0.0.1 (every test client) may send only to the protected domain; 127.0.0.2 is a trusted network.
-DOMAIN_ONLY = [
-    ("RelayRule", "allow from 127.0.0.2 to *"),
-    ("RelayRule", "allow from any to *@example.test"),
-    ("RelayRule", "deny from any to *"),
-]
-ROUTED = ("user%other.test@example.test", "other.test!user@example.test", '"user@other.test"@example.test')
 
 
 def test_untrusted_routing_is_refused_and_trusted_clients_may_route(make_gateway, sink):

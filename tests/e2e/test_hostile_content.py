@@ -4,31 +4,12 @@ memory, or is stopped by one check without being judged by the other."""
 from __future__ import annotations
 
 import os
-import random
 import re
-import smtplib
-from collections.abc import Callable
 
-from smtpgw.spam.formalsigns import GTUBE
-from tests.support.clamd import EICAR_NAME, ClamdInstance, eicar, mime_message, tar_bytes, uu_flood
+from tests.support.clamd import EICAR_NAME, ClamdInstance, uu_flood
+from tests.support.hostile import (CANARY, NO_NOTICES, av_gateway, base64_garbage, gateway_pids, pax_digits_tar,
+                                   peak_rss, send, spam_with_a_virus)
 from tests.support.net import GatewayProcess, Sink, wait_until
-from tests.test_mime import attachment, b64
-
-CANARY = b"From: a@b.test\r\nTo: x@example.test\r\nSubject: canary\r\n\r\nstill flowing\r\n"
-NO_NOTICES = [("NotifyAdmin", "none"), ("NotifyRecipient", "none")]
-
-
-def av_gateway(make_gateway: Callable[..., GatewayProcess], sink: Sink, clamd: ClamdInstance,
-               policy: list[tuple[str, str]] = NO_NOTICES, **sections: list[tuple[str, str]]) -> GatewayProcess:
-    extra = {"smtpgw.ave": [("ClamdAddress", clamd.unix_address), *sections.pop("ave", [])],
-             "smtpgw.policy": [("Check", "true"), *policy]}
-    extra.update({name.replace("__", "."): items for name, items in sections.items()})
-    return make_gateway(sink.port, extra=extra)
-
-
-def send(gw: GatewayProcess, data: bytes, sender: str = "a@b.test") -> None:
-    with smtplib.SMTP("127.0.0.1", gw.port) as client:
-        client.sendmail(sender, ["x@example.test"], data)
 
 
 def canary_delivered(gw: GatewayProcess, sink: Sink) -> None:
@@ -40,8 +21,7 @@ def canary_delivered(gw: GatewayProcess, sink: Sink) -> None:
 def test_a_tar_with_a_pax_header_of_digits_is_an_error_not_a_busy_worker(make_gateway, sink, clamd) -> None:
     """CVE-2024-6232: 600,000 digits in a pax header kept a worker in the standard library's
     tarfile past the job timeout, again at every retry."""
-    poison = mime_message([("Content-Type: text/plain", b"logs"),
-                           attachment("logs.tar", tar_bytes({"a.txt": b"a"}, b"1" * 600_000))])
+    poison = pax_digits_tar()
     gw = av_gateway(make_gateway, sink, clamd)
     send(gw, poison)
     send(gw, poison)
@@ -72,23 +52,13 @@ def test_one_message_cannot_become_a_hundred_thousand_clamd_scans(make_gateway, 
 
 
 def worker_peak_rss(gw: GatewayProcess) -> int:
-    """The largest peak resident size (VmHWM, bytes) of the gateway's scanner workers."""
-    assert gw.proc is not None
-    peaks = []
-    with open(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children", encoding="ascii") as handle:
-        for pid in handle.read().split():
-            with open(f"/proc/{pid}/status", encoding="ascii") as status:
-                fields = dict(line.split(":", 1) for line in status if ":" in line)
-            peaks.append(int(fields["VmHWM"].split()[0]) * 1024)
-    return max(peaks)
+    """The largest peak resident size (bytes) of the gateway's scanner workers."""
+    return max(peak_rss(pid) for pid in gateway_pids(gw)[1:])
 
 
 def test_base64_garbage_is_decoded_in_bounded_memory(make_gateway, sink, clamd) -> None:
     """8 MB of bytes mostly outside the base64 alphabet: about 1 GB of worker memory before."""
-    body = random.Random(3).randbytes(6 << 20).replace(b"\0", b"\x01")  # NUL is refused at DATA (550 5.6.0)
-    garbage = b"\r\n".join(body[i : i + 76].replace(b"\n", b" ").replace(b"\r", b" ") for i in range(0, len(body), 76))
-    poison = mime_message([("Content-Type: application/octet-stream; name=\"g.bin\"\n"
-                            "Content-Transfer-Encoding: base64", garbage.replace(b"\r\n.", b"\r\n.."))])
+    poison = base64_garbage(6 << 20)
     gw = av_gateway(make_gateway, sink, clamd, smtpgw__limits=[("MaximalIncomingMessageSize", "20480")])
     send(gw, CANARY)  # a worker started, its baseline known
     sink.wait_for(1)
@@ -98,11 +68,6 @@ def test_base64_garbage_is_decoded_in_bounded_memory(make_gateway, sink, clamd) 
     grown = worker_peak_rss(gw) - baseline
     # the message and what it decodes to (2.2 times the message here; about 100 times before)
     assert grown < 4 * len(poison), (grown, len(poison))
-
-
-def spam_with_a_virus() -> bytes:
-    return mime_message([("Content-Type: text/plain", GTUBE.encode("ascii")),
-                         attachment("invoice.com", eicar(), "application/octet-stream")])
 
 
 def test_a_quarantined_spam_is_virus_scanned_and_stored_with_both_verdicts(make_gateway, sink, clamd) -> None:

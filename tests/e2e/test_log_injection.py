@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import re
 
+from tests.support.hostile import SPOOF_HELO
 from tests.support.net import RawClient
 from tests.test_log import RAW_CONTROL, fields
 
-SPOOF_HELO = "x>,message_id=<spoofed>,flags=X"
 RECEIVED_FIELDS = ["RECEIVED", "from", "nrcpt", "size", "client", "helo", "message_id", "flags"]
 DELIVERED_FIELDS = ["DELIVERED", "rcpt", "server", "size", "status", "dsn", "reply"]
 
