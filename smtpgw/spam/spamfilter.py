@@ -157,7 +157,6 @@ class SpamFilter:
         terms = TERMS_FACTOR * database.terms.score(tokens)
         votes = VOTES_FACTOR * bayes.votes
         reasons = [f"bayes {bayes.score:.4f} from {len(bayes.clues)} clues", f"votes {votes:+.2f}", f"terms {terms:+.2f}"]
-        reasons.extend(f"clue {token} {p:.3f}" for token, p in bayes.clues[:3])
         hits = rules.evaluate(view, tokens, self.level)
         forced = [hit for hit in hits if hit.force]
         if forced:
@@ -169,6 +168,7 @@ class SpamFilter:
         for zone in dict.fromkeys(dnsbl_listed):  # each zone counts once
             added["dnsbl"] += self.dnsbl_weight
             reasons.append(f"dnsbl {zone[:255]} {self.dnsbl_weight:+.2f}")
+        reasons.extend(f"clue {token} {p:.3f}" for token, p in bayes.clues[:3])  # after the named rules
         base = bayes.score if bayes.clues else NO_EVIDENCE
         content = _logit(base) + votes + terms
         score = _logistic(content + sum(added.values()))
