@@ -3,13 +3,15 @@ and its rule name reaches the verdict's reasons (the AS-SCANNED log line) throug
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
 
 from smtpgw.spam import SpamFilter, mailview
 from smtpgw.spam.formalsigns import CHECKS, run_check
-from smtpgw.spam.training import default_rules
+from smtpgw.spam.spamfilter import default_bases
+from smtpgw.spam.training import default_rules, read_manifest
 
 
 def message(body: str, *, sender: str = '"Shop News" <news@shop.example.com>', subject: str = "Your order",
@@ -61,6 +63,18 @@ TWINS = {
     "confusable_text": (
         message(TEXT, subject="Recent L\u0435\u0501g\u0435r breach"),
         message(TEXT, subject="Recent Ledger news")),
+    "from_cheap_tld": (
+        message(TEXT, sender='"Your Lungs" <your_lungs@breathh.shop>'),
+        message(TEXT, sender='"Shop News" <news@shop.example.com>')),
+    "subject_tracking_tag": (
+        message(TEXT, subject="Taste what makes us special #uid4761"),
+        message(TEXT, subject="Your order #47611 has shipped")),
+    "underscored_words": (
+        message(TEXT, subject="A_New_Starbucks_Update_for_You"),
+        message(TEXT, subject="kbuild: rename CONFIG_DEBUG_INFO and fix_up_symbols")),
+    "symbol_display_name": (
+        message(TEXT, sender='"\u27a4\u27a4 Life Insurance Offer" <offer@example.net>'),
+        message(TEXT, sender='"Life Insurance Desk" <desk@example.net>')),
     "image_only_link": (
         message('<a href="https://x.example.net/o"><img src="https://x.example.net/offer.png"></a>'),
         message(TEXT + '<a href="https://shop.example.com/o"><img src="https://shop.example.com/logo.png"></a>')),
@@ -125,3 +139,13 @@ def test_sign_names_reach_the_verdict_reasons(spam_filter: SpamFilter, name: str
     # The reason carries the weight added to the log-odds: + for a spam sign, - for a legitimate-bulk one.
     assert f"rule {rule.name} {rule.weight:+.2f}" in hit.reasons, hit.reasons
     assert not any(reason.startswith(f"rule {rule.name} ") for reason in missed.reasons)
+
+
+def test_shipped_training_list_covers_the_eras_and_never_the_phishing_set() -> None:
+    """The shipped database's exact input: several sources and eras, no CC BY-NC phishing pack, no test-only set."""
+    manifest = read_manifest(os.path.join(default_bases(), "spam", "TRAINING_FILES.txt"))
+    folders = {path.rsplit("/", 1)[0] for _spam, _digest, path in manifest.entries}
+    assert {"spamassassin/ham", "spamassassin/spam", "modern-mixed/ham", "modern-mixed/spam",
+            "packs/trec07p/ham", "packs/trec07p/spam"} <= folders
+    assert not any("phishing" in folder or "modern-ham-lists" in folder for folder in folders)
+    assert all(len(digest) == 64 for _spam, digest, _path in manifest.entries)

@@ -55,12 +55,18 @@ BRANDS: dict[str, tuple[str, ...]] = {
     "wellsfargo": ("wf.com",), "chase": ("jpmorgan.com", "jpmchase.com"), "bankofamerica": ("bofa.com",),
     "citibank": ("citi.com",), "americanexpress": ("aexp.com", "amex.com"), "norton": ("nortonlifelock.com",),
     "mcafee": (), "spotify": (), "ebay": (), "walmart": (), "costco": (), "webmail": (),
+    "mastercard": (), "citi": ("citibank.com",), "samsclub": ("walmart.com",), "starbucks": (),
+    "unitedhealthcare": ("uhc.com",), "medicare": ("medicare.gov", "cms.gov", "hhs.gov"), "usaa": (),
+    "geico": (), "verizon": ("verizonwireless.com", "vzw.com"), "xfinity": ("comcast.com", "comcast.net"),
+    "bestbuy": (), "homedepot": (), "lowes": (), "walgreens": (), "harborfreight": (),
+    "geeksquad": ("bestbuy.com",), "kohls": (), "cvs": ("cvshealth.com",),
 }
 # Brand names rare enough to be searched for among the labels of a host name (or letter-spaced in a
 # display name): "outlook" or "chase" also name other things.
 _HOST_BRANDS = ("paypal", "microsoft", "netflix", "icloud", "docusign", "dropbox", "coinbase", "binance",
                 "metamask", "wellsfargo", "bankofamerica", "americanexpress", "linkedin", "facebook", "instagram",
-                "whatsapp", "onedrive", "sharepoint", "amazon")
+                "whatsapp", "onedrive", "sharepoint", "amazon", "mastercard", "samsclub", "starbucks",
+                "unitedhealthcare", "harborfreight", "homedepot", "walgreens")
 _HOST_PARTS = re.compile(r"[.\-]")
 # Cyrillic and Greek letters drawn like Latin ones (Unicode TR 39 confusables, the common subset).
 _CONFUSABLES = str.maketrans("асеорхуіјԁһкмтвнАВЕКМНОРСТХУІЈԜѕԛαοερτυνκιΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
@@ -265,6 +271,49 @@ def reply_to_freemail(view: MailView) -> bool:
     return reply in FREEMAIL and reply != _from_domain(view)
 
 
+# Top-level domains sold for next to nothing and seldom used by an established sender (Spamhaus and
+# Interisle "most abused TLDs" reports 2023-2025).
+CHEAP_TLDS = frozenset({
+    "shop", "space", "bar", "cyou", "help", "xyz", "top", "click", "sbs", "cfd", "icu", "buzz", "rest",
+    "beauty", "hair", "quest", "monster", "lol", "online", "site", "store", "fun", "website", "pw", "tk", "ml",
+    "ga", "cf", "gq", "loan", "work", "date", "racing", "win", "bid", "review", "stream", "download", "country",
+    "kim", "cricket", "science", "party", "gdn", "mom", "boats", "autos", "yachts", "skin", "makeup", "bond",
+    "motorcycles", "homes", "lat", "uno", "digital", "today", "life", "live", "world", "email", "express",
+})
+_TAG = re.compile(r"#(?=[a-z0-9]*\d)(?=[a-z0-9]*[a-z])[a-z0-9]{3,10}\b", re.I)
+_UNDERSCORED = re.compile(r"[^\W\d_]+(?:_[^\W\d_]+){2,}")
+
+
+def from_cheap_tld(view: MailView) -> bool:
+    """The From address is on a throw-away top-level domain (.shop, .cyou, .space ...)."""
+    address = from_address(view)
+    return "@" in address and address.rsplit(".", 1)[-1] in CHEAP_TLDS
+
+
+def subject_tracking_tag(view: MailView) -> bool:
+    """A random tag of letters and digits after "#" in Subject or display name ("#uid4761", "#ufqun8"),
+    there to make every copy unique for filters; ticket and order numbers are digits."""
+    return _TAG.search(view.header("subject") or "") is not None or _TAG.search(_display_name_raw(view)) is not None
+
+
+def underscored_words(view: MailView) -> bool:
+    """Words joined by underscores in Subject or display name ("A_New_Update_for_You"): the spaces of a
+    template filled in by a bulk tool, or a dodge of word filters."""
+    subject = view.header("subject") or ""
+    for text in (subject[:256], _display_name_raw(view)[:256]):
+        for match in _UNDERSCORED.finditer(text):
+            # Title-case words, not a programmer's identifier (snake_case, CONFIG_FOO_BAR).
+            if sum(1 for word in match.group(0).split("_") if word[:1].isupper() and word[1:].islower()) >= 2:
+                return True
+    return False
+
+
+def symbol_display_name(view: MailView) -> bool:
+    """Arrows, ticks or dingbats in the From display name ("➤➤ Offer", "⇑⇑⇑ FastRates")."""
+    name = _display_name_raw(view)[:128]
+    return sum(1 for c in name if unicodedata.category(c) in ("So", "Sm") and ord(c) < 0x1F000) >= 1
+
+
 # -- layout and attachments -------------------------------------------------------------------
 
 
@@ -319,7 +368,8 @@ CHECKS: dict[str, Callable[[MailView], bool]] = {
     fn.__name__: fn
     for fn in (
         link_domain_mismatch, url_shortener, url_punycode, url_lookalike, html_form, credential_prompt,
-        brand_display_name, brand_subject, reply_to_freemail, confusable_text, image_only_link, risky_attachment,
+        brand_display_name, brand_subject, reply_to_freemail, confusable_text, from_cheap_tld,
+        subject_tracking_tag, underscored_words, symbol_display_name, image_only_link, risky_attachment,
         one_click_unsubscribe, consistent_sender, unsubscribe_text,
     )
 }
