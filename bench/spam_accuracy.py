@@ -274,6 +274,7 @@ def run_bogofilter(train: list[Message], test: list[Message]) -> Result:
 # -- SpamAssassin (rules only) ----------------------------------------------------------------
 
 _SA_STATUS = re.compile(rb"^X-Spam-Status: (Yes|No), score=(-?[\d.]+)", re.M)
+_BENCH_ID = re.compile(rb"^X-Bench-Id: (\d+)", re.M)
 _OLD_SA = re.compile(rb"^X-Spam-[A-Za-z-]*:.*(?:\n[ \t].*)*\n", re.M)
 
 
@@ -286,6 +287,7 @@ def run_spamassassin(test: list[Message], sample: int) -> Result:
     result = Result()
     with tempfile.TemporaryDirectory() as folder:
         mbox = os.path.join(folder, "test.mbox")
+        order: list[Message] = []
         with open(mbox, "wb") as dst:
             for message in picked:
                 with open(message.file, "rb") as src:
@@ -294,15 +296,23 @@ def run_spamassassin(test: list[Message], sample: int) -> Result:
                     raw = raw[raw.find(b"\n") + 1:]
                 head, sep, body = raw.partition(b"\n\n")
                 raw = _OLD_SA.sub(b"", head + b"\n") + sep + body  # the collector's own SpamAssassin verdict
-                dst.write(b"From bench@localhost Thu Jan  1 00:00:00 1970\n")
+                dst.write(b"From bench@localhost Thu Jan  1 00:00:00 1970\nX-Bench-Id: %d\n" % len(order))
+                order.append(message)
                 dst.write(re.sub(rb"^(>*From )", rb">\1", raw, flags=re.M).rstrip(b"\n") + b"\n\n")
         out = subprocess.run(["spamassassin", "-L", "--mbox", "--cf=use_bayes 0", "--cf=use_auto_whitelist 0",
                               "--cf=report_safe 0", mbox], check=False, capture_output=True).stdout
-    verdicts = _SA_STATUS.findall(out)
+    # --mbox writes the messages in an order of its own: each is found again by its X-Bench-Id.
+    verdicts: dict[int, tuple[bytes, bytes]] = {}
+    for chunk in out.split(b"\nFrom bench@localhost ")[:len(picked) + 1]:
+        head = chunk.split(b"\n\n", 1)[0]
+        ident, status = _BENCH_ID.search(head), _SA_STATUS.search(head)
+        if ident and status:
+            verdicts[int(ident.group(1))] = status.groups()
     if len(verdicts) != len(picked):
         print(f"spamassassin: {len(verdicts)} verdicts for {len(picked)} messages, left out")
         return Result()
-    for message, (flag, score) in zip(picked, verdicts):
+    for index, message in enumerate(order):
+        flag, score = verdicts[index]
         result.rows.append((float(score), SPAM if flag == b"Yes" else NOT_DETECTED, message.is_spam))
     return result
 
