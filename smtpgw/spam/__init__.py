@@ -11,7 +11,8 @@ Owns the public API used by the scanner and the command line:
 
 Modules: ``mailview`` (bounded decoded view of a message), ``htmltext`` (HTML to
 text and HTML tricks), ``tokenizer``, ``received`` (trace-field hints),
-``formalsigns``, ``rules``, ``bayes``, ``database`` (file format), ``lists``
+``formalsigns``, ``modernsigns`` (signs of today's phishing and of legitimate
+bulk mail), ``rules``, ``bayes``, ``database`` (file format), ``lists``
 (white/black lists), ``verdict``, ``spamfilter``, ``training``, ``mailsource``
 and ``cli``.
 

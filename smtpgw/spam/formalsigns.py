@@ -275,3 +275,9 @@ CHECKS: dict[str, Callable[[MailView], bool]] = {
         to_undisclosed, many_recipients, text_base64, executable_attachment, high_priority,
     )
 }
+
+# The signs of today's mail live in their own module, which reads the helpers above; importing it
+# here (after they exist) registers its checks under the same names the rules use.
+from smtpgw.spam import modernsigns  # noqa: E402
+
+CHECKS.update(modernsigns.CHECKS)

@@ -93,6 +93,8 @@ class _Renderer(HTMLParser):
             self.anchor = (values["href"].strip()[:512], [])
         if tag == "img":
             self._image_signs(values)
+        if tag == "input" and values.get("type", "").strip().lower() == "password":
+            result.signs.add("password-field")
         if tag in _BLOCK:
             self.out.append("\n")
         if tag in _VOID:

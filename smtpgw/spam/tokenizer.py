@@ -45,9 +45,22 @@ _COLLECTOR_HEADERS = frozenset({
     "x-egroups-return", "x-yahoo-profile", "x-yahoo-group-post", "x-apparently-to", "mail-followup-to",
     "mail-reply-to", "x-acceptable-languages", "x-accept-language", "old-subject", "x-precedence-ref",
     "x-unsubscription-info", "x-list-admin", "reply-to",
+    # Added by the receiving side (its SPF/DKIM/greylisting checks, its mailbox store), after a gateway:
+    "authentication-results", "received-spf", "x-greylist", "dkim-filter", "x-received", "x-original-to",
+    "x-sender-ip", "x-message-delivery", "x-message-info", "x-incomingheadercount", "x-incomingtopheadermarker",
+    "x-eopattributedmessage", "x-eoptenantattributedmessage", "x-sid-pra", "x-sid-result",
+    "x-ms-userlastlogontime", "x-ymailisg",
+    # Signatures and stamps of the sending infrastructure: their presence dates the mail (DKIM came
+    # in 2007) rather than telling spam from ham, and a gateway judges a signature by checking it.
+    "dkim-signature", "domainkey-signature", "x-google-dkim-signature", "x-gm-message-state",
+    "x-google-smtp-source", "x-gm-gg", "x-gm-features",
 })
 _COLLECTOR_PREFIXES = ("list-", "x-mailman", "x-spam", "x-list", "x-original", "x-envelope", "resent-",
-                       "x-mailing", "x-beenthere", "x-ml-", "x-egroups", "x-yahoo", "x-virus", "x-loop")
+                       "x-mailing", "x-beenthere", "x-ml-", "x-egroups", "x-yahoo", "x-virus", "x-loop", "arc-",
+                       "x-ms-exchange-organization-", "x-microsoft-antispam-mailbox", "x-ms-exchange-processed",
+                       "x-ms-exchange-eop", "x-ms-exchange-transport-endtoend", "x-forefront-antispam",
+                       "x-ms-exchange-crosstenant-", "x-ms-office365-", "x-ms-publictraffictype",
+                       "x-ms-traffictypediagnostic", "x-microsoft-antispam")
 _DIGITS = re.compile(r"\d+")
 _LETTERS = re.compile(r"[a-z]+")
 _DATE_ZONE = re.compile(r"([+-]\d{4}|\b[a-z]{2,4}t\b)\s*(?:\(.*\))?\s*$")

@@ -34,16 +34,26 @@ STATUSES = (SPAM, PROBABLE_SPAM, NOT_DETECTED, TRUSTED, BLACKLISTED)
 
 METHODS = ("white list", "black list", "dnsbl", "headers", "content", "rules", "not checked")
 
-# (Probable Spam from, Spam from) on the final score. Chosen on the SpamAssassin
-# public corpus with bench/spam_accuracy.py (5-fold): "standard" keeps ham called
-# Spam under 0.1% (2 of 2,868) and catches 98.9% of spam as Spam or Probable Spam;
-# "soft" calls 1 ham of 2,868 Spam and catches 98.2%; "hard" catches 99.0%.
-# Every Probable threshold is above the score of a message without a known
-# clue (0.333, spamfilter.NO_EVIDENCE).
+# (Probable Spam from, Spam from) on the final score, chosen on mail of other sources and eras than
+# the database was trained on: bench/spam_accuracy.py's leave-one-source-out protocol (a database of
+# the other sources judges each of SpamAssassin 2002 and 2003-05, TREC 2007 and modern-mixed 2025-26;
+# the one of every source judges the mailing-list ham 2019-26 and the phishing 2022-26).
+# The Spam thresholds keep ham called Spam at or under 0.1% on the SpamAssassin and TREC sets, the
+# tuning sets, and were then judged on the others. At "standard" (ham→Spam / ham→Probable / caught):
+#   sa-2002 0.00% / 9.67% / 86.2%     sa-2003-05 0.00% / 4.08% / 88.9%   trec-2007 0.03% / 5.95% / 81.1%
+#   modern-mixed 1.08% / 48.4% / 83.8%  lists 0.10% / 0.75% / -         phishing caught 91.3%
+# The shipped database, trained on all of them but the lists and phishing, gave before (2002-05 data
+# only, 0.40 / 0.9955): trec-2007 0.25% / 7.17% / 78.5%, modern-mixed 7.53% / 57.0% / 68.6%, lists
+# 0.25% / 0.60%, phishing 96.1%. Keeping ham→Probable at or under 3% on every held-out set needs a
+# Probable threshold of 0.85, which catches only 65-79% (phishing 77.7%): the ranking across sources
+# ((1-AUC)% 2.4-4.2, modern 21.7) does not yet allow both, and "standard" keeps the catch.
+# "soft" (0.80 / 0.999): ham→Probable sa-2002 3.8%, trec 1.4%, modern 23.7%; caught 67-81%, phishing
+# 80.2%. "hard" (0.35 / 0.995) calls more Spam and Probable Spam. Every Probable threshold is above the
+# score of a message without a known clue (0.333, spamfilter.NO_EVIDENCE).
 THRESHOLDS: dict[str, tuple[float, float]] = {
-    "soft": (0.60, 0.9975),
-    "standard": (0.40, 0.9955),
-    "hard": (0.35, 0.99),
+    "soft": (0.80, 0.999),
+    "standard": (0.40, 0.998),
+    "hard": (0.35, 0.995),
 }
 DEFAULT_LEVEL = "standard"
 

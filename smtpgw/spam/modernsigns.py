@@ -1,0 +1,375 @@
+"""Signs of today's mail: phishing and malware tricks, and the marks of legitimate bulk mail.
+
+Owns: the named checks that the rules database refers to as ``check NAME``
+for mail of the 2020s (registered in ``formalsigns.CHECKS``):
+
+* link tricks — ``link_domain_mismatch`` (a link's text shows one domain, its
+  href goes to another), ``url_shortener``, ``url_punycode`` (an IDNA label,
+  RFC 5891 §4.4 "xn--"), ``url_lookalike`` (a host dressed as a known brand
+  it does not belong to);
+* credential theft — ``html_form`` (an HTML form in mail), ``credential_prompt``
+  (a password field, or account-alarm words beside a link);
+* sender disguise — ``brand_display_name`` / ``brand_subject`` (a brand named
+  by a sender of an unrelated domain, also when spelt "C o i n b a s e" or
+  with look-alike letters), ``reply_to_freemail`` (replies go to a free
+  mailbox of another domain than From), ``confusable_text`` (a display name or
+  Subject written with letters of another script that look Latin, small
+  capitals or mathematical letters, or letter-spaced words);
+* layout — ``image_only_link`` (a body of images or a few words, and a link);
+* attachments — ``risky_attachment`` (HTML, SVG, disk images, shortcuts,
+  OneNote, macro-enabled Office documents);
+* legitimate bulk mail — ``one_click_unsubscribe`` (List-Unsubscribe with an
+  HTTPS URI and List-Unsubscribe-Post, RFC 8058 §3.1), ``consistent_sender``
+  (the From domain also signs the mail, RFC 6376 §3.5 d=, and owns its links
+  or Message-ID), ``unsubscribe_text`` (a plain unsubscribe or preferences line).
+
+Domains are compared by ``formalsigns.registered_domain``; no name is looked
+up anywhere.
+
+Must never: look anything up on the network, raise on odd input, or read more
+than the bounded view (``MailView``) offers.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+
+from smtpgw.spam.formalsigns import address_of, from_address, registered_domain, url_host
+from smtpgw.spam.mailview import MailView
+
+MAX_LINKS = 100
+
+# Brands most imitated by phishing (2022-2026 honeypot catches; APWG reports), with the registered
+# domains beyond "<brand>.<tld>" that they really send from.
+BRANDS: dict[str, tuple[str, ...]] = {
+    "paypal": (), "microsoft": ("office.com", "outlook.com", "live.com", "office365.com", "sharepoint.com"),
+    "office365": ("microsoft.com", "office.com"), "outlook": ("microsoft.com", "office.com", "live.com"),
+    "onedrive": ("microsoft.com", "live.com"), "sharepoint": ("microsoft.com",),
+    "amazon": ("amazonses.com",), "netflix": (), "apple": ("icloud.com", "me.com"),
+    "icloud": ("apple.com",), "google": ("gmail.com", "youtube.com"), "facebook": ("facebookmail.com", "meta.com"),
+    "instagram": ("facebookmail.com", "meta.com"), "whatsapp": ("meta.com",), "linkedin": (),
+    "docusign": ("docusign.net",), "dropbox": ("dropboxmail.com",), "adobe": (), "dhl": (),
+    "fedex": (), "usps": (), "coinbase": (), "binance": (), "metamask": ("consensys.net",),
+    "wellsfargo": ("wf.com",), "chase": ("jpmorgan.com", "jpmchase.com"), "bankofamerica": ("bofa.com",),
+    "citibank": ("citi.com",), "americanexpress": ("aexp.com", "amex.com"), "norton": ("nortonlifelock.com",),
+    "mcafee": (), "spotify": (), "ebay": (), "walmart": (), "costco": (), "webmail": (),
+    "mastercard": (), "citi": ("citibank.com",), "samsclub": ("walmart.com",), "starbucks": (),
+    "unitedhealthcare": ("uhc.com",), "medicare": ("medicare.gov", "cms.gov", "hhs.gov"), "usaa": (),
+    "geico": (), "verizon": ("verizonwireless.com", "vzw.com"), "xfinity": ("comcast.com", "comcast.net"),
+    "bestbuy": (), "homedepot": (), "lowes": (), "walgreens": (), "harborfreight": (),
+    "geeksquad": ("bestbuy.com",), "kohls": (), "cvs": ("cvshealth.com",),
+}
+# Brand names rare enough to be searched for among the labels of a host name (or letter-spaced in a
+# display name): "outlook" or "chase" also name other things.
+_HOST_BRANDS = ("paypal", "microsoft", "netflix", "icloud", "docusign", "dropbox", "coinbase", "binance",
+                "metamask", "wellsfargo", "bankofamerica", "americanexpress", "linkedin", "facebook", "instagram",
+                "whatsapp", "onedrive", "sharepoint", "amazon", "mastercard", "samsclub", "starbucks",
+                "unitedhealthcare", "harborfreight", "homedepot", "walgreens")
+_HOST_PARTS = re.compile(r"[.\-]")
+# Cyrillic and Greek letters drawn like Latin ones (Unicode TR 39 confusables, the common subset).
+_CONFUSABLES = str.maketrans("асеорхуіјԁһкмтвнАВЕКМНОРСТХУІЈԜѕԛαοερτυνκιΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
+                             "aceopxyijdhkmtbhABEKMHOPCTXYIJWsqaoeptuvkiABEZHIKMNOPTYX")
+_SPACED = re.compile(r"(?:\b\w\s){4,}\w\b")
+_DRESSED_LETTERS = ("LATIN LETTER SMALL CAPITAL", "MODIFIER LETTER SMALL CAPITAL", "MATHEMATICAL ")
+_MIXED_WORD = re.compile(r"[^\W\d_]+")
+_BRAND_WORD = re.compile(r"\b(" + "|".join(sorted(BRANDS, key=len, reverse=True)) + r")\b")
+_ACCOUNT_ALARM = re.compile(
+    r"\b(?:account|verif\w*|suspend\w*|locked|password|sign.?in|log.?in|unusual|confirm\w*|secur\w*|expir\w*"
+    r"|invoice|payment|refund|deliver\w*|package|parcel|mailbox|storage|quota)\b")
+_CREDENTIAL_TEXT = re.compile(
+    r"(?:verify|confirm|validate|restore|unlock|reactivate) (?:your )?(?:e-?mail account|mailbox|account|identity"
+    r"|password|login|billing information|payment information)"
+    r"|your (?:account|mailbox|password|apple id|payment method) (?:has been|was|is|will be) "
+    r"(?:suspended|locked|limited|disabled|closed|deactivated|compromised|expired?|on hold|restricted)"
+    r"|unusual (?:sign.?in|login) activity|password (?:will )?expires?|mailbox (?:is )?(?:full|almost full)"
+    r"|(?:re-?enter|enter) your (?:password|credentials)")
+_UNSUBSCRIBE_TEXT = re.compile(
+    r"\bunsubscribe\b|(?:manage|update) (?:your )?(?:e-?mail |subscription |communication |notification )?"
+    r"(?:preferences|settings|subscriptions?)|opt.?out of|no longer (?:wish|want) to receive")
+_ONE_CLICK = re.compile(r"list-unsubscribe\s*=\s*one-click", re.I)
+_DKIM_DOMAIN = re.compile(r"(?:^|;)\s*d\s*=\s*([A-Za-z0-9.-]{1,253})")
+_MSGID_DOMAIN = re.compile(r"@([A-Za-z0-9.-]{1,253})>")
+_DOMAIN_TEXT = re.compile(r"(?:https?://)?((?:[a-z0-9-]{1,63}\.)+[a-z]{2,12})(?=[/:?#\s]|$)")
+
+SHORTENERS = frozenset({
+    "bit.ly", "bitly.com", "tinyurl.com", "t.co", "goo.gl", "ow.ly", "is.gd", "v.gd", "buff.ly", "rebrand.ly",
+    "cutt.ly", "shorturl.at", "tiny.cc", "rb.gy", "t.ly", "s.id", "bl.ink", "shorte.st", "adf.ly", "qrco.de",
+    "tny.im", "x.co", "lnkd.in", "trib.al", "soo.gd", "clck.ru", "u.to", "urlz.fr", "short.gy", "tiny.one",
+    "surl.li", "shorturl.ac", "gg.gg", "1url.com", "did.li", "2no.co", "hyperurl.co",
+})
+FREEMAIL = frozenset({
+    "gmail.com", "googlemail.com", "yahoo.com", "ymail.com", "rocketmail.com", "hotmail.com", "outlook.com",
+    "live.com", "msn.com", "aol.com", "icloud.com", "me.com", "mac.com", "mail.ru", "inbox.ru", "list.ru",
+    "bk.ru", "yandex.ru", "yandex.com", "gmx.com", "gmx.net", "gmx.de", "web.de", "protonmail.com",
+    "proton.me", "zoho.com", "qq.com", "163.com", "126.com", "sina.com", "mail.com", "tutanota.com",
+    "rediffmail.com", "naver.com", "daum.net", "libero.it", "laposte.net", "orange.fr", "free.fr",
+    "seznam.cz", "wp.pl", "o2.pl", "interia.pl", "t-online.de", "yahoo.co.uk", "yahoo.co.jp", "hotmail.co.uk",
+    "hotmail.fr", "live.fr", "outlook.fr",
+})
+RISKY_EXTENSIONS = frozenset({
+    "html", "htm", "shtml", "xhtml", "svg", "iso", "img", "vhd", "vhdx", "lnk", "one", "onepkg", "hta", "wsf",
+    "xll", "docm", "dotm", "xlsm", "xltm", "xlam", "pptm", "potm", "ppam", "ppsm", "sldm",
+})
+NEAR_EMPTY_WORDS = 25  # visible words under which a body is "near-empty"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _domain_of(address: str) -> str:
+    return registered_domain(address.rsplit("@", 1)[1]) if "@" in address else ""
+
+
+def _from_domain(view: MailView) -> str:
+    return _domain_of(from_address(view))
+
+
+
+
+def _belongs_to(domain: str, brand: str) -> bool:
+    """True when the registered ``domain`` is the brand's own (``paypal.com``, ``amazon.co.uk``, ``amazonses.com``)."""
+    label = domain.split(".", 1)[0]
+    return label == brand or (label.startswith(brand) and "-" not in label) or domain in BRANDS[brand]
+
+
+def _links(view: MailView) -> list[str]:
+    return view.urls[:MAX_LINKS]
+
+
+def _link_hosts(view: MailView) -> list[str]:
+    if "link-hosts" not in view.memo:
+        view.memo["link-hosts"] = [h for h in (url_host(u) for u in _links(view)) if h]
+    return list(view.memo["link-hosts"])  # type: ignore[call-overload]
+
+
+def _visible_words(view: MailView) -> int:
+    return len(view.body[:4096].split(None, NEAR_EMPTY_WORDS)[:NEAR_EMPTY_WORDS])
+
+
+# -- link tricks ------------------------------------------------------------------------------
+
+
+def link_domain_mismatch(view: MailView) -> bool:
+    """A link whose visible text names a domain other than the one its href goes to."""
+    if view.html is None:
+        return False
+    for href, shown in view.html.link_texts[:MAX_LINKS]:
+        match = _DOMAIN_TEXT.fullmatch(shown.strip().lower()[:200].rstrip("/"))
+        if match is None:
+            continue
+        real, claimed = registered_domain(url_host(href)), registered_domain(match.group(1))
+        if real and claimed and real != claimed and url_host(href) and "." in claimed:
+            return True
+    return False
+
+
+def url_shortener(view: MailView) -> bool:
+    return any(host in SHORTENERS or registered_domain(host) in SHORTENERS for host in _link_hosts(view))
+
+
+def url_punycode(view: MailView) -> bool:
+    return any(label.startswith("xn--") for host in _link_hosts(view) for label in host.split("."))
+
+
+def url_lookalike(view: MailView) -> bool:
+    """A link host that carries a brand's name (``paypal.com.secure-id.ru``, ``appleid-verify.com``,
+    ``paypa1.com``) but is not one of that brand's domains."""
+    for host in _link_hosts(view):
+        domain = registered_domain(host)
+        label = domain.split(".", 1)[0]
+        plain = label.translate(_DIGIT_LOOKALIKES).replace("rn", "m").replace("vv", "w")
+        parts = _HOST_PARTS.split(host)
+        for brand in _HOST_BRANDS:
+            if brand in parts and not _belongs_to(domain, brand):
+                return True
+            if plain == brand and label != brand:
+                return True
+    return False
+
+
+_DIGIT_LOOKALIKES = str.maketrans("01345", "oleas")
+
+
+# -- credential theft -------------------------------------------------------------------------
+
+
+def html_form(view: MailView) -> bool:
+    return view.html is not None and view.html.tags.get("form", 0) > 0
+
+
+def credential_prompt(view: MailView) -> bool:
+    """A password field, or account-alarm wording ("verify your account", "your mailbox is full") with a link."""
+    if view.html is not None and "password-field" in view.html.signs:
+        return True
+    if not _links(view):
+        return False
+    return _CREDENTIAL_TEXT.search(" ".join(view.body[:16384].lower().split())) is not None
+
+
+# -- sender disguise --------------------------------------------------------------------------
+
+
+def _plain(text: str) -> str:
+    """``text`` with look-alike letters made Latin and compatibility forms (small capitals,
+    mathematical and fullwidth letters) folded (NFKC), lower case."""
+    return unicodedata.normalize("NFKC", text[:256]).translate(_CONFUSABLES).lower()
+
+
+def _unrelated_brand(text: str, domain: str) -> bool:
+    plain = _plain(text)
+    named = set(_BRAND_WORD.findall(plain))
+    compact = re.sub(r"[\s._\-*]+", "", plain)
+    named.update(brand for brand in _HOST_BRANDS if brand in compact)
+    return any(not _belongs_to(domain, brand) for brand in named)
+
+
+def _confusable(text: str) -> bool:
+    if _SPACED.search(text) is not None:
+        return True
+    for word in _MIXED_WORD.findall(text[:256]):
+        if word.isascii():
+            continue
+        folded = unicodedata.normalize("NFKC", word)
+        if folded != word and folded.isascii():
+            return True  # mathematical or fullwidth letters
+        if any(unicodedata.name(c, "").startswith(_DRESSED_LETTERS) for c in word):
+            return True
+        latin = sum(1 for c in word if c.isascii())
+        if latin and word.translate(_CONFUSABLES).isascii():
+            return True  # Latin and look-alike Cyrillic or Greek letters in one word
+    return False
+
+
+def confusable_text(view: MailView) -> bool:
+    """A display name or Subject spelt to slip past word filters: "Lеԁgеr" (Cyrillic е, ԁ), "ᴏʀᴅᴇʀ", "C o i n b a s e"."""
+    return _confusable(_display_name_raw(view)) or _confusable(view.header("subject") or "")
+
+
+def _display_name_raw(view: MailView) -> str:
+    value = view.header("from") or ""
+    return value.split("<", 1)[0].strip(" \"'") if "<" in value else ""
+
+
+def brand_display_name(view: MailView) -> bool:
+    """A brand in the From display name, sent from a domain that is not the brand's."""
+    domain = _from_domain(view)
+    return bool(domain) and _unrelated_brand(_display_name_raw(view), domain)
+
+
+def brand_subject(view: MailView) -> bool:
+    """A brand and account-alarm words in the Subject, sent from a domain that is not the brand's."""
+    domain = _from_domain(view)
+    subject = view.header("subject") or ""
+    return bool(domain) and _ACCOUNT_ALARM.search(_plain(subject)) is not None and _unrelated_brand(subject, domain)
+
+
+def reply_to_freemail(view: MailView) -> bool:
+    """Replies go to a free mailbox of another domain than From."""
+    reply = _domain_of(address_of(view.header("reply-to")))
+    return reply in FREEMAIL and reply != _from_domain(view)
+
+
+# Top-level domains sold for next to nothing and seldom used by an established sender (Spamhaus and
+# Interisle "most abused TLDs" reports 2023-2025).
+CHEAP_TLDS = frozenset({
+    "shop", "space", "bar", "cyou", "help", "xyz", "top", "click", "sbs", "cfd", "icu", "buzz", "rest",
+    "beauty", "hair", "quest", "monster", "lol", "online", "site", "store", "fun", "website", "pw", "tk", "ml",
+    "ga", "cf", "gq", "loan", "work", "date", "racing", "win", "bid", "review", "stream", "download", "country",
+    "kim", "cricket", "science", "party", "gdn", "mom", "boats", "autos", "yachts", "skin", "makeup", "bond",
+    "motorcycles", "homes", "lat", "uno", "digital", "today", "life", "live", "world", "email", "express",
+})
+_TAG = re.compile(r"#(?=[a-z0-9]*\d)(?=[a-z0-9]*[a-z])[a-z0-9]{3,10}\b", re.I)
+_UNDERSCORED = re.compile(r"[^\W\d_]+(?:_[^\W\d_]+){2,}")
+
+
+def from_cheap_tld(view: MailView) -> bool:
+    """The From address is on a throw-away top-level domain (.shop, .cyou, .space ...)."""
+    address = from_address(view)
+    return "@" in address and address.rsplit(".", 1)[-1] in CHEAP_TLDS
+
+
+def subject_tracking_tag(view: MailView) -> bool:
+    """A random tag of letters and digits after "#" in Subject or display name ("#uid4761", "#ufqun8"),
+    there to make every copy unique for filters; ticket and order numbers are digits."""
+    return _TAG.search(view.header("subject") or "") is not None or _TAG.search(_display_name_raw(view)) is not None
+
+
+def underscored_words(view: MailView) -> bool:
+    """Words joined by underscores in Subject or display name ("A_New_Update_for_You"): the spaces of a
+    template filled in by a bulk tool, or a dodge of word filters."""
+    subject = view.header("subject") or ""
+    for text in (subject[:256], _display_name_raw(view)[:256]):
+        for match in _UNDERSCORED.finditer(text):
+            # Title-case words, not a programmer's identifier (snake_case, CONFIG_FOO_BAR).
+            if sum(1 for word in match.group(0).split("_") if word[:1].isupper() and word[1:].islower()) >= 2:
+                return True
+    return False
+
+
+def symbol_display_name(view: MailView) -> bool:
+    """Arrows, ticks or dingbats in the From display name ("➤➤ Offer", "⇑⇑⇑ FastRates")."""
+    name = _display_name_raw(view)[:128]
+    return sum(1 for c in name if unicodedata.category(c) in ("So", "Sm") and ord(c) < 0x1F000) >= 1
+
+
+# -- layout and attachments -------------------------------------------------------------------
+
+
+def image_only_link(view: MailView) -> bool:
+    """Images or a handful of words, and a link to follow: the text is in the picture or behind the link."""
+    anchors = view.html is not None and any(href for href, _shown in view.html.link_texts)
+    if not anchors and not ("http" in view.text or "www." in view.text):
+        return False
+    images = view.html.tags.get("img", 0) if view.html is not None else 0
+    images += sum(1 for p in view.parts if p.content_type.startswith("image/"))
+    words = _visible_words(view)
+    return words < NEAR_EMPTY_WORDS and (images > 0 or words < 12)
+
+
+def risky_attachment(view: MailView) -> bool:
+    return any(p.filename.lower().rsplit(".", 1)[-1].strip() in RISKY_EXTENSIONS
+               for p in view.parts if "." in p.filename)
+
+
+# -- legitimate bulk mail ---------------------------------------------------------------------
+
+
+def one_click_unsubscribe(view: MailView) -> bool:
+    """RFC 8058 §3.1: an HTTPS List-Unsubscribe URI and ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``."""
+    unsubscribe = (view.header("list-unsubscribe") or "").lower()
+    post = view.header("list-unsubscribe-post") or ""
+    return "<https://" in unsubscribe and _ONE_CLICK.search(post) is not None
+
+
+def consistent_sender(view: MailView) -> bool:
+    """The From domain signs the mail (DKIM d=, RFC 6376 §3.5; relaxed alignment as in DMARC) and also
+    names its Message-ID or most of its links."""
+    domain = _from_domain(view)
+    if not domain:
+        return False
+    signers = {registered_domain(m.group(1).lower().strip("."))
+               for value in view.header_all("dkim-signature")[:4] for m in [_DKIM_DOMAIN.search(value)] if m}
+    if domain not in signers:
+        return False
+    msgid = _MSGID_DOMAIN.search(view.header("message-id") or "")
+    if msgid and registered_domain(msgid.group(1).lower()) == domain:
+        return True
+    hosts = _link_hosts(view)
+    return bool(hosts) and 2 * sum(1 for h in hosts if registered_domain(h) == domain) >= len(hosts)
+
+
+def unsubscribe_text(view: MailView) -> bool:
+    return _UNSUBSCRIBE_TEXT.search(" ".join(view.body[-8192:].lower().split())) is not None
+
+
+CHECKS: dict[str, Callable[[MailView], bool]] = {
+    fn.__name__: fn
+    for fn in (
+        link_domain_mismatch, url_shortener, url_punycode, url_lookalike, html_form, credential_prompt,
+        brand_display_name, brand_subject, reply_to_freemail, confusable_text, from_cheap_tld,
+        subject_tracking_tag, underscored_words, symbol_display_name, image_only_link, risky_attachment,
+        one_click_unsubscribe, consistent_sender, unsubscribe_text,
+    )
+}

@@ -1,0 +1,151 @@
+"""The signs of today's mail: each fires on a small crafted message and not on its legitimate twin,
+and its rule name reaches the verdict's reasons (the AS-SCANNED log line) through SpamFilter."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from smtpgw.spam import SpamFilter, mailview
+from smtpgw.spam.formalsigns import CHECKS, run_check
+from smtpgw.spam.spamfilter import default_bases
+from smtpgw.spam.training import default_rules, read_manifest
+
+
+def message(body: str, *, sender: str = '"Shop News" <news@shop.example.com>', subject: str = "Your order",
+            html: bool = True, extra: str = "", attachment: str = "") -> bytes:
+    """One message: the body as HTML (or plain text), optional extra header lines and an attachment name."""
+    head = (f"From: {sender}\nTo: bob@example.org\nSubject: {subject}\nDate: Mon, 07 Dec 2026 07:00:00 +0000\n"
+            f"Message-ID: <a1@shop.example.com>\nMIME-Version: 1.0\n{extra}")
+    kind = "text/html" if html else "text/plain"
+    if not attachment:
+        return f"{head}Content-Type: {kind}; charset=utf-8\n\n{body}\n".encode()
+    return (f"{head}Content-Type: multipart/mixed; boundary=b1\n\n--b1\nContent-Type: {kind}; charset=utf-8\n\n"
+            f"{body}\n--b1\nContent-Type: application/octet-stream\nContent-Disposition: attachment; "
+            f'filename="{attachment}"\nContent-Transfer-Encoding: base64\n\nAAAA\n--b1--\n').encode()
+
+
+TEXT = "<p>" + "Thank you for shopping with us; here is the summary of what you bought this week. " * 3 + "</p>"
+UNSUBSCRIBE = '<p>To stop these mails, <a href="https://shop.example.com/u">unsubscribe</a>.</p>'
+
+# (check, a message it must fire on, its legitimate twin)
+TWINS = {
+    "link_domain_mismatch": (
+        message(TEXT + '<a href="https://login.evil-host.example.net/x">www.mybank.example.com</a>'),
+        message(TEXT + '<a href="https://www.mybank.example.com/x">www.mybank.example.com</a>')),
+    "url_shortener": (
+        message(TEXT + '<a href="https://bit.ly/3xYz">see your parcel</a>'),
+        message(TEXT + '<a href="https://shop.example.com/parcel">see your parcel</a>')),
+    "url_punycode": (
+        message(TEXT + '<a href="https://xn--pypal-4ve.com/login">log in</a>'),
+        message(TEXT + '<a href="https://paypal.com/login">log in</a>')),
+    "url_lookalike": (
+        message(TEXT + '<a href="https://paypal.secure-check.example.net/login">log in</a>'),
+        message(TEXT + '<a href="https://www.paypal.com/login">log in</a>')),
+    "html_form": (
+        message(TEXT + '<form action="https://x.example.net/p"><input name="q"></form>'),
+        message(TEXT + '<a href="https://shop.example.com/q">answer the survey</a>')),
+    "credential_prompt": (
+        message(TEXT + '<p>Your account has been suspended. <a href="https://x.example.net">Verify your account</a>'
+                       "</p>"),
+        message(TEXT + '<p>Your account has been created. <a href="https://shop.example.com">Visit it</a></p>')),
+    "brand_display_name": (
+        message(TEXT, sender='"PayPal Service" <notice@mailer-77.example.net>'),
+        message(TEXT, sender='"PayPal Service" <service@paypal.com>')),
+    "brand_subject": (
+        message(TEXT, subject="Netflix: your payment was declined", sender="billing@renew-now.example.net"),
+        message(TEXT, subject="Netflix: your payment was declined", sender="info@mailer.netflix.com")),
+    "reply_to_freemail": (
+        message(TEXT, extra="Reply-To: claims.desk@gmail.com\n"),
+        message(TEXT, extra="Reply-To: support@shop.example.com\n")),
+    "confusable_text": (
+        message(TEXT, subject="Recent L\u0435\u0501g\u0435r breach"),
+        message(TEXT, subject="Recent Ledger news")),
+    "from_cheap_tld": (
+        message(TEXT, sender='"Your Lungs" <your_lungs@breathh.shop>'),
+        message(TEXT, sender='"Shop News" <news@shop.example.com>')),
+    "subject_tracking_tag": (
+        message(TEXT, subject="Taste what makes us special #uid4761"),
+        message(TEXT, subject="Your order #47611 has shipped")),
+    "underscored_words": (
+        message(TEXT, subject="A_New_Starbucks_Update_for_You"),
+        message(TEXT, subject="kbuild: rename CONFIG_DEBUG_INFO and fix_up_symbols")),
+    "symbol_display_name": (
+        message(TEXT, sender='"\u27a4\u27a4 Life Insurance Offer" <offer@example.net>'),
+        message(TEXT, sender='"Life Insurance Desk" <desk@example.net>')),
+    "image_only_link": (
+        message('<a href="https://x.example.net/o"><img src="https://x.example.net/offer.png"></a>'),
+        message(TEXT + '<a href="https://shop.example.com/o"><img src="https://shop.example.com/logo.png"></a>')),
+    "risky_attachment": (
+        message(TEXT, attachment="Invoice_2026.html"),
+        message(TEXT, attachment="Invoice_2026.pdf")),
+    "one_click_unsubscribe": (
+        message(TEXT, extra="List-Unsubscribe: <https://shop.example.com/u/1>, <mailto:u@shop.example.com>\n"
+                            "List-Unsubscribe-Post: List-Unsubscribe=One-Click\n"),
+        message(TEXT, extra="List-Unsubscribe: <mailto:u@shop.example.com>\n")),
+    "consistent_sender": (
+        message(TEXT, extra="DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s1; h=from; bh=x; b=y\n"),
+        message(TEXT, extra="DKIM-Signature: v=1; a=rsa-sha256; d=esp-relay.example.net; s=s1; bh=x; b=y\n")),
+    "unsubscribe_text": (
+        message(TEXT + UNSUBSCRIBE),
+        message(TEXT)),
+}
+
+
+def test_every_sign_of_today_has_twins_and_a_rule() -> None:
+    named = {rule.target for rule in default_rules() if rule.kind == "check"}
+    assert set(TWINS) <= set(CHECKS)
+    assert set(TWINS) <= named
+
+
+@pytest.mark.parametrize("name", sorted(TWINS))
+def test_sign_fires_on_the_crafted_message_not_on_its_twin(name: str) -> None:
+    crafted, twin = TWINS[name]
+    assert run_check(name, mailview.build(crafted)), f"{name} should fire"
+    assert not run_check(name, mailview.build(twin)), f"{name} fired on the legitimate twin"
+
+
+def test_brand_disguises_are_seen_through() -> None:
+    spaced = message(TEXT, sender='"C o i n b a s e" <noreply@dev-b7.example.nl>')
+    small_caps = message(TEXT, subject="\u1d0f\u0280\u1d05\u1d07\u0280 \u1d04\u1d0f\u0274\u0493\u026a\u0280\u1d0d")
+    digits = message(TEXT + '<a href="https://paypa1.com/x">log in</a>')
+    assert run_check("brand_display_name", mailview.build(spaced))
+    assert run_check("confusable_text", mailview.build(small_caps))
+    assert run_check("url_lookalike", mailview.build(digits))
+    # A word that merely contains a brand, and non-Latin text, are not disguises.
+    plain = message(TEXT, sender='"Purchase Desk" <desk@buyer.example.com>', subject="Привет, Müller")
+    assert not run_check("brand_display_name", mailview.build(plain))
+    assert not run_check("confusable_text", mailview.build(plain))
+
+
+def test_password_field_is_a_credential_prompt() -> None:
+    form = message(TEXT + '<form><input type="password" name="p"></form>')
+    assert run_check("credential_prompt", mailview.build(form))
+
+
+@pytest.fixture(scope="module")
+def spam_filter() -> SpamFilter:
+    return SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), None)
+
+
+@pytest.mark.parametrize("name", ["brand_display_name", "one_click_unsubscribe", "risky_attachment"])
+def test_sign_names_reach_the_verdict_reasons(spam_filter: SpamFilter, name: str) -> None:
+    rule = next(r for r in default_rules() if r.kind == "check" and r.target == name)
+    crafted, twin = TWINS[name]
+    hit = spam_filter.classify(crafted, None, "", [], [])
+    missed = spam_filter.classify(twin, None, "", [], [])
+    # The reason carries the weight added to the log-odds: + for a spam sign, - for a legitimate-bulk one.
+    assert f"rule {rule.name} {rule.weight:+.2f}" in hit.reasons, hit.reasons
+    assert not any(reason.startswith(f"rule {rule.name} ") for reason in missed.reasons)
+
+
+def test_shipped_training_list_covers_the_eras_and_never_the_phishing_set() -> None:
+    """The shipped database's exact input: several sources and eras, no CC BY-NC phishing pack, no test-only set."""
+    manifest = read_manifest(os.path.join(default_bases(), "spam", "TRAINING_FILES.txt"))
+    folders = {path.rsplit("/", 1)[0] for _spam, _digest, path in manifest.entries}
+    assert {"spamassassin/ham", "spamassassin/spam", "modern-mixed/ham", "modern-mixed/spam",
+            "packs/trec07p/ham", "packs/trec07p/spam"} <= folders
+    assert not any("phishing" in folder or "modern-ham-lists" in folder for folder in folders)
+    assert all(len(digest) == 64 for _spam, digest, _path in manifest.entries)
