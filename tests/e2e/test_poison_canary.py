@@ -75,7 +75,10 @@ def trusted_routing(gw: GatewayProcess) -> None:
     c = session(gw.port, source="127.0.0.2")
     assert c.cmd("MAIL FROM:<a@example.test>")[0] == 250
     assert [c.cmd(f"RCPT TO:<{rcpt}>")[0] for rcpt in ROUTED] == [250] * len(ROUTED)
-    assert send_data(c, b"Subject: routed\r\n\r\nrouted\r\n")[0] == 250
+    # a well-formed message: the spam filter must have no say in whether it is relayed
+    message = (b"From: <a@example.test>\r\nTo: <x@example.test>\r\nDate: Mon, 7 Dec 2026 08:00:00 +0000\r\n"
+               b"Message-ID: <routed@example.test>\r\nSubject: routed\r\n\r\nThe minutes of the meeting.\r\n")
+    assert send_data(c, message)[0] == 250
     c.close()
 
 
