@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return spam_main(rest, cfg.base.BasesPath)
     if command == "store":
-        from smtpgw.store import store_main
+        from smtpgw.storecli import store_main
 
         return store_main(rest, cfg, release_callback=lambda *a: release(cfg, *a))
 

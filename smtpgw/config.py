@@ -294,6 +294,7 @@ _NOTIFIED = frozenset({"disinfected", *_BLOCKED})
 _ANY_OBJECT = "pass|remove|placeholder"
 _SPAM_ACTION = "pass|tag|quarantine|block"
 _PERIOD = "60-259200 s"
+_LIFETIME = "0-3650 days"  # store lifetimes; 0 keeps items for ever
 
 SCHEMA: tuple[Param, ...] = (
     # section            key                                 kind         range               default   flags
@@ -368,6 +369,8 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.options", "ControlPollInterval", INT, "1-60 s", 2),
     P("smtpgw.path", "IncomingArchivePath", PATH),
     P("smtpgw.path", "OutgoingArchivePath", PATH),
+    P("smtpgw.path", "IncomingArchiveLifetime", INT, _LIFETIME, 0),
+    P("smtpgw.path", "OutgoingArchiveLifetime", INT, _LIFETIME, 0),
     P("smtpgw.path", "QueuePath", PATH, "", None, "q"),
     P("smtpgw.path", "ControlPath", PATH, "", None, "q"),
     P("smtpgw.ave", "Cure", BOOL, "", False),
@@ -396,6 +399,9 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.policy", "NotifyFromAddress", ADDRESS, "", None, "q"),
     P("smtpgw.policy", "BackupPath", PATH, "", None, "q"),
     P("smtpgw.policy", "QuarantinePath", PATH, "", None, "q"),
+    P("smtpgw.policy", "SpamQuarantinePath", PATH),  # None: spam goes to QuarantinePath
+    P("smtpgw.policy", "QuarantineLifetime", INT, _LIFETIME, 0),
+    P("smtpgw.policy", "BackupLifetime", INT, _LIFETIME, 0),
     P("smtpgw.policy", "IncludeByName", NAMES, "", [], "rf"),
     P("smtpgw.policy", "ExcludeByName", NAMES, "", [], "rf"),
     P("smtpgw.policy", "IncludeByMime", NAMES, "", [], "rf"),

@@ -39,11 +39,13 @@ from smtpgw.sender import Hop, ResolveCallback, Sender, literal_hops
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.stats import Stats
-from smtpgw.store import Store
+from smtpgw.store import Store, lifetimes, purge_stores
 
 log = logging.getLogger("smtpgw")
 
 SHUTDOWN_GRACE = 5.0
+PURGE_INTERVAL = 3600.0  # seconds between passes over the stores for items past their lifetime
+PURGE_BATCH = 500  # items one pass removes per store at most; the next pass follows at once
 LOG_FLUSH_INTERVAL = 0.2  # seconds: the log file is written in batches  # seconds for deliveries in flight to finish at stop
 
 
@@ -243,6 +245,7 @@ class Gateway:
         self.sender.load()
         self.sender.purge_unreachable()
         self.control.start()
+        self._purge_stores()
         self._flush_log()
         where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
         log.info("smtpgw started: listening on %s", where)
@@ -256,6 +259,25 @@ class Gateway:
             signal.signal(signum, lambda *_: self.loop.call_soon(self.shutdown))
         signal.signal(signal.SIGHUP, lambda *_: self.loop.call_soon(self.reload))
         signal.set_wakeup_fd(self.loop._wake_w.fileno(), warn_on_full_buffer=False)
+
+    def _purge_stores(self) -> None:
+        """Remove store items past their lifetime (QuarantineLifetime, BackupLifetime, archive
+        lifetimes) in an I/O thread, at most PURGE_BATCH per store and pass; log each one."""
+        if self.stopping:
+            return
+        future = self.committer.pool.submit(purge_stores, lifetimes(self.cfg), time.time(), PURGE_BATCH)
+        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._stores_purged, f))
+
+    def _stores_purged(self, future) -> None:
+        removed, more = future.result() if future.exception() is None else ([], False)
+        if future.exception() is not None:
+            log.error("store purge failed: %s", future.exception())
+        for folder, item, lifetime in removed:
+            event(item.queue_id or item.id, "PURGED, store=%s, item=%s, status=%s, stored=%s, lifetime=%dd",
+                  folder, item.id, item.status, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(item.stored_at)),
+                  lifetime // 86400)
+        if not self.stopping:
+            self.loop.call_later(1.0 if more else PURGE_INTERVAL, self._purge_stores)
 
     def _flush_log(self) -> None:
         logsetup.flush_all()

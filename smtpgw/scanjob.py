@@ -120,8 +120,9 @@ class Job:
                 copy.notes = {"status": "clean", "spam_status": verdict.status}
                 copy.events.append(f'BLOCKED, rcpt={",".join(rcpts)}, size={env.size}, reason="{verdict.status}, '
                                    f'ActionSpam={spam_action}"')
-                if spam_action == "quarantine" and group.QuarantinePath:
-                    Store(group.QuarantinePath).put(env.id, raw, env.as_dict(), status_for_verdict(verdict.status),
+                folder = group.SpamQuarantinePath or group.QuarantinePath  # spam kept apart when set
+                if spam_action == "quarantine" and folder:
+                    Store(folder).put(env.id, raw, env.as_dict(), status_for_verdict(verdict.status),
                                                     f"{verdict.status}, score {verdict.score:.4f}")
                 return copy
             marked = mark(raw, verdict, self.cfg.antispam, spam_action)  # X-SpamTest-* fields, tagged Subject
