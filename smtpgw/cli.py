@@ -129,6 +129,9 @@ def run(cfg, args: argparse.Namespace) -> int:
     pid_file = None if args.no_pid_file else (args.pid_file or cfg.options.PidFile)
     try:
         gateway = Gateway(cfg, args.config)
+        gateway.check_not_running()  # 41 is reported before a port is bound
+        if pid_file:
+            check_pid_file(pid_file)
         gateway.bind()
         if not args.no_change_owner:
             gateway.drop_privileges(args.user or cfg.options.User, cfg.options.Group)
@@ -155,6 +158,17 @@ def run(cfg, args: argparse.Namespace) -> int:
 def write_pid_file(path: str) -> None:
     from smtpgw.gateway import StartupError
 
+    check_pid_file(path)
+    try:
+        write_durably(path, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        raise StartupError(f"cannot create PID file {path}: {exc}", 42) from exc
+
+
+def check_pid_file(path: str) -> None:
+    """StartupError 41 when ``path`` names a running process other than this one (a stale file is fine)."""
+    from smtpgw.gateway import StartupError
+
     try:
         with open(path) as f:
             old = int(f.read().strip() or 0)
@@ -164,12 +178,10 @@ def write_pid_file(path: str) -> None:
                 raise StartupError(f"PID file {path} names a running process {old}", 41)
             except ProcessLookupError:
                 pass  # stale
+            except PermissionError:  # alive, owned by another user
+                raise StartupError(f"PID file {path} names a running process {old}", 41) from None
     except (FileNotFoundError, ValueError):
         pass
-    try:
-        write_durably(path, f"{os.getpid()}\n".encode())
-    except OSError as exc:
-        raise StartupError(f"cannot create PID file {path}: {exc}", 42) from exc
 
 
 # -- queue manager (klmailq) ----------------------------------------------------------

@@ -806,7 +806,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def check_config(path: str | os.PathLike[str], out: TextIO | None = None) -> int:
-    """``smtpgw -k``: print ``Config OK`` and return 0, or print each problem and return 1."""
+    """``smtpgw -k``: print ``Config OK !`` (kmg-spec §4.2) and return 0, or print each problem and return 1."""
     out = out or sys.stdout
     try:
         load_config(path)
@@ -814,5 +814,5 @@ def check_config(path: str | os.PathLike[str], out: TextIO | None = None) -> int
         for problem in error.problems:
             print(problem, file=out)
         return 1
-    print("Config OK", file=out)
+    print("Config OK !", file=out)
     return 0

@@ -189,11 +189,31 @@ class Gateway:
         """One gateway per queue: an exclusive lock held while running."""
         if self._lock_fd >= 0:
             return
-        path = os.path.join(self.queue.root, ".lock")
-        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._take_lock()
+
+    def check_not_running(self) -> None:
+        """Exit code 41 ("already running", kmg-spec §4.2) before any port is bound: the queue's
+        lock is taken now when its file exists (a running gateway made it), and kept. Without
+        the file no gateway runs; `lock_queue` makes it later as the service user."""
+        if self._lock_fd >= 0:
+            return
+        try:
+            self._lock_fd = os.open(self._lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        self._take_lock()
+
+    @property
+    def _lock_path(self) -> str:
+        return os.path.join(self.queue.root, ".lock")
+
+    def _take_lock(self) -> None:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
             raise StartupError(f"another gateway is running on the queue {self.queue.root}", 41) from None
 
     def bind(self) -> None:

@@ -144,7 +144,7 @@ def test_staged_install_is_complete_and_its_configuration_checks(release: str, t
     # the staged code checks the staged configuration
     check = subprocess.run([sys.executable, os.path.join(prefix, "smtpgw.py"), "-c", config, "-k"],
                            capture_output=True, text=True, cwd=str(tmp_path), timeout=60, check=False)
-    assert (check.returncode, check.stdout.strip()) == (0, "Config OK"), check.stderr
+    assert (check.returncode, check.stdout.strip()) == (0, "Config OK !"), check.stderr
     cfg = load_config(config)
     assert cfg.path.QueuePath == "/var/spool/smtpgw/queue" and cfg.path.ControlPath == "/var/spool/smtpgw/control"
     assert cfg.base.BasesPath == "/var/lib/smtpgw/bases" and cfg.base.TemplatesPath == "/etc/smtpgw/templates"
