@@ -4,7 +4,7 @@
 Owns, for the paths install.sh passes: the installed configuration (written
 from smtpgw.conf.sample with the install paths filled in when none exists,
 then checked with ``smtpgw.py -k``); the templates copied beside it; the
-service (systemd unit or SysV init script from dist/), the logrotate and cron
+service (systemd unit and its smtpgwctl helper, or SysV init script, from dist/), the logrotate and cron
 files; the shipped spam database, installed through keepup2date (so an older
 one never replaces a newer one); the manifest ``PREFIX/installed-files`` that
 ``install.sh --uninstall`` reads; and the closing next steps.
@@ -38,6 +38,7 @@ OK, FAILED, CONFIG_PROBLEMS = 0, 1, 2
 SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")  # written unquoted into units, scripts and cron lines
 SAFE_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 MANIFEST = "installed-files"
+HELPER = "/usr/sbin/smtpgwctl"  # the reference's service commands beside the systemd unit
 
 
 @dataclass(frozen=True)
@@ -226,8 +227,9 @@ def install_files(install: Install) -> list[tuple[str, str]]:
         kind = init_system(install)
         if kind == "systemd" and not re.fullmatch(r"/run/[A-Za-z0-9._-]+", install.rundir):
             raise InstallError(f"--rundir {install.rundir}: systemd needs a folder directly under /run")
-        files.append(("smtpgw.service.in", "/etc/systemd/system/smtpgw.service", 0o644) if kind == "systemd"
-                     else ("smtpgw.init", "/etc/init.d/smtpgw", 0o755))
+        files += ([("smtpgw.service.in", "/etc/systemd/system/smtpgw.service", 0o644),
+                   ("smtpgwctl.in", HELPER, 0o755)] if kind == "systemd"
+                  else [("smtpgw.init", "/etc/init.d/smtpgw", 0o755)])
         manifest.append(("service", kind))
     for template, path, mode in files:
         write_text(install.staged(path), render(read_text(os.path.join(dist, template)), values), mode)
@@ -376,6 +378,8 @@ def next_steps(install: Install, new_config: bool, kind: str | None) -> str:
              f"  1. Your configuration was kept: compare {install.config} with {install.config}.sample.",
              f"  2. Check it: {program} -k",
              f"  3. Start the gateway: {start}",
+             f"     Service commands (stats, recv-off/on, send-off/on, avir-off/on, reload-bases): "
+             f"{'smtpgwctl' if kind == 'systemd' else '/etc/init.d/smtpgw' if kind else program + ' control'} ACTION",
              "  4. Database updates: set [updater.options] UpdateServerUrl; cron then runs keepup2date "
              "hourly (/etc/cron.d/smtpgw)."]
     return "Next steps:\n" + "\n".join(steps)

@@ -2,9 +2,11 @@
 
 Owns: argument parsing and exit codes (kmg-spec §4.2: 0 ok, 1 bad options or
 configuration, 30 critical runtime error, 41 already running / PID file, 42
-PID file cannot be created, 44 cannot change user), the PID file, and the
+PID file cannot be created, 44 cannot change user), the PID file, the
 ``queue`` subcommands (the reference's klmailq), which ask a running gateway
-through the control directory and act directly only when none runs.
+through the control directory and act directly only when none runs, and the
+``control`` subcommand behind the init script's service commands (stats,
+recv-off/on, send-off/on, avir-off/on, reload-bases: control files, §4.4).
 
 Must never: change queue states behind a running gateway's back.
 """
@@ -54,7 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("spam", help="train and run the spam filter; spam -h for more")
     stats = sub.add_parser("stats", help="write the statistics (.c_stats) and print them")
     stats.add_argument("--timeout", type=float, default=REQUEST_DEADLINE)
+    control = sub.add_parser("control", help="the init script's service commands: stats, recv-off, recv-on, "
+                             "send-off, send-on, avir-off, avir-on, reload-bases")
+    control.add_argument("action", choices=("stats", *CONTROL_FILES))
+    control.add_argument("--timeout", type=float, default=REQUEST_DEADLINE,
+                         help="seconds to wait for the gateway to take the command")
     return parser
+
+
+# The reference's init script actions (kmg-spec §4.1) and the control files that carry them (§4.4).
+CONTROL_FILES = {
+    "recv-off": ".c_recv_off", "recv-on": ".c_recv_on", "send-off": ".c_send_off", "send-on": ".c_send_on",
+    "avir-off": ".c_avir_off", "avir-on": ".c_avir_on", "reload-bases": ".c_db_reload",
+}
 
 
 PASS_THROUGH = ("store", "keepup2date", "spam")  # subcommands that parse their own arguments
@@ -113,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "queue":
         return queue_command(cfg, args)
-    if args.command == "stats":
+    if args.command == "stats" or (args.command == "control" and args.action == "stats"):
         return stats_command(cfg, args.timeout)
+    if args.command == "control":
+        return control_command(cfg, args.action, args.timeout)
     return run(cfg, args)
 
 
@@ -325,3 +341,25 @@ def stats_command(cfg, timeout: float) -> int:
         time.sleep(0.05)  # polling a file the gateway writes
     print("the gateway did not write statistics in time (is it running?)", file=sys.stderr)
     return 3
+
+
+def control_command(cfg, action: str, timeout: float) -> int:
+    """Drop the control file of ``action`` and wait until the running gateway takes it (it deletes
+    the file, then acts): 0 taken; 3 not taken in time (the file is withdrawn, so that a gateway
+    started later does not act on it)."""
+    os.makedirs(cfg.path.ControlPath, exist_ok=True)
+    path = os.path.join(cfg.path.ControlPath, CONTROL_FILES[action])
+    write_durably(path, b"")
+    deadline = time.monotonic() + timeout + cfg.options.ControlPollInterval
+    while os.path.exists(path):
+        if time.monotonic() > deadline:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                break  # taken just now
+            print(f"smtpgw: the gateway did not take {action} in time (is it running?); nothing was done",
+                  file=sys.stderr)
+            return 3
+        time.sleep(0.05)  # polling a file the gateway removes
+    print(f"smtpgw: {action} taken by the gateway")
+    return 0

@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from smtpgw import access, dsn, log as logsetup, masks, mx, notify, routing, smtp
+from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.control import Control, remove_record
 from smtpgw.dns import Resolver
@@ -55,6 +56,24 @@ class StartupError(Exception):
     def __init__(self, message: str, code: int = 30) -> None:
         super().__init__(message)
         self.code = code
+
+
+def bases_versions(cfg: Config) -> str:
+    """``bases: anti-spam version=V, date=D; anti-virus ClamAV E/N YYYYMMDD`` (or why not)."""
+    spam = "off (Check=false)"
+    if cfg.antispam.Check:
+        try:
+            info = SpamDatabase.load(database_file(cfg.base.BasesPath or default_bases())).info
+            spam = f"version={info.version}, date={info.date}"
+        except DatabaseError as exc:
+            spam = f"unusable: {exc}"
+    virus = "off (Check=false)"
+    if any(section.Check for section in (cfg.policy, *cfg.groups)):
+        try:
+            virus = f"ClamAV {ClamdPool.from_config(cfg.ave).engine()}"
+        except (ScannerUnavailable, ValueError) as exc:
+            virus = f"clamd does not answer: {exc}"
+    return f"bases: anti-spam {spam}; anti-virus {virus}"
 
 
 @dataclass
@@ -163,8 +182,15 @@ class Gateway:
             self._publish_worker_config(cfg)
             self.scanner.restart_workers()
             log.info("%s", done)
+            self._log_bases()
 
         future.add_done_callback(lambda _f: self.loop.call_soon_threadsafe(checked))
+
+    def _log_bases(self) -> None:
+        """Log the versions of the spam and anti-virus databases in use (at start and at every
+        reload), found in an I/O thread: clamd may be slow to answer."""
+        future = self.committer.pool.submit(bases_versions, self.cfg)
+        future.add_done_callback(lambda f: f.exception() or log.info("%s", f.result()))
 
     def _publish_worker_config(self, cfg: Config) -> None:
         """Give the scanner workers the configuration this process accepted, file: lists included.
@@ -269,6 +295,7 @@ class Gateway:
         self._flush_log()
         where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
         log.info("smtpgw started: listening on %s", where)
+        self._log_bases()
 
     def _handle_signals(self) -> None:
         """Installed as soon as the loop exists, before the (possibly long) start-up: a signal

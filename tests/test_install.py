@@ -226,9 +226,14 @@ def test_systemd_unit_and_an_existing_account(release: str, tmp_path) -> None:
     unit = read(os.path.join(root, "etc", "systemd", "system", "smtpgw.service")).decode()
     assert "\nUser=nobody\nGroup=nogroup\n" in unit
     assert "ExecStart=" + sys.executable in unit and "-c /etc/smtpgw/smtpgw.conf -o -p /run/smtpgw/smtpgw.pid" in unit
+    assert "ExecReload=" + sys.executable + " /opt/smtpgw/smtpgw.py -c /etc/smtpgw/smtpgw.conf -k\n" in unit
+    helper = os.path.join(root, "usr", "sbin", "smtpgwctl")
+    assert os.stat(helper).st_mode & 0o777 == 0o755
+    assert "file /usr/sbin/smtpgwctl\n" in read(os.path.join(root, "opt", "smtpgw", "installed-files")).decode()
     assert not os.path.exists(os.path.join(root, "etc", "init.d", "smtpgw"))
     installed(root, "--no-service", release=release)
     assert "service " not in read(os.path.join(root, "opt", "smtpgw", "installed-files")).decode()
+    assert not os.path.exists(helper)
 
 
 def test_a_rerun_with_another_service_removes_the_old_one(release: str, tmp_path) -> None:
@@ -357,6 +362,14 @@ def test_init_script_and_logrotate_drive_a_real_gateway(tmp_path) -> None:
         assert service("status").stdout.strip() == f"smtpgw is running (pid {pid})"
         assert greeting(port).startswith(b"220 ")
         assert "already running" in service("start").stdout
+        # the reference's service commands, from the init script and from the systemd helper
+        helper = render_to(install, "smtpgwctl.in", str(tmp_path / "smtpgwctl"), 0o755)
+        assert service("recv-off").returncode == 0
+        assert greeting(port).startswith(b"421 ")
+        assert subprocess.run([SHELL, helper, "recv-on"], capture_output=True, timeout=60).returncode == 0
+        assert greeting(port).startswith(b"220 ")
+        assert "mta_incoming_connections_total=3\n" in service("stats").stdout  # three greetings
+        assert service("bogus").returncode == 2
         log = f"{install.logdir}/smtpgw.log"
         rotated = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "logrotate.state"), rotate],
                                  capture_output=True, text=True, timeout=60, check=False)

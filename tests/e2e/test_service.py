@@ -3,10 +3,14 @@ any port is bound, `-k` saying ``Config OK !``, and the control commands through
 
 from __future__ import annotations
 
+import os
+import signal
+import smtplib
 import subprocess
 import sys
 
-from tests.support.net import SMTPGW, GatewayProcess, listening
+from tests.e2e.test_antispam_gateway import spam_gateway
+from tests.support.net import SMTPGW, GatewayProcess, listening, wait_until
 
 
 def second_start(config: str, *extra: str) -> subprocess.CompletedProcess:
@@ -41,3 +45,52 @@ def test_a_pid_file_naming_a_running_gateway_exits_41_before_binding(make_gatewa
 def test_check_config_says_config_ok(gateway):
     run = second_start(gateway.config, "-k")
     assert (run.returncode, run.stdout) == (0, "Config OK !\n")
+
+
+def send(gw, sender: str = "a@example.test") -> None:
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.sendmail(sender, ["x@example.test"], b"Subject: t\r\n\r\nbody\r\n")
+
+
+def test_service_commands_of_the_init_script(gateway, sink):
+    def control(action: str) -> None:
+        run = gateway.cli("control", action)
+        assert (run.returncode, run.stdout) == (0, f"smtpgw: {action} taken by the gateway\n"), run.stderr
+
+    control("recv-off")
+    gateway.wait_log(r"receiving off")
+    with smtplib.SMTP() as client:
+        assert client.connect("127.0.0.1", gateway.port)[0] == 421
+    control("recv-on")
+    control("send-off")
+    gateway.wait_log(r"sending off")
+    send(gateway)
+    wait_until(lambda: gateway.queued("QUE"), 10, "the message waiting in QUE")
+    control("send-on")
+    sink.wait_for(1)
+    control("avir-off")
+    gateway.wait_log(r"scanning off")
+    control("avir-on")
+    control("reload-bases")
+    gateway.wait_log(r"databases reloaded")
+    gateway.wait_log(r"bases: anti-spam off \(Check=false\); anti-virus off \(Check=false\)", count=2)
+    stats = gateway.cli("control", "stats")
+    assert stats.returncode == 0 and "mta_received_messages=1\n" in stats.stdout
+
+
+def test_a_service_command_without_a_gateway_is_withdrawn(make_gateway, sink):
+    gw = make_gateway(sink.port, start=False)
+    run = gw.cli("control", "recv-off", "--timeout", "0")
+    assert run.returncode == 3 and "is it running?" in run.stderr
+    assert not os.path.exists(os.path.join(gw.control_path, ".c_recv_off"))
+
+
+def test_database_versions_are_logged_at_start_and_at_every_reload(make_gateway, sink, clamd):
+    gw = spam_gateway(make_gateway, sink, clamd)
+    line = r"bases: anti-spam version=\S+, date=\S+; anti-virus ClamAV \d+\.\d+"
+    gw.wait_log(line)
+    gw.signal(signal.SIGHUP)
+    gw.wait_log(r"configuration reloaded")
+    gw.wait_log(line, count=2)
+    gw.control(".c_db_reload")
+    gw.wait_log(line, count=3)
