@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -147,7 +148,7 @@ def run(cfg, args: argparse.Namespace) -> int:
         gateway = Gateway(cfg, args.config)
         gateway.check_not_running()  # 41 is reported before a port is bound
         if pid_file:
-            check_pid_file(pid_file)
+            check_pid_file(pid_file, only_regular=True)
         gateway.bind()
         if not args.no_change_owner:
             gateway.drop_privileges(args.user or cfg.options.User, cfg.options.Group)
@@ -181,11 +182,14 @@ def write_pid_file(path: str) -> None:
         raise StartupError(f"cannot create PID file {path}: {exc}", 42) from exc
 
 
-def check_pid_file(path: str) -> None:
-    """StartupError 41 when ``path`` names a running process other than this one (a stale file is fine)."""
+def check_pid_file(path: str, only_regular: bool = False) -> None:
+    """StartupError 41 when ``path`` names a running process other than this one (a stale file is
+    fine). ``only_regular``: anything but a regular file (a FIFO would block) is left for later."""
     from smtpgw.gateway import StartupError
 
     try:
+        if only_regular and not stat.S_ISREG(os.stat(path).st_mode):
+            return
         with open(path) as f:
             old = int(f.read().strip() or 0)
         if old and old != os.getpid():
