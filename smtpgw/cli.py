@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("store", help="quarantine, backup and archives (klmaila); store -h for more")
     sub.add_parser("keepup2date", help="update the databases; keepup2date -h for more")
     sub.add_parser("spam", help="train and run the spam filter; spam -h for more")
-    stats = sub.add_parser("stats", help="write the statistics (.c_stats) and print them")
+    stats = sub.add_parser("stats", help="write the statistics (.c_stats) and print them; --days N: the daily history")
     stats.add_argument("--timeout", type=float, default=REQUEST_DEADLINE)
+    stats.add_argument("--days", type=int, metavar="N", help="print the last N days of the daily history instead")
     control = sub.add_parser("control", help="the init script's service commands: stats, recv-off, recv-on, "
                              "send-off, send-on, avir-off, avir-on, reload-bases")
     control.add_argument("action", choices=("stats", *CONTROL_FILES))
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "queue":
         return queue_command(cfg, args)
+    if args.command == "stats" and args.days is not None:
+        return history_command(cfg, args.days)
     if args.command == "stats" or (args.command == "control" and args.action == "stats"):
         return stats_command(cfg, args.timeout)
     if args.command == "control":
@@ -366,4 +369,20 @@ def control_command(cfg, action: str, timeout: float) -> int:
             return 3
         time.sleep(0.05)  # polling a file the gateway removes
     print(f"smtpgw: {action} taken by the gateway")
+    return 0
+
+
+def history_command(cfg, days: int) -> int:
+    """``stats --days N``: the last N lines of the daily history (today's as last saved)."""
+    from smtpgw.stats import format_history, history_path, read_history
+
+    if days < 1:
+        print("smtpgw: --days needs a number of days of 1 or more", file=sys.stderr)
+        return 1
+    try:
+        lines = read_history(history_path(cfg.path.QueuePath))
+    except OSError as exc:
+        print(f"smtpgw: cannot read the statistics history: {exc}", file=sys.stderr)
+        return 2
+    print(format_history(lines, days), end="")
     return 0

@@ -358,6 +358,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.resolve", "Nameserver", NAMESERVER, "", [], "rf"),
     P("smtpgw.resolve", "DNSAttempts", INT, "1-10", 2),
     P("smtpgw.options", "StatFilename", PATH),  # None here; <ControlPath>/stats after loading
+    P("smtpgw.options", "StatSaveInterval", INT, "1-3600 s", 60),
     P("smtpgw.options", "AVStatistics", TARGET),
     P("smtpgw.options", "ICheckerDBFilename", PATH),
     P("smtpgw.options", "StrictStandards", BOOL, "", False),

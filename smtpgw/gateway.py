@@ -39,7 +39,7 @@ from smtpgw.workers import worker_config_path
 from smtpgw.sender import Hop, ResolveCallback, Sender, literal_hops
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
 from smtpgw.spam.spamfilter import default_bases
-from smtpgw.stats import Stats
+from smtpgw.stats import Stats, history_path, save as save_stats
 from smtpgw.store import Store, lifetimes, purge_stores
 
 log = logging.getLogger("smtpgw")
@@ -106,6 +106,7 @@ class Gateway:
         self.scanner = Scanner(self)
         self.control = Control(self)
         self._lock_fd = -1
+        self._saving_stats = False
         self._handle_signals()
 
     # -- derived limits ------------------------------------------------------------
@@ -283,6 +284,7 @@ class Gateway:
     def start(self) -> None:
         self.lock_queue()
         self._publish_worker_config(self.cfg)
+        self.stats.restore(self.cfg.options.StatFilename, history_path(self.queue.root))
         counts = self.queue.recover()
         log.info("queue %s recovered: %s", self.queue.root, ", ".join(f"{k}={v}" for k, v in counts.items()))
         for listener in self.listeners:
@@ -292,6 +294,7 @@ class Gateway:
         self.sender.purge_unreachable()
         self.control.start()
         self._purge_stores()
+        self.loop.call_later(self.cfg.options.StatSaveInterval, self._save_stats)
         self._flush_log()
         where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
         log.info("smtpgw started: listening on %s", where)
@@ -306,6 +309,23 @@ class Gateway:
             signal.signal(signum, lambda *_: self.loop.call_soon(self.shutdown))
         signal.signal(signal.SIGHUP, lambda *_: self.loop.call_soon(self.reload))
         signal.set_wakeup_fd(self.loop._wake_w.fileno(), warn_on_full_buffer=False)
+
+    def _save_stats(self) -> None:
+        """Every StatSaveInterval: the counters to StatFilename and today's history line, written
+        durably in an I/O thread (one write at a time), so that they survive a restart."""
+        if self.stopping:
+            return
+        if not self._saving_stats:
+            self._saving_stats = True
+            future = self.committer.pool.submit(save_stats, self.cfg.options.StatFilename,
+                                                history_path(self.queue.root), self.stats.snapshot())
+            future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._stats_saved, f))
+        self.loop.call_later(self.cfg.options.StatSaveInterval, self._save_stats)
+
+    def _stats_saved(self, future) -> None:
+        self._saving_stats = False
+        if future.exception() is not None:
+            log.error("cannot save the statistics to %s: %s", self.cfg.options.StatFilename, future.exception())
 
     def _purge_stores(self) -> None:
         """Remove store items past their lifetime (QuarantineLifetime, BackupLifetime, archive
@@ -351,6 +371,10 @@ class Gateway:
         self.sender.stop()
         self.loop.run_until(lambda: not self.sessions, 1.0)
         self.committer.close()
+        try:  # the last counts, for the next start
+            save_stats(self.cfg.options.StatFilename, history_path(self.queue.root), self.stats.snapshot())
+        except OSError as exc:
+            log.error("cannot save the statistics to %s: %s", self.cfg.options.StatFilename, exc)
         self.queue.sync_state_dirs()
         log.info("stopped")
         logsetup.flush_all()

@@ -4,6 +4,7 @@ any port is bound, `-k` saying ``Config OK !``, and the control commands through
 from __future__ import annotations
 
 import os
+import re
 import signal
 import smtplib
 import subprocess
@@ -94,3 +95,27 @@ def test_database_versions_are_logged_at_start_and_at_every_reload(make_gateway,
     gw.wait_log(line, count=2)
     gw.control(".c_db_reload")
     gw.wait_log(line, count=3)
+
+
+def test_statistics_survive_a_restart_and_a_crash(make_gateway, sink):
+    gw = make_gateway(sink.port, extra={"smtpgw.options": [("StatSaveInterval", "1"), ("StatFilename", "var/stats")]})
+    stat_file = os.path.join(gw.folder, "var", "stats")
+    send(gw)
+    sink.wait_for(1)
+    # saved on its own (no .c_stats): a crash after that loses nothing
+    wait_until(lambda: os.path.exists(stat_file) and "mta_sent_messages=1\n" in open(stat_file).read(), 10,
+               "the periodic save")
+    gw.kill()
+    gw.start()
+    send(gw)
+    sink.wait_for(2)
+    assert gw.stop() == 0  # a clean stop saves the last counts
+    gw.start()
+    stats = gw.cli("stats")
+    assert stats.returncode == 0
+    assert "mta_received_messages=2\n" in stats.stdout and "mta_sent_messages=2\n" in stats.stdout
+    history = gw.cli("stats", "--days", "7")
+    assert history.returncode == 0
+    [line] = history.stdout.splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d received=2 delivered=2 viruses=0 blocked=0 refused=0 bytes=\d+", line), line
+    assert gw.cli("stats", "--days", "0").returncode == 1
