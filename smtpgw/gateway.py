@@ -23,6 +23,7 @@ import ssl
 import sys
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from smtpgw import access, dsn, log as logsetup, masks, mx, notify, routing, smtp
@@ -40,7 +41,7 @@ from smtpgw.sender import Hop, ResolveCallback, Sender, literal_hops
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.stats import Stats, history_path, save as save_stats
-from smtpgw.store import Store, lifetimes, purge_stores
+from smtpgw.store import Item, Store, lifetimes, purge_stores
 
 log = logging.getLogger("smtpgw")
 
@@ -191,7 +192,14 @@ class Gateway:
         """Log the versions of the spam and anti-virus databases in use (at start and at every
         reload), found in an I/O thread: clamd may be slow to answer."""
         future = self.committer.pool.submit(bases_versions, self.cfg)
-        future.add_done_callback(lambda f: f.exception() or log.info("%s", f.result()))
+
+        def found(done: Future[str]) -> None:
+            if done.exception() is not None:
+                log.error("cannot tell the database versions: %s", done.exception())
+            else:
+                log.info("%s", done.result())
+
+        future.add_done_callback(found)
 
     def _publish_worker_config(self, cfg: Config) -> None:
         """Give the scanner workers the configuration this process accepted, file: lists included.
@@ -322,7 +330,7 @@ class Gateway:
             future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._stats_saved, f))
         self.loop.call_later(self.cfg.options.StatSaveInterval, self._save_stats)
 
-    def _stats_saved(self, future) -> None:
+    def _stats_saved(self, future: Future[None]) -> None:
         self._saving_stats = False
         if future.exception() is not None:
             log.error("cannot save the statistics to %s: %s", self.cfg.options.StatFilename, future.exception())
@@ -335,10 +343,13 @@ class Gateway:
         future = self.committer.pool.submit(purge_stores, lifetimes(self.cfg), time.time(), PURGE_BATCH)
         future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._stores_purged, f))
 
-    def _stores_purged(self, future) -> None:
-        removed, more = future.result() if future.exception() is None else ([], False)
+    def _stores_purged(self, future: Future[tuple[list[tuple[str, Item, float]], bool]]) -> None:
+        removed: list[tuple[str, Item, float]] = []
+        more = False
         if future.exception() is not None:
             log.error("store purge failed: %s", future.exception())
+        else:
+            removed, more = future.result()
         for folder, item, lifetime in removed:
             event(item.queue_id or item.id, "PURGED, store=%s, item=%s, status=%s, stored=%s, lifetime=%dd",
                   folder, item.id, item.status, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(item.stored_at)),

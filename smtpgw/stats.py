@@ -192,9 +192,10 @@ class Stats:
 
 
 def save(stat_file: str, history_file: str, texts: tuple[bytes, bytes]) -> None:
-    """Write a `Stats.snapshot` durably (temp, fsync, rename, fsync of the folder)."""
-    write_durably(stat_file, texts[0])
+    """Write a `Stats.snapshot` durably (temp, fsync, rename, fsync of the folder): the history
+    first, so that a StatFilename showing a count means the history holds it too."""
     write_durably(history_file, texts[1])
+    write_durably(stat_file, texts[0])
 
 
 def format_history(lines: list[str], days: int) -> str:

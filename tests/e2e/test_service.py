@@ -102,7 +102,7 @@ def test_statistics_survive_a_restart_and_a_crash(make_gateway, sink):
     stat_file = os.path.join(gw.folder, "var", "stats")
     send(gw)
     sink.wait_for(1)
-    # saved on its own (no .c_stats): a crash after that loses nothing
+    # saved on its own (no .c_stats), the history first: a crash after that loses nothing
     wait_until(lambda: os.path.exists(stat_file) and "mta_sent_messages=1\n" in open(stat_file).read(), 10,
                "the periodic save")
     gw.kill()
