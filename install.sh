@@ -18,6 +18,10 @@
 #   --uninstall      remove the code and the service, logrotate and cron files;
 #                    configuration, data, queue and logs are kept
 #   --purge          with --uninstall: remove those too
+#   --hostname NAME, --domains LIST, --postmaster ADDR, --admin ADDR, --listen IP:PORT,
+#   --relay-from NETS, --forward-to HOST[:PORT], --clamd ADDR
+#                    a new configuration's answers (postinstall.py asks the others when
+#                    run on a terminal); --non-interactive asks nothing
 #
 # A second run upgrades the code and leaves the configuration and the data alone
 # (a newer shipped spam database is installed through keepup2date, keeping the
@@ -35,6 +39,8 @@ SERVICE_GROUP=
 PYTHON=python3
 ROOT=
 SERVICE=yes
+ANSWERS=  # the names of the ANSWER_<name> variables set by options
+ASK=yes
 INIT=auto
 ACTION=install
 PURGE=no
@@ -72,6 +78,12 @@ while [ $# -gt 0 ]; do
         --init) need "$@"; INIT=$2; shift ;;
         --root) need "$@"; ROOT=$2; shift ;;
         --no-service) SERVICE=no ;;
+        --hostname | --domains | --postmaster | --admin | --listen | --relay-from | --forward-to | --clamd)
+            need "$@"
+            name=$(printf '%s' "${1#--}" | tr - _)  # one of the names above: safe in a variable name
+            eval "ANSWER_$name=\$2"
+            ANSWERS="$ANSWERS $name"; shift ;;
+        --non-interactive) ASK=no ;;
         --uninstall) ACTION=uninstall ;;
         --purge) PURGE=yes ;;
         -h | --help) usage; exit 0 ;;
@@ -214,6 +226,11 @@ set -- --prefix "$PREFIX" --confdir "$CONFDIR" --datadir "$DATADIR" --spooldir "
     --python "$PYTHON_PATH" --init "$INIT"
 [ -z "$ROOT" ] || set -- "$@" --root "$ROOT"
 [ "$SERVICE" = yes ] || set -- "$@" --no-service
+for name in $ANSWERS; do
+    eval "value=\$ANSWER_$name"
+    set -- "$@" "--$(printf '%s' "$name" | tr _ -)=$value"
+done
+[ "$ASK" = yes ] || set -- "$@" --non-interactive
 status=0
 "$PYTHON_PATH" "$DEST/postinstall.py" "$@" || status=$?
 case $status in

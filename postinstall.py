@@ -4,7 +4,7 @@
 Owns, for the paths install.sh passes: the installed configuration (written
 from smtpgw.conf.sample with the install paths filled in when none exists,
 then checked with ``smtpgw.py -k``); the templates copied beside it; the
-service (systemd unit or SysV init script from dist/), the logrotate and cron
+service (systemd unit and its smtpgwctl helper, or SysV init script, from dist/), the logrotate and cron
 files; the shipped spam database, installed through keepup2date (so an older
 one never replaces a newer one); the manifest ``PREFIX/installed-files`` that
 ``install.sh --uninstall`` reads; and the closing next steps.
@@ -12,6 +12,12 @@ one never replaces a newer one); the manifest ``PREFIX/installed-files`` that
 Must never: overwrite an existing configuration or template, start a gateway
 that was not running, or write outside ``--root`` when one is given (paths
 written into files are the final ones, without the root).
+
+A new configuration gets the answers to QUESTIONS (name, domains, addresses,
+listening address, relaying networks, mail server, clamd): given as flags
+(``--hostname`` ...) for unattended installs, and asked on a terminal for the
+others (``--non-interactive`` asks nothing); the sample's values stay for the
+questions left unanswered.
 
 Exit codes: 0 done; 1 failed; 2 installed, but the existing configuration
 fails the check (fix it before starting).
@@ -38,6 +44,7 @@ OK, FAILED, CONFIG_PROBLEMS = 0, 1, 2
 SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")  # written unquoted into units, scripts and cron lines
 SAFE_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 MANIFEST = "installed-files"
+HELPER = "/usr/sbin/smtpgwctl"  # the reference's service commands beside the systemd unit
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,8 @@ class Install:
     root: str = ""
     service: bool = True
     init: str = "auto"
+    answers: tuple[tuple[str, str], ...] = ()  # (question key, answer) given as flags
+    interactive: bool = False  # ask the questions not answered by a flag (on a terminal)
 
     def staged(self, path: str) -> str:
         """Where ``path`` is written now: under the staging root, if any."""
@@ -127,6 +136,103 @@ def config_settings(install: Install, account: bool) -> list[tuple[str, str, str
     ]
 
 
+@dataclass(frozen=True)
+class Question:
+    """A question about a new configuration: asked on a terminal, or answered by ``--KEY``."""
+
+    key: str
+    prompt: str
+    form: re.Pattern[str]
+    default: Any  # answers so far -> the proposed answer
+
+
+_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+_ADDRESS = r"[^@\s,\[\]]+@" + _HOST
+_LIST = r"(?:{0})(?:\s*,\s*(?:{0}))*"
+QUESTIONS = (
+    Question("hostname", "Name of this gateway (greeting, EHLO)", re.compile(_HOST), lambda a: socket.getfqdn()),
+    Question("domains", "Domains whose mail it protects (comma list)", re.compile(_LIST.format(r"[A-Za-z0-9*?.-]+")),
+             lambda a: a["hostname"].partition(".")[2] or a["hostname"]),
+    Question("postmaster", "Postmaster address", re.compile(_ADDRESS),
+             lambda a: "postmaster@" + split_list(a["domains"])[0].lstrip("*?.")),
+    Question("admin", "Administrator address for notifications", re.compile(_ADDRESS), lambda a: a["postmaster"]),
+    Question("listen", "Address and port to listen on", re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[0-9.]+):\d{1,5}"),
+             lambda a: "0.0.0.0:25"),
+    Question("relay-from", "Networks whose clients may send to any domain (comma list)",
+             re.compile(_LIST.format(r"[0-9A-Fa-f:.]+(?:/\d{1,3})?")), lambda a: "127.0.0.0/8, ::1"),
+    Question("forward-to", "Mail server receiving the protected domains' mail (host or host:port; "
+             "empty: their MX hosts)", re.compile(rf"(?:{_HOST}|\[[0-9A-Fa-f:.]+\])(?::\d{{1,5}})?|"), lambda a: ""),
+    Question("clamd", "clamd address (unix:/path or host:port)", re.compile(rf"unix:/\S+|{_HOST}:\d{{1,5}}"),
+             lambda a: "unix:/var/run/clamav/clamd.ctl"),
+)
+
+
+def split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def ask_questions(install: Install, ask: Any = input) -> dict[str, str]:
+    """The answers: the flags' and, on a terminal, the others asked in turn (Enter takes the
+    proposed one; an answer of the wrong form is asked again). EOF stops the installation."""
+    given = dict(install.answers)
+    answers: dict[str, str] = {}
+    for question in QUESTIONS:
+        if question.key in given:
+            answers[question.key] = given[question.key]
+            continue
+        if not install.interactive:
+            continue
+        proposed = question.default(answers)  # on a terminal every earlier question has its answer
+        while True:
+            try:
+                text = ask(f"{question.prompt} [{proposed}]: ").strip() or proposed
+            except EOFError:
+                raise InstallError("no answer: installation stopped") from None
+            if question.form.fullmatch(text):
+                answers[question.key] = text
+                break
+            print(f"  not a valid answer: {text!r}")
+    return answers
+
+
+def answer_settings(answers: dict[str, str]) -> list[tuple[str, str, list[str]]]:
+    """(section, key, values) the answers give a new configuration."""
+    settings: list[tuple[str, str, list[str]]] = []
+    simple = {"hostname": ("smtpgw.network", "Hostname"), "postmaster": ("smtpgw.network", "Postmaster"),
+              "domains": ("smtpgw.network", "ProtectedDomains"), "listen": ("smtpgw.network", "ListenOn"),
+              "admin": ("smtpgw.policy", "AdminNotifyAddress"), "clamd": ("smtpgw.ave", "ClamdAddress")}
+    for key, (section, name) in simple.items():
+        if key in answers:
+            settings.append((section, name, [", ".join(split_list(answers[key])) if key == "domains" else answers[key]]))
+    domains = split_list(answers.get("domains", ""))
+    if "relay-from" in answers or domains:
+        nets = split_list(answers.get("relay-from", "127.0.0.0/8, ::1"))
+        settings.append(("smtpgw.access", "RelayRule", [f"allow from {net} to *" for net in nets]
+                         + [f"allow from any to *@{domain}" for domain in domains] + ["deny from any to *"]))
+    if "forward-to" in answers:
+        host = answers["forward-to"]
+        target = host if host.startswith("[") else f"[{host}]"
+        settings.append(("smtpgw.forward", "ForwardRoute",
+                         [f"*@{domain} {target}" for domain in domains or ["*"]] if host else []))
+    return settings
+
+
+def set_table(lines: list[str], section: str, key: str, values: list[str]) -> None:
+    """Replace every active ``key`` line of ``[section]`` by one line per value."""
+    header = re.compile(r"\s*\[\s*" + re.escape(section) + r"\s*\]\s*", re.IGNORECASE)
+    start = next((n for n, line in enumerate(lines) if header.fullmatch(line)), None)
+    if start is None:
+        lines.extend(["", f"[{section}]", *(f"{key}={value}" for value in values)])
+        return
+    end = next((n for n in range(start + 1, len(lines)) if re.match(r"\s*\[", lines[n])), len(lines))
+    setting = re.compile(r"\s*" + re.escape(key) + r"\s*=", re.IGNORECASE)
+    found = [n for n in range(start + 1, end) if setting.match(lines[n])]
+    at = found[0] if found else max((n for n in range(start, end) if lines[n].strip()), default=start) + 1
+    for n in reversed(found):
+        del lines[n]
+    lines[at:at] = [f"{key}={value}" for value in values]
+
+
 def set_value(lines: list[str], section: str, key: str, value: str, active: bool) -> None:
     """Set ``key`` in ``[section]`` of a configuration's lines: the first line setting it
     (active, else commented out) is replaced; otherwise a line is added to the section."""
@@ -149,11 +255,13 @@ def set_value(lines: list[str], section: str, key: str, value: str, active: bool
     lines.insert(last + 1, text)
 
 
-def config_text(sample: str, install: Install, account: bool) -> str:
-    """A new configuration: the sample with the install paths."""
+def config_text(sample: str, install: Install, account: bool, answers: dict[str, str] | None = None) -> str:
+    """A new configuration: the sample with the install paths and the answers to QUESTIONS."""
     lines = sample.splitlines()
     for section, key, value, active in config_settings(install, account):
         set_value(lines, section, key, value, active)
+    for section, key, values in answer_settings(answers or {}):
+        set_table(lines, section, key, values)
     stamp = (f"# Written by postinstall.py on {date.today().isoformat()} from smtpgw.conf.sample "
              "with the install paths.")
     return "\n".join([stamp, *lines]) + "\n"
@@ -180,7 +288,8 @@ def install_config(install: Install) -> bool:
     if not account:
         print(f"warning: account {install.user}:{install.group} does not exist here; User and Group are "
               "left commented out in the configuration")
-    write_text(target, config_text(sample, install, account), 0o640)
+    answers = ask_questions(install)
+    write_text(target, config_text(sample, install, account, answers), 0o640)
     own(install, target, group_only=True)
     print(f"configuration {install.config} written")
     return True
@@ -226,8 +335,9 @@ def install_files(install: Install) -> list[tuple[str, str]]:
         kind = init_system(install)
         if kind == "systemd" and not re.fullmatch(r"/run/[A-Za-z0-9._-]+", install.rundir):
             raise InstallError(f"--rundir {install.rundir}: systemd needs a folder directly under /run")
-        files.append(("smtpgw.service.in", "/etc/systemd/system/smtpgw.service", 0o644) if kind == "systemd"
-                     else ("smtpgw.init", "/etc/init.d/smtpgw", 0o755))
+        files += ([("smtpgw.service.in", "/etc/systemd/system/smtpgw.service", 0o644),
+                   ("smtpgwctl.in", HELPER, 0o755)] if kind == "systemd"
+                  else [("smtpgw.init", "/etc/init.d/smtpgw", 0o755)])
         manifest.append(("service", kind))
     for template, path, mode in files:
         write_text(install.staged(path), render(read_text(os.path.join(dist, template)), values), mode)
@@ -396,6 +506,8 @@ def next_steps(install: Install, new_config: bool, kind: str | None) -> str:
              f"  1. Your configuration was kept: compare {install.config} with {install.config}.sample.",
              f"  2. Check it: {program} -k",
              f"  3. Start the gateway: {start}",
+             f"     Service commands (stats, recv-off/on, send-off/on, avir-off/on, reload-bases): "
+             f"{'smtpgwctl' if kind == 'systemd' else '/etc/init.d/smtpgw' if kind else program + ' control'} ACTION",
              "  4. Database updates: set [updater.options] UpdateServerUrl; cron then runs keepup2date "
              "hourly (/etc/cron.d/smtpgw)."]
     return "Next steps:\n" + "\n".join(steps)
@@ -423,9 +535,21 @@ def parse_args(argv: list[str]) -> Install:
     parser.add_argument("--root", default="")
     parser.add_argument("--no-service", dest="service", action="store_false")
     parser.add_argument("--init", choices=("auto", "systemd", "sysv"), default="auto")
+    for question in QUESTIONS:
+        parser.add_argument(f"--{question.key}", metavar="VALUE", help=f"a new configuration: {question.prompt}")
+    parser.add_argument("--non-interactive", action="store_true", help="ask nothing, even on a terminal")
     args = parser.parse_args(argv)
     values: dict[str, Any] = vars(args)
     values["group"] = args.group or args.user
+    answers = []
+    for question in QUESTIONS:
+        answer = values.pop(question.key.replace("-", "_"))
+        if answer is not None:
+            if not question.form.fullmatch(answer.strip()):
+                parser.error(f"--{question.key} {answer!r}: not of the expected form")
+            answers.append((question.key, answer.strip()))
+    values["answers"] = tuple(answers)
+    values["interactive"] = not values.pop("non_interactive") and sys.stdin.isatty() and sys.stdout.isatty()
     for key in ("prefix", "confdir", "datadir", "spooldir", "logdir", "rundir", "python"):
         if not SAFE_PATH.fullmatch(values[key]) or "/../" in values[key] + "/":
             parser.error(f"--{key} {values[key]!r}: an absolute path of letters, digits and . _ / + -")

@@ -2,9 +2,11 @@
 
 Owns: argument parsing and exit codes (kmg-spec §4.2: 0 ok, 1 bad options or
 configuration, 30 critical runtime error, 41 already running / PID file, 42
-PID file cannot be created, 44 cannot change user), the PID file, and the
+PID file cannot be created, 44 cannot change user), the PID file, the
 ``queue`` subcommands (the reference's klmailq), which ask a running gateway
-through the control directory and act directly only when none runs.
+through the control directory and act directly only when none runs, and the
+``control`` subcommand behind the init script's service commands (stats,
+recv-off/on, send-off/on, avir-off/on, reload-bases: control files, §4.4).
 
 Must never: change queue states behind a running gateway's back.
 """
@@ -16,6 +18,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -55,9 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     console = sub.add_parser("console", help="the web console ([smtpgw.console])")
     console.add_subparsers(dest="op", required=True).add_parser(
         "passwd", help="read a password (stdin or prompt) and print the AdminPasswordHash value to paste")
-    stats = sub.add_parser("stats", help="write the statistics (.c_stats) and print them")
+    stats = sub.add_parser("stats", help="write the statistics (.c_stats) and print them; --days N: the daily history")
     stats.add_argument("--timeout", type=float, default=REQUEST_DEADLINE)
+    stats.add_argument("--days", type=int, metavar="N", help="print the last N days of the daily history instead")
+    control = sub.add_parser("control", help="the init script's service commands: stats, recv-off, recv-on, "
+                             "send-off, send-on, avir-off, avir-on, reload-bases")
+    control.add_argument("action", choices=("stats", *CONTROL_FILES))
+    control.add_argument("--timeout", type=float, default=REQUEST_DEADLINE,
+                         help="seconds to wait for the gateway to take the command")
     return parser
+
+
+# The reference's init script actions (kmg-spec §4.1) and the control files that carry them (§4.4).
+CONTROL_FILES = {
+    "recv-off": ".c_recv_off", "recv-on": ".c_recv_on", "send-off": ".c_send_off", "send-on": ".c_send_on",
+    "avir-off": ".c_avir_off", "avir-on": ".c_avir_on", "reload-bases": ".c_db_reload",
+}
 
 
 PASS_THROUGH = ("store", "keepup2date", "spam")  # subcommands that parse their own arguments
@@ -112,14 +128,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return spam_main(rest, cfg.base.BasesPath)
     if command == "store":
-        from smtpgw.store import store_main
+        from smtpgw.storecli import store_main
 
         return store_main(rest, cfg, release_callback=lambda *a: release(cfg, *a))
 
     if args.command == "queue":
         return queue_command(cfg, args)
-    if args.command == "stats":
+    if args.command == "stats" and args.days is not None:
+        return history_command(cfg, args.days)
+    if args.command == "stats" or (args.command == "control" and args.action == "stats"):
         return stats_command(cfg, args.timeout)
+    if args.command == "control":
+        return control_command(cfg, args.action, args.timeout)
     return run(cfg, args)
 
 
@@ -154,6 +174,9 @@ def run(cfg, args: argparse.Namespace) -> int:
     pid_file = None if args.no_pid_file else (args.pid_file or cfg.options.PidFile)
     try:
         gateway = Gateway(cfg, args.config)
+        gateway.check_not_running()  # 41 is reported before a port is bound
+        if pid_file:
+            check_pid_file(pid_file, only_regular=True)
         gateway.bind()
         if not args.no_change_owner:
             gateway.drop_privileges(args.user or cfg.options.User, cfg.options.Group)
@@ -180,7 +203,21 @@ def run(cfg, args: argparse.Namespace) -> int:
 def write_pid_file(path: str) -> None:
     from smtpgw.gateway import StartupError
 
+    check_pid_file(path)
     try:
+        write_durably(path, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        raise StartupError(f"cannot create PID file {path}: {exc}", 42) from exc
+
+
+def check_pid_file(path: str, only_regular: bool = False) -> None:
+    """StartupError 41 when ``path`` names a running process other than this one (a stale file is
+    fine). ``only_regular``: anything but a regular file (a FIFO would block) is left for later."""
+    from smtpgw.gateway import StartupError
+
+    try:
+        if only_regular and not stat.S_ISREG(os.stat(path).st_mode):
+            return
         with open(path) as f:
             old = int(f.read().strip() or 0)
         if old and old != os.getpid():
@@ -189,12 +226,10 @@ def write_pid_file(path: str) -> None:
                 raise StartupError(f"PID file {path} names a running process {old}", 41)
             except ProcessLookupError:
                 pass  # stale
+            except PermissionError:  # alive, owned by another user
+                raise StartupError(f"PID file {path} names a running process {old}", 41) from None
     except (FileNotFoundError, ValueError):
         pass
-    try:
-        write_durably(path, f"{os.getpid()}\n".encode())
-    except OSError as exc:
-        raise StartupError(f"cannot create PID file {path}: {exc}", 42) from exc
 
 
 # -- queue manager (klmailq) ----------------------------------------------------------
@@ -338,3 +373,41 @@ def stats_command(cfg, timeout: float) -> int:
         time.sleep(0.05)  # polling a file the gateway writes
     print("the gateway did not write statistics in time (is it running?)", file=sys.stderr)
     return 3
+
+
+def control_command(cfg, action: str, timeout: float) -> int:
+    """Drop the control file of ``action`` and wait until the running gateway takes it (it deletes
+    the file, then acts): 0 taken; 3 not taken in time (the file is withdrawn, so that a gateway
+    started later does not act on it)."""
+    os.makedirs(cfg.path.ControlPath, exist_ok=True)
+    path = os.path.join(cfg.path.ControlPath, CONTROL_FILES[action])
+    write_durably(path, b"")
+    deadline = time.monotonic() + timeout + cfg.options.ControlPollInterval
+    while os.path.exists(path):
+        if time.monotonic() > deadline:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                break  # taken just now
+            print(f"smtpgw: the gateway did not take {action} in time (is it running?); nothing was done",
+                  file=sys.stderr)
+            return 3
+        time.sleep(0.05)  # polling a file the gateway removes
+    print(f"smtpgw: {action} taken by the gateway")
+    return 0
+
+
+def history_command(cfg, days: int) -> int:
+    """``stats --days N``: the last N lines of the daily history (today's as last saved)."""
+    from smtpgw.stats import format_history, history_path, read_history
+
+    if days < 1:
+        print("smtpgw: --days needs a number of days of 1 or more", file=sys.stderr)
+        return 1
+    try:
+        lines = read_history(history_path(cfg.path.QueuePath))
+    except OSError as exc:
+        print(f"smtpgw: cannot read the statistics history: {exc}", file=sys.stderr)
+        return 2
+    print(format_history(lines, days), end="")
+    return 0

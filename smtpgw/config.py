@@ -336,6 +336,7 @@ _NOTIFIED = frozenset({"disinfected", *_BLOCKED})
 _ANY_OBJECT = "pass|remove|placeholder"
 _SPAM_ACTION = "pass|tag|quarantine|block"
 _PERIOD = "60-259200 s"
+_LIFETIME = "0-3650 days"  # store lifetimes; 0 keeps items for ever
 
 SCHEMA: tuple[Param, ...] = (
     # section            key                                 kind         range               default   flags
@@ -399,6 +400,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.resolve", "Nameserver", NAMESERVER, "", [], "rf"),
     P("smtpgw.resolve", "DNSAttempts", INT, "1-10", 2),
     P("smtpgw.options", "StatFilename", PATH),  # None here; <ControlPath>/stats after loading
+    P("smtpgw.options", "StatSaveInterval", INT, "1-3600 s", 60),
     P("smtpgw.options", "AVStatistics", TARGET),
     P("smtpgw.options", "ICheckerDBFilename", PATH),
     P("smtpgw.options", "StrictStandards", BOOL, "", False),
@@ -410,6 +412,8 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.options", "ControlPollInterval", INT, "1-60 s", 2),
     P("smtpgw.path", "IncomingArchivePath", PATH),
     P("smtpgw.path", "OutgoingArchivePath", PATH),
+    P("smtpgw.path", "IncomingArchiveLifetime", INT, _LIFETIME, 0),
+    P("smtpgw.path", "OutgoingArchiveLifetime", INT, _LIFETIME, 0),
     P("smtpgw.path", "QueuePath", PATH, "", None, "q"),
     P("smtpgw.path", "ControlPath", PATH, "", None, "q"),
     P("smtpgw.ave", "Cure", BOOL, "", False),
@@ -441,6 +445,9 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.policy", "NotifyFromAddress", ADDRESS, "", None, "q"),
     P("smtpgw.policy", "BackupPath", PATH, "", None, "q"),
     P("smtpgw.policy", "QuarantinePath", PATH, "", None, "q"),
+    P("smtpgw.policy", "SpamQuarantinePath", PATH),  # None: spam goes to QuarantinePath
+    P("smtpgw.policy", "QuarantineLifetime", INT, _LIFETIME, 0),
+    P("smtpgw.policy", "BackupLifetime", INT, _LIFETIME, 0),
     P("smtpgw.policy", "IncludeByName", NAMES, "", [], "rf"),
     P("smtpgw.policy", "ExcludeByName", NAMES, "", [], "rf"),
     P("smtpgw.policy", "IncludeByMime", NAMES, "", [], "rf"),
@@ -896,7 +903,7 @@ def load_config(path: str | os.PathLike[str], text: bytes | None = None) -> Conf
 
 
 def check_config(path: str | os.PathLike[str], out: TextIO | None = None) -> int:
-    """``smtpgw -k``: print ``Config OK`` and return 0, or print each problem and return 1."""
+    """``smtpgw -k``: print ``Config OK !`` (kmg-spec §4.2) and return 0, or print each problem and return 1."""
     out = out or sys.stdout
     try:
         load_config(path)
@@ -904,5 +911,5 @@ def check_config(path: str | os.PathLike[str], out: TextIO | None = None) -> int
         for problem in error.problems:
             print(problem, file=out)
         return 1
-    print("Config OK", file=out)
+    print("Config OK !", file=out)
     return 0

@@ -124,6 +124,7 @@ class Console:
         if self.server is None:
             return
         self.history = History.load(History.path(self.gw.queue.root))
+        self.history.continue_from(self.gw.stats.counters)  # the counters restored from StatFilename
         self.timer = self.gw.loop.call_later(SAMPLE_INTERVAL, self._tick)
         self.thread = threading.Thread(target=self.server.serve_forever, name="console", daemon=True)
         self.thread.start()

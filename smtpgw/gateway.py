@@ -23,9 +23,11 @@ import ssl
 import sys
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from smtpgw import access, dsn, log as logsetup, masks, mx, notify, routing, smtp
+from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.console import Console
 from smtpgw.control import Control, remove_record
@@ -39,13 +41,15 @@ from smtpgw.workers import worker_config_path
 from smtpgw.sender import Hop, ResolveCallback, Sender, literal_hops
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
 from smtpgw.spam.spamfilter import default_bases
-from smtpgw.stats import Stats
-from smtpgw.store import Store
+from smtpgw.stats import Stats, history_path, save as save_stats
+from smtpgw.store import Item, Store, lifetimes, purge_stores
 from smtpgw.traffic import Traffic
 
 log = logging.getLogger("smtpgw")
 
 SHUTDOWN_GRACE = 5.0
+PURGE_INTERVAL = 3600.0  # seconds between passes over the stores for items past their lifetime
+PURGE_BATCH = 500  # items one pass removes per store at most; the next pass follows at once
 LOG_FLUSH_INTERVAL = 0.2  # seconds: the log file is written in batches  # seconds for deliveries in flight to finish at stop
 
 
@@ -55,6 +59,24 @@ class StartupError(Exception):
     def __init__(self, message: str, code: int = 30) -> None:
         super().__init__(message)
         self.code = code
+
+
+def bases_versions(cfg: Config) -> str:
+    """``bases: anti-spam version=V, date=D; anti-virus ClamAV E/N YYYYMMDD`` (or why not)."""
+    spam = "off (Check=false)"
+    if cfg.antispam.Check:
+        try:
+            info = SpamDatabase.load(database_file(cfg.base.BasesPath or default_bases())).info
+            spam = f"version={info.version}, date={info.date}"
+        except DatabaseError as exc:
+            spam = f"unusable: {exc}"
+    virus = "off (Check=false)"
+    if any(section.Check for section in (cfg.policy, *cfg.groups)):
+        try:
+            virus = f"ClamAV {ClamdPool.from_config(cfg.ave).engine()}"
+        except (ScannerUnavailable, ValueError) as exc:
+            virus = f"clamd does not answer: {exc}"
+    return f"bases: anti-spam {spam}; anti-virus {virus}"
 
 
 @dataclass
@@ -89,6 +111,7 @@ class Gateway:
         self.control = Control(self)
         self.console = Console(self)
         self._lock_fd = -1
+        self._saving_stats = False
         self._handle_signals()
 
     # -- derived limits ------------------------------------------------------------
@@ -165,8 +188,22 @@ class Gateway:
             self._publish_worker_config(cfg)
             self.scanner.restart_workers()
             log.info("%s", done)
+            self._log_bases()
 
         future.add_done_callback(lambda _f: self.loop.call_soon_threadsafe(checked))
+
+    def _log_bases(self) -> None:
+        """Log the versions of the spam and anti-virus databases in use (at start and at every
+        reload), found in an I/O thread: clamd may be slow to answer."""
+        future = self.committer.pool.submit(bases_versions, self.cfg)
+
+        def found(done: Future[str]) -> None:
+            if done.exception() is not None:
+                log.error("cannot tell the database versions: %s", done.exception())
+            else:
+                log.info("%s", done.result())
+
+        future.add_done_callback(found)
 
     def _publish_worker_config(self, cfg: Config) -> None:
         """Give the scanner workers the configuration this process accepted, file: lists included.
@@ -191,11 +228,31 @@ class Gateway:
         """One gateway per queue: an exclusive lock held while running."""
         if self._lock_fd >= 0:
             return
-        path = os.path.join(self.queue.root, ".lock")
-        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._take_lock()
+
+    def check_not_running(self) -> None:
+        """Exit code 41 ("already running", kmg-spec §4.2) before any port is bound: the queue's
+        lock is taken now when its file exists (a running gateway made it), and kept. Without
+        the file no gateway runs; `lock_queue` makes it later as the service user."""
+        if self._lock_fd >= 0:
+            return
+        try:
+            self._lock_fd = os.open(self._lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        self._take_lock()
+
+    @property
+    def _lock_path(self) -> str:
+        return os.path.join(self.queue.root, ".lock")
+
+    def _take_lock(self) -> None:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
             raise StartupError(f"another gateway is running on the queue {self.queue.root}", 41) from None
 
     def bind(self) -> None:
@@ -240,6 +297,7 @@ class Gateway:
     def start(self) -> None:
         self.lock_queue()
         self._publish_worker_config(self.cfg)
+        self.stats.restore(self.cfg.options.StatFilename, history_path(self.queue.root))
         counts = self.queue.recover()
         log.info("queue %s recovered: %s", self.queue.root, ", ".join(f"{k}={v}" for k, v in counts.items()))
         for listener in self.listeners:
@@ -249,9 +307,12 @@ class Gateway:
         self.sender.purge_unreachable()
         self.control.start()
         self.console.start()
+        self._purge_stores()
+        self.loop.call_later(self.cfg.options.StatSaveInterval, self._save_stats)
         self._flush_log()
         where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
         log.info("smtpgw started: listening on %s", where)
+        self._log_bases()
 
     def _handle_signals(self) -> None:
         """Installed as soon as the loop exists, before the (possibly long) start-up: a signal
@@ -262,6 +323,45 @@ class Gateway:
             signal.signal(signum, lambda *_: self.loop.call_soon(self.shutdown))
         signal.signal(signal.SIGHUP, lambda *_: self.loop.call_soon(self.reload))
         signal.set_wakeup_fd(self.loop._wake_w.fileno(), warn_on_full_buffer=False)
+
+    def _save_stats(self) -> None:
+        """Every StatSaveInterval: the counters to StatFilename and today's history line, written
+        durably in an I/O thread (one write at a time), so that they survive a restart."""
+        if self.stopping:
+            return
+        if not self._saving_stats:
+            self._saving_stats = True
+            future = self.committer.pool.submit(save_stats, self.cfg.options.StatFilename,
+                                                history_path(self.queue.root), self.stats.snapshot())
+            future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._stats_saved, f))
+        self.loop.call_later(self.cfg.options.StatSaveInterval, self._save_stats)
+
+    def _stats_saved(self, future: Future[None]) -> None:
+        self._saving_stats = False
+        if future.exception() is not None:
+            log.error("cannot save the statistics to %s: %s", self.cfg.options.StatFilename, future.exception())
+
+    def _purge_stores(self) -> None:
+        """Remove store items past their lifetime (QuarantineLifetime, BackupLifetime, archive
+        lifetimes) in an I/O thread, at most PURGE_BATCH per store and pass; log each one."""
+        if self.stopping:
+            return
+        future = self.committer.pool.submit(purge_stores, lifetimes(self.cfg), time.time(), PURGE_BATCH)
+        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._stores_purged, f))
+
+    def _stores_purged(self, future: Future[tuple[list[tuple[str, Item, float]], bool]]) -> None:
+        removed: list[tuple[str, Item, float]] = []
+        more = False
+        if future.exception() is not None:
+            log.error("store purge failed: %s", future.exception())
+        else:
+            removed, more = future.result()
+        for folder, item, lifetime in removed:
+            event(item.queue_id or item.id, "PURGED, store=%s, item=%s, status=%s, stored=%s, lifetime=%dd",
+                  folder, item.id, item.status, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(item.stored_at)),
+                  lifetime // 86400)
+        if not self.stopping:
+            self.loop.call_later(1.0 if more else PURGE_INTERVAL, self._purge_stores)
 
     def _flush_log(self) -> None:
         logsetup.flush_all()
@@ -290,6 +390,10 @@ class Gateway:
         self.loop.run_until(lambda: not self.sessions, 1.0)
         self.console.save_history()
         self.committer.close()
+        try:  # the last counts, for the next start
+            save_stats(self.cfg.options.StatFilename, history_path(self.queue.root), self.stats.snapshot())
+        except OSError as exc:
+            log.error("cannot save the statistics to %s: %s", self.cfg.options.StatFilename, exc)
         self.queue.sync_state_dirs()
         log.info("stopped")
         logsetup.flush_all()

@@ -44,7 +44,11 @@ class History:
     def __init__(self) -> None:
         self.minutes: dict[int, list[int]] = {}  # epoch minute -> count per series
         self.hours: dict[int, list[int]] = {}  # epoch hour -> count per series
-        self.last = [0] * len(SERIES)  # the totals at the previous sample (counters start at 0)
+        self.last = [0] * len(SERIES)  # the totals at the previous sample
+
+    def continue_from(self, counters: Mapping[str, int]) -> None:
+        """Counters restored at start (StatFilename) are not new traffic: growth counts from them."""
+        self.last = totals(counters)
 
     def sample(self, counters: Mapping[str, int], now: float) -> None:
         """Add what the counters grew by since the previous sample to the current minute and hour."""

@@ -144,7 +144,7 @@ class Job:
         fired = policy.combine(spam, av.reasons, standards)
         av.blocked, av.block_reason = "BlockMessage" in fired, fired.get("BlockMessage", "")
         av.save_in_qb = "SaveInQB" in fired
-        if av.save_in_qb and group.QuarantinePath:
+        if av.save_in_qb:
             self._quarantine(env, raw, group, av, verdict, fired)
         if av.modified and not av.blocked and group.BackupPath:
             Store(group.BackupPath).put(env.id, raw, env.as_dict(), "BAK", "original before " + ", ".join(
@@ -166,9 +166,9 @@ class Job:
 
     def _quarantine(self, env: Envelope, raw: bytes, group: Any, av: Any, verdict: SpamVerdict | None,
                     fired: dict[str, str]) -> None:
-        """The original in QuarantinePath with both verdicts: its status code is the anti-virus
-        status when that is not clean (what a release must know first), else the spam verdict
-        when spam put it there."""
+        """The original in QuarantinePath (SpamQuarantinePath for spam, when set) with both verdicts:
+        its status code is the anti-virus status when that is not clean (what a release must know
+        first), else the spam verdict when spam put it there."""
         status = av.status
         if status in (policy.CLEAN, policy.NOT_SCANNED) and verdict is not None and verdict.status in (
                 SPAM, BLACKLISTED, PROBABLE_SPAM):
@@ -178,7 +178,11 @@ class Job:
         if verdict is not None:
             verdicts["spam"] = verdict.status
         reason = "; ".join(f"{k}: {v}" for k, v in fired.items())
-        Store(group.QuarantinePath).put(env.id, raw, env.as_dict(), status_for_verdict(status), reason, verdicts)
+        folder = group.QuarantinePath
+        if status in (SPAM, PROBABLE_SPAM):  # spam kept apart from viruses when SpamQuarantinePath is set
+            folder = group.SpamQuarantinePath or folder
+        if folder:
+            Store(folder).put(env.id, raw, env.as_dict(), status_for_verdict(status), reason, verdicts)
 
     def _av_statistics(self, env: Envelope, rcpts: list[str], av: Any) -> None:
         """Time, Size, Sender, Recipients, Status, VirusList, IP, Message-id (kmg-spec §7.3)."""

@@ -330,6 +330,7 @@ class Scanner:
             for template, values in copy.events:
                 event(qid, template, *values)
             self.gw.stats.inc(f"antiviral_status_{str(copy.notes.get('status', 'clean')).replace(' ', '_')}")
+            self.gw.stats.inc("mta_blocked_messages", copy.blocked)
             if "spam_status" in copy.notes:
                 self.gw.stats.inc(f"antispam_status_{str(copy.notes['spam_status']).lower().replace(' ', '_')}")
         for copy in result.copies:

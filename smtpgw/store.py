@@ -1,7 +1,8 @@
 """Message stores: quarantine, backup, incoming and outgoing archives (kmg-spec §4.7, klmaila).
 
 Owns: the on-disk layout of a store, durable writes into it, listing, reading and removing
-stored items, the klmaila-style listing, and the ``store`` command (`store_main`).
+stored items, purging the items past their lifetime, and the klmaila-style listing (the
+``store`` command that uses them is `smtpgw.storecli`).
 
 A store is one folder. Each item is two files named after its item ID:
 ``<ID>.eml`` (the message, byte for byte) and ``<ID>.json`` (envelope, status code, stored
@@ -18,22 +19,25 @@ this project's extension for the anti-spam filter, SPM spam and PSP probable spa
 
 Must never: follow an item ID outside its folder (IDs are checked against a strict pattern),
 overwrite an existing item, list an item whose write did not finish, or send a message (a
-release is handed to the ``release_callback`` the caller gives `store_main`).
+release is handed to the ``release_callback`` the caller gives `smtpgw.storecli.store_main`),
+or remove an item before its lifetime is over (an item whose status has no lifetime is kept).
+
+Lifetimes (days, 0 keeps items for ever) apply per status kind: `lifetimes` maps each store
+folder of a configuration to {status: seconds}; when one folder serves several purposes or
+groups, each status keeps the longest lifetime any of them asks for.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
-import sys
 import time
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, List, Mapping, Sequence, TypeVar
+from typing import Any, List, Mapping, Sequence, TypeVar
 
 __all__ = [
     "STATUSES",
@@ -42,8 +46,9 @@ __all__ = [
     "StoreError",
     "format_listing",
     "format_size",
+    "lifetimes",
+    "purge_stores",
     "status_for_verdict",
-    "store_main",
 ]
 
 log = logging.getLogger("smtpgw.store")
@@ -81,9 +86,6 @@ _TMP_PREFIX = ".tmp-"
 MAX_RECORD_BYTES = 4 * 1024 * 1024
 MAX_COPIES = 1000  # items of one queue ID in one store
 INCOMPLETE_GRACE = 3600.0  # seconds a lone .eml may be a write still in progress
-
-# Return codes of the store command (kmg-spec §4.7).
-EXIT_DONE, EXIT_USAGE, EXIT_UNREADABLE, EXIT_SYSTEM, EXIT_NOT_DONE = 0, 1, 2, 3, 4
 
 
 class StoreError(ValueError):
@@ -298,6 +300,33 @@ class Store:
             verdicts=tuple((str(k), str(v)) for k, v in _field(record, "verdicts", dict, {}).items()),
         )
 
+    def purge(self, max_age: Mapping[str, float], now: float, limit: int) -> tuple[list[Item], bool]:
+        """Remove up to ``limit`` items older than ``max_age[status]`` seconds (stored time).
+
+        Returns (the items removed, whether more may be due). Only records whose file is old
+        enough are read, so a purge that finds nothing costs one stat(2) per item."""
+        ages = [age for age in max_age.values() if age > 0]
+        if not ages:
+            return [], False
+        oldest_allowed = now - min(ages)
+        removed: list[Item] = []
+        with os.scandir(self.path) as entries:
+            candidates = [e.name[:-5] for e in entries if e.name.endswith(".json") and _ID.fullmatch(e.name[:-5])
+                          and _mtime(e) < oldest_allowed]
+        for item_id in candidates:
+            item = self._read_item(item_id)
+            age = max_age.get(item.status, 0) if item is not None else 0
+            if item is None or age <= 0 or now - item.stored_at <= age:
+                continue
+            if len(removed) >= limit:
+                return removed, True
+            try:
+                self.remove(item_id)
+            except KeyError:
+                continue  # removed meanwhile by the store command
+            removed.append(item)
+        return removed, False
+
     # --- removing --------------------------------------------------------------------------
 
     def remove(self, item_id: str) -> None:
@@ -369,11 +398,70 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def _mtime(entry: os.DirEntry[str]) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return float("inf")  # removed meanwhile
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+# --- lifetimes ---------------------------------------------------------------------------------
+
+QUARANTINE_STATUSES = ("CLN", "CRD", "SSP", "PRT", "ERR", "FLT", "INF")
+SPAM_STATUSES = ("SPM", "PSP")
+
+
+def lifetimes(cfg: Any) -> dict[str, dict[str, float]]:
+    """{store folder: {status: lifetime in seconds}} of every store the configuration names.
+
+    [smtpgw.policy] and each group: QuarantineLifetime for the verdicts kept in QuarantinePath
+    (and in SpamQuarantinePath for spam, QuarantinePath when that is not set), BackupLifetime
+    for BackupPath; [smtpgw.path]: IncomingArchiveLifetime, OutgoingArchiveLifetime. A lifetime
+    of 0 keeps the items for ever, and wins over any other lifetime for the same folder."""
+    plan: dict[str, dict[str, float]] = {}
+
+    def add(folder: str | None, statuses: Sequence[str], days: int) -> None:
+        if not folder:
+            return
+        kept = plan.setdefault(os.path.abspath(folder), {})
+        for status in statuses:
+            seconds = days * 86400.0 if days > 0 else float("inf")
+            kept[status] = max(kept.get(status, 0.0), seconds)
+
+    for section in [cfg.policy, *cfg.groups]:
+        add(section.QuarantinePath, QUARANTINE_STATUSES + SPAM_STATUSES, section.QuarantineLifetime)
+        add(section.SpamQuarantinePath, SPAM_STATUSES, section.QuarantineLifetime)
+        add(section.BackupPath, ("BAK",), section.BackupLifetime)
+    add(cfg.path.IncomingArchivePath, ("RCV",), cfg.path.IncomingArchiveLifetime)
+    add(cfg.path.OutgoingArchivePath, ("SNT",), cfg.path.OutgoingArchiveLifetime)
+    return {folder: {s: age for s, age in kept.items() if age != float("inf")} for folder, kept in plan.items()}
+
+
+def purge_stores(plan: Mapping[str, Mapping[str, float]], now: float,
+                 limit: int) -> tuple[list[tuple[str, Item, float]], bool]:
+    """One purge pass over the stores of `lifetimes`: (folder, item, lifetime) of each item
+    removed, and whether more may be due (``limit`` reached in some folder). A folder that does
+    not exist yet is skipped; one that cannot be read is logged and skipped."""
+    removed: list[tuple[str, Item, float]] = []
+    more = False
+    for folder, max_age in plan.items():
+        try:
+            items, left = Store(folder).purge(max_age, now, limit)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.error("%s: cannot purge the store: %s", folder, exc)
+            continue
+        removed += [(folder, item, max_age[item.status]) for item in items]
+        more = more or left
+    return removed, more
 
 
 # --- listing ---------------------------------------------------------------------------------
@@ -399,149 +487,3 @@ def format_listing(items: Sequence[Item], date_format: str = "%Y/%m/%d", time_fo
     total = sum(item.size for item in items)
     lines.append(f"-- {len(items)} message(s), {total} bytes")
     return "\n".join(lines) + "\n"
-
-
-# --- the store command -------------------------------------------------------------------------
-
-ReleaseCallback = Callable[[bytes, str, "list[str]", bool], bool]
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
-
-
-def _parser() -> _Parser:
-    parser = _Parser(prog="smtpgw store", description="Manage quarantine, backup and archives.")
-    parser.add_argument(
-        "--path",
-        default="quarantine",
-        help="quarantine, backup, incoming, outgoing, or a store folder (default: quarantine)",
-    )
-    parser.add_argument("--group", help="take QuarantinePath/BackupPath from this group")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    commands.add_parser("list", help="list the stored messages")
-    for name, text in (("show", "print one item"), ("remove", "remove one item")):
-        commands.add_parser(name, help=text).add_argument("id")
-    commands.add_parser("remove-all", help="remove every item")
-    release = commands.add_parser("release", help="queue one item again to its original recipients")
-    release.add_argument("id")
-    release_all = commands.add_parser("release-all", help="queue every item again")
-    for sub in (release, release_all):
-        sub.add_argument("--without-check", action="store_true", help="skip anti-virus and anti-spam checks")
-    commands.add_parser("clean", help="remove leftovers of interrupted writes")
-    return parser
-
-
-def _store_path(name: str, group: str | None, cfg: Any) -> str:
-    if name not in ("quarantine", "backup", "incoming", "outgoing"):
-        return name
-    if name in ("incoming", "outgoing"):
-        key = "IncomingArchivePath" if name == "incoming" else "OutgoingArchivePath"
-        value = getattr(getattr(cfg, "path", None), key, None)
-    else:
-        key = "QuarantinePath" if name == "quarantine" else "BackupPath"
-        section = getattr(cfg, "policy", None)
-        if group is not None:
-            section = next((g for g in getattr(cfg, "groups", []) if getattr(g, "name", None) == group), None)
-            if section is None:
-                raise _UsageError(f"no group named {group!r}")
-        value = getattr(section, key, None)
-    if not value:
-        raise _UsageError(f"{key} is not configured")
-    return str(value)
-
-
-def store_main(
-    argv: Sequence[str],
-    cfg: Any,
-    release_callback: ReleaseCallback | None = None,
-) -> int:
-    """The ``store`` command; returns 0 done, 1 bad arguments, 2 folder unreadable, 3 system
-    error, 4 action not performed (kmg-spec §4.7).
-
-    ``release_callback(raw, sender, recipients, check) -> bool`` queues a released message
-    (``check`` False skips anti-virus and anti-spam); without it, release is not performed.
-    """
-    args_in = list(argv)
-    if args_in[:1] == ["store"]:
-        args_in = args_in[1:]
-    try:
-        args = _parser().parse_args(args_in)
-        store = Store(_store_path(args.path, args.group, cfg))
-    except _UsageError as exc:
-        print(f"smtpgw store: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as exc:  # --help
-        return EXIT_DONE if not exc.code else EXIT_USAGE
-    try:
-        os.listdir(store.path)
-    except OSError as exc:
-        print(f"smtpgw store: cannot read {store.path}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_UNREADABLE
-    try:
-        return _run(args, store, cfg, release_callback)
-    except StoreError as exc:
-        print(f"smtpgw store: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyError as exc:
-        print(f"smtpgw store: no item {exc.args[0]} in {store.path}", file=sys.stderr)
-        return EXIT_NOT_DONE
-    except OSError as exc:
-        print(f"smtpgw store: {exc}", file=sys.stderr)
-        return EXIT_SYSTEM
-
-
-def _run(args: argparse.Namespace, store: Store, cfg: Any, release: ReleaseCallback | None) -> int:
-    if args.command == "list":
-        locale = getattr(cfg, "locale", None)
-        date_format = getattr(locale, "DateFormat", None) or "%Y/%m/%d"
-        time_format = getattr(locale, "TimeFormat", None) or "%H:%M:%S"
-        print(format_listing(store.list(), date_format, time_format), end="")
-        return EXIT_DONE
-    if args.command == "show":
-        raw, item = store.get(args.id)
-        print(f"ID: {item.id}\nQueue-ID: {item.queue_id}\nStatus: {item.status} ({STATUSES[item.status]})")
-        print(f"Reason: {item.reason}")
-        if item.verdicts:
-            print("Verdicts: " + "; ".join(f"{check} {verdict}" for check, verdict in item.verdicts if verdict))
-        print(f"Sender: <{item.sender}>\nRecipients: {', '.join(item.recipients)}\n")
-        _write_bytes(raw)
-        return EXIT_DONE
-    if args.command == "remove":
-        store.remove(args.id)
-        print(f"{args.id} removed")
-        return EXIT_DONE
-    if args.command == "remove-all":
-        print(f"{store.remove_all()} message(s) removed")
-        return EXIT_DONE
-    if args.command == "clean":
-        print(f"{store.clean_incomplete()} leftover file(s) removed")
-        return EXIT_DONE
-    if release is None:
-        print("smtpgw store: release is not available here", file=sys.stderr)
-        return EXIT_NOT_DONE
-    ids = [args.id] if args.command == "release" else [item.id for item in store.list()]
-    failed = 0
-    for item_id in ids:
-        raw, sender, recipients = store.envelope_for_release(item_id)
-        if release(raw, sender, recipients, not args.without_check):
-            print(f"{item_id} released to {', '.join(recipients)}")
-        else:
-            print(f"smtpgw store: {item_id} not released", file=sys.stderr)
-            failed += 1
-    return EXIT_NOT_DONE if failed else EXIT_DONE
-
-
-def _write_bytes(data: bytes) -> None:
-    sys.stdout.flush()
-    buffer: BinaryIO | None = getattr(sys.stdout, "buffer", None)
-    if buffer is None:
-        sys.stdout.write(data.decode("utf-8", "replace"))
-    else:
-        buffer.write(data)
-        buffer.flush()

@@ -105,7 +105,7 @@ def test_minimal_contract_config_and_defaults() -> None:
 def test_check_config_prints_ok_or_problems(tmp_path: Path) -> None:
     out = io.StringIO()
     assert check_config(MINIMAL, out) == 0
-    assert out.getvalue() == "Config OK\n"
+    assert out.getvalue() == "Config OK !\n"
     bad = minimal_with(tmp_path, "[smtpgw.limits]\nIncomingSessions=0\nOutgoingSessions=x\n")
     out = io.StringIO()
     assert check_config(bad, out) == 1
@@ -119,7 +119,7 @@ def test_check_config_from_a_shell(tmp_path: Path) -> None:
     good = minimal_with(tmp_path, "[smtpgw.policy]\n")  # a section may be opened again
     code = f"import sys; from smtpgw.config import check_config; sys.exit(check_config({str(good)!r}))"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0 and run.stdout == "Config OK\n"
+    assert run.returncode == 0 and run.stdout == "Config OK !\n"
     missing = write(tmp_path, "[smtpgw.network]\nHostname=gw.example.test\n", "broken.conf")
     run = subprocess.run([sys.executable, "-c", code.replace(str(good), str(missing))], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)

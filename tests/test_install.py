@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -144,7 +145,7 @@ def test_staged_install_is_complete_and_its_configuration_checks(release: str, t
     # the staged code checks the staged configuration
     check = subprocess.run([sys.executable, os.path.join(prefix, "smtpgw.py"), "-c", config, "-k"],
                            capture_output=True, text=True, cwd=str(tmp_path), timeout=60, check=False)
-    assert (check.returncode, check.stdout.strip()) == (0, "Config OK"), check.stderr
+    assert (check.returncode, check.stdout.strip()) == (0, "Config OK !"), check.stderr
     cfg = load_config(config)
     assert cfg.path.QueuePath == "/var/spool/smtpgw/queue" and cfg.path.ControlPath == "/var/spool/smtpgw/control"
     assert cfg.base.BasesPath == "/var/lib/smtpgw/bases" and cfg.base.TemplatesPath == "/etc/smtpgw/templates"
@@ -226,9 +227,14 @@ def test_systemd_unit_and_an_existing_account(release: str, tmp_path) -> None:
     unit = read(os.path.join(root, "etc", "systemd", "system", "smtpgw.service")).decode()
     assert "\nUser=nobody\nGroup=nogroup\n" in unit
     assert "ExecStart=" + sys.executable in unit and "-c /etc/smtpgw/smtpgw.conf -o -p /run/smtpgw/smtpgw.pid" in unit
+    assert "ExecReload=" + sys.executable + " /opt/smtpgw/smtpgw.py -c /etc/smtpgw/smtpgw.conf -k\n" in unit
+    helper = os.path.join(root, "usr", "sbin", "smtpgwctl")
+    assert os.stat(helper).st_mode & 0o777 == 0o755
+    assert "file /usr/sbin/smtpgwctl\n" in read(os.path.join(root, "opt", "smtpgw", "installed-files")).decode()
     assert not os.path.exists(os.path.join(root, "etc", "init.d", "smtpgw"))
     installed(root, "--no-service", release=release)
     assert "service " not in read(os.path.join(root, "opt", "smtpgw", "installed-files")).decode()
+    assert not os.path.exists(helper)
 
 
 def test_a_rerun_with_another_service_removes_the_old_one(release: str, tmp_path) -> None:
@@ -357,6 +363,14 @@ def test_init_script_and_logrotate_drive_a_real_gateway(tmp_path) -> None:
         assert service("status").stdout.strip() == f"smtpgw is running (pid {pid})"
         assert greeting(port).startswith(b"220 ")
         assert "already running" in service("start").stdout
+        # the reference's service commands, from the init script and from the systemd helper
+        helper = render_to(install, "smtpgwctl.in", str(tmp_path / "smtpgwctl"), 0o755)
+        assert service("recv-off").returncode == 0
+        assert greeting(port).startswith(b"421 ")
+        assert subprocess.run([SHELL, helper, "recv-on"], capture_output=True, timeout=60).returncode == 0
+        assert greeting(port).startswith(b"220 ")
+        assert "mta_incoming_connections_total=3\n" in service("stats").stdout  # three greetings
+        assert service("bogus").returncode == 2
         log = f"{install.logdir}/smtpgw.log"
         rotated = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "logrotate.state"), rotate],
                                  capture_output=True, text=True, timeout=60, check=False)
@@ -411,5 +425,93 @@ def test_cron_runs_keepup2date_only_once_a_source_is_set(cron_guard: tuple[str, 
     with open(config, "w", encoding="utf-8") as handle:
         handle.write(text)
     assert (subprocess.run([SHELL, "-c", guard], timeout=30, check=False).returncode == 0) == runs
+
+# endregion
+
+
+# region questions for a new configuration
+
+
+def config_lines(root: str) -> list[str]:
+    return read(os.path.join(root, "etc", "smtpgw", "smtpgw.conf")).decode().splitlines()
+
+
+def test_unattended_install_takes_its_answers_as_flags(release: str, tmp_path) -> None:
+    root = str(tmp_path / "root")
+    installed(root, "--hostname", "mx.corp.test", "--domains", "corp.test, *.corp.test", "--relay-from",
+              "10.0.0.0/8", "--forward-to", "mail.corp.test:2526", "--non-interactive", release=release)
+    cfg = load_config(os.path.join(root, "etc", "smtpgw", "smtpgw.conf"))
+    assert (cfg.network.Hostname, cfg.network.ProtectedDomains) == ("mx.corp.test", ["corp.test", "*.corp.test"])
+    assert cfg.network.Postmaster == "postmaster@example.test"  # not asked: the sample's value stays
+    lines = config_lines(root)
+    assert [line for line in lines if line.startswith(("RelayRule=", "ForwardRoute="))] == [
+        "RelayRule=allow from 10.0.0.0/8 to *", "RelayRule=allow from any to *@corp.test",
+        "RelayRule=allow from any to *@*.corp.test", "RelayRule=deny from any to *",
+        "ForwardRoute=*@corp.test [mail.corp.test:2526]", "ForwardRoute=*@*.corp.test [mail.corp.test:2526]"]
+    done = install(release, str(tmp_path / "other"), "--listen", "nowhere")
+    assert done.returncode == 1 and "--listen 'nowhere': not of the expected form" in done.stderr
+
+
+def on_terminal(command: list[str], answers: list[tuple[str, str]], timeout: float = 120) -> tuple[int, str]:
+    """Run ``command`` on a pseudo-terminal, giving each answer once its prompt (a regex) shows."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command on the terminal
+        os.execv(command[0], command)
+    output = b""
+    deadline = time.monotonic() + timeout
+    pending = list(answers)
+    try:
+        while time.monotonic() < deadline:
+            if pending and re.search(pending[0][0].encode(), output):
+                os.write(fd, pending.pop(0)[1].encode() + b"\n")
+                output += b"\n--answered--\n"
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(fd)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == 0:  # still waiting for an answer: the prompt never came
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+def test_postinstall_asks_its_questions_on_a_terminal(release: str, tmp_path) -> None:
+    root = str(tmp_path / "root")
+    command = [SHELL, os.path.join(release, "install.sh"), "--root", root, "--init", "sysv", "--clamd", "127.0.0.1:3310"]
+    code, output = on_terminal(command, [
+        (r"Name of this gateway \(greeting, EHLO\) \[[^\]]*\]: $", "mx.corp.test"),
+        (r"Domains whose mail it protects \(comma list\) \[corp\.test\]: $", ""),  # Enter: the proposal
+        (r"Postmaster address \[postmaster@corp\.test\]: $", "not an address"),
+        (r"not a valid answer: 'not an address'\r?\nPostmaster address \[postmaster@corp\.test\]: $", ""),
+        (r"Administrator address for notifications \[postmaster@corp\.test\]: $", "security@corp.test"),
+        (r"Address and port to listen on \[0\.0\.0\.0:25\]: $", "127.0.0.1:2525"),
+        (r"may send to any domain \(comma list\) \[127\.0\.0\.0/8, ::1\]: $", "192.0.2.0/24, ::1"),
+        (r"their MX hosts\) \[\]: $", "[192.0.2.25]"),
+    ])
+    assert code == 0, output
+    assert "clamd address" not in output  # given as a flag, not asked
+    cfg = load_config(os.path.join(root, "etc", "smtpgw", "smtpgw.conf"))
+    assert (cfg.network.Hostname, cfg.network.ProtectedDomains, cfg.network.Postmaster) == \
+        ("mx.corp.test", ["corp.test"], "postmaster@corp.test")
+    assert cfg.policy.AdminNotifyAddress == "security@corp.test" and cfg.network.ListenOn == [("127.0.0.1", 2525)]
+    assert cfg.ave.ClamdAddress == ["127.0.0.1:3310"]
+    assert [line for line in config_lines(root) if line.startswith(("RelayRule=", "ForwardRoute="))] == [
+        "RelayRule=allow from 192.0.2.0/24 to *", "RelayRule=allow from ::1 to *",
+        "RelayRule=allow from any to *@corp.test", "RelayRule=deny from any to *",
+        "ForwardRoute=*@corp.test [192.0.2.25]"]
+    rerun, output = on_terminal(command, [])  # the configuration exists now: nothing is asked
+    assert rerun == 0 and "Name of this gateway" not in output
 
 # endregion

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -13,7 +14,8 @@ from typing import Any
 import pytest
 
 from smtpgw import store as store_module
-from smtpgw.store import Item, Store, StoreError, format_listing, format_size, status_for_verdict, store_main
+from smtpgw.store import Item, Store, StoreError, format_listing, format_size, status_for_verdict
+from smtpgw.storecli import store_main
 
 MESSAGE = b"From: a@b.test\r\nTo: x@y.test\r\nSubject: hello\r\n\r\nbody\r\n"
 
@@ -300,3 +302,87 @@ def test_cli_release_hook(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert store_main(["release", "Q9"], cfg, queue_again) == 4
     assert store_main(["release", "Q1"], cfg, lambda *args: False) == 4
     assert len(quarantine.list()) == 2  # a release keeps the stored copy
+
+
+# --- lifetimes and purge --------------------------------------------------------------------------
+
+
+def aged(store: Store, qid: str, status: str, days: float) -> str:
+    item_id = store.put(qid, MESSAGE, envelope(qid), status, "")
+    path = os.path.join(store.path, item_id + ".json")
+    record = json.loads(Path(path).read_text())
+    record["stored_at"] -= days * 86400
+    Path(path).write_text(json.dumps(record))
+    os.utime(path, (record["stored_at"],) * 2)
+    return item_id
+
+
+def test_purge_removes_only_items_past_their_status_lifetime(quarantine: Store) -> None:
+    old_inf, old_spm = aged(quarantine, "Q1", "INF", 10), aged(quarantine, "Q2", "SPM", 10)
+    young = aged(quarantine, "Q3", "INF", 1)
+    removed, more = quarantine.purge({"INF": 5 * 86400.0}, time.time(), 100)  # no lifetime for SPM
+    assert [i.id for i in removed] == [old_inf] and not more
+    assert sorted(i.id for i in quarantine.list()) == sorted([old_spm, young])
+
+
+def test_purge_is_bounded_per_pass(quarantine: Store) -> None:
+    for n in range(5):
+        aged(quarantine, f"Q{n}", "INF", 10)
+    removed, more = quarantine.purge({"INF": 86400.0}, time.time(), 3)
+    assert len(removed) == 3 and more
+    removed, more = quarantine.purge({"INF": 86400.0}, time.time(), 3)
+    assert len(removed) == 2 and not more
+    assert quarantine.list() == []
+
+
+def test_purge_trusts_the_record_not_a_file_time(quarantine: Store) -> None:
+    item_id = quarantine.put("Q1", MESSAGE, envelope("Q1"), "INF", "")
+    os.utime(os.path.join(quarantine.path, item_id + ".json"), (0, 0))  # an old file time alone
+    assert quarantine.purge({"INF": 86400.0}, time.time(), 10) == ([], False)
+
+
+def test_lifetimes_per_folder_keep_the_longest(tmp_path: Path) -> None:
+    def section(**keys: Any) -> SimpleNamespace:
+        base = dict(QuarantinePath=None, SpamQuarantinePath=None, BackupPath=None, QuarantineLifetime=0, BackupLifetime=0)
+        return SimpleNamespace(**{**base, **keys})
+    shared = str(tmp_path / "shared")
+    cfg = SimpleNamespace(
+        policy=section(QuarantinePath=shared, BackupPath=shared, QuarantineLifetime=3, BackupLifetime=7,
+                       SpamQuarantinePath=str(tmp_path / "spam")),
+        groups=[section(QuarantinePath=shared, QuarantineLifetime=5), section(QuarantinePath=str(tmp_path / "q"))],
+        path=SimpleNamespace(IncomingArchivePath=str(tmp_path / "in"), IncomingArchiveLifetime=30,
+                             OutgoingArchivePath=None, OutgoingArchiveLifetime=9),
+    )
+    plan = store_module.lifetimes(cfg)
+    assert plan[shared]["INF"] == 5 * 86400 and plan[shared]["SPM"] == 5 * 86400 and plan[shared]["BAK"] == 7 * 86400
+    assert plan[str(tmp_path / "spam")] == {"SPM": 3 * 86400, "PSP": 3 * 86400}
+    assert plan[str(tmp_path / "q")] == {}  # lifetime 0: kept for ever
+    assert plan[str(tmp_path / "in")] == {"RCV": 30 * 86400}
+
+
+# --- listing filters and formats ------------------------------------------------------------------
+
+
+def test_cli_list_filters_and_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config(tmp_path)
+    quarantine = Store(cfg.policy.QuarantinePath)
+    quarantine.put("Q1", MESSAGE, envelope("Q1", received_at=time.mktime((2024, 3, 1, 12, 0, 0, 0, 0, -1))), "INF", "x\ty")
+    quarantine.put("Q2", MESSAGE, {**envelope("Q2", time.mktime((2024, 3, 2, 12, 0, 0, 0, 0, -1))),
+                                   "sender": "eve@evil.test"}, "SPM", "")
+
+    def ids(*argv: str) -> list[str]:
+        assert store_main(["list", "--format", "json", *argv], cfg) == 0
+        return [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()]
+
+    assert ids() == ["Q1", "Q2"]
+    assert ids("--status", "spm") == ["Q2"]
+    assert ids("--sender", "*@EVIL.test") == ["Q2"]
+    assert ids("--recipient", "z@*") == ["Q1", "Q2"] and ids("--recipient", "nobody@*") == []
+    assert ids("--since", "2024-03-02") == ["Q2"] and ids("--until", "2024-03-02") == ["Q1"]
+    assert ids("--since", "2024-03-01 12:00", "--until", "2024-03-01 12:00:01") == ["Q1"]
+    assert store_main(["list", "--format", "tsv", "--status", "INF"], cfg) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split("\t") == ["id", "queue_id", "status", "size", "arrival", "stored", "sender", "recipients", "reason"]
+    assert row.split("\t")[:3] == ["Q1", "Q1", "INF"] and row.split("\t")[7:] == ["x@y.test,z@y.test", "x y"]
+    for bad in (["--status", "XYZ"], ["--since", "yesterday"], ["--format", "xml"]):
+        assert store_main(["list", *bad], cfg) == 1
