@@ -5,7 +5,8 @@ Two parts share the time given (``--minutes``; ``--smtp-share`` of it goes to SM
 
 * messages: mutated corpus and torture-set messages (tests/support/fuzz.py mutators) through MIME
   decomposition and rebuilding (mime.py, archives.py), the spam tokenizer and filter (spam/),
-  notifications and the disclaimer (notify.py) and DSNs (dsn.py), each input in a child process
+  notifications and the disclaimer (notify.py), DSNs (dsn.py) and the 7-bit conversion for peers
+  without 8BITMIME (downgrade.py), each input in a child process
   under ``--time-limit`` seconds and ``--rss-limit`` MB of RSS growth; ``--coverage`` guides the
   mutation by line pairs covered in smtpgw (slower per input, finds deeper paths);
 * smtp: mutated sessions (verbs, arguments, ESMTP parameters, pipelining, line lengths and ends,

@@ -3,7 +3,7 @@
 Owns: seeds (the corpus, the torture set and built messages carrying archives, uuencode and
 nesting), mutators suited to mail (header, boundary, transfer-encoding, line-ending, nesting,
 size, splicing, archive), the targets that feed one input through a module of the gateway and
-check what it promises (``mime``, ``spam``, ``notify``, ``dsn``), and a runner that executes
+check what it promises (``mime``, ``spam``, ``notify``, ``dsn``, ``downgrade``), and a runner that executes
 each input in a child process under a time and a memory bound, counts outcomes and covered
 line pairs of the smtpgw package, and keeps every crash or bound exceeded as a finding.
 
@@ -43,7 +43,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGE = os.path.join(REPO, "smtpgw") + os.sep
 CORPUS = "/work/shared/corpus"
-TARGETS = ("mime", "spam", "notify", "dsn")
+TARGETS = ("mime", "spam", "notify", "dsn", "downgrade")
 
 # region seeds
 
@@ -498,8 +498,23 @@ def target_dsn(raw: bytes) -> str:
     return "dsn " + " ".join(sorted(set(outcomes)))
 
 
+def target_downgrade(raw: bytes) -> str:
+    """to_7bit: None, or a 7-bit message no next hop needs converted, which converts to itself."""
+    from smtpgw import downgrade
+
+    out = downgrade.to_7bit(raw)
+    if out is None:
+        return "downgrade refused"
+    if not out.isascii() or downgrade.needs_downgrade(out):
+        raise Invariant("to_7bit gave a message that still needs 8BITMIME")
+    if downgrade.to_7bit(out) != out:
+        raise Invariant("to_7bit changed its own output")
+    return "downgrade " + ("unchanged" if out == re.sub(rb"\r?\n", b"\r\n", raw) else "converted")
+
+
 TARGET_FUNCTIONS: dict[str, Callable[[bytes], str]] = {
     "mime": target_mime, "spam": target_spam, "notify": target_notify, "dsn": target_dsn,
+    "downgrade": target_downgrade,
 }
 
 
