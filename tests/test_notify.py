@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import smtpgw
-from smtpgw import notify
+from smtpgw import mime, notify
 from smtpgw.notify import TemplateError
 from tests.support.components import missing
 
@@ -357,6 +357,18 @@ def test_disclaimer_closes_a_truncated_multipart() -> None:
     truncated = MIXED[: MIXED.index(b"--XYZ--")]
     first, second, added = parts(notify.add_disclaimer(truncated, "Scanned."))
     assert added.get_content().strip() == "Scanned."
+
+
+def test_disclaimer_wraps_a_multipart_mixed_without_delimiter_lines() -> None:
+    # found by bench/fuzz.py: the body was left as the preamble of the added part, hidden by readers
+    for boundary in (b"NONE", b"XY", b"xyz"):  # never in the body, a prefix of the one used, another case
+        message = MIXED.replace(b'boundary="XYZ"', b'boundary="' + boundary + b'"')
+        before = [n.data for n in mime.decompose(message).walk() if not n.children]
+        result = notify.add_disclaimer(message, "Scanned.")
+        inner, added = parts(result)
+        assert inner.get_content_type() == "multipart/mixed" and added.get_content().strip() == "Scanned."
+        after = [n.data for n in mime.decompose(result).walk() if not n.children]
+        assert after[: len(before)] == before and b"Scanned." in after[-1]
 
 
 def test_disclaimer_on_8bit_body_marks_the_wrapper_8bit() -> None:
