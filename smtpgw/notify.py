@@ -718,7 +718,7 @@ def _wrap_mixed(raw: bytes, part: bytes, eol: bytes) -> bytes:
     )
 
 
-_FIELD_START = re.compile(rb"[!-9;-~]+:")  # RFC 5322 §3.6.8 field name, then the colon
+_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §3.6.8 field name, obs WSP (§4.5), the colon
 
 
 def _field_chunks(raw: bytes, eol: bytes) -> tuple[list[bytes], int]:

@@ -371,6 +371,20 @@ def test_disclaimer_wraps_a_multipart_mixed_without_delimiter_lines() -> None:
         assert after[: len(before)] == before and b"Scanned." in after[-1]
 
 
+def test_disclaimer_wrapper_takes_content_fields_after_an_obsolete_field_name() -> None:
+    # found by bench/fuzz.py on the torture set: "Message-Id : <...>" (obs-optional, RFC 5322 §4.5)
+    # ended the header there, so the Content-Type after it went into the body of a text part
+    # (read here as the anti-virus decomposition reads it: Python's email stops at such a field)
+    alternative = MIXED.replace(b"multipart/mixed", b"multipart/alternative")
+    message = alternative.replace(b"MIME-Version: 1.0", b"Message-Id : <m@b.test>\r\nMIME-Version: 1.0")
+    result = notify.add_disclaimer(message, "Scanned.")
+    assert result.startswith(b"From: a@b.test\r\nMessage-Id : <m@b.test>\r\nMIME-Version: 1.0\r\n")
+    tree = mime.decompose(result)
+    assert [n.content_type for n in tree.walk()] == [
+        "multipart/mixed", "multipart/alternative", "text/plain", "application/octet-stream", "text/plain"]
+    assert not tree.defects
+
+
 def test_disclaimer_on_8bit_body_marks_the_wrapper_8bit() -> None:
     message = b"Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + "Grüße".encode() + b"\r\n"
     result = notify.add_disclaimer(message, "Scanned.")
