@@ -662,9 +662,13 @@ def _disclaimer_part(text: str, eol: bytes) -> bytes:
 
 
 def _content_type(raw: bytes) -> tuple[str, str | None]:
-    value = headers.get_raw(raw, "content-type")
-    if value is None:
+    """(type, boundary) of the Content-Type in the header as the wrapper reads it: ended by the
+    first line that is not a field, so insertion and wrapping never disagree on where it ends."""
+    fields, _ = _field_chunks(raw, headers.line_ending(raw))
+    found = next((f.partition(b":")[2] for f in fields if _CONTENT_TYPE.match(f)), None)
+    if found is None:
         return "text/plain", None  # RFC 2045 §5.2 default
+    value = re.sub(rb"\r?\n(?=[ \t])", b"", found).strip()
     probe = Message()
     try:
         probe["Content-Type"] = value.decode("latin-1")
@@ -719,6 +723,7 @@ def _wrap_mixed(raw: bytes, part: bytes, eol: bytes) -> bytes:
 
 
 _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §3.6.8 field name, obs WSP (§4.5), the colon
+_CONTENT_TYPE = re.compile(rb"content-type[ \t]*:", re.IGNORECASE)
 
 
 def _field_chunks(raw: bytes, eol: bytes) -> tuple[list[bytes], int]:
