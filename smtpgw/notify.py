@@ -640,14 +640,15 @@ def add_disclaimer(raw: bytes, text: str) -> bytes:
     content_type, boundary = _content_type(raw)
     if content_type == "multipart/mixed" and boundary and _has_delimiter(raw, boundary.encode("latin-1")):
         return _insert_part(raw, boundary.encode("latin-1"), part, eol)
-    # a multipart/mixed without one delimiter line is read as one body: a part added after it
+    # a multipart/mixed without a delimiter line is read as one body: a part added after it
     # would turn that body into a preamble, which readers hide (RFC 2046 §5.1.1)
     return _wrap_mixed(raw, part, eol)
 
 
 def _has_delimiter(raw: bytes, boundary: bytes) -> bool:
-    """Whether the body has a delimiter or close-delimiter line of ``boundary`` (RFC 2046 §5.1.1)."""
-    line = re.compile(rb"(?m)^--" + re.escape(boundary) + rb"(?:--)?[ \t]*\r?$")
+    """Whether the body has a delimiter line of ``boundary`` (RFC 2046 §5.1.1): a part to follow.
+    A close-delimiter alone opens no part; readers see the body before it as one text."""
+    line = re.compile(rb"(?m)^--" + re.escape(boundary) + rb"[ \t]*\r?$")
     return line.search(raw, headers.header_end(raw)) is not None
 
 

@@ -362,8 +362,9 @@ def test_disclaimer_closes_a_truncated_multipart() -> None:
 
 def test_disclaimer_wraps_a_multipart_mixed_without_delimiter_lines() -> None:
     # found by bench/fuzz.py: the body was left as the preamble of the added part, hidden by readers
-    for boundary in (b"NONE", b"XY", b"xyz"):  # never in the body, a prefix of the one used, another case
-        message = MIXED.replace(b'boundary="XYZ"', b'boundary="' + boundary + b'"')
+    close_only = MIXED.replace(b"--XYZ\r\n", b"")  # the close-delimiter opens no part either
+    for boundary in (b"NONE", b"XY", b"xyz", b"XYZ"):  # not in the body, a prefix, another case, close only
+        message = (close_only if boundary == b"XYZ" else MIXED).replace(b'boundary="XYZ"', b'boundary="' + boundary + b'"')
         before = [n.data for n in mime.decompose(message).walk() if not n.children]
         result = notify.add_disclaimer(message, "Scanned.")
         inner, added = parts(result)
