@@ -112,6 +112,13 @@ def built_seeds() -> list[bytes]:
     return [s.encode() for s in seeds]
 
 
+def _without_mbox_line(message: bytes) -> bytes:
+    """The message as SMTP carries it: without the mbox ``From `` line (RFC 4155) the corpus files start with."""
+    if message.startswith(b"From "):
+        return message.split(b"\n", 1)[1] if b"\n" in message else b""
+    return message
+
+
 def load_seeds(corpus: str = CORPUS, every: int = 1, limit: int | None = None) -> list[bytes]:
     """The torture set whole, every ``every``-th file of the other corpus folders, then the built seeds."""
     found: list[bytes] = []
@@ -124,7 +131,7 @@ def load_seeds(corpus: str = CORPUS, every: int = 1, limit: int | None = None) -
             step = 1 if folder == "mime-torture" else every
             for name in names[::step]:
                 with open(os.path.join(path, name), "rb") as f:
-                    found.append(f.read())
+                    found.append(_without_mbox_line(f.read()))
     found = found[:limit] if limit is not None else found
     return found + built_seeds()
 
@@ -379,7 +386,35 @@ def target_mime(raw: bytes) -> str:
     if not edits and rebuilt != raw:
         raise Invariant("rebuild without edits changed the message")
     mime.decompose(rebuilt)
+    _check_removals(raw, tree)
     return _tree_outcome(tree)
+
+
+def _leaf_contents(tree: Any) -> dict[bytes, int]:
+    counts: dict[bytes, int] = {}
+    for node in tree.root.walk():
+        if not node.children and node.data is not None and len(node.data) >= 64:
+            digest = hashlib.sha1(node.data).digest()
+            counts[digest] = counts.get(digest, 0) + 1
+    return counts
+
+
+def _check_removals(raw: bytes, tree: Any) -> None:
+    """What the anti-virus step removes is gone: read again, the message holds fewer copies of each removed
+    leaf's content (the removal may take a larger entity with it, never less)."""
+    from smtpgw import mime
+
+    leaves = [n for n in tree.root.walk() if not n.children and n.data is not None and len(n.data) >= 64]
+    removed = leaves[::2]
+    if not removed:
+        return
+    before = _leaf_contents(tree)
+    after = _leaf_contents(mime.decompose(mime.rebuild(raw, [mime.Edit(n) for n in removed]),
+                                          mime.Limits(max_expanded=32 << 20)))
+    for node in removed:
+        digest = hashlib.sha1(node.data).digest()
+        if after.get(digest, 0) >= before[digest]:
+            raise Invariant(f"removed object {node.path} ({node.kind}) still in the rebuilt message")
 
 
 _SPAM: Any = None
@@ -427,13 +462,23 @@ def _check_generated(out: bytes, what: str) -> None:
         raise Invariant(f"{what}: no blank line after the header")
 
 
+def _path(keyword: str, address: str) -> str:
+    """``address`` if the receiver would take it in MAIL FROM or RCPT TO, else empty."""
+    from smtpgw import smtp
+
+    try:
+        return smtp.parse_path(f"{keyword}:<{address}>", keyword, False)[0]
+    except ValueError:
+        return ""
+
+
 def _envelope(raw: bytes) -> dict[str, Any]:
     """An envelope whose every text comes from the hostile message, decoded as the receiver decodes SMTP."""
     head = raw[:64 << 10]  # the receiver reads a message's identity from its head
     text = lambda name: _header(head, name).decode("latin-1").strip()  # noqa: E731 - as the receiver decodes
     bracketed = re.search(r"<([^<>]*)>", text(b"From"))
-    sender = (bracketed.group(1) if bracketed else text(b"From")) or "a@example.org"
-    rcpts = [a.strip(" <>") for a in text(b"To").split(",") if a.strip()] or ["b@example.test"]
+    sender = _path("FROM", bracketed.group(1) if bracketed else text(b"From")) or "a@example.org"
+    rcpts = [a for a in (_path("TO", a.strip(" <>")) for a in text(b"To").split(",")) if a] or ["b@example.test"]
     return {
         "id": "Q1fuzz", "sender": sender, "envid": text(b"X-Envid"), "ret": "FULL", "client_ip": "192.0.2.1",
         "client_name": text(b"Received")[:100], "helo": text(b"X-Mailer")[:100], "received_at": 1765000000.0,
@@ -471,10 +516,27 @@ def target_notify(raw: bytes) -> str:
         _check_generated(out, f"{kind} notification")
         outcomes.append(f"{kind}:ok")
     text = notify.render_disclaimer(_template("disclaimer"), env, event, "%d.%m.%Y", "%H:%M:%S", 1765000200.0)
-    with_disclaimer = notify.add_disclaimer(raw, text)
-    if raw[:_header_end(raw)].strip() and not with_disclaimer:
-        raise Invariant("add_disclaimer returned nothing")
+    notify.add_disclaimer(raw, text)
+    outcomes.append(_check_disclaimer(raw))
     return "notify " + " ".join(outcomes)
+
+
+def _check_disclaimer(raw: bytes) -> str:
+    """The disclaimer is a part a reader sees, and every part of the message is still there."""
+    from smtpgw import mime, notify
+
+    if re.search(rb"\r(?!\n)", raw):
+        return "disclaimer:bare-cr"  # the receiver refuses bare CR: such a message never gets a disclaimer
+    marker = "Disclaimer 7f3a9c: this text was added by the gateway."
+    before = mime.decompose(raw)
+    after = mime.decompose(notify.add_disclaimer(raw, marker))
+    if not any(n.data is not None and marker.encode() in n.data for n in after.root.walk() if not n.children):
+        return "disclaimer:not-seen"
+    old, new = _leaf_contents(before), _leaf_contents(after)
+    lost = [digest for digest, count in old.items() if new.get(digest, 0) < count]
+    if lost:
+        raise Invariant(f"add_disclaimer lost {len(lost)} of {len(old)} parts")
+    return "disclaimer:ok"
 
 
 def target_dsn(raw: bytes) -> str:
@@ -482,12 +544,13 @@ def target_dsn(raw: bytes) -> str:
     from smtpgw import dsn
 
     env = _envelope(raw)
+    original = raw[: dsn.DEFAULT_FULL_LIMIT + 1]  # what the gateway reads of the message for a DSN
     outcomes = []
     for kind in dsn.KINDS:
         for ret in ("FULL", "HDRS"):
             env["ret"] = ret
-            out = dsn.build_dsn(env, env["recipients"], kind, raw, "gw.example.test", "postmaster",
-                                _template("dsn"), 1765000200.0, retry_until=1765400000.0, full_limit=64 * 1024)
+            out = dsn.build_dsn(env, env["recipients"], kind, original, "gw.example.test", "postmaster",
+                                _template("dsn"), 1765000200.0, retry_until=1765400000.0)
             if out is None:
                 outcomes.append(f"{kind}:none")
                 continue
@@ -861,8 +924,7 @@ def garbage(rng: random.Random) -> bytes:
 
 def as_data(message: bytes) -> bytes:
     """A corpus message as DATA content: no mbox line, CRLF, dot-stuffed (RFC 5321 §4.5.2), terminated."""
-    if message.startswith(b"From "):
-        message = message.split(b"\n", 1)[1] if b"\n" in message else b""
+    message = _without_mbox_line(message)
     lines = re.sub(rb"\r?\n", b"\r\n", message).split(b"\r\n")
     return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines).rstrip(b"\r\n") + b"\r\n.\r\n"
 
