@@ -688,8 +688,9 @@ def _insert_part(raw: bytes, boundary: bytes, part: bytes, eol: bytes) -> bytes:
     match = close.search(raw, start)
     opener = b"--" + boundary + eol
     if match is None:  # truncated multipart: add the part and the missing close-delimiter
-        tail = b"" if raw.endswith(b"\n") else eol
-        return raw + tail + opener + part + eol + b"--" + boundary + b"--" + eol
+        # RFC 2046 §5.1.1: the line break before a delimiter is the delimiter's, so a new one is
+        # written: the last part keeps its own final line break
+        return raw + eol + opener + part + eol + b"--" + boundary + b"--" + eol
     at = match.start()
     if at > start and raw[at - 1 : at] == b"\n":
         at -= 2 if raw[at - 2 : at] == b"\r\n" else 1

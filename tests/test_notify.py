@@ -358,6 +358,11 @@ def test_disclaimer_closes_a_truncated_multipart() -> None:
     truncated = MIXED[: MIXED.index(b"--XYZ--")]
     first, second, added = parts(notify.add_disclaimer(truncated, "Scanned."))
     assert added.get_content().strip() == "Scanned."
+    # found by bench/fuzz.py: the last part lost its final line break to the new delimiter
+    text = MIXED[: MIXED.index(b"--XYZ\r\nContent-Type: application")] + b"--XYZ\r\n\r\nlast line\r\n"
+    before = [n.data for n in mime.decompose(text).walk() if not n.children]
+    after = [n.data for n in mime.decompose(notify.add_disclaimer(text, "Scanned.")).walk() if not n.children]
+    assert before[-1] == b"last line\r\n" and after[:-1] == before
 
 
 def test_disclaimer_wraps_a_multipart_mixed_without_delimiter_lines() -> None:
