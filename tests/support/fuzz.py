@@ -643,12 +643,32 @@ def _innermost(tb: Any) -> str:
     return where
 
 
+def _peak_kb() -> int:
+    """The process's peak RSS in KB: VmHWM, which _reset_peak can lower, else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak() -> int:
+    """Lower the peak to the current RSS (Linux: clear_refs 5), so the next reading is this input's own
+    peak and not one left by receiving it or by an earlier input; returns the peak now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _peak_kb()
+
+
 def run_one(target: str, raw: bytes, coverage: _Coverage | None = None) -> dict[str, Any]:
     """Feed one input to one target in this process: status ok, crash or invariant, and the figures."""
     import logging
 
     logging.disable(logging.CRITICAL)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _reset_peak()
     started = time.perf_counter()
     if coverage:
         coverage.start()
@@ -663,7 +683,7 @@ def run_one(target: str, raw: bytes, coverage: _Coverage | None = None) -> dict[
     finally:
         new = coverage.stop() if coverage else []
     elapsed = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _peak_kb()
     return {"status": status, "outcome": outcome, "detail": detail, "where": where, "seconds": elapsed,
             "rss_kb": after, "rss_rose": after > before, "edges": new}
 
@@ -676,7 +696,7 @@ def child_main() -> int:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     for name in TARGETS:  # imports and the spam database load before the first input is timed
         run_one(name, b"Subject: warm up\n\nhello\n", None)
-    _send(stdout, {"ready": True, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})
+    _send(stdout, {"ready": True, "rss_kb": _reset_peak()})
     while True:
         request = _recv(stdin)
         if request is None:
@@ -813,7 +833,7 @@ class Fuzzer:
 
     def _one(self, target: str, data: bytes, mutators: list[str]) -> None:
         if self.child.served >= self.recycle:
-            self.child.stop()  # a fresh high-water mark: RSS growth is charged to the input that caused it
+            self.child.stop()  # now and then a fresh process: growth of caches is not charged to later inputs
         answer = self.child.run(target, data, self.time_limit)
         figures = self.figures[target]
         figures.inputs += 1
