@@ -75,7 +75,7 @@ __all__ = [
 
 MAX_MIME_DEPTH = 32  # nested multiparts and messages
 MAX_MIME_PARTS = 5000  # MIME entities per message
-MAX_HEADER_FIELDS = 500  # fields examined per entity header
+MAX_HEADER_FIELDS = 500  # fields kept per entity header, besides the first of each MIME field
 MAX_UU_BLOCKS = 100  # uuencoded blocks per text part
 MAX_NAME = 255
 # Characters of an encoded file name decoded (RFC 2047 words): ample for MAX_NAME
@@ -180,13 +180,16 @@ def _split_header(
     head_end = blank.start() + 1 if blank else end
     body_start = blank.end() if blank else end
     fields: list[tuple[str, list[bytes]]] = []
+    seen: set[str] = set()
+    skipping = over = False  # in a field past MAX_HEADER_FIELDS that is not kept; past it at all
     pos = start
     while pos < head_end:
         nl = buf.find(b"\n", pos, head_end)
         line_end = head_end if nl < 0 else nl + 1
         line = buf[pos:line_end]
         if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1].append(line)
+            if not skipping:
+                fields[-1][1].append(line)
         else:
             match = _FIELD.match(line)
             if not match:
@@ -195,10 +198,16 @@ def _split_header(
                 defects.append(f"{label}: missing header/body separator")
                 body_start = pos
                 break
-            if len(fields) >= MAX_HEADER_FIELDS:
+            name = match.group(1).decode("ascii").lower()
+            # past the bound only the first of each MIME field is kept: mail readers still read
+            # them there, and a bound that hid a Content-Type would hide the parts it declares
+            skipping = len(fields) >= MAX_HEADER_FIELDS and (name not in _MIME_FIELDS or name in seen)
+            if len(fields) >= MAX_HEADER_FIELDS and not over:
                 defects.append(f"{label}: more than {MAX_HEADER_FIELDS} header fields")
-                break
-            fields.append((match.group(1).decode("ascii").lower(), [line[match.end() :]]))
+                over = True
+            if not skipping:
+                fields.append((name, [line[match.end() :]]))
+                seen.add(name)
         pos = line_end
     if blank is None and body_start >= end and start < end:
         defects.append(f"{label}: no body (header section runs to the end)")

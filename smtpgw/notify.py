@@ -638,9 +638,18 @@ def add_disclaimer(raw: bytes, text: str) -> bytes:
     eol = headers.line_ending(raw)
     part = _disclaimer_part(text, eol)
     content_type, boundary = _content_type(raw)
-    if content_type == "multipart/mixed" and boundary:
+    if content_type == "multipart/mixed" and boundary and _has_delimiter(raw, boundary.encode("latin-1")):
         return _insert_part(raw, boundary.encode("latin-1"), part, eol)
+    # a multipart/mixed without a delimiter line is read as one body: a part added after it
+    # would turn that body into a preamble, which readers hide (RFC 2046 §5.1.1)
     return _wrap_mixed(raw, part, eol)
+
+
+def _has_delimiter(raw: bytes, boundary: bytes) -> bool:
+    """Whether the body has a delimiter line of ``boundary`` (RFC 2046 §5.1.1): a part to follow.
+    A close-delimiter alone opens no part; readers see the body before it as one text."""
+    line = re.compile(rb"(?m)^--" + re.escape(boundary) + rb"[ \t]*\r?$")
+    return line.search(raw, headers.header_end(raw)) is not None
 
 
 def _disclaimer_part(text: str, eol: bytes) -> bytes:
@@ -654,9 +663,13 @@ def _disclaimer_part(text: str, eol: bytes) -> bytes:
 
 
 def _content_type(raw: bytes) -> tuple[str, str | None]:
-    value = headers.get_raw(raw, "content-type")
-    if value is None:
+    """(type, boundary) of the Content-Type in the header as the wrapper reads it: ended by the
+    first line that is not a field, so insertion and wrapping never disagree on where it ends."""
+    fields, _ = _field_chunks(raw, headers.line_ending(raw))
+    found = next((f.partition(b":")[2] for f in fields if _CONTENT_TYPE.match(f)), None)
+    if found is None:
         return "text/plain", None  # RFC 2045 §5.2 default
+    value = re.sub(rb"\r?\n(?=[ \t])", b"", found).strip()
     probe = Message()
     try:
         probe["Content-Type"] = value.decode("latin-1")
@@ -675,8 +688,9 @@ def _insert_part(raw: bytes, boundary: bytes, part: bytes, eol: bytes) -> bytes:
     match = close.search(raw, start)
     opener = b"--" + boundary + eol
     if match is None:  # truncated multipart: add the part and the missing close-delimiter
-        tail = b"" if raw.endswith(b"\n") else eol
-        return raw + tail + opener + part + eol + b"--" + boundary + b"--" + eol
+        # RFC 2046 §5.1.1: the line break before a delimiter is the delimiter's, so a new one is
+        # written: the last part keeps its own final line break
+        return raw + eol + opener + part + eol + b"--" + boundary + b"--" + eol
     at = match.start()
     if at > start and raw[at - 1 : at] == b"\n":
         at -= 2 if raw[at - 2 : at] == b"\r\n" else 1
@@ -710,7 +724,8 @@ def _wrap_mixed(raw: bytes, part: bytes, eol: bytes) -> bytes:
     )
 
 
-_FIELD_START = re.compile(rb"[!-9;-~]+:")  # RFC 5322 §3.6.8 field name, then the colon
+_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §3.6.8 field name, obs WSP (§4.5), the colon
+_CONTENT_TYPE = re.compile(rb"content-type[ \t]*:", re.IGNORECASE)
 
 
 def _field_chunks(raw: bytes, eol: bytes) -> tuple[list[bytes], int]:

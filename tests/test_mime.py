@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from smtpgw.mime import (
+    MAX_HEADER_FIELDS,
     MAX_MIME_DEPTH,
     MAX_MIME_PARTS,
     Edit,
@@ -415,6 +416,20 @@ def test_mime_nesting_and_part_count_bounds() -> None:
     many = b'Content-Type: multipart/mixed; boundary="b"\n\n' + parts + b"--b--\n"
     tree = decompose(many)
     assert tree.root.status == "error" and len(tree.root.children) <= MAX_MIME_PARTS
+
+
+def test_mime_fields_past_the_header_field_bound_still_count() -> None:
+    # found by bench/fuzz.py: a Content-Type after 500 other fields was ignored, so the parts it
+    # declared (an .exe here) were one text body to the attachment filter, not to mail readers
+    padding = b"".join(b"X-Pad-%d: v\r\n" % i for i in range(MAX_HEADER_FIELDS))
+    raw = (b"Subject: invoice\r\n" + padding + b"X-Folded: a\r\n b\r\n"
+           b'Content-Type: multipart/mixed; boundary="b"\r\nContent-Type: text/plain\r\n\r\n'
+           b"--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+           b'--b\r\nContent-Type: application/octet-stream; name="run.exe"\r\nContent-Transfer-Encoding: base64\r\n'
+           b"\r\nTVo=\r\n--b--\r\n")
+    tree = decompose(raw)
+    assert [(n.path, n.data) for n in tree.walk()] == [("", None), ("1", b"see attached"), ("2:run.exe", b"MZ")]
+    assert tree.defects == ["message: more than 500 header fields"]
 
 
 # endregion

@@ -177,11 +177,33 @@ class _BoundedCompat32(email_policy.Compat32):
 
 
 _POLICY = _BoundedCompat32()
+_MIME_FIELDS = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+
+
+class _BoundedMessage(Message):
+    """A Message keeping its first ``MAX_HEADERS`` fields (all the view reads) and, past them,
+    the first of each MIME field (still in force for mail readers).
+
+    ``Message.get`` scans every field, and the parser asks the enclosing entity's Content-Type
+    once for each new part: 20,000 fields above 2,000 parts took 12 s.
+    """
+
+    def __init__(self, policy: email_policy.Compat32 = _POLICY) -> None:
+        super().__init__(policy)
+        self._mime_seen: set[str] = set()
+
+    def set_raw(self, name: str, value: str) -> None:
+        lname = name.strip().lower()
+        mime = lname in _MIME_FIELDS
+        if len(self._headers) < MAX_HEADERS or (mime and lname not in self._mime_seen):
+            super().set_raw(name, value)
+            if mime:
+                self._mime_seen.add(lname)
 
 
 def _parse(raw: bytes) -> Message | None:
     try:
-        return BytesParser(policy=_POLICY).parsebytes(raw)
+        return BytesParser(_BoundedMessage, policy=_POLICY).parsebytes(raw)
     except Exception:  # compat32 records defects; anything else falls back below
         log.debug("message parser failed", exc_info=True)
         return None

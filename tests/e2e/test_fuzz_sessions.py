@@ -1,5 +1,7 @@
-"""Seeded garbage on SMTP sessions: every input gets an SMTP reply or a closed connection, never a
-traceback in the log, and the gateway keeps serving."""
+"""Seeded hostile SMTP sessions (tests/support/fuzz.py): unstructured garbage, and plausible transactions
+mutated in their verbs, arguments, ESMTP parameters, pipelining, line lengths and line ends, with
+torture-set messages as DATA. Every byte the gateway sends is an SMTP reply line, every session ends,
+nothing reaches the log as a traceback, and the gateway keeps serving."""
 
 from __future__ import annotations
 
@@ -7,24 +9,8 @@ import random
 import smtplib
 import socket
 
-VERBS = [b"HELO", b"EHLO", b"MAIL FROM:", b"RCPT TO:", b"DATA", b"RSET", b"NOOP", b"QUIT", b"VRFY", b"HELP",
-         b"STARTTLS", b"BDAT", b"AUTH", b"\x00", b"\xff\xfe", b"."]
-
-
-def garbage(rng: random.Random) -> bytes:
-    pieces = []
-    for _ in range(rng.randint(1, 30)):
-        kind = rng.random()
-        if kind < 0.4:
-            pieces.append(rng.choice(VERBS) + b" " + bytes(rng.randrange(256) for _ in range(rng.randint(0, 60))))
-        elif kind < 0.6:
-            pieces.append(b"<" + bytes(rng.randrange(33, 127) for _ in range(rng.randint(0, 300))) + b">")
-        elif kind < 0.8:
-            pieces.append(bytes(rng.randrange(256) for _ in range(rng.randint(0, 3000))))
-        else:
-            pieces.append(rng.choice([b"\r\n", b"\n", b"\r", b"\r\n.\r\n", b".\r\n", b"\r\r\n"]))
-        pieces.append(rng.choice([b"\r\n", b"\n", b""]))
-    return b"".join(pieces)
+from tests.support import fuzz
+from tests.support.net import wait_until
 
 
 def test_garbage_sessions_never_break_the_gateway(make_gateway, sink):
@@ -35,7 +21,7 @@ def test_garbage_sessions_never_break_the_gateway(make_gateway, sink):
         with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as conn:
             conn.recv(512)
             try:
-                conn.sendall(garbage(rng))
+                conn.sendall(fuzz.garbage(rng))
                 conn.shutdown(socket.SHUT_WR)
                 while conn.recv(65536):  # read replies until the gateway closes (bounded by ReadTimeout)
                     pass
@@ -46,3 +32,22 @@ def test_garbage_sessions_never_break_the_gateway(make_gateway, sink):
     sink.wait_for(1)
     log = gw.log_text()
     assert "Traceback" not in log and "unhandled error" not in log and "session with" not in log
+
+
+def test_mutated_transactions_get_only_smtp_replies(make_gateway, sink):
+    gw = make_gateway(sink.port, extra={"smtpgw.timeouts": [("ReadTimeout", "2")],
+                                        "smtpgw.limits": [("MaximalIncomingSessionsPerIP", "64")]})
+    rng = random.Random(20261207)
+    messages = fuzz.load_seeds(fuzz.CORPUS + "/mime-torture")
+    outcomes = set()
+    for _ in range(40):
+        stream, took, ended = fuzz.run_session(gw.port, fuzz.session_script(rng, messages), timeout=15)
+        assert ended, f"session still open after {took:.1f} s"
+        assert fuzz.check_replies(stream) is None, stream[-500:]
+        outcomes.add(fuzz.reply_codes(stream))
+    assert len(outcomes) > 15, outcomes  # the mutations reach many different dialogues
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.sendmail("a@b.test", ["x@example.test"], b"Subject: still serving\r\n\r\nok\r\n")
+    wait_until(lambda: any(b"still serving" in m.data for m in sink.messages), 20, "the last message at the sink")
+    log = gw.log_text()
+    assert "Traceback" not in log and "unhandled error" not in log
