@@ -32,7 +32,6 @@ values once the queue has drained.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -349,17 +348,6 @@ def verdict(samples: list[Sample], warmup: int, rss_bound: float, rate_drift: fl
 # region running it
 
 
-def memory_report(gw: GatewayProcess, timeout: float = 60.0) -> dict:
-    """``.c_memory``: the gateway's own report of what its main process holds."""
-    path = os.path.join(gw.control_path, "memory")
-    if os.path.exists(path):
-        os.unlink(path)
-    gw.control(".c_memory")
-    wait_until(lambda: os.path.exists(path), timeout, "the .c_memory report")
-    with open(path) as f:
-        return json.load(f)
-
-
 def start_gateway(folder: str, sink_port: int, side_port: int, clamd_address: str) -> GatewayProcess:
     forward = [("ForwardRoute", f"*@{DEFER_DOMAIN} [127.0.0.1:{side_port}]"),
                ("ForwardRoute", f"*@{BOUNCE_DOMAIN} [127.0.0.1:{side_port}]"),
@@ -445,7 +433,7 @@ def soak(gw: GatewayProcess, side: SideHop, files: dict[str, str], args: argpars
     # idle values are those of a gateway that has worked: workers started, spare files made
     send_round(gw.port, files, 200, args.sessions, 0, kinds=("clean", "spam", "eicar", "bounced"))
     wait_until(lambda: drained(gw), args.drain, "the warm-up round to drain")
-    before = memory_report(gw)
+    before = gw.memory_report()
     idle = take_sample(gw, watch, start, None)
     print("idle:", row(idle), flush=True)
     sent = 0
@@ -479,7 +467,7 @@ def soak(gw: GatewayProcess, side: SideHop, files: dict[str, str], args: argpars
         wait_until(lambda: drained(gw), args.drain, "the queue to drain")
     except AssertionError as exc:
         print(f"queue not drained: {exc}", flush=True)
-    after = memory_report(gw)  # its log line written means every earlier one is in the file too
+    after = gw.memory_report()  # its log line written means every earlier one is in the file too
     gw.wait_log(r"memory: rss=", 60, count=2)
     watch.stop()
     watch.join()
