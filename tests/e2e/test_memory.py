@@ -3,10 +3,11 @@ grew by about 5.5 KB with every message). Measured with the gateway's own ``.c_m
 
 from __future__ import annotations
 
+import smtplib
 import subprocess
 
 from tests.support.components import require
-from tests.support.net import wait_until
+from tests.support.net import free_port, wait_until
 
 MESSAGES = 2000
 WARMUP = 100
@@ -43,3 +44,26 @@ def test_after_a_load_the_main_process_holds_what_it_held_before(make_gateway, s
     assert {name: after["registries"][name] for name in PER_MESSAGE_REGISTRIES} == dict.fromkeys(PER_MESSAGE_REGISTRIES, 0)
     assert after["registries"]["loop_timers"] <= before["registries"]["loop_timers"] + 5
     assert after["open_fds"] <= before["open_fds"] + 5
+
+
+def test_unreachable_hops_remembered_are_bounded(make_gateway):
+    closed = [free_port(), free_port()]
+    gw = make_gateway(None, replace={"smtpgw.forward": [
+        ("ForwardRoute", f"*@one.test [127.0.0.1:{closed[0]}]"), ("ForwardRoute", f"*@two.test [127.0.0.1:{closed[1]}]")]},
+        extra={"smtpgw.resolve": [("UnreachableCacheSize", "1")]})
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.sendmail("a@example.test", ["x@one.test"], b"Subject: one\r\n\r\nhi\r\n")
+        client.sendmail("a@example.test", ["x@two.test"], b"Subject: two\r\n\r\nhi\r\n")
+    gw.wait_log(r"status=deferred", 30, count=2)
+    assert gw.memory_report()["registries"]["sender_unreachable"] == 1
+
+
+def test_a_deferred_message_waits_on_disk_not_in_memory(make_gateway, sink):
+    sink.replies["RCPT"] = ["451 4.3.0 try again later"]
+    gw = make_gateway(sink.port)
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.sendmail("a@example.test", ["x@example.test"], b"Subject: later\r\n\r\nhi\r\n")
+    gw.wait_log(r"status=deferred", 30)
+    wait_until(lambda: gw.queued("QUE"), 10, "the record back in QUE")
+    registries = gw.memory_report()["registries"]
+    assert (registries["sender_schedule"], registries["sender_envelopes"]) == (1, 0)
