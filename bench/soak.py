@@ -491,8 +491,10 @@ def soak(gw: GatewayProcess, side: SideHop, files: dict[str, str], args: argpars
         if not held:
             print(f"spool {name}: idle {idle.spool[name]}, after {final.spool[name]}  <-- NOT BACK")
     print(f"spool after the drain: {final.spool}")
-    print(f".c_memory main process: before rss={before['rss_kib']} KiB objects={before['gc_objects']}, "
-          f"after rss={after['rss_kib']} KiB objects={after['gc_objects']}; registries after: {after['registries']}")
+    for name, report in (("before", before), ("after", after)):
+        print(f".c_memory main process {name} the load: rss={report['rss_kib']} KiB, objects={report['gc_objects']}, "
+              f"C heap in use={report.get('heap_in_use', 0) // 1024} KiB, free={report.get('heap_free', 0) // 1024} KiB")
+    print(f"registries after: {after['registries']}")
     print("PASS" if ok else "FAIL: a bound was crossed")
     return 0 if ok else 1
 

@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from smtpgw import access, dsn, log as logsetup, masks, mx, notify, routing, smtp
+from smtpgw import access, dsn, log as logsetup, masks, memory, mx, notify, routing, smtp
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.control import Control
 from smtpgw.dns import Resolver
@@ -244,6 +244,7 @@ class Gateway:
         self.sender.purge_unreachable()
         self.control.start()
         self._flush_log()
+        self._release_memory()
         where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
         log.info("smtpgw started: listening on %s", where)
 
@@ -261,6 +262,11 @@ class Gateway:
         logsetup.flush_all()
         if not self.stopping:
             self.loop.call_later(LOG_FLUSH_INTERVAL, self._flush_log)
+
+    def _release_memory(self) -> None:
+        memory.release()
+        if not self.stopping:
+            self.loop.call_later(memory.RELEASE_INTERVAL, self._release_memory)
 
     def run(self) -> None:
         self.loop.run_forever()
