@@ -72,8 +72,8 @@ def load(port: int, messages: int, sessions: int, size: int, message_file: str |
                        stdout=subprocess.DEVNULL)
         return time.monotonic() - start
     if message_file:
-        with open(message_file, "rb") as f:
-            body = f.read()
+        with open(message_file, "rb") as f:  # smtplib sends bytes as they are: CRLF line ends here
+            body = f.read().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     else:
         body = b"Subject: load\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, size // 78)
     per = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
