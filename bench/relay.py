@@ -55,22 +55,34 @@ def stop_sink(handle: object) -> None:
         handle.close()  # type: ignore[attr-defined]
 
 
-def load(port: int, messages: int, sessions: int, size: int) -> float:
-    """Send the load; returns the seconds it took until the last 250."""
+def load(port: int, messages: int, sessions: int, size: int, message_file: str | None = None,
+         sender: str = "load@src.test", rcpt: str = "rcpt@example.test", unique: bool = False) -> float:
+    """Send the load; returns the seconds it took until the last 250.
+
+    ``message_file``: the message (header and body, LF or CRLF) to send each time instead of a
+    generated one of ``size`` bytes; ``unique``: each message to its own recipient (a sequence
+    number before ``rcpt``, as smtp-source -N)."""
     source = which("smtp-source")
     start = time.monotonic()
     if source:
-        subprocess.run([source, "-s", str(sessions), "-m", str(messages), "-l", str(size), "-f", "load@src.test",
-                        "-t", "rcpt@example.test", f"127.0.0.1:{port}"], check=True, timeout=900,
+        content = ["-F", message_file] if message_file else ["-l", str(size)]
+        subprocess.run([source, "-s", str(sessions), "-m", str(messages), *content, *(["-N"] if unique else []),
+                        "-f", sender,
+                        "-t", rcpt, f"127.0.0.1:{port}"], check=True, timeout=900,
                        stdout=subprocess.DEVNULL)
         return time.monotonic() - start
-    body = b"Subject: load\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, size // 78)
+    if message_file:
+        with open(message_file, "rb") as f:  # smtplib sends bytes as they are: CRLF line ends here
+            body = f.read().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    else:
+        body = b"Subject: load\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, size // 78)
     per = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
+    numbers = iter(range(1, messages + 1))
 
     def worker(n: int) -> None:
         with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
             for _ in range(n):
-                client.sendmail("load@src.test", ["rcpt@example.test"], body)
+                client.sendmail(sender, [f"{next(numbers)}{rcpt}" if unique else rcpt], body)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in per if n]
     for t in threads:

@@ -267,6 +267,7 @@ class Resolver:
             "timeout": setting("IONetworkTimeout", 5),
             "attempts": setting("DNSAttempts", 2),
             "negative_ttl": setting("UnresolvedTTL", 600),
+            "cache_size": setting("DNSCacheSize", 10000),
             "mx_refresh": setting("MXCacheRefreshPeriod", 43200),
             "unresolved_refresh": setting("UnresolvedCacheRefreshPeriod", 43200),
             "ip_refresh": setting("IPCacheRefreshPeriod", 43200),

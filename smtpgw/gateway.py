@@ -26,7 +26,7 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from smtpgw import access, dsn, log as logsetup, masks, mx, notify, routing, smtp
+from smtpgw import access, dsn, log as logsetup, masks, memory, mx, notify, routing, smtp
 from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.console import Console
@@ -310,6 +310,7 @@ class Gateway:
         self._purge_stores()
         self.loop.call_later(self.cfg.options.StatSaveInterval, self._save_stats)
         self._flush_log()
+        self._release_memory()
         where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
         log.info("smtpgw started: listening on %s", where)
         self._log_bases()
@@ -367,6 +368,11 @@ class Gateway:
         logsetup.flush_all()
         if not self.stopping:
             self.loop.call_later(LOG_FLUSH_INTERVAL, self._flush_log)
+
+    def _release_memory(self) -> None:
+        memory.release()
+        if not self.stopping:
+            self.loop.call_later(memory.RELEASE_INTERVAL, self._release_memory)
 
     def run(self) -> None:
         self.loop.run_forever()

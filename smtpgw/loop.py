@@ -25,19 +25,39 @@ log = logging.getLogger("smtpgw.loop")
 Callback = Callable[..., Any]
 
 
+# A cancelled timer stays in the heap until it is due; once they are more than this share of the
+# heap (and at least MIN_CANCELLED of them), the heap is rebuilt without them. Session and job
+# deadlines are minutes long and re-armed at every command: kept, they would pile up by the
+# hundred thousand under load.
+CANCELLED_SHARE = 0.5
+MIN_CANCELLED = 256
+
+
+def _nothing(*_args: Any) -> None:
+    return None
+
+
 class Timer:
-    """A scheduled call; ``cancel()`` makes it a no-op."""
+    """A scheduled call; ``cancel()`` makes it a no-op and lets go of what the call would use."""
 
-    __slots__ = ("when", "callback", "args", "cancelled")
+    __slots__ = ("when", "callback", "args", "cancelled", "loop")
 
-    def __init__(self, when: float, callback: Callback, args: tuple[Any, ...]) -> None:
+    def __init__(self, when: float, callback: Callback, args: tuple[Any, ...], loop: "EventLoop | None" = None) -> None:
         self.when = when
         self.callback = callback
         self.args = args
         self.cancelled = False
+        self.loop = loop
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
+        # the callback (often a bound method of a whole session) is not kept alive by a dead timer
+        self.callback, self.args = _nothing, ()
+        loop, self.loop = self.loop, None
+        if loop is not None:
+            loop._timer_cancelled()
 
 
 class EventLoop:
@@ -48,6 +68,7 @@ class EventLoop:
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
         self._timers: list[tuple[float, int, Timer]] = []
+        self._cancelled = 0  # cancelled timers still in the heap
         self._seq = itertools.count()
         self._ready: deque[tuple[Callback, tuple[Any, ...]]] = deque()
         self._threadsafe: deque[tuple[Callback, tuple[Any, ...]]] = deque()
@@ -117,9 +138,20 @@ class EventLoop:
         return time.monotonic()
 
     def call_later(self, delay: float, callback: Callback, *args: Any) -> Timer:
-        timer = Timer(self.time() + max(0.0, delay), callback, args)
+        timer = Timer(self.time() + max(0.0, delay), callback, args, self)
         heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
         return timer
+
+    def _timer_cancelled(self) -> None:
+        self._cancelled += 1
+        if self._cancelled >= MIN_CANCELLED and self._cancelled > CANCELLED_SHARE * len(self._timers):
+            self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
+
+    def timer_count(self) -> int:
+        """Timers still due to run (cancelled ones left out)."""
+        return len(self._timers) - self._cancelled
 
     def call_soon(self, callback: Callback, *args: Any) -> None:
         self._ready.append((callback, args))
@@ -169,7 +201,10 @@ class EventLoop:
         now = self.time()
         while self._timers and self._timers[0][0] <= now:
             timer = heapq.heappop(self._timers)[2]
-            if not timer.cancelled:
+            if timer.cancelled:
+                self._cancelled -= 1
+            else:
+                timer.loop = None  # a cancel() from inside its own callback changes no count
                 self._ready.append((timer.callback, timer.args))
         for _ in range(len(self._ready)):
             if not self._ready:

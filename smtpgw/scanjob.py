@@ -84,7 +84,8 @@ class Job:
         self.cfg = cfg
         self.queue = Queue(cfg.path.QueuePath)
         pool = ClamdPool.from_config(cfg.ave)
-        self.clamd: Any = IChecker(pool, cfg.options.ICheckerDBFilename) if cfg.ave.UseIChecker else pool
+        self.clamd: Any = (IChecker(pool, cfg.options.ICheckerDBFilename, cfg.ave.ICheckerCacheSize)
+                           if cfg.ave.UseIChecker else pool)
         self.templates = notify.load_templates(cfg.base.TemplatesPath)
         self.spam = SpamFilter(cfg.antispam, cfg.base.BasesPath)  # the database is loaded once per worker
 

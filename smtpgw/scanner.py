@@ -111,8 +111,8 @@ class Scanner:
             self.submit(child.id, child)
 
     def submit(self, qid: str, env: Envelope | None = None) -> None:
-        if env is not None:
-            self.envelopes[qid] = env
+        if env is not None and len(self.envelopes) < self.gw.cfg.limits.MaximalEnvelopesInMemory:
+            self.envelopes[qid] = env  # beyond the bound it is read from WFC when its turn comes
         self.waiting.append(qid)
         self.pump()
 

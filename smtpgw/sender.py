@@ -118,7 +118,9 @@ class Sender:
         if qid in self.scheduled or qid in self.inflight:
             return
         self.scheduled.add(qid)
-        if env is not None:
+        # kept only for a record due now, and up to MaximalEnvelopesInMemory: the others are
+        # read from QUE when their turn comes (a deferred queue does not live in memory)
+        if env is not None and when <= time.time() and len(self.envelopes) < self.gw.cfg.limits.MaximalEnvelopesInMemory:
             self.envelopes[qid] = env
         heapq.heappush(self.schedule, (when, -priority, qid))
         self.kick()
@@ -405,7 +407,7 @@ class Sender:
             # RFC 3461 §5.2.2: a peer without DSN gets no NOTIFY; we report "relayed"
             rcpt.relayed = state == "sent" and not conn.has("DSN")
         if txn.error and not conn.greeted:
-            self.unreachable[(conn.ip, conn.port)] = time.time() + self.gw.cfg.resolve.UnreachableTTL
+            self._unreachable(conn)
         self._delivery_finished(delivery)
 
     @staticmethod
@@ -462,7 +464,7 @@ class Sender:
         self.gw.stats.inc("mta_outgoing_connections_current", -1)
         if why and not conn.greeted:
             self.gw.stats.inc("mta_outgoing_connections_errors")
-            self.unreachable[(conn.ip, conn.port)] = time.time() + self.gw.cfg.resolve.UnreachableTTL
+            self._unreachable(conn)
         state = self.dests.get(dest)
         if state is not None:
             if why and not conn.greeted:
@@ -473,6 +475,18 @@ class Sender:
             if conn in state.connections:
                 state.connections.remove(conn)
         self.kick()
+
+    def _unreachable(self, conn: Connection) -> None:
+        """Remember the hop as down for UnreachableTTL; at most UnreachableCacheSize hops are
+        remembered, the one remembered longest ago is forgotten first (dicts keep insertion order)."""
+        resolve = self.gw.cfg.resolve
+        key = (conn.ip, conn.port)
+        self.unreachable.pop(key, None)
+        if resolve.UnreachableTTL <= 0 or resolve.UnreachableCacheSize <= 0:
+            return
+        self.unreachable[key] = time.time() + resolve.UnreachableTTL
+        while len(self.unreachable) > resolve.UnreachableCacheSize:
+            del self.unreachable[next(iter(self.unreachable))]
 
     def _delivery_finished(self, delivery: Delivery) -> None:
         if delivery.converted:

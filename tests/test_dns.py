@@ -359,9 +359,9 @@ def test_from_config_and_resolv_conf(dns_loop: EventLoop, tmp_path: Any, dns_ser
     assert dns.parse_resolv_conf(str(tmp_path / "absent")) == [("127.0.0.1", 53)]
     section = types.SimpleNamespace(Nameserver=[dns_server.address], IONetworkTimeout=2, DNSAttempts=3,
                                     UnresolvedTTL=0, MXCacheRefreshPeriod=60,
-                                    UnresolvedCacheRefreshPeriod=120, IPCacheRefreshPeriod=None)
+                                    UnresolvedCacheRefreshPeriod=120, IPCacheRefreshPeriod=None, DNSCacheSize=7)
     r = Resolver.from_config(dns_loop, section)
-    assert (r.nameservers, r.timeout, r.attempts, r.negative_ttl) == ([dns_server.address], 2.0, 3, 0)
+    assert (r.nameservers, r.timeout, r.attempts, r.negative_ttl, r.cache_size) == ([dns_server.address], 2.0, 3, 0, 7)
     assert ask(dns_loop, r, "mail2.example.test", A).records == list(HOSTS["mail2.example.test"])
     empty = types.SimpleNamespace(Nameserver=[])
     assert Resolver.from_config(dns_loop, empty, resolv_conf=str(conf)).nameservers[0] == ("127.0.0.1", 53)

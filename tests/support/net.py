@@ -8,6 +8,7 @@ its log lines, never on sleeps.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -291,6 +292,16 @@ class GatewayProcess:
     def control(self, name: str) -> None:
         os.makedirs(self.control_path, exist_ok=True)
         open(os.path.join(self.control_path, name), "w").close()
+
+    def memory_report(self, timeout: float = 60.0) -> dict:
+        """``.c_memory``: the gateway's report of what its main process holds (smtpgw/memory.py)."""
+        path = os.path.join(self.control_path, "memory")
+        if os.path.exists(path):
+            os.unlink(path)
+        self.control(".c_memory")
+        wait_until(lambda: os.path.exists(path), timeout, "the .c_memory report")
+        with open(path) as f:
+            return json.load(f)
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, SMTPGW, "-c", self.config, *args], cwd=self.folder,
