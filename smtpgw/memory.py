@@ -120,6 +120,7 @@ def registries(gw: "Gateway") -> dict[str, int]:
         "loop_readers": len(loop._readers),
         "loop_writers": len(loop._writers),
         "workers": len(scanner.pool.workers),
+        "queue_spare_files": gw.committer.spare_count(),  # open descriptors, made ahead of need
     }
 
 

@@ -409,6 +409,12 @@ class Committer:
             self.pool.submit(self._refill)
         return spare if spare is not None else self._create_tmp()
 
+    def spare_count(self) -> int:
+        """How many empty files made ahead of need are open (bounded: refilled by SPARES when
+        fewer than half of SPARES are left, one refill at a time)."""
+        with self._spares_lock:
+            return len(self._spares)
+
     def _refill(self) -> None:
         fresh: list[TmpFile] = []
         try:

@@ -43,7 +43,13 @@ def test_after_a_load_the_main_process_holds_what_it_held_before(make_gateway, s
     assert after["gc_objects"] <= before["gc_objects"] + OBJECT_TOLERANCE, (before["gc_by_type"], after["gc_by_type"])
     assert {name: after["registries"][name] for name in PER_MESSAGE_REGISTRIES} == dict.fromkeys(PER_MESSAGE_REGISTRIES, 0)
     assert after["registries"]["loop_timers"] <= before["registries"]["loop_timers"] + 5
-    assert after["open_fds"] <= before["open_fds"] + 5
+    # the empty queue files made ahead of need are open descriptors too; their number is bounded
+    # but varies with the load just ended (Committer.SPARES)
+    assert busy_fds(after) <= busy_fds(before) + 5
+
+
+def busy_fds(report: dict) -> int:
+    return report["open_fds"] - report["registries"]["queue_spare_files"]
 
 
 def test_unreachable_hops_remembered_are_bounded(make_gateway):
