@@ -457,6 +457,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.policy", "BackupPath", PATH, "", None, "q"),
     P("smtpgw.policy", "QuarantinePath", PATH, "", None, "q"),
     P("smtpgw.policy", "SpamQuarantinePath", PATH),  # None: spam goes to QuarantinePath
+    P("smtpgw.policy", "TemplatesPath", PATH),  # None: [path] TemplatesPath
     P("smtpgw.policy", "QuarantineLifetime", INT, _LIFETIME, 0),
     P("smtpgw.policy", "BackupLifetime", INT, _LIFETIME, 0),
     P("smtpgw.policy", "IncludeByName", NAMES, "", [], "rf"),

@@ -69,6 +69,11 @@ def not_scanned(group: str, rcpts: list[str]) -> CopyResult:
                       events=[('AV-SCANNED, group=%s, status="not scanned", names="", nrcpt=%d', [group, len(rcpts)])])
 
 
+def templates_path(cfg: Config, group: Any) -> str:
+    """The group's TemplatesPath (notify, placeholder, disclaimer), else [path] TemplatesPath."""
+    return str(group.TemplatesPath or cfg.base.TemplatesPath)
+
+
 def group_antispam(antispam: Section, group: Any) -> Section:
     """[smtpgw.antispam] with the group's own anti-spam keys (inherited from it when omitted)."""
     values = {key: value for key, value in vars(antispam).items() if not key.startswith("_")}
@@ -109,12 +114,18 @@ class Job:
         pool = ClamdPool.from_config(cfg.ave)
         self.clamd: Any = (IChecker(pool, cfg.options.ICheckerDBFilename, cfg.ave.ICheckerCacheSize)
                            if cfg.ave.UseIChecker else pool)
-        self.templates = notify.load_templates(cfg.base.TemplatesPath)
-        # One filter per distinct group anti-spam settings, all reading the one database loaded per
-        # worker (spamfilter.load_shared): a group's level, lists and prefixes cost no database copy.
+        # Per group, its templates and its spam filter, each built once per distinct setting; every
+        # filter reads the one database loaded per worker (spamfilter.load_shared): a group's level,
+        # lists and prefixes cost no database copy.
+        loaded: dict[str, dict[str, notify.Template]] = {}
         filters: dict[str, SpamFilter] = {}
+        self.templates: dict[str, dict[str, notify.Template]] = {}
         self.spam: dict[str, SpamFilter] = {}
         for group in (cfg.policy, *cfg.groups):
+            folder = templates_path(cfg, group)
+            if folder not in loaded:
+                loaded[folder] = notify.load_templates(folder, notify.GROUP_KINDS)
+            self.templates[group.name] = loaded[folder]
             section = group_antispam(cfg.antispam, group)
             key = repr([getattr(section, k) for k in GROUP_ANTISPAM_KEYS])
             if key not in filters:
@@ -169,7 +180,7 @@ class Job:
             spam = policy.combine(spam, policy.spam_notices(group, spam_word(verdict), spam))
             if not spam:  # X-SpamTest-* fields, the Subject tagged with the group's prefix
                 marked = mark(raw, verdict, self.spam[group.name].section, spam_action)
-        av = antivirus.scan_message(marked, group, self.cfg.ave, self.clamd, self.cfg.base.TemplatesPath)
+        av = antivirus.scan_message(marked, group, self.cfg.ave, self.clamd, templates_path(self.cfg, group))
         template, values = antivirus.av_log_event(av)
         copy.events.append((template + ", nrcpt=%d", [*values, len(rcpts)]))
         if av.spent:
@@ -200,7 +211,7 @@ class Job:
         else:
             message = av.message
             if group.AddDisclaimer:  # kmg-spec §5.4: the group's disclaimer as a last text part
-                text = notify.render_disclaimer(self.templates["disclaimer"], env.as_dict(), {"group": group.name},
+                text = notify.render_disclaimer(self.templates[group.name]["disclaimer"], env.as_dict(), {"group": group.name},
                                                 self.cfg.locale.DateFormat, self.cfg.locale.TimeFormat, time.time())
                 message = notify.add_disclaimer(message, text)
             if message != raw:
@@ -259,7 +270,7 @@ class Job:
         for n, (kind, to) in enumerate(wanted):
             try:
                 data = notify.build_notification(kind, env.as_dict(), event, group.NotifyFromAddress, to,
-                                                 self.templates["notify"], self.cfg.locale.DateFormat,
+                                                 self.templates[group.name]["notify"], self.cfg.locale.DateFormat,
                                                  self.cfg.locale.TimeFormat, time.time())
             except ValueError as exc:
                 log.warning("%s: no %s notification: %s", env.id, kind, exc)
