@@ -43,7 +43,7 @@ import re
 import ssl
 import sys
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -58,6 +58,9 @@ MAX_TEXT = 4096
 MAX_PROBLEMS = 1000
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 STATUSES = ("disinfected", "infected", "suspicious", "protected", "error", "filtered")
+# NotifyAdmin / NotifyRecipient also take the spam verdicts whose ActionSpam / ActionProbableSpam
+# stopped the message (block, quarantine); Blacklisted counts as spam. Our extension (kmg-spec §10).
+SPAM_NOTICES = ("spam", "probable_spam")
 GROUP_PREFIX = "smtpgw.group:"
 CONSOLE_PORT = 8025  # [smtpgw.console] ListenOn without a port
 ANY_ADDRESS = "*"  # what an omitted Senders / Recipients matches (the reference's *@*)
@@ -141,14 +144,17 @@ def _hostname(text: str, param: Param, where: str, folder: str) -> str:
     return text.rstrip(".")
 
 
-def _statuses(text: str, param: Param, where: str, folder: str) -> frozenset[str]:
-    words = [word.lower() for word in re.split(r"[,\s]+", text) if word]
-    if words in (["all"], ["none"]):
-        return frozenset(STATUSES) if words == ["all"] else frozenset()
-    unknown = [word for word in words if word not in STATUSES]
-    if unknown:
-        raise ValueError(f"'{unknown[0]}' is not a status ({', '.join(STATUSES)}, or all, none)")
-    return frozenset(words)
+def _statuses(accepted: tuple[str, ...]) -> Parse:
+    """A status list taking ``accepted`` words, ``all`` (every one of them) or ``none``."""
+    def parse(text: str, param: Param, where: str, folder: str) -> frozenset[str]:
+        words = [word.lower() for word in re.split(r"[,\s]+", text) if word]
+        if words in (["all"], ["none"]):
+            return frozenset(accepted) if words == ["all"] else frozenset()
+        unknown = [word for word in words if word not in accepted]
+        if unknown:
+            raise ValueError(f"'{unknown[0]}' is not a status ({', '.join(accepted)}, or all, none)")
+        return frozenset(words)
+    return parse
 
 
 def _host_port(text: str, default_port: int | None, names: bool) -> tuple[str, int]:
@@ -287,7 +293,8 @@ CHOICE = Kind("choice", _choice)
 LEVEL = Kind("level", lambda text, param, where, folder: int(_choice(text, param, where, folder)))
 TEXT, PATH = Kind("text", _text), Kind("path", _path)
 ADDRESS, HOST = Kind("address", _address), Kind("hostname", _hostname)
-STATUS_LIST = Kind("statuses", _statuses)
+STATUS_LIST = Kind("statuses", _statuses(STATUSES))
+NOTICE_LIST = Kind("statuses", _statuses(STATUSES + SPAM_NOTICES))
 LISTEN = Kind("ip:port", _listen, splits=True)
 NAMESERVER = Kind("ip[:port]", _nameserver, splits=True)
 CLAMD = Kind("unix:path|host:port", _clamd, splits=True)
@@ -450,6 +457,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.policy", "BackupPath", PATH, "", None, "q"),
     P("smtpgw.policy", "QuarantinePath", PATH, "", None, "q"),
     P("smtpgw.policy", "SpamQuarantinePath", PATH),  # None: spam goes to QuarantinePath
+    P("smtpgw.policy", "TemplatesPath", PATH),  # None: [path] TemplatesPath
     P("smtpgw.policy", "QuarantineLifetime", INT, _LIFETIME, 0),
     P("smtpgw.policy", "BackupLifetime", INT, _LIFETIME, 0),
     P("smtpgw.policy", "IncludeByName", NAMES, "", [], "rf"),
@@ -463,8 +471,8 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.policy", "ActionError", CHOICE, _ANY_OBJECT, "remove"),
     P("smtpgw.policy", "ActionFiltered", CHOICE, _ANY_OBJECT, "remove"),
     P("smtpgw.policy", "BlockMessage", STATUS_LIST, "", _BLOCKED),
-    P("smtpgw.policy", "NotifyAdmin", STATUS_LIST, "", _NOTIFIED),
-    P("smtpgw.policy", "NotifyRecipient", STATUS_LIST, "", _NOTIFIED),
+    P("smtpgw.policy", "NotifyAdmin", NOTICE_LIST, "", _NOTIFIED),
+    P("smtpgw.policy", "NotifyRecipient", NOTICE_LIST, "", _NOTIFIED),
     P("smtpgw.policy", "NotifySender", STATUS_LIST, "", frozenset()),
     P("smtpgw.policy", "SaveInQB", STATUS_LIST, "", _BLOCKED),
     P("smtpgw.policy", "AddXHeaders", BOOL, "", True),
@@ -505,10 +513,15 @@ SCHEMA: tuple[Param, ...] = (
 SECTIONS: dict[str, list[Param]] = {}
 for _param in SCHEMA:
     SECTIONS.setdefault(_param.section, []).append(_param)
-# A group takes Senders, Recipients and every policy key, none of them required.
+# The [smtpgw.antispam] keys a group may set too; omitted, they are inherited from [smtpgw.antispam].
+GROUP_ANTISPAM_KEYS = ("SpamDetection", "SpamSubjectPrefix", "ProbableSpamSubjectPrefix", "WhiteListSenders",
+                       "BlackListSenders", "WhiteListRecipients", "BlackListRecipients", "WhiteListIPs",
+                       "BlackListIPs")
+GROUP_INHERITED = SECTIONS["smtpgw.policy"] + [p for p in SECTIONS["smtpgw.antispam"] if p.key in GROUP_ANTISPAM_KEYS]
+# A group takes Senders, Recipients and every inherited key, none of them required.
 GROUP_PARAMS = SECTIONS.pop("smtpgw.group") + [
     P("smtpgw.group", param.key, param.kind, param.range, param.default, param.flags.replace("q", ""))
-    for param in SECTIONS["smtpgw.policy"]
+    for param in GROUP_INHERITED
 ]
 
 
@@ -568,6 +581,15 @@ class Group(Section):
         GroupSendersTrusted."""
         address = client_address(client)
         return address is not None and any(parse_ip_mask(mask).matches(address) for mask in self.GroupSendersTrusted)
+
+
+def _inherit(section: Section, source: Section, keys: Iterable[str]) -> None:
+    """``section`` takes ``source``'s values of ``keys`` (a list as its own copy) and where they were set."""
+    for key in keys:
+        inherited = getattr(source, key)
+        section.__dict__[key] = list(inherited) if isinstance(inherited, list) else inherited
+        if source.where(key):
+            section._wheres[key] = source.where(key) or ""
 
 
 def _matches(masks: list[str], address: str) -> bool:
@@ -796,12 +818,13 @@ class _Loader:
         sections: dict[str, Section] = {}
         for title, (values, wheres) in converted.items():
             attribute = attribute_name(title)
-            if title == "smtpgw.policy":
-                values.update(Senders=[ANY_ADDRESS], Recipients=[ANY_ADDRESS])
-                sections[attribute] = Group(title, "policy", values, wheres)
-            else:
+            if title != "smtpgw.policy":
                 sections[attribute] = Section(title, values, wheres)
-        policy = sections["policy"]
+        values, wheres = converted["smtpgw.policy"]
+        values.update(Senders=[ANY_ADDRESS], Recipients=[ANY_ADDRESS])
+        sections["policy"] = policy = Group("smtpgw.policy", "policy", values, wheres)
+        antispam = sections["antispam"]
+        _inherit(policy, antispam, GROUP_ANTISPAM_KEYS)
         groups = [self.group(raw, policy) for raw in self.groups]
         config = Config(self.source, sections, groups)
         self.cross_check(config)
@@ -824,13 +847,9 @@ class _Loader:
         keys = {param.key for param, _, _ in raw.items}
         if not keys & {"Senders", "Recipients"}:
             self.problem(raw.where, f"[{raw.title}]: set Senders or Recipients (or both)")
-        for param in SECTIONS["smtpgw.policy"]:
-            if param.key not in keys:
-                inherited = getattr(policy, param.key)
-                values[param.key] = list(inherited) if isinstance(inherited, list) else inherited
-                if policy.where(param.key):
-                    wheres[param.key] = policy.where(param.key) or ""
-        return Group(raw.title, raw.title[len(GROUP_PREFIX):], values, wheres)
+        group = Group(raw.title, raw.title[len(GROUP_PREFIX):], values, wheres)
+        _inherit(group, policy, [param.key for param in GROUP_INHERITED if param.key not in keys])
+        return group
 
     def at(self, section: Section, key: str) -> str:
         """Where to report a problem about ``key``: its line, its section's header, or the end."""

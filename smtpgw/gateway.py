@@ -26,7 +26,7 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from smtpgw import access, dsn, log as logsetup, masks, memory, mx, notify, routing, smtp
+from smtpgw import access, antivirus, dsn, log as logsetup, masks, memory, mx, notify, routing, smtp
 from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.console import Console
@@ -142,8 +142,12 @@ class Gateway:
 
     @staticmethod
     def _templates(cfg: Config) -> dict[str, notify.Template]:
-        """Templates are checked at start (kmg-spec §5.2): a broken one stops the start."""
+        """Templates are checked at start (kmg-spec §5.2): a broken one stops the start, a
+        group's own TemplatesPath's (notify, disclaimer, placeholder) included."""
         try:
+            for folder in sorted({group.TemplatesPath for group in (cfg.policy, *cfg.groups)} - {None}):
+                notify.load_templates(folder, notify.GROUP_KINDS)
+                antivirus.load_placeholder(folder)
             return notify.load_templates(cfg.base.TemplatesPath)
         except notify.TemplateError as exc:
             raise StartupError(str(exc), 1) from exc

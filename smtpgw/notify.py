@@ -277,11 +277,15 @@ def load_template(path: str | os.PathLike[str], kind: str | None = None) -> Temp
     return template
 
 
-def load_templates(templates_path: str | os.PathLike[str]) -> dict[str, Template]:
-    """Load notify.tmpl, dsn.tmpl and disclaimer.tmpl from a folder, reporting every problem."""
+# What a group's own TemplatesPath holds: DSNs are the gateway's, from [path] TemplatesPath.
+GROUP_KINDS = ("notify", "disclaimer")
+
+
+def load_templates(templates_path: str | os.PathLike[str], kinds: Sequence[str] = tuple(SCHEMAS)) -> dict[str, Template]:
+    """Load ``kinds`` (notify.tmpl, dsn.tmpl and disclaimer.tmpl) from a folder, reporting every problem."""
     loaded: dict[str, Template] = {}
     problems: list[str] = []
-    for kind in SCHEMAS:
+    for kind in kinds:
         try:
             loaded[kind] = load_template(os.path.join(templates_path, f"{kind}.tmpl"), kind)
         except TemplateError as exc:

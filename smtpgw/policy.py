@@ -53,6 +53,8 @@ __all__ = [
     "decide",
     "SPAM_MESSAGE_ACTIONS",
     "spam_fired",
+    "SPAM_NOTICE_KEYS",
+    "spam_notices",
     "combine",
 ]
 
@@ -201,6 +203,20 @@ def spam_fired(spam_status: str, key: str, action: str) -> dict[str, str]:
     """The message actions the group's spam action ``key=action`` fires, each with its reason."""
     why = f"{spam_status}, {key}={action}"
     return {name: why for name in SPAM_MESSAGE_ACTIONS.get(action, ())}
+
+
+SPAM_NOTICE_KEYS: tuple[str, ...] = ("NotifyAdmin", "NotifyRecipient")
+
+
+def spam_notices(group: Any, word: str, stopped: dict[str, str]) -> dict[str, str]:
+    """The notices a spam verdict fires: ``word`` (``spam``, ``probable_spam``) listed in the
+    group's NotifyAdmin / NotifyRecipient, for a message its spam action stopped (``stopped``,
+    from ``spam_fired``). A tagged spam is delivered: noticing each would flood the admin, and
+    never to the sender, whose address a spam forges (backscatter)."""
+    if "BlockMessage" not in stopped:
+        return {}
+    why = stopped["BlockMessage"]
+    return {key: why for key in SPAM_NOTICE_KEYS if word in getattr(group, key, ())}
 
 
 def combine(*fired: dict[str, str]) -> dict[str, str]:

@@ -2,7 +2,9 @@
 
 Owns: the per-message scan in a worker process: splitting recipients into
 groups (first matching ``[smtpgw.group:NAME]``, else ``[smtpgw.policy]``),
-and for each group the checks its policy asks for — every verdict (spam,
+and for each group the checks its policy asks for (the spam check with the
+group's own SpamDetection, lists and prefixes, inherited from
+[smtpgw.antispam] when omitted; one loaded database serves every group) — every verdict (spam,
 anti-virus) made before any action is taken, the actions then combined
 (``smtpgw.policy.combine``) — producing a result the main process applies to
 the queue. Speaks one JSON line per job on stdin and
@@ -28,7 +30,7 @@ from typing import Any
 
 from smtpgw import antivirus, headers, notify, policy, stats
 from smtpgw.av import ClamdPool, ScannerUnavailable
-from smtpgw.config import Config, load_config
+from smtpgw.config import GROUP_ANTISPAM_KEYS, Config, Section, load_config
 from smtpgw.ichecker import IChecker
 from smtpgw.log import Event
 from smtpgw.queue import Envelope, Queue, write_durably
@@ -67,6 +69,32 @@ def not_scanned(group: str, rcpts: list[str]) -> CopyResult:
                       events=[('AV-SCANNED, group=%s, status="not scanned", names="", nrcpt=%d', [group, len(rcpts)])])
 
 
+def templates_path(cfg: Config, group: Any) -> str:
+    """The group's TemplatesPath (notify, placeholder, disclaimer), else [path] TemplatesPath."""
+    return str(group.TemplatesPath or cfg.base.TemplatesPath)
+
+
+def group_antispam(antispam: Section, group: Any) -> Section:
+    """[smtpgw.antispam] with the group's own anti-spam keys (inherited from it when omitted)."""
+    values = {key: value for key, value in vars(antispam).items() if not key.startswith("_")}
+    values.update({key: getattr(group, key) for key in GROUP_ANTISPAM_KEYS})
+    return Section(f"smtpgw.antispam for {group.name}", values, {})
+
+
+def spam_word(verdict: SpamVerdict) -> str:
+    """The verdict's word in NotifyAdmin / NotifyRecipient: Blacklisted counts as spam."""
+    return "probable_spam" if verdict.status == PROBABLE_SPAM else "spam"
+
+
+def summary_status(av: Any, verdict: SpamVerdict | None) -> str:
+    """The anti-virus status when it is not clean (what a release must know first), else Spam
+    or Probable Spam when the spam filter said so (Blacklisted as Spam)."""
+    if av.status in (policy.CLEAN, policy.NOT_SCANNED) and verdict is not None and verdict.status in (
+            SPAM, BLACKLISTED, PROBABLE_SPAM):
+        return PROBABLE_SPAM if verdict.status == PROBABLE_SPAM else SPAM
+    return str(av.status)
+
+
 def spam_action_for(group: Any, verdict: SpamVerdict) -> tuple[str, str]:
     """(the group's action for a spam verdict, the parameter that set it): ActionSpam,
     ActionProbableSpam (kmg-spec §10), else pass. A blacklisted sender counts as Spam."""
@@ -86,8 +114,23 @@ class Job:
         pool = ClamdPool.from_config(cfg.ave)
         self.clamd: Any = (IChecker(pool, cfg.options.ICheckerDBFilename, cfg.ave.ICheckerCacheSize)
                            if cfg.ave.UseIChecker else pool)
-        self.templates = notify.load_templates(cfg.base.TemplatesPath)
-        self.spam = SpamFilter(cfg.antispam, cfg.base.BasesPath)  # the database is loaded once per worker
+        # Per group, its templates and its spam filter, each built once per distinct setting; every
+        # filter reads the one database loaded per worker (spamfilter.load_shared): a group's level,
+        # lists and prefixes cost no database copy.
+        loaded: dict[str, dict[str, notify.Template]] = {}
+        filters: dict[str, SpamFilter] = {}
+        self.templates: dict[str, dict[str, notify.Template]] = {}
+        self.spam: dict[str, SpamFilter] = {}
+        for group in (cfg.policy, *cfg.groups):
+            folder = templates_path(cfg, group)
+            if folder not in loaded:
+                loaded[folder] = notify.load_templates(folder, notify.GROUP_KINDS)
+            self.templates[group.name] = loaded[folder]
+            section = group_antispam(cfg.antispam, group)
+            key = repr([getattr(section, k) for k in GROUP_ANTISPAM_KEYS])
+            if key not in filters:
+                filters[key] = SpamFilter(section, cfg.base.BasesPath)
+            self.spam[group.name] = filters[key]
 
     def run(self, env: Envelope) -> ScanResult:
         with open(self.queue.msg_path(env.id), "rb") as f:
@@ -97,17 +140,27 @@ class Job:
             group = self.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
             groups.setdefault(group.name, (group, []))[1].append(rcpt.addr)
         result = ScanResult()
-        verdict = None
-        if self.spam.enabled and any(group.Check for group, _ in groups.values()):
-            # the spam check runs once, before anti-virus, on the whole message
-            verdict = self.spam.classify(raw, env.client_ip or None, env.sender, [r.addr for r in env.pending()],
-                                         list(env.dnsbl))
+        verdicts: dict[tuple[int, tuple[str, ...]], SpamVerdict] = {}
         for index, (group, rcpts) in enumerate(groups.values(), start=1):
+            verdict = self._classify(env, raw, group, rcpts, verdicts)
             try:
                 result.copies.append(self._scan_group(env, raw, group, rcpts, index, verdict))
             except ScannerUnavailable as exc:
                 return ScanResult(deferred=f"anti-virus unavailable: {exc}")
         return result
+
+    def _classify(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str],
+                  verdicts: dict[tuple[int, tuple[str, ...]], SpamVerdict]) -> SpamVerdict | None:
+        """The group's spam verdict (before anti-virus), with its level and lists; groups sharing
+        a filter share one classification unless recipient lists make their recipients count."""
+        spam = self.spam[group.name]
+        if not (group.Check and spam.enabled):
+            return None
+        lists = spam.lists
+        key = (id(spam), tuple(rcpts) if lists.white_recipients or lists.black_recipients else ())
+        if key not in verdicts:
+            verdicts[key] = spam.classify(raw, env.client_ip or None, env.sender, rcpts, list(env.dnsbl))
+        return verdicts[key]
 
     def _scan_group(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], index: int,
                     verdict: SpamVerdict | None) -> CopyResult:
@@ -124,9 +177,10 @@ class Job:
             copy.events.append((f'AS-SCANNED, group=%s, nrcpt=%d, {fields}, action=%s, reasons="%s"',
                                 [group.name, len(rcpts), *values, spam_action, "; ".join(verdict.reasons)[:300]]))
             spam = policy.spam_fired(verdict.status, key, spam_action)
-            if not spam:
-                marked = mark(raw, verdict, self.cfg.antispam, spam_action)  # X-SpamTest-* fields, tagged Subject
-        av = antivirus.scan_message(marked, group, self.cfg.ave, self.clamd, self.cfg.base.TemplatesPath)
+            spam = policy.combine(spam, policy.spam_notices(group, spam_word(verdict), spam))
+            if not spam:  # X-SpamTest-* fields, the Subject tagged with the group's prefix
+                marked = mark(raw, verdict, self.spam[group.name].section, spam_action)
+        av = antivirus.scan_message(marked, group, self.cfg.ave, self.clamd, templates_path(self.cfg, group))
         template, values = antivirus.av_log_event(av)
         copy.events.append((template + ", nrcpt=%d", [*values, len(rcpts)]))
         if av.spent:
@@ -145,6 +199,7 @@ class Job:
         fired = policy.combine(spam, av.reasons, standards)
         av.blocked, av.block_reason = "BlockMessage" in fired, fired.get("BlockMessage", "")
         av.save_in_qb = "SaveInQB" in fired
+        av.notify_admin, av.notify_recipient = "NotifyAdmin" in fired, "NotifyRecipient" in fired
         if av.save_in_qb:
             self._quarantine(env, raw, group, av, verdict, fired)
         if av.modified and not av.blocked and group.BackupPath:
@@ -156,13 +211,13 @@ class Job:
         else:
             message = av.message
             if group.AddDisclaimer:  # kmg-spec §5.4: the group's disclaimer as a last text part
-                text = notify.render_disclaimer(self.templates["disclaimer"], env.as_dict(), {"group": group.name},
+                text = notify.render_disclaimer(self.templates[group.name]["disclaimer"], env.as_dict(), {"group": group.name},
                                                 self.cfg.locale.DateFormat, self.cfg.locale.TimeFormat, time.time())
                 message = notify.add_disclaimer(message, text)
             if message != raw:
                 copy.rewritten = os.path.join(self.queue.root, "tmp", f"{env.id}.scan{index}")
                 write_durably(copy.rewritten, message)
-        copy.notes["notifications"] = self._notifications(env, raw, group, rcpts, av, index)
+        copy.notes["notifications"] = self._notifications(env, raw, group, rcpts, av, verdict, index)
         return copy
 
     def _quarantine(self, env: Envelope, raw: bytes, group: Any, av: Any, verdict: SpamVerdict | None,
@@ -170,10 +225,7 @@ class Job:
         """The original in QuarantinePath (SpamQuarantinePath for spam, when set) with both verdicts:
         its status code is the anti-virus status when that is not clean (what a release must know
         first), else the spam verdict when spam put it there."""
-        status = av.status
-        if status in (policy.CLEAN, policy.NOT_SCANNED) and verdict is not None and verdict.status in (
-                SPAM, BLACKLISTED, PROBABLE_SPAM):
-            status = PROBABLE_SPAM if verdict.status == PROBABLE_SPAM else SPAM
+        status = summary_status(av, verdict)
         names = f" ({', '.join(av.virus_names)})" if av.virus_names else ""
         verdicts = {"anti-virus": av.status + names}
         if verdict is not None:
@@ -192,8 +244,10 @@ class Job:
                  env.client_ip, env.message_id or ""] for o in av.objects]
         stats.write_av_statistics(self.cfg.options.AVStatistics, rows)
 
-    def _notifications(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], av: Any, index: int) -> list[dict[str, Any]]:
-        """Notification messages (kmg-spec §1.3, §5.1), written where the main process picks them up."""
+    def _notifications(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], av: Any,
+                       verdict: SpamVerdict | None, index: int) -> list[dict[str, Any]]:
+        """Notification messages (kmg-spec §1.3, §5.1) about the anti-virus and spam verdicts,
+        written where the main process picks them up."""
         wanted = []
         if av.notify_admin and group.AdminNotifyAddress:
             wanted.append(("admin", [group.AdminNotifyAddress]))
@@ -205,16 +259,18 @@ class Job:
         if not wanted:
             return []
         event = {
-            "status": av.status, "group": group.name, "queue_id": env.id, "blocked": av.blocked,
+            "status": summary_status(av, verdict), "group": group.name, "queue_id": env.id, "blocked": av.blocked,
             "subject": headers.get_raw(raw, "Subject") or b"",
             "objects": [{"name": o.name or o.path, "status": o.status, "viruses": list(o.virus_names), "action": o.action}
                         for o in av.objects if o.status != "clean"],
         }
+        if verdict is not None:
+            event.update(spam_status=verdict.status, spam_method=verdict.method)
         out = []
         for n, (kind, to) in enumerate(wanted):
             try:
                 data = notify.build_notification(kind, env.as_dict(), event, group.NotifyFromAddress, to,
-                                                 self.templates["notify"], self.cfg.locale.DateFormat,
+                                                 self.templates[group.name]["notify"], self.cfg.locale.DateFormat,
                                                  self.cfg.locale.TimeFormat, time.time())
             except ValueError as exc:
                 log.warning("%s: no %s notification: %s", env.id, kind, exc)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from smtpgw import headers, notify
 from smtpgw.log import event
 from smtpgw.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Recipient, new_id, write_durably
-from smtpgw.scanjob import CopyResult, ScanResult, not_scanned
+from smtpgw.scanjob import CopyResult, ScanResult, not_scanned, templates_path
 from smtpgw.store import Store
 from smtpgw.workers import WorkerPool, worker_config_path
 
@@ -311,7 +311,8 @@ class Scanner:
         }
         locale = self.gw.cfg.locale
         try:
-            data = notify.build_notification("admin", env.as_dict(), about, sender, [admin], self.gw.templates["notify"],
+            template = notify.load_template(os.path.join(templates_path(self.gw.cfg, group), "notify.tmpl"), "notify")
+            data = notify.build_notification("admin", env.as_dict(), about, sender, [admin], template,
                                              locale.DateFormat, locale.TimeFormat, time.time())
         except ValueError as exc:
             log.warning("%s: no admin notification: %s", env.id, exc)

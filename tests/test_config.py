@@ -411,6 +411,27 @@ def test_group_senders_trusted_is_inherited_from_the_policy(tmp_path: Path) -> N
                                 "(x.x.x.x, x.x.x.x/n, x.x.x.x/x.x.x.x, an IPv6 address or network, or any)"]
 
 
+def test_groups_set_or_inherit_the_anti_spam_keys(tmp_path: Path) -> None:
+    path = minimal_with(tmp_path, "[smtpgw.antispam]\nSpamDetection=soft\nWhiteListSenders=*@partner.test\n"
+                        "[smtpgw.policy]\nNotifyAdmin=infected, spam\nNotifyRecipient=all\n"
+                        "[smtpgw.group:strict]\nRecipients=*@strict.test\nSpamDetection=hard\n"
+                        "SpamSubjectPrefix=\"[junk] \"\nBlackListSenders=*@spammer.test\nNotifyAdmin=probable_spam\n"
+                        "[smtpgw.group:plain]\nRecipients=*@plain.test\n")
+    config = load_config(path)
+    strict, plain = config.groups
+    assert (config.policy.SpamDetection, strict.SpamDetection, plain.SpamDetection) == ("soft", "hard", "soft")
+    assert strict.SpamSubjectPrefix == "[junk] " and plain.SpamSubjectPrefix == "[SPAM] "
+    assert strict.WhiteListSenders == plain.WhiteListSenders == ["*@partner.test"] and plain.BlackListSenders == []
+    assert strict.BlackListSenders == ["*@spammer.test"]
+    assert strict.where("SpamDetection") == f"{path}:29" and plain.where("SpamDetection") == f"{path}:22"
+    assert config.policy.NotifyAdmin == {"infected", "spam"} and strict.NotifyAdmin == {"probable_spam"}
+    assert {"spam", "probable_spam", "infected"} <= plain.NotifyRecipient  # all: the spam words too
+    for key in ("NotifySender", "BlockMessage", "SaveInQB"):  # a notice to a spam's sender is backscatter
+        bad = minimal_with(tmp_path, f"[smtpgw.policy]\n{key}=spam\n")
+        assert problems_of(bad) == [f"{bad}:22: {key}: 'spam' is not a status "
+                                    "(disinfected, infected, suspicious, protected, error, filtered, or all, none)"]
+
+
 def test_tls_pair_is_loaded(tmp_path: Path) -> None:
     certificate, key = make_certificate(str(tmp_path))
     path = minimal_with(tmp_path, f"[smtpgw.network]\nTLSCertificateFile={Path(certificate).name}\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from smtpgw.policy import ERROR, INFECTED, combine, decide, spam_fired
+from smtpgw.policy import ERROR, INFECTED, combine, decide, spam_fired, spam_notices
 
 
 def test_spam_actions_fire_message_actions_with_their_reason() -> None:
@@ -26,3 +26,12 @@ def test_both_verdicts_combine_keeping_every_reason() -> None:
         "NotifyAdmin": "infected 2:invoice.com (Eicar)",
     }
     assert combine({}, av) == av and combine() == {}
+
+
+def test_spam_notices_only_for_a_stopped_spam_listed_by_the_group() -> None:
+    group = SimpleNamespace(NotifyAdmin={INFECTED, "spam"}, NotifyRecipient={"probable_spam"})
+    quarantined = spam_fired("Spam", "ActionSpam", "quarantine")
+    assert spam_notices(group, "spam", quarantined) == {"NotifyAdmin": "Spam, ActionSpam=quarantine"}
+    blocked = spam_fired("Probable Spam", "ActionProbableSpam", "block")
+    assert spam_notices(group, "probable_spam", blocked) == {"NotifyRecipient": "Probable Spam, ActionProbableSpam=block"}
+    assert spam_notices(group, "spam", spam_fired("Spam", "ActionSpam", "tag")) == {}  # delivered: no notice

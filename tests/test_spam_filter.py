@@ -222,3 +222,19 @@ def test_every_corpus_file_classifies(spam_filter: SpamFilter) -> None:
             assert headers.count(out, "X-SpamTest-Status") == 1
             seen += 1
     assert seen > 4000
+
+
+def test_groups_get_their_own_filters_over_one_loaded_database(tmp_path) -> None:
+    """A scanner worker builds one filter per distinct group anti-spam setting; every filter
+    reads the same database object (it is ~130 MiB in memory: never one copy per group)."""
+    from smtpgw.config import load_config
+    from smtpgw.scanjob import Job
+    from tests.test_config import minimal_with
+
+    path = minimal_with(tmp_path, "[smtpgw.antispam]\nSpamDetection=soft\n"
+                        "[smtpgw.group:strict]\nRecipients=*@strict.test\nSpamDetection=hard\n"
+                        "[smtpgw.group:plain]\nRecipients=*@plain.test\nCheck=false\n")
+    job = Job(load_config(path))
+    assert job.spam["plain"] is job.spam["policy"] and job.spam["policy"].level == "soft"
+    assert job.spam["strict"] is not job.spam["policy"] and job.spam["strict"].level == "hard"
+    assert job.spam["strict"].database is job.spam["policy"].database

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import shutil
 import signal
@@ -22,12 +24,16 @@ HAM = (b"From: Alice Example <alice@example.test>\r\nTo: bob@example.test\r\nDat
        b"Message-ID: <m1@example.test>\r\nSubject: minutes of the meeting\r\n\r\nHi Bob,\r\n\r\n"
        b"attached are the minutes of yesterday's meeting. Let me know if anything is missing.\r\n\r\nThanks,\r\nAlice\r\n")
 SPAM = HAM.replace(b"Thanks,", GTUBE.encode("ascii") + b"\r\nThanks,")
+# Scored 0.42 (``smtpgw.py spam classify``): Not Detected at soft (Probable Spam from 0.80),
+# Probable Spam at hard (from 0.35).
+BORDERLINE = HAM.replace(b"Let me know if anything is missing.", b"Free offer, limited time.")
 
 
 def spam_gateway(make_gateway, sink, clamd, policy=(), antispam=(), start=True, **extra):
+    policy_keys = {"Check": "true", "NotifyAdmin": "none", "NotifyRecipient": "none", **dict(policy)}
     sections = {
         "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
-        "smtpgw.policy": [("Check", "true"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none"), *policy],
+        "smtpgw.policy": list(policy_keys.items()),
         "smtpgw.antispam": [("Check", "true"), *antispam],
     }
     for name, items in extra.items():
@@ -87,6 +93,55 @@ def test_white_and_black_lists(make_gateway, sink, clamd):
     assert b"X-SpamTest-Status: Trusted\r\n" in got["boss@trusted.test"]
     assert b"X-SpamTest-Status: Blacklisted\r\n" in got["promo@spammer.test"]
     assert b"Subject: [SPAM] " in got["promo@spammer.test"]  # a blacklisted sender is acted on as Spam
+
+
+def sendmail(gw, data, rcpts, sender="alice@example.test"):
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.sendmail(sender, list(rcpts), data)
+
+
+def test_each_group_has_its_own_level_lists_and_prefixes(make_gateway, sink, clamd):
+    """One message split between groups: each copy is judged with its group's SpamDetection,
+    lists and Subject prefix; omitted keys come from [smtpgw.antispam]."""
+    gw = spam_gateway(make_gateway, sink, clamd, antispam=[("SpamDetection", "soft")], **{
+        "smtpgw__group:strict": [("Recipients", "*@strict.example.test"), ("SpamDetection", "hard"),
+                                 ("ProbableSpamSubjectPrefix", '"[maybe spam] "')],
+        "smtpgw__group:lab": [("Recipients", "*@lab.example.test"), ("WhiteListSenders", "*@example.test")]})
+    sendmail(gw, BORDERLINE, ["bob@example.test", "carol@strict.example.test"])
+    got = {m.recipients[0]: m.data for m in sink.wait_for(2)}
+    assert b"X-SpamTest-Status: Not Detected\r\n" in got["bob@example.test"]
+    assert b"\r\nSubject: minutes of the meeting\r\n" in got["bob@example.test"]
+    assert b"X-SpamTest-Status: Probable Spam\r\n" in got["carol@strict.example.test"]
+    assert b"\r\nSubject: [maybe spam] minutes of the meeting\r\n" in got["carol@strict.example.test"]
+    gw.wait_log(r'AS-SCANNED, group=strict, nrcpt=1, as-status="Probable Spam", score=0\.4\d+, .*action=tag')
+    gw.wait_log(r'AS-SCANNED, group=policy, nrcpt=1, as-status="Not Detected", score=0\.4\d+')
+    sendmail(gw, SPAM, ["bob@example.test", "dave@lab.example.test"])
+    got = {m.recipients[0]: m.data for m in sink.wait_for(4)[2:]}
+    assert b"X-SpamTest-Status: Spam\r\n" in got["bob@example.test"]  # the lab's white list is its own
+    assert b"X-SpamTest-Status: Trusted\r\n" in got["dave@lab.example.test"]
+    assert b"\r\nSubject: minutes of the meeting\r\n" in got["dave@lab.example.test"]
+
+
+def test_a_quarantined_spam_is_noticed_to_the_admin_of_its_group(make_gateway, sink, clamd):
+    """NotifyAdmin=spam: the admin learns of each spam its ActionSpam stopped; a group that
+    leaves spam out of its NotifyAdmin stops its copy without a notice."""
+    gw = spam_gateway(make_gateway, sink, clamd, policy=[("ActionSpam", "quarantine"), ("NotifyAdmin", "infected, spam")],
+                      **{"smtpgw__group:quiet": [("Recipients", "*@quiet.example.test"), ("NotifyAdmin", "infected")]})
+    sendmail(gw, SPAM, ["bob@example.test", "dave@quiet.example.test"])
+    gw.wait_log(r'BLOCKED, rcpt=bob@example.test, size=\d+, reason="Spam, ActionSpam=quarantine')
+    gw.wait_log(r'BLOCKED, rcpt=dave@quiet.example.test, size=\d+, reason="Spam, ActionSpam=quarantine')
+    [notice] = sink.wait_for(1)
+    wait_until(lambda: not gw.queued(), 10, "empty queue")  # every notice the scan asked for has been sent
+    assert len(sink.messages) == 1
+    assert (notice.sender, notice.recipients) == ("gateway@example.test", ["admin@example.test"])
+    parsed = email.message_from_bytes(notice.data, policy=email.policy.default)
+    assert parsed["Subject"] == "[policy] Blocked message (Spam): minutes of the meeting"
+    assert [a.addr_spec for a in parsed["To"].addresses] == ["admin@example.test"]
+    body = parsed.get_body(("plain",)).get_content()
+    assert "Status:       Spam" in body and "Spam filter verdict: Spam (method: rules)" in body
+    assert "Recipients:   bob@example.test" in body and "dave@" not in body
+    listing = gw.cli("store", "--path", "quarantine", "list").stdout
+    assert listing.count(" SPM ") == 2, listing  # both copies held
 
 
 def test_a_quoted_sender_cannot_break_the_quoting_of_log_fields(make_gateway, sink, clamd):

@@ -212,3 +212,41 @@ def test_recipient_notifications_do_not_disclose_the_other_recipients(av_gateway
         parsed = email.message_from_bytes(m.data, policy=email.policy.default)
         assert [a.addr_spec for a in parsed["To"].addresses] == m.recipients
     wait_until(lambda: not gw.queued(), 10, "empty queue")
+
+
+def test_a_group_uses_its_own_templates(make_gateway, sink, clamd, tmp_path):
+    """A group's TemplatesPath gives its notices and disclaimer their own words; other groups keep
+    [path] TemplatesPath's. A group folder with a broken template stops the start, named."""
+    import shutil
+    import subprocess
+    import sys
+
+    from smtpgw.antivirus import TEMPLATES
+    from tests.support.net import SMTPGW
+
+    lab = tmp_path / "lab-templates"
+    shutil.copytree(TEMPLATES, lab)
+    notice = (lab / "notify.tmpl").read_text()
+    (lab / "notify.tmpl").write_text(notice.replace("\nSubject: ", "\nSubject: [lab notice] ", 1))
+    (lab / "disclaimer.tmpl").write_text("Scanned for the lab.\n")
+    gw = make_gateway(sink.port, extra={
+        "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
+        "smtpgw.policy": [("Check", "true"), ("NotifyRecipient", "none"), ("AddDisclaimer", "true")],
+        "smtpgw.group:lab": [("Recipients", "*@lab.example.test"), ("TemplatesPath", str(lab))],
+    })
+    send(gw, infected_message(), rcpts=("x@example.test", "y@lab.example.test"))
+    send(gw, CLEAN, rcpts=("x@example.test", "y@lab.example.test"))
+    got = sink.wait_for(4)
+    notices = {m.data.count(b"y@lab.example.test") > 0: m for m in got if m.recipients == ["admin@example.test"]}
+    subjects = {lab: email.message_from_bytes(m.data, policy=email.policy.default)["Subject"] for lab, m in notices.items()}
+    assert subjects[True].startswith("[lab notice] [lab] Blocked message (infected)"), subjects
+    assert subjects[False].startswith("[policy] Blocked message (infected)"), subjects
+    delivered = {m.recipients[0]: m.data for m in got if m.recipients != ["admin@example.test"]}
+    assert b"Scanned for the lab." in delivered["y@lab.example.test"]
+    assert b"Scanned for the lab." not in delivered["x@example.test"]
+    (lab / "placeholder.tmpl").write_text("%NO_SUCH_MACRO%\n")
+    assert gw.stop() == 0
+    result = subprocess.run([sys.executable, SMTPGW, "-c", gw.config, "-n"], cwd=gw.folder,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and f"{lab}/placeholder.tmpl" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
