@@ -108,6 +108,8 @@ class Quota:
         key = address.lower()
         if key in self.recipients or len(self.recipients) < limit or not is_protected(cfg.network.ProtectedDomains, key):
             return None
+        if key == cfg.network.Postmaster.lower():  # RFC 5321 §4.5.1: mail to the postmaster is accepted
+            return None
         event("", "QUOTA, quota=%s, action=defer, client=[%s], rcpt=<%s>, used=%d, limit=%d", RECIPIENTS, client_ip,
               address, len(self.recipients), limit, level=logging.WARNING)
         return RECIPIENTS_REACHED.format(address)
