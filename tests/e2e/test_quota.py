@@ -51,6 +51,7 @@ def test_thresholds_are_mailed_once_and_never_block(make_gateway, sink):
     assert sorted(r for m in delivered for r in m.recipients if r != ADMIN)[-3:] == [
         "u6@example.test", "u7@example.test", "u8@example.test"]
     assert len(gw.wait_log(r": QUOTA, quota=")) == 2
+    assert gw.memory_report()["registries"]["quota_recipients"] == 5  # bounded by the limit
     assert len(notices(sink)) == 2 and "action=defer" not in gw.log_text()
 
 
