@@ -98,15 +98,21 @@ class Quota:
         self._reset()
 
     # -- what the receiver asks -----------------------------------------------------------
-    def refuse_recipient(self, cfg: Any, address: str, client_ip: str) -> smtp.Reply | None:
+    def refuse_recipient(self, cfg: Any, address: str, client_ip: str, accepted: Iterable[str] = ()) -> smtp.Reply | None:
         """With QuotaAction=defer: the 452 for a protected recipient not yet seen today once the
-        day's limit is reached; None otherwise."""
+        day's limit is reached, counting the new ones the transaction ``accepted`` already (other
+        sessions' transactions in flight are not known: they may pass the limit by as many);
+        None otherwise."""
         limit = cfg.quota.MaximalProtectedRecipients
         if cfg.quota.QuotaAction != "defer" or not limit:
             return None
         self._roll()
         key = address.lower()
-        if key in self.recipients or len(self.recipients) < limit or not is_protected(cfg.network.ProtectedDomains, key):
+        protected = cfg.network.ProtectedDomains
+        if key in self.recipients or not is_protected(protected, key):
+            return None
+        pending = {a.lower() for a in accepted} - self.recipients
+        if key in pending or len(self.recipients) + sum(is_protected(protected, a) for a in pending) < limit:
             return None
         if key == cfg.network.Postmaster.lower():  # RFC 5321 §4.5.1: mail to the postmaster is accepted
             return None

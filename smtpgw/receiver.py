@@ -537,7 +537,7 @@ class Session:
             log.info("access rule refused: client=[%s] rcpt=<%s>: %s", self.ip, address, refusal.text)
             self.reply(refusal)
             return
-        elif (refusal := self.gw.quota.refuse_recipient(self.cfg, address, self.ip)) is not None:
+        elif (refusal := self.gw.quota.refuse_recipient(self.cfg, address, self.ip, (r.addr for r in self.rcpts))) is not None:
             self.rcpt_refused += 1
             self.gw.stats.refuse("quota")
             self.reply(refusal)

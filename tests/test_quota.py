@@ -77,6 +77,17 @@ def test_traffic_warning_and_defer(tmp_path):
     assert refusal is not None and (refusal.code, refusal.status) == (451, "4.7.1")
 
 
+def test_defer_counts_the_new_recipients_of_the_transaction(tmp_path):
+    cfg = config(tmp_path, MaximalProtectedRecipients=3, QuotaAction="defer")
+    quota = Quota(str(tmp_path))
+    quota.count(cfg, addresses(1, 1), 0)
+    accepted = ["u1@example.test", "u2@example.test", "x@other.test", "U3@example.test"]
+    assert quota.refuse_recipient(cfg, "u2@example.test", "127.0.0.1", accepted[:2]) is None  # the same again
+    assert quota.refuse_recipient(cfg, "u3@example.test", "127.0.0.1", accepted[:3]) is None
+    assert quota.refuse_recipient(cfg, "u4@example.test", "127.0.0.1", accepted) is not None
+    assert quota.refuse_recipient(cfg, "u4@example.test", "127.0.0.1", accepted[:3]) is None
+
+
 def test_the_counts_survive_a_restart_within_the_day(tmp_path):
     cfg = config(tmp_path, MaximalProtectedRecipients=3)
     days = Days()

@@ -58,7 +58,11 @@ def test_thresholds_are_mailed_once_and_never_block(make_gateway, sink):
 def test_defer_refuses_temporarily_over_the_limits(make_gateway, sink):
     gw = make_gateway(sink.port, extra={"smtpgw.quota": [
         ("MaximalProtectedRecipients", "2"), ("MaximalDailyTraffic", "1"), ("QuotaAction", "defer")]})
-    send(gw.port, ["u1@example.test", "u2@example.test"], 600_000)
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:  # the limit holds within one transaction too
+        refused = client.sendmail("a@example.test", ["u1@example.test", "u2@example.test", "u9@example.test"],
+                                  message(600_000))
+    assert refused == {"u9@example.test": (452, b"4.5.3 <u9@example.test>: daily quota of protected recipients"
+                                                 b" reached, try again later")}
     gw.wait_log(r"QUOTA, quota=recipients, day=\S+, threshold=100%, used=2, limit=2, action=defer, notice=\w+")
     with smtplib.SMTP("127.0.0.1", gw.port) as client:
         client.ehlo()
