@@ -112,12 +112,13 @@ class Quota:
         if key in self.recipients or not is_protected(protected, key):
             return None
         pending = {a.lower() for a in accepted} - self.recipients
-        if key in pending or len(self.recipients) + sum(is_protected(protected, a) for a in pending) < limit:
+        used = len(self.recipients) + sum(is_protected(protected, a) for a in pending)
+        if key in pending or used < limit:
             return None
         if key == cfg.network.Postmaster.lower():  # RFC 5321 §4.5.1: mail to the postmaster is accepted
             return None
         event("", "QUOTA, quota=%s, action=defer, client=[%s], rcpt=<%s>, used=%d, limit=%d", RECIPIENTS, client_ip,
-              address, len(self.recipients), limit, level=logging.WARNING)
+              address, used, limit, level=logging.WARNING)
         return RECIPIENTS_REACHED.format(address)
 
     def refuse_message(self, cfg: Any, size: int, client_ip: str) -> smtp.Reply | None:
