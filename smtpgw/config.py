@@ -489,6 +489,10 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.console", "AdminPasswordHash", PASSWORD_HASH),
     P("smtpgw.console", "ReadOnlyUsers", ACCOUNT, "", [], "r"),
     P("smtpgw.console", "MetricsAllowFrom", IPS, "", ["127.0.0.0/8", "::1"], "rf"),
+    P("smtpgw.quota", "MaximalProtectedRecipients", INT, "0-1000000", 0),  # 0: not counted
+    P("smtpgw.quota", "MaximalDailyTraffic", INT, "0-10000000 MB", 0),  # 0: no limit
+    P("smtpgw.quota", "WarningThreshold", INT, "0-99 %", 80),  # 0: only the notice at 100 %
+    P("smtpgw.quota", "QuotaAction", CHOICE, "notify|defer", "notify"),
     P("updater.path", "UploadPatchPath", PATH),
     P("updater.path", "BackUpPath", PATH),
     P("updater.path", "ClamdDatabasePath", PATH),
@@ -617,6 +621,7 @@ class Config:
     ave: Section
     antispam: Section
     console: Section
+    quota: Section
     policy: Group
     updater_path: Section
     updater_options: Section

@@ -26,7 +26,7 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from smtpgw import access, antivirus, dsn, log as logsetup, masks, memory, mx, notify, routing, smtp
+from smtpgw import access, antivirus, dsn, log as logsetup, masks, memory, mx, notify, quota, routing, smtp
 from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.console import Console
@@ -92,6 +92,7 @@ class Gateway:
         self.loop = EventLoop()
         self.stats = Stats()
         self.traffic = Traffic()
+        self.quota = quota.Quota(cfg.path.QueuePath)
         self.queue = Queue(cfg.path.QueuePath)
         self.committer = Committer(self.queue, self.loop.call_soon_threadsafe)
         self.sessions: set[Session] = set()
@@ -302,6 +303,7 @@ class Gateway:
         self.lock_queue()
         self._publish_worker_config(self.cfg)
         self.stats.restore(self.cfg.options.StatFilename, history_path(self.queue.root))
+        self.quota.restore(self.cfg.quota.MaximalProtectedRecipients)
         counts = self.queue.recover()
         log.info("queue %s recovered: %s", self.queue.root, ", ".join(f"{k}={v}" for k, v in counts.items()))
         for listener in self.listeners:
@@ -339,12 +341,21 @@ class Gateway:
             future = self.committer.pool.submit(save_stats, self.cfg.options.StatFilename,
                                                 history_path(self.queue.root), self.stats.snapshot())
             future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._stats_saved, f))
+        snapshot = self.quota.snapshot()
+        if snapshot is not None:
+            written = self.committer.pool.submit(self.quota.write, snapshot)
+            written.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._quota_saved, f))
         self.loop.call_later(self.cfg.options.StatSaveInterval, self._save_stats)
 
     def _stats_saved(self, future: Future[None]) -> None:
         self._saving_stats = False
         if future.exception() is not None:
             log.error("cannot save the statistics to %s: %s", self.cfg.options.StatFilename, future.exception())
+
+    def _quota_saved(self, future: Future[None]) -> None:
+        if future.exception() is not None:
+            self.quota.dirty = True
+            log.error("cannot save the quota counts to %s: %s", self.quota.path, future.exception())
 
     def _purge_stores(self) -> None:
         """Remove store items past their lifetime (QuarantineLifetime, BackupLifetime, archive
@@ -404,6 +415,7 @@ class Gateway:
             save_stats(self.cfg.options.StatFilename, history_path(self.queue.root), self.stats.snapshot())
         except OSError as exc:
             log.error("cannot save the statistics to %s: %s", self.cfg.options.StatFilename, exc)
+        self.quota.save()
         self.queue.sync_state_dirs()
         log.info("stopped")
         logsetup.flush_all()
@@ -510,11 +522,34 @@ class Gateway:
         self.stats.inc("mta_received_messages")
         self.stats.inc("mta_received_bytes", env.size)
         self.stats.inc("mta_received_recipients", len(env.recipients))
+        for crossing in self.quota.count(self.cfg, (r.addr for r in env.recipients), env.size):
+            self._quota_crossed(crossing, env.id)
         archive = self.incoming_archive
         if archive is not None:  # kmg-spec §3.9: a copy of every received message
             path, record = self.queue.msg_path(env.id), env.as_dict()
             self.committer.run(lambda: archive.put(env.id, path, record, "RCV"))
         self.scanner.accept(env)
+
+    def _quota_crossed(self, crossing: quota.Crossing, srcid: str) -> None:
+        """A usage quota passed a threshold: a QUOTA line, and the admin's notice queued once a day."""
+        policy = self.cfg.policy
+        notice = None
+        try:
+            data = quota.notice(self.cfg, crossing)
+            notice = Envelope(id=new_id(), sender=policy.NotifyFromAddress,
+                              recipients=[Recipient(addr=policy.AdminNotifyAddress)], helo=self.cfg.network.Hostname,
+                              received_at=time.time(), size=len(data), srcid=srcid)
+            self.queue.add_message(notice, QUE, data=data)
+        except (OSError, ValueError) as exc:
+            log.error("%s: cannot queue the quota notice: %s", srcid, exc)
+            notice = None
+        event("", "QUOTA, quota=%s, day=%s, threshold=%d%%, used=%d, limit=%d, action=%s, notice=%s", crossing.quota,
+              crossing.day, crossing.threshold, crossing.used, crossing.limit, self.cfg.quota.QuotaAction,
+              notice.id if notice else "none", level=logging.WARNING)
+        self.quota.save()  # after the notice: a crash between them repeats it, never loses it
+        if notice is not None:
+            event(notice.id, "NOTIFICATION, kind=quota, srcid=%s, to=%s", srcid, [policy.AdminNotifyAddress])
+            self.message_scanned(notice)
 
     def message_scanned(self, env: Envelope) -> None:
         self.traffic.scanned(env)

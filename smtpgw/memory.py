@@ -116,6 +116,7 @@ def registries(gw: "Gateway") -> dict[str, int]:
         "sender_unreachable": len(sender.unreachable),
         "dns_cache": gw.resolver.cache_len(),
         "stats_counters": len(gw.stats.counters),
+        "quota_recipients": len(gw.quota.recipients),  # at most MaximalProtectedRecipients
         "loop_timers": loop.timer_count(),
         "loop_readers": len(loop._readers),
         "loop_writers": len(loop._writers),

@@ -55,6 +55,7 @@ __all__ = [
     "TemplateError",
     "add_disclaimer",
     "build_notification",
+    "compose_text",
     "decode_subject",
     "encode_text",
     "event_context",
@@ -591,6 +592,14 @@ def build_notification(
     fields, body = template.render(values, lists)
     subject = next((v for n, v in fields if n == "Subject" and v), "Mail gateway notification")
     extra = [(n, v) for n, v in fields if n != "Subject" and v]
+    return compose_text(from_addr, to_addrs, subject, body, now, extra)
+
+
+def compose_text(from_addr: str, to_addrs: Sequence[str], subject: str, body: str, now: float,
+                 extra: Sequence[tuple[str, str]] = ()) -> bytes:
+    """A text/plain message from the gateway (CRLF line endings, 7-bit), auto-generated (RFC 3834).
+
+    Raises ValueError for an address unfit for a header field."""
     sender_domain = email.utils.parseaddr(from_addr)[1].rpartition("@")[2]
     charset, cte, data = encode_text(body)
     top = [

@@ -537,6 +537,11 @@ class Session:
             log.info("access rule refused: client=[%s] rcpt=<%s>: %s", self.ip, address, refusal.text)
             self.reply(refusal)
             return
+        elif (refusal := self.gw.quota.refuse_recipient(self.cfg, address, self.ip, (r.addr for r in self.rcpts))) is not None:
+            self.rcpt_refused += 1
+            self.gw.stats.refuse("quota")
+            self.reply(refusal)
+            return
         self.rcpts.append(Recipient(addr=address, orcpt=rparams.orcpt, notify=rparams.notify))
         self.set_timeout(self.cfg.timeouts.ReceivingDataInitiationTimeout)
         self.reply(smtp.RCPT_OK)
@@ -616,6 +621,8 @@ class Session:
             )
         elif reader.hops > reader.max_hops:
             refusal = ("hops_limit", smtp.HOPS_EXCEEDED)
+        elif (deferred := self.gw.quota.refuse_message(self.cfg, reader.size, self.ip)) is not None:
+            refusal = ("quota", deferred)
         if refusal is not None:
             self.gw.stats.refuse(refusal[0])
             log.info("refused message from [%s] <%s>: %s", self.ip, self.sender, refusal[1].text)
