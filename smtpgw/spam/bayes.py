@@ -140,12 +140,30 @@ class Bayes:
             self._clues = table
         return self._clues
 
-    def score(self, tokens: Iterable[str]) -> BayesResult:
+    def score(self, tokens: Iterable[str], site: Bayes | None = None) -> BayesResult:
+        """The message's Bayes score; with ``site``, its counts are added to these at lookup time
+        (a token the site never learned keeps its probability from this table)."""
+        unique = tokens if isinstance(tokens, (set, frozenset)) else set(tokens)
         table = self.clue_table()
-        found = table.keys() & (tokens if isinstance(tokens, (set, frozenset)) else set(tokens))
-        ranked = sorted(((abs(table[t] - 0.5), t) for t in found), reverse=True)[:MAX_CLUES]
-        clues = [(t, table[t]) for _, t in ranked]
+        if site is None or not (site.nham or site.nspam):
+            probabilities = {t: table[t] for t in table.keys() & unique}
+        else:
+            probabilities = self._layered(unique, site, table)
+        ranked = sorted(((abs(p - 0.5), t) for t, p in probabilities.items()), reverse=True)[:MAX_CLUES]
+        clues = [(t, probabilities[t]) for _, t in ranked]
         return BayesResult(combine(p for _, p in clues), clues)
+
+    def _layered(self, unique: set[str] | frozenset[str], site: Bayes, table: dict[str, float]) -> dict[str, float]:
+        learned = site.counts.keys() & unique
+        probabilities = {t: table[t] for t in (table.keys() & unique) - learned}
+        nham, nspam = self.nham + site.nham, self.nspam + site.nspam
+        for token in learned:
+            ham, spam = self.counts.get(token, (0, 0))
+            more_ham, more_spam = site.counts[token]
+            p = token_probability(ham + more_ham, spam + more_spam, nham, nspam)
+            if abs(p - 0.5) >= MIN_DEVIATION:
+                probabilities[token] = p
+        return probabilities
 
     def learn(self, tokens: Iterable[str], is_spam: bool, count: int = 1) -> None:
         """Add (count=1) or remove (count=-1) one message's tokens."""
