@@ -303,27 +303,27 @@ def term_weights(path: str, wanted: set[str]) -> tuple[float, dict[str, float]]:
     bias = 0.0
     weights: dict[str, float] = {}
     in_tokens = False
-    checksum = ""
+    last = b""  # the line read last: the "end" trailer once the file is read (a token may be "end")
     try:
         with open(path, "rb") as src:
             for raw in src:
-                if raw.startswith(b"end\t"):
-                    checksum = raw[4:].strip().decode("ascii", "replace")
-                    break
-                digest.update(raw)
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                if in_tokens:
-                    token, _, rest = line.partition("\t")
-                    if token in wanted:
-                        weights[token] = _parse_weight(rest.rsplit("\t", 1)[-1])
-                elif line.startswith("terms-bias\t"):
-                    bias = _parse_weight(line[11:])
-                elif line.startswith("tokens\t"):
-                    in_tokens = True
+                if last:
+                    digest.update(last)
+                    line = last.decode("utf-8", "replace").rstrip("\n")
+                    if in_tokens:
+                        token, _, rest = line.partition("\t")
+                        if token in wanted:
+                            weights[token] = _parse_weight(rest.rsplit("\t", 1)[-1])
+                    elif line.startswith("terms-bias\t"):
+                        bias = _parse_weight(line[11:])
+                    elif line.startswith("tokens\t"):
+                        in_tokens = True
+                last = raw
     except OSError as exc:
         raise DatabaseError(f"{path}: {exc.strerror or exc}") from None
     except ValueError:
         raise DatabaseError(f"{path}: bad term weight") from None
+    checksum = last[4:].strip().decode("ascii", "replace") if last.startswith(b"end\t") else ""
     if checksum != digest.hexdigest():
         raise DatabaseError(f"{path}: checksum mismatch (damaged or edited file)")
     return bias, weights

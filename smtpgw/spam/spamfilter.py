@@ -104,6 +104,17 @@ def describe(database: SpamDatabase | None) -> str:
     return f"version={info.version}, date={info.date}, ham={database.bayes.nham}, spam={database.bayes.nspam}"
 
 
+def site_layer(path: str) -> str:
+    """The site layer at ``path`` for the ``bases:`` log line: none, its figures, or why it is ignored."""
+    if not os.path.exists(path):
+        return "none"
+    try:
+        database = SpamDatabase.load(path)
+    except DatabaseError as exc:
+        return f"ignored, {exc}"
+    return f"date={database.info.date}, ham={database.bayes.nham}, spam={database.bayes.nspam}"
+
+
 class SiteLayer:
     """The site database at ``path``, read again whenever the file changes (one stat per call)."""
 
