@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -180,6 +181,22 @@ def test_a_released_spam_is_learned_as_ham_and_rescanned_as_ham(make_gateway, si
     [got] = sink.wait_for(1)
     assert b"X-SpamTest-Status: Not Detected\r\n" in got.data and b"Buy viagra" in got.data
     gw.wait_log(r"site spam database .*site-spam\.db loaded \(version=site, date=\S+, ham=1, spam=0\)")
+
+
+def test_a_learning_file_in_the_control_folder_is_learned_into_the_site_layer(make_gateway, sink, clamd, tmp_path):
+    bases = private_bases(tmp_path)
+    gw = spam_gateway(make_gateway, sink, clamd, path=[("BasesPath", bases)])
+    os.makedirs(gw.control_path, exist_ok=True)
+    with open(os.path.join(gw.control_path, ".l_spam_report1"), "wb") as drop:
+        drop.write(HAM)
+    gw.wait_log(r"control learning file \.l_spam_report1: learned 1 spam message\(s\) into " + re.escape(site_file(bases)))
+    layer = SpamDatabase.load(site_file(bases))
+    assert (layer.bayes.nham, layer.bayes.nspam) == (0, 1)
+    assert not os.path.exists(os.path.join(gw.control_path, ".l_spam_report1"))
+    with open(os.path.join(gw.control_path, ".l_ham_empty"), "wb"):
+        pass  # no message in it: learned as nothing, removed all the same
+    gw.wait_log(r"control learning file \.l_ham_empty: learned 0 ham message\(s\)")
+    assert not os.path.exists(os.path.join(gw.control_path, ".l_ham_empty"))
 
 
 def test_a_damaged_site_layer_never_stops_mail(make_gateway, sink, clamd, tmp_path):
