@@ -80,3 +80,31 @@ def test_classify_with_shipped_database(corpus, capsys) -> None:  # type: ignore
     assert main(["classify", str(corpus / "spam.mbox")], None) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 12 and out[0].startswith(str(corpus / "spam.mbox") + ":1\t")
+
+
+def _learn_many(db_dir: str, message: str, times: int) -> None:
+    from smtpgw.spam.training import learn_files
+
+    for _ in range(times):
+        learn_files(db_dir, [message], is_spam=True)
+
+
+def test_concurrent_learners_lose_no_message(corpus) -> None:  # type: ignore[no-untyped-def]
+    """Each learning reads, changes and rewrites the site layer under its fcntl lock: learners in
+    several processes at once add up to every message they learned."""
+    import multiprocessing
+
+    db_dir = str(corpus / "db")
+    assert main(["train", "--ham", str(corpus / "ham"), "--spam", str(corpus / "spam.mbox"), "--db", db_dir], None) == 0
+    message = corpus / "one.eml"
+    message.write_bytes(_message(1, SPAM_WORDS, "promo@example.com"))
+    context = multiprocessing.get_context("fork")
+    learners = [context.Process(target=_learn_many, args=(db_dir, str(message), 15)) for _ in range(3)]
+    for learner in learners:
+        learner.start()
+    for learner in learners:
+        learner.join(60)
+        assert learner.exitcode == 0
+    site = SpamDatabase.load(str(corpus / "site-spam.db"))
+    assert (site.bayes.nham, site.bayes.nspam) == (0, 45)
+    assert site.bayes.counts["casino"] == (0, 45)
