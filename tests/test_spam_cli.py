@@ -60,6 +60,7 @@ def test_train_classify_learn_round_trip(corpus, capsys) -> None:  # type: ignor
     assert (site.bayes.nham, site.bayes.nspam) == (0, 1)
     tokens = message_tokens(ham_file.read_bytes())
     assert site.terms.score(tokens) > 0  # the term weights learned it too, as changes to the shipped ones
+    assert site.terms.bias == 0.0  # but not a bias, which would move every message's score
     capsys.readouterr()
     assert main(["classify", "--db", db_dir, str(ham_file)], None) == 0
     assert float(capsys.readouterr().out.split("\t")[2]) > float(lines[0][2])

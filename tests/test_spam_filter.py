@@ -247,6 +247,10 @@ def test_learned_ham_counts_from_the_next_message_without_a_reload(site_bases, t
     assert after.score < before.score  # the content is now ham-like; the formal-sign rules still hit
     assert (before.method, after.method) == ("content", "rules")
     assert own.classify(HAM, None, "", ["bob@example.org"], []).status == "Not Detected"
+    other = (b"From: Best Deals <deals@promo-offers.biz>\nTo: bob@example.org\nSubject: Cheap meds online - no "
+             b"prescription needed\n\nBuy cialis cheap, no prescription needed! Lowest prices guaranteed, order now "
+             b"and save 80%.\nClick here to order: http://promo-offers.biz/buy\n")
+    assert own.classify(other, None, "", ["bob@example.org"], []).status == "Spam"  # one release whitelists no one else
 
 
 def test_a_damaged_site_layer_is_logged_and_left_out(site_bases, caplog) -> None:  # type: ignore[no-untyped-def]

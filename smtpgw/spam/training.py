@@ -161,7 +161,7 @@ def learn_files(db_path: str, paths: Iterable[str], is_spam: bool) -> int:
         for found in messages:
             offset = bias + sum(weights.get(t, 0.0) for t in found)
             site.bayes.learn(found, is_spam)
-            site.terms.learn(found, is_spam, offset)
+            site.terms.learn(found, is_spam, offset, learn_bias=False)
         site.info.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
         site.save(path)
     log.info("learned %d %s messages into %s", len(messages), "spam" if is_spam else "ham", path)
