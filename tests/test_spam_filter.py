@@ -253,8 +253,12 @@ def test_learned_ham_counts_from_the_next_message_without_a_reload(site_bases, t
     assert own.classify(other, None, "", ["bob@example.org"], []).status == "Spam"  # one release whitelists no one else
 
 
-def test_a_damaged_site_layer_is_logged_and_left_out(site_bases, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_damaged_site_layer_is_logged_and_left_out(site_bases, caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
     from smtpgw.spam.database import site_file
+
+    monkeypatch.setattr(logging.getLogger("smtpgw"), "propagate", True)  # smtpgw.log.setup may have closed it
 
     own = SpamFilter(section(), site_bases)
     shipped_only = own.classify(SPAM, None, "", ["bob@example.org"], [])
