@@ -451,6 +451,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.antispam", "WhiteListIPs", IPS, "", [], "rf"),
     P("smtpgw.antispam", "BlackListIPs", IPS, "", [], "rf"),
     P("smtpgw.antispam", "DNSBlackListWeight", FLOAT, "0-1", 0.5),
+    P("smtpgw.antispam", "LearnOnRelease", BOOL, "", False),
     P("smtpgw.policy", "Check", BOOL, "", True),
     P("smtpgw.policy", "AdminNotifyAddress", ADDRESS, "", None, "q"),
     P("smtpgw.policy", "NotifyFromAddress", ADDRESS, "", None, "q"),

@@ -249,11 +249,9 @@ class Console:
         return health
 
     def learn(self, message_path: str, is_spam: bool) -> int:
-        """``spam learn`` of one stored message into the spam database, then new workers load it
-        (``.c_db_reload``); from a request thread (the database is rewritten whole)."""
-        count = learn_files(self.gw.cfg.base.BasesPath or default_bases(), [message_path], is_spam)
-        self.on_loop(self.gw.reload_databases)
-        return count
+        """``spam learn`` of one stored message into the site spam database, from a request thread;
+        the scanner workers see the changed file at their next message (no restart)."""
+        return learn_files(self.gw.cfg.base.BasesPath or default_bases(), [message_path], is_spam)
 
     def log_tail(self) -> list[str]:
         path = self.gw.cfg.options.LogFile

@@ -199,7 +199,7 @@ def store_action(h: Handler, form: dict[str, str]) -> None:
     item = _item(store, item_id)
     if op.startswith("learn-"):
         count = h.console.learn(store.message_path(item.id), op == "learn-spam")
-        result = f"{item.id} learned as {op[6:]} ({count} message(s)); databases reloading"
+        result = f"{item.id} learned as {op[6:]} ({count} message(s)) into the site spam database"
     elif op == "delete":
         store.remove(item.id)
         result = f"{item.id} deleted"

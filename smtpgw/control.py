@@ -5,7 +5,10 @@ reference's command files (``.c_stats``, ``.c_recv_on``/``.c_recv_off``,
 ``.c_send_on``/``.c_send_off``, ``.c_avir_on``/``.c_avir_off``,
 ``.c_db_reload``, and ``.c_memory``, our own: a memory report), executing each and deleting it; and answering queue
 requests (``.q_<nonce>`` JSON files written by ``smtpgw.py queue ...``) with an
-answer file ``.a_<nonce>``, so that only the gateway changes queue states.
+answer file ``.a_<nonce>``, so that only the gateway changes queue states; and
+learning files, our own: a message (or mbox) dropped as ``.l_ham_NAME`` or
+``.l_spam_NAME`` is learned into the site spam database (``spam learn``) in an
+I/O thread, then deleted, and the log says what was learned or why not.
 
 Must never: execute a file twice (it is deleted before the command runs), act
 on a request it cannot parse (it answers with an error instead), or block the
@@ -24,6 +27,9 @@ from typing import TYPE_CHECKING, Callable
 
 from smtpgw import memory
 from smtpgw.queue import CHK, QUE, STAGED, STATES, WFC, WFS, write_durably
+from smtpgw.spam.database import DatabaseError, site_file
+from smtpgw.spam.spamfilter import default_bases
+from smtpgw.spam.training import learn_files
 
 if TYPE_CHECKING:
     from smtpgw.gateway import Gateway
@@ -39,6 +45,8 @@ REMOVED_BY_ALL = (WFC, WFS, QUE)  # ``queue remove-all``: what is not being proc
 # A request is one JSON object: an operation and a queue ID, or a release with its recipients
 # (MaximalRecipients addresses of at most 256 octets, RFC 5321 §4.5.3.1.3). Larger is not ours.
 MAX_REQUEST = 1024 * 1024
+LEARN_PREFIXES = (".l_ham_", ".l_spam_")  # learning files: ``spam learn --ham|--spam`` of the file
+MAX_LEARN_BYTES = 64 * 1024 * 1024  # a learning file larger than this is refused (and removed)
 # klmailq / klmaila return codes (kmg-spec §4.7)
 DONE, BAD_ARGS, UNREADABLE, SYSTEM_ERROR, NOT_PERFORMED = 0, 1, 2, 3, 4
 
@@ -48,6 +56,7 @@ class Control:
         self.gw = gateway
         self.timer = None
         self.ignored: set[str] = set()  # names of control entries already reported as not regular files
+        self.learning: set[str] = set()  # learning files handed to an I/O thread, not yet done
         self.commands: dict[str, Callable[[], None]] = {
             ".c_stats": self.dump_stats,
             ".c_recv_on": lambda: self._switch("receiving", True),
@@ -83,7 +92,7 @@ class Control:
         try:
             for name in names:
                 path = os.path.join(self.folder, name)
-                if (name in self.commands or name.startswith(".q_")) and not self._regular(path, name):
+                if (name in self.commands or name.startswith((".q_", *LEARN_PREFIXES))) and not self._regular(path, name):
                     continue
                 try:
                     if name in self.commands:
@@ -92,6 +101,8 @@ class Control:
                         self.commands[name]()
                     elif name.startswith(".q_"):
                         self._request(path, name[3:])
+                    elif name.startswith(LEARN_PREFIXES) and name not in self.learning:
+                        self._learn(path, name)
                 except Exception:  # one bad command must not stop the others, now or later
                     log.exception("control file %s failed", name)
                     if name.startswith(".q_"):
@@ -117,6 +128,18 @@ class Control:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+    def _learn(self, path: str, name: str) -> None:
+        """A learning file goes to an I/O thread (the shipped database is read there); the name is
+        held until it is done, so a poll meanwhile does not hand it over twice."""
+        self.learning.add(name)
+        bases = self.gw.cfg.base.BasesPath or default_bases()
+        future = self.gw.committer.pool.submit(learn_file, bases, path, name.startswith(".l_spam_"))
+
+        def done(_future: object) -> None:
+            self.learning.discard(name)
+
+        future.add_done_callback(lambda f: self.gw.loop.call_soon_threadsafe(done, f))
 
     def _switch(self, what: str, on: bool) -> None:
         gw = self.gw
@@ -292,3 +315,22 @@ def _is_regular(path: str) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:  # gone since the listing, or unreachable
         return False
+
+
+def learn_file(bases: str, path: str, is_spam: bool) -> None:
+    """Learn one learning file into the site layer of ``bases`` and delete it, learned or not
+    (a file that cannot be learned is reported once, not tried at every poll)."""
+    name, kind = os.path.basename(path), "spam" if is_spam else "ham"
+    try:
+        size = os.stat(path).st_size
+        if size > MAX_LEARN_BYTES:
+            log.error("control learning file %s refused and removed: %d bytes, more than %d", name, size, MAX_LEARN_BYTES)
+        else:
+            count = learn_files(bases, [path], is_spam)
+            log.info("control learning file %s: learned %d %s message(s) into %s", name, count, kind, site_file(bases))
+    except (DatabaseError, OSError, ValueError) as exc:
+        log.error("control learning file %s not learned as %s, removed: %s", name, kind, exc)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

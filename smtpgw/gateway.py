@@ -39,8 +39,8 @@ from smtpgw.receiver import Listener, Session
 from smtpgw.scanner import Scanner
 from smtpgw.workers import worker_config_path
 from smtpgw.sender import Hop, ResolveCallback, Sender, literal_hops
-from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
-from smtpgw.spam.spamfilter import default_bases
+from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
+from smtpgw.spam.spamfilter import default_bases, describe, site_layer
 from smtpgw.stats import Stats, history_path, save as save_stats
 from smtpgw.store import Item, Store, lifetimes, purge_stores
 from smtpgw.traffic import Traffic
@@ -62,14 +62,16 @@ class StartupError(Exception):
 
 
 def bases_versions(cfg: Config) -> str:
-    """``bases: anti-spam version=V, date=D; anti-virus ClamAV E/N YYYYMMDD`` (or why not)."""
+    """``bases: anti-spam version=V, date=D, ham=N, spam=M (site layer: ...); anti-virus ClamAV
+    E/N YYYYMMDD`` (or why not); the site layer is ``none``, its date and counts, or why it is ignored."""
     spam = "off (Check=false)"
     if cfg.antispam.Check:
+        bases = cfg.base.BasesPath or default_bases()
         try:
-            info = SpamDatabase.load(database_file(cfg.base.BasesPath or default_bases())).info
-            spam = f"version={info.version}, date={info.date}"
+            spam = describe(SpamDatabase.load(database_file(bases)))
         except DatabaseError as exc:
             spam = f"unusable: {exc}"
+        spam += f" (site layer: {site_layer(site_file(bases))})"
     virus = "off (Check=false)"
     if any(section.Check for section in (cfg.policy, *cfg.groups)):
         try:

@@ -7,6 +7,12 @@ group), the listing filters (``--status``, ``--sender``, ``--recipient``, ``--si
 ``--until``) and the listing formats: ``text`` (klmaila's), ``tsv`` and ``json`` (one
 object per line, as ``postqueue -j``) for scripts.
 
+A release of a quarantined spam (status SPM/PSP, or a spam verdict of Spam or
+Probable Spam) with ``[smtpgw.antispam] LearnOnRelease=yes`` first learns the
+message as ham into the site spam database (``spam learn --ham``), so that the
+scan of the released copy already counts it; a failed learning is reported and
+the release goes on.
+
 Must never: send a message itself (a release goes to the ``release_callback`` the caller
 gives), or write to a store except through `smtpgw.store.Store`.
 """
@@ -22,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Any, BinaryIO, Callable, Sequence
 
 from smtpgw.masks import match_any
+from smtpgw.spam.verdict import PROBABLE_SPAM, SPAM
 from smtpgw.store import STATUSES, Item, Store, StoreError, format_listing
 
 __all__ = ["store_main", "filter_items", "format_tsv", "format_json"]
@@ -235,12 +242,34 @@ def _run(args: argparse.Namespace, store: Store, cfg: Any, release: ReleaseCallb
     failed = 0
     for item_id in ids:
         raw, sender, recipients = store.envelope_for_release(item_id)
+        _learn_released(store, item_id, cfg)
         if release(raw, sender, recipients, not args.without_check):
             print(f"{item_id} released to {', '.join(recipients)}")
         else:
             print(f"smtpgw store: {item_id} not released", file=sys.stderr)
             failed += 1
     return EXIT_NOT_DONE if failed else EXIT_DONE
+
+
+def _learn_released(store: Store, item_id: str, cfg: Any) -> None:
+    """LearnOnRelease: a released spam is learned as ham into the site spam database."""
+    antispam = getattr(cfg, "antispam", None)
+    if not getattr(antispam, "LearnOnRelease", False):
+        return
+    item = store.item(item_id)
+    if item.status not in ("SPM", "PSP") and dict(item.verdicts).get("spam") not in (SPAM, PROBABLE_SPAM):
+        return
+    from smtpgw.spam.database import DatabaseError, site_file
+    from smtpgw.spam.spamfilter import default_bases
+    from smtpgw.spam.training import learn_files
+
+    bases = getattr(getattr(cfg, "base", None), "BasesPath", None) or default_bases()
+    try:
+        learn_files(bases, [store.message_path(item_id)], is_spam=False)
+    except (DatabaseError, OSError) as exc:
+        print(f"smtpgw store: {item_id} not learned as ham: {exc}", file=sys.stderr)
+        return
+    print(f"{item_id} learned as ham into {site_file(bases)}")
 
 
 def _write_bytes(data: bytes) -> None:

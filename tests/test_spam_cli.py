@@ -55,16 +55,18 @@ def test_train_classify_learn_round_trip(corpus, capsys) -> None:  # type: ignor
     assert all(0.0 <= float(score) <= 1.0 for _, _, score in lines)
 
     assert main(["learn", "--db", db_dir, "--spam", str(ham_file)], None) == 0
-    learned = SpamDatabase.load(os.path.join(db_dir, "spam.db"))
-    assert learned.bayes.nspam == 13
-    assert learned.terms.score(message_tokens(ham_file.read_bytes())) > database.terms.score(
-        message_tokens(ham_file.read_bytes()))  # the term weights learned it too
+    assert SpamDatabase.load(os.path.join(db_dir, "spam.db")).to_bytes() == database.to_bytes()  # only read
+    site = SpamDatabase.load(str(corpus / "site-spam.db"))  # the site layer, beside the bases folder
+    assert (site.bayes.nham, site.bayes.nspam) == (0, 1)
+    tokens = message_tokens(ham_file.read_bytes())
+    assert site.terms.score(tokens) > 0  # the term weights learned it too, as changes to the shipped ones
+    assert site.terms.bias == 0.0  # but not a bias, which would move every message's score
     capsys.readouterr()
     assert main(["classify", "--db", db_dir, str(ham_file)], None) == 0
     assert float(capsys.readouterr().out.split("\t")[2]) > float(lines[0][2])
     assert main(["info", "--db", db_dir], None) == 0
     out = capsys.readouterr().out
-    assert "spam\t13" in out and "term-weights\t" in out
+    assert "spam\t12" in out and "term-weights\t" in out and "site-spam\t1" in out
 
 
 def test_errors_are_one_line(corpus, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -79,3 +81,31 @@ def test_classify_with_shipped_database(corpus, capsys) -> None:  # type: ignore
     assert main(["classify", str(corpus / "spam.mbox")], None) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 12 and out[0].startswith(str(corpus / "spam.mbox") + ":1\t")
+
+
+def _learn_many(db_dir: str, message: str, times: int) -> None:
+    from smtpgw.spam.training import learn_files
+
+    for _ in range(times):
+        learn_files(db_dir, [message], is_spam=True)
+
+
+def test_concurrent_learners_lose_no_message(corpus) -> None:  # type: ignore[no-untyped-def]
+    """Each learning reads, changes and rewrites the site layer under its fcntl lock: learners in
+    several processes at once add up to every message they learned."""
+    import multiprocessing
+
+    db_dir = str(corpus / "db")
+    assert main(["train", "--ham", str(corpus / "ham"), "--spam", str(corpus / "spam.mbox"), "--db", db_dir], None) == 0
+    message = corpus / "one.eml"
+    message.write_bytes(_message(1, SPAM_WORDS, "promo@example.com"))
+    context = multiprocessing.get_context("fork")
+    learners = [context.Process(target=_learn_many, args=(db_dir, str(message), 15)) for _ in range(3)]
+    for learner in learners:
+        learner.start()
+    for learner in learners:
+        learner.join(60)
+        assert learner.exitcode == 0
+    site = SpamDatabase.load(str(corpus / "site-spam.db"))
+    assert (site.bayes.nham, site.bayes.nspam) == (0, 45)
+    assert site.bayes.counts["casino"] == (0, 45)

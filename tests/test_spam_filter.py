@@ -238,3 +238,50 @@ def test_groups_get_their_own_filters_over_one_loaded_database(tmp_path) -> None
     assert job.spam["plain"] is job.spam["policy"] and job.spam["policy"].level == "soft"
     assert job.spam["strict"] is not job.spam["policy"] and job.spam["strict"].level == "hard"
     assert job.spam["strict"].database is job.spam["policy"].database
+@pytest.fixture()
+def site_bases(tmp_path):  # type: ignore[no-untyped-def]
+    """A BasesPath whose spam.db is the shipped one (a link: only read), its site layer beside it."""
+    bases = tmp_path / "bases"
+    (bases / "spam").mkdir(parents=True)
+    os.symlink(os.path.join(default_bases(), "spam", "spam.db"), bases / "spam" / "spam.db")
+    return str(bases)
+
+
+def test_learned_ham_counts_from_the_next_message_without_a_reload(site_bases, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from smtpgw.spam.database import site_file
+    from smtpgw.spam.training import learn_files
+
+    own = SpamFilter(section(), site_bases)
+    before = own.classify(SPAM, None, "", ["bob@example.org"], [])
+    assert before.status == "Spam"
+    (tmp_path / "released.eml").write_bytes(SPAM)
+    assert learn_files(site_bases, [str(tmp_path / "released.eml")], is_spam=False) == 1
+    assert os.path.exists(site_file(site_bases)) and site_file(site_bases) == str(tmp_path / "site-spam.db")
+    after = own.classify(SPAM, None, "", ["bob@example.org"], [])  # same filter, no reload
+    assert after.score < before.score  # the content is now ham-like; the formal-sign rules still hit
+    assert (before.method, after.method) == ("content", "rules")
+    assert own.classify(HAM, None, "", ["bob@example.org"], []).status == "Not Detected"
+    other = (b"From: Best Deals <deals@promo-offers.biz>\nTo: bob@example.org\nSubject: Cheap meds online - no "
+             b"prescription needed\n\nBuy cialis cheap, no prescription needed! Lowest prices guaranteed, order now "
+             b"and save 80%.\nClick here to order: http://promo-offers.biz/buy\n")
+    assert own.classify(other, None, "", ["bob@example.org"], []).status == "Spam"  # one release whitelists no one else
+
+
+def test_a_damaged_site_layer_is_logged_and_left_out(site_bases, caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from smtpgw.spam.database import site_file
+
+    monkeypatch.setattr(logging.getLogger("smtpgw"), "propagate", True)  # smtpgw.log.setup may have closed it
+
+    own = SpamFilter(section(), site_bases)
+    shipped_only = own.classify(SPAM, None, "", ["bob@example.org"], [])
+    with open(site_file(site_bases), "wb") as damaged:
+        damaged.write(b"smtpgw-spam-db\t2\nversion\tsite\n")  # a half-written copy
+    with caplog.at_level("ERROR", logger="smtpgw.spam.filter"):
+        first = own.classify(SPAM, None, "", ["bob@example.org"], [])
+        second = own.classify(SPAM, None, "", ["bob@example.org"], [])
+    assert (first.status, first.score) == (second.status, second.score) == (shipped_only.status, shipped_only.score)
+    ignored = [r.getMessage() for r in caplog.records if "site spam database ignored" in r.getMessage()]
+    assert len(ignored) == 1 and "truncated" in ignored[0]  # once per change of the file, with the reason
+    assert own.reload() is True  # the shipped database reloads all the same

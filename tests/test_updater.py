@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,9 @@ import pytest
 from smtpgw import signing, updater
 from smtpgw.av import ClamdServer
 from smtpgw.spam.bayes import Bayes
-from smtpgw.spam.database import DatabaseInfo, SpamDatabase
+from smtpgw.spam.database import SITE_FILE_NAME, DatabaseInfo, SpamDatabase, site_file
+from smtpgw.spam.spamfilter import SpamFilter
+from smtpgw.spam.training import learn_files
 from tests.support.components import require
 from tests.support.net import BASE_CONFIG, REPO, wait_until
 from tests.support.updates import publish, server  # noqa: F401 (server: a fixture)
@@ -199,6 +202,27 @@ def test_local_folder_installs_then_nothing_to_do(tmp_path) -> None:
     assert host.keepup2date() == NO_UPDATE
     assert not host.take_reload_request()
     assert "no update needed" in host.report_text()
+
+
+def test_an_update_and_a_rollback_keep_what_the_site_learned(tmp_path) -> None:
+    """The site layer (``site-spam.db`` beside BasesPath) is not keepup2date's: a new shipped
+    database and a rollback leave it as it was, and the filter adds it to whichever is installed."""
+    host = installed_host(tmp_path, "18.0")
+    message = tmp_path / "released.eml"
+    message.write_bytes(b"From: a@example.test\r\nSubject: token18.0 quarterly report\r\n\r\ntoken18.0 figures\r\n")
+    assert learn_files(host.bases, [str(message)], is_spam=False) == 1
+    site = site_file(host.bases)
+    learned = read(site)
+    host.use(make_set(str(tmp_path), "18.1"))
+    assert host.keepup2date() == UPDATED and host.installed_version() == "18.1"
+    assert read(site) == learned
+    assert all(SITE_FILE_NAME not in names for _, _, names in os.walk(host.path("bases.backup")))
+    layers = SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), host.bases)
+    assert layers.database.info.version == "18.1"
+    layer = layers.site.current()
+    assert layer is not None and (layer.bayes.nham, layer.bayes.nspam) == (1, 0)
+    assert host.keepup2date("--rollback") == UPDATED and host.installed_version() == "18.0"
+    assert read(site) == learned
 
 
 def test_http_update_keeps_backup_and_asks_the_gateway_to_reload(tmp_path, server) -> None:

@@ -121,6 +121,7 @@ class Bayes:
         self.nham = nham
         self.nspam = nspam
         self._clues: dict[str, float] | None = None
+        self._over: tuple[Bayes, dict[str, float | None]] | None = None
 
     def probability(self, token: str) -> float | None:
         """f(w) of a known token, None for a token never seen in training."""
@@ -140,12 +141,43 @@ class Bayes:
             self._clues = table
         return self._clues
 
-    def score(self, tokens: Iterable[str]) -> BayesResult:
+    def score(self, tokens: Iterable[str], site: Bayes | None = None) -> BayesResult:
+        """The message's Bayes score; with ``site``, its counts are added to these at lookup time
+        (a token the site never learned keeps its probability from this table)."""
+        unique = tokens if isinstance(tokens, (set, frozenset)) else set(tokens)
         table = self.clue_table()
-        found = table.keys() & (tokens if isinstance(tokens, (set, frozenset)) else set(tokens))
-        ranked = sorted(((abs(table[t] - 0.5), t) for t in found), reverse=True)[:MAX_CLUES]
-        clues = [(t, table[t]) for _, t in ranked]
+        if site is None or not (site.nham or site.nspam):
+            probabilities = {t: table[t] for t in table.keys() & unique}
+        else:
+            probabilities = self._layered(unique, site, table)
+        ranked = sorted(((abs(p - 0.5), t) for t, p in probabilities.items()), reverse=True)[:MAX_CLUES]
+        clues = [(t, probabilities[t]) for _, t in ranked]
         return BayesResult(combine(p for _, p in clues), clues)
+
+    def _layered(self, unique: set[str] | frozenset[str], site: Bayes, table: dict[str, float]) -> dict[str, float]:
+        combined = site.over(self)
+        probabilities: dict[str, float] = {}
+        for token in unique:  # the message's few hundred tokens, not the layers' thousands
+            p = combined[token] if token in combined else table.get(token)
+            if p is not None:
+                probabilities[token] = p
+        return probabilities
+
+    def over(self, shipped: Bayes) -> dict[str, float | None]:
+        """For this site layer over ``shipped``: each learned token's probability from the summed
+        counts, None where it is no clue; computed once per pair of layers (a few MiB at most)."""
+        cached = self._over
+        if cached is not None and cached[0] is shipped:
+            return cached[1]
+        nham, nspam = shipped.nham + self.nham, shipped.nspam + self.nspam
+        combined: dict[str, float | None] = {}
+        base = shipped.counts
+        for token, (more_ham, more_spam) in self.counts.items():
+            ham, spam = base.get(token, (0, 0))
+            p = token_probability(ham + more_ham, spam + more_spam, nham, nspam)
+            combined[token] = p if abs(p - 0.5) >= MIN_DEVIATION else None
+        self._over = (shipped, combined)
+        return combined
 
     def learn(self, tokens: Iterable[str], is_spam: bool, count: int = 1) -> None:
         """Add (count=1) or remove (count=-1) one message's tokens."""
@@ -164,3 +196,4 @@ class Bayes:
         else:
             self.nham = max(self.nham + count, 0)
         self._clues = None
+        self._over = None

@@ -5,7 +5,7 @@ Owns: the command line of the anti-spam engine —
   spam train --ham PATH --spam PATH --db OUT [--rules FILE] [--min-count N]
              [--db-version TEXT] [--date YYYY-MM-DD]
   spam classify [--db PATH] [--level soft|standard|hard] FILE...
-  spam learn [--db PATH] (--ham | --spam) FILE...
+  spam learn [--db PATH] (--ham | --spam) FILE...   (into the site layer, database.site_file)
   spam info [--db PATH]
 
 PATH may be an mbox file, a Maildir, a directory of message files or one
@@ -28,7 +28,7 @@ import sys
 from types import SimpleNamespace
 
 from smtpgw.spam import training
-from smtpgw.spam.database import DatabaseError, DatabaseInfo, SpamDatabase, database_file
+from smtpgw.spam.database import DatabaseError, DatabaseInfo, SpamDatabase, database_file, site_file
 from smtpgw.spam.mailsource import iter_messages
 from smtpgw.spam.rules import RuleError, parse_rules
 from smtpgw.spam import spamfilter
@@ -53,7 +53,7 @@ def _parser(default_db: str) -> argparse.ArgumentParser:
     classify.add_argument("--level", choices=sorted(THRESHOLDS), default="standard")
     classify.add_argument("files", nargs="+", metavar="FILE")
 
-    learn = sub.add_parser("learn", help="add messages to an existing database")
+    learn = sub.add_parser("learn", help="add messages to the site layer of a database")
     learn.add_argument("--db", default=default_db, metavar="PATH")
     kind = learn.add_mutually_exclusive_group(required=True)
     kind.add_argument("--ham", action="store_true")
@@ -122,7 +122,7 @@ def _learn(args: argparse.Namespace) -> int:
         print(f"spam learn: {missing[0]}: no such file", file=sys.stderr)
         return 1
     count = training.learn_files(args.db, args.files, is_spam=args.spam)
-    print(f"{database_file(args.db)}: learned {count} {'spam' if args.spam else 'ham'} messages")
+    print(f"{site_file(args.db)}: learned {count} {'spam' if args.spam else 'ham'} messages")
     return 0
 
 
@@ -134,6 +134,11 @@ def _info(args: argparse.Namespace) -> int:
           f"ham\t{database.bayes.nham}\nspam\t{database.bayes.nspam}\n"
           f"tokens\t{len(database.bayes.counts)}\nterm-weights\t{len(database.terms.weights)}\n"
           f"rules\t{len(database.rules)}\nsource\t{info.source}")
+    site = site_file(args.db)
+    if os.path.exists(site):
+        layer = SpamDatabase.load(site)
+        print(f"site\t{site}\nsite-date\t{layer.info.date}\nsite-ham\t{layer.bayes.nham}\n"
+              f"site-spam\t{layer.bayes.nspam}\nsite-tokens\t{len(layer.bayes.counts)}")
     return 0
 
 

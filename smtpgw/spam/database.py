@@ -4,6 +4,10 @@ Owns: the file format (``spam.db``), loading it with full validation, writing
 it deterministically and atomically (temp file, fsync, rename, fsync of the
 directory), and the lock that serialises writers (``spam learn``).
 
+The site layer (``site_file``: ``site-spam.db`` beside the BasesPath folder)
+has the same format: the counts of the messages the site learned and the term
+weight changes they made, added to the shipped database's at lookup time.
+
 Format (UTF-8 text, LF line ends, fields separated by one TAB)::
 
     smtpgw-spam-db<TAB>2                      magic and format version
@@ -49,6 +53,7 @@ MAGIC = "smtpgw-spam-db"
 FORMAT_VERSION = 2
 READABLE_FORMATS = ("1", "2")
 FILE_NAME = "spam.db"
+SITE_FILE_NAME = "site-spam.db"  # the site layer, beside the BasesPath folder (never inside it)
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_COUNT = 2**31 - 1
 
@@ -283,12 +288,56 @@ def database_file(path: str) -> str:
     return path
 
 
+def site_file(path: str) -> str:
+    """The site layer for a --db/BasesPath argument: ``site-spam.db`` in the folder that holds
+    the bases folder (or the database file), so that keepup2date, which owns everything under
+    BasesPath, never replaces, backs up or rolls back what the site learned."""
+    path = os.path.abspath(path).rstrip(os.sep) or os.sep
+    return os.path.join(os.path.dirname(path), SITE_FILE_NAME)
+
+
+def term_weights(path: str, wanted: set[str]) -> tuple[float, dict[str, float]]:
+    """The terms bias and the weights of the ``wanted`` tokens of the database at ``path``, read
+    line by line: a learner needs a few hundred weights, not the whole database in memory."""
+    digest = hashlib.sha256()
+    bias = 0.0
+    weights: dict[str, float] = {}
+    in_tokens = False
+    last = b""  # the line read last: the "end" trailer once the file is read (a token may be "end")
+    try:
+        with open(path, "rb") as src:
+            for raw in src:
+                if last:
+                    digest.update(last)
+                    line = last.decode("utf-8", "replace").rstrip("\n")
+                    if in_tokens:
+                        token, _, rest = line.partition("\t")
+                        if token in wanted:
+                            weights[token] = _parse_weight(rest.rsplit("\t", 1)[-1])
+                    elif line.startswith("terms-bias\t"):
+                        bias = _parse_weight(line[11:])
+                    elif line.startswith("tokens\t"):
+                        in_tokens = True
+                last = raw
+    except OSError as exc:
+        raise DatabaseError(f"{path}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise DatabaseError(f"{path}: bad term weight") from None
+    checksum = last[4:].strip().decode("ascii", "replace") if last.startswith(b"end\t") else ""
+    if checksum != digest.hexdigest():
+        raise DatabaseError(f"{path}: checksum mismatch (damaged or edited file)")
+    return bias, weights
+
+
 @contextmanager
 def write_lock(path: str) -> Iterator[None]:
-    """Serialise writers of one database file (readers never wait: they see whole files)."""
+    """Serialise writers of one database file (readers never wait: they see whole files).
+
+    The lock is ``.NAME.lock`` beside the file (``.spam.db.lock``, ``.site-spam.db.lock``),
+    an fcntl.flock held until the new file has been renamed into place."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, ".spam.db.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(os.path.join(folder, f".{os.path.basename(path)}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

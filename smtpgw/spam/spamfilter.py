@@ -2,7 +2,12 @@
 
 Owns: ``SpamFilter`` — one per worker process — which holds the loaded spam
 database (shared by every filter of the process that reads the same file),
-swaps it atomically on ``reload()``, and classifies a message.
+swaps it atomically on ``reload()``, and classifies a message. Over the shipped
+database lies the site layer (``database.site_file``): before each message one
+stat() tells whether ``spam learn`` (or a release, or the console) changed it,
+and the small file is then read again, so what the site learns counts from the
+next message on, without a restart. A damaged site layer is logged once and
+left out: the shipped database alone decides.
 
 How the evidence adds up, in log-odds: the Bayes score b of the content
 becomes log(b / (1 - b)) (a message without a single known clue starts from
@@ -32,7 +37,7 @@ import os
 import threading
 
 from smtpgw.spam import mailview, tokenizer
-from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file
+from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
 from smtpgw.spam.formalsigns import address_of
 from smtpgw.spam.lists import SenderLists
 from smtpgw.spam.rules import RuleSet
@@ -91,6 +96,53 @@ def load_shared(path: str, force: bool = False) -> tuple[SpamDatabase, RuleSet]:
         return database, rules
 
 
+def describe(database: SpamDatabase | None) -> str:
+    """``version=V, date=D, ham=N, spam=M`` of one layer, for the log and ``bases:``."""
+    if database is None:
+        return "none"
+    info = database.info
+    return f"version={info.version}, date={info.date}, ham={database.bayes.nham}, spam={database.bayes.nspam}"
+
+
+def site_layer(path: str) -> str:
+    """The site layer at ``path`` for the ``bases:`` log line: none, its figures, or why it is ignored."""
+    if not os.path.exists(path):
+        return "none"
+    try:
+        database = SpamDatabase.load(path)
+    except DatabaseError as exc:
+        return f"ignored, {exc}"
+    return f"date={database.info.date}, ham={database.bayes.nham}, spam={database.bayes.nspam}"
+
+
+class SiteLayer:
+    """The site database at ``path``, read again whenever the file changes (one stat per call)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.key: tuple[int, int, int] | None = None
+        self.database: SpamDatabase | None = None
+
+    def current(self) -> SpamDatabase | None:
+        try:
+            key = _file_key(self.path)
+        except OSError:
+            key = None
+        if key != self.key:
+            self.key = key
+            self.database = self._load() if key is not None else None
+        return self.database
+
+    def _load(self) -> SpamDatabase | None:
+        try:
+            database = SpamDatabase.load(self.path)
+        except DatabaseError as exc:
+            log.error("site spam database ignored, the shipped one alone is used: %s", exc)
+            return None
+        log.info("site spam database %s loaded (%s)", self.path, describe(database))
+        return database
+
+
 def _logit(p: float) -> float:
     p = min(max(p, 1e-12), 1.0 - 1e-12)
     return math.log(p / (1.0 - p))
@@ -116,6 +168,7 @@ class SpamFilter:
         # With Check=false the database is never read: a missing or damaged file must not stop the
         # scanner workers of a gateway that does not filter spam at all.
         self._loaded = load_shared(self.path) if self.enabled else (SpamDatabase.empty(), RuleSet([]))
+        self.site = SiteLayer(site_file(bases_path or default_bases()))
 
     @property
     def database(self) -> SpamDatabase:
@@ -128,7 +181,9 @@ class SpamFilter:
         except DatabaseError as exc:
             log.error("spam database not reloaded, keeping version %s: %s", self.database.info.version, exc)
             return False
-        log.info("spam database %s loaded (version %s)", self.path, self.database.info.version)
+        self.site.key = None  # read again too
+        log.info("spam database %s loaded (%s); site layer %s", self.path, describe(self.database),
+                 describe(self.site.current()))
         return True
 
     def classify(
@@ -142,6 +197,7 @@ class SpamFilter:
         if not self.enabled:
             return SpamVerdict(NOT_DETECTED, 0.0, "not checked", ["anti-spam check disabled"])
         database, rules = self._loaded  # one read: a concurrent reload cannot mix two databases
+        site = self.site.current()
         view = mailview.build(raw)
         senders = [sender] if sender else []
         header_from = address_of(view.header("from"))
@@ -151,14 +207,16 @@ class SpamFilter:
         if decision is not None:
             score = 0.0 if decision.status == "Trusted" else 1.0
             return SpamVerdict(decision.status, score, decision.method, [decision.reason])
-        return self._score(view, database, rules, dnsbl_listed)
+        return self._score(view, database, site, rules, dnsbl_listed)
 
     def _score(
-        self, view: mailview.MailView, database: SpamDatabase, rules: RuleSet, dnsbl_listed: list[str]
+        self, view: mailview.MailView, database: SpamDatabase, site: SpamDatabase | None, rules: RuleSet,
+        dnsbl_listed: list[str],
     ) -> SpamVerdict:
         tokens = tokenizer.tokens(view)
-        bayes = database.bayes.score(tokens)
-        terms = TERMS_FACTOR * database.terms.score(tokens)
+        bayes = database.bayes.score(tokens, site.bayes if site else None)
+        term_odds = database.terms.score(tokens) + (site.terms.score(tokens) if site else 0.0)
+        terms = TERMS_FACTOR * term_odds
         votes = VOTES_FACTOR * bayes.votes
         reasons = [f"bayes {bayes.score:.4f} from {len(bayes.clues)} clues", f"votes {votes:+.2f}", f"terms {terms:+.2f}"]
         hits = rules.evaluate(view, tokens, self.level)

@@ -75,13 +75,19 @@ class Terms:
         total = math.fsum(filter(None, map(self.weights.get, unique)))  # exact: the order does not matter
         return min(max(self.bias + total, -MAX_LOG_ODDS), MAX_LOG_ODDS)
 
-    def learn(self, tokens: Iterable[str], is_spam: bool) -> int:
-        """Update the weights until this message is judged right by ``MARGIN``; returns the updates made."""
+    def learn(self, tokens: Iterable[str], is_spam: bool, offset: float = 0.0, learn_bias: bool = True) -> int:
+        """Update the weights until this message is judged right by ``MARGIN``; returns the updates made.
+
+        ``offset`` is the log-odds another layer already gives the message (the shipped
+        database's, when these weights are the site layer's changes to it). With ``learn_bias``
+        False the bias stays: the site layer learns what the administrator picked out (released
+        spam, reported misses), which says nothing about how much of all mail is spam, and a
+        bias would move every message's score."""
         terms = sorted(set(tokens))
         weights = self.weights
         target = 1.0 if is_spam else 0.0
         for step in range(LEARN_STEPS):
-            z = self.bias + math.fsum(weights.get(t, 0.0) for t in terms)
+            z = offset + self.bias + math.fsum(weights.get(t, 0.0) for t in terms)
             error = target - _logistic(z)
             if abs(error) < MARGIN:
                 return step
@@ -90,7 +96,8 @@ class Terms:
             change = error * max(RATE, LEARN_PUSH / (len(terms) + 1))
             for t in terms:
                 weights[t] = _clip(weights.get(t, 0.0) + change)
-            self.bias = _clip(self.bias + change)
+            if learn_bias:
+                self.bias = _clip(self.bias + change)
         return LEARN_STEPS
 
     def rounded(self) -> Terms:

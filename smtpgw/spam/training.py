@@ -3,8 +3,9 @@
 Owns: counting tokens of ham and spam messages into a ``SpamDatabase``,
 leaving out tokens that only describe where a training corpus was collected
 (``exclude`` substrings), pruning rare tokens, fitting the term weights
-(``terms.fit``) on the tokens that remain, and learning single messages under
-the database's write lock.
+(``terms.fit``) on the tokens that remain, and learning single messages into
+the site layer (``database.site_file``) under its write lock: the shipped
+database is only read, for the term weights of the learned messages' tokens.
 
 A full build keeps every message's tokens in memory for the fitting passes
 (about 3 KB per message: 150 MB for 50,000 messages).
@@ -17,13 +18,21 @@ sorted).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from smtpgw.spam import mailview, terms, tokenizer
-from smtpgw.spam.database import DatabaseInfo, SpamDatabase, database_file, write_lock
+from smtpgw.spam.database import (
+    DatabaseInfo,
+    SpamDatabase,
+    database_file,
+    site_file,
+    term_weights,
+    write_lock,
+)
 from smtpgw.spam.mailsource import iter_messages
 from smtpgw.spam.rules import Rule, parse_rules
 
@@ -139,17 +148,21 @@ def read_manifest(path: str) -> Manifest:
 
 
 def learn_files(db_path: str, paths: Iterable[str], is_spam: bool) -> int:
-    """Add messages to an existing database in place (``spam learn``); returns how many."""
-    path = database_file(db_path)
+    """Add messages to the site layer of the database at ``db_path`` (``spam learn``, a release
+    with LearnOnRelease, the console); returns how many. The term weights change until the
+    shipped weights and the site's together judge each message right (``Terms.learn``)."""
+    messages = [message_tokens(raw) for item in paths for _label, raw in iter_messages(item)]
+    shipped = database_file(db_path)
+    bias, weights = term_weights(shipped, set().union(*messages)) if messages else (0.0, {})
+    path = site_file(db_path)
     with write_lock(path):
-        database = SpamDatabase.load(path)
-        learned = 0
-        for item in paths:
-            for _label, raw in iter_messages(item):
-                found = message_tokens(raw)
-                database.bayes.learn(found, is_spam)
-                database.terms.learn(found, is_spam)
-                learned += 1
-        database.save(path)
-    log.info("learned %d %s messages into %s", learned, "spam" if is_spam else "ham", path)
-    return learned
+        site = SpamDatabase.load(path) if os.path.exists(path) else SpamDatabase.empty(
+            info=DatabaseInfo(version="site", source="learned at this site"))
+        for found in messages:
+            offset = bias + sum(weights.get(t, 0.0) for t in found)
+            site.bayes.learn(found, is_spam)
+            site.terms.learn(found, is_spam, offset, learn_bias=False)
+        site.info.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        site.save(path)
+    log.info("learned %d %s messages into %s", len(messages), "spam" if is_spam else "ham", path)
+    return len(messages)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -13,7 +14,9 @@ import sys
 
 import pytest
 
+from smtpgw.spam.database import SpamDatabase, site_file
 from smtpgw.spam.formalsigns import GTUBE
+from smtpgw.store import Store
 from smtpgw.spam.spamfilter import default_bases
 from tests.support.components import require
 from tests.support.dns import start_dnsmasq
@@ -205,6 +208,64 @@ def test_a_damaged_database_at_reload_keeps_the_loaded_one(make_gateway, sink, c
     got = sink.wait_for(2)
     assert b"X-SpamTest-Status: Spam\r\n" in got[1].data
     assert "databases reloaded" not in gw.log_text()
+
+
+CONTENT_SPAM = (b"From: Best Deals <deals@promo-offers.biz>\r\nTo: bob@example.test\r\n"
+                b"Subject: Cheap meds online - no prescription needed\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\n"
+                b"Message-ID: <x1@promo-offers.biz>\r\n\r\nBuy viagra cialis cheap, no prescription needed! Lowest "
+                b"prices guaranteed, order now and save 80%.\r\nClick here to order: http://promo-offers.biz/buy\r\n"
+                b"To be removed from our mailing list click here.\r\n")
+
+
+def test_a_released_spam_is_learned_as_ham_and_rescanned_as_ham(make_gateway, sink, clamd, tmp_path):
+    """LearnOnRelease=yes: ``store release`` of a quarantined spam learns it into the site layer
+    first, and the running workers' scan of the released copy already counts it."""
+    bases = private_bases(tmp_path)
+    gw = spam_gateway(make_gateway, sink, clamd, path=[("BasesPath", bases)],
+                      policy=[("ActionSpam", "quarantine")], antispam=[("LearnOnRelease", "yes")])
+    send(gw, CONTENT_SPAM)
+    gw.wait_log(r'AS-SCANNED, .*as-status="Spam", score=\S+, method="content", action=quarantine')
+    quarantine = Store(os.path.join(gw.folder, "var", "quarantine"))
+    [item] = wait_until(lambda: quarantine.list() if os.path.isdir(quarantine.path) else None, 10, "quarantined")
+    site = site_file(bases)
+    assert not os.path.exists(site)
+    released = gw.cli("store", "--path", "quarantine", "release", item.id)
+    assert f"{item.id} learned as ham into {site}" in released.stdout, released.stderr
+    layer = SpamDatabase.load(site)
+    assert (layer.bayes.nham, layer.bayes.nspam) == (1, 0)
+    [got] = sink.wait_for(1)
+    assert b"X-SpamTest-Status: Not Detected\r\n" in got.data and b"Buy viagra" in got.data
+    gw.wait_log(r"site spam database .*site-spam\.db loaded \(version=site, date=\S+, ham=1, spam=0\)")
+
+
+def test_a_learning_file_in_the_control_folder_is_learned_into_the_site_layer(make_gateway, sink, clamd, tmp_path):
+    bases = private_bases(tmp_path)
+    gw = spam_gateway(make_gateway, sink, clamd, path=[("BasesPath", bases)])
+    os.makedirs(gw.control_path, exist_ok=True)
+    with open(os.path.join(gw.control_path, ".l_spam_report1"), "wb") as drop:
+        drop.write(HAM)
+    gw.wait_log(r"control learning file \.l_spam_report1: learned 1 spam message\(s\) into " + re.escape(site_file(bases)))
+    layer = SpamDatabase.load(site_file(bases))
+    assert (layer.bayes.nham, layer.bayes.nspam) == (0, 1)
+    assert not os.path.exists(os.path.join(gw.control_path, ".l_spam_report1"))
+    with open(os.path.join(gw.control_path, ".l_ham_empty"), "wb"):
+        pass  # no message in it: learned as nothing, removed all the same
+    gw.wait_log(r"control learning file \.l_ham_empty: learned 0 ham message\(s\)")
+    assert not os.path.exists(os.path.join(gw.control_path, ".l_ham_empty"))
+
+
+def test_a_damaged_site_layer_never_stops_mail(make_gateway, sink, clamd, tmp_path):
+    bases = private_bases(tmp_path)
+    with open(site_file(bases), "wb") as damaged:
+        damaged.write(b"smtpgw-spam-db\t2\nversion\tsite\n")  # a half-written copy
+    gw = spam_gateway(make_gateway, sink, clamd, path=[("BasesPath", bases)])
+    gw.wait_log(r"bases: anti-spam version=\S+, date=\S+, ham=\d+, spam=\d+ \(site layer: ignored, .*truncated")
+    send(gw, SPAM)
+    send(gw, HAM)
+    got = {b"GTUBE" in m.data: m.data for m in sink.wait_for(2)}
+    assert b"X-SpamTest-Status: Spam\r\n" in got[True]
+    assert b"X-SpamTest-Status: Not Detected\r\n" in got[False]
+    gw.wait_log(r"site spam database ignored, the shipped one alone is used: .*truncated")
 
 
 def test_a_damaged_database_at_start_is_named(make_gateway, sink, clamd, tmp_path):

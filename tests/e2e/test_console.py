@@ -21,6 +21,7 @@ import pytest
 import smtpgw
 from smtpgw.console import MAX_THREADS
 from smtpgw.console_auth import LoginThrottle, hash_password, verify_password
+from smtpgw.spam.database import SpamDatabase, site_file
 from smtpgw.store import Store
 from tests.e2e.test_antivirus_gateway import CLEAN, infected_message
 from tests.support.net import SMTPGW, free_port, wait_until
@@ -394,6 +395,15 @@ def spam_counts(bases: str) -> tuple[int, int]:
     return int(head[b"ham"]), int(head[b"spam"])
 
 
+def site_counts(bases: str) -> tuple[int, int]:
+    """(ham, spam) learned at the site: the site layer beside the bases folder."""
+    path = site_file(bases)
+    if not os.path.exists(path):
+        return 0, 0
+    site = SpamDatabase.load(path)
+    return site.bayes.nham, site.bayes.nspam
+
+
 def shipped_version(bases: str) -> str:
     return spam_head(bases)[b"version"].decode()
 
@@ -409,17 +419,17 @@ def test_a_quarantined_spam_is_learned_from_the_browser(make_gateway, sink, brow
     item = Store(os.path.join(gw.folder, "var", "quarantine")).put(
         "tzgSPAM00001", b"Subject: cheap pills\r\n\r\nbuy cheap pills now\r\n",
         {"sender": FROM, "recipients": [{"addr": TO}]}, "SPM", "spam")
-    ham, spam = spam_counts(str(bases))
+    shipped = spam_counts(str(bases))
     log_in(browser, base, "admin", PASSWORD)
     browser.get(f"{base}/store/item?name=quarantine&id={item}")
     browser.click("input[value=learn-spam] ~ button")
     assert f"{item} learned as spam (1 message(s))" in browser.text()
-    assert spam_counts(str(bases)) == (ham, spam + 1)
-    gw.wait_log("databases reloaded")
+    assert site_counts(str(bases)) == (0, 1)
     gw.wait_log(rf"console: user=admin, .*action=store-learn-spam, item=quarantine/{item}")
     browser.get(f"{base}/store/item?name=quarantine&id={item}")
     browser.click("input[value=learn-ham] ~ button")
-    assert spam_counts(str(bases)) == (ham + 1, spam + 1)
+    assert site_counts(str(bases)) == (1, 1)
+    assert spam_counts(str(bases)) == shipped  # the shipped database is only read
 
 
 def test_keepup2date_runs_from_the_console_and_its_report_is_shown(make_gateway, sink, browser: Browser, tmp_path):

@@ -88,7 +88,7 @@ def test_a_service_command_without_a_gateway_is_withdrawn(make_gateway, sink):
 
 def test_database_versions_are_logged_at_start_and_at_every_reload(make_gateway, sink, clamd):
     gw = spam_gateway(make_gateway, sink, clamd)
-    line = r"bases: anti-spam version=\S+, date=\S+; anti-virus ClamAV \d+\.\d+"
+    line = r"bases: anti-spam version=\S+, date=\S+, ham=\d+, spam=\d+ \(site layer: none\); anti-virus ClamAV \d+\.\d+"
     gw.wait_log(line)
     gw.signal(signal.SIGHUP)
     gw.wait_log(r"configuration reloaded")
