@@ -494,6 +494,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.quota", "MaximalDailyTraffic", INT, "0-10000000 MB", 0),  # 0: no limit
     P("smtpgw.quota", "WarningThreshold", INT, "0-99 %", 80),  # 0: only the notice at 100 %
     P("smtpgw.quota", "QuotaAction", CHOICE, "notify|defer", "notify"),
+    P("smtpgw.digest", "Schedule", INT, "0-720 hours", 0),  # 0: no scheduled quarantine digest
     P("updater.path", "UploadPatchPath", PATH),
     P("updater.path", "BackUpPath", PATH),
     P("updater.path", "ClamdDatabasePath", PATH),
@@ -623,6 +624,7 @@ class Config:
     antispam: Section
     console: Section
     quota: Section
+    digest: Section
     policy: Group
     updater_path: Section
     updater_options: Section

@@ -3,7 +3,8 @@
 Owns: polling ``ControlPath`` every ``ControlPollInterval`` seconds for the
 reference's command files (``.c_stats``, ``.c_recv_on``/``.c_recv_off``,
 ``.c_send_on``/``.c_send_off``, ``.c_avir_on``/``.c_avir_off``,
-``.c_db_reload``, and ``.c_memory``, our own: a memory report), executing each and deleting it; and answering queue
+``.c_db_reload``, and, our own, ``.c_memory``: a memory report, ``.c_digest``: the quarantine
+digest now), executing each and deleting it; and answering queue
 requests (``.q_<nonce>`` JSON files written by ``smtpgw.py queue ...``) with an
 answer file ``.a_<nonce>``, so that only the gateway changes queue states; and
 learning files, our own: a message (or mbox) dropped as ``.l_ham_NAME`` or
@@ -66,6 +67,7 @@ class Control:
             ".c_avir_on": lambda: self._switch("scanning", True),
             ".c_avir_off": lambda: self._switch("scanning", False),
             ".c_db_reload": self.gw.reload_databases,
+            ".c_digest": lambda: self.gw.digest.send_now(),  # not in the reference: see smtpgw/digest.py
             ".c_memory": lambda: memory.dump(self.gw),  # not in the reference: see smtpgw/memory.py
         }
 

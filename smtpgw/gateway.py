@@ -26,7 +26,7 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from smtpgw import access, antivirus, dsn, log as logsetup, masks, memory, mx, notify, quota, routing, smtp
+from smtpgw import access, antivirus, digest, dsn, log as logsetup, masks, memory, mx, notify, quota, routing, smtp
 from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.console import Console
@@ -113,6 +113,7 @@ class Gateway:
         self.scanner = Scanner(self)
         self.control = Control(self)
         self.console = Console(self)
+        self.digest = digest.Digests(self)
         self._lock_fd = -1
         self._saving_stats = False
         self._handle_signals()
@@ -151,6 +152,8 @@ class Gateway:
             for folder in sorted({group.TemplatesPath for group in (cfg.policy, *cfg.groups)} - {None}):
                 notify.load_templates(folder, notify.GROUP_KINDS)
                 antivirus.load_placeholder(folder)
+            if cfg.digest.Schedule:
+                digest.load(cfg)
             return notify.load_templates(cfg.base.TemplatesPath)
         except notify.TemplateError as exc:
             raise StartupError(str(exc), 1) from exc
@@ -316,6 +319,7 @@ class Gateway:
         self.control.start()
         self.console.start()
         self._purge_stores()
+        self.digest.start()
         self.loop.call_later(self.cfg.options.StatSaveInterval, self._save_stats)
         self._flush_log()
         self._release_memory()
@@ -406,6 +410,7 @@ class Gateway:
         for session in list(self.sessions):
             session.close_with(smtp.SHUTTING_DOWN.format(self.cfg.network.Hostname))
         self.control.stop()
+        self.digest.stop()
         self.sender.enabled = False
         self.scanner.stop()
         self.loop.run_until(self.sender.idle, SHUTDOWN_GRACE)

@@ -1,7 +1,7 @@
 """Notifications about scan events, the template language, and the disclaimer.
 
 Owns:
-* the template language of notify.tmpl, dsn.tmpl and disclaimer.tmpl (kmg-spec §5.2, §10),
+* the template language of notify.tmpl, dsn.tmpl, disclaimer.tmpl and digest.tmpl (kmg-spec §5.2, §10),
   checked when a template is loaded (`load_template`, `load_templates`) and rendered here;
 * the admin / sender / recipient notifications about anti-virus and anti-spam events
   (kmg-spec §1.3, §5.1): `build_notification`;
@@ -135,6 +135,18 @@ SCHEMAS: dict[str, Schema] = {
             )
         },
         frozenset({"FAILURE", "DELAY", "SUCCESS", "FULL_MESSAGE", "HEADERS_ONLY"}),
+    ),
+    # the quarantine digest (smtpgw.digest): optional, loaded only where it is used
+    "digest": Schema(
+        "digest", True,
+        frozenset({"RECIPIENT", "ITEM_COUNT", "DATE", "TIME", "PRODUCT", "HOSTNAME", "CONSOLE_URL"}),
+        {
+            "ITEMS": frozenset(
+                {"ITEM_ID", "ITEM_DATE", "ITEM_TIME", "ITEM_SENDER", "ITEM_SUBJECT", "ITEM_STATUS",
+                 "ITEM_RELEASE", "ITEM_LINK"}
+            )
+        },
+        frozenset({"CONSOLE"}),
     ),
 }
 
@@ -282,7 +294,11 @@ def load_template(path: str | os.PathLike[str], kind: str | None = None) -> Temp
 GROUP_KINDS = ("notify", "disclaimer")
 
 
-def load_templates(templates_path: str | os.PathLike[str], kinds: Sequence[str] = tuple(SCHEMAS)) -> dict[str, Template]:
+# What every [path] TemplatesPath holds; digest.tmpl is optional (smtpgw.digest falls back to the shipped one).
+BASE_KINDS = ("notify", "dsn", "disclaimer")
+
+
+def load_templates(templates_path: str | os.PathLike[str], kinds: Sequence[str] = BASE_KINDS) -> dict[str, Template]:
     """Load ``kinds`` (notify.tmpl, dsn.tmpl and disclaimer.tmpl) from a folder, reporting every problem."""
     loaded: dict[str, Template] = {}
     problems: list[str] = []
