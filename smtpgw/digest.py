@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from smtpgw import PRODUCT, __version__, headers, notify
 from smtpgw.log import event
 from smtpgw.queue import QUE, Envelope, Recipient, new_id, write_durably
-from smtpgw.quota import is_protected
+from smtpgw.routing import is_protected
 from smtpgw.store import QUARANTINE_STATUSES, SPAM_STATUSES, Item, Store
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from smtpgw import access, antivirus, digest, dsn, log as logsetup, masks, memory, mx, notify, quota, routing, smtp
+from smtpgw import access, antivirus, digest, dsn, log as logsetup, memory, mx, notify, quota, routing, smtp
 from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.console import Console
@@ -511,8 +511,7 @@ class Gateway:
         # so never with sender-specified routing (access.py: untrusted routing).
         if smtp.routed(rcpt):
             return RelayVerdict(False, "untrusted routing, not allowed by ProtectedDomains (no RelayRule configured)")
-        domain = routing.recipient_domain(rcpt)
-        allowed = any(masks.domain_match(mask, domain) for mask in self.cfg.network.ProtectedDomains)
+        allowed = routing.is_protected(self.cfg.network.ProtectedDomains, rcpt)
         return RelayVerdict(allowed, "ProtectedDomains (no RelayRule configured)")
 
     def queue_has_space(self) -> bool:

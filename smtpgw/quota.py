@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any, Callable, Iterable
 
-from smtpgw import PRODUCT, __version__, masks, notify, routing, smtp
+from smtpgw import PRODUCT, __version__, notify, routing, smtp
 from smtpgw.log import event
 from smtpgw.queue import write_durably
 
@@ -62,11 +62,6 @@ class Crossing:
     threshold: int
     used: int
     limit: int
-
-
-def is_protected(protected_domains: Iterable[str], address: str) -> bool:
-    domain = routing.recipient_domain(address)
-    return any(masks.domain_match(mask, domain) for mask in protected_domains)
 
 
 class Quota:
@@ -109,10 +104,10 @@ class Quota:
         self._roll()
         key = address.lower()
         protected = cfg.network.ProtectedDomains
-        if key in self.recipients or not is_protected(protected, key):
+        if key in self.recipients or not routing.is_protected(protected, key):
             return None
         pending = {a.lower() for a in accepted} - self.recipients
-        used = len(self.recipients) + sum(is_protected(protected, a) for a in pending)
+        used = len(self.recipients) + sum(routing.is_protected(protected, a) for a in pending)
         if key in pending or used < limit:
             return None
         if key == cfg.network.Postmaster.lower():  # RFC 5321 §4.5.1: mail to the postmaster is accepted
@@ -143,7 +138,7 @@ class Quota:
         if limit:
             for address in recipients:
                 key = address.lower()
-                if key in self.recipients or not is_protected(cfg.network.ProtectedDomains, key):
+                if key in self.recipients or not routing.is_protected(cfg.network.ProtectedDomains, key):
                     continue
                 if len(self.recipients) < limit:
                     self.recipients.add(key)

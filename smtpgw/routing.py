@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from smtpgw.access import recipient_mask
-from smtpgw.masks import wildcard_match
+from smtpgw.masks import domain_match, wildcard_match
 
 __all__ = [
     "Destination",
@@ -134,6 +135,12 @@ def first_route(routes: list[Route], recipient: str) -> Route | None:
 def recipient_domain(recipient: str) -> str:
     """The domain of an address (after its last ``@``), lower-cased, without a root dot."""
     return recipient.rpartition("@")[2].rstrip(".").lower()
+
+
+def is_protected(protected_domains: Iterable[str], address: str) -> bool:
+    """``address`` is in one of the ProtectedDomains (the organisation's own mail)."""
+    domain = recipient_domain(address)
+    return any(domain_match(mask, domain) for mask in protected_domains)
 
 
 def group_by_route(routes: list[Route], recipients: list[str]) -> dict[Destination, list[str]]:

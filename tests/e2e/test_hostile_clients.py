@@ -3,8 +3,6 @@ a domain rule, NUL bytes in commands and data, HELO names that do not exist, and
 
 from __future__ import annotations
 
-import pytest
-
 from tests.e2e.test_limits import send_data, session
 from tests.support.hostile import DOMAIN_ONLY, ROUTED
 from tests.support.net import RawClient

@@ -7,7 +7,6 @@ gateway process (main or scanner worker) grows past the resident size README sta
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
