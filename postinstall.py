@@ -373,7 +373,8 @@ def install_bases(install: Install) -> bool:
     never replacing a newer one. The configuration's paths are used when it loads."""
     package = install.staged(install.prefix)
     sys.path.insert(0, package)
-    from smtpgw import updater, updateset  # the installed code, not this folder's
+    from smtpgw.update import updateset  # the installed code, not this folder's
+    from smtpgw.update import updater
     from smtpgw.config import ConfigError, load_config
 
     report = updater.Report(sys.stdout, level=3)
@@ -410,7 +411,7 @@ def install_bases(install: Install) -> bool:
 def older_than_installed(update_set: str, bases: str) -> bool:
     """Whether the shipped bases are older than the installed ones, which are then kept
     (keepup2date refuses an older set as an error: from a package it is no error)."""
-    from smtpgw import updateset
+    from smtpgw.update import updateset
 
     shipped = updateset.read_index(os.path.join(update_set, updateset.INDEX))
     try:

@@ -3,7 +3,7 @@
 
 import sys
 
-from smtpgw.cli import main
+from smtpgw.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

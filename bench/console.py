@@ -28,7 +28,7 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from smtpgw.console_auth import hash_password  # noqa: E402
+from smtpgw.console.auth import hash_password  # noqa: E402
 from tests.support.net import GatewayProcess, Sink, free_port  # noqa: E402
 
 MESSAGE = b"From: a@b.test\r\nTo: x@example.test\r\nSubject: bench\r\n\r\n" + b"line of text\r\n" * 200

@@ -16,9 +16,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from smtpgw.dns import Answer, Resolver  # noqa: E402
-from smtpgw.dnswire import A  # noqa: E402
-from smtpgw.loop import EventLoop  # noqa: E402
+from smtpgw.net.dns import Answer, Resolver  # noqa: E402
+from smtpgw.net.dnswire import A  # noqa: E402
+from smtpgw.net.loop import EventLoop  # noqa: E402
 from tests.support.dns import start_dnsmasq  # noqa: E402
 
 WILDCARD = "bench.test"  # dnsmasq answers every name below it

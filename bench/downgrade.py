@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from smtpgw.downgrade import needs_downgrade, to_7bit  # noqa: E402
+from smtpgw.mail.downgrade import needs_downgrade, to_7bit  # noqa: E402
 from tests.support.net import CORPUS  # noqa: E402
 
 HEAD = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: bench\r\nMIME-Version: 1.0\r\n"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Speed of smtpgw's pure-Python Ed25519 (smtpgw/ed25519.py): key derivation, signing and
+"""Speed of smtpgw's pure-Python Ed25519 (smtpgw/update/ed25519.py): key derivation, signing and
 verifying the index of an update set, on one core; beside OpenSSL through the
 ``cryptography`` package when it is installed, for scale.
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from smtpgw import ed25519  # noqa: E402
+from smtpgw.update import ed25519  # noqa: E402
 
 INDEX_BYTES = 4096  # an update set's index.json with a few dozen files
 

@@ -36,7 +36,7 @@ def main() -> None:
         raw = per_line(lambda: RECEIVED % values, count)
         print(f"RECEIVED line, {name} values: {escaped:.2f} us escaped, {raw:.2f} us unescaped %-format")
     formatter = LineFormatter()
-    record = logging.LogRecord("smtpgw.client", logging.INFO, __file__, 0, "greeting from %s[%s]: %s",
+    record = logging.LogRecord("smtpgw.deliver.client", logging.INFO, __file__, 0, "greeting from %s[%s]: %s",
                                ("mx.example.test", "192.0.2.20", "421 4.3.2 busy\x1b[2J try later"), None)
     print(f"free-text line through the formatter: {per_line(lambda: formatter.format(record), count):.2f} us")
 

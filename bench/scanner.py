@@ -32,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from smtpgw.antivirus import scan_message  # noqa: E402
-from smtpgw.av import ClamdPool  # noqa: E402
 from smtpgw.config import load_config  # noqa: E402
-from smtpgw.mime import Limits, decompose  # noqa: E402
+from smtpgw.mail.mime import Limits, decompose  # noqa: E402
+from smtpgw.scan.antivirus import scan_message  # noqa: E402
+from smtpgw.scan.clamd import ClamdPool  # noqa: E402
 from tests.support.clamd import start_clamd  # noqa: E402
 from tests.support.net import CORPUS  # noqa: E402
 

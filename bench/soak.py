@@ -46,7 +46,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from relay import _children, load, start_sink, stop_sink  # noqa: E402
-from smtpgw.memory import proc_status  # noqa: E402
+from smtpgw.app.memory import proc_status  # noqa: E402
 from smtpgw.spam.formalsigns import GTUBE  # noqa: E402
 from tests.support.clamd import eicar, mime_message, start_clamd  # noqa: E402
 from tests.support.components import which  # noqa: E402
@@ -212,7 +212,7 @@ def processes(pid: int) -> dict[str, int]:
 def _is_worker(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"smtpgw.scanjob" in f.read()
+            return b"smtpgw.scan.job" in f.read()
     except OSError:
         return False
 

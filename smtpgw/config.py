@@ -47,8 +47,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from smtpgw import access, console_auth, routing, signing
-from smtpgw.masks import client_address, match_any, parse_ip_mask
+from smtpgw import PACKAGE_DIR
+from smtpgw.console import auth as console_auth
+
+from smtpgw.rules import access, routing
+
+from smtpgw.rules.masks import client_address, match_any, parse_ip_mask
+from smtpgw.update import signing
 
 __all__ = ["SCHEMA", "Config", "ConfigError", "Group", "Param", "Section", "check_config", "load_config"]
 
@@ -56,7 +61,6 @@ MAX_CONFIG_BYTES = 4 * 1024 * 1024
 MAX_LINE = 65536
 MAX_TEXT = 4096
 MAX_PROBLEMS = 1000
-PACKAGE = os.path.dirname(os.path.abspath(__file__))
 STATUSES = ("disinfected", "infected", "suspicious", "protected", "error", "filtered")
 # NotifyAdmin / NotifyRecipient also take the spam verdicts whose ActionSpam / ActionProbableSpam
 # stopped the message (block, quarantine); Blacklisted counts as spam. Our extension (kmg-spec §10).
@@ -347,8 +351,8 @@ _LIFETIME = "0-3650 days"  # store lifetimes; 0 keeps items for ever
 
 SCHEMA: tuple[Param, ...] = (
     # section            key                                 kind         range               default   flags
-    P("path", "BasesPath", PATH, "", os.path.join(PACKAGE, "bases")),
-    P("path", "TemplatesPath", PATH, "", os.path.join(PACKAGE, "templates")),
+    P("path", "BasesPath", PATH, "", os.path.join(PACKAGE_DIR, "bases")),
+    P("path", "TemplatesPath", PATH, "", os.path.join(PACKAGE_DIR, "templates")),
     P("path", "LicensePath", PATH),  # accepted from reference configs; unused
     P("locale", "DateFormat", TEXT, "", "%Y-%m-%d"),
     P("locale", "TimeFormat", TEXT, "", "%H:%M:%S"),

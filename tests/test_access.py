@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpgw.access import (
+from smtpgw.rules.access import (
     Decision,
     RuleError,
     first_match,
@@ -17,8 +17,8 @@ from smtpgw.access import (
     relay_decision,
     verdict_for_all,
 )
-from smtpgw.masks import client_address, domain_match, ip_match, parse_ip_mask, wildcard_match
-from smtpgw.routing import first_route, group_by_route, parse_route
+from smtpgw.rules.masks import client_address, domain_match, ip_match, parse_ip_mask, wildcard_match
+from smtpgw.rules.routing import first_route, group_by_route, parse_route
 
 HERE = "/etc/smtpgw"
 

@@ -14,18 +14,18 @@ from typing import Any
 
 import pytest
 
-from smtpgw.antivirus import (
+from smtpgw.scan.antivirus import (
     AVResult,
     av_log_event,
     load_placeholder,
     render_placeholder,
     scan_message,
 )
-from smtpgw.av import ClamdPool, ScannerUnavailable
 from smtpgw.config import load_config
 from smtpgw.log import line
-from smtpgw.mime import decompose
-from smtpgw.notify import TemplateError
+from smtpgw.mail.mime import decompose
+from smtpgw.reports.notify import TemplateError
+from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
 from tests.support.clamd import (
     EICAR_NAME,
     SUSPECT_NAME,

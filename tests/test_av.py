@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from smtpgw.av import (
+from smtpgw.scan.clamd import (
     CHUNK,
     ClamdPool,
     ClamdServer,

@@ -7,11 +7,11 @@ from typing import Any, cast
 
 import pytest
 
-from smtpgw import smtp
-from smtpgw.access import parse_condition_rule
-from smtpgw.checks import SessionChecks
-from smtpgw.dns import Resolver
-from smtpgw.loop import EventLoop
+from smtpgw.net import smtp
+from smtpgw.net.dns import Resolver
+from smtpgw.net.loop import EventLoop
+from smtpgw.receive.checks import SessionChecks
+from smtpgw.rules.access import parse_condition_rule
 from tests.support.dns import ScriptedDNSServer
 
 

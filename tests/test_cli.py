@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from smtpgw import cli
-from smtpgw.queue import CHK, QUE, SND, SPL, STAGED, WFC, Envelope, Queue, Recipient, new_id
+from smtpgw.app import cli
+from smtpgw.spool.queue import CHK, QUE, SND, SPL, STAGED, WFC, Envelope, Queue, Recipient, new_id
 from tests.support.net import GatewayProcess
 
 

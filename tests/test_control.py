@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from smtpgw.control import RequestTooLarge, read_request
+from smtpgw.app.control import RequestTooLarge, read_request
 
 
 def test_a_request_is_read_whole_up_to_the_limit(tmp_path) -> None:

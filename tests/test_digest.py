@@ -1,5 +1,5 @@
 """The quarantine digest's content: who gets one, what it lists, the release instruction and
-console link, and digest.tmpl optional in a TemplatesPath (smtpgw/digest.py)."""
+console link, and digest.tmpl optional in a TemplatesPath (smtpgw/reports/digest.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from smtpgw import console_auth, digest, notify
+from smtpgw.console import auth as console_auth
+
 from smtpgw.config import load_config
-from smtpgw.store import Store
+from smtpgw.reports import digest, notify
+from smtpgw.spool.store import Store
 
 MINIMAL = Path(__file__).resolve().parent / "data" / "config" / "minimal.conf"
 MESSAGE = b"From: a@example.test\r\nSubject: =?utf-8?q?held_caf=C3=A9?=\r\n\r\nbody\r\n"

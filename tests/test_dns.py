@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from smtpgw import dns
-from smtpgw.dns import Resolver
-from smtpgw.dnswire import AAAA, MX, NXDOMAIN, PTR, SERVFAIL, TXT, A
-from smtpgw.loop import EventLoop
+from smtpgw.net import dns
+from smtpgw.net.dns import Resolver
+from smtpgw.net.dnswire import AAAA, MX, NXDOMAIN, PTR, SERVFAIL, TXT, A
+from smtpgw.net.loop import EventLoop
 from tests.support.dns import (
     CNAMES, HOSTS, MISSING_NAME, MX_RECORDS, PTR_RECORDS, TTL, TXT_RECORDS, ZONE, ScriptedDNSServer, ask,
 )

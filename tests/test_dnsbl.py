@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from smtpgw.dns import Resolver
-from smtpgw.dnsbl import DNSBLChecker, is_listing
-from smtpgw.dnswire import reverse_labels
-from smtpgw.loop import EventLoop
+from smtpgw.net.dns import Resolver
+from smtpgw.net.dnsbl import DNSBLChecker, is_listing
+from smtpgw.net.dnswire import reverse_labels
+from smtpgw.net.loop import EventLoop
 from tests.support.dns import DNSBL_ZONES, ScriptedDNSServer
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpgw.downgrade import MAX_DEPTH, needs_downgrade, to_7bit
+from smtpgw.mail.downgrade import MAX_DEPTH, needs_downgrade, to_7bit
 from tests.support.components import missing
 from tests.support.net import CORPUS
 

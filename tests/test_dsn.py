@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import smtpgw
-from smtpgw import dsn
+from smtpgw.reports import dsn
 
 TEMPLATE = Path(smtpgw.__file__).parent / "templates" / "dsn.tmpl"
 NOW = 1_700_000_000.0

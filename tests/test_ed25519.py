@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from smtpgw import ed25519
+from smtpgw.update import ed25519
 
 # RFC 8032 §7.1: TEST 1, TEST 2, TEST 3 and TEST SHA(abc) (SECRET KEY, PUBLIC KEY, MESSAGE, SIGNATURE)
 VECTORS = [

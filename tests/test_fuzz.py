@@ -57,4 +57,4 @@ def test_coverage_counts_line_pairs_of_smtpgw() -> None:
     fuzzer = fuzz.Fuzzer(fuzz.built_seeds(), seed=1, findings_dir=None, coverage=True)
     fuzzer.run(count=3, targets=("mime",))
     assert fuzzer.edges and all(name.endswith(".py") for name, _, _ in fuzzer.edges)
-    assert any(name == "mime.py" for name, _, _ in fuzzer.edges)
+    assert any(name == "mail/mime.py" for name, _, _ in fuzzer.edges)

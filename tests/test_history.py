@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from smtpgw.history import HOURS, MINUTES, History
+from smtpgw.console.history import HOURS, MINUTES, History
 
 T0 = 1_800_000_000.0  # a minute boundary
 

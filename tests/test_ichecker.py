@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from smtpgw.av import ClamdPool
-from smtpgw.ichecker import IChecker
+from smtpgw.scan.clamd import ClamdPool
+from smtpgw.scan.ichecker import IChecker
 from tests.support.clamd import eicar
 
 
@@ -29,7 +29,7 @@ def test_new_databases_empty_the_cache(clamd):
 def test_the_cache_holds_at_most_its_size_in_memory_and_in_the_file(clamd, tmp_path, monkeypatch):
     import sqlite3
 
-    from smtpgw import ichecker
+    from smtpgw.scan import ichecker
 
     monkeypatch.setattr(ichecker, "PRUNE_EVERY", 5)
     db = str(tmp_path / "ichecker.db")

@@ -21,10 +21,11 @@ from collections.abc import Iterator
 import pytest
 
 import postinstall
-from smtpgw import __version__, updater
+from smtpgw import __version__
 from smtpgw.config import load_config
 from smtpgw.spam.bayes import Bayes
 from smtpgw.spam.database import DatabaseInfo, SpamDatabase
+from smtpgw.update import updater
 from tests.support.components import require
 from tests.support.net import REPO, free_port, wait_until
 
@@ -105,7 +106,7 @@ def test_tarball_holds_the_release_and_nothing_else(tarball: str) -> None:
     for junk in PLANTED_JUNK:
         assert f"{TOP}/{junk}" not in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/." in n]
-    for required in ("smtpgw/bases/spam/spam.db", "smtpgw/templates/notify.tmpl", "smtpgw/updater.py",
+    for required in ("smtpgw/bases/spam/spam.db", "smtpgw/templates/notify.tmpl", "smtpgw/update/updater.py",
                      "dist/smtpgw.service.in", "dist/smtpgw.init", "dist/logrotate.smtpgw", "dist/cron.smtpgw"):
         assert f"{TOP}/{required}" in names
     assert infos[f"{TOP}/install.sh"].mode == 0o755 and infos[f"{TOP}/smtpgw/config.py"].mode == 0o644
@@ -137,7 +138,7 @@ def test_staged_install_is_complete_and_its_configuration_checks(release: str, t
     assert "Next steps" in output and "ProtectedDomains" in output
     prefix = os.path.join(root, "opt", "smtpgw")
     for name in ("smtpgw.py", "postinstall.py", "install.sh", "smtpgw.conf.sample", "smtpgw/config.py",
-                 "smtpgw/updater.py", "dist/smtpgw.init", *DOCS):
+                 "smtpgw/update/updater.py", "dist/smtpgw.init", *DOCS):
         assert os.path.isfile(os.path.join(prefix, name)), name
     config = os.path.join(root, "etc", "smtpgw", "smtpgw.conf")
     assert os.stat(config).st_mode & 0o777 == 0o640

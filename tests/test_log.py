@@ -105,14 +105,14 @@ def written(path: str) -> list[str]:
 
 
 def test_free_text_arguments_are_escaped_numbers_kept(log_file: str) -> None:
-    logging.getLogger("smtpgw.client").info("next hop %s said %s (%d tries, %.1f s)", "[127.0.0.1]",
+    logging.getLogger("smtpgw.deliver.client").info("next hop %s said %s (%d tries, %.1f s)", "[127.0.0.1]",
                                             "550 no\x1b[2J\r\nfake line", 3, 1.25)
     [text] = written(log_file)
     assert text.endswith(r"]: next hop [127.0.0.1] said 550 no\x1b[2J\x0d\x0afake line (3 tries, 1.2 s)")
 
 
 def test_free_text_without_arguments_and_tracebacks_are_escaped(log_file: str) -> None:
-    logger = logging.getLogger("smtpgw.receiver")
+    logger = logging.getLogger("smtpgw.receive.receiver")
     logger.warning("peer wrote \x07")
     try:
         raise ValueError("bad \x1b byte")
@@ -132,7 +132,7 @@ def test_an_event_line_is_written_once_escaped(log_file: str) -> None:
 
 
 def test_free_text_values_in_brackets_or_quotes_are_escaped_for_that_place(log_file: str) -> None:
-    logger = logging.getLogger("smtpgw.receiver")
+    logger = logging.getLogger("smtpgw.receive.receiver")
     logger.info('relay denied: client=[%s] rcpt=<%s> said "%s" %r', "127.0.0.1", '"a> rule=allow"@x',
                 'q"uote', "r\x07")
     logger.info("mapping %(who)s <%(addr)s>", {"who": "a b", "addr": "x>y"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from smtpgw.loop import MIN_CANCELLED, EventLoop
+from smtpgw.net.loop import MIN_CANCELLED, EventLoop
 
 
 class Holder:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpgw.mime import (
+from smtpgw.mail.mime import (
     MAX_HEADER_FIELDS,
     MAX_MIME_DEPTH,
     MAX_MIME_PARTS,
@@ -27,8 +27,8 @@ from smtpgw.mime import (
     decompose,
     rebuild,
 )
-from smtpgw import archives as archives_module
-from smtpgw import mime as mime_module
+from smtpgw.mail import archives as archives_module
+from smtpgw.mail import mime as mime_module
 from tests.support.clamd import encrypted_zip, mime_message, tar_bytes, tar_gz, zip_bytes
 from tests.support.components import missing
 from tests.support.net import CORPUS

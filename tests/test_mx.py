@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from smtpgw.dns import Resolver
-from smtpgw.dnswire import A
-from smtpgw.loop import EventLoop
-from smtpgw.mx import NextHops, resolve_next_hops
+from smtpgw.deliver.mx import NextHops, resolve_next_hops
+from smtpgw.net.dns import Resolver
+from smtpgw.net.dnswire import A
+from smtpgw.net.loop import EventLoop
 from tests.support.dns import (
     DANGLING_MX_DOMAIN, HOSTS, IMPLICIT_MX_DOMAIN, MISSING_NAME, NULL_MX_DOMAIN, ZONE, ScriptedDNSServer,
 )

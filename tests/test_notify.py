@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 import smtpgw
-from smtpgw import mime, notify
-from smtpgw.notify import TemplateError
+from smtpgw.mail import mime
+from smtpgw.reports import notify
+from smtpgw.reports.notify import TemplateError
 from tests.support.components import missing
 
 TEMPLATES = Path(smtpgw.__file__).parent / "templates"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from smtpgw.policy import ERROR, INFECTED, combine, decide, spam_fired, spam_notices
+from smtpgw.rules.policy import ERROR, INFECTED, combine, decide, spam_fired, spam_notices
 
 
 def test_spam_actions_fire_message_actions_with_their_reason() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from smtpgw.queue import CHK, QUE, SND, WFC, Envelope, Queue, Recipient, new_id
+from smtpgw.spool.queue import CHK, QUE, SND, WFC, Envelope, Queue, Recipient, new_id
 
 
 def make(queue: Queue, state: str, qid: str | None = None, with_message: bool = True) -> Envelope:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from smtpgw.config import Config, load_config
-from smtpgw.quota import MB, Quota, notice
+from smtpgw.receive.quota import MB, Quota, notice
 from tests.test_config import minimal_with
 
 

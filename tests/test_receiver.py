@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from smtpgw.receiver import DataReader
+from smtpgw.receive.receiver import DataReader
 
 LF_MESSAGE = b"Subject: lf\n\n..dot\n.\r\nsmuggled\r\n\n.\nlast\r\n.\r\nafter"
 LF_STORED = b"Subject: lf\r\n\r\n.dot\r\n\r\nsmuggled\r\n\r\n\r\nlast\r\n"

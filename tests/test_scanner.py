@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import pytest
 
-from smtpgw.queue import CHK, QUE, WFC, Envelope, Queue, Recipient, new_id
-from smtpgw.scanjob import CopyResult, ScanResult
-from smtpgw.scanner import Scanner
+from smtpgw.scan.job import CopyResult, ScanResult
+from smtpgw.scan.scanner import Scanner
+from smtpgw.spool.queue import CHK, QUE, WFC, Envelope, Queue, Recipient, new_id
 
 ORIGINAL = b"Subject: s\r\n\r\nbody\r\n"
 REWRITTEN = b"Subject: s\r\n\r\nbody\r\n-- \r\ndisclaimer\r\n"

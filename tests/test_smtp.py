@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from smtpgw import smtp
-from smtpgw.smtp import Reply, SyntaxProblem
+from smtpgw.net import smtp
+from smtpgw.net.smtp import Reply, SyntaxProblem
 
 
 def test_every_reply_in_the_table_is_consistent():

@@ -8,11 +8,11 @@ from html.parser import HTMLParser
 
 import pytest
 
+from smtpgw.rules.masks import ip_match, parse_ip_mask, wildcard_match
 from smtpgw.spam import bayes, htmltext, mailview, tokenizer
 from smtpgw.spam.database import DatabaseError, DatabaseInfo, SpamDatabase
 from smtpgw.spam.formalsigns import looks_random
 from smtpgw.spam.htmltext import html_to_text
-from smtpgw.masks import ip_match, parse_ip_mask, wildcard_match
 from smtpgw.spam.lists import AddressList, IPList
 from smtpgw.spam.rules import RuleError, RuleSet, parse_rule, parse_rules
 from smtpgw.spam.training import default_rules

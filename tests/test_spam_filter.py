@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from smtpgw import headers
 from smtpgw.log import line
+from smtpgw.mail import headers
 from smtpgw.spam import SpamFilter, SpamVerdict, as_log_fields, mark
 from smtpgw.spam.formalsigns import GTUBE
 from smtpgw.spam.spamfilter import NO_EVIDENCE, _logistic, _logit, default_bases
@@ -228,7 +228,7 @@ def test_groups_get_their_own_filters_over_one_loaded_database(tmp_path) -> None
     """A scanner worker builds one filter per distinct group anti-spam setting; every filter
     reads the same database object (it is ~130 MiB in memory: never one copy per group)."""
     from smtpgw.config import load_config
-    from smtpgw.scanjob import Job
+    from smtpgw.scan.job import Job
     from tests.test_config import minimal_with
 
     path = minimal_with(tmp_path, "[smtpgw.antispam]\nSpamDetection=soft\n"

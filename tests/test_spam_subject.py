@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from smtpgw import headers
+from smtpgw.mail import headers
 from smtpgw.spam import SpamVerdict, mark
 
 SPAM_VERDICT = SpamVerdict("Spam", 0.99, "content")

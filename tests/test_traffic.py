@@ -1,8 +1,8 @@
 """Traffic observations: histogram bucket semantics (le: less than or equal), bounded top lists."""
 
-from smtpgw import traffic
-from smtpgw.queue import Envelope, Recipient
-from smtpgw.traffic import BUCKETS, Histogram, Traffic
+from smtpgw.console import traffic
+from smtpgw.console.traffic import BUCKETS, Histogram, Traffic
+from smtpgw.spool.queue import Envelope, Recipient
 
 
 def test_an_observation_counts_in_the_first_bucket_it_does_not_exceed_and_all_after():

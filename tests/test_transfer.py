@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
-from smtpgw import transfer
-from smtpgw.transfer import decode_base64, decode_transfer, decode_uu
+from smtpgw.mail import transfer
+from smtpgw.mail.transfer import decode_base64, decode_transfer, decode_uu
 
 SIZE = 4 << 20  # encoded bytes fed to each bounded decoder
 

@@ -1,6 +1,6 @@
-"""keepup2date (smtpgw/updater.py) against real update sets: a local folder, an HTTP
+"""keepup2date (smtpgw/update/updater.py) against real update sets: a local folder, an HTTP
 server on 127.0.0.1 (tests/support/updates.py: stdlib http.server in a thread), a real clamd for signature files.
-Sets are signed with keys the tests make (smtpgw/signing.py); each host trusts the key
+Sets are signed with keys the tests make (smtpgw/update/signing.py); each host trusts the key
 ``keys/release`` of its test's folder unless a test says otherwise.
 
 Return codes checked as kmg-spec §6.1 gives them: 0 no update needed, 1 updated,
@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
-from smtpgw import signing, updater
-from smtpgw.av import ClamdServer
+from smtpgw.scan.clamd import ClamdServer
 from smtpgw.spam.bayes import Bayes
 from smtpgw.spam.database import SITE_FILE_NAME, DatabaseInfo, SpamDatabase, site_file
 from smtpgw.spam.spamfilter import SpamFilter
 from smtpgw.spam.training import learn_files
+from smtpgw.update import signing, updater
 from tests.support.components import require
 from tests.support.net import BASE_CONFIG, REPO, wait_until
 from tests.support.updates import publish, server  # noqa: F401 (server: a fixture)
@@ -364,7 +364,7 @@ def test_a_damaged_installed_index_does_not_block_updates(tmp_path) -> None:
 def test_a_concurrent_run_is_refused_by_the_pid_file(tmp_path, server) -> None:
     host = Host(str(tmp_path / "host"), source=publish(server, make_set(str(tmp_path), "9.0"), "u"))
     server.hold = "spam.db"
-    first = subprocess.Popen([sys.executable, "-m", "smtpgw.updater", "-c", host.config], cwd=REPO,
+    first = subprocess.Popen([sys.executable, "-m", "smtpgw.update.updater", "-c", host.config], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert server.holding.wait(30), "the first keepup2date never asked for spam.db"

@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 from smtpgw.config import load_config
-from smtpgw.loop import EventLoop
-from smtpgw.queue import CHK, Envelope, Queue, Recipient, new_id, write_durably
-from smtpgw.workers import WorkerPool, worker_config_path
+from smtpgw.net.loop import EventLoop
+from smtpgw.scan.workers import WorkerPool, worker_config_path
+from smtpgw.spool.queue import CHK, Envelope, Queue, Recipient, new_id, write_durably
 from tests.support.clamd import STALL_MARKER
 from tests.support.net import GatewayProcess
 

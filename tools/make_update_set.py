@@ -7,8 +7,8 @@ Usage:
 
 BASES is a bases folder (e.g. smtpgw/bases, or a host's BasesPath after training);
 OUT, which must be new or empty, receives ``index.json``, ``index.json.sig``,
-``bases/...`` and ``clamd/...`` (the format is described in smtpgw/updateset.py and
-smtpgw/signing.py). The version and date default to the spam database's; ``--clamd``
+``bases/...`` and ``clamd/...`` (the format is described in smtpgw/update/updateset.py and
+smtpgw/update/signing.py). The version and date default to the spam database's; ``--clamd``
 adds clamd signature files (.ndb, .hdb, .ldb, .cvd, ...), checked with clamscan as
 keepup2date will check them. ``--key`` is the secret key that signs the set: for the
 project's releases the release key, whose public half ships as
@@ -35,7 +35,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from smtpgw.updater import make_bundle  # noqa: E402
+from smtpgw.update.updater import make_bundle  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

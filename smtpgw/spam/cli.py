@@ -27,11 +27,11 @@ import os
 import sys
 from types import SimpleNamespace
 
+from smtpgw.spam import spamfilter
 from smtpgw.spam import training
 from smtpgw.spam.database import DatabaseError, DatabaseInfo, SpamDatabase, database_file, site_file
 from smtpgw.spam.mailsource import iter_messages
 from smtpgw.spam.rules import RuleError, parse_rules
-from smtpgw.spam import spamfilter
 from smtpgw.spam.verdict import THRESHOLDS, format_score
 
 

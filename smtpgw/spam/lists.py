@@ -28,7 +28,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from smtpgw.masks import IPMask, client_address, parse_ip_mask, wildcard_match
+from smtpgw.rules.masks import IPMask, client_address, parse_ip_mask, wildcard_match
 
 log = logging.getLogger("smtpgw.spam.lists")
 

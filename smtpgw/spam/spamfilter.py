@@ -36,6 +36,8 @@ import math
 import os
 import threading
 
+from smtpgw import PACKAGE_DIR
+
 from smtpgw.spam import mailview, tokenizer
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
 from smtpgw.spam.formalsigns import address_of
@@ -72,7 +74,7 @@ _CACHE: dict[str, tuple[tuple[int, int, int], SpamDatabase, RuleSet]] = {}
 
 def default_bases() -> str:
     """The package's shipped BasesPath (``smtpgw/bases``)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bases")
+    return os.path.join(PACKAGE_DIR, "bases")
 
 
 def _file_key(path: str) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from smtpgw import headers
+from smtpgw.mail import headers
 
 log = logging.getLogger("smtpgw.spam.verdict")
 

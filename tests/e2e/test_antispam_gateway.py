@@ -16,8 +16,8 @@ import pytest
 
 from smtpgw.spam.database import SpamDatabase, site_file
 from smtpgw.spam.formalsigns import GTUBE
-from smtpgw.store import Store
 from smtpgw.spam.spamfilter import default_bases
+from smtpgw.spool.store import Store
 from tests.support.components import require
 from tests.support.dns import start_dnsmasq
 from tests.support.net import SMTPGW, RawClient, wait_until

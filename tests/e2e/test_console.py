@@ -19,10 +19,10 @@ from http.client import HTTPException
 import pytest
 
 import smtpgw
-from smtpgw.console import MAX_THREADS
-from smtpgw.console_auth import LoginThrottle, hash_password, verify_password
+from smtpgw.console.auth import LoginThrottle, hash_password, verify_password
+from smtpgw.console.server import MAX_THREADS
 from smtpgw.spam.database import SpamDatabase, site_file
-from smtpgw.store import Store
+from smtpgw.spool.store import Store
 from tests.e2e.test_antivirus_gateway import CLEAN, infected_message
 from tests.support.net import SMTPGW, free_port, wait_until
 from tests.support.webdriver import Browser, browser  # noqa: F401 - the fixture

@@ -64,7 +64,7 @@ def test_kill_minus_nine_under_load_loses_nothing(make_gateway, sink):
 
 def test_a_split_interrupted_by_a_crash_is_done_again(make_gateway, sink):
     """A record left in SPL goes back to WFS, and the split is redone with the same copy IDs."""
-    from smtpgw.queue import SPL, Envelope, Queue, Recipient, WFC, new_id
+    from smtpgw.spool.queue import SPL, Envelope, Queue, Recipient, WFC, new_id
 
     gw = make_gateway(sink.port, start=False, extra={
         "smtpgw.group:lab": [("Recipients", "*@lab.example.test")],

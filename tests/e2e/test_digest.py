@@ -8,7 +8,7 @@ import json
 import os
 import smtplib
 
-from smtpgw.store import Store
+from smtpgw.spool.store import Store
 from tests.e2e.test_antispam_gateway import SPAM, spam_gateway
 from tests.support.net import wait_until
 

@@ -13,7 +13,7 @@ import os
 import signal
 import smtplib
 
-from smtpgw.store import Store
+from smtpgw.spool.store import Store
 from tests.support.clamd import STALL_MARKER
 from tests.support.net import wait_until
 

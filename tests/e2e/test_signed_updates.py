@@ -7,9 +7,9 @@ from __future__ import annotations
 import base64
 import os
 
-from smtpgw import signing
 from smtpgw.spam.database import DatabaseInfo, SpamDatabase
 from smtpgw.spam.rules import parse_rule
+from smtpgw.update import signing
 from tests.e2e.test_antispam_gateway import HAM, private_bases, send, spam_gateway
 from tests.support.updates import SetServer, publish
 

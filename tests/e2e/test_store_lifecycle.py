@@ -9,7 +9,7 @@ import re
 import smtplib
 import time
 
-from smtpgw.store import Store
+from smtpgw.spool.store import Store
 from tests.e2e.test_antispam_gateway import SPAM, spam_gateway
 from tests.e2e.test_antivirus_gateway import infected_message
 from tests.support.net import wait_until

@@ -110,7 +110,7 @@ def dnsmasq_args(port: int) -> list[str]:
 # endregion
 
 
-# region Wire format of the scripted server (written apart from smtpgw.dns on purpose)
+# region Wire format of the scripted server (written apart from smtpgw.net.dns on purpose)
 _TYPES = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28}
 
 
@@ -473,7 +473,7 @@ def ask(loop: Any, resolver: Any, name: str, rdtype: Any, timeout: float = 10.0)
 @pytest.fixture
 def dns_loop() -> Iterator[Any]:
     """A fresh smtpgw event loop, closed after the test."""
-    from smtpgw.loop import EventLoop
+    from smtpgw.net.loop import EventLoop
 
     loop = EventLoop()
     yield loop

@@ -375,7 +375,7 @@ def _tree_outcome(tree: Any) -> str:
 
 def target_mime(raw: bytes) -> str:
     """decompose never raises; rebuild with removals and placeholders never raises and keeps a parseable tree."""
-    from smtpgw import mime
+    from smtpgw.mail import mime
 
     tree = mime.decompose(raw, mime.Limits(max_expanded=32 << 20))
     nodes = list(tree.root.walk())
@@ -402,7 +402,7 @@ def _leaf_contents(tree: Any) -> dict[bytes, int]:
 def _check_removals(raw: bytes, tree: Any) -> None:
     """What the anti-virus step removes is gone: read again, the message holds fewer copies of each removed
     leaf's content (the removal may take a larger entity with it, never less)."""
-    from smtpgw import mime
+    from smtpgw.mail import mime
 
     leaves = [n for n in tree.root.walk() if not n.children and n.data is not None and len(n.data) >= 64]
     removed = leaves[::2]
@@ -445,7 +445,7 @@ def target_spam(raw: bytes) -> str:
 
 
 def _header(raw: bytes, name: bytes) -> bytes:
-    from smtpgw import headers
+    from smtpgw.mail import headers
 
     return headers.get_raw(raw, name.decode()) or b""
 
@@ -464,7 +464,7 @@ def _check_generated(out: bytes, what: str) -> None:
 
 def _path(keyword: str, address: str) -> str:
     """``address`` if the receiver would take it in MAIL FROM or RCPT TO, else empty."""
-    from smtpgw import smtp
+    from smtpgw.net import smtp
 
     try:
         return smtp.parse_path(f"{keyword}:<{address}>", keyword, False)[0]
@@ -495,7 +495,7 @@ def _template(kind: str) -> str:
 
 def target_notify(raw: bytes) -> str:
     """notifications and the disclaimer from hostile values: ValueError at most; CRLF, 7-bit, short header lines."""
-    from smtpgw import notify
+    from smtpgw.reports import notify
 
     env = _envelope(raw)
     event = {"status": "infected", "group": "g", "queue_id": "Q1fuzz", "blocked": True,
@@ -523,7 +523,8 @@ def target_notify(raw: bytes) -> str:
 
 def _check_disclaimer(raw: bytes) -> str:
     """The disclaimer is a part a reader sees, and every part of the message is still there."""
-    from smtpgw import mime, notify
+    from smtpgw.mail import mime
+    from smtpgw.reports import notify
 
     if re.search(rb"\r(?!\n)", raw):
         return "disclaimer:bare-cr"  # the receiver refuses bare CR: such a message never gets a disclaimer
@@ -541,7 +542,7 @@ def _check_disclaimer(raw: bytes) -> str:
 
 def target_dsn(raw: bytes) -> str:
     """DSNs about a hostile message and envelope: None or a multipart/report with a sound header."""
-    from smtpgw import dsn
+    from smtpgw.reports import dsn
 
     env = _envelope(raw)
     original = raw[: dsn.DEFAULT_FULL_LIMIT + 1]  # what the gateway reads of the message for a DSN
@@ -563,7 +564,7 @@ def target_dsn(raw: bytes) -> str:
 
 def target_downgrade(raw: bytes) -> str:
     """to_7bit: None, or a 7-bit message no next hop needs converted, which converts to itself."""
-    from smtpgw import downgrade
+    from smtpgw.mail import downgrade
 
     out = downgrade.to_7bit(raw)
     if out is None:

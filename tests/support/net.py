@@ -294,7 +294,7 @@ class GatewayProcess:
         open(os.path.join(self.control_path, name), "w").close()
 
     def memory_report(self, timeout: float = 60.0) -> dict:
-        """``.c_memory``: the gateway's report of what its main process holds (smtpgw/memory.py)."""
+        """``.c_memory``: the gateway's report of what its main process holds (smtpgw/app/memory.py)."""
         path = os.path.join(self.control_path, "memory")
         if os.path.exists(path):
             os.unlink(path)

@@ -1,0 +1,656 @@
+"""The gateway process: wires the pipeline stages together on one event loop.
+
+Owns: start-up (queue recovery, listeners, privilege drop), the session
+registry and connection limits, the hand-offs between stages (received →
+scanner → sender → done), signals (TERM/INT/QUIT stop, HUP reloads the
+configuration), and shutdown.
+
+Must never: start serving before the queue has been recovered; keep running
+on a configuration that failed to load at HUP (the old one stays in force).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import grp
+import logging
+import os
+import pickle
+import pwd
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from smtpgw import log as logsetup
+
+from smtpgw.app import memory
+
+from smtpgw.deliver import mx
+
+from smtpgw.net import smtp
+
+from smtpgw.receive import quota
+
+from smtpgw.reports import digest, dsn, notify
+
+from smtpgw.rules import access, routing
+
+from smtpgw.app.control import Control, remove_record
+from smtpgw.config import Config, ConfigError, load_config
+from smtpgw.console.server import Console
+from smtpgw.console.traffic import Traffic
+from smtpgw.deliver.sender import Hop, ResolveCallback, Sender, literal_hops
+from smtpgw.log import event
+from smtpgw.net.dns import Resolver
+from smtpgw.net.loop import EventLoop
+from smtpgw.receive.receiver import Listener, Session
+from smtpgw.scan import antivirus
+from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
+from smtpgw.scan.scanner import Scanner
+from smtpgw.scan.workers import worker_config_path
+from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
+from smtpgw.spam.spamfilter import default_bases, describe, site_layer
+from smtpgw.spool.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id, write_durably
+from smtpgw.spool.store import Item, Store, lifetimes, purge_stores
+from smtpgw.stats import Stats, history_path, save as save_stats
+
+log = logging.getLogger("smtpgw")
+
+SHUTDOWN_GRACE = 5.0
+PURGE_INTERVAL = 3600.0  # seconds between passes over the stores for items past their lifetime
+PURGE_BATCH = 500  # items one pass removes per store at most; the next pass follows at once
+LOG_FLUSH_INTERVAL = 0.2  # seconds: the log file is written in batches  # seconds for deliveries in flight to finish at stop
+
+
+class StartupError(Exception):
+    """A reason the gateway cannot start; ``code`` is the process exit code (kmg-spec §4.2)."""
+
+    def __init__(self, message: str, code: int = 30) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def bases_versions(cfg: Config) -> str:
+    """``bases: anti-spam version=V, date=D, ham=N, spam=M (site layer: ...); anti-virus ClamAV
+    E/N YYYYMMDD`` (or why not); the site layer is ``none``, its date and counts, or why it is ignored."""
+    spam = "off (Check=false)"
+    if cfg.antispam.Check:
+        bases = cfg.base.BasesPath or default_bases()
+        try:
+            spam = describe(SpamDatabase.load(database_file(bases)))
+        except DatabaseError as exc:
+            spam = f"unusable: {exc}"
+        spam += f" (site layer: {site_layer(site_file(bases))})"
+    virus = "off (Check=false)"
+    if any(section.Check for section in (cfg.policy, *cfg.groups)):
+        try:
+            virus = f"ClamAV {ClamdPool.from_config(cfg.ave).engine()}"
+        except (ScannerUnavailable, ValueError) as exc:
+            virus = f"clamd does not answer: {exc}"
+    return f"bases: anti-spam {spam}; anti-virus {virus}"
+
+
+@dataclass
+class RelayVerdict:
+    allowed: bool
+    why: str
+
+
+class Gateway:
+    def __init__(self, cfg: Config, config_path: str) -> None:
+        self.cfg = cfg
+        self.config_path = os.path.abspath(config_path)
+        self.loop = EventLoop()
+        self.stats = Stats()
+        self.traffic = Traffic()
+        self.quota = quota.Quota(cfg.path.QueuePath)
+        self.queue = Queue(cfg.path.QueuePath)
+        self.committer = Committer(self.queue, self.loop.call_soon_threadsafe)
+        self.sessions: set[Session] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.receiving = True
+        self.stopping = False
+        self.listeners: list[Listener] = []
+        self.templates = self._templates(cfg)
+        self._check_spam_database(cfg)
+        self.incoming_archive = Store(cfg.path.IncomingArchivePath) if cfg.path.IncomingArchivePath else None
+        self.outgoing_archive = Store(cfg.path.OutgoingArchivePath) if cfg.path.OutgoingArchivePath else None
+        self.ssl_context = self._server_tls(cfg)
+        self.client_tls_context = self._client_tls()
+        self.resolver = Resolver.from_config(self.loop, cfg.resolve)
+        self.sender = Sender(self)
+        self.scanner = Scanner(self)
+        self.control = Control(self)
+        self.console = Console(self)
+        self.digest = digest.Digests(self)
+        self._lock_fd = -1
+        self._saving_stats = False
+        self._handle_signals()
+
+    # -- derived limits ------------------------------------------------------------
+    @property
+    def tls_required(self) -> bool:
+        return bool(self.cfg.network.RequireTLS) and self.ssl_context is not None
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.cfg.limits.MaximalIncomingMessageSize * 1024
+
+    @property
+    def max_session_bytes(self) -> int:
+        return self.cfg.limits.MaximalIncomingSessionSize * 1024
+
+    @staticmethod
+    def _server_tls(cfg: Config) -> ssl.SSLContext | None:
+        cert, key = cfg.network.TLSCertificateFile, cfg.network.TLSKeyFile
+        if not cert:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"cannot load TLS certificate {cert} / key {key}: {exc}", 1) from exc
+        return context
+
+    @staticmethod
+    def _templates(cfg: Config) -> dict[str, notify.Template]:
+        """Templates are checked at start (kmg-spec §5.2): a broken one stops the start, a
+        group's own TemplatesPath's (notify, disclaimer, placeholder) included."""
+        try:
+            for folder in sorted({group.TemplatesPath for group in (cfg.policy, *cfg.groups)} - {None}):
+                notify.load_templates(folder, notify.GROUP_KINDS)
+                antivirus.load_placeholder(folder)
+            if cfg.digest.Schedule:
+                digest.load(cfg)
+            return notify.load_templates(cfg.base.TemplatesPath)
+        except notify.TemplateError as exc:
+            raise StartupError(str(exc), 1) from exc
+
+    @staticmethod
+    def _spam_database_problem(cfg: Config) -> str | None:
+        """Why the spam database the scanner workers would load is unusable, or None.
+
+        Every worker loads it when it starts (scanjob.Job); a damaged or missing file would make each
+        worker exit and every message wait in WFC with nothing in the log saying why."""
+        if not cfg.antispam.Check:
+            return None
+        path = database_file(cfg.base.BasesPath or default_bases())
+        try:
+            SpamDatabase.load(path)
+        except DatabaseError as exc:
+            return f"spam database unusable: {exc}"
+        return None
+
+    @classmethod
+    def _check_spam_database(cls, cfg: Config) -> None:
+        """At start a bad spam database stops the start with its reason (like a broken template)."""
+        problem = cls._spam_database_problem(cfg)
+        if problem:
+            raise StartupError(problem, 1)
+
+    def _restart_workers_checked(self, done: str) -> None:
+        """New scanner workers, once the spam database they will load has been checked; then log ``done``.
+
+        The check (a full load, about 0.3 s) runs in an I/O thread, not on the loop. A damaged file
+        (a half-copied update, a bad hand edit) leaves the current workers and the database they hold
+        in place: ARCHITECTURE.md and spam.spamfilter, a damaged database never replaces the loaded one."""
+        cfg = self.cfg
+        future = self.committer.pool.submit(self._spam_database_problem, cfg)
+
+        def checked() -> None:
+            problem = future.exception() or future.result()
+            if problem:
+                log.error("scanner workers not restarted, they keep the configuration and databases they"
+                          " loaded: %s", problem)
+                return
+            self._publish_worker_config(cfg)
+            self.scanner.restart_workers()
+            log.info("%s", done)
+            self._log_bases()
+
+        future.add_done_callback(lambda _f: self.loop.call_soon_threadsafe(checked))
+
+    def _log_bases(self) -> None:
+        """Log the versions of the spam and anti-virus databases in use (at start and at every
+        reload), found in an I/O thread: clamd may be slow to answer."""
+        future = self.committer.pool.submit(bases_versions, self.cfg)
+
+        def found(done: Future[str]) -> None:
+            if done.exception() is not None:
+                log.error("cannot tell the database versions: %s", done.exception())
+            else:
+                log.info("%s", done.result())
+
+        future.add_done_callback(found)
+
+    def _publish_worker_config(self, cfg: Config) -> None:
+        """Give the scanner workers the configuration this process accepted, file: lists included.
+
+        Workers are started on demand and replaced when they die or time out; reading smtpgw.conf
+        themselves, a replacement would see an edit the gateway refused at HUP (a file: list that is
+        gone, a syntax error) and exit, and no message would be scanned. kmg-spec §3.1: a bad
+        configuration at reload keeps the old one."""
+        write_durably(worker_config_path(self.queue.root), pickle.dumps(cfg))
+
+    @staticmethod
+    def _client_tls() -> ssl.SSLContext:
+        # Opportunistic TLS (RFC 7435): encrypt when offered, do not authenticate.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    # -- start and stop ---------------------------------------------------------------
+    def lock_queue(self) -> None:
+        """One gateway per queue: an exclusive lock held while running."""
+        if self._lock_fd >= 0:
+            return
+        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._take_lock()
+
+    def check_not_running(self) -> None:
+        """Exit code 41 ("already running", kmg-spec §4.2) before any port is bound: the queue's
+        lock is taken now when its file exists (a running gateway made it), and kept. Without
+        the file no gateway runs; `lock_queue` makes it later as the service user."""
+        if self._lock_fd >= 0:
+            return
+        try:
+            self._lock_fd = os.open(self._lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        self._take_lock()
+
+    @property
+    def _lock_path(self) -> str:
+        return os.path.join(self.queue.root, ".lock")
+
+    def _take_lock(self) -> None:
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise StartupError(f"another gateway is running on the queue {self.queue.root}", 41) from None
+
+    def bind(self) -> None:
+        self.listeners = self._bind(self.cfg.network.ListenOn, {})
+        self.console.bind()
+
+    def _bind(self, addresses: list[tuple[str, int]],
+              existing: dict[tuple[str, int], Listener]) -> list[Listener]:
+        """One listener per address, in order: the ``existing`` one for an address kept, a new
+        one bound otherwise. All or nothing: when one address cannot be bound, the listeners
+        bound here are closed again and StartupError says why (``existing`` stay as they are)."""
+        listeners: list[Listener] = []
+        fresh: list[Listener] = []
+        try:
+            for host, port in addresses:
+                listener = existing.get((host, port))
+                if listener is None:
+                    try:
+                        listener = Listener(self, host, port)
+                    except OSError as exc:
+                        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+                    fresh.append(listener)
+                listeners.append(listener)
+        except StartupError:
+            for listener in fresh:
+                listener.close()
+            raise
+        return listeners
+
+    def drop_privileges(self, user: str | None, group: str | None) -> None:
+        if not user or os.geteuid() != 0:
+            return
+        try:
+            pw = pwd.getpwnam(user)
+            gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+            os.setgroups([gid])
+            os.setgid(gid)
+            os.setuid(pw.pw_uid)
+        except (KeyError, OSError) as exc:
+            raise StartupError(f"cannot switch to user {user}: {exc}", 44) from exc
+
+    def start(self) -> None:
+        self.lock_queue()
+        self._publish_worker_config(self.cfg)
+        self.stats.restore(self.cfg.options.StatFilename, history_path(self.queue.root))
+        self.quota.restore(self.cfg.quota.MaximalProtectedRecipients)
+        counts = self.queue.recover()
+        log.info("queue %s recovered: %s", self.queue.root, ", ".join(f"{k}={v}" for k, v in counts.items()))
+        for listener in self.listeners:
+            listener.start()
+        self.scanner.load()
+        self.sender.load()
+        self.sender.purge_unreachable()
+        self.control.start()
+        self.console.start()
+        self._purge_stores()
+        self.digest.start()
+        self.loop.call_later(self.cfg.options.StatSaveInterval, self._save_stats)
+        self._flush_log()
+        self._release_memory()
+        where = ", ".join(f"{h}:{p}" for h, p in (l.address for l in self.listeners))
+        log.info("smtpgw started: listening on %s", where)
+        self._log_bases()
+
+    def _handle_signals(self) -> None:
+        """Installed as soon as the loop exists, before the (possibly long) start-up: a signal
+        only queues its action, which runs once the loop does. A HUP during start-up (a log
+        rotation) thus reloads after it instead of killing the process, and a TERM stops it
+        cleanly."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(signum, lambda *_: self.loop.call_soon(self.shutdown))
+        signal.signal(signal.SIGHUP, lambda *_: self.loop.call_soon(self.reload))
+        signal.set_wakeup_fd(self.loop._wake_w.fileno(), warn_on_full_buffer=False)
+
+    def _save_stats(self) -> None:
+        """Every StatSaveInterval: the counters to StatFilename and today's history line, written
+        durably in an I/O thread (one write at a time), so that they survive a restart."""
+        if self.stopping:
+            return
+        if not self._saving_stats:
+            self._saving_stats = True
+            future = self.committer.pool.submit(save_stats, self.cfg.options.StatFilename,
+                                                history_path(self.queue.root), self.stats.snapshot())
+            future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._stats_saved, f))
+        snapshot = self.quota.snapshot()
+        if snapshot is not None:
+            written = self.committer.pool.submit(self.quota.write, snapshot)
+            written.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._quota_saved, f))
+        self.loop.call_later(self.cfg.options.StatSaveInterval, self._save_stats)
+
+    def _stats_saved(self, future: Future[None]) -> None:
+        self._saving_stats = False
+        if future.exception() is not None:
+            log.error("cannot save the statistics to %s: %s", self.cfg.options.StatFilename, future.exception())
+
+    def _quota_saved(self, future: Future[None]) -> None:
+        if future.exception() is not None:
+            self.quota.dirty = True
+            log.error("cannot save the quota counts to %s: %s", self.quota.path, future.exception())
+
+    def _purge_stores(self) -> None:
+        """Remove store items past their lifetime (QuarantineLifetime, BackupLifetime, archive
+        lifetimes) in an I/O thread, at most PURGE_BATCH per store and pass; log each one."""
+        if self.stopping:
+            return
+        future = self.committer.pool.submit(purge_stores, lifetimes(self.cfg), time.time(), PURGE_BATCH)
+        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._stores_purged, f))
+
+    def _stores_purged(self, future: Future[tuple[list[tuple[str, Item, float]], bool]]) -> None:
+        removed: list[tuple[str, Item, float]] = []
+        more = False
+        if future.exception() is not None:
+            log.error("store purge failed: %s", future.exception())
+        else:
+            removed, more = future.result()
+        for folder, item, lifetime in removed:
+            event(item.queue_id or item.id, "PURGED, store=%s, item=%s, status=%s, stored=%s, lifetime=%dd",
+                  folder, item.id, item.status, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(item.stored_at)),
+                  lifetime // 86400)
+        if not self.stopping:
+            self.loop.call_later(1.0 if more else PURGE_INTERVAL, self._purge_stores)
+
+    def _flush_log(self) -> None:
+        logsetup.flush_all()
+        if not self.stopping:
+            self.loop.call_later(LOG_FLUSH_INTERVAL, self._flush_log)
+
+    def _release_memory(self) -> None:
+        memory.release()
+        if not self.stopping:
+            self.loop.call_later(memory.RELEASE_INTERVAL, self._release_memory)
+
+    def run(self) -> None:
+        self.loop.run_forever()
+
+    def shutdown(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping")
+        self.console.stop()
+        for listener in self.listeners:
+            listener.close()
+        self.listeners.clear()
+        for session in list(self.sessions):
+            session.close_with(smtp.SHUTTING_DOWN.format(self.cfg.network.Hostname))
+        self.control.stop()
+        self.digest.stop()
+        self.sender.enabled = False
+        self.scanner.stop()
+        self.loop.run_until(self.sender.idle, SHUTDOWN_GRACE)
+        self.sender.stop()
+        self.loop.run_until(lambda: not self.sessions, 1.0)
+        self.console.save_history()
+        self.committer.close()
+        try:  # the last counts, for the next start
+            save_stats(self.cfg.options.StatFilename, history_path(self.queue.root), self.stats.snapshot())
+        except OSError as exc:
+            log.error("cannot save the statistics to %s: %s", self.cfg.options.StatFilename, exc)
+        self.quota.save()
+        self.queue.sync_state_dirs()
+        log.info("stopped")
+        logsetup.flush_all()
+        self.loop.stop()
+
+    def reload(self) -> None:
+        """HUP: read the configuration again; keep the old one if the new one is bad."""
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem)
+            return
+        if cfg.path.QueuePath != self.cfg.path.QueuePath:
+            log.error("reload: QueuePath cannot change while running; restart instead")
+            return
+        # Everything that can fail is prepared before anything is changed: the new listeners are
+        # bound while the old ones still serve (after the privilege drop, a port given up could
+        # not be taken back), so a refused reload leaves the gateway exactly as it was.
+        current = dict(zip((tuple(a) for a in self.cfg.network.ListenOn), self.listeners))
+        try:
+            ssl_context = self._server_tls(cfg)
+            listeners = self._bind([tuple(a) for a in cfg.network.ListenOn], current)
+        except StartupError as exc:
+            log.error("reload refused: %s", exc)
+            return
+        try:
+            logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat,
+                           echo=sys.stderr.isatty())
+        except OSError as exc:  # the old log stays in use
+            for listener in listeners:
+                if listener not in self.listeners:
+                    listener.close()
+            log.error("reload refused: cannot open the log file %s: %s", cfg.options.LogFile, exc)
+            return
+        self.cfg = cfg
+        self.ssl_context = ssl_context
+        self.resolver.close()
+        self.resolver = Resolver.from_config(self.loop, cfg.resolve)
+        for listener in self.listeners:
+            if listener not in listeners:
+                listener.close()
+        for listener in listeners:
+            if listener not in self.listeners:
+                listener.start()
+        self.listeners = listeners
+        self._restart_workers_checked(f"configuration reloaded from {self.config_path}")
+
+    # -- sessions ---------------------------------------------------------------------
+    def session_opened(self, conn: socket.socket, peer: tuple) -> None:
+        session = Session(self, conn, peer)
+        self.sessions.add(session)
+        self.per_ip[session.ip] += 1
+        self.stats.connection_opened()
+        host = self.cfg.network.Hostname
+        limits = self.cfg.limits
+        if not self.receiving or self.stopping:
+            session.start(smtp.SERVICE_UNAVAILABLE.format(host))
+            session.closing = True
+        elif len(self.sessions) > limits.IncomingSessions:
+            self.stats.inc("mta_incoming_connections_errors")
+            session.start(smtp.TOO_MANY_SESSIONS.format(host))
+            session.closing = True
+        elif self.per_ip[session.ip] > limits.MaximalIncomingSessionsPerIP:
+            self.stats.inc("mta_incoming_connections_errors")
+            session.start(smtp.TOO_MANY_FROM_IP.format(host))
+            session.closing = True
+        else:
+            session.start(smtp.GREETING.format(host))
+            return
+        session.flush()
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self.per_ip[session.ip] -= 1
+        if self.per_ip[session.ip] <= 0:
+            del self.per_ip[session.ip]
+        self.stats.inc("mta_incoming_connections_current", -1)
+
+    def relay_decision(self, ip: str, rcpt: str) -> RelayVerdict:
+        rules = self.cfg.access.RelayRule
+        if rules:
+            decision = access.relay_decision(rules, ip, rcpt)
+            return RelayVerdict(decision.allowed, decision.reason)
+        # No RelayRule at all: mail to ProtectedDomains only (never an open relay), from any client,
+        # so never with sender-specified routing (access.py: untrusted routing).
+        if smtp.routed(rcpt):
+            return RelayVerdict(False, "untrusted routing, not allowed by ProtectedDomains (no RelayRule configured)")
+        allowed = routing.is_protected(self.cfg.network.ProtectedDomains, rcpt)
+        return RelayVerdict(allowed, "ProtectedDomains (no RelayRule configured)")
+
+    def queue_has_space(self) -> bool:
+        """``MinimalQueueFreeSpaceSize``: refuse new mail (4xx) while the spool's disk is short."""
+        needed = self.cfg.limits.MinimalQueueFreeSpaceSize * 1024 * 1024
+        if not needed:
+            return True
+        st = os.statvfs(self.queue.root)
+        return st.f_bavail * st.f_frsize >= needed
+
+    # -- hand-offs between stages -------------------------------------------------------
+    def message_received(self, env: Envelope) -> None:
+        self.traffic.received(env)
+        self.stats.inc("mta_received_messages")
+        self.stats.inc("mta_received_bytes", env.size)
+        self.stats.inc("mta_received_recipients", len(env.recipients))
+        for crossing in self.quota.count(self.cfg, (r.addr for r in env.recipients), env.size):
+            self._quota_crossed(crossing, env.id)
+        archive = self.incoming_archive
+        if archive is not None:  # kmg-spec §3.9: a copy of every received message
+            path, record = self.queue.msg_path(env.id), env.as_dict()
+            self.committer.run(lambda: archive.put(env.id, path, record, "RCV"))
+        self.scanner.accept(env)
+
+    def _quota_crossed(self, crossing: quota.Crossing, srcid: str) -> None:
+        """A usage quota passed a threshold: a QUOTA line, and the admin's notice queued once a day."""
+        policy = self.cfg.policy
+        notice = None
+        try:
+            data = quota.notice(self.cfg, crossing)
+            notice = Envelope(id=new_id(), sender=policy.NotifyFromAddress,
+                              recipients=[Recipient(addr=policy.AdminNotifyAddress)], helo=self.cfg.network.Hostname,
+                              received_at=time.time(), size=len(data), srcid=srcid)
+            self.queue.add_message(notice, QUE, data=data)
+        except (OSError, ValueError) as exc:
+            log.error("%s: cannot queue the quota notice: %s", srcid, exc)
+            notice = None
+        event("", "QUOTA, quota=%s, day=%s, threshold=%d%%, used=%d, limit=%d, action=%s, notice=%s", crossing.quota,
+              crossing.day, crossing.threshold, crossing.used, crossing.limit, self.cfg.quota.QuotaAction,
+              notice.id if notice else "none", level=logging.WARNING)
+        self.quota.save()  # after the notice: a crash between them repeats it, never loses it
+        if notice is not None:
+            event(notice.id, "NOTIFICATION, kind=quota, srcid=%s, to=%s", srcid, [policy.AdminNotifyAddress])
+            self.message_scanned(notice)
+
+    def message_scanned(self, env: Envelope) -> None:
+        self.traffic.scanned(env)
+        self.sender.enqueue(env.id, env.next_attempt, env.priority, env)
+
+    def remove_queued(self, qid: str, state: str) -> None:
+        """The admin removed a message (``queue remove``); one in CHK has its scan result discarded."""
+        self.sender.forget(qid)
+        self.scanner.cancel(qid)
+        remove_record(self.queue, qid, state)
+        event(qid, "REMOVED, state=%s, by=admin", state)
+
+    def reload_databases(self) -> None:
+        """``.c_db_reload``: new scanner workers load the databases again (unless the spam one is damaged)."""
+        self._restart_workers_checked("databases reloaded")
+
+    def inject(self, path: str, sender: str, recipients: list[str], check: bool) -> str:
+        """Put a message file (a released store item) into the queue: WFC to be scanned, or QUE."""
+        env = Envelope(id=new_id(), sender=sender, recipients=[Recipient(addr=r) for r in recipients],
+                       helo=self.cfg.network.Hostname, received_at=time.time(), size=os.path.getsize(path))
+        self.queue.add_message(env, WFC if check else QUE, link_from=path)
+        event(env.id, "RELEASED, from=<%s>, nrcpt=%d, size=%d, check=%s", sender, len(recipients), env.size,
+              "yes" if check else "no")
+        if check:
+            self.scanner.accept(env)
+        else:
+            self.sender.enqueue(env.id, env=env)
+        return env.id
+
+    def send_dsn(self, env: Envelope, recipients: list[Recipient], kind: str) -> bool:
+        """Queue a DSN (RFC 3464) about ``recipients`` to the envelope sender; False if none is due."""
+        lifetime = self.cfg.timeouts.MaximalQueueLifetime * 86400
+        try:
+            with open(self.queue.msg_path(env.id), "rb") as f:
+                original = f.read(dsn.DEFAULT_FULL_LIMIT + 1)
+            report = dsn.build_dsn(
+                env.as_dict(), [r.__dict__ for r in recipients], kind, original, self.cfg.network.Hostname,
+                self.cfg.network.Postmaster, self.templates["dsn"], time.time(),
+                retry_until=env.received_at + lifetime,
+            )
+        except (OSError, ValueError) as exc:
+            log.error("%s: cannot build a %s DSN: %s", env.id, kind, exc)
+            return False
+        if report is None:
+            return False
+        bounce = Envelope(
+            id=new_id(), sender="", recipients=[Recipient(addr=env.sender)], client_ip="", helo=self.cfg.network.Hostname,
+            received_at=time.time(), size=len(report), body=dsn.dsn_body_type(report), srcid=env.id,
+        )
+        self.queue.add_message(bounce, QUE, data=report)
+        self.stats.inc("mta_dsn_generated")
+        event(bounce.id, "DSN, kind=%s, srcid=%s, to=<%s>, nrcpt=%d", kind, env.id, env.sender, len(recipients))
+        self.sender.enqueue(bounce.id, env=bounce)
+        return True
+
+    def delivery_complete(self, env: Envelope) -> None:
+        self.traffic.delivered(env)
+        archive = self.outgoing_archive
+        copy = None
+        if archive is not None and any(r.state == "sent" for r in env.recipients):
+            # kmg-spec §3.9: every message sent, notifications and DSNs included
+            path, record = self.queue.msg_path(env.id), env.as_dict()
+            copy = lambda: archive.put(env.id, path, record, "SNT")  # noqa: E731
+        self.committer.remove(env.id, SND, before=copy)
+
+    def resolve_destination(self, dest: routing.Destination, done: ResolveCallback) -> None:
+        """Next hops of a destination: an IP literal as is, ``localhost`` as loopback
+        (RFC 6761 §6.3), a bracketed host by its addresses, a domain by its MX (RFC 5321 §5.1)."""
+        hops = literal_hops(dest)
+        if hops is not None:
+            done(hops, None, None)
+            return
+        port = dest[2] if dest[0] == "host" else 25  # type: ignore[misc]
+        if dest[0] == "host" and dest[1] == "localhost":
+            done([Hop("localhost", "127.0.0.1", port)], None, None)
+            return
+
+        def finished(result: mx.NextHops) -> None:
+            done([Hop(host, ip, port) for host, ip in result.hosts], result.permanent_error, result.temporary_error)
+
+        if dest[0] == "mx":
+            mx.resolve_next_hops(self.resolver, dest[1], finished)
+        else:
+            mx.resolve_host(self.resolver, dest[1], finished)

@@ -1,0 +1,573 @@
+"""The Sender: delivers QUE messages to their next hops over SMTP.
+
+Owns: taking records from QUE (→ SND while in flight), grouping recipients by
+destination (``ForwardRoute``, else the recipient domain's MX), a connection
+cache per destination with ``OutgoingSessions`` and
+``MaximalOutgoingSessionsPerHost`` limits, turning replies into per-recipient
+states, retry scheduling with exponential back-off between
+``MinimalBackoffTime`` and ``MaximalBackoffTime``, and giving up after
+``MaximalQueueLifetime``.
+
+Must never: send one envelope once per recipient when one transaction per
+destination will do; drop a recipient without a final state; write a record's
+new state anywhere but in place before moving it (a crash must not make a
+delivered recipient look pending, nor the reverse).
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from smtpgw.mail import downgrade
+
+from smtpgw.deliver.client import Connection, Transaction
+from smtpgw.log import event
+from smtpgw.net.smtp import ServerReply
+from smtpgw.rules import routing
+from smtpgw.spool.queue import QUE, SND, Envelope, Recipient
+
+if TYPE_CHECKING:
+    from smtpgw.app.gateway import Gateway
+
+log = logging.getLogger("smtpgw.deliver.sender")
+
+IDLE_CONNECTION_SECONDS = 2.0  # as Postfix's smtp_connection_cache_time_limit
+RETRY_LOCAL_ERROR = 60  # seconds before a state the disk refused is written again
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+Destination = routing.Destination
+
+
+@dataclass
+class Hop:
+    host: str
+    ip: str
+    port: int
+
+
+@dataclass
+class Delivery:
+    """The recipients of one envelope that go to one destination."""
+
+    env: Envelope
+    dest: Destination
+    recipients: list[Recipient]
+    converted: str | None = None  # a 7-bit copy made for this delivery (RFC 6152 §3)
+
+
+@dataclass
+class DestinationState:
+    queue: deque[Delivery] = field(default_factory=deque)
+    connections: list[Connection] = field(default_factory=list)
+    hops: list[Hop] | None = None
+    resolving: bool = False
+    last_error: str | None = None
+    # hops that could not be reached since the deliveries queued here were last deferred: each
+    # is tried once per round even when UnreachableTTL=0 caches nothing
+    failed_hops: set[tuple[str, int]] = field(default_factory=set)
+    idle_timers: dict[int, object] = field(default_factory=dict)
+
+
+def enhanced_status(reply: ServerReply) -> str:
+    """The reply's enhanced status code (RFC 3463), or one derived from its basic code."""
+    match = _ENHANCED.match(reply.lines[0] if reply.lines else "")
+    if match and match.group(1) == str(reply.code)[0]:
+        return match.group(0)
+    return f"{str(reply.code)[0]}.0.0"
+
+
+class Sender:
+    def __init__(self, gateway: "Gateway") -> None:
+        self.gw = gateway
+        self.loop = gateway.loop
+        self.queue = gateway.queue
+        self.enabled = True
+        self.schedule: list[tuple[float, int, str]] = []  # (when, -priority, qid)
+        self.scheduled: set[str] = set()
+        self.inflight: dict[str, int] = {}  # qid → deliveries still running
+        self.envelopes: dict[str, Envelope] = {}
+        self.dests: dict[Destination, DestinationState] = {}
+        self.total_connections = 0
+        self.unreachable: dict[tuple[str, int], float] = {}
+        self._pump_due = False
+        self._timer = None
+
+    # -- scheduling ---------------------------------------------------------------
+    def purge_unreachable(self) -> None:
+        """``UnreachableCacheRefreshPeriod``: expired entries are ignored at once, dropped here."""
+        now = time.time()
+        self.unreachable = {k: until for k, until in self.unreachable.items() if until > now}
+        self.loop.call_later(self.gw.cfg.resolve.UnreachableCacheRefreshPeriod, self.purge_unreachable)
+
+    def load(self) -> None:
+        """Schedule every QUE record found at start-up."""
+        for qid in self.queue.ids(QUE):
+            env = self.queue.load(QUE, qid)
+            if env is not None:
+                self.enqueue(qid, env.next_attempt, env.priority)
+
+    def enqueue(self, qid: str, when: float = 0.0, priority: int = 0, env: Envelope | None = None) -> None:
+        """Schedule a QUE record; ``env`` is its current content when the caller has it."""
+        if qid in self.scheduled or qid in self.inflight:
+            return
+        self.scheduled.add(qid)
+        # kept only for a record due now, and up to MaximalEnvelopesInMemory: the others are
+        # read from QUE when their turn comes (a deferred queue does not live in memory)
+        if env is not None and when <= time.time() and len(self.envelopes) < self.gw.cfg.limits.MaximalEnvelopesInMemory:
+            self.envelopes[qid] = env
+        heapq.heappush(self.schedule, (when, -priority, qid))
+        self.kick()
+
+    def send_now(self, qid: str) -> bool:
+        """``queue send ID``: deliver this one ahead of the rest, ignoring its back-off."""
+        if qid in self.inflight:
+            return True
+        self.unreachable.clear()  # the admin asks for an attempt now: no cached verdicts
+        self.scheduled.discard(qid)
+        self.schedule = [item for item in self.schedule if item[2] != qid]
+        heapq.heapify(self.schedule)
+        self.enqueue(qid, 0.0, priority=1)
+        return True
+
+    def send_all(self) -> int:
+        items = [qid for _, _, qid in self.schedule]
+        self.unreachable.clear()
+        self.schedule = [(0.0, p, q) for _, p, q in self.schedule]  # p is already -priority
+        heapq.heapify(self.schedule)
+        self.kick()
+        return len(items)
+
+    def forget(self, qid: str) -> None:
+        """A record removed by the admin: stop scheduling it."""
+        self.scheduled.discard(qid)
+        self.envelopes.pop(qid, None)
+        self.schedule = [item for item in self.schedule if item[2] != qid]
+        heapq.heapify(self.schedule)
+
+    def kick(self) -> None:
+        if not self._pump_due:
+            self._pump_due = True
+            self.loop.call_soon(self._pump)
+
+    @property
+    def max_inflight(self) -> int:
+        return self.gw.cfg.limits.OutgoingSessions * 8
+
+    def _pump(self) -> None:
+        self._pump_due = False
+        if not self.enabled:
+            return
+        now = time.time()
+        while self.schedule and len(self.inflight) < self.max_inflight:
+            when, _, qid = self.schedule[0]
+            if when > now:
+                break
+            heapq.heappop(self.schedule)
+            self.scheduled.discard(qid)
+            self._start(qid)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.schedule and len(self.inflight) < self.max_inflight:
+            self._timer = self.loop.call_later(max(0.05, self.schedule[0][0] - now), self.kick)
+        for dest in list(self.dests):
+            self._serve(dest)
+
+    # -- one envelope ---------------------------------------------------------------
+    def _start(self, qid: str) -> None:
+        env = self.envelopes.get(qid) or self.queue.load(QUE, qid)
+        if env is None:
+            return
+        self.queue.move(qid, QUE, SND)
+        pending = env.pending()
+        if self._expired(env):
+            self._finish(env)
+            return
+        routes = self.gw.cfg.forward.ForwardRoute
+        by_dest = routing.group_by_route(routes, [r.addr for r in pending])
+        lookup = {r.addr: r for r in pending}
+        self.envelopes[qid] = env
+        self.inflight[qid] = len(by_dest)
+        for dest, addrs in by_dest.items():
+            delivery = Delivery(env, dest, [lookup[a] for a in addrs])
+            self.dests.setdefault(dest, DestinationState()).queue.append(delivery)
+        if not by_dest:
+            self.inflight.pop(qid)
+            self._finish(env)
+
+    def _expired(self, env: Envelope) -> bool:
+        """RFC 5321 §4.5.4.1: give up after MaximalQueueLifetime; recipients fail with 4.4.7."""
+        lifetime = self.gw.cfg.timeouts.MaximalQueueLifetime * 86400
+        if time.time() - env.received_at < lifetime:
+            return False
+        for rcpt in env.pending():
+            rcpt.state = "failed"
+            rcpt.status = "4.4.7"
+            rcpt.diag = rcpt.diag or "x-smtpgw; delivery time expired"
+            event(env.id, "DELIVERED, rcpt=<%s>, server=none, size=%d, status=failed, reason=\"queue lifetime expired\"", rcpt.addr, env.size)
+        return True
+
+    # -- destinations and connections ---------------------------------------------------
+    def _serve(self, dest: Destination) -> None:
+        state = self.dests[dest]
+        if not state.queue:
+            if not state.connections:
+                del self.dests[dest]
+            return
+        for conn in state.connections:
+            if conn.greeted and not conn.busy and not conn.closed and state.queue:
+                self._use(conn, state)
+        if not state.queue:
+            return
+        if state.hops is None:
+            self._resolve(dest, state)
+            return
+        per_host = self.gw.cfg.limits.MaximalOutgoingSessionsPerHost
+        wanted = min(len(state.queue), per_host) - sum(1 for c in state.connections if not c.greeted)
+        while wanted > 0 and len(state.connections) < per_host and self._free_slot():
+            hop = self._pick_hop(state)
+            if hop is None:
+                why = f"no next hop reachable ({state.last_error})" if state.last_error else "no next hop reachable"
+                self._defer_all(state, "4.4.1", why)
+                return
+            self._open(dest, state, hop)
+            wanted -= 1
+
+    def _free_slot(self) -> bool:
+        if self.total_connections < self.gw.cfg.limits.OutgoingSessions:
+            return True
+        for state in self.dests.values():  # close an idle connection elsewhere
+            for conn in state.connections:
+                if conn.greeted and not conn.busy and not state.queue:
+                    conn.quit()
+                    return False
+        return False
+
+    def _pick_hop(self, state: DestinationState) -> Hop | None:
+        """The first hop, in the order resolved, not known to be down.
+
+        RFC 5321 §5.1: next hops are tried in preference order (equal preferences are already
+        shuffled by the lookup); every connection, not just the first, goes to the most preferred
+        reachable one, never to a backup MX while the primary answers.
+        """
+        assert state.hops is not None
+        now = time.time()
+        for hop in state.hops:
+            key = (hop.ip, hop.port)
+            if key not in state.failed_hops and self.unreachable.get(key, 0) <= now:
+                return hop
+        return None
+
+    def _resolve(self, dest: Destination, state: DestinationState) -> None:
+        if state.resolving:
+            return
+        state.resolving = True
+
+        def done(hops: list[Hop], permanent: str | None, temporary: str | None) -> None:
+            state.resolving = False
+            if permanent or temporary or not hops:
+                why = permanent or temporary or "4.4.3 no next hop"
+                status, _, text = why.partition(" ")
+                if not _ENHANCED.match(status):  # the lookup's errors start with an enhanced code
+                    status, text = ("5.1.2" if permanent else "4.4.3"), why
+                self._defer_all(state, status, text, permanent=bool(permanent))
+                return
+            state.hops = hops
+            self._serve(dest)
+
+        self.gw.resolve_destination(dest, done)
+
+    def _open(self, dest: Destination, state: DestinationState, hop: Hop) -> None:
+        conn = Connection(
+            self.loop, hop.host, hop.ip, hop.port, self.gw.cfg.network.Hostname, self.gw.cfg.timeouts,
+            on_ready=lambda c: self._ready(dest, c),
+            on_done=lambda c, txn: self._done(dest, c, txn),
+            on_closed=lambda c, why: self._closed(dest, c, why),
+            tls_context=self.gw.client_tls_context,
+        )
+        state.connections.append(conn)
+        self.total_connections += 1
+        self.gw.stats.inc("mta_outgoing_connections_total")
+        self.gw.stats.inc("mta_outgoing_connections_current")
+        conn.connect()
+
+    def _ready(self, dest: Destination, conn: Connection) -> None:
+        state = self.dests.get(dest)
+        if state is None or not state.queue or not self.enabled:
+            self._park(dest, conn)
+            return
+        self._use(conn, state)
+
+    def _park(self, dest: Destination, conn: Connection) -> None:
+        """Keep an idle connection for a short while for the next message (connection cache)."""
+        state = self.dests.get(dest)
+        if state is None:
+            conn.quit()
+            return
+
+        def expire() -> None:
+            if not conn.busy and not conn.closed:
+                conn.quit()
+
+        state.idle_timers[id(conn)] = self.loop.call_later(IDLE_CONNECTION_SECONDS, expire)
+
+    def _use(self, conn: Connection, state: DestinationState) -> None:
+        timer = state.idle_timers.pop(id(conn), None)
+        if timer is not None:
+            timer.cancel()  # type: ignore[attr-defined]
+        while state.queue:
+            delivery = state.queue.popleft()
+            refusal = self._refuse_before_sending(conn, delivery)
+            if refusal is None:
+                env = delivery.env
+                if env.body == "8BITMIME" and not conn.has("8BITMIME"):
+                    self._downgrade_then_send(conn, state, delivery)
+                else:
+                    self._send(conn, delivery, self.queue.msg_path(env.id), env.size, env.body)
+                return
+            self._fail_delivery(conn, delivery, *refusal)
+        self._park(self._dest_of(state), conn)
+
+    def _send(self, conn: Connection, delivery: Delivery, path: str, size: int, body: str) -> None:
+        env = delivery.env
+        conn.delivery = delivery  # type: ignore[attr-defined]  # before start: it may end at once
+        conn.start(Transaction(sender=env.sender, recipients=delivery.recipients, msg_path=path, size=size,
+                               body=body, ret=env.ret, envid=env.envid))
+
+    def _fail_delivery(self, conn: Connection, delivery: Delivery, status: str, why: str, counter: str) -> None:
+        self.gw.stats.inc(counter)
+        for rcpt in delivery.recipients:
+            self._record(delivery.env, rcpt, "failed", status, f"x-smtpgw; {why}", conn.host, conn.ip)
+        self._delivery_finished(delivery)
+
+    def _downgrade_then_send(self, conn: Connection, state: DestinationState, delivery: Delivery) -> None:
+        """RFC 6152 §3: an 8-bit message for a peer without 8BITMIME is converted to 7-bit MIME
+        (off the loop), or fails with 5.6.3 when it cannot be converted without changing it."""
+        conn.busy = True
+        source = self.queue.msg_path(delivery.env.id)
+        # One copy per delivery: deliveries of one message to several destinations convert at once,
+        # and one must neither truncate nor unlink the copy another is streaming. No record of its
+        # own: removed at the next start if left over.
+        target = f"{source}.7bit-{secrets.token_hex(4)}"
+
+        def convert() -> int | None:
+            with open(source, "rb") as f:
+                converted = downgrade.to_7bit(f.read())
+            if converted is None:
+                return None
+            with open(target, "wb") as f:
+                f.write(converted)
+            return len(converted)
+
+        def converted(size: int | None, error: BaseException | None) -> None:
+            conn.busy = False
+            if size is not None:
+                delivery.converted = target  # removed when the delivery ends
+            if error is not None or conn.closed:
+                why = f"local error converting to 7-bit: {error}" if error else f"connection to {conn.host} lost"
+                for rcpt in delivery.recipients:
+                    self._record(delivery.env, rcpt, "deferred", "4.3.0" if error else "4.4.2",
+                                 f"x-smtpgw; {why}", conn.host, conn.ip)
+                self._delivery_finished(delivery)
+            elif size is None:
+                why = f"{conn.host} does not accept 8-bit data (no 8BITMIME) and the message cannot be converted"
+                self._fail_delivery(conn, delivery, "5.6.3", why, "mta_sendings_failed_for_8bitmime")
+            else:
+                self._send(conn, delivery, target, size, "7BIT")
+                return
+            if not conn.closed:
+                self._use(conn, state)
+
+        self.gw.committer.call(convert, converted)
+
+    def _dest_of(self, state: DestinationState) -> Destination:
+        return next(d for d, s in self.dests.items() if s is state)
+
+    def _refuse_before_sending(self, conn: Connection, delivery: Delivery) -> tuple[str, str, str] | None:
+        """What the peer's capabilities say cannot be sent (RFC 1870 §6, RFC 6152 §3)."""
+        env = delivery.env
+        limit = conn.max_size
+        if limit is not None and env.size > limit:
+            return "5.3.4", f"message size {env.size} exceeds the limit {limit} of {conn.host}", "mta_sendings_failed_for_message_size_limit"
+        return None
+
+    def _done(self, dest: Destination, conn: Connection, txn: Transaction) -> None:
+        delivery: Delivery = conn.delivery  # type: ignore[attr-defined]
+        env = delivery.env
+        for rcpt in delivery.recipients:
+            state, status, diag = self._outcome(txn, rcpt.addr)
+            self._record(env, rcpt, state, status, diag, conn.host, conn.ip)
+            # RFC 3461 §5.2.2: a peer without DSN gets no NOTIFY; we report "relayed"
+            rcpt.relayed = state == "sent" and not conn.has("DSN")
+        if txn.error and not conn.greeted:
+            self._unreachable(conn)
+        self._delivery_finished(delivery)
+
+    @staticmethod
+    def _outcome(txn: Transaction, addr: str) -> tuple[str, str, str]:
+        """A recipient's state after a transaction: sent | failed | deferred, with status and diagnostic."""
+        def classify(reply: ServerReply) -> tuple[str, str, str]:
+            state = "failed" if reply.code >= 500 else "deferred"
+            return state, enhanced_status(reply), f"smtp; {reply}"
+
+        if txn.mail_reply is not None and txn.mail_reply.code >= 400:
+            return classify(txn.mail_reply)
+        rcpt_reply = txn.rcpt_replies.get(addr)
+        if rcpt_reply is not None and rcpt_reply.code >= 400:
+            return classify(rcpt_reply)
+        if rcpt_reply is not None and txn.data_reply is not None:
+            if txn.data_reply.code < 300:
+                return "sent", enhanced_status(txn.data_reply), f"smtp; {txn.data_reply}"
+            return classify(txn.data_reply)
+        why = txn.error or "connection lost before the end of the transaction"
+        return "deferred", "4.4.2" if "timeout" in why else "4.4.1", f"x-smtpgw; {why}"
+
+    def _record(self, env: Envelope, rcpt: Recipient, state: str, status: str, diag: str, host: str, ip: str,
+                reached: bool = True) -> None:
+        """``reached``: ``host`` is a next hop we talked to, the DSN's Remote-MTA (RFC 3464 §2.3.5)."""
+        rcpt.state = state
+        rcpt.status = status
+        rcpt.diag = diag
+        rcpt.remote_mta = host if reached else None
+        rcpt.attempts += 1
+        rcpt.last_attempt = time.time()
+        event(
+            env.id, "DELIVERED, rcpt=<%s>, server=%s[%s], size=%d, status=%s, dsn=%s, reply=\"%s\"",
+            rcpt.addr, host, ip, env.size, state, status, diag[:300],
+        )
+        if state == "sent":
+            self.gw.stats.inc("mta_sent_recipients")
+        elif state == "failed":
+            self.gw.stats.inc("mta_sendings_failed_total")
+        else:
+            self.gw.stats.inc("mta_sendings_deferred_total")
+
+    def _defer_all(self, state: DestinationState, status: str, why: str, permanent: bool = False) -> None:
+        while state.queue:
+            delivery = state.queue.popleft()
+            for rcpt in delivery.recipients:
+                self._record(delivery.env, rcpt, "failed" if permanent else "deferred", status, f"x-smtpgw; {why}",
+                             "none", "-", reached=False)
+            self._delivery_finished(delivery)
+        state.hops = None  # resolve again next time
+        state.failed_hops.clear()  # and try every hop again
+
+    def _closed(self, dest: Destination, conn: Connection, why: str | None) -> None:
+        self.total_connections -= 1
+        self.gw.stats.inc("mta_outgoing_connections_current", -1)
+        if why and not conn.greeted:
+            self.gw.stats.inc("mta_outgoing_connections_errors")
+            self._unreachable(conn)
+        state = self.dests.get(dest)
+        if state is not None:
+            if why and not conn.greeted:
+                state.failed_hops.add((conn.ip, conn.port))
+            if why:
+                state.last_error = why
+            state.idle_timers.pop(id(conn), None)
+            if conn in state.connections:
+                state.connections.remove(conn)
+        self.kick()
+
+    def _unreachable(self, conn: Connection) -> None:
+        """Remember the hop as down for UnreachableTTL; at most UnreachableCacheSize hops are
+        remembered, the one remembered longest ago is forgotten first (dicts keep insertion order)."""
+        resolve = self.gw.cfg.resolve
+        key = (conn.ip, conn.port)
+        self.unreachable.pop(key, None)
+        if resolve.UnreachableTTL <= 0 or resolve.UnreachableCacheSize <= 0:
+            return
+        self.unreachable[key] = time.time() + resolve.UnreachableTTL
+        while len(self.unreachable) > resolve.UnreachableCacheSize:
+            del self.unreachable[next(iter(self.unreachable))]
+
+    def _delivery_finished(self, delivery: Delivery) -> None:
+        if delivery.converted:
+            converted, delivery.converted = delivery.converted, None
+            self.gw.committer.run(lambda: os.unlink(converted))
+        qid = delivery.env.id
+        left = self.inflight.get(qid, 1) - 1
+        if left > 0:
+            self.inflight[qid] = left
+            return
+        self.inflight.pop(qid, None)
+        self.envelopes.pop(qid, None)
+        self._finish(delivery.env)
+        self.kick()
+
+    def _report(self, env: Envelope) -> None:
+        """DSNs due after this attempt (RFC 3461 §4.1), each recipient reported once per kind."""
+        reported: dict[str, list[str]] = env.notes.setdefault("dsn", {})
+        due = {
+            "failure": [r for r in env.recipients if r.state == "failed"],
+            "delay": [r for r in env.recipients if r.state == "deferred" and r.notify and "DELAY" in r.notify],
+            # a next hop with DSN reports success itself; we report only what we "relayed"
+            "success": [r for r in env.recipients if r.state == "sent" and r.relayed and r.notify and "SUCCESS" in r.notify],
+        }
+        for kind, recipients in due.items():
+            fresh = [r for r in recipients if r.addr not in reported.get(kind, [])]
+            if fresh:
+                self.gw.send_dsn(env, fresh, kind)
+                reported.setdefault(kind, []).extend(r.addr for r in fresh)
+
+    def _finish(self, env: Envelope) -> None:
+        """All deliveries of this attempt are over: done, or back to QUE with a back-off."""
+        try:
+            self._conclude(env)
+        except OSError as exc:  # the disk refused the new state: keep the attempt's results, try again
+            log.error("%s: cannot record the delivery attempt: %s; retrying in %ds", env.id, exc, RETRY_LOCAL_ERROR)
+            self.loop.call_later(RETRY_LOCAL_ERROR, self._finish, env)
+
+    def _conclude(self, env: Envelope) -> None:
+        self._expired(env)  # past MaximalQueueLifetime, deferred recipients fail now
+        for rcpt in env.pending():
+            rcpt.state = "deferred"
+        self._report(env)
+        sent = sum(1 for r in env.recipients if r.state == "sent")
+        if sent and all(r.done for r in env.recipients):
+            self.gw.stats.inc("mta_sent_messages")
+            self.gw.stats.inc("mta_sent_bytes", env.size)
+        if all(r.done for r in env.recipients):
+            self.gw.delivery_complete(env)
+            return
+        attempts = max((r.attempts for r in env.pending()), default=1)
+        t = self.gw.cfg.timeouts
+        delay = min(t.MaximalBackoffTime, t.MinimalBackoffTime * 2 ** max(0, attempts - 1))
+        env.next_attempt = time.time() + delay
+        env.priority = 0
+        self.queue.update(SND, env)
+        self.queue.move(env.id, SND, QUE)
+        self.enqueue(env.id, env.next_attempt, env=env)
+
+    # -- control -------------------------------------------------------------------------
+    def stop(self) -> None:
+        for state in self.dests.values():
+            for conn in list(state.connections):
+                conn.close("shutting down")
+
+    def idle(self) -> bool:
+        return not self.inflight
+
+
+def literal_hops(dest: Destination) -> list[Hop] | None:
+    """Hops known without DNS: a bracketed IP address in a ForwardRoute."""
+    if dest[0] != "host":
+        return None
+    host, port = dest[1], dest[2]  # type: ignore[misc]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return [Hop(host, str(ip), port)]
+
+
+ResolveCallback = Callable[[list[Hop], str | None, str | None], None]

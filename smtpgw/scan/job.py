@@ -1,0 +1,330 @@
+"""What a scanner worker does with one message (``python3 -m smtpgw.scan.job CONFIG | --snapshot FILE``).
+
+Owns: the per-message scan in a worker process: splitting recipients into
+groups (first matching ``[smtpgw.group:NAME]``, else ``[smtpgw.policy]``),
+and for each group the checks its policy asks for (the spam check with the
+group's own SpamDetection, lists and prefixes, inherited from
+[smtpgw.antispam] when omitted; one loaded database serves every group) — every verdict (spam,
+anti-virus) made before any action is taken, the actions then combined
+(``smtpgw.policy.combine``) — producing a result the main process applies to
+the queue. Speaks one JSON line per job on stdin and
+one JSON line per result on stdout (see smtpgw.scan.workers).
+
+Must never: change queue states (the main process owns them), pass a message
+as clean when a check could not run (the result says ``deferred`` instead),
+act on one verdict before the others are made (a spam stopped unscanned was
+stored as clean, and released with its virus),
+or let one bad message stop the worker (an error becomes that job's result).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from smtpgw import stats
+
+from smtpgw.mail import headers
+
+from smtpgw.reports import notify
+
+from smtpgw.rules import policy
+
+from smtpgw.config import GROUP_ANTISPAM_KEYS, Config, Section, load_config
+from smtpgw.log import Event
+from smtpgw.scan import antivirus
+from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
+from smtpgw.scan.ichecker import IChecker
+from smtpgw.spam import BLACKLISTED, PROBABLE_SPAM, SPAM, SpamFilter, SpamVerdict, as_log_fields, mark
+from smtpgw.spam.database import DatabaseError
+from smtpgw.spool.queue import Envelope, Queue, write_durably
+from smtpgw.spool.store import Store, status_for_verdict
+
+log = logging.getLogger("smtpgw.scan.job")
+
+
+@dataclass
+class CopyResult:
+    """What happens to the recipients of one group (one per-group copy)."""
+
+    group: str
+    recipients: list[str]
+    blocked: bool = False
+    rewritten: str | None = None  # a new message file written by the worker, or None: unchanged
+    events: list[Event] = field(default_factory=list)  # log events (AV-SCANNED, AS-SCANNED, BLOCKED...)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScanResult:
+    copies: list[CopyResult] = field(default_factory=list)
+    deferred: str | None = None  # a check could not run: retry later, never pass
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ScanResult":
+        return cls(copies=[CopyResult(**c) for c in data.get("copies", [])], deferred=data.get("deferred"))
+
+
+def not_scanned(group: str, rcpts: list[str]) -> CopyResult:
+    """kmg-spec §3.13: a group with Check=false passes its mail through unchanged."""
+    return CopyResult(group=group, recipients=rcpts, notes={"status": "not scanned"},
+                      events=[('AV-SCANNED, group=%s, status="not scanned", names="", nrcpt=%d', [group, len(rcpts)])])
+
+
+def templates_path(cfg: Config, group: Any) -> str:
+    """The group's TemplatesPath (notify, placeholder, disclaimer), else [path] TemplatesPath."""
+    return str(group.TemplatesPath or cfg.base.TemplatesPath)
+
+
+def group_antispam(antispam: Section, group: Any) -> Section:
+    """[smtpgw.antispam] with the group's own anti-spam keys (inherited from it when omitted)."""
+    values = {key: value for key, value in vars(antispam).items() if not key.startswith("_")}
+    values.update({key: getattr(group, key) for key in GROUP_ANTISPAM_KEYS})
+    return Section(f"smtpgw.antispam for {group.name}", values, {})
+
+
+def spam_word(verdict: SpamVerdict) -> str:
+    """The verdict's word in NotifyAdmin / NotifyRecipient: Blacklisted counts as spam."""
+    return "probable_spam" if verdict.status == PROBABLE_SPAM else "spam"
+
+
+def summary_status(av: Any, verdict: SpamVerdict | None) -> str:
+    """The anti-virus status when it is not clean (what a release must know first), else Spam
+    or Probable Spam when the spam filter said so (Blacklisted as Spam)."""
+    if av.status in (policy.CLEAN, policy.NOT_SCANNED) and verdict is not None and verdict.status in (
+            SPAM, BLACKLISTED, PROBABLE_SPAM):
+        return PROBABLE_SPAM if verdict.status == PROBABLE_SPAM else SPAM
+    return str(av.status)
+
+
+def spam_action_for(group: Any, verdict: SpamVerdict) -> tuple[str, str]:
+    """(the group's action for a spam verdict, the parameter that set it): ActionSpam,
+    ActionProbableSpam (kmg-spec §10), else pass. A blacklisted sender counts as Spam."""
+    if verdict.status in (SPAM, BLACKLISTED):
+        return str(group.ActionSpam), "ActionSpam"
+    if verdict.status == PROBABLE_SPAM:
+        return str(group.ActionProbableSpam), "ActionProbableSpam"
+    return "pass", ""
+
+
+class Job:
+    """One message's scan with a loaded configuration (one per worker process)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.queue = Queue(cfg.path.QueuePath)
+        pool = ClamdPool.from_config(cfg.ave)
+        self.clamd: Any = (IChecker(pool, cfg.options.ICheckerDBFilename, cfg.ave.ICheckerCacheSize)
+                           if cfg.ave.UseIChecker else pool)
+        # Per group, its templates and its spam filter, each built once per distinct setting; every
+        # filter reads the one database loaded per worker (spamfilter.load_shared): a group's level,
+        # lists and prefixes cost no database copy.
+        loaded: dict[str, dict[str, notify.Template]] = {}
+        filters: dict[str, SpamFilter] = {}
+        self.templates: dict[str, dict[str, notify.Template]] = {}
+        self.spam: dict[str, SpamFilter] = {}
+        for group in (cfg.policy, *cfg.groups):
+            folder = templates_path(cfg, group)
+            if folder not in loaded:
+                loaded[folder] = notify.load_templates(folder, notify.GROUP_KINDS)
+            self.templates[group.name] = loaded[folder]
+            section = group_antispam(cfg.antispam, group)
+            key = repr([getattr(section, k) for k in GROUP_ANTISPAM_KEYS])
+            if key not in filters:
+                filters[key] = SpamFilter(section, cfg.base.BasesPath)
+            self.spam[group.name] = filters[key]
+
+    def run(self, env: Envelope) -> ScanResult:
+        with open(self.queue.msg_path(env.id), "rb") as f:
+            raw = f.read()
+        groups: dict[str, tuple[Any, list[str]]] = {}
+        for rcpt in env.pending():
+            group = self.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
+            groups.setdefault(group.name, (group, []))[1].append(rcpt.addr)
+        result = ScanResult()
+        verdicts: dict[tuple[int, tuple[str, ...]], SpamVerdict] = {}
+        for index, (group, rcpts) in enumerate(groups.values(), start=1):
+            verdict = self._classify(env, raw, group, rcpts, verdicts)
+            try:
+                result.copies.append(self._scan_group(env, raw, group, rcpts, index, verdict))
+            except ScannerUnavailable as exc:
+                return ScanResult(deferred=f"anti-virus unavailable: {exc}")
+        return result
+
+    def _classify(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str],
+                  verdicts: dict[tuple[int, tuple[str, ...]], SpamVerdict]) -> SpamVerdict | None:
+        """The group's spam verdict (before anti-virus), with its level and lists; groups sharing
+        a filter share one classification unless recipient lists make their recipients count."""
+        spam = self.spam[group.name]
+        if not (group.Check and spam.enabled):
+            return None
+        lists = spam.lists
+        key = (id(spam), tuple(rcpts) if lists.white_recipients or lists.black_recipients else ())
+        if key not in verdicts:
+            verdicts[key] = spam.classify(raw, env.client_ip or None, env.sender, rcpts, list(env.dnsbl))
+        return verdicts[key]
+
+    def _scan_group(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], index: int,
+                    verdict: SpamVerdict | None) -> CopyResult:
+        """Both verdicts first (spam, then anti-virus on every message, a spam that is stopped
+        too), then the group's actions for them together."""
+        if not group.Check:
+            return not_scanned(group.name, rcpts)
+        copy = CopyResult(group=group.name, recipients=rcpts)
+        marked = raw
+        spam: dict[str, str] = {}
+        if verdict is not None:
+            spam_action, key = spam_action_for(group, verdict)
+            fields, values = as_log_fields(verdict)
+            copy.events.append((f'AS-SCANNED, group=%s, nrcpt=%d, {fields}, action=%s, reasons="%s"',
+                                [group.name, len(rcpts), *values, spam_action, "; ".join(verdict.reasons)[:300]]))
+            spam = policy.spam_fired(verdict.status, key, spam_action)
+            spam = policy.combine(spam, policy.spam_notices(group, spam_word(verdict), spam))
+            if not spam:  # X-SpamTest-* fields, the Subject tagged with the group's prefix
+                marked = mark(raw, verdict, self.spam[group.name].section, spam_action)
+        av = antivirus.scan_message(marked, group, self.cfg.ave, self.clamd, templates_path(self.cfg, group))
+        template, values = antivirus.av_log_event(av)
+        copy.events.append((template + ", nrcpt=%d", [*values, len(rcpts)]))
+        if av.spent:
+            log.warning("%s: scan budget exceeded, status error: %s", env.id, av.spent)
+        copy.notes = {"status": av.status, "virus_names": list(av.virus_names)}
+        if verdict is not None:
+            copy.notes["spam_status"] = verdict.status
+        if self.cfg.options.AVStatistics:
+            self._av_statistics(env, rcpts, av)
+        standards: dict[str, str] = {}
+        if self.cfg.options.StrictStandards and not spam and not av.blocked:
+            problems = headers.violations(raw)
+            if problems:  # kmg-spec §3.8: messages violating RFC format are not delivered (kept to release)
+                why = "StrictStandards: " + "; ".join(problems)
+                standards = {"BlockMessage": why, "SaveInQB": why}
+        fired = policy.combine(spam, av.reasons, standards)
+        av.blocked, av.block_reason = "BlockMessage" in fired, fired.get("BlockMessage", "")
+        av.save_in_qb = "SaveInQB" in fired
+        av.notify_admin, av.notify_recipient = "NotifyAdmin" in fired, "NotifyRecipient" in fired
+        if av.save_in_qb:
+            self._quarantine(env, raw, group, av, verdict, fired)
+        if av.modified and not av.blocked and group.BackupPath:
+            Store(group.BackupPath).put(env.id, raw, env.as_dict(), "BAK", "original before " + ", ".join(
+                sorted({o.decision for o in av.objects if o.action != "pass"})))
+        if av.blocked:
+            copy.blocked = True
+            copy.events.append(('BLOCKED, rcpt=%s, size=%d, reason="%s"', [rcpts, env.size, av.block_reason]))
+        else:
+            message = av.message
+            if group.AddDisclaimer:  # kmg-spec §5.4: the group's disclaimer as a last text part
+                text = notify.render_disclaimer(self.templates[group.name]["disclaimer"], env.as_dict(), {"group": group.name},
+                                                self.cfg.locale.DateFormat, self.cfg.locale.TimeFormat, time.time())
+                message = notify.add_disclaimer(message, text)
+            if message != raw:
+                copy.rewritten = os.path.join(self.queue.root, "tmp", f"{env.id}.scan{index}")
+                write_durably(copy.rewritten, message)
+        copy.notes["notifications"] = self._notifications(env, raw, group, rcpts, av, verdict, index)
+        return copy
+
+    def _quarantine(self, env: Envelope, raw: bytes, group: Any, av: Any, verdict: SpamVerdict | None,
+                    fired: dict[str, str]) -> None:
+        """The original in QuarantinePath (SpamQuarantinePath for spam, when set) with both verdicts:
+        its status code is the anti-virus status when that is not clean (what a release must know
+        first), else the spam verdict when spam put it there."""
+        status = summary_status(av, verdict)
+        names = f" ({', '.join(av.virus_names)})" if av.virus_names else ""
+        verdicts = {"anti-virus": av.status + names}
+        if verdict is not None:
+            verdicts["spam"] = verdict.status
+        reason = "; ".join(f"{k}: {v}" for k, v in fired.items())
+        folder = group.QuarantinePath
+        if status in (SPAM, PROBABLE_SPAM):  # spam kept apart from viruses when SpamQuarantinePath is set
+            folder = group.SpamQuarantinePath or folder
+        if folder:
+            Store(folder).put(env.id, raw, env.as_dict(), status_for_verdict(status), reason, verdicts)
+
+    def _av_statistics(self, env: Envelope, rcpts: list[str], av: Any) -> None:
+        """Time, Size, Sender, Recipients, Status, VirusList, IP, Message-id (kmg-spec §7.3)."""
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
+        rows = [[when, o.size, env.sender, ",".join(rcpts), o.status, ",".join(o.virus_names),
+                 env.client_ip, env.message_id or ""] for o in av.objects]
+        stats.write_av_statistics(self.cfg.options.AVStatistics, rows)
+
+    def _notifications(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], av: Any,
+                       verdict: SpamVerdict | None, index: int) -> list[dict[str, Any]]:
+        """Notification messages (kmg-spec §1.3, §5.1) about the anti-virus and spam verdicts,
+        written where the main process picks them up."""
+        wanted = []
+        if av.notify_admin and group.AdminNotifyAddress:
+            wanted.append(("admin", [group.AdminNotifyAddress]))
+        if av.notify_recipient:
+            # one notice per recipient: a shared To: would show each one the others, Bcc included
+            wanted.extend(("recipient", [rcpt]) for rcpt in rcpts)
+        if av.notify_sender and env.sender:  # never to the null sender
+            wanted.append(("sender", [env.sender]))
+        if not wanted:
+            return []
+        event = {
+            "status": summary_status(av, verdict), "group": group.name, "queue_id": env.id, "blocked": av.blocked,
+            "subject": headers.get_raw(raw, "Subject") or b"",
+            "objects": [{"name": o.name or o.path, "status": o.status, "viruses": list(o.virus_names), "action": o.action}
+                        for o in av.objects if o.status != "clean"],
+        }
+        if verdict is not None:
+            event.update(spam_status=verdict.status, spam_method=verdict.method)
+        out = []
+        for n, (kind, to) in enumerate(wanted):
+            try:
+                data = notify.build_notification(kind, env.as_dict(), event, group.NotifyFromAddress, to,
+                                                 self.templates[group.name]["notify"], self.cfg.locale.DateFormat,
+                                                 self.cfg.locale.TimeFormat, time.time())
+            except ValueError as exc:
+                log.warning("%s: no %s notification: %s", env.id, kind, exc)
+                continue
+            path = os.path.join(self.queue.root, "tmp", f"{env.id}.notify{index}.{n}")
+            write_durably(path, data)
+            out.append({"kind": kind, "path": path, "from": group.NotifyFromAddress, "to": list(to), "size": len(data)})
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[0] == "--snapshot":  # what the gateway accepted (gateway._publish_worker_config)
+        with open(args[1], "rb") as f:
+            cfg = pickle.load(f)
+    else:
+        cfg = load_config(args[0])
+    from smtpgw import log as logsetup
+
+    logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat)
+    try:
+        job = Job(cfg)
+    except DatabaseError as exc:  # said in the log, not only in a traceback on the gateway's stderr
+        log.error("scanner worker cannot start: %s", exc)
+        logsetup.flush_all()
+        return 1
+    out = sys.stdout.buffer
+    out.write(b'{"ready":true}\n')  # loaded: jobs may come (smtpgw.scan.workers)
+    out.flush()
+    for line in sys.stdin.buffer:
+        qid = "?"
+        try:
+            request = json.loads(line)
+            qid = request["qid"]
+            answer: dict[str, Any] = {"qid": qid, **asdict(job.run(Envelope.from_dict(request["env"])))}
+        except Exception as exc:  # one bad message must not stop the worker
+            log.exception("%s: scan failed", qid)
+            answer = {"qid": qid, "error": f"{type(exc).__name__}: {exc}"}
+        try:
+            out.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
+            out.flush()
+        except BrokenPipeError:
+            break  # the gateway is gone (stopping): its recovery redoes this job
+        logsetup.flush_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""The scanning stage: WFC → CHK → (per-group copies) → QUE.
+
+Owns: the pool of scanner worker processes (CPU-bound work never runs on the
+event loop), the bounded number of messages in flight (``AntiviralSessions``),
+the job a worker runs for one message (group split, anti-spam, anti-virus,
+policy, rebuild), and applying a job's result to the queue in the main process.
+
+A scan that kills or hangs its worker, or fails, counts against the message
+(``scan_attempts`` in its record, durable before the retry); at
+``MaximalScanAttempts`` the message is kept in quarantine with status error
+(ERR) and the admin is notified. A scanner that is unavailable (SCAN DEFERRED)
+is no attempt. A message the admin removes while in CHK has its result
+discarded when it comes back.
+
+Must never: let a message leave CHK unscanned when its group says Check=true;
+lose a message when a worker dies or a scanner is down (it goes back to WFC and
+is retried, or to quarantine at the cap, never dropped); change queue states
+from inside a worker (workers only write new message files; the main process
+owns states); bring back a message the admin removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from smtpgw.mail import headers
+
+from smtpgw.log import event
+from smtpgw.reports import notify
+from smtpgw.scan.job import CopyResult, ScanResult, not_scanned, templates_path
+from smtpgw.scan.workers import WorkerPool, worker_config_path
+from smtpgw.spool.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Recipient, new_id, write_durably
+from smtpgw.spool.store import Store
+
+if TYPE_CHECKING:
+    from smtpgw.app.gateway import Gateway
+
+log = logging.getLogger("smtpgw.scan.scanner")
+
+RETRY_AFTER_UNAVAILABLE = 30.0  # seconds before a deferred scan is tried again
+RETRY_AFTER_CRASH = 60.0
+HEAD_BYTES = 64 * 1024  # read of a message for the Subject quoted in the admin's notice
+MAX_REASON = 500  # characters of a failed scan's reason kept in the record
+
+
+class Scanner:
+    def __init__(self, gateway: "Gateway") -> None:
+        self.gw = gateway
+        self.loop = gateway.loop
+        self.queue = gateway.queue
+        self.enabled = True
+        self.waiting: deque[str] = deque()
+        self.envelopes: dict[str, Envelope] = {}  # known WFC records, to spare a re-read
+        self.inflight: set[str] = set()
+        self.retries: dict[str, Any] = {}  # qid → timer of a deferred scan
+        self.removed: set[str] = set()  # removed by the admin while a worker scans them
+        workers = max(1, min(self.limit, os.cpu_count() or 1))
+        # a job gets three times the clamd time limit (at least 5 minutes) before its worker is replaced
+        job_timeout = max(300.0, 3.0 * float(gateway.cfg.ave.ScanTimeout or 0))
+        self.pool = WorkerPool(self.loop, worker_config_path(gateway.queue.root), workers, self._done, job_timeout)
+
+    @property
+    def limit(self) -> int:
+        return self.gw.cfg.limits.AntiviralSessions
+
+    @property
+    def max_attempts(self) -> int:
+        return self.gw.cfg.limits.MaximalScanAttempts
+
+    def load(self) -> None:
+        """At start: messages waiting for a split or a scan (recovery turned SPL into WFS)."""
+        for qid in self.queue.ids(WFS):
+            self.queue.move(qid, WFS, WFC)  # split again: the copies' IDs are the same each time
+        for qid in self.queue.ids(WFC):
+            env = self.queue.load(WFC, qid)
+            if env is not None:
+                self.accept(env)
+
+    def accept(self, env: Envelope) -> None:
+        """A message in WFC: split it when its recipients fall into several groups, then scan."""
+        groups: dict[str, list[str]] = {}
+        for rcpt in env.pending():
+            group = self.gw.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
+            groups.setdefault(group.name, []).append(rcpt.addr)
+        if len(groups) < 2:
+            self.submit(env.id, env)
+            return
+        try:
+            self._split(env, groups)
+        except OSError as exc:  # done again from wherever it stopped (the copy IDs do not change)
+            log.error("%s: cannot split per group: %s", env.id, exc)
+            self._retry_later(env.id, RETRY_AFTER_CRASH)
+
+    def _split(self, env: Envelope, groups: dict[str, list[str]]) -> None:
+        # kmg-spec §1.5 step 4: one virtual copy per group, WFC → WFS → SPL → copies in WFC.
+        self.queue.move(env.id, WFC, WFS)
+        self.queue.move(env.id, WFS, SPL)
+        children = []
+        for index, (name, rcpts) in enumerate(groups.items(), start=1):
+            child = Envelope.from_dict(env.as_dict())
+            child.id, child.srcid, child.group = f"{env.id}-{index}", env.id, name
+            wanted = set(rcpts)
+            child.recipients = [r for r in child.recipients if r.addr in wanted]
+            self.queue.add_message(child, WFC, link_from=self.queue.msg_path(env.id))
+            event(child.id, "SPLITTED, group=%s, nrcpt=%d, srcid=%s", name, len(child.recipients), env.id)
+            children.append(child)
+        self.queue.remove(env.id, SPL)
+        for child in children:
+            self.submit(child.id, child)
+
+    def submit(self, qid: str, env: Envelope | None = None) -> None:
+        if env is not None and len(self.envelopes) < self.gw.cfg.limits.MaximalEnvelopesInMemory:
+            self.envelopes[qid] = env  # beyond the bound it is read from WFC when its turn comes
+        self.waiting.append(qid)
+        self.pump()
+
+    def pump(self) -> None:
+        while self.enabled and self.waiting and len(self.inflight) < self.limit:
+            qid = self.waiting.popleft()
+            env = self.envelopes.pop(qid, None) or self.queue.load(WFC, qid)
+            if env is None:
+                continue
+            groups: dict[str, list[str]] = {}
+            unchecked = True
+            for rcpt in env.pending():
+                group = self.gw.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
+                groups.setdefault(group.name, []).append(rcpt.addr)
+                unchecked = unchecked and not group.Check
+            try:
+                self.queue.move(qid, WFC, CHK)
+                if unchecked:  # nothing to scan: no need for a worker
+                    self._apply(qid, ScanResult([not_scanned(name, rcpts) for name, rcpts in groups.items()]), env)
+                    continue
+                if env.scan_attempts >= self.max_attempts:  # reached before a restart, or the cap was lowered
+                    self._give_up(env)
+                    continue
+                self.inflight.add(qid)
+                self.pool.submit(qid, {"env": env.as_dict()})
+            except OSError as exc:  # no worker could be started, or the disk refused the rename
+                log.error("%s: cannot start its scan: %s", qid, exc)
+                self.inflight.discard(qid)
+                self._retry_later(qid, RETRY_AFTER_CRASH)
+        self.gw.stats.set("antiviral_checking_sessions_current", len(self.inflight))
+
+    def _retry_later(self, qid: str, delay: float) -> None:
+        """Back to WFC (wherever the record got to) and a new scan after ``delay``."""
+        self.retries[qid] = self.loop.call_later(delay, self._retry, qid)
+        self._back_to_wfc(qid)
+
+    def _back_to_wfc(self, qid: str) -> str | None:
+        """Move a record left in CHK, WFS or SPL back to WFC; returns its state, "" when the disk refused."""
+        state = self.queue.find(qid)
+        if state in (CHK, WFS, SPL):
+            try:
+                self.queue.move(qid, state, WFC)
+            except OSError as exc:
+                log.error("%s: cannot move back to WFC: %s", qid, exc)
+                return ""
+        return state
+
+    def _retry(self, qid: str) -> None:
+        self.retries.pop(qid, None)
+        state = self._back_to_wfc(qid)
+        if state == "":
+            self.retries[qid] = self.loop.call_later(RETRY_AFTER_CRASH, self._retry, qid)
+            return
+        if state is not None:
+            env = self.queue.load(WFC, qid)
+            if env is not None:
+                self.accept(env)
+
+    def rescan_all(self) -> int:
+        """``queue send-all``: deferred scans are tried now."""
+        count = 0
+        for qid, timer in list(self.retries.items()):
+            timer.cancel()
+            self._retry(qid)
+            count += 1
+        return count
+
+    def prioritise(self, qid: str) -> None:
+        """``queue send ID`` for a message still waiting for its scan."""
+        self.forget(qid)
+        if qid not in self.inflight:
+            self.waiting.appendleft(qid)
+            self.pump()
+
+    def forget(self, qid: str) -> None:
+        timer = self.retries.pop(qid, None)
+        if timer is not None:
+            timer.cancel()
+        if qid in self.waiting:
+            self.waiting.remove(qid)
+        self.envelopes.pop(qid, None)
+
+    def cancel(self, qid: str) -> None:
+        """``queue remove ID``: the message is no longer scanned; a scan a worker runs for it
+        goes on, and its result is discarded when it comes back."""
+        self.forget(qid)
+        if qid not in self.inflight:
+            return
+        if self.pool.cancel(qid):  # no worker had taken it: no result will come
+            self.inflight.discard(qid)
+            self.loop.call_soon(self.pump)
+        else:
+            self.removed.add(qid)
+
+    def _done(self, qid: str, answer: dict[str, Any]) -> None:
+        self.inflight.discard(qid)
+        if qid in self.removed:
+            self.removed.discard(qid)
+            self._discard(qid, answer)
+        elif "error" in answer:
+            self._failed(qid, answer)
+        else:
+            result = ScanResult.from_dict(answer)
+            if result.deferred:
+                self.gw.stats.inc("antiviral_scanner_unavailable")
+                event(qid, 'SCAN DEFERRED, reason="%s"', result.deferred)
+                self._retry_later(qid, RETRY_AFTER_UNAVAILABLE)
+            else:
+                try:
+                    self._apply(qid, result)
+                except OSError as exc:  # the disk refused a step: the scan is done again later
+                    log.error("%s: cannot apply the scan result: %s", qid, exc)
+                    self._retry_later(qid, RETRY_AFTER_CRASH)
+        self.pump()
+
+    def _discard(self, qid: str, answer: dict[str, Any]) -> None:
+        """The result of a scan of a message removed meanwhile: the files it made go too."""
+        try:
+            copies = [] if "error" in answer else ScanResult.from_dict(answer).copies
+        except (TypeError, ValueError):
+            copies = []
+        tmp = os.path.join(self.queue.root, "tmp")
+        for copy in copies:
+            paths = [copy.rewritten] + [note.get("path") for note in copy.notes.get("notifications", [])]
+            for path in paths:
+                if isinstance(path, str) and os.path.dirname(path) == tmp:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+        event(qid, 'SCAN DISCARDED, reason="removed while being scanned"')
+
+    def _failed(self, qid: str, answer: dict[str, Any]) -> None:
+        """No result: a worker died or overran its time with this message, or its scan failed."""
+        why = str(answer["error"])
+        if not answer.get("started", True):  # no worker took it: nothing to hold against the message
+            log.error("%s: not scanned (%s); the message goes back to WFC", qid, why)
+            self._retry_later(qid, RETRY_AFTER_CRASH)
+            return
+        try:
+            env = self._count_attempt(qid, why)
+            if env is not None and env.scan_attempts >= self.max_attempts:
+                self._give_up(env)
+                return
+        except OSError as exc:  # the record stays as it was; the next failure counts again
+            log.error("%s: cannot record the failed scan: %s", qid, exc)
+        self._retry_later(qid, RETRY_AFTER_CRASH)
+
+    def _count_attempt(self, qid: str, why: str) -> Envelope | None:
+        """One more failed scan in the record in CHK, on disk before anything else: a restart
+        keeps the count. None when the record is gone."""
+        env = self.queue.load(CHK, qid)
+        if env is None:
+            return None
+        env.scan_attempts += 1
+        env.scan_error = why[:MAX_REASON]
+        self.queue.update(CHK, env)
+        event(qid, 'SCAN FAILED, attempt=%d, max=%d, reason="%s"', env.scan_attempts, self.max_attempts,
+              env.scan_error, level=logging.WARNING)
+        return env
+
+    def _give_up(self, env: Envelope) -> None:
+        """``MaximalScanAttempts`` reached (the record is in CHK): the message is kept in the
+        group's quarantine with status ERR and taken out of the queue once that copy is durable;
+        the admin is notified. Never delivered unscanned, never dropped (a disk error raises
+        OSError and the message stays queued)."""
+        rcpts = [r.addr for r in env.pending()]
+        cfg = self.gw.cfg
+        group = cfg.group_for(env.sender, rcpts[0], env.client_ip) if rcpts else cfg.policy
+        reason = (f"scan failed {env.scan_attempts} times (MaximalScanAttempts={self.max_attempts}), "
+                  f"last: {env.scan_error or 'unknown'}")
+        folder = group.QuarantinePath or cfg.policy.QuarantinePath
+        item = Store(folder).put(env.id, self.queue.msg_path(env.id), env.as_dict(), "ERR", reason)
+        log.error("%s: %s; kept in quarantine %s as item %s", env.id, reason, folder, item)
+        copy = CopyResult(group=group.name, recipients=rcpts, blocked=True, notes={"status": "error"}, events=[
+            ('AV-SCANNED, group=%s, status="error", names="", nrcpt=%d', [group.name, len(rcpts)]),
+            ('BLOCKED, rcpt=%s, size=%d, reason="%s, quarantined as %s"', [rcpts, env.size, reason, item]),
+        ])
+        copy.notes["notifications"] = self._admin_notice(env, group, reason)
+        self._apply(env.id, ScanResult([copy]), env)
+
+    def _admin_notice(self, env: Envelope, group: Any, reason: str) -> list[dict[str, Any]]:
+        """The notification (notify.tmpl, FOR_ADMIN) about a message whose scan was given up,
+        written to tmp/ as a worker writes its own (see ``_queue_notifications``)."""
+        admin = group.AdminNotifyAddress or self.gw.cfg.policy.AdminNotifyAddress
+        sender = group.NotifyFromAddress or self.gw.cfg.policy.NotifyFromAddress
+        if not admin or not sender:
+            return []
+        with open(self.queue.msg_path(env.id), "rb") as f:
+            head = f.read(HEAD_BYTES).split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+        about = {
+            "status": "error", "group": group.name, "queue_id": env.id, "blocked": True,
+            "subject": headers.get_raw(head, "Subject") or b"",
+            "objects": [{"name": "(whole message)", "status": "error", "viruses": [],
+                         "action": f"kept in quarantine: {reason}"}],
+        }
+        locale = self.gw.cfg.locale
+        try:
+            template = notify.load_template(os.path.join(templates_path(self.gw.cfg, group), "notify.tmpl"), "notify")
+            data = notify.build_notification("admin", env.as_dict(), about, sender, [admin], template,
+                                             locale.DateFormat, locale.TimeFormat, time.time())
+        except ValueError as exc:
+            log.warning("%s: no admin notification: %s", env.id, exc)
+            return []
+        path = os.path.join(self.queue.root, "tmp", f"{env.id}.notify-error")
+        write_durably(path, data)
+        return [{"kind": "admin", "path": path, "from": sender, "to": [admin], "size": len(data)}]
+
+    def _apply(self, qid: str, result: ScanResult, env: Envelope | None = None) -> None:
+        """Turn a scan result into queue records: QUE copies, notifications; blocked copies end here."""
+        env = env or self.queue.load(CHK, qid)
+        if env is None:
+            return  # removed by the admin meanwhile
+        self.gw.stats.inc("antiviral_checked_messages")
+        for copy in result.copies:
+            for template, values in copy.events:
+                event(qid, template, *values)
+            self.gw.stats.inc(f"antiviral_status_{str(copy.notes.get('status', 'clean')).replace(' ', '_')}")
+            self.gw.stats.inc("mta_blocked_messages", copy.blocked)
+            if "spam_status" in copy.notes:
+                self.gw.stats.inc(f"antispam_status_{str(copy.notes['spam_status']).lower().replace(' ', '_')}")
+        for copy in result.copies:
+            self._queue_notifications(env, copy)
+        live = [c for c in result.copies if not c.blocked]
+        if len(result.copies) == 1 and live:
+            # one group: the message keeps its ID (its file replaced if the scan rewrote it)
+            copy = live[0]
+            env.group = copy.group
+            if copy.rewritten:
+                # never the rewritten bytes with the record still in CHK: a restart would scan them again
+                self.queue.replace_and_move(env, CHK, QUE, copy.rewritten)
+            else:
+                self.queue.move(qid, CHK, QUE)
+            self.gw.message_scanned(env)
+            return
+        children = []
+        for index, copy in enumerate(live, start=1):
+            wanted = set(copy.recipients)
+            child = Envelope.from_dict(env.as_dict())
+            child.id = f"{qid}-{index}"
+            child.srcid = qid
+            child.group = copy.group
+            child.recipients = [r for r in child.recipients if r.addr in wanted]
+            source = copy.rewritten or self.queue.msg_path(qid)
+            child.size = os.path.getsize(source)  # the record written next states its own message's size
+            self.queue.add_message(child, QUE, link_from=source)
+            if copy.rewritten:
+                os.unlink(copy.rewritten)
+            event(child.id, "SPLITTED, group=%s, nrcpt=%d, srcid=%s", copy.group, len(child.recipients), qid)
+            children.append(child)
+        self.queue.remove(qid, CHK)
+        for child in children:
+            self.gw.message_scanned(child)
+
+    def _queue_notifications(self, env: Envelope, copy: CopyResult) -> None:
+        """Notifications the worker wrote become outgoing mail (they are archived like any)."""
+        for note in copy.notes.get("notifications", []):
+            path = note["path"]
+            notice = Envelope(
+                id=new_id(), sender=note["from"], recipients=[Recipient(addr=a) for a in note["to"]],
+                helo=self.gw.cfg.network.Hostname, received_at=time.time(), size=int(note["size"]), srcid=env.id,
+            )
+            try:
+                self.queue.add_message(notice, QUE, link_from=path)
+                os.unlink(path)
+            except OSError as exc:
+                log.error("%s: cannot queue the %s notification: %s", env.id, note.get("kind"), exc)
+                continue
+            event(notice.id, "NOTIFICATION, kind=%s, srcid=%s, to=%s", note.get("kind"), env.id, note["to"])
+            self.gw.message_scanned(notice)
+
+    def restart_workers(self) -> None:
+        """New workers (new configuration and databases) for the next jobs; jobs in flight finish."""
+        self.pool.retire_all()
+
+    def stop(self) -> None:
+        self.enabled = False
+        self.pool.stop()
+        for qid in list(self.inflight):
+            if os.path.exists(self.queue.record_path(CHK, qid)):
+                self.queue.move(qid, CHK, WFC)
+        self.inflight.clear()

@@ -1,0 +1,512 @@
+"""The working queue: durable spool of received messages and their states.
+
+Owns: the on-disk layout under ``QueuePath`` (see ARCHITECTURE.md), queue IDs,
+envelope records, atomic state changes, and crash recovery at start-up.
+
+Layout::
+
+    tmp/ID             message bytes being received (never acknowledged)
+    msg/ID             the message of record ID (written once, then immutable)
+    WFC/ID CHK/ID WFS/ID SPL/ID QUE/ID SND/ID     envelope records (JSON)
+    corrupt/           records that could not be read, kept for the admin
+
+A record is written temp → fsync → rename → fsync(dir); a state change is one
+rename(2) between state directories, so ``ls`` shows the queue and a crash
+leaves each record in exactly one state (or, between a copy and an unlink, in
+two: recovery keeps the more advanced one).
+
+Must never: report a message as stored before its bytes and its record are on
+stable storage; deliver a message whose record or file is incomplete; lose a
+record it cannot parse (it goes to ``corrupt/``).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger("smtpgw.spool.queue")
+
+# The reference's queue states (kmg-spec §4.6), in pipeline order.
+WFC, CHK, WFS, SPL, QUE, SND = "WFC", "CHK", "WFS", "SPL", "QUE", "SND"
+STATES = (WFC, CHK, WFS, SPL, QUE, SND)
+# What a state left by a crash becomes on restart: work in progress is redone.
+RECOVER_TO = {CHK: WFC, SPL: WFS, SND: QUE}
+# msg/ID.staged: the new bytes of message ID, given their place once its record has moved on
+# (see ``Queue.replace_and_move``); ``recover`` finishes or drops it.
+STAGED = ".staged"
+
+_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZbcdfghjklmnpqrstvwxz"
+_counter = itertools.count()
+
+
+def new_id(now: float | None = None) -> str:
+    """A queue ID: time-ordered (FIFO by name) and unique across restarts."""
+    micros = int((now if now is not None else time.time()) * 1_000_000)
+    chars = []
+    base = len(_ID_ALPHABET)
+    while micros:
+        micros, digit = divmod(micros, base)
+        chars.append(_ID_ALPHABET[digit])
+    suffix = next(_counter) % (base * base)
+    chars.reverse()
+    return "".join(chars) + _ID_ALPHABET[suffix // base] + _ID_ALPHABET[suffix % base] + secrets.choice(_ID_ALPHABET)
+
+
+@dataclass
+class Recipient:
+    addr: str
+    orcpt: str | None = None
+    notify: list[str] | None = None
+    state: str = "pending"  # pending | sent | failed | deferred
+    status: str | None = None  # enhanced status code of the last attempt
+    diag: str | None = None  # "smtp; 550 5.1.1 ..." (RFC 3464 Diagnostic-Code)
+    remote_mta: str | None = None
+    attempts: int = 0
+    last_attempt: float | None = None
+    relayed: bool = False  # delivered to a peer without DSN support
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("sent", "failed")
+
+
+@dataclass
+class Envelope:
+    id: str
+    sender: str
+    recipients: list[Recipient]
+    client_ip: str = ""
+    client_name: str | None = None
+    helo: str = ""
+    received_at: float = 0.0
+    size: int = 0
+    body: str = "7BIT"
+    esmtp: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    message_id: str | None = None
+    tls: bool = False
+    srcid: str | None = None  # the original ID of a per-group copy
+    group: str | None = None
+    next_attempt: float = 0.0
+    priority: int = 0  # 1 = "send ahead of the queue" (queue send ID)
+    scan_attempts: int = 0  # scans that killed or hung their worker, or failed (MaximalScanAttempts)
+    scan_error: str | None = None  # why the last of them failed
+    dnsbl: list[str] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
+        data["recipients"] = [{name: getattr(r, name) for name in _RECIPIENT_FIELDS} for r in self.recipients]
+        data["dnsbl"] = list(self.dnsbl)
+        data["notes"] = dict(self.notes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Envelope":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["recipients"] = [Recipient(**r) for r in data.get("recipients", [])]
+        return cls(**known)
+
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if not r.done]
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
+_RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: str, data: bytes) -> None:
+    """temp → fsync → rename → fsync(dir): after return, ``path`` holds ``data`` or nothing."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(folder)
+
+
+class Queue:
+    """The spool. Only the gateway process changes states; other tools ask it."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        for sub in ("tmp", "msg", "corrupt", *STATES):
+            os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+
+    # -- paths -------------------------------------------------------------
+    def msg_path(self, qid: str) -> str:
+        return os.path.join(self.root, "msg", qid)
+
+    def record_path(self, state: str, qid: str) -> str:
+        return os.path.join(self.root, state, qid)
+
+    # -- writing -------------------------------------------------------------
+    def write_record(self, state: str, env: Envelope, sync_dirs: bool = True) -> None:
+        data = json.dumps(env.as_dict(), separators=(",", ":")).encode()
+        if sync_dirs:
+            write_durably(self.record_path(state, env.id), data)
+            return
+        folder = os.path.join(self.root, state)
+        tmp = os.path.join(folder, f".{env.id}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.record_path(state, env.id))
+
+    def add_message(self, env: Envelope, state: str, data: bytes | None = None, link_from: str | None = None) -> None:
+        """Store a new record (a per-group copy, a DSN, a notification) with its message.
+
+        ``link_from`` hard-links an existing message file instead of writing bytes.
+        """
+        path = self.msg_path(env.id)
+        if link_from is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            try:
+                os.link(link_from, path)
+                fsync_dir(os.path.dirname(path))
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                with open(link_from, "rb") as f:  # another file system: copy instead
+                    write_durably(path, f.read())
+        else:
+            assert data is not None
+            write_durably(path, data)
+        self.write_record(state, env)
+
+    def move(self, qid: str, src: str, dst: str) -> None:
+        """A state change: one atomic rename (durability of the rename is not needed:
+        a lost rename only makes recovery redo the step)."""
+        os.rename(self.record_path(src, qid), self.record_path(dst, qid))
+
+    def replace_and_move(self, env: Envelope, src: str, dst: str, new_message: str) -> None:
+        """Give ``env`` the message in ``new_message`` (a durable file on this file system) and
+        move its record from ``src`` to ``dst``, as one step a crash cannot split: the record
+        is in ``dst`` with the new bytes, or still in ``src`` with the old ones.
+
+        The new bytes wait as msg/ID.staged until the record in ``dst`` is durable (the commit
+        point); ``recover`` gives a staged file its place when the record got past ``src``,
+        and removes it otherwise.
+        """
+        staged = self.msg_path(env.id) + STAGED
+        os.replace(new_message, staged)
+        fsync_dir(os.path.join(self.root, "msg"))
+        env.size = os.path.getsize(staged)
+        self.write_record(dst, env)  # commit point: recovery keeps the later of two states
+        os.unlink(self.record_path(src, env.id))
+        os.replace(staged, self.msg_path(env.id))
+
+    def update(self, state: str, env: Envelope) -> None:
+        """Rewrite a record in place (per-recipient delivery state)."""
+        self.write_record(state, env)
+
+    def remove(self, qid: str, state: str) -> None:
+        """A record is finished: drop the record, then its message."""
+        for path in (self.record_path(state, qid), self.msg_path(qid)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def sync_state_dirs(self) -> None:
+        for state in (*STATES, "msg"):
+            fsync_dir(os.path.join(self.root, state))
+
+    # -- reading --------------------------------------------------------------
+    def load(self, state: str, qid: str) -> Envelope | None:
+        path = self.record_path(state, qid)
+        try:
+            with open(path, "rb") as f:
+                return Envelope.from_dict(json.load(f))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError) as exc:
+            self._quarantine_corrupt(path, qid, f"unreadable record: {exc}")
+            return None
+
+    def ids(self, state: str) -> list[str]:
+        try:
+            names = os.listdir(os.path.join(self.root, state))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith("."))
+
+    def find(self, qid: str) -> str | None:
+        """The state a record is in, or None."""
+        for state in STATES:
+            if os.path.exists(self.record_path(state, qid)):
+                return state
+        return None
+
+    def entries(self) -> Iterator[tuple[str, Envelope]]:
+        for state in STATES:
+            for qid in self.ids(state):
+                env = self.load(state, qid)
+                if env is not None:
+                    yield state, env
+
+    # -- recovery ---------------------------------------------------------------
+    def _quarantine_corrupt(self, path: str, qid: str, why: str) -> None:
+        """Keep an unreadable record and its message aside for the admin, never delete them."""
+        log.error("%s: corrupt queue record moved to corrupt/: %s", qid, why)
+        stamp = int(time.time())
+        for src, suffix in ((path, "record"), (self.msg_path(qid), "msg")):
+            if os.path.exists(src):
+                try:
+                    shutil.move(src, os.path.join(self.root, "corrupt", f"{qid}.{stamp}.{suffix}"))
+                except OSError as exc:
+                    log.error("%s: cannot move %s aside: %s", qid, src, exc)
+
+    def recover(self) -> dict[str, int]:
+        """Bring the spool back to a consistent state after a crash; returns counts."""
+        counts = {"tmp_removed": 0, "requeued": 0, "orphans_removed": 0, "duplicates": 0, "no_message": 0}
+        for sub in ("tmp", *STATES):
+            folder = os.path.join(self.root, sub)
+            for name in os.listdir(folder):
+                if sub == "tmp" or name.startswith("."):
+                    os.unlink(os.path.join(folder, name))  # never acknowledged
+                    counts["tmp_removed"] += 1
+        seen: dict[str, str] = {}
+        for state in STATES:  # pipeline order: a later state wins
+            for qid in self.ids(state):
+                if qid in seen:
+                    os.unlink(self.record_path(seen[qid], qid))
+                    counts["duplicates"] += 1
+                seen[qid] = state
+        counts["unfinished_copies"] = self._drop_unfinished_copies(seen)
+        for qid, state in seen.items():
+            if not os.path.exists(self.msg_path(qid)):
+                self._quarantine_corrupt(self.record_path(state, qid), qid, "message file missing")
+                counts["no_message"] += 1
+                continue
+            if state in RECOVER_TO:
+                self.move(qid, state, RECOVER_TO[state])
+                counts["requeued"] += 1
+        for name in os.listdir(os.path.join(self.root, "msg")):
+            if name.endswith(STAGED) and not name.startswith("."):
+                self._recover_staged(name[: -len(STAGED)], seen.get(name[: -len(STAGED)]))
+        for qid in os.listdir(os.path.join(self.root, "msg")):
+            if qid not in seen and not qid.startswith("."):
+                # A message whose record was never written was never acknowledged.
+                os.unlink(self.msg_path(qid))
+                counts["orphans_removed"] += 1
+            elif qid.startswith("."):
+                os.unlink(self.msg_path(qid))
+        self.sync_state_dirs()
+        return counts
+
+    def _drop_unfinished_copies(self, seen: dict[str, str]) -> int:
+        """Per-group copies (``ID-N`` in QUE, srcid ID) whose message is still in CHK: the scan
+        result that made them was cut short, and the message is scanned again from WFC, which
+        makes them anew. They were never handed to the sender (that happens only once the
+        original has left CHK), so removing them loses nothing and delivers nothing twice."""
+        dropped = 0
+        for qid, state in list(seen.items()):
+            parent = qid.rpartition("-")[0]
+            if state != QUE or seen.get(parent) != CHK:
+                continue
+            env = self.load(QUE, qid)
+            if env is None:  # unreadable: moved to corrupt/ with its message
+                del seen[qid]
+                continue
+            if env.srcid != parent:
+                continue
+            log.warning("%s: copy of %s made by an unfinished scan removed; the message is scanned again", qid, parent)
+            os.unlink(self.record_path(QUE, qid))
+            if os.path.exists(self.msg_path(qid)):
+                os.unlink(self.msg_path(qid))
+            del seen[qid]
+            dropped += 1
+        return dropped
+
+    def _recover_staged(self, qid: str, state: str | None) -> None:
+        """A ``replace_and_move`` cut short: past its commit point when the record left CHK."""
+        staged = self.msg_path(qid) + STAGED
+        if state is not None and STATES.index(state) > STATES.index(CHK):
+            os.replace(staged, self.msg_path(qid))
+        else:
+            os.unlink(staged)  # the record is still before the step: it is done again
+
+
+@dataclass
+class TmpFile:
+    """A file in tmp/ being written by a session; its name is not the queue ID."""
+
+    fd: int
+    path: str
+
+
+class Committer:
+    """Queue disk work that must not stall the event loop, in a few I/O threads.
+
+    ``submit`` returns at once; ``done(error)`` runs on the loop once the
+    message file and its WFC record are on stable storage (the receiver answers
+    250 only then). Directory fsyncs are group-committed: one fsync of msg/ and
+    WFC/ covers every rename made before it started, so concurrent sessions
+    share them. Empty tmp/ files are created ahead of need (``take_tmp``), and
+    finished records are unlinked here too.
+    """
+
+    SPARES = 32
+
+    def __init__(self, queue: Queue, call_soon_threadsafe: Callable[..., None], threads: int = 4) -> None:
+        self.queue = queue
+        self.call_soon_threadsafe = call_soon_threadsafe
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="commit")
+        self._cv = threading.Condition()
+        self._renamed = 0
+        self._synced = 0
+        self._syncing = False
+        self._spares: list[TmpFile] = []
+        self._spares_lock = threading.Lock()
+        self._refilling = False
+
+    # -- tmp files -------------------------------------------------------------
+    def _create_tmp(self) -> TmpFile:
+        path = os.path.join(self.queue.root, "tmp", f"{new_id()}{secrets.token_hex(3)}")
+        return TmpFile(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path)
+
+    def take_tmp(self) -> TmpFile:
+        """A new empty file in tmp/ (made ahead of time when possible)."""
+        with self._spares_lock:
+            spare = self._spares.pop() if self._spares else None
+            refill = len(self._spares) < self.SPARES // 2 and not self._refilling
+            if refill:
+                self._refilling = True
+        if refill:
+            self.pool.submit(self._refill)
+        return spare if spare is not None else self._create_tmp()
+
+    def spare_count(self) -> int:
+        """How many empty files made ahead of need are open (bounded: refilled by SPARES when
+        fewer than half of SPARES are left, one refill at a time)."""
+        with self._spares_lock:
+            return len(self._spares)
+
+    def _refill(self) -> None:
+        fresh: list[TmpFile] = []
+        try:
+            for _ in range(self.SPARES):
+                fresh.append(self._create_tmp())
+        except OSError as exc:  # out of descriptors or space: keep what was made
+            log.warning("cannot make spare queue files: %s", exc)
+        finally:
+            with self._spares_lock:
+                self._refilling = False
+                self._spares.extend(fresh)
+
+    def discard_tmp(self, tmp: TmpFile) -> None:
+        """A message that will not be queued: drop its bytes."""
+        os.close(tmp.fd)
+        self.pool.submit(_unlink, tmp.path)
+
+    # -- commits ---------------------------------------------------------------------
+    def submit(self, env: Envelope, tmp: TmpFile, done: Callable[[BaseException | None], None]) -> None:
+        future = self.pool.submit(self._commit, env, tmp)
+        future.add_done_callback(lambda f: self.call_soon_threadsafe(done, f.exception()))
+
+    def remove(self, qid: str, state: str, before: Callable[[], None] | None = None) -> None:
+        """Drop a finished record and its message (no durability needed: see ``Queue.recover``);
+        ``before`` runs first in the same thread (an archive copy of the message)."""
+        self.pool.submit(self._remove, qid, state, before)
+
+    def call(self, job: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        """Run ``job`` in an I/O thread; ``done(result, error)`` runs on the loop afterwards."""
+        future = self.pool.submit(job)
+        future.add_done_callback(
+            lambda f: self.call_soon_threadsafe(done, None if f.exception() else f.result(), f.exception()))
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Disk work that needs no answer (an archive copy)."""
+        self.pool.submit(self._logged, job)
+
+    @staticmethod
+    def _logged(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except Exception:
+            log.exception("background disk job failed")
+
+    def _remove(self, qid: str, state: str, before: Callable[[], None] | None) -> None:
+        if before is not None:
+            self._logged(before)
+        self.queue.remove(qid, state)
+
+    def _commit(self, env: Envelope, tmp: TmpFile) -> None:
+        try:
+            os.fsync(tmp.fd)
+        except OSError:
+            os.close(tmp.fd)
+            _unlink(tmp.path)
+            raise
+        os.close(tmp.fd)
+        os.rename(tmp.path, self.queue.msg_path(env.id))
+        self.queue.write_record(WFC, env, sync_dirs=False)
+        self._sync_dirs()
+
+    def _sync_dirs(self) -> None:
+        with self._cv:
+            self._renamed += 1
+            mine = self._renamed
+            while self._synced < mine:
+                if self._syncing:
+                    self._cv.wait()
+                    continue
+                self._syncing = True
+                target = self._renamed
+                self._cv.release()
+                try:
+                    fsync_dir(os.path.join(self.queue.root, "msg"))
+                    fsync_dir(os.path.join(self.queue.root, WFC))
+                finally:
+                    self._cv.acquire()
+                    self._syncing = False
+                    self._cv.notify_all()
+                self._synced = max(self._synced, target)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        with self._spares_lock:
+            spares, self._spares = self._spares, []
+        for tmp in spares:
+            os.close(tmp.fd)
+            _unlink(tmp.path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
