@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import smtplib
 import socket
 
@@ -13,13 +14,17 @@ from tests.support.dns import start_dnsmasq
 from tests.support.net import RawClient, Sink
 
 ROUTE_ZONE = "route.test"
+# The MX hosts listen on port 25 of their own loopback addresses; a /24 of 127/8 chosen by the
+# test process keeps two test runs on one machine from taking each other's port 25.
+NET = f"127.{os.getpid() // 256 % 254 + 1}.{os.getpid() % 256}"
+MX1, MX2, DIRECT = f"{NET}.61", f"{NET}.62", f"{NET}.63"
 MX_ARGS = (
     f"--local=/{ROUTE_ZONE}/",
-    f"--host-record=mx1.{ROUTE_ZONE},127.0.0.61",
-    f"--host-record=mx2.{ROUTE_ZONE},127.0.0.62",
+    f"--host-record=mx1.{ROUTE_ZONE},{MX1}",
+    f"--host-record=mx2.{ROUTE_ZONE},{MX2}",
     f"--mx-host={ROUTE_ZONE},mx1.{ROUTE_ZONE},10",
     f"--mx-host={ROUTE_ZONE},mx2.{ROUTE_ZONE},20",
-    f"--host-record=direct.{ROUTE_ZONE},127.0.0.63",
+    f"--host-record=direct.{ROUTE_ZONE},{DIRECT}",
 )
 
 
@@ -55,7 +60,7 @@ def sink_on(address: str, port: int = 25) -> Sink:
 
 
 def test_mx_routing_prefers_the_lowest_preference_and_falls_back(make_gateway, zone):
-    backup = sink_on("127.0.0.62")  # mx1 (preference 10) is down
+    backup = sink_on(MX2)  # mx1 (preference 10) is down
     try:
         gw = make_gateway(None, extra={"smtpgw.resolve": resolve_section(zone)},
                           replace={"smtpgw.forward": []})
@@ -63,14 +68,14 @@ def test_mx_routing_prefers_the_lowest_preference_and_falls_back(make_gateway, z
             client.sendmail("a@b.test", [f"user@{ROUTE_ZONE}"], b"Subject: via MX\r\n\r\nhi\r\n")
         [got] = backup.wait_for(1)
         assert got.recipients == [f"user@{ROUTE_ZONE}"]
-        gw.wait_log(r"connect to 127\.0\.0\.61:25")  # mx1 was tried first
-        gw.wait_log(rf"DELIVERED, rcpt=<user@{ROUTE_ZONE}>, server=mx2.{ROUTE_ZONE}\[127.0.0.62\].*status=sent")
+        gw.wait_log(rf"connect to {re.escape(MX1)}:25")  # mx1 was tried first
+        gw.wait_log(rf"DELIVERED, rcpt=<user@{ROUTE_ZONE}>, server=mx2.{ROUTE_ZONE}\[{re.escape(MX2)}\].*status=sent")
     finally:
         backup.close()
 
 
 def test_bracketed_host_route_uses_its_address_not_mx(make_gateway, zone):
-    direct = sink_on("127.0.0.63", 2600)
+    direct = sink_on(DIRECT, 2600)
     try:
         gw = make_gateway(None, extra={"smtpgw.resolve": resolve_section(zone)},
                           replace={"smtpgw.forward": [("ForwardRoute", f"* [direct.{ROUTE_ZONE}:2600]")]})
@@ -152,7 +157,7 @@ def test_parallel_connections_stay_on_the_preferred_mx(make_gateway, zone):
 
     from tests.support.net import wait_until
 
-    primary, backup = sink_on("127.0.0.61"), sink_on("127.0.0.62")
+    primary, backup = sink_on(MX1), sink_on(MX2)
     release = threading.Event()
     primary.rcpt_reply = lambda addr: None if addr != "one@route.test" or release.wait(30) else "451 4.0.0 held"
     try:
@@ -164,7 +169,7 @@ def test_parallel_connections_stay_on_the_preferred_mx(make_gateway, zone):
         wait_until(lambda: len(gw.queued("SND")) == 2, 20, "both messages in SND")
         release.set()
         delivered = gw.wait_log(rf"DELIVERED, rcpt=<(one|two)@{ROUTE_ZONE}>", count=2)
-        assert all(f"server=mx1.{ROUTE_ZONE}[127.0.0.61]" in line and "status=sent" in line for line in delivered), delivered
+        assert all(f"server=mx1.{ROUTE_ZONE}[{MX1}]" in line and "status=sent" in line for line in delivered), delivered
         assert backup.connections == 0
     finally:
         release.set()
