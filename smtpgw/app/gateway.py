@@ -24,27 +24,24 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 from smtpgw import log as logsetup
 
 from smtpgw.app import memory
 
-from smtpgw.deliver import mx
-
 from smtpgw.net import smtp
 
 from smtpgw.receive import quota
 
-from smtpgw.reports import digest, dsn, notify
+from smtpgw.reports import digest, notify
 
-from smtpgw.rules import access, routing
+from smtpgw.spool import ops
 
-from smtpgw.app.control import Control, remove_record
+from smtpgw.app.control import Control
 from smtpgw.config import Config, ConfigError, load_config
-from smtpgw.console.server import Console
+from smtpgw.console.server import BindError, Console
 from smtpgw.console.traffic import Traffic
-from smtpgw.deliver.sender import Hop, ResolveCallback, Sender, literal_hops
+from smtpgw.deliver.sender import Sender
 from smtpgw.log import event
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
@@ -55,7 +52,7 @@ from smtpgw.scan.scanner import Scanner
 from smtpgw.scan.workers import worker_config_path
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
 from smtpgw.spam.spamfilter import default_bases, describe, site_layer
-from smtpgw.spool.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id, write_durably
+from smtpgw.spool.queue import QUE, SND, WFC, WFS, Committer, Envelope, Queue, Recipient, new_id, write_durably
 from smtpgw.spool.store import Item, Store, lifetimes, purge_stores
 from smtpgw.stats import Stats, history_path, save as save_stats
 
@@ -95,12 +92,6 @@ def bases_versions(cfg: Config) -> str:
     return f"bases: anti-spam {spam}; anti-virus {virus}"
 
 
-@dataclass
-class RelayVerdict:
-    allowed: bool
-    why: str
-
-
 class Gateway:
     def __init__(self, cfg: Config, config_path: str) -> None:
         self.cfg = cfg
@@ -131,19 +122,6 @@ class Gateway:
         self._lock_fd = -1
         self._saving_stats = False
         self._handle_signals()
-
-    # -- derived limits ------------------------------------------------------------
-    @property
-    def tls_required(self) -> bool:
-        return bool(self.cfg.network.RequireTLS) and self.ssl_context is not None
-
-    @property
-    def max_message_bytes(self) -> int:
-        return self.cfg.limits.MaximalIncomingMessageSize * 1024
-
-    @property
-    def max_session_bytes(self) -> int:
-        return self.cfg.limits.MaximalIncomingSessionSize * 1024
 
     @staticmethod
     def _server_tls(cfg: Config) -> ssl.SSLContext | None:
@@ -281,7 +259,10 @@ class Gateway:
 
     def bind(self) -> None:
         self.listeners = self._bind(self.cfg.network.ListenOn, {})
-        self.console.bind()
+        try:
+            self.console.bind()
+        except BindError as exc:
+            raise StartupError(str(exc), exc.code) from exc
 
     def _bind(self, addresses: list[tuple[str, int]],
               existing: dict[tuple[str, int], Listener]) -> list[Listener]:
@@ -295,7 +276,7 @@ class Gateway:
                 listener = existing.get((host, port))
                 if listener is None:
                     try:
-                        listener = Listener(self, host, port)
+                        listener = Listener(self.loop, host, port, self.session_opened)
                     except OSError as exc:
                         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
                     fresh.append(listener)
@@ -516,25 +497,9 @@ class Gateway:
             del self.per_ip[session.ip]
         self.stats.inc("mta_incoming_connections_current", -1)
 
-    def relay_decision(self, ip: str, rcpt: str) -> RelayVerdict:
-        rules = self.cfg.access.RelayRule
-        if rules:
-            decision = access.relay_decision(rules, ip, rcpt)
-            return RelayVerdict(decision.allowed, decision.reason)
-        # No RelayRule at all: mail to ProtectedDomains only (never an open relay), from any client,
-        # so never with sender-specified routing (access.py: untrusted routing).
-        if smtp.routed(rcpt):
-            return RelayVerdict(False, "untrusted routing, not allowed by ProtectedDomains (no RelayRule configured)")
-        allowed = routing.is_protected(self.cfg.network.ProtectedDomains, rcpt)
-        return RelayVerdict(allowed, "ProtectedDomains (no RelayRule configured)")
-
     def queue_has_space(self) -> bool:
         """``MinimalQueueFreeSpaceSize``: refuse new mail (4xx) while the spool's disk is short."""
-        needed = self.cfg.limits.MinimalQueueFreeSpaceSize * 1024 * 1024
-        if not needed:
-            return True
-        st = os.statvfs(self.queue.root)
-        return st.f_bavail * st.f_frsize >= needed
+        return ops.has_space(self.queue, self.cfg.limits.MinimalQueueFreeSpaceSize * 1024 * 1024)
 
     # -- hand-offs between stages -------------------------------------------------------
     def message_received(self, env: Envelope) -> None:
@@ -579,18 +544,16 @@ class Gateway:
         """The admin removed a message (``queue remove``); one in CHK has its scan result discarded."""
         self.sender.forget(qid)
         self.scanner.cancel(qid)
-        remove_record(self.queue, qid, state)
+        ops.remove_record(self.queue, qid, state)
         event(qid, "REMOVED, state=%s, by=admin", state)
 
     def reload_databases(self) -> None:
         """``.c_db_reload``: new scanner workers load the databases again (unless the spam one is damaged)."""
         self._restart_workers_checked("databases reloaded")
 
-    def inject(self, path: str, sender: str, recipients: list[str], check: bool) -> str:
+    def release(self, path: str, sender: str, recipients: list[str], check: bool) -> str:
         """Put a message file (a released store item) into the queue: WFC to be scanned, or QUE."""
-        env = Envelope(id=new_id(), sender=sender, recipients=[Recipient(addr=r) for r in recipients],
-                       helo=self.cfg.network.Hostname, received_at=time.time(), size=os.path.getsize(path))
-        self.queue.add_message(env, WFC if check else QUE, link_from=path)
+        env = ops.release(self.queue, sender, recipients, check, self.cfg.network.Hostname, link_from=path)
         event(env.id, "RELEASED, from=<%s>, nrcpt=%d, size=%d, check=%s", sender, len(recipients), env.size,
               "yes" if check else "no")
         if check:
@@ -599,31 +562,43 @@ class Gateway:
             self.sender.enqueue(env.id, env=env)
         return env.id
 
-    def send_dsn(self, env: Envelope, recipients: list[Recipient], kind: str) -> bool:
-        """Queue a DSN (RFC 3464) about ``recipients`` to the envelope sender; False if none is due."""
-        lifetime = self.cfg.timeouts.MaximalQueueLifetime * 86400
-        try:
-            with open(self.queue.msg_path(env.id), "rb") as f:
-                original = f.read(dsn.DEFAULT_FULL_LIMIT + 1)
-            report = dsn.build_dsn(
-                env.as_dict(), [r.__dict__ for r in recipients], kind, original, self.cfg.network.Hostname,
-                self.cfg.network.Postmaster, self.templates["dsn"], time.time(),
-                retry_until=env.received_at + lifetime,
-            )
-        except (OSError, ValueError) as exc:
-            log.error("%s: cannot build a %s DSN: %s", env.id, kind, exc)
-            return False
-        if report is None:
-            return False
-        bounce = Envelope(
-            id=new_id(), sender="", recipients=[Recipient(addr=env.sender)], client_ip="", helo=self.cfg.network.Hostname,
-            received_at=time.time(), size=len(report), body=dsn.dsn_body_type(report), srcid=env.id,
-        )
-        self.queue.add_message(bounce, QUE, data=report)
-        self.stats.inc("mta_dsn_generated")
-        event(bounce.id, "DSN, kind=%s, srcid=%s, to=<%s>, nrcpt=%d", kind, env.id, env.sender, len(recipients))
-        self.sender.enqueue(bounce.id, env=bounce)
-        return True
+    # -- what the control directory and the console ask for --------------------------------
+    def switch(self, what: str, on: bool) -> None:
+        """``receiving``, ``sending`` or ``scanning`` on or off; a stage switched on starts at once."""
+        if what == "receiving":
+            self.receiving = on
+        elif what == "sending":
+            self.sender.enabled = on
+            if on:
+                self.sender.kick()
+        else:
+            self.scanner.enabled = on
+            if on:
+                self.scanner.pump()
+
+    def switches(self) -> dict[str, bool]:
+        return {"receiving": self.receiving, "sending": self.sender.enabled, "scanning": self.scanner.enabled}
+
+    def command(self, name: str) -> None:
+        self.control.commands[name]()
+
+    def queue_operation(self, op: str, qid: str | None) -> tuple[int, str]:
+        return self.control.handle(op, qid)
+
+    def send_digest_now(self) -> None:
+        self.digest.send_now()
+
+    def dump_memory(self) -> None:
+        memory.dump(self)
+
+    def send_all(self) -> int:
+        return self.sender.send_all() + self.scanner.rescan_all()
+
+    def send_now(self, qid: str, state: str) -> None:
+        if state == QUE:
+            self.sender.send_now(qid)
+        elif state in (WFC, WFS):
+            self.scanner.prioritise(qid)
 
     def delivery_complete(self, env: Envelope) -> None:
         self.traffic.delivered(env)
@@ -634,23 +609,3 @@ class Gateway:
             path, record = self.queue.msg_path(env.id), env.as_dict()
             copy = lambda: archive.put(env.id, path, record, "SNT")  # noqa: E731
         self.committer.remove(env.id, SND, before=copy)
-
-    def resolve_destination(self, dest: routing.Destination, done: ResolveCallback) -> None:
-        """Next hops of a destination: an IP literal as is, ``localhost`` as loopback
-        (RFC 6761 §6.3), a bracketed host by its addresses, a domain by its MX (RFC 5321 §5.1)."""
-        hops = literal_hops(dest)
-        if hops is not None:
-            done(hops, None, None)
-            return
-        port = dest[2] if dest[0] == "host" else 25  # type: ignore[misc]
-        if dest[0] == "host" and dest[1] == "localhost":
-            done([Hop("localhost", "127.0.0.1", port)], None, None)
-            return
-
-        def finished(result: mx.NextHops) -> None:
-            done([Hop(host, ip, port) for host, ip in result.hosts], result.permanent_error, result.temporary_error)
-
-        if dest[0] == "mx":
-            mx.resolve_next_hops(self.resolver, dest[1], finished)
-        else:
-            mx.resolve_host(self.resolver, dest[1], finished)

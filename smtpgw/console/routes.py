@@ -116,7 +116,7 @@ def control(h: Handler, form: dict[str, str]) -> None:
     session = h.acting(form, "control", command)
     if command not in SWITCHES:
         raise Refused(400, "not a control command")
-    h.console.on_loop(h.console.gw.control.commands[command])
+    h.console.on_loop(lambda: h.console.host.command(command))
     h.console.audit(session, h.ip, "control", command)
     h.redirect(_notice("/", f"{command} done"))
 
@@ -139,7 +139,7 @@ def queue_action(h: Handler, form: dict[str, str]) -> None:
     session = h.acting(form, f"queue-{op}", qid)
     if op not in ("remove", "send"):
         raise Refused(400, "not a queue operation")
-    code, output = h.console.on_loop(lambda: h.console.gw.control.handle(op, qid))  # control.locate checks qid
+    code, output = h.console.on_loop(lambda: h.console.host.queue_operation(op, qid))  # control.locate checks qid
     h.console.audit(session, h.ip, f"queue-{op}", qid, output if code else "done")
     h.redirect(_notice("/queue", output))
 
@@ -209,7 +209,7 @@ def store_action(h: Handler, form: dict[str, str]) -> None:
         raise Refused(409, "the item has no recipients to release to")
     else:
         path, check = store.message_path(item.id), op == "release"
-        qid = h.console.on_loop(lambda: h.console.gw.inject(path, item.sender, list(item.recipients), check))
+        qid = h.console.on_loop(lambda: h.console.host.release(path, item.sender, list(item.recipients), check))
         result = f"{item.id} released as {qid}" + ("" if check else " without check")
     h.console.audit(session, h.ip, f"store-{op}", f"{name}/{item.id}", result)
     h.redirect(_notice(f"/store?name={urllib.parse.quote(name)}", result))
@@ -245,7 +245,7 @@ def stats(h: Handler, form: dict[str, str]) -> None:
 @guarded
 def config_view(h: Handler, form: dict[str, str]) -> None:
     session = h.user()
-    path = h.console.gw.config_path
+    path = h.console.host.config_path
     with open(path, "rb") as f:
         text = f.read(MAX_CONFIG_FORM).decode("utf-8", "replace")
     h.page(session, "Configuration", pages.config_page(path, text, session.role == ADMIN, session.csrf))
@@ -254,7 +254,7 @@ def config_view(h: Handler, form: dict[str, str]) -> None:
 def config_check(h: Handler, form: dict[str, str]) -> None:
     """``-k`` of an edited copy, as if it were the configuration file (its folder, its file: lists)."""
     session = h.acting(form, "config-check")
-    text, path = form.get("text", ""), h.console.gw.config_path
+    text, path = form.get("text", ""), h.console.host.config_path
     try:
         load_config(path, text.encode("utf-8"))
         problems = []
@@ -267,7 +267,7 @@ def config_check(h: Handler, form: dict[str, str]) -> None:
 def config_reload(h: Handler, form: dict[str, str]) -> None:
     """As SIGHUP: the file is read again; a bad one leaves the running configuration in force."""
     session = h.acting(form, "config-reload")
-    gw = h.console.gw
+    gw = h.console.host
 
     def reload() -> bool:
         before = gw.cfg
@@ -280,7 +280,7 @@ def config_reload(h: Handler, form: dict[str, str]) -> None:
 
 @guarded
 def updates_view(h: Handler, form: dict[str, str]) -> None:
-    session, cfg = h.user(), h.console.gw.cfg
+    session, cfg = h.user(), h.console.host.cfg
     body = pages.updates_page(h.console.updates.last, report_tail(cfg.updater_report.ReportFileName),
                               cfg.updater_options.UpdateServerUrl or "", h.console.spam_database(),
                               session.role == ADMIN, session.csrf)
