@@ -26,6 +26,8 @@ from smtpgw.console import auth as console_auth, pages
 from smtpgw.console.auth import ADMIN
 from smtpgw.console.request import MAX_CONFIG_FORM, Handler, Redirect, Refused
 from smtpgw.console.updates import report_tail
+from smtpgw.spam.database import DatabaseError
+from smtpgw.spool import ops
 from smtpgw.spool.queue import STATES
 from smtpgw.spool.store import STATUSES, Store, StoreError
 
@@ -209,10 +211,23 @@ def store_action(h: Handler, form: dict[str, str]) -> None:
         raise Refused(409, "the item has no recipients to release to")
     else:
         path, check = store.message_path(item.id), op == "release"
+        learned = _learn_released(h, item, path)
         qid = h.console.on_loop(lambda: h.console.host.release(path, item.sender, list(item.recipients), check))
-        result = f"{item.id} released as {qid}" + ("" if check else " without check")
+        result = f"{item.id} released as {qid}" + ("" if check else " without check") + learned
     h.console.audit(session, h.ip, f"store-{op}", f"{name}/{item.id}", result)
     h.redirect(_notice(f"/store?name={urllib.parse.quote(name)}", result))
+
+
+def _learn_released(h: Handler, item: Any, path: str) -> str:
+    """LearnOnRelease, as ``store release`` (``spool.ops.learns_on_release``): a released spam is
+    learned as ham first, in this request's thread; what happened, for the notice."""
+    if not ops.learns_on_release(item, h.console.host.cfg.antispam.LearnOnRelease):
+        return ""
+    try:
+        h.console.learn(path, False)
+    except (DatabaseError, OSError) as exc:
+        return f" (not learned as ham: {exc})"
+    return ", learned as ham"
 
 
 @guarded

@@ -4,7 +4,9 @@ Owns: one implementation of each operation on the spool, used alike by the runni
 gateway (the control directory, the web console) and by the command line when no
 gateway runs (under the queue's lock): which queue ID a request may name, which states
 a message may be removed from, what a removal takes away with it, the record a released
-message gets, the read-only listing, and the free-space check of the spool's disk.
+message gets, the read-only listing, the free-space check of the spool's disk; and of the
+store's release (``store release``, the console's release button) whether a released item is
+learned as ham first (``LearnOnRelease``).
 
 Must never: accept a path or a hidden name as a queue ID; remove a message being
 processed (SPL, SND); change a record while listing (a record it cannot read is left
@@ -19,6 +21,7 @@ import time
 from typing import Callable
 
 from smtpgw.spool.queue import CHK, QUE, STAGED, STATES, WFC, WFS, Envelope, Queue, Recipient, new_id
+from smtpgw.spool.store import SPAM_STATUSES, Item, StoreError, status_for_verdict
 
 # klmailq / klmaila return codes (kmg-spec §4.7)
 DONE, BAD_ARGS, UNREADABLE, SYSTEM_ERROR, NOT_PERFORMED = 0, 1, 2, 3, 4
@@ -100,6 +103,19 @@ def release(queue: Queue, sender: str, recipients: list[str], check: bool, helo:
                    helo=helo, received_at=time.time(), size=size)
     queue.add_message(env, WFC if check else QUE, data=data, link_from=link_from)
     return env
+
+
+def learns_on_release(item: Item, learn_on_release: bool) -> bool:
+    """``[smtpgw.antispam] LearnOnRelease``: a released quarantined spam (status SPM or PSP, or a
+    spam verdict of Spam or Probable Spam) is first learned as ham into the site spam database."""
+    if not learn_on_release:
+        return False
+    if item.status in SPAM_STATUSES:
+        return True
+    try:
+        return status_for_verdict(str(dict(item.verdicts).get("spam") or "")) in SPAM_STATUSES
+    except StoreError:  # not a spam verdict
+        return False
 
 
 def entries(queue: Queue) -> list[tuple[str, Envelope]]:
