@@ -52,7 +52,7 @@ from smtpgw.scan.scanner import Scanner
 from smtpgw.scan.workers import worker_config_path
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
 from smtpgw.spam.spamfilter import default_bases, describe, site_layer
-from smtpgw.spool.queue import QUE, SND, WFC, WFS, Committer, Envelope, Queue, Recipient, new_id, write_durably
+from smtpgw.spool.queue import QUE, SND, WFC, WFS, Committer, Envelope, Queue, write_durably
 from smtpgw.spool.store import Item, Store, lifetimes, purge_stores
 from smtpgw.stats import Stats, history_path, save as save_stats
 
@@ -508,33 +508,14 @@ class Gateway:
         self.stats.inc("mta_received_bytes", env.size)
         self.stats.inc("mta_received_recipients", len(env.recipients))
         for crossing in self.quota.count(self.cfg, (r.addr for r in env.recipients), env.size):
-            self._quota_crossed(crossing, env.id)
+            notice = quota.queue_notice(self.quota, self.queue, self.cfg, crossing, env.id)
+            if notice is not None:
+                self.message_scanned(notice)
         archive = self.incoming_archive
         if archive is not None:  # kmg-spec §3.9: a copy of every received message
             path, record = self.queue.msg_path(env.id), env.as_dict()
             self.committer.run(lambda: archive.put(env.id, path, record, "RCV"))
         self.scanner.accept(env)
-
-    def _quota_crossed(self, crossing: quota.Crossing, srcid: str) -> None:
-        """A usage quota passed a threshold: a QUOTA line, and the admin's notice queued once a day."""
-        policy = self.cfg.policy
-        notice = None
-        try:
-            data = quota.notice(self.cfg, crossing)
-            notice = Envelope(id=new_id(), sender=policy.NotifyFromAddress,
-                              recipients=[Recipient(addr=policy.AdminNotifyAddress)], helo=self.cfg.network.Hostname,
-                              received_at=time.time(), size=len(data), srcid=srcid)
-            self.queue.add_message(notice, QUE, data=data)
-        except (OSError, ValueError) as exc:
-            log.error("%s: cannot queue the quota notice: %s", srcid, exc)
-            notice = None
-        event("", "QUOTA, quota=%s, day=%s, threshold=%d%%, used=%d, limit=%d, action=%s, notice=%s", crossing.quota,
-              crossing.day, crossing.threshold, crossing.used, crossing.limit, self.cfg.quota.QuotaAction,
-              notice.id if notice else "none", level=logging.WARNING)
-        self.quota.save()  # after the notice: a crash between them repeats it, never loses it
-        if notice is not None:
-            event(notice.id, "NOTIFICATION, kind=quota, srcid=%s, to=%s", srcid, [policy.AdminNotifyAddress])
-            self.message_scanned(notice)
 
     def message_scanned(self, env: Envelope) -> None:
         self.traffic.scanned(env)
