@@ -2,11 +2,17 @@
 
 Owns: start-up (queue recovery, listeners, privilege drop), the session
 registry and connection limits, the hand-offs between stages (received →
-scanner → sender → done), signals (TERM/INT/QUIT stop, HUP reloads the
-configuration), and shutdown.
+scanner → sender → done), the operations the control directory and the console
+name (each carried out by the stage or spool operation that owns it), signals
+(TERM/INT/QUIT stop, HUP reloads the configuration), and shutdown. Each stage
+is given this object as the small interface it declares (receive/receiver.Inbound,
+scan/scanner.Scanning, deliver/sender.Outbound, app/control.Operations,
+reports/digest.Digesting, console/request.Gatekeeper).
 
 Must never: start serving before the queue has been recovered; keep running
-on a configuration that failed to load at HUP (the old one stays in force).
+on a configuration that failed to load at HUP (the old one stays in force);
+decide what a stage decides (relay: receive/checks.py; next hops:
+deliver/nexthop.py; DSNs: deliver/bounces.py; queue operations: spool/ops.py).
 """
 
 from __future__ import annotations
