@@ -25,7 +25,7 @@ from smtpgw.deliver.sender import Outbound, Sender
 from smtpgw.net import smtp
 from smtpgw.net.loop import EventLoop
 from smtpgw.receive.quota import Quota
-from smtpgw.receive.receiver import Inbound, Session
+from smtpgw.receive.receiver import Inbound, Session, Sessions
 from smtpgw.reports import notify
 from smtpgw.rules.routing import Destination
 from smtpgw.scan.job import CopyResult
@@ -77,8 +77,8 @@ def host(tmp_path: Path) -> Iterator[Host]:
 class Inbox(Host):
     """``Inbound``: what a session needs; hand-offs recorded, the spool's free space switchable."""
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
+    def __init__(self, root: Path, extra: str = "") -> None:
+        super().__init__(root, extra)
         self.quota = Quota(self.cfg.path.QueuePath)
         self.ssl_context = None
         self.resolver: Any = None  # no rule or zone needs DNS: no lookup is ever started
@@ -189,6 +189,31 @@ def test_a_short_spool_refuses_mail_with_4xx(inbox: Inbox) -> None:
     client.cmd(b"EHLO client.test")
     assert client.cmd(b"MAIL FROM:<a@sender.test>") == (452, b"452 4.3.1 Insufficient system storage")
     assert inbox.received == []
+
+
+def test_admission_keeps_the_session_limits(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path, "[smtpgw.limits]\nIncomingSessions=2\nMaximalIncomingSessionsPerIP=1\n")
+    registry = Sessions()
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        for _, theirs in pairs:
+            theirs.setblocking(False)
+        first = registry.admit(inbox, pairs[0][1], ("192.0.2.1", 1), True)
+        same_ip = registry.admit(inbox, pairs[1][1], ("192.0.2.1", 2), True)
+        other_ip = registry.admit(inbox, pairs[2][1], ("192.0.2.2", 3), True)
+        off = registry.admit(inbox, pairs[3][1], ("192.0.2.3", 4), False)
+        greetings = [mine.recv(512) for mine, _ in pairs]
+        assert greetings[0].startswith(b"220 gw.example.test")
+        assert [g[:3] for g in greetings[1:]] == [b"421", b"421", b"421"]
+        assert (first.closing, same_ip.closing, other_ip.closing, off.closing) == (False, True, True, True)
+        assert inbox.stats.counters["mta_incoming_connections_errors"] == 2  # not the one refused while off
+        registry.closed(same_ip)
+        assert registry.per_ip == {"192.0.2.1": 1, "192.0.2.2": 1, "192.0.2.3": 1} and same_ip not in registry.open
+    finally:
+        for mine, theirs in pairs:
+            mine.close()
+            theirs.close()
+        inbox.close()
 
 
 # -- the sender and its client --------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The gateway process: wires the pipeline stages together on one event loop.
 
-Owns: start-up (queue recovery, listeners, privilege drop), the session
-registry and connection limits, the hand-offs between stages (received →
-scanner → sender → done), the operations the control directory and the console
+Owns: start-up (queue recovery, listeners, privilege drop), the hand-offs
+between stages (connect → receive/receiver.Sessions, received → scanner →
+sender → done), the operations the control directory and the console
 name (each carried out by the stage or spool operation that owns it), signals
 (TERM/INT/QUIT stop, HUP reloads the configuration), and shutdown. Each stage
 is given this object as the small interface it declares (receive/receiver.Inbound,
@@ -11,7 +11,7 @@ reports/digest.Digesting, console/request.Gatekeeper).
 
 Must never: start serving before the queue has been recovered; keep running
 on a configuration that failed to load at HUP (the old one stays in force);
-decide what a stage decides (relay: receive/checks.py; next hops:
+decide what a stage decides (admission and relay: receive/; next hops:
 deliver/nexthop.py; DSNs: deliver/bounces.py; queue operations: spool/ops.py).
 """
 
@@ -28,7 +28,6 @@ import socket
 import ssl
 import sys
 import time
-from collections import Counter
 from concurrent.futures import Future
 
 from smtpgw import log as logsetup
@@ -51,7 +50,7 @@ from smtpgw.deliver.sender import Sender
 from smtpgw.log import event
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
-from smtpgw.receive.receiver import Listener, Session
+from smtpgw.receive.receiver import Listener, Session, Sessions
 from smtpgw.scan import antivirus
 from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
 from smtpgw.scan.scanner import Scanner
@@ -108,8 +107,7 @@ class Gateway:
         self.quota = quota.Quota(cfg.path.QueuePath)
         self.queue = Queue(cfg.path.QueuePath)
         self.committer = Committer(self.queue, self.loop.call_soon_threadsafe)
-        self.sessions: set[Session] = set()
-        self.per_ip: Counter[str] = Counter()
+        self.inbound = Sessions()
         self.receiving = True
         self.stopping = False
         self.listeners: list[Listener] = []
@@ -408,7 +406,7 @@ class Gateway:
         for listener in self.listeners:
             listener.close()
         self.listeners.clear()
-        for session in list(self.sessions):
+        for session in list(self.inbound.open):
             session.close_with(smtp.SHUTTING_DOWN.format(self.cfg.network.Hostname))
         self.control.stop()
         self.digest.stop()
@@ -416,7 +414,7 @@ class Gateway:
         self.scanner.stop()
         self.loop.run_until(self.sender.idle, SHUTDOWN_GRACE)
         self.sender.stop()
-        self.loop.run_until(lambda: not self.sessions, 1.0)
+        self.loop.run_until(lambda: not self.inbound.open, 1.0)
         self.console.save_history()
         self.committer.close()
         try:  # the last counts, for the next start
@@ -474,34 +472,10 @@ class Gateway:
 
     # -- sessions ---------------------------------------------------------------------
     def session_opened(self, conn: socket.socket, peer: tuple) -> None:
-        session = Session(self, conn, peer)
-        self.sessions.add(session)
-        self.per_ip[session.ip] += 1
-        self.stats.connection_opened()
-        host = self.cfg.network.Hostname
-        limits = self.cfg.limits
-        if not self.receiving or self.stopping:
-            session.start(smtp.SERVICE_UNAVAILABLE.format(host))
-            session.closing = True
-        elif len(self.sessions) > limits.IncomingSessions:
-            self.stats.inc("mta_incoming_connections_errors")
-            session.start(smtp.TOO_MANY_SESSIONS.format(host))
-            session.closing = True
-        elif self.per_ip[session.ip] > limits.MaximalIncomingSessionsPerIP:
-            self.stats.inc("mta_incoming_connections_errors")
-            session.start(smtp.TOO_MANY_FROM_IP.format(host))
-            session.closing = True
-        else:
-            session.start(smtp.GREETING.format(host))
-            return
-        session.flush()
+        self.inbound.admit(self, conn, peer, self.receiving and not self.stopping)
 
     def session_closed(self, session: Session) -> None:
-        self.sessions.discard(session)
-        self.per_ip[session.ip] -= 1
-        if self.per_ip[session.ip] <= 0:
-            del self.per_ip[session.ip]
-        self.stats.inc("mta_incoming_connections_current", -1)
+        self.inbound.closed(session)
 
     def queue_has_space(self) -> bool:
         """``MinimalQueueFreeSpaceSize``: refuse new mail (4xx) while the spool's disk is short."""

@@ -32,6 +32,7 @@ from smtpgw.deliver.sender import Sender
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
 from smtpgw.receive.quota import Quota
+from smtpgw.receive.receiver import Sessions
 from smtpgw.scan.scanner import Scanner
 from smtpgw.spool.queue import Committer, write_durably
 from smtpgw.stats import Stats
@@ -107,8 +108,7 @@ class Reported(Protocol):
 
     cfg: Config
     loop: EventLoop
-    sessions: set[Any]
-    per_ip: Counter[str]
+    inbound: Sessions
     scanner: Scanner
     sender: Sender
     resolver: Resolver
@@ -121,8 +121,8 @@ def registries(gw: Reported) -> dict[str, int]:
     """The length of every collection the gateway keeps per message, session, destination or timer."""
     scanner, sender, loop = gw.scanner, gw.sender, gw.loop
     return {
-        "sessions": len(gw.sessions),
-        "sessions_per_ip": len(gw.per_ip),
+        "sessions": len(gw.inbound.open),
+        "sessions_per_ip": len(gw.inbound.per_ip),
         "scanner_waiting": len(scanner.waiting),
         "scanner_envelopes": len(scanner.envelopes),
         "scanner_inflight": len(scanner.inflight),

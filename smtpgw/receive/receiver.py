@@ -1,6 +1,7 @@
 """The Receiver: inbound SMTP sessions (RFC 5321 server side) on the event loop.
 
-Owns: listening sockets, the per-session state machine, the verb table with
+Owns: listening sockets, the open sessions and their admission at connect
+(``IncomingSessions``, ``MaximalIncomingSessionsPerIP``), the per-session state machine, the verb table with
 per-verb flags (allowed before STARTTLS, counts toward the junk-command budget;
 cf. Postfix smtpd_cmd_table), every receiving limit and timeout of
 ``[smtpgw.limits]``/``[smtpgw.timeouts]``, STARTTLS (RFC 3207), and streaming
@@ -22,6 +23,7 @@ import re
 import socket
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Callable, Protocol
@@ -874,3 +876,44 @@ class Listener:
     def close(self) -> None:
         self.loop.forget(self.sock)
         self.sock.close()
+
+
+class Sessions:
+    """The open inbound sessions and their admission at connect: at most ``IncomingSessions`` in all
+    and ``MaximalIncomingSessionsPerIP`` per client address (421 beyond, counted as connection
+    errors), and 421 to every client while the gateway does not accept mail (receiving off, stopping)."""
+
+    def __init__(self) -> None:
+        self.open: set[Session] = set()
+        self.per_ip: Counter[str] = Counter()
+
+    def admit(self, host: Inbound, conn: socket.socket, peer: tuple, accepting: bool) -> Session:
+        session = Session(host, conn, peer)
+        self.open.add(session)
+        self.per_ip[session.ip] += 1
+        host.stats.connection_opened()
+        name = host.cfg.network.Hostname
+        limits = host.cfg.limits
+        if not accepting:
+            session.start(smtp.SERVICE_UNAVAILABLE.format(name))
+            session.closing = True
+        elif len(self.open) > limits.IncomingSessions:
+            host.stats.inc("mta_incoming_connections_errors")
+            session.start(smtp.TOO_MANY_SESSIONS.format(name))
+            session.closing = True
+        elif self.per_ip[session.ip] > limits.MaximalIncomingSessionsPerIP:
+            host.stats.inc("mta_incoming_connections_errors")
+            session.start(smtp.TOO_MANY_FROM_IP.format(name))
+            session.closing = True
+        else:
+            session.start(smtp.GREETING.format(name))
+            return session
+        session.flush()
+        return session
+
+    def closed(self, session: Session) -> None:
+        self.open.discard(session)
+        self.per_ip[session.ip] -= 1
+        if self.per_ip[session.ip] <= 0:
+            del self.per_ip[session.ip]
+        session.host.stats.inc("mta_incoming_connections_current", -1)
