@@ -15,14 +15,16 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import pytest
 
 from smtpgw.config import Config, load_config
+from smtpgw.deliver import nexthop
 from smtpgw.deliver.nexthop import Hop, ResolveCallback
 from smtpgw.deliver.sender import Outbound, Sender
 from smtpgw.net import smtp
+from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
 from smtpgw.receive.quota import Quota
 from smtpgw.receive.receiver import Inbound, Session, Sessions
@@ -284,6 +286,17 @@ def test_a_permanent_next_hop_failure_fails_the_recipient_and_queues_the_dsn(out
     assert (bounce.sender, bounce.srcid, [r.addr for r in bounce.recipients]) == ("", env.id, ["a@sender.test"])
     assert outbox.stats.counters["mta_dsn_generated"] == 1  # never a DSN about a DSN
     assert any(f"DSN, kind=failure, srcid={env.id}" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("dest", "hops"), [
+    (("host", "192.0.2.5", 2526), [Hop("192.0.2.5", "192.0.2.5", 2526)]),
+    (("host", "2001:db8::5", 25), [Hop("2001:db8::5", "2001:db8::5", 25)]),
+    (("host", "localhost", 2525), [Hop("localhost", "127.0.0.1", 2525)]),  # RFC 6761 §6.3
+])
+def test_next_hops_known_without_dns(dest: Destination, hops: list[Hop]) -> None:
+    got: list[tuple[list[Hop], str | None, str | None]] = []
+    nexthop.resolve_destination(cast(Resolver, None), dest, lambda *answer: got.append(answer))
+    assert got == [(hops, None, None)]  # at once: no resolver is asked
 
 
 # -- the scanner --------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Owns: taking records from QUE (→ SND while in flight), grouping recipients by
 destination (``ForwardRoute``, else the recipient domain's MX), a connection
 cache per destination with ``OutgoingSessions`` and
 ``MaximalOutgoingSessionsPerHost`` limits, turning replies into per-recipient
-states, retry scheduling with exponential back-off between
+states, the DSNs due after each attempt (queued by ``deliver/bounces.py`` and
+scheduled here), retry scheduling with exponential back-off between
 ``MinimalBackoffTime`` and ``MaximalBackoffTime``, and giving up after
 ``MaximalQueueLifetime``.
 
@@ -21,10 +22,10 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-import ssl
 from typing import Protocol
 
 from smtpgw.mail import downgrade
