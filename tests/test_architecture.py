@@ -161,3 +161,43 @@ def test_the_stages_hold_no_gateway() -> None:
     for name, path in MODULES.items():
         if folder(name) in STAGES | {"spool", "reports", "console"}:
             assert "Gateway" not in {n.id for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Name)}, name
+
+
+def protocol_members(protocol: type) -> set[str]:
+    """The attributes and methods a Protocol declares (its own and its bases' up to Protocol)."""
+    members: set[str] = set()
+    for cls in protocol.__mro__:
+        if cls.__module__ in ("typing", "builtins", "typing_extensions"):
+            continue
+        members.update(getattr(cls, "__annotations__", {}))
+        members.update(name for name, value in vars(cls).items() if callable(value) and not name.startswith("_"))
+    return members
+
+
+def gateway_members() -> set[str]:
+    """What a Gateway has: its methods and properties, and every ``self.NAME = ...`` it assigns."""
+    tree = ast.parse(MODULES["smtpgw.app.gateway"].read_text())
+    [gateway] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Gateway"]
+    found = {n.name for n in gateway.body if isinstance(n, ast.FunctionDef)}
+    for node in ast.walk(gateway):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        found.update(t.attr for t in targets if isinstance(t, ast.Attribute)
+                     and isinstance(t.value, ast.Name) and t.value.id == "self")
+    return found
+
+
+def test_the_gateway_provides_every_interface_it_is_given_as() -> None:
+    from smtpgw.app.control import Operations
+    from smtpgw.app.memory import Reported
+    from smtpgw.console.request import Gatekeeper
+    from smtpgw.deliver.sender import Outbound
+    from smtpgw.receive.receiver import Inbound
+    from smtpgw.reports.digest import Digesting
+    from smtpgw.scan.scanner import Scanning
+
+    assert {"cfg", "resolver", "loop", "committer", "message_received", "session_closed"} <= protocol_members(Inbound)
+    has = gateway_members()
+    assert "queue_depth" not in has and {"cfg", "sender", "message_scanned"} <= has
+    missing = {p.__name__: sorted(protocol_members(p) - has)
+               for p in (Inbound, Scanning, Outbound, Operations, Digesting, Gatekeeper, Reported)}
+    assert missing == {name: [] for name in missing}
