@@ -271,8 +271,9 @@ def test_the_sender_delivers_through_the_hops_it_is_given(outbox: Outbox, peer: 
     assert outbox.stats.counters["mta_sent_messages"] == 1
 
 
-def test_a_permanent_next_hop_failure_fails_the_recipient_and_queues_the_dsn(outbox: Outbox,
-                                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_a_permanent_next_hop_failure_fails_the_recipient_and_queues_the_dsn(
+        outbox: Outbox, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging.getLogger("smtpgw"), "propagate", True)  # smtpgw.log.setup may have closed it
     asked: list[Destination] = []
     sender = Sender(outbox, resolve=resolving_to([], asked, permanent="5.1.2 no such domain"))
     env = outbox.queued(QUE)
