@@ -229,7 +229,7 @@ def test_damaged_database_is_refused(tmp_path) -> None:  # type: ignore[no-untyp
 
 
 def test_formal_signs_of_the_reference() -> None:
-    from smtpgw.spam.formalsigns import run_check
+    from smtpgw.spam.signs import run_check
     raw = ("Subject: Great offer for you        xkqjzw\nX-Mailer: \n"
            "Content-Type: text/plain; charset=big5\n\nhello").encode()
     view = mailview.build(raw)

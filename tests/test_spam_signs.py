@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from smtpgw.spam import SpamFilter, mailview
-from smtpgw.spam.formalsigns import CHECKS, run_check
+from smtpgw.spam.signs import CHECKS, run_check
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.spam.training import default_rules, read_manifest
 

@@ -28,6 +28,7 @@ from datetime import datetime
 from smtpgw import __version__
 from smtpgw import log as logsetup
 from smtpgw.config import ConfigError, check_config, load_config
+from smtpgw.spool import ops
 from smtpgw.spool.queue import Queue, write_durably
 
 DEFAULT_CONFIG = "/etc/smtpgw/smtpgw.conf"
@@ -243,7 +244,7 @@ def _size(n: int) -> str:
 def format_queue(queue: Queue) -> str:
     lines = []
     total = 0
-    for state, env in queue.entries():
+    for state, env in ops.entries(queue):
         total += env.size
         when = datetime.fromtimestamp(env.received_at).strftime("%Y-%m-%d %H:%M:%S")
         rcpts = " ".join(f"<{r.addr}>" for r in env.pending()) or "-"
@@ -323,29 +324,24 @@ def queue_command(cfg, args: argparse.Namespace) -> int:
 
 def offline_queue_command(queue: Queue, op: str, qid: str | None) -> tuple[int, str]:
     """With no gateway running, act on the spool directly; the caller holds its lock. The
-    same rules and the same removal as the gateway's (``control.remove_request``)."""
-    from smtpgw.app.control import NOT_PERFORMED, locate, remove_record, remove_request
-
+    same rules and the same removal as the gateway's (``spool.ops.remove_request``)."""
     if op in ("remove", "remove-all"):
-        return remove_request(queue, op, qid, lambda item, state: remove_record(queue, item, state))
+        return ops.remove_request(queue, op, qid, lambda item, state: ops.remove_record(queue, item, state))
     if op == "send-all":
-        return NOT_PERFORMED, "the gateway is not running: messages are sent when it starts"
-    state, code, why = locate(queue, qid)
+        return ops.NOT_PERFORMED, "the gateway is not running: messages are sent when it starts"
+    state, code, why = ops.locate(queue, qid)
     if state is None:
         return code, why
-    return NOT_PERFORMED, "the gateway is not running: messages are sent when it starts"
+    return ops.NOT_PERFORMED, "the gateway is not running: messages are sent when it starts"
 
 
 def release(cfg, raw: bytes, sender: str, recipients: list[str], check: bool) -> bool:
     """Queue a released store item: through the running gateway, or directly when none runs."""
-    from smtpgw.spool.queue import QUE, WFC, Envelope, Recipient, new_id
-
     queue = Queue(cfg.path.QueuePath)
     with offline_lock(queue) as offline:
         if offline:  # under the lock: a gateway starting now cannot take the half-written record
-            env = Envelope(id=new_id(), sender=sender, recipients=[Recipient(addr=r) for r in recipients],
-                           received_at=time.time(), size=len(raw))
-            queue.add_message(env, WFC if check else QUE, data=raw)  # picked up when the gateway starts
+            # picked up when the gateway starts
+            env = ops.release(queue, sender, recipients, check, cfg.network.Hostname, data=raw)
             print(f"released as {env.id}")
             return True
     os.makedirs(cfg.path.ControlPath, exist_ok=True)

@@ -24,37 +24,65 @@ import json
 import logging
 import os
 import stat
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
-from smtpgw.app import memory
+from smtpgw.config import Config
+from smtpgw.net.loop import EventLoop
 from smtpgw.spam.database import DatabaseError, site_file
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.spam.training import learn_files
-from smtpgw.spool.queue import CHK, QUE, STAGED, STATES, WFC, WFS, write_durably
-
-if TYPE_CHECKING:
-    from smtpgw.app.gateway import Gateway
-    from smtpgw.spool.queue import Queue
+from smtpgw.spool.ops import BAD_ARGS, DONE, NOT_PERFORMED, SYSTEM_ERROR, locate, remove_request
+from smtpgw.spool.queue import STATES, Committer, Queue, write_durably
+from smtpgw.stats import Stats
 
 log = logging.getLogger("smtpgw.app.control")
 
-# kmg-spec §4.6 allows WFC, WFS and QUE; this project adds CHK (``queue remove ID`` only): a
-# message whose scan hangs can be taken out without stopping the gateway, and the result of
-# its scan is discarded when it comes back. SPL and SND are short steps the gateway finishes.
-REMOVABLE = (WFC, CHK, WFS, QUE)
-REMOVED_BY_ALL = (WFC, WFS, QUE)  # ``queue remove-all``: what is not being processed
 # A request is one JSON object: an operation and a queue ID, or a release with its recipients
 # (MaximalRecipients addresses of at most 256 octets, RFC 5321 §4.5.3.1.3). Larger is not ours.
 MAX_REQUEST = 1024 * 1024
 LEARN_PREFIXES = (".l_ham_", ".l_spam_")  # learning files: ``spam learn --ham|--spam`` of the file
 MAX_LEARN_BYTES = 64 * 1024 * 1024  # a learning file larger than this is refused (and removed)
-# klmailq / klmaila return codes (kmg-spec §4.7)
-DONE, BAD_ARGS, UNREADABLE, SYSTEM_ERROR, NOT_PERFORMED = 0, 1, 2, 3, 4
+
+
+class Operations(Protocol):
+    """What the control directory needs from the running gateway: its configuration, loop, spool,
+    counters and I/O threads, and the operations its files ask for (each carried out by the stage
+    that owns it; control only names them)."""
+
+    cfg: Config
+    loop: EventLoop
+    queue: Queue
+    stats: Stats
+    committer: Committer
+
+    def switch(self, what: str, on: bool) -> None:
+        """``receiving``, ``sending`` or ``scanning`` on or off (``.c_recv_on`` ...)."""
+
+    def reload_databases(self) -> None:
+        """``.c_db_reload``."""
+
+    def send_digest_now(self) -> None:
+        """``.c_digest``."""
+
+    def dump_memory(self) -> None:
+        """``.c_memory``."""
+
+    def remove_queued(self, qid: str, state: str) -> None:
+        """``queue remove``: the message out of its stage and the spool."""
+
+    def send_all(self) -> int:
+        """``queue send-all``: how many messages were scheduled."""
+
+    def send_now(self, qid: str, state: str) -> None:
+        """``queue send ID``: ahead of the queue, in the stage its state names."""
+
+    def release(self, path: str, sender: str, recipients: list[str], check: bool) -> str:
+        """``store release``: the message file into the queue; its new queue ID."""
 
 
 class Control:
-    def __init__(self, gateway: "Gateway") -> None:
-        self.gw = gateway
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
         self.timer = None
         self.ignored: set[str] = set()  # names of control entries already reported as not regular files
         self.learning: set[str] = set()  # learning files handed to an I/O thread, not yet done
@@ -66,14 +94,14 @@ class Control:
             ".c_send_off": lambda: self._switch("sending", False),
             ".c_avir_on": lambda: self._switch("scanning", True),
             ".c_avir_off": lambda: self._switch("scanning", False),
-            ".c_db_reload": self.gw.reload_databases,
-            ".c_digest": lambda: self.gw.digest.send_now(),  # not in the reference: see smtpgw/reports/digest.py
-            ".c_memory": lambda: memory.dump(self.gw),  # not in the reference: see smtpgw/app/memory.py
+            ".c_db_reload": lambda: self.ops.reload_databases(),
+            ".c_digest": lambda: self.ops.send_digest_now(),  # not in the reference: see smtpgw/reports/digest.py
+            ".c_memory": lambda: self.ops.dump_memory(),  # not in the reference: see smtpgw/app/memory.py
         }
 
     @property
     def folder(self) -> str:
-        return self.gw.cfg.path.ControlPath
+        return self.ops.cfg.path.ControlPath
 
     def start(self) -> None:
         os.makedirs(self.folder, mode=0o750, exist_ok=True)
@@ -110,7 +138,7 @@ class Control:
                     if name.startswith(".q_"):
                         self._answer(path, name[3:], SYSTEM_ERROR, "the gateway could not carry this out; see its log")
         finally:
-            self.timer = self.gw.loop.call_later(self.gw.cfg.options.ControlPollInterval, self.poll)
+            self.timer = self.ops.loop.call_later(self.ops.cfg.options.ControlPollInterval, self.poll)
 
     def _regular(self, path: str, name: str) -> bool:
         """Only a regular file (not a symlink) is a command or a request: a directory cannot
@@ -135,35 +163,25 @@ class Control:
         """A learning file goes to an I/O thread (the shipped database is read there); the name is
         held until it is done, so a poll meanwhile does not hand it over twice."""
         self.learning.add(name)
-        bases = self.gw.cfg.base.BasesPath or default_bases()
-        future = self.gw.committer.pool.submit(learn_file, bases, path, name.startswith(".l_spam_"))
+        bases = self.ops.cfg.base.BasesPath or default_bases()
+        future = self.ops.committer.pool.submit(learn_file, bases, path, name.startswith(".l_spam_"))
 
         def done(_future: object) -> None:
             self.learning.discard(name)
 
-        future.add_done_callback(lambda f: self.gw.loop.call_soon_threadsafe(done, f))
+        future.add_done_callback(lambda f: self.ops.loop.call_soon_threadsafe(done, f))
 
     def _switch(self, what: str, on: bool) -> None:
-        gw = self.gw
-        if what == "receiving":
-            gw.receiving = on
-        elif what == "sending":
-            gw.sender.enabled = on
-            if on:
-                gw.sender.kick()
-        else:
-            gw.scanner.enabled = on
-            if on:
-                gw.scanner.pump()
+        self.ops.switch(what, on)
         log.info("%s %s", what, "on" if on else "off")
 
     def dump_stats(self) -> None:
-        gw = self.gw
-        gw.stats.set("mta_stored_messages_current", sum(len(gw.queue.ids(s)) for s in STATES))
+        ops = self.ops
+        ops.stats.set("mta_stored_messages_current", sum(len(ops.queue.ids(s)) for s in STATES))
         try:
-            gw.stats.dump(gw.cfg.options.StatFilename)
+            ops.stats.dump(ops.cfg.options.StatFilename)
         except OSError as exc:
-            log.error("cannot write statistics to %s: %s", gw.cfg.options.StatFilename, exc)
+            log.error("cannot write statistics to %s: %s", ops.cfg.options.StatFilename, exc)
 
     # -- queue requests -----------------------------------------------------------
     def _request(self, path: str, nonce: str) -> None:
@@ -194,22 +212,19 @@ class Control:
 
     def handle(self, op: str, qid: str | None) -> tuple[int, str]:
         """One queue operation, as the gateway owner of queue states performs it."""
-        gw = self.gw
-        queue = gw.queue
+        ops = self.ops
+        queue = ops.queue
         if op == "send-all":
-            count = gw.sender.send_all() + gw.scanner.rescan_all()
+            count = ops.send_all()
             return DONE, f"{count} message(s) scheduled for immediate delivery"
         if op in ("remove", "remove-all"):
-            return remove_request(queue, op, qid, gw.remove_queued)
+            return remove_request(queue, op, qid, ops.remove_queued)
         state, code, why = locate(queue, qid)
         if state is None:
             return code, why
         assert isinstance(qid, str)
         if op == "send":
-            if state == QUE:
-                gw.sender.send_now(qid)
-            elif state in (WFC, WFS):
-                gw.scanner.prioritise(qid)
+            ops.send_now(qid, state)
             return DONE, f"{qid}: scheduled ahead of the queue"
         return BAD_ARGS, f"unknown operation {op!r}"
 
@@ -224,66 +239,9 @@ class Control:
             return BAD_ARGS, f"bad release request: {exc}"
         if not recipients or not _is_regular(message):  # a link could name any file the gateway can read
             return NOT_PERFORMED, "nothing to release"
-        qid = self.gw.inject(message, sender, recipients, check)
+        qid = self.ops.release(message, sender, recipients, check)
         os.unlink(message)
         return DONE, f"released as {qid}" + ("" if check else " (without checks)")
-
-
-def locate(queue: Queue, qid: object) -> tuple[str | None, int, str]:
-    """(state, DONE, "") of the record ``qid``, or (None, code, why): ``qid`` must be a plain
-    queue ID, never a path or a hidden name (``../msg``, ``.lock``), and name a record."""
-    if not isinstance(qid, str) or not qid or "/" in qid or "\0" in qid or qid.startswith("."):
-        return None, BAD_ARGS, "a queue ID is needed"
-    state = queue.find(qid)
-    if state is None:
-        return None, NOT_PERFORMED, f"{qid}: no such message in the queue"
-    return state, DONE, ""
-
-
-def removal_refused(qid: str, state: str) -> str | None:
-    """Why the record ``qid`` in ``state`` cannot be removed (kmg-spec §4.6), or None."""
-    if state in REMOVABLE:
-        return None
-    return f"{qid}: is {state} (being processed); only {', '.join(REMOVABLE)} can be removed"
-
-
-def remove_request(queue: Queue, op: str, qid: object, remove: Callable[[str, str], None]) -> tuple[int, str]:
-    """``queue remove ID`` and ``queue remove-all``, the same for the running gateway (``remove``
-    is ``Gateway.remove_queued``) and with none running (``remove_record`` under the queue's lock)."""
-    if op == "remove-all":
-        removed = 0
-        for state in REMOVED_BY_ALL:
-            for item in queue.ids(state):
-                remove(item, state)
-                removed += 1
-        return DONE, f"{removed} message(s) removed"
-    state, code, why = locate(queue, qid)
-    if state is None:
-        return code, why
-    assert isinstance(qid, str)
-    refused = removal_refused(qid, state)
-    if refused:
-        return NOT_PERFORMED, refused
-    remove(qid, state)
-    return DONE, f"{qid}: removed"
-
-
-def remove_record(queue: Queue, qid: str, state: str) -> None:
-    """Take a message out of the spool: its record and message, and for one in CHK what a
-    scan result cut short by a crash left of it (the staged rewrite, per-group copies in QUE
-    that recovery would otherwise remove only while the message is still in CHK)."""
-    queue.remove(qid, state)
-    if state != CHK:
-        return
-    try:
-        os.unlink(queue.msg_path(qid) + STAGED)
-    except FileNotFoundError:
-        pass
-    for copy in queue.ids(QUE):
-        if copy.rpartition("-")[0] == qid:
-            env = queue.load(QUE, copy)
-            if env is not None and env.srcid == qid:
-                queue.remove(copy, QUE)
 
 
 class RequestTooLarge(ValueError):

@@ -1,12 +1,18 @@
 """The gateway process: wires the pipeline stages together on one event loop.
 
-Owns: start-up (queue recovery, listeners, privilege drop), the session
-registry and connection limits, the hand-offs between stages (received →
-scanner → sender → done), signals (TERM/INT/QUIT stop, HUP reloads the
-configuration), and shutdown.
+Owns: start-up (queue recovery, listeners, privilege drop), the hand-offs
+between stages (connect → receive/receiver.Sessions, received → scanner →
+sender → done), the operations the control directory and the console
+name (each carried out by the stage or spool operation that owns it), signals
+(TERM/INT/QUIT stop, HUP reloads the configuration), and shutdown. Each stage
+is given this object as the small interface it declares (receive/receiver.Inbound,
+scan/scanner.Scanning, deliver/sender.Outbound, app/control.Operations,
+reports/digest.Digesting, console/request.Gatekeeper).
 
 Must never: start serving before the queue has been recovered; keep running
-on a configuration that failed to load at HUP (the old one stays in force).
+on a configuration that failed to load at HUP (the old one stays in force);
+decide what a stage decides (admission and relay: receive/; next hops:
+deliver/nexthop.py; DSNs: deliver/bounces.py; queue operations: spool/ops.py).
 """
 
 from __future__ import annotations
@@ -22,40 +28,36 @@ import socket
 import ssl
 import sys
 import time
-from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 from smtpgw import log as logsetup
 
 from smtpgw.app import memory
 
-from smtpgw.deliver import mx
-
 from smtpgw.net import smtp
 
 from smtpgw.receive import quota
 
-from smtpgw.reports import digest, dsn, notify
+from smtpgw.reports import digest, notify
 
-from smtpgw.rules import access, routing
+from smtpgw.spool import ops
 
-from smtpgw.app.control import Control, remove_record
+from smtpgw.app.control import Control
 from smtpgw.config import Config, ConfigError, load_config
-from smtpgw.console.server import Console
+from smtpgw.console.server import BindError, Console
 from smtpgw.console.traffic import Traffic
-from smtpgw.deliver.sender import Hop, ResolveCallback, Sender, literal_hops
+from smtpgw.deliver.sender import Sender
 from smtpgw.log import event
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
-from smtpgw.receive.receiver import Listener, Session
+from smtpgw.receive.receiver import Listener, Session, Sessions
 from smtpgw.scan import antivirus
 from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
 from smtpgw.scan.scanner import Scanner
 from smtpgw.scan.workers import worker_config_path
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
 from smtpgw.spam.spamfilter import default_bases, describe, site_layer
-from smtpgw.spool.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id, write_durably
+from smtpgw.spool.queue import QUE, SND, WFC, WFS, Committer, Envelope, Queue, write_durably
 from smtpgw.spool.store import Item, Store, lifetimes, purge_stores
 from smtpgw.stats import Stats, history_path, save as save_stats
 
@@ -95,12 +97,6 @@ def bases_versions(cfg: Config) -> str:
     return f"bases: anti-spam {spam}; anti-virus {virus}"
 
 
-@dataclass
-class RelayVerdict:
-    allowed: bool
-    why: str
-
-
 class Gateway:
     def __init__(self, cfg: Config, config_path: str) -> None:
         self.cfg = cfg
@@ -111,8 +107,7 @@ class Gateway:
         self.quota = quota.Quota(cfg.path.QueuePath)
         self.queue = Queue(cfg.path.QueuePath)
         self.committer = Committer(self.queue, self.loop.call_soon_threadsafe)
-        self.sessions: set[Session] = set()
-        self.per_ip: Counter[str] = Counter()
+        self.inbound = Sessions()
         self.receiving = True
         self.stopping = False
         self.listeners: list[Listener] = []
@@ -131,19 +126,6 @@ class Gateway:
         self._lock_fd = -1
         self._saving_stats = False
         self._handle_signals()
-
-    # -- derived limits ------------------------------------------------------------
-    @property
-    def tls_required(self) -> bool:
-        return bool(self.cfg.network.RequireTLS) and self.ssl_context is not None
-
-    @property
-    def max_message_bytes(self) -> int:
-        return self.cfg.limits.MaximalIncomingMessageSize * 1024
-
-    @property
-    def max_session_bytes(self) -> int:
-        return self.cfg.limits.MaximalIncomingSessionSize * 1024
 
     @staticmethod
     def _server_tls(cfg: Config) -> ssl.SSLContext | None:
@@ -281,7 +263,10 @@ class Gateway:
 
     def bind(self) -> None:
         self.listeners = self._bind(self.cfg.network.ListenOn, {})
-        self.console.bind()
+        try:
+            self.console.bind()
+        except BindError as exc:
+            raise StartupError(str(exc), exc.code) from exc
 
     def _bind(self, addresses: list[tuple[str, int]],
               existing: dict[tuple[str, int], Listener]) -> list[Listener]:
@@ -295,7 +280,7 @@ class Gateway:
                 listener = existing.get((host, port))
                 if listener is None:
                     try:
-                        listener = Listener(self, host, port)
+                        listener = Listener(self.loop, host, port, self.session_opened)
                     except OSError as exc:
                         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
                     fresh.append(listener)
@@ -421,7 +406,7 @@ class Gateway:
         for listener in self.listeners:
             listener.close()
         self.listeners.clear()
-        for session in list(self.sessions):
+        for session in list(self.inbound.open):
             session.close_with(smtp.SHUTTING_DOWN.format(self.cfg.network.Hostname))
         self.control.stop()
         self.digest.stop()
@@ -429,7 +414,7 @@ class Gateway:
         self.scanner.stop()
         self.loop.run_until(self.sender.idle, SHUTDOWN_GRACE)
         self.sender.stop()
-        self.loop.run_until(lambda: not self.sessions, 1.0)
+        self.loop.run_until(lambda: not self.inbound.open, 1.0)
         self.console.save_history()
         self.committer.close()
         try:  # the last counts, for the next start
@@ -487,54 +472,14 @@ class Gateway:
 
     # -- sessions ---------------------------------------------------------------------
     def session_opened(self, conn: socket.socket, peer: tuple) -> None:
-        session = Session(self, conn, peer)
-        self.sessions.add(session)
-        self.per_ip[session.ip] += 1
-        self.stats.connection_opened()
-        host = self.cfg.network.Hostname
-        limits = self.cfg.limits
-        if not self.receiving or self.stopping:
-            session.start(smtp.SERVICE_UNAVAILABLE.format(host))
-            session.closing = True
-        elif len(self.sessions) > limits.IncomingSessions:
-            self.stats.inc("mta_incoming_connections_errors")
-            session.start(smtp.TOO_MANY_SESSIONS.format(host))
-            session.closing = True
-        elif self.per_ip[session.ip] > limits.MaximalIncomingSessionsPerIP:
-            self.stats.inc("mta_incoming_connections_errors")
-            session.start(smtp.TOO_MANY_FROM_IP.format(host))
-            session.closing = True
-        else:
-            session.start(smtp.GREETING.format(host))
-            return
-        session.flush()
+        self.inbound.admit(self, conn, peer, self.receiving and not self.stopping)
 
     def session_closed(self, session: Session) -> None:
-        self.sessions.discard(session)
-        self.per_ip[session.ip] -= 1
-        if self.per_ip[session.ip] <= 0:
-            del self.per_ip[session.ip]
-        self.stats.inc("mta_incoming_connections_current", -1)
-
-    def relay_decision(self, ip: str, rcpt: str) -> RelayVerdict:
-        rules = self.cfg.access.RelayRule
-        if rules:
-            decision = access.relay_decision(rules, ip, rcpt)
-            return RelayVerdict(decision.allowed, decision.reason)
-        # No RelayRule at all: mail to ProtectedDomains only (never an open relay), from any client,
-        # so never with sender-specified routing (access.py: untrusted routing).
-        if smtp.routed(rcpt):
-            return RelayVerdict(False, "untrusted routing, not allowed by ProtectedDomains (no RelayRule configured)")
-        allowed = routing.is_protected(self.cfg.network.ProtectedDomains, rcpt)
-        return RelayVerdict(allowed, "ProtectedDomains (no RelayRule configured)")
+        self.inbound.closed(session)
 
     def queue_has_space(self) -> bool:
         """``MinimalQueueFreeSpaceSize``: refuse new mail (4xx) while the spool's disk is short."""
-        needed = self.cfg.limits.MinimalQueueFreeSpaceSize * 1024 * 1024
-        if not needed:
-            return True
-        st = os.statvfs(self.queue.root)
-        return st.f_bavail * st.f_frsize >= needed
+        return ops.has_space(self.queue, self.cfg.limits.MinimalQueueFreeSpaceSize * 1024 * 1024)
 
     # -- hand-offs between stages -------------------------------------------------------
     def message_received(self, env: Envelope) -> None:
@@ -543,33 +488,14 @@ class Gateway:
         self.stats.inc("mta_received_bytes", env.size)
         self.stats.inc("mta_received_recipients", len(env.recipients))
         for crossing in self.quota.count(self.cfg, (r.addr for r in env.recipients), env.size):
-            self._quota_crossed(crossing, env.id)
+            notice = quota.queue_notice(self.quota, self.queue, self.cfg, crossing, env.id)
+            if notice is not None:
+                self.message_scanned(notice)
         archive = self.incoming_archive
         if archive is not None:  # kmg-spec §3.9: a copy of every received message
             path, record = self.queue.msg_path(env.id), env.as_dict()
             self.committer.run(lambda: archive.put(env.id, path, record, "RCV"))
         self.scanner.accept(env)
-
-    def _quota_crossed(self, crossing: quota.Crossing, srcid: str) -> None:
-        """A usage quota passed a threshold: a QUOTA line, and the admin's notice queued once a day."""
-        policy = self.cfg.policy
-        notice = None
-        try:
-            data = quota.notice(self.cfg, crossing)
-            notice = Envelope(id=new_id(), sender=policy.NotifyFromAddress,
-                              recipients=[Recipient(addr=policy.AdminNotifyAddress)], helo=self.cfg.network.Hostname,
-                              received_at=time.time(), size=len(data), srcid=srcid)
-            self.queue.add_message(notice, QUE, data=data)
-        except (OSError, ValueError) as exc:
-            log.error("%s: cannot queue the quota notice: %s", srcid, exc)
-            notice = None
-        event("", "QUOTA, quota=%s, day=%s, threshold=%d%%, used=%d, limit=%d, action=%s, notice=%s", crossing.quota,
-              crossing.day, crossing.threshold, crossing.used, crossing.limit, self.cfg.quota.QuotaAction,
-              notice.id if notice else "none", level=logging.WARNING)
-        self.quota.save()  # after the notice: a crash between them repeats it, never loses it
-        if notice is not None:
-            event(notice.id, "NOTIFICATION, kind=quota, srcid=%s, to=%s", srcid, [policy.AdminNotifyAddress])
-            self.message_scanned(notice)
 
     def message_scanned(self, env: Envelope) -> None:
         self.traffic.scanned(env)
@@ -579,18 +505,16 @@ class Gateway:
         """The admin removed a message (``queue remove``); one in CHK has its scan result discarded."""
         self.sender.forget(qid)
         self.scanner.cancel(qid)
-        remove_record(self.queue, qid, state)
+        ops.remove_record(self.queue, qid, state)
         event(qid, "REMOVED, state=%s, by=admin", state)
 
     def reload_databases(self) -> None:
         """``.c_db_reload``: new scanner workers load the databases again (unless the spam one is damaged)."""
         self._restart_workers_checked("databases reloaded")
 
-    def inject(self, path: str, sender: str, recipients: list[str], check: bool) -> str:
+    def release(self, path: str, sender: str, recipients: list[str], check: bool) -> str:
         """Put a message file (a released store item) into the queue: WFC to be scanned, or QUE."""
-        env = Envelope(id=new_id(), sender=sender, recipients=[Recipient(addr=r) for r in recipients],
-                       helo=self.cfg.network.Hostname, received_at=time.time(), size=os.path.getsize(path))
-        self.queue.add_message(env, WFC if check else QUE, link_from=path)
+        env = ops.release(self.queue, sender, recipients, check, self.cfg.network.Hostname, link_from=path)
         event(env.id, "RELEASED, from=<%s>, nrcpt=%d, size=%d, check=%s", sender, len(recipients), env.size,
               "yes" if check else "no")
         if check:
@@ -599,31 +523,43 @@ class Gateway:
             self.sender.enqueue(env.id, env=env)
         return env.id
 
-    def send_dsn(self, env: Envelope, recipients: list[Recipient], kind: str) -> bool:
-        """Queue a DSN (RFC 3464) about ``recipients`` to the envelope sender; False if none is due."""
-        lifetime = self.cfg.timeouts.MaximalQueueLifetime * 86400
-        try:
-            with open(self.queue.msg_path(env.id), "rb") as f:
-                original = f.read(dsn.DEFAULT_FULL_LIMIT + 1)
-            report = dsn.build_dsn(
-                env.as_dict(), [r.__dict__ for r in recipients], kind, original, self.cfg.network.Hostname,
-                self.cfg.network.Postmaster, self.templates["dsn"], time.time(),
-                retry_until=env.received_at + lifetime,
-            )
-        except (OSError, ValueError) as exc:
-            log.error("%s: cannot build a %s DSN: %s", env.id, kind, exc)
-            return False
-        if report is None:
-            return False
-        bounce = Envelope(
-            id=new_id(), sender="", recipients=[Recipient(addr=env.sender)], client_ip="", helo=self.cfg.network.Hostname,
-            received_at=time.time(), size=len(report), body=dsn.dsn_body_type(report), srcid=env.id,
-        )
-        self.queue.add_message(bounce, QUE, data=report)
-        self.stats.inc("mta_dsn_generated")
-        event(bounce.id, "DSN, kind=%s, srcid=%s, to=<%s>, nrcpt=%d", kind, env.id, env.sender, len(recipients))
-        self.sender.enqueue(bounce.id, env=bounce)
-        return True
+    # -- what the control directory and the console ask for --------------------------------
+    def switch(self, what: str, on: bool) -> None:
+        """``receiving``, ``sending`` or ``scanning`` on or off; a stage switched on starts at once."""
+        if what == "receiving":
+            self.receiving = on
+        elif what == "sending":
+            self.sender.enabled = on
+            if on:
+                self.sender.kick()
+        else:
+            self.scanner.enabled = on
+            if on:
+                self.scanner.pump()
+
+    def switches(self) -> dict[str, bool]:
+        return {"receiving": self.receiving, "sending": self.sender.enabled, "scanning": self.scanner.enabled}
+
+    def command(self, name: str) -> None:
+        self.control.commands[name]()
+
+    def queue_operation(self, op: str, qid: str | None) -> tuple[int, str]:
+        return self.control.handle(op, qid)
+
+    def send_digest_now(self) -> None:
+        self.digest.send_now()
+
+    def dump_memory(self) -> None:
+        memory.dump(self)
+
+    def send_all(self) -> int:
+        return self.sender.send_all() + self.scanner.rescan_all()
+
+    def send_now(self, qid: str, state: str) -> None:
+        if state == QUE:
+            self.sender.send_now(qid)
+        elif state in (WFC, WFS):
+            self.scanner.prioritise(qid)
 
     def delivery_complete(self, env: Envelope) -> None:
         self.traffic.delivered(env)
@@ -634,23 +570,3 @@ class Gateway:
             path, record = self.queue.msg_path(env.id), env.as_dict()
             copy = lambda: archive.put(env.id, path, record, "SNT")  # noqa: E731
         self.committer.remove(env.id, SND, before=copy)
-
-    def resolve_destination(self, dest: routing.Destination, done: ResolveCallback) -> None:
-        """Next hops of a destination: an IP literal as is, ``localhost`` as loopback
-        (RFC 6761 §6.3), a bracketed host by its addresses, a domain by its MX (RFC 5321 §5.1)."""
-        hops = literal_hops(dest)
-        if hops is not None:
-            done(hops, None, None)
-            return
-        port = dest[2] if dest[0] == "host" else 25  # type: ignore[misc]
-        if dest[0] == "host" and dest[1] == "localhost":
-            done([Hop("localhost", "127.0.0.1", port)], None, None)
-            return
-
-        def finished(result: mx.NextHops) -> None:
-            done([Hop(host, ip, port) for host, ip in result.hosts], result.permanent_error, result.temporary_error)
-
-        if dest[0] == "mx":
-            mx.resolve_next_hops(self.resolver, dest[1], finished)
-        else:
-            mx.resolve_host(self.resolver, dest[1], finished)

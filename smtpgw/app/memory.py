@@ -25,12 +25,17 @@ import os
 import time
 import tracemalloc
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from smtpgw.spool.queue import write_durably
-
-if TYPE_CHECKING:
-    from smtpgw.app.gateway import Gateway
+from smtpgw.config import Config
+from smtpgw.deliver.sender import Sender
+from smtpgw.net.dns import Resolver
+from smtpgw.net.loop import EventLoop
+from smtpgw.receive.quota import Quota
+from smtpgw.receive.receiver import Sessions
+from smtpgw.scan.scanner import Scanner
+from smtpgw.spool.queue import Committer, write_durably
+from smtpgw.stats import Stats
 
 log = logging.getLogger("smtpgw.app.memory")
 
@@ -98,12 +103,26 @@ def open_fds(pid: int | str = "self") -> int:
         return -1
 
 
-def registries(gw: "Gateway") -> dict[str, int]:
+class Reported(Protocol):
+    """The running gateway's registries this report measures (``app/gateway.Gateway``)."""
+
+    cfg: Config
+    loop: EventLoop
+    inbound: Sessions
+    scanner: Scanner
+    sender: Sender
+    resolver: Resolver
+    stats: Stats
+    quota: Quota
+    committer: Committer
+
+
+def registries(gw: Reported) -> dict[str, int]:
     """The length of every collection the gateway keeps per message, session, destination or timer."""
     scanner, sender, loop = gw.scanner, gw.sender, gw.loop
     return {
-        "sessions": len(gw.sessions),
-        "sessions_per_ip": len(gw.per_ip),
+        "sessions": len(gw.inbound.open),
+        "sessions_per_ip": len(gw.inbound.per_ip),
         "scanner_waiting": len(scanner.waiting),
         "scanner_envelopes": len(scanner.envelopes),
         "scanner_inflight": len(scanner.inflight),
@@ -152,7 +171,7 @@ def _traced() -> dict[str, Any] | None:
     return {"traced_bytes": current, "traced_peak_bytes": peak, "top": top, "grown_since_last": grown}
 
 
-def report(gw: "Gateway") -> dict[str, Any]:
+def report(gw: Reported) -> dict[str, Any]:
     objects, by_type = _gc_counts()
     status = proc_status()
     return {
@@ -169,7 +188,7 @@ def report(gw: "Gateway") -> dict[str, Any]:
     }
 
 
-def dump(gw: "Gateway") -> None:
+def dump(gw: Reported) -> None:
     """``.c_memory``: the report to ``<ControlPath>/memory`` and a summary line in the log."""
     data = report(gw)
     traced = data["tracemalloc"]

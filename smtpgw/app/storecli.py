@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Any, BinaryIO, Callable, Sequence
 
 from smtpgw.rules.masks import match_any
-from smtpgw.spam.verdict import PROBABLE_SPAM, SPAM
+from smtpgw.spool import ops
 from smtpgw.spool.store import STATUSES, Item, Store, StoreError, format_listing
 
 __all__ = ["store_main", "filter_items", "format_tsv", "format_json"]
@@ -254,10 +254,7 @@ def _run(args: argparse.Namespace, store: Store, cfg: Any, release: ReleaseCallb
 def _learn_released(store: Store, item_id: str, cfg: Any) -> None:
     """LearnOnRelease: a released spam is learned as ham into the site spam database."""
     antispam = getattr(cfg, "antispam", None)
-    if not getattr(antispam, "LearnOnRelease", False):
-        return
-    item = store.item(item_id)
-    if item.status not in ("SPM", "PSP") and dict(item.verdicts).get("spam") not in (SPAM, PROBABLE_SPAM):
+    if not ops.learns_on_release(store.item(item_id), bool(getattr(antispam, "LearnOnRelease", False))):
         return
     from smtpgw.spam.database import DatabaseError, site_file
     from smtpgw.spam.spamfilter import default_bases

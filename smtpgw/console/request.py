@@ -18,13 +18,17 @@ import ipaddress
 import logging
 import threading
 import urllib.parse
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
+from smtpgw.config import Config
 from smtpgw.console import auth as console_auth, pages
-from smtpgw.console.auth import ADMIN, Session
-
-if TYPE_CHECKING:
-    from smtpgw.console.server import Console
+from smtpgw.console.auth import ADMIN, LoginThrottle, Session, Sessions
+from smtpgw.console.traffic import Traffic
+from smtpgw.console.updates import Updates
+from smtpgw.net.dns import Resolver
+from smtpgw.net.loop import EventLoop
+from smtpgw.spool.queue import Committer, Envelope, Queue
+from smtpgw.stats import Stats
 
 log = logging.getLogger("smtpgw.console")
 
@@ -46,6 +50,75 @@ HEADERS = {
 }
 
 
+class Gatekeeper(Protocol):
+    """What the console reads and asks of the running gateway (always on its loop, `Console.on_loop`):
+    its configuration, loop, spool, counters and traffic, and the operations of the control
+    directory (the same ones: ``.c_*`` commands, queue operations, a release, a reload)."""
+
+    cfg: Config
+    config_path: str
+    loop: EventLoop
+    queue: Queue
+    stats: Stats
+    committer: Committer
+    traffic: Traffic
+    resolver: Resolver
+    stopping: bool
+
+    def switches(self) -> dict[str, bool]:
+        """``receiving``, ``sending``, ``scanning``: on or off."""
+
+    def command(self, name: str) -> None:
+        """Carry out the control command ``name`` (``.c_recv_off`` ...)."""
+
+    def queue_operation(self, op: str, qid: str | None) -> tuple[int, str]:
+        """A ``queue`` operation (send, remove ...), as the control directory answers it."""
+
+    def release(self, path: str, sender: str, recipients: list[str], check: bool) -> str:
+        """A stored message file into the queue; its new queue ID."""
+
+    def reload(self) -> None:
+        """As SIGHUP."""
+
+
+class Site(Protocol):
+    """What a request and its route use of the console (``console/server.Console``): accounts and
+    sessions, the audit log line, the gateway's state read on its loop, the stores by name, and
+    ``host`` for the operations the control directory also carries out."""
+
+    sessions: Sessions
+    throttle: LoginThrottle
+    updates: Updates
+    host: Gatekeeper
+    secure: bool
+
+    def audit(self, session: Session | None, ip: str, action: str, item: str = "-", result: str = "done") -> None: ...
+
+    def account(self, user: str) -> tuple[str, str] | None: ...
+
+    def on_loop(self, job: Callable[[], Any]) -> Any: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def charts(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]: ...
+
+    def queue_depth(self) -> dict[str, int]: ...
+
+    def queue_entries(self) -> list[tuple[str, Envelope]]: ...
+
+    def stores(self) -> dict[str, str]: ...
+
+    def spam_database(self) -> dict[str, str]: ...
+
+    def clamd_health(self) -> list[tuple[str, bool, str]]: ...
+
+    def learn(self, message_path: str, is_spam: bool) -> int: ...
+
+    def log_tail(self) -> list[str]: ...
+
+    def metrics_allowed(self, ip: str) -> bool: ...
+
+
 class Refused(Exception):
     """A request answered with an HTTP error: ``status`` and a short reason."""
 
@@ -62,7 +135,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
 
     @property
-    def console(self) -> "Console":
+    def console(self) -> Site:
         return self.server.console
 
     @property

@@ -26,6 +26,8 @@ from smtpgw.console import auth as console_auth, pages
 from smtpgw.console.auth import ADMIN
 from smtpgw.console.request import MAX_CONFIG_FORM, Handler, Redirect, Refused
 from smtpgw.console.updates import report_tail
+from smtpgw.spam.database import DatabaseError
+from smtpgw.spool import ops
 from smtpgw.spool.queue import STATES
 from smtpgw.spool.store import STATUSES, Store, StoreError
 
@@ -116,7 +118,7 @@ def control(h: Handler, form: dict[str, str]) -> None:
     session = h.acting(form, "control", command)
     if command not in SWITCHES:
         raise Refused(400, "not a control command")
-    h.console.on_loop(h.console.gw.control.commands[command])
+    h.console.on_loop(lambda: h.console.host.command(command))
     h.console.audit(session, h.ip, "control", command)
     h.redirect(_notice("/", f"{command} done"))
 
@@ -139,7 +141,7 @@ def queue_action(h: Handler, form: dict[str, str]) -> None:
     session = h.acting(form, f"queue-{op}", qid)
     if op not in ("remove", "send"):
         raise Refused(400, "not a queue operation")
-    code, output = h.console.on_loop(lambda: h.console.gw.control.handle(op, qid))  # control.locate checks qid
+    code, output = h.console.on_loop(lambda: h.console.host.queue_operation(op, qid))  # control.locate checks qid
     h.console.audit(session, h.ip, f"queue-{op}", qid, output if code else "done")
     h.redirect(_notice("/queue", output))
 
@@ -209,10 +211,23 @@ def store_action(h: Handler, form: dict[str, str]) -> None:
         raise Refused(409, "the item has no recipients to release to")
     else:
         path, check = store.message_path(item.id), op == "release"
-        qid = h.console.on_loop(lambda: h.console.gw.inject(path, item.sender, list(item.recipients), check))
-        result = f"{item.id} released as {qid}" + ("" if check else " without check")
+        learned = _learn_released(h, item, path)
+        qid = h.console.on_loop(lambda: h.console.host.release(path, item.sender, list(item.recipients), check))
+        result = f"{item.id} released as {qid}" + ("" if check else " without check") + learned
     h.console.audit(session, h.ip, f"store-{op}", f"{name}/{item.id}", result)
     h.redirect(_notice(f"/store?name={urllib.parse.quote(name)}", result))
+
+
+def _learn_released(h: Handler, item: Any, path: str) -> str:
+    """LearnOnRelease, as ``store release`` (``spool.ops.learns_on_release``): a released spam is
+    learned as ham first, in this request's thread; what happened, for the notice."""
+    if not ops.learns_on_release(item, h.console.host.cfg.antispam.LearnOnRelease):
+        return ""
+    try:
+        h.console.learn(path, False)
+    except (DatabaseError, OSError) as exc:
+        return f" (not learned as ham: {exc})"
+    return ", learned as ham"
 
 
 @guarded
@@ -245,7 +260,7 @@ def stats(h: Handler, form: dict[str, str]) -> None:
 @guarded
 def config_view(h: Handler, form: dict[str, str]) -> None:
     session = h.user()
-    path = h.console.gw.config_path
+    path = h.console.host.config_path
     with open(path, "rb") as f:
         text = f.read(MAX_CONFIG_FORM).decode("utf-8", "replace")
     h.page(session, "Configuration", pages.config_page(path, text, session.role == ADMIN, session.csrf))
@@ -254,7 +269,7 @@ def config_view(h: Handler, form: dict[str, str]) -> None:
 def config_check(h: Handler, form: dict[str, str]) -> None:
     """``-k`` of an edited copy, as if it were the configuration file (its folder, its file: lists)."""
     session = h.acting(form, "config-check")
-    text, path = form.get("text", ""), h.console.gw.config_path
+    text, path = form.get("text", ""), h.console.host.config_path
     try:
         load_config(path, text.encode("utf-8"))
         problems = []
@@ -267,7 +282,7 @@ def config_check(h: Handler, form: dict[str, str]) -> None:
 def config_reload(h: Handler, form: dict[str, str]) -> None:
     """As SIGHUP: the file is read again; a bad one leaves the running configuration in force."""
     session = h.acting(form, "config-reload")
-    gw = h.console.gw
+    gw = h.console.host
 
     def reload() -> bool:
         before = gw.cfg
@@ -280,7 +295,7 @@ def config_reload(h: Handler, form: dict[str, str]) -> None:
 
 @guarded
 def updates_view(h: Handler, form: dict[str, str]) -> None:
-    session, cfg = h.user(), h.console.gw.cfg
+    session, cfg = h.user(), h.console.host.cfg
     body = pages.updates_page(h.console.updates.last, report_tail(cfg.updater_report.ReportFileName),
                               cfg.updater_options.UpdateServerUrl or "", h.console.spam_database(),
                               session.role == ADMIN, session.csrf)

@@ -17,18 +17,17 @@ the configuration by name), or show message data to a client without a session.
 from __future__ import annotations
 
 import http.server
-import json
 import logging
 import os
 import socket
 import ssl
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from smtpgw.console.auth import ADMIN, READ_ONLY, LoginThrottle, Session, Sessions
 from smtpgw.console.history import History
-from smtpgw.console.request import Handler, Refused
+from smtpgw.console.request import Gatekeeper, Handler, Refused
 from smtpgw.console.routes import ROUTES
 from smtpgw.console.updates import Updates
 from smtpgw.rules.masks import ip_match
@@ -36,10 +35,9 @@ from smtpgw.scan.clamd import ClamdError, ClamdServer
 from smtpgw.spam.database import database_file
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.spam.training import learn_files
+from smtpgw.spool import ops
 from smtpgw.spool.queue import STATES, Envelope, write_durably
-
-if TYPE_CHECKING:
-    from smtpgw.app.gateway import Gateway
+from smtpgw.spool.store import named_stores
 
 log = logging.getLogger("smtpgw.console")
 
@@ -79,11 +77,19 @@ class _Server(http.server.ThreadingHTTPServer):
             self.slots.release()
 
 
+class BindError(Exception):
+    """The console cannot listen; ``code`` is the process exit code it means at start."""
+
+    def __init__(self, message: str, code: int = 30) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class Console:
     """The console of one gateway; `bind` before the privilege drop, `start` once the queue is recovered."""
 
-    def __init__(self, gateway: "Gateway") -> None:
-        self.gw = gateway
+    def __init__(self, gateway: Gatekeeper) -> None:
+        self.host = gateway
         self.sessions = Sessions()
         self.throttle = LoginThrottle()
         self.server: _Server | None = None
@@ -94,15 +100,13 @@ class Console:
 
     @property
     def cfg(self) -> Any:
-        return self.gw.cfg.console
+        return self.host.cfg.console
 
     @property
     def secure(self) -> bool:
         return self.server is not None and self.server.tls is not None
 
     def bind(self) -> None:
-        from smtpgw.app.gateway import StartupError
-
         cfg = self.cfg
         if cfg.ListenOn is None:
             return
@@ -113,19 +117,19 @@ class Console:
             try:
                 tls.load_cert_chain(cfg.TLSCertificateFile, cfg.TLSKeyFile)
             except (OSError, ssl.SSLError) as exc:
-                raise StartupError(f"console: cannot load TLS certificate: {exc}", 1) from exc
+                raise BindError(f"console: cannot load TLS certificate: {exc}", 1) from exc
         try:
             self.server = _Server(self, tuple(cfg.ListenOn), tls)
         except OSError as exc:
-            raise StartupError(f"console: cannot listen on {cfg.ListenOn[0]}:{cfg.ListenOn[1]}: "
+            raise BindError(f"console: cannot listen on {cfg.ListenOn[0]}:{cfg.ListenOn[1]}: "
                                f"{exc.strerror or exc}") from exc
 
     def start(self) -> None:
         if self.server is None:
             return
-        self.history = History.load(History.path(self.gw.queue.root))
-        self.history.continue_from(self.gw.stats.counters)  # the counters restored from StatFilename
-        self.timer = self.gw.loop.call_later(SAMPLE_INTERVAL, self._tick)
+        self.history = History.load(History.path(self.host.queue.root))
+        self.history.continue_from(self.host.stats.counters)  # the counters restored from StatFilename
+        self.timer = self.host.loop.call_later(SAMPLE_INTERVAL, self._tick)
         self.thread = threading.Thread(target=self.server.serve_forever, name="console", daemon=True)
         self.thread.start()
         host, port = self.server.server_address[:2]
@@ -146,19 +150,19 @@ class Console:
             self.timer = None
             self._sample()
             try:
-                self.history.save(History.path(self.gw.queue.root))
+                self.history.save(History.path(self.host.queue.root))
             except OSError as exc:
                 log.error("cannot save the console history: %s", exc)
 
     def _sample(self) -> None:
-        self.history.sample(self.gw.stats.counters, time.time())
+        self.history.sample(self.host.stats.counters, time.time())
 
     def _tick(self) -> None:
         """Each minute on the loop: a sample, written by an I/O thread."""
         self._sample()
-        data, path = self.history.to_bytes(), History.path(self.gw.queue.root)
-        self.gw.committer.run(lambda: write_durably(path, data))
-        self.timer = self.gw.loop.call_later(SAMPLE_INTERVAL, self._tick)
+        data, path = self.history.to_bytes(), History.path(self.host.queue.root)
+        self.host.committer.run(lambda: write_durably(path, data))
+        self.timer = self.host.loop.call_later(SAMPLE_INTERVAL, self._tick)
 
     def charts(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
         """(per minute over 24 hours, per hour over 30 days), sampled now."""
@@ -181,7 +185,7 @@ class Console:
                 box["error"] = exc
             done.set()
 
-        self.gw.loop.call_soon_threadsafe(run)
+        self.host.loop.call_soon_threadsafe(run)
         if not done.wait(LOOP_TIMEOUT):
             raise Refused(503, "the gateway did not answer in time")
         if "error" in box:
@@ -190,42 +194,28 @@ class Console:
 
     def snapshot(self) -> dict[str, Any]:
         """Switches and counters, read on the loop that changes them."""
-        gw = self.gw
+        gw = self.host
         return self.on_loop(lambda: {
-            "receiving": gw.receiving, "sending": gw.sender.enabled, "scanning": gw.scanner.enabled,
+            **gw.switches(),
             "counters": dict(gw.stats.counters), "started": gw.stats.started, "stopping": gw.stopping,
             "latency": gw.traffic.copy(), "top": gw.traffic.top(), "dns": dict(gw.resolver.stats),
         })
 
     def queue_depth(self) -> dict[str, int]:
-        return {state: len(self.gw.queue.ids(state)) for state in STATES}
+        return {state: len(self.host.queue.ids(state)) for state in STATES}
 
     def queue_entries(self) -> list[tuple[str, Envelope]]:
         """The records as they are now, read without touching them (an unreadable one is skipped;
         the gateway sets it aside when it meets it)."""
-        queue, rows = self.gw.queue, []
-        for state in STATES:
-            for qid in queue.ids(state):
-                try:
-                    with open(queue.record_path(state, qid), "rb") as f:
-                        rows.append((state, Envelope.from_dict(json.load(f))))
-                except (OSError, ValueError, TypeError, KeyError):
-                    continue
-        return rows
+        return ops.entries(self.host.queue)
 
     def stores(self) -> dict[str, str]:
         """The stores a request may name, by name: never a path from the request."""
-        cfg = self.gw.cfg
-        found = {"quarantine": cfg.policy.QuarantinePath, "backup": cfg.policy.BackupPath}
-        for group in cfg.groups:
-            for kind, path in (("quarantine", group.QuarantinePath), ("backup", group.BackupPath)):
-                if path and path not in found.values():
-                    found[f"{kind}:{group.name}"] = path
-        return found
+        return named_stores(self.host.cfg)
 
     def spam_database(self) -> dict[str, str]:
         """Version and date from the spam database's first lines (the file is not loaded)."""
-        path = database_file(self.gw.cfg.base.BasesPath or default_bases())
+        path = database_file(self.host.cfg.base.BasesPath or default_bases())
         info = {"version": "-", "date": "-"}
         try:
             with open(path, "rb") as f:
@@ -241,7 +231,7 @@ class Console:
     def clamd_health(self, timeout: float = CLAMD_TIMEOUT) -> list[tuple[str, bool, str]]:
         """(address, answers, engine and database version or why not) of each ClamdAddress."""
         health = []
-        for address in self.gw.cfg.ave.ClamdAddress:
+        for address in self.host.cfg.ave.ClamdAddress:
             try:
                 health.append((address, True, str(ClamdServer(address).version(timeout))))
             except (ClamdError, OSError, ValueError) as exc:
@@ -251,10 +241,10 @@ class Console:
     def learn(self, message_path: str, is_spam: bool) -> int:
         """``spam learn`` of one stored message into the site spam database, from a request thread;
         the scanner workers see the changed file at their next message (no restart)."""
-        return learn_files(self.gw.cfg.base.BasesPath or default_bases(), [message_path], is_spam)
+        return learn_files(self.host.cfg.base.BasesPath or default_bases(), [message_path], is_spam)
 
     def log_tail(self) -> list[str]:
-        path = self.gw.cfg.options.LogFile
+        path = self.host.cfg.options.LogFile
         if not path:
             return []
         try:

@@ -4,7 +4,8 @@ Owns: taking records from QUE (→ SND while in flight), grouping recipients by
 destination (``ForwardRoute``, else the recipient domain's MX), a connection
 cache per destination with ``OutgoingSessions`` and
 ``MaximalOutgoingSessionsPerHost`` limits, turning replies into per-recipient
-states, retry scheduling with exponential back-off between
+states, the DSNs due after each attempt (queued by ``deliver/bounces.py`` and
+scheduled here), retry scheduling with exponential back-off between
 ``MinimalBackoffTime`` and ``MaximalBackoffTime``, and giving up after
 ``MaximalQueueLifetime``.
 
@@ -17,26 +18,30 @@ delivered recipient look pending, nor the reverse).
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import logging
 import os
 import re
 import secrets
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Protocol
 
 from smtpgw.mail import downgrade
 
+from smtpgw.config import Config
+from smtpgw.deliver import bounces, nexthop
 from smtpgw.deliver.client import Connection, Transaction
+from smtpgw.deliver.nexthop import Hop, Resolve
 from smtpgw.log import event
+from smtpgw.net.dns import Resolver
+from smtpgw.net.loop import EventLoop
 from smtpgw.net.smtp import ServerReply
+from smtpgw.reports.notify import Template
 from smtpgw.rules import routing
-from smtpgw.spool.queue import QUE, SND, Envelope, Recipient
-
-if TYPE_CHECKING:
-    from smtpgw.app.gateway import Gateway
+from smtpgw.spool.queue import QUE, SND, Committer, Envelope, Queue, Recipient
+from smtpgw.stats import Stats
 
 log = logging.getLogger("smtpgw.deliver.sender")
 
@@ -45,13 +50,6 @@ RETRY_LOCAL_ERROR = 60  # seconds before a state the disk refused is written aga
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 Destination = routing.Destination
-
-
-@dataclass
-class Hop:
-    host: str
-    ip: str
-    port: int
 
 
 @dataclass
@@ -85,11 +83,31 @@ def enhanced_status(reply: ServerReply) -> str:
     return f"{str(reply.code)[0]}.0.0"
 
 
+class Outbound(Protocol):
+    """What the Sender needs from the process it runs in: the configuration in force, the loop,
+    the spool and its I/O threads, the counters, the client TLS context, the resolver (for the
+    default next-hop resolution), the DSN template, and where a finished message goes."""
+
+    cfg: Config
+    loop: EventLoop
+    queue: Queue
+    stats: Stats
+    committer: Committer
+    client_tls_context: ssl.SSLContext | None
+    resolver: Resolver
+    templates: dict[str, Template]
+
+    def delivery_complete(self, env: Envelope) -> None:
+        """Every recipient of ``env`` (in SND) has its final state: archive and unlink it."""
+
+
 class Sender:
-    def __init__(self, gateway: "Gateway") -> None:
-        self.gw = gateway
-        self.loop = gateway.loop
-        self.queue = gateway.queue
+    def __init__(self, host: Outbound, resolve: Resolve | None = None) -> None:
+        self.host = host
+        self.loop = host.loop
+        self.queue = host.queue
+        # next hops of a destination: by default through the resolver in use at each call
+        self.resolve: Resolve = resolve or nexthop.through(lambda: host.resolver)
         self.enabled = True
         self.schedule: list[tuple[float, int, str]] = []  # (when, -priority, qid)
         self.scheduled: set[str] = set()
@@ -106,7 +124,7 @@ class Sender:
         """``UnreachableCacheRefreshPeriod``: expired entries are ignored at once, dropped here."""
         now = time.time()
         self.unreachable = {k: until for k, until in self.unreachable.items() if until > now}
-        self.loop.call_later(self.gw.cfg.resolve.UnreachableCacheRefreshPeriod, self.purge_unreachable)
+        self.loop.call_later(self.host.cfg.resolve.UnreachableCacheRefreshPeriod, self.purge_unreachable)
 
     def load(self) -> None:
         """Schedule every QUE record found at start-up."""
@@ -122,7 +140,7 @@ class Sender:
         self.scheduled.add(qid)
         # kept only for a record due now, and up to MaximalEnvelopesInMemory: the others are
         # read from QUE when their turn comes (a deferred queue does not live in memory)
-        if env is not None and when <= time.time() and len(self.envelopes) < self.gw.cfg.limits.MaximalEnvelopesInMemory:
+        if env is not None and when <= time.time() and len(self.envelopes) < self.host.cfg.limits.MaximalEnvelopesInMemory:
             self.envelopes[qid] = env
         heapq.heappush(self.schedule, (when, -priority, qid))
         self.kick()
@@ -160,7 +178,7 @@ class Sender:
 
     @property
     def max_inflight(self) -> int:
-        return self.gw.cfg.limits.OutgoingSessions * 8
+        return self.host.cfg.limits.OutgoingSessions * 8
 
     def _pump(self) -> None:
         self._pump_due = False
@@ -192,7 +210,7 @@ class Sender:
         if self._expired(env):
             self._finish(env)
             return
-        routes = self.gw.cfg.forward.ForwardRoute
+        routes = self.host.cfg.forward.ForwardRoute
         by_dest = routing.group_by_route(routes, [r.addr for r in pending])
         lookup = {r.addr: r for r in pending}
         self.envelopes[qid] = env
@@ -206,7 +224,7 @@ class Sender:
 
     def _expired(self, env: Envelope) -> bool:
         """RFC 5321 §4.5.4.1: give up after MaximalQueueLifetime; recipients fail with 4.4.7."""
-        lifetime = self.gw.cfg.timeouts.MaximalQueueLifetime * 86400
+        lifetime = self.host.cfg.timeouts.MaximalQueueLifetime * 86400
         if time.time() - env.received_at < lifetime:
             return False
         for rcpt in env.pending():
@@ -231,7 +249,7 @@ class Sender:
         if state.hops is None:
             self._resolve(dest, state)
             return
-        per_host = self.gw.cfg.limits.MaximalOutgoingSessionsPerHost
+        per_host = self.host.cfg.limits.MaximalOutgoingSessionsPerHost
         wanted = min(len(state.queue), per_host) - sum(1 for c in state.connections if not c.greeted)
         while wanted > 0 and len(state.connections) < per_host and self._free_slot():
             hop = self._pick_hop(state)
@@ -243,7 +261,7 @@ class Sender:
             wanted -= 1
 
     def _free_slot(self) -> bool:
-        if self.total_connections < self.gw.cfg.limits.OutgoingSessions:
+        if self.total_connections < self.host.cfg.limits.OutgoingSessions:
             return True
         for state in self.dests.values():  # close an idle connection elsewhere
             for conn in state.connections:
@@ -284,20 +302,20 @@ class Sender:
             state.hops = hops
             self._serve(dest)
 
-        self.gw.resolve_destination(dest, done)
+        self.resolve(dest, done)
 
     def _open(self, dest: Destination, state: DestinationState, hop: Hop) -> None:
         conn = Connection(
-            self.loop, hop.host, hop.ip, hop.port, self.gw.cfg.network.Hostname, self.gw.cfg.timeouts,
+            self.loop, hop.host, hop.ip, hop.port, self.host.cfg.network.Hostname, self.host.cfg.timeouts,
             on_ready=lambda c: self._ready(dest, c),
             on_done=lambda c, txn: self._done(dest, c, txn),
             on_closed=lambda c, why: self._closed(dest, c, why),
-            tls_context=self.gw.client_tls_context,
+            tls_context=self.host.client_tls_context,
         )
         state.connections.append(conn)
         self.total_connections += 1
-        self.gw.stats.inc("mta_outgoing_connections_total")
-        self.gw.stats.inc("mta_outgoing_connections_current")
+        self.host.stats.inc("mta_outgoing_connections_total")
+        self.host.stats.inc("mta_outgoing_connections_current")
         conn.connect()
 
     def _ready(self, dest: Destination, conn: Connection) -> None:
@@ -344,7 +362,7 @@ class Sender:
                                body=body, ret=env.ret, envid=env.envid))
 
     def _fail_delivery(self, conn: Connection, delivery: Delivery, status: str, why: str, counter: str) -> None:
-        self.gw.stats.inc(counter)
+        self.host.stats.inc(counter)
         for rcpt in delivery.recipients:
             self._record(delivery.env, rcpt, "failed", status, f"x-smtpgw; {why}", conn.host, conn.ip)
         self._delivery_finished(delivery)
@@ -387,7 +405,7 @@ class Sender:
             if not conn.closed:
                 self._use(conn, state)
 
-        self.gw.committer.call(convert, converted)
+        self.host.committer.call(convert, converted)
 
     def _dest_of(self, state: DestinationState) -> Destination:
         return next(d for d, s in self.dests.items() if s is state)
@@ -445,11 +463,11 @@ class Sender:
             rcpt.addr, host, ip, env.size, state, status, diag[:300],
         )
         if state == "sent":
-            self.gw.stats.inc("mta_sent_recipients")
+            self.host.stats.inc("mta_sent_recipients")
         elif state == "failed":
-            self.gw.stats.inc("mta_sendings_failed_total")
+            self.host.stats.inc("mta_sendings_failed_total")
         else:
-            self.gw.stats.inc("mta_sendings_deferred_total")
+            self.host.stats.inc("mta_sendings_deferred_total")
 
     def _defer_all(self, state: DestinationState, status: str, why: str, permanent: bool = False) -> None:
         while state.queue:
@@ -463,9 +481,9 @@ class Sender:
 
     def _closed(self, dest: Destination, conn: Connection, why: str | None) -> None:
         self.total_connections -= 1
-        self.gw.stats.inc("mta_outgoing_connections_current", -1)
+        self.host.stats.inc("mta_outgoing_connections_current", -1)
         if why and not conn.greeted:
-            self.gw.stats.inc("mta_outgoing_connections_errors")
+            self.host.stats.inc("mta_outgoing_connections_errors")
             self._unreachable(conn)
         state = self.dests.get(dest)
         if state is not None:
@@ -481,7 +499,7 @@ class Sender:
     def _unreachable(self, conn: Connection) -> None:
         """Remember the hop as down for UnreachableTTL; at most UnreachableCacheSize hops are
         remembered, the one remembered longest ago is forgotten first (dicts keep insertion order)."""
-        resolve = self.gw.cfg.resolve
+        resolve = self.host.cfg.resolve
         key = (conn.ip, conn.port)
         self.unreachable.pop(key, None)
         if resolve.UnreachableTTL <= 0 or resolve.UnreachableCacheSize <= 0:
@@ -493,7 +511,7 @@ class Sender:
     def _delivery_finished(self, delivery: Delivery) -> None:
         if delivery.converted:
             converted, delivery.converted = delivery.converted, None
-            self.gw.committer.run(lambda: os.unlink(converted))
+            self.host.committer.run(lambda: os.unlink(converted))
         qid = delivery.env.id
         left = self.inflight.get(qid, 1) - 1
         if left > 0:
@@ -516,8 +534,15 @@ class Sender:
         for kind, recipients in due.items():
             fresh = [r for r in recipients if r.addr not in reported.get(kind, [])]
             if fresh:
-                self.gw.send_dsn(env, fresh, kind)
+                self._bounce(env, fresh, kind)
                 reported.setdefault(kind, []).extend(r.addr for r in fresh)
+
+    def _bounce(self, env: Envelope, recipients: list[Recipient], kind: str) -> None:
+        """Queue a DSN (RFC 3464) about ``recipients`` to the envelope sender and schedule it."""
+        bounce = bounces.queue_dsn(self.queue, self.host.cfg, self.host.templates["dsn"], env, recipients, kind)
+        if bounce is not None:
+            self.host.stats.inc("mta_dsn_generated")
+            self.enqueue(bounce.id, env=bounce)
 
     def _finish(self, env: Envelope) -> None:
         """All deliveries of this attempt are over: done, or back to QUE with a back-off."""
@@ -534,13 +559,13 @@ class Sender:
         self._report(env)
         sent = sum(1 for r in env.recipients if r.state == "sent")
         if sent and all(r.done for r in env.recipients):
-            self.gw.stats.inc("mta_sent_messages")
-            self.gw.stats.inc("mta_sent_bytes", env.size)
+            self.host.stats.inc("mta_sent_messages")
+            self.host.stats.inc("mta_sent_bytes", env.size)
         if all(r.done for r in env.recipients):
-            self.gw.delivery_complete(env)
+            self.host.delivery_complete(env)
             return
         attempts = max((r.attempts for r in env.pending()), default=1)
-        t = self.gw.cfg.timeouts
+        t = self.host.cfg.timeouts
         delay = min(t.MaximalBackoffTime, t.MinimalBackoffTime * 2 ** max(0, attempts - 1))
         env.next_attempt = time.time() + delay
         env.priority = 0
@@ -557,17 +582,3 @@ class Sender:
     def idle(self) -> bool:
         return not self.inflight
 
-
-def literal_hops(dest: Destination) -> list[Hop] | None:
-    """Hops known without DNS: a bracketed IP address in a ForwardRoute."""
-    if dest[0] != "host":
-        return None
-    host, port = dest[1], dest[2]  # type: ignore[misc]
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    return [Hop(host, str(ip), port)]
-
-
-ResolveCallback = Callable[[list[Hop], str | None, str | None], None]

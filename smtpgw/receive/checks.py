@@ -17,20 +17,47 @@ HELO name's), or an answer for an earlier HELO or MAIL set a current fact.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 from smtpgw.net import smtp
 
-from smtpgw.net.dns import Answer
+from smtpgw.config import Config
+from smtpgw.net.dns import Answer, Resolver
 from smtpgw.net.dnsbl import DNSBLChecker
 from smtpgw.net.dnswire import AAAA, MX, A
 from smtpgw.net.smtp import Reply
-from smtpgw.rules import access
-
-if TYPE_CHECKING:
-    from smtpgw.app.gateway import Gateway
+from smtpgw.rules import access, routing
 
 RULE_KINDS = ("ConnectRule", "HeloRule", "MailfromRule")
+
+
+class Lookups(Protocol):
+    """What the checks need: the configuration in force and the resolver in use (both are
+    replaced at a reload, so they are read at each use)."""
+
+    cfg: Config
+    resolver: Resolver
+
+
+@dataclass
+class RelayVerdict:
+    allowed: bool
+    why: str
+
+
+def relay_verdict(cfg: Config, ip: str, rcpt: str) -> RelayVerdict:
+    """May the client ``ip`` send to ``rcpt`` (kmg-spec §3.4)? The first RelayRule that matches; with
+    no RelayRule at all, mail to ProtectedDomains only (never an open relay), from any client, so
+    never with sender-specified routing (``rules/access.py``: untrusted routing)."""
+    rules = cfg.access.RelayRule
+    if rules:
+        decision = access.relay_decision(rules, ip, rcpt)
+        return RelayVerdict(decision.allowed, decision.reason)
+    if smtp.routed(rcpt):
+        return RelayVerdict(False, "untrusted routing, not allowed by ProtectedDomains (no RelayRule configured)")
+    allowed = routing.is_protected(cfg.network.ProtectedDomains, rcpt)
+    return RelayVerdict(allowed, "ProtectedDomains (no RelayRule configured)")
 
 
 class SessionChecks:
@@ -38,8 +65,8 @@ class SessionChecks:
     and MailfromRule's ``has_ip`` (the sender domain resolves) are different facts, and a new HELO
     or MAIL replaces only its own kind's facts."""
 
-    def __init__(self, gateway: "Gateway", client_ip: str) -> None:
-        self.gw = gateway
+    def __init__(self, host: Lookups, client_ip: str) -> None:
+        self.host = host
         self.ip = client_ip
         self.facts: dict[str, dict[str, bool]] = {kind: {} for kind in RULE_KINDS}
         self.unknown: dict[str, set[str]] = {kind: set() for kind in RULE_KINDS}  # lookups that failed
@@ -49,7 +76,7 @@ class SessionChecks:
         self.client_name: str | None = None
         self.dnsbl_listed: list[str] = []
         self.lookups: list[object] = []
-        access_cfg = gateway.cfg.access
+        access_cfg = host.cfg.access
         self.rules = {kind: getattr(access_cfg, kind) for kind in RULE_KINDS}
 
     def _needs(self, kind: str, *facts: str) -> bool:
@@ -89,8 +116,8 @@ class SessionChecks:
         return finished
 
     def connected(self) -> None:
-        resolver = self.gw.resolver
-        zones = self.gw.cfg.access.DNSBlackList
+        resolver = self.host.resolver
+        zones = self.host.cfg.access.DNSBlackList
         record = self._recorder("ConnectRule")
         if zones:
             finished = self._start()
@@ -143,7 +170,7 @@ class SessionChecks:
                 record("has_mx", any(host != "." for _, host in answer.records), answer.error is not None)
                 finished()
 
-            self.lookups.append(self.gw.resolver.query(domain, MX, mx_done))
+            self.lookups.append(self.host.resolver.query(domain, MX, mx_done))
         if self._needs("MailfromRule", "has_ip"):
             self._addresses(domain, lambda ips, failed: record("has_ip", bool(ips), failed and not ips))
 
@@ -159,7 +186,7 @@ class SessionChecks:
                 finished()
 
         for rdtype in (A, AAAA):
-            self.lookups.append(self.gw.resolver.query(name, rdtype, one))
+            self.lookups.append(self.host.resolver.query(name, rdtype, one))
 
     # -- deciding ---------------------------------------------------------------------
     def when_ready(self, callback: Callable[[], None]) -> bool:

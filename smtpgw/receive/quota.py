@@ -38,7 +38,7 @@ from smtpgw.reports import notify
 
 from smtpgw.log import event
 from smtpgw.rules import routing
-from smtpgw.spool.queue import write_durably
+from smtpgw.spool.queue import QUE, Envelope, Queue, Recipient, new_id, write_durably
 
 log = logging.getLogger("smtpgw")
 
@@ -261,3 +261,28 @@ def notice(cfg: Any, crossing: Crossing, now: float | None = None) -> bytes:
     subject, body = notice_text(cfg, crossing)
     return notify.compose_text(cfg.policy.NotifyFromAddress, [cfg.policy.AdminNotifyAddress], subject, body,
                                time.time() if now is None else now)
+
+
+def queue_notice(counts: Quota, queue: Queue, cfg: Any, crossing: Crossing, srcid: str) -> Envelope | None:
+    """A usage quota passed a threshold (while counting the message ``srcid``): the admin's notice
+    queued in QUE (once a day per threshold, as ``count`` reports each crossing once), a ``QUOTA``
+    line, the counts saved; the notice's record to hand to the Sender, or None when it could
+    not be made (the QUOTA line says ``notice=none``)."""
+    policy = cfg.policy
+    notice_env = None
+    try:
+        data = notice(cfg, crossing)
+        notice_env = Envelope(id=new_id(), sender=policy.NotifyFromAddress,
+                              recipients=[Recipient(addr=policy.AdminNotifyAddress)], helo=cfg.network.Hostname,
+                              received_at=time.time(), size=len(data), srcid=srcid)
+        queue.add_message(notice_env, QUE, data=data)
+    except (OSError, ValueError) as exc:
+        log.error("%s: cannot queue the quota notice: %s", srcid, exc)
+        notice_env = None
+    event("", "QUOTA, quota=%s, day=%s, threshold=%d%%, used=%d, limit=%d, action=%s, notice=%s", crossing.quota,
+          crossing.day, crossing.threshold, crossing.used, crossing.limit, cfg.quota.QuotaAction,
+          notice_env.id if notice_env else "none", level=logging.WARNING)
+    counts.save()  # after the notice: a crash between them repeats it, never loses it
+    if notice_env is not None:
+        event(notice_env.id, "NOTIFICATION, kind=quota, srcid=%s, to=%s", srcid, [policy.AdminNotifyAddress])
+    return notice_env

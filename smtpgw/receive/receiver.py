@@ -1,6 +1,7 @@
 """The Receiver: inbound SMTP sessions (RFC 5321 server side) on the event loop.
 
-Owns: listening sockets, the per-session state machine, the verb table with
+Owns: listening sockets, the open sessions and their admission at connect
+(``IncomingSessions``, ``MaximalIncomingSessionsPerIP``), the per-session state machine, the verb table with
 per-verb flags (allowed before STARTTLS, counts toward the junk-command budget;
 cf. Postfix smtpd_cmd_table), every receiving limit and timeout of
 ``[smtpgw.limits]``/``[smtpgw.timeouts]``, STARTTLS (RFC 3207), and streaming
@@ -22,19 +23,19 @@ import re
 import socket
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from smtpgw.log import event
 from smtpgw.net import smtp
-from smtpgw.net.loop import Timer
+from smtpgw.net.loop import EventLoop, Timer
 from smtpgw.net.smtp import Reply, SyntaxProblem
-from smtpgw.receive.checks import SessionChecks
-from smtpgw.spool.queue import Envelope, Recipient, TmpFile, new_id
-
-if TYPE_CHECKING:
-    from smtpgw.app.gateway import Gateway
+from smtpgw.receive.checks import Lookups, SessionChecks, relay_verdict
+from smtpgw.receive.quota import Quota
+from smtpgw.spool.queue import Committer, Envelope, Recipient, TmpFile, new_id
+from smtpgw.stats import Stats
 
 log = logging.getLogger("smtpgw.receive.receiver")
 
@@ -197,13 +198,34 @@ class DataReader:
             view = view[os.write(self.fd, view) :]
 
 
+class Inbound(Lookups, Protocol):
+    """What a session needs from the process it runs in: the configuration and resolver in force
+    (``Lookups``), the loop, the counters, the spool's committer (tmp files, the durable commit),
+    the usage quotas, the server TLS context (None: no STARTTLS), and the hand-offs."""
+
+    loop: EventLoop
+    stats: Stats
+    committer: Committer
+    quota: Quota
+    ssl_context: ssl.SSLContext | None
+
+    def queue_has_space(self) -> bool:
+        """``MinimalQueueFreeSpaceSize``: False while the spool's disk is short."""
+
+    def message_received(self, env: Envelope) -> None:
+        """``env`` is durable in WFC (its 250 follows)."""
+
+    def session_closed(self, session: "Session") -> None:
+        """The session's socket is closed."""
+
+
 class Session:
     """One inbound SMTP connection."""
 
-    def __init__(self, gateway: "Gateway", sock: socket.socket, peer: tuple) -> None:
-        self.gw = gateway
-        self.cfg = gateway.cfg
-        self.loop = gateway.loop
+    def __init__(self, host: Inbound, sock: socket.socket, peer: tuple) -> None:
+        self.host = host
+        self.cfg = host.cfg
+        self.loop = host.loop
         self.sock = sock
         self.fd = sock.fileno()
         self.ip = peer[0]
@@ -219,7 +241,7 @@ class Session:
         self.committing = False
         self.waiting_checks = False
         self.close_timer: Timer | None = None
-        self.checks = SessionChecks(gateway, self.ip)
+        self.checks = SessionChecks(host, self.ip)
         self.helo: str | None = None
         self.esmtp = False
         self.junk = 0
@@ -235,6 +257,19 @@ class Session:
         self.state_timeout = self.cfg.timeouts.ReceivingCommandTimeout
         self.timer = self.loop.call_later(self._next_deadline() - now, self._on_timer)
 
+    # -- limits of the configuration in force -----------------------------------------
+    @property
+    def tls_required(self) -> bool:
+        return bool(self.host.cfg.network.RequireTLS) and self.host.ssl_context is not None
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.host.cfg.limits.MaximalIncomingMessageSize * 1024
+
+    @property
+    def max_session_bytes(self) -> int:
+        return self.host.cfg.limits.MaximalIncomingSessionSize * 1024
+
     # -- transaction state ----------------------------------------------------
     def reset_transaction(self) -> None:
         self._discard_tmp()
@@ -247,7 +282,7 @@ class Session:
 
     def _discard_tmp(self) -> None:
         if self.tmp is not None:
-            self.gw.committer.discard_tmp(self.tmp)
+            self.host.committer.discard_tmp(self.tmp)
             self.tmp = None
         self.data = None
 
@@ -378,7 +413,7 @@ class Session:
             self.sock.close()
         except OSError:
             pass
-        self.gw.session_closed(self)
+        self.host.session_closed(self)
 
     # -- input processing ---------------------------------------------------------
     def process(self) -> None:
@@ -428,7 +463,7 @@ class Session:
         if entry is None:
             self.reply(smtp.UNKNOWN_COMMAND)
             return
-        if self.gw.tls_required and not self.tls and not entry.pre_tls:
+        if self.tls_required and not self.tls and not entry.pre_tls:
             self.reply(smtp.TLS_REQUIRED)
             return
         entry.handler(self, arg.strip())
@@ -454,8 +489,8 @@ class Session:
         if not esmtp:
             self.reply(smtp.R(250, "", host))
             return
-        extensions = [host, "PIPELINING", f"SIZE {self.gw.max_message_bytes}", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES"]
-        if self.gw.ssl_context is not None and not self.tls:
+        extensions = [host, "PIPELINING", f"SIZE {self.max_message_bytes}", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES"]
+        if self.host.ssl_context is not None and not self.tls:
             extensions.append("STARTTLS")
         extensions.append("HELP")
         self.reply(smtp.R(250, "", extensions[-1]), extra=extensions[:-1])
@@ -468,7 +503,7 @@ class Session:
             self.reply(smtp.BAD_SEQUENCE.format("nested MAIL command"))
             return
         if self.messages >= self.cfg.limits.MaximalIncomingMessagesPerSession:
-            self.gw.stats.refuse("messages_per_session_limit")
+            self.host.stats.refuse("messages_per_session_limit")
             self.close_with(smtp.TOO_MANY_MESSAGES.format(self.cfg.network.Hostname))
             return
         try:
@@ -479,15 +514,15 @@ class Session:
         except SyntaxProblem as problem:
             self.reply(problem.reply)
             return
-        if mail.size is not None and mail.size > self.gw.max_message_bytes:
-            self.gw.stats.refuse("message_size_limit")
+        if mail.size is not None and mail.size > self.max_message_bytes:
+            self.host.stats.refuse("message_size_limit")
             self.reply(smtp.SIZE_EXCEEDED)  # RFC 1870 §6.1
             return
-        if self.session_bytes + (mail.size or 0) > self.gw.max_session_bytes:
-            self.gw.stats.refuse("session_size_limit")
+        if self.session_bytes + (mail.size or 0) > self.max_session_bytes:
+            self.host.stats.refuse("session_size_limit")
             self.reply(smtp.SESSION_SIZE_EXCEEDED)
             return
-        if not self.gw.queue_has_space():
+        if not self.host.queue_has_space():
             self.reply(smtp.NO_STORAGE)
             return
         self.sender, self.mail = address, mail
@@ -514,7 +549,7 @@ class Session:
             self.reply(problem.reply)
             return
         if len(self.rcpts) >= self.cfg.limits.MaximalIncomingRcptsPerMessage:
-            self.gw.stats.refuse("recipients_limit")
+            self.host.stats.refuse("recipients_limit")
             # RFC 5321 §4.5.3.1.10: the client sends the message to the recipients accepted and
             # retries the others; a long pipelined list is no client error (Postfix's
             # smtpd_recipient_overshoot_limit), else it would lose its session before DATA.
@@ -525,21 +560,21 @@ class Session:
             # RFC 5321 §4.5.1: <Postmaster> without a domain is always accepted;
             # it means this gateway's postmaster.
             address = self.cfg.network.Postmaster
-        elif not (decision := self.gw.relay_decision(self.ip, address)).allowed:
+        elif not (decision := relay_verdict(self.host.cfg, self.ip, address)).allowed:
             self.rcpt_refused += 1
-            self.gw.stats.refuse("relay")
+            self.host.stats.refuse("relay")
             log.info("relay denied: client=[%s] rcpt=<%s> rule=%s", self.ip, address, decision.why)
             self.reply(smtp.RELAY_DENIED.format(address))
             return
         elif (refusal := self.checks.decide(address)) is not None:
             self.rcpt_refused += 1
-            self.gw.stats.refuse("access_rule")
+            self.host.stats.refuse("access_rule")
             log.info("access rule refused: client=[%s] rcpt=<%s>: %s", self.ip, address, refusal.text)
             self.reply(refusal)
             return
-        elif (refusal := self.gw.quota.refuse_recipient(self.cfg, address, self.ip, (r.addr for r in self.rcpts))) is not None:
+        elif (refusal := self.host.quota.refuse_recipient(self.cfg, address, self.ip, (r.addr for r in self.rcpts))) is not None:
             self.rcpt_refused += 1
-            self.gw.stats.refuse("quota")
+            self.host.stats.refuse("quota")
             self.reply(refusal)
             return
         self.rcpts.append(Recipient(addr=address, orcpt=rparams.orcpt, notify=rparams.notify))
@@ -558,14 +593,14 @@ class Session:
             return
         self.qid = new_id()
         try:
-            self.tmp = self.gw.committer.take_tmp()
+            self.tmp = self.host.committer.take_tmp()
         except OSError as exc:
             log.error("cannot create queue file: %s", exc)
             self._discard_tmp()
             self.reply(smtp.NO_STORAGE if exc.errno == errno.ENOSPC else smtp.LOCAL_ERROR)
             return
-        remaining = self.gw.max_session_bytes - self.session_bytes
-        self.data = DataReader(self.tmp.fd, min(self.gw.max_message_bytes, remaining), self.cfg.limits.MaximalIncomingHops,
+        remaining = self.max_session_bytes - self.session_bytes
+        self.data = DataReader(self.tmp.fd, min(self.max_message_bytes, remaining), self.cfg.limits.MaximalIncomingHops,
                                prefix=self._received_header(),
                                normalize_lf=self.cfg.network.BareNewline == "normalize")
         self.set_timeout(self.cfg.timeouts.ReceivingDataTerminationTimeout)
@@ -613,7 +648,7 @@ class Session:
         elif reader.long_line:
             refusal = ("line_length", smtp.DATA_LINE_TOO_LONG)
         elif reader.too_big:
-            over_session = reader.size <= self.gw.max_message_bytes
+            over_session = reader.size <= self.max_message_bytes
             refusal = (
                 ("session_size_limit", smtp.SESSION_SIZE_EXCEEDED)
                 if over_session
@@ -621,10 +656,10 @@ class Session:
             )
         elif reader.hops > reader.max_hops:
             refusal = ("hops_limit", smtp.HOPS_EXCEEDED)
-        elif (deferred := self.gw.quota.refuse_message(self.cfg, reader.size, self.ip)) is not None:
+        elif (deferred := self.host.quota.refuse_message(self.cfg, reader.size, self.ip)) is not None:
             refusal = ("quota", deferred)
         if refusal is not None:
-            self.gw.stats.refuse(refusal[0])
+            self.host.stats.refuse(refusal[0])
             log.info("refused message from [%s] <%s>: %s", self.ip, self.sender, refusal[1].text)
             self.reset_transaction()
             self.set_timeout(self.cfg.timeouts.ReceivingCommandTimeout)
@@ -662,7 +697,7 @@ class Session:
         # Reply 250 only once the message is durable; meanwhile read nothing more
         # (replies must keep the order of the commands, RFC 2920 §3.1).
         self.committing = True
-        self.gw.committer.submit(env, tmp, lambda error: self._committed(env, error))
+        self.host.committer.submit(env, tmp, lambda error: self._committed(env, error))
 
     def _committed(self, env: Envelope, error: BaseException | None) -> None:
         self.committing = False
@@ -679,7 +714,7 @@ class Session:
                 env.sender, len(env.recipients), env.size, env.client_ip, env.helo, env.message_id or "", flags,
             )
             try:
-                self.gw.message_received(env)  # even if the client has gone meanwhile: it is ours now
+                self.host.message_received(env)  # even if the client has gone meanwhile: it is ours now
             except Exception:  # the message is durable in WFC: recovery or a retry picks it up
                 log.exception("%s: hand-off to the scanner failed", env.id)
             reply = smtp.QUEUED.format(env.id)
@@ -729,7 +764,7 @@ class Session:
         self.reply(smtp.HELP)
 
     def smtp_STARTTLS(self, arg: str) -> None:
-        if self.gw.ssl_context is None:
+        if self.host.ssl_context is None:
             self.reply(smtp.NOT_IMPLEMENTED)
             return
         if arg:
@@ -749,10 +784,10 @@ class Session:
         self.flush()  # starts the handshake once the 220 is out
 
     def _begin_tls(self) -> None:
-        assert self.gw.ssl_context is not None
+        assert self.host.ssl_context is not None
         self.loop.forget(self.sock)
         try:
-            self.sock = self.gw.ssl_context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            self.sock = self.host.ssl_context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
         except (OSError, ssl.SSLError) as exc:
             self.abort(f"TLS setup failed: {exc}")
             return
@@ -802,10 +837,12 @@ VERBS: dict[str, Verb] = {
 
 
 class Listener:
-    """One listening socket (``ListenOn``); hands accepted connections to the gateway."""
+    """One listening socket (``ListenOn``); hands accepted connections to ``on_connection``."""
 
-    def __init__(self, gateway: "Gateway", host: str, port: int) -> None:
-        self.gw = gateway
+    def __init__(self, loop: EventLoop, host: str, port: int,
+                 on_connection: Callable[[socket.socket, tuple], None]) -> None:
+        self.loop = loop
+        self.on_connection = on_connection
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -821,7 +858,7 @@ class Listener:
         self.address = self.sock.getsockname()[:2]
 
     def start(self) -> None:
-        self.gw.loop.add_reader(self.sock, self.on_accept)
+        self.loop.add_reader(self.sock, self.on_accept)
 
     def on_accept(self) -> None:
         for _ in range(64):  # bounded: other sockets get their turn
@@ -834,8 +871,49 @@ class Listener:
                 return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are small writes
-            self.gw.session_opened(conn, peer)
+            self.on_connection(conn, peer)
 
     def close(self) -> None:
-        self.gw.loop.forget(self.sock)
+        self.loop.forget(self.sock)
         self.sock.close()
+
+
+class Sessions:
+    """The open inbound sessions and their admission at connect: at most ``IncomingSessions`` in all
+    and ``MaximalIncomingSessionsPerIP`` per client address (421 beyond, counted as connection
+    errors), and 421 to every client while the gateway does not accept mail (receiving off, stopping)."""
+
+    def __init__(self) -> None:
+        self.open: set[Session] = set()
+        self.per_ip: Counter[str] = Counter()
+
+    def admit(self, host: Inbound, conn: socket.socket, peer: tuple, accepting: bool) -> Session:
+        session = Session(host, conn, peer)
+        self.open.add(session)
+        self.per_ip[session.ip] += 1
+        host.stats.connection_opened()
+        name = host.cfg.network.Hostname
+        limits = host.cfg.limits
+        if not accepting:
+            session.start(smtp.SERVICE_UNAVAILABLE.format(name))
+            session.closing = True
+        elif len(self.open) > limits.IncomingSessions:
+            host.stats.inc("mta_incoming_connections_errors")
+            session.start(smtp.TOO_MANY_SESSIONS.format(name))
+            session.closing = True
+        elif self.per_ip[session.ip] > limits.MaximalIncomingSessionsPerIP:
+            host.stats.inc("mta_incoming_connections_errors")
+            session.start(smtp.TOO_MANY_FROM_IP.format(name))
+            session.closing = True
+        else:
+            session.start(smtp.GREETING.format(name))
+            return session
+        session.flush()
+        return session
+
+    def closed(self, session: Session) -> None:
+        self.open.discard(session)
+        self.per_ip[session.ip] -= 1
+        if self.per_ip[session.ip] <= 0:
+            del self.per_ip[session.ip]
+        session.host.stats.inc("mta_incoming_connections_current", -1)

@@ -30,20 +30,19 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from smtpgw import PACKAGE_DIR, PRODUCT, __version__
 
 from smtpgw.mail import headers
 
+from smtpgw.config import Config
 from smtpgw.log import event
+from smtpgw.net.loop import EventLoop
 from smtpgw.reports import notify
 from smtpgw.rules.routing import is_protected
-from smtpgw.spool.queue import QUE, Envelope, Recipient, new_id, write_durably
-from smtpgw.spool.store import QUARANTINE_STATUSES, SPAM_STATUSES, Item, Store
-
-if TYPE_CHECKING:
-    from smtpgw.app.gateway import Gateway
+from smtpgw.spool.queue import QUE, Committer, Envelope, Queue, Recipient, new_id, write_durably
+from smtpgw.spool.store import QUARANTINE_STATUSES, SPAM_STATUSES, Item, Store, named_stores
 
 log = logging.getLogger("smtpgw")
 
@@ -206,12 +205,26 @@ def read_last(path: str) -> float | None:
     return float(last) if isinstance(last, (int, float)) and not isinstance(last, bool) else None
 
 
+class Digesting(Protocol):
+    """What the digests need from the running gateway: the configuration in force, the loop, the
+    spool and its I/O threads, whether it is stopping, and where a queued digest goes."""
+
+    cfg: Config
+    loop: EventLoop
+    queue: Queue
+    committer: Committer
+    stopping: bool
+
+    def message_scanned(self, env: Envelope) -> None:
+        """``env`` is in QUE, ready for the Sender."""
+
+
 class Digests:
     """The running gateway's digests: a timer on the loop, the work in an I/O thread."""
 
-    def __init__(self, gateway: "Gateway") -> None:
-        self.gw = gateway
-        self.path = os.path.join(gateway.queue.root, STATE_NAME)
+    def __init__(self, host: Digesting) -> None:
+        self.host = host
+        self.path = os.path.join(host.queue.root, STATE_NAME)
         self.last: float | None = None
         self.timer: Any = None
         self.running = False
@@ -228,20 +241,20 @@ class Digests:
             self.timer = None
 
     def _tick(self) -> None:
-        hours = self.gw.cfg.digest.Schedule
+        hours = self.host.cfg.digest.Schedule
         if hours and self.last is not None and time.time() >= self.last + hours * 3600:
             self.send_now()
-        self.timer = self.gw.loop.call_later(CHECK_INTERVAL, self._tick)
+        self.timer = self.host.loop.call_later(CHECK_INTERVAL, self._tick)
 
     def send_now(self) -> None:
         """Build the digests in an I/O thread, then queue them (``.c_digest`` and the schedule)."""
-        if self.running or self.gw.stopping:
+        if self.running or self.host.stopping:
             return
         self.running = True
         now = time.time()
-        stores = {os.path.abspath(path): name for name, path in self.gw.console.stores().items() if path}
-        future = self.gw.committer.pool.submit(collect, self.gw.cfg, stores, now)
-        future.add_done_callback(lambda f: self.gw.loop.call_soon_threadsafe(self._built, f, now))
+        stores = {os.path.abspath(path): name for name, path in named_stores(self.host.cfg).items() if path}
+        future = self.host.committer.pool.submit(collect, self.host.cfg, stores, now)
+        future.add_done_callback(lambda f: self.host.loop.call_soon_threadsafe(self._built, f, now))
 
     def _built(self, future: "Future[list[tuple[str, int, bytes]]]", now: float) -> None:
         self.running = False
@@ -255,16 +268,16 @@ class Digests:
         self._save(now)  # after the digests are queued: a crash between repeats them, never loses them
 
     def _queue(self, recipient: str, count: int, data: bytes) -> int:
-        cfg = self.gw.cfg
+        cfg = self.host.cfg
         env = Envelope(id=new_id(), sender=cfg.policy.NotifyFromAddress, recipients=[Recipient(addr=recipient)],
                        helo=cfg.network.Hostname, received_at=time.time(), size=len(data))
         try:
-            self.gw.queue.add_message(env, QUE, data=data)
+            self.host.queue.add_message(env, QUE, data=data)
         except OSError as exc:
             log.error("cannot queue the quarantine digest for <%s>: %s", recipient, exc)
             return 0
         event(env.id, "NOTIFICATION, kind=digest, to=%s, items=%d", [recipient], count)
-        self.gw.message_scanned(env)
+        self.host.message_scanned(env)
         return 1
 
     def _save(self, when: float) -> None:

@@ -25,19 +25,19 @@ import logging
 import os
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
 from smtpgw.mail import headers
 
+from smtpgw.config import Config
 from smtpgw.log import event
+from smtpgw.net.loop import EventLoop
 from smtpgw.reports import notify
 from smtpgw.scan.job import CopyResult, ScanResult, not_scanned, templates_path
-from smtpgw.scan.workers import WorkerPool, worker_config_path
-from smtpgw.spool.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Recipient, new_id, write_durably
+from smtpgw.scan.workers import ResultCallback, WorkerPool, worker_config_path
+from smtpgw.spool.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Queue, Recipient, new_id, write_durably
 from smtpgw.spool.store import Store
-
-if TYPE_CHECKING:
-    from smtpgw.app.gateway import Gateway
+from smtpgw.stats import Stats
 
 log = logging.getLogger("smtpgw.scan.scanner")
 
@@ -47,11 +47,41 @@ HEAD_BYTES = 64 * 1024  # read of a message for the Subject quoted in the admin'
 MAX_REASON = 500  # characters of a failed scan's reason kept in the record
 
 
+class Scanning(Protocol):
+    """What the scanning stage needs from the process it runs in: the configuration in force, the
+    loop, the spool, the counters, and where a scanned message (or a notice) goes next."""
+
+    cfg: Config
+    loop: EventLoop
+    queue: Queue
+    stats: Stats
+
+    def message_scanned(self, env: Envelope) -> None:
+        """``env`` is in QUE, ready for the Sender."""
+
+
+class JobPool(Protocol):
+    """The workers that run scan jobs (``scan/workers.WorkerPool``): one result per job submitted
+    and not cancelled, through the callback the pool was made with."""
+
+    def submit(self, qid: str, payload: dict[str, Any]) -> None: ...
+
+    def cancel(self, qid: str) -> bool: ...
+
+    def retire_all(self) -> None: ...
+
+    def stop(self) -> list[str]: ...
+
+
+# make_pool(loop, worker config file, workers, on_result, job timeout)
+PoolFactory = Callable[[EventLoop, str, int, ResultCallback, float], JobPool]
+
+
 class Scanner:
-    def __init__(self, gateway: "Gateway") -> None:
-        self.gw = gateway
-        self.loop = gateway.loop
-        self.queue = gateway.queue
+    def __init__(self, host: Scanning, make_pool: PoolFactory = WorkerPool) -> None:
+        self.host = host
+        self.loop = host.loop
+        self.queue = host.queue
         self.enabled = True
         self.waiting: deque[str] = deque()
         self.envelopes: dict[str, Envelope] = {}  # known WFC records, to spare a re-read
@@ -60,16 +90,16 @@ class Scanner:
         self.removed: set[str] = set()  # removed by the admin while a worker scans them
         workers = max(1, min(self.limit, os.cpu_count() or 1))
         # a job gets three times the clamd time limit (at least 5 minutes) before its worker is replaced
-        job_timeout = max(300.0, 3.0 * float(gateway.cfg.ave.ScanTimeout or 0))
-        self.pool = WorkerPool(self.loop, worker_config_path(gateway.queue.root), workers, self._done, job_timeout)
+        job_timeout = max(300.0, 3.0 * float(host.cfg.ave.ScanTimeout or 0))
+        self.pool = make_pool(self.loop, worker_config_path(host.queue.root), workers, self._done, job_timeout)
 
     @property
     def limit(self) -> int:
-        return self.gw.cfg.limits.AntiviralSessions
+        return self.host.cfg.limits.AntiviralSessions
 
     @property
     def max_attempts(self) -> int:
-        return self.gw.cfg.limits.MaximalScanAttempts
+        return self.host.cfg.limits.MaximalScanAttempts
 
     def load(self) -> None:
         """At start: messages waiting for a split or a scan (recovery turned SPL into WFS)."""
@@ -84,7 +114,7 @@ class Scanner:
         """A message in WFC: split it when its recipients fall into several groups, then scan."""
         groups: dict[str, list[str]] = {}
         for rcpt in env.pending():
-            group = self.gw.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
+            group = self.host.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
             groups.setdefault(group.name, []).append(rcpt.addr)
         if len(groups) < 2:
             self.submit(env.id, env)
@@ -113,7 +143,7 @@ class Scanner:
             self.submit(child.id, child)
 
     def submit(self, qid: str, env: Envelope | None = None) -> None:
-        if env is not None and len(self.envelopes) < self.gw.cfg.limits.MaximalEnvelopesInMemory:
+        if env is not None and len(self.envelopes) < self.host.cfg.limits.MaximalEnvelopesInMemory:
             self.envelopes[qid] = env  # beyond the bound it is read from WFC when its turn comes
         self.waiting.append(qid)
         self.pump()
@@ -127,7 +157,7 @@ class Scanner:
             groups: dict[str, list[str]] = {}
             unchecked = True
             for rcpt in env.pending():
-                group = self.gw.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
+                group = self.host.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
                 groups.setdefault(group.name, []).append(rcpt.addr)
                 unchecked = unchecked and not group.Check
             try:
@@ -144,7 +174,7 @@ class Scanner:
                 log.error("%s: cannot start its scan: %s", qid, exc)
                 self.inflight.discard(qid)
                 self._retry_later(qid, RETRY_AFTER_CRASH)
-        self.gw.stats.set("antiviral_checking_sessions_current", len(self.inflight))
+        self.host.stats.set("antiviral_checking_sessions_current", len(self.inflight))
 
     def _retry_later(self, qid: str, delay: float) -> None:
         """Back to WFC (wherever the record got to) and a new scan after ``delay``."""
@@ -219,7 +249,7 @@ class Scanner:
         else:
             result = ScanResult.from_dict(answer)
             if result.deferred:
-                self.gw.stats.inc("antiviral_scanner_unavailable")
+                self.host.stats.inc("antiviral_scanner_unavailable")
                 event(qid, 'SCAN DEFERRED, reason="%s"', result.deferred)
                 self._retry_later(qid, RETRY_AFTER_UNAVAILABLE)
             else:
@@ -282,7 +312,7 @@ class Scanner:
         the admin is notified. Never delivered unscanned, never dropped (a disk error raises
         OSError and the message stays queued)."""
         rcpts = [r.addr for r in env.pending()]
-        cfg = self.gw.cfg
+        cfg = self.host.cfg
         group = cfg.group_for(env.sender, rcpts[0], env.client_ip) if rcpts else cfg.policy
         reason = (f"scan failed {env.scan_attempts} times (MaximalScanAttempts={self.max_attempts}), "
                   f"last: {env.scan_error or 'unknown'}")
@@ -299,8 +329,8 @@ class Scanner:
     def _admin_notice(self, env: Envelope, group: Any, reason: str) -> list[dict[str, Any]]:
         """The notification (notify.tmpl, FOR_ADMIN) about a message whose scan was given up,
         written to tmp/ as a worker writes its own (see ``_queue_notifications``)."""
-        admin = group.AdminNotifyAddress or self.gw.cfg.policy.AdminNotifyAddress
-        sender = group.NotifyFromAddress or self.gw.cfg.policy.NotifyFromAddress
+        admin = group.AdminNotifyAddress or self.host.cfg.policy.AdminNotifyAddress
+        sender = group.NotifyFromAddress or self.host.cfg.policy.NotifyFromAddress
         if not admin or not sender:
             return []
         with open(self.queue.msg_path(env.id), "rb") as f:
@@ -311,9 +341,9 @@ class Scanner:
             "objects": [{"name": "(whole message)", "status": "error", "viruses": [],
                          "action": f"kept in quarantine: {reason}"}],
         }
-        locale = self.gw.cfg.locale
+        locale = self.host.cfg.locale
         try:
-            template = notify.load_template(os.path.join(templates_path(self.gw.cfg, group), "notify.tmpl"), "notify")
+            template = notify.load_template(os.path.join(templates_path(self.host.cfg, group), "notify.tmpl"), "notify")
             data = notify.build_notification("admin", env.as_dict(), about, sender, [admin], template,
                                              locale.DateFormat, locale.TimeFormat, time.time())
         except ValueError as exc:
@@ -328,14 +358,14 @@ class Scanner:
         env = env or self.queue.load(CHK, qid)
         if env is None:
             return  # removed by the admin meanwhile
-        self.gw.stats.inc("antiviral_checked_messages")
+        self.host.stats.inc("antiviral_checked_messages")
         for copy in result.copies:
             for template, values in copy.events:
                 event(qid, template, *values)
-            self.gw.stats.inc(f"antiviral_status_{str(copy.notes.get('status', 'clean')).replace(' ', '_')}")
-            self.gw.stats.inc("mta_blocked_messages", copy.blocked)
+            self.host.stats.inc(f"antiviral_status_{str(copy.notes.get('status', 'clean')).replace(' ', '_')}")
+            self.host.stats.inc("mta_blocked_messages", copy.blocked)
             if "spam_status" in copy.notes:
-                self.gw.stats.inc(f"antispam_status_{str(copy.notes['spam_status']).lower().replace(' ', '_')}")
+                self.host.stats.inc(f"antispam_status_{str(copy.notes['spam_status']).lower().replace(' ', '_')}")
         for copy in result.copies:
             self._queue_notifications(env, copy)
         live = [c for c in result.copies if not c.blocked]
@@ -348,7 +378,7 @@ class Scanner:
                 self.queue.replace_and_move(env, CHK, QUE, copy.rewritten)
             else:
                 self.queue.move(qid, CHK, QUE)
-            self.gw.message_scanned(env)
+            self.host.message_scanned(env)
             return
         children = []
         for index, copy in enumerate(live, start=1):
@@ -367,7 +397,7 @@ class Scanner:
             children.append(child)
         self.queue.remove(qid, CHK)
         for child in children:
-            self.gw.message_scanned(child)
+            self.host.message_scanned(child)
 
     def _queue_notifications(self, env: Envelope, copy: CopyResult) -> None:
         """Notifications the worker wrote become outgoing mail (they are archived like any)."""
@@ -375,7 +405,7 @@ class Scanner:
             path = note["path"]
             notice = Envelope(
                 id=new_id(), sender=note["from"], recipients=[Recipient(addr=a) for a in note["to"]],
-                helo=self.gw.cfg.network.Hostname, received_at=time.time(), size=int(note["size"]), srcid=env.id,
+                helo=self.host.cfg.network.Hostname, received_at=time.time(), size=int(note["size"]), srcid=env.id,
             )
             try:
                 self.queue.add_message(notice, QUE, link_from=path)
@@ -384,7 +414,7 @@ class Scanner:
                 log.error("%s: cannot queue the %s notification: %s", env.id, note.get("kind"), exc)
                 continue
             event(notice.id, "NOTIFICATION, kind=%s, srcid=%s, to=%s", note.get("kind"), env.id, note["to"])
-            self.gw.message_scanned(notice)
+            self.host.message_scanned(notice)
 
     def restart_workers(self) -> None:
         """New workers (new configuration and databases) for the next jobs; jobs in flight finish."""

@@ -253,19 +253,6 @@ def high_priority(view: MailView) -> bool:
     return (view.header("x-priority") or "").strip()[:1] == "1"
 
 
-def run_check(name: str, view: MailView) -> bool:
-    """The result of check ``name`` on ``view``, computed once per message; False when it fails."""
-    key = "check:" + name
-    found = view.memo.get(key)
-    if found is None:
-        try:
-            found = bool(CHECKS[name](view))
-        except Exception:  # a sign that cannot be judged is not a hit
-            found = False
-        view.memo[key] = found
-    return bool(found)
-
-
 CHECKS: dict[str, Callable[[MailView], bool]] = {
     fn.__name__: fn
     for fn in (
@@ -276,8 +263,3 @@ CHECKS: dict[str, Callable[[MailView], bool]] = {
     )
 }
 
-# The signs of today's mail live in their own module, which reads the helpers above; importing it
-# here (after they exist) registers its checks under the same names the rules use.
-from smtpgw.spam import modernsigns  # noqa: E402
-
-CHECKS.update(modernsigns.CHECKS)

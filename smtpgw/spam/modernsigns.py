@@ -1,7 +1,7 @@
 """Signs of today's mail: phishing and malware tricks, and the marks of legitimate bulk mail.
 
 Owns: the named checks that the rules database refers to as ``check NAME``
-for mail of the 2020s (registered in ``formalsigns.CHECKS``):
+for mail of the 2020s (registered in ``signs.CHECKS``):
 
 * link tricks — ``link_domain_mismatch`` (a link's text shows one domain, its
   href goes to another), ``url_shortener``, ``url_punycode`` (an IDNA label,

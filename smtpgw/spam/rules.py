@@ -11,7 +11,7 @@ A rule line is ``NAME WEIGHT LEVELS KIND ARGUMENT``:
   ham signs), or ``spam`` for a rule that alone makes the message Spam.
 * LEVELS — ``all`` or a comma list of ``soft``, ``standard``, ``hard``.
 * KIND and ARGUMENT —
-  ``check NAME`` a built-in formal sign (``formalsigns.CHECKS``);
+  ``check NAME`` a built-in sign (``signs.CHECKS``);
   ``header:FIELD REGEX`` a regex over the decoded values of FIELD;
   ``body REGEX`` over the decoded text of the body (HTML rendered to text),
   lower-cased and with every run of white space made one space, so patterns
@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from smtpgw.spam import formalsigns
+from smtpgw.spam import signs
 from smtpgw.spam.mailview import MailView
 
 LEVELS = ("soft", "standard", "hard")
@@ -118,7 +118,7 @@ def parse_rule(line: str, where: str = "rule") -> Rule:
     pattern = None
     words: tuple[str, ...] = ()
     if kind == "check":
-        if argument not in formalsigns.CHECKS:
+        if argument not in signs.CHECKS:
             raise RuleError(f"{where}: unknown check {argument!r}")
         target = argument
     elif kind in ("header", "body", "html", "uri"):
@@ -177,7 +177,7 @@ def _html_names(view: MailView) -> str:
 def _matches(rule: Rule, view: MailView, tokens: set[str], body: str, html_names: str) -> bool:
     kind = rule.kind
     if kind == "check":
-        return formalsigns.run_check(rule.target, view)
+        return signs.run_check(rule.target, view)
     if kind == "words":
         return all(word in tokens for word in rule.words)
     assert rule.pattern is not None

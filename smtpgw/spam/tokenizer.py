@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from smtpgw.spam import formalsigns, received
+from smtpgw.spam import formalsigns, received, signs
 from smtpgw.spam.formalsigns import registered_domain
 from smtpgw.spam.htmltext import NOTABLE_TAGS
 from smtpgw.spam.mailview import MailView
@@ -295,8 +295,8 @@ def tokens(view: MailView) -> set[str]:
     _header_tokens(view, out)
     _mime_tokens(view, out)
     _html_tokens(view, out)
-    for name in formalsigns.CHECKS:
-        if name != "gtube" and formalsigns.run_check(name, view):
+    for name in signs.CHECKS:
+        if name != "gtube" and signs.run_check(name, view):
             out.add("sign:" + name)
     for url in view.urls[:100]:
         _url_tokens(url, out)

@@ -33,7 +33,7 @@ import time
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 log = logging.getLogger("smtpgw.spool.queue")
 
@@ -269,13 +269,6 @@ class Queue:
             if os.path.exists(self.record_path(state, qid)):
                 return state
         return None
-
-    def entries(self) -> Iterator[tuple[str, Envelope]]:
-        for state in STATES:
-            for qid in self.ids(state):
-                env = self.load(state, qid)
-                if env is not None:
-                    yield state, env
 
     # -- recovery ---------------------------------------------------------------
     def _quarantine_corrupt(self, path: str, qid: str, why: str) -> None:

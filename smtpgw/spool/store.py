@@ -418,6 +418,17 @@ QUARANTINE_STATUSES = ("CLN", "CRD", "SSP", "PRT", "ERR", "FLT", "INF")
 SPAM_STATUSES = ("SPM", "PSP")
 
 
+def named_stores(cfg: Any) -> dict[str, str]:
+    """The stores the console and the digests name, by name (``quarantine``, ``backup``,
+    ``quarantine:GROUP``, ``backup:GROUP`` for a group's own folder): never a path from a request."""
+    found = {"quarantine": cfg.policy.QuarantinePath, "backup": cfg.policy.BackupPath}
+    for group in cfg.groups:
+        for kind, path in (("quarantine", group.QuarantinePath), ("backup", group.BackupPath)):
+            if path and path not in found.values():
+                found[f"{kind}:{group.name}"] = path
+    return found
+
+
 def lifetimes(cfg: Any) -> dict[str, dict[str, float]]:
     """{store folder: {status: lifetime in seconds}} of every store the configuration names.
 

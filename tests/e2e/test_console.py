@@ -432,6 +432,32 @@ def test_a_quarantined_spam_is_learned_from_the_browser(make_gateway, sink, brow
     assert spam_counts(str(bases)) == shipped  # the shipped database is only read
 
 
+def test_a_spam_released_from_the_console_is_learned_as_ham_first(make_gateway, sink, tmp_path):
+    """LearnOnRelease=yes: the console's release follows the rule of ``store release``
+    (``spool.ops.learns_on_release``): a quarantined spam is learned as ham, nothing else is."""
+    bases = tmp_path / "bases"
+    shutil.copytree(os.path.join(os.path.dirname(smtpgw.__file__), "bases"), bases)
+    port = free_port()
+    gw = make_gateway(sink.port, extra={
+        "path": [("BasesPath", str(bases))], "smtpgw.antispam": [("LearnOnRelease", "yes")],
+        "smtpgw.console": [("ListenOn", f"127.0.0.1:{port}"), ("AdminPasswordHash", HASHES[PASSWORD])]})
+    base = f"http://127.0.0.1:{port}"
+    store = Store(os.path.join(gw.folder, "var", "quarantine"))
+    envelope = {"sender": FROM, "recipients": [{"addr": TO}]}
+    spam = store.put("tzgSPAM00001", b"Subject: cheap pills\r\n\r\nbuy cheap pills now\r\n", envelope, "SPM", "spam")
+    filtered = store.put("tzgFILT00001", b"Subject: report\r\n\r\nthe report\r\n", envelope, "FLT", "filtered")
+    session, csrf = admin_session(base)
+    status, _, headers = http(base + "/store", {"op": "release-without-check", "id": spam, "name": "quarantine",
+                                                "csrf": csrf}, session)
+    assert status == 303 and f"{spam} released as " in urllib.parse.unquote(headers["Location"])
+    assert urllib.parse.unquote(headers["Location"]).endswith("without check, learned as ham")
+    assert site_counts(str(bases)) == (1, 0)
+    http(base + "/store", {"op": "release-without-check", "id": filtered, "name": "quarantine", "csrf": csrf}, session)
+    assert [m.recipients for m in sink.wait_for(2)] == [[TO], [TO]]
+    assert site_counts(str(bases)) == (1, 0)  # a filtered item is not a spam: not learned
+    gw.wait_log(rf"console: user=admin, .*action=store-release-without-check, item=quarantine/{filtered}")
+
+
 def test_keepup2date_runs_from_the_console_and_its_report_is_shown(make_gateway, sink, browser: Browser, tmp_path):
     from tests.test_updater import key_pair, make_set
 

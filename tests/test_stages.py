@@ -1,0 +1,394 @@
+"""The pipeline stages against tiny fakes of the interfaces they declare, without a gateway.
+
+Each stage is given a small host object with exactly the members of its Protocol
+(receive/receiver.Inbound, deliver/sender.Outbound, scan/scanner.Scanning) — a real event
+loop, spool, committer and configuration, with the hand-offs recorded — and is driven through
+its real interface: the receiver by an SMTP client on a socketpair, the sender and its client
+against a real SMTP peer on loopback with a fake next-hop resolver, the scanner with a fake
+worker pool whose results the test hands back. Waits are on the loop with deadlines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, cast
+
+import pytest
+
+from smtpgw.config import Config, load_config
+from smtpgw.deliver import nexthop
+from smtpgw.deliver.nexthop import Hop, ResolveCallback
+from smtpgw.deliver.sender import Outbound, Sender
+from smtpgw.net import smtp
+from smtpgw.net.dns import Resolver
+from smtpgw.net.loop import EventLoop
+from smtpgw.receive.quota import Quota
+from smtpgw.receive.receiver import Inbound, Session, Sessions
+from smtpgw.reports import notify
+from smtpgw.rules.routing import Destination
+from smtpgw.scan.job import CopyResult
+from smtpgw.scan.scanner import Scanner, Scanning
+from smtpgw.spool.queue import CHK, QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id
+from smtpgw.spool.store import Store
+from smtpgw.stats import Stats
+from tests.support.net import Sink
+
+MINIMAL = Path(__file__).parent / "data" / "config" / "minimal.conf"
+MESSAGE = b"From: a@sender.test\r\nTo: user@example.test\r\nSubject: stages\r\n\r\nbody\r\n"
+DEADLINE = 10.0
+
+
+class Host:
+    """The members every stage's host shares: configuration, loop, spool, counters, committer."""
+
+    def __init__(self, root: Path, extra: str = "") -> None:
+        conf = root / "smtpgw.conf"
+        conf.write_text(MINIMAL.read_text() + extra)
+        self.cfg: Config = load_config(conf)
+        self.loop = EventLoop()
+        self.queue = Queue(self.cfg.path.QueuePath)
+        self.stats = Stats()
+        self.committer = Committer(self.queue, self.loop.call_soon_threadsafe)
+
+    def close(self) -> None:
+        self.committer.close()
+        self.loop.close()
+
+    def wait(self, predicate: Callable[[], object], what: str) -> None:
+        assert self.loop.run_until(lambda: bool(predicate()), DEADLINE), f"no {what} in {DEADLINE}s"
+
+    def queued(self, state: str, data: bytes = MESSAGE, **fields: Any) -> Envelope:
+        env = Envelope(id=new_id(), sender="a@sender.test", recipients=[Recipient(addr="user@example.test")],
+                       size=len(data), received_at=time.time(), **fields)
+        self.queue.add_message(env, state, data=data)
+        return env
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    made = Host(tmp_path)
+    yield made
+    made.close()
+
+
+# -- the receiver -------------------------------------------------------------------------------
+class Inbox(Host):
+    """``Inbound``: what a session needs; hand-offs recorded, the spool's free space switchable."""
+
+    def __init__(self, root: Path, extra: str = "") -> None:
+        super().__init__(root, extra)
+        self.quota = Quota(self.cfg.path.QueuePath)
+        self.ssl_context = None
+        self.resolver: Any = None  # no rule or zone needs DNS: no lookup is ever started
+        self.received: list[Envelope] = []
+        self.closed: list[Session] = []
+        self.space = True
+
+    def queue_has_space(self) -> bool:
+        return self.space
+
+    def message_received(self, env: Envelope) -> None:
+        self.received.append(env)
+
+    def session_closed(self, session: Session) -> None:
+        self.closed.append(session)
+
+
+class Client:
+    """The client end of a socketpair whose other end is a Session on the host's loop."""
+
+    def __init__(self, inbox: Inbox, ip: str = "127.0.0.1") -> None:
+        self.inbox = inbox
+        self.sock, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        self.sock.setblocking(False)
+        self.buffer = b""
+        accepted: Inbound = inbox
+        self.session = Session(accepted, theirs, (ip, 40000))
+        self.session.start(smtp.GREETING.format(inbox.cfg.network.Hostname))
+
+    def _reply(self) -> bytes | None:
+        """One complete reply (its last line has a space after the code), or None yet."""
+        try:
+            self.buffer += self.sock.recv(65536)
+        except BlockingIOError:
+            pass
+        lines = self.buffer.split(b"\r\n")
+        for n, text in enumerate(lines[:-1]):
+            if text[3:4] == b" ":
+                reply = b"\r\n".join(lines[:n + 1])
+                self.buffer = b"\r\n".join(lines[n + 1:])
+                return reply
+        return None
+
+    def read(self) -> tuple[int, bytes]:
+        got: list[bytes] = []
+
+        def ready() -> bool:
+            reply = self._reply()
+            if reply is not None:
+                got.append(reply)
+            return bool(got)
+
+        self.inbox.wait(ready, "reply")
+        return int(got[0][:3]), got[0]
+
+    def cmd(self, line: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(line + b"\r\n")
+        return self.read()
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Iterator[Inbox]:
+    made = Inbox(tmp_path)
+    yield made
+    made.close()
+
+
+def test_a_session_hands_over_a_message_only_once_it_is_durable(inbox: Inbox) -> None:
+    client = Client(inbox)
+    assert client.read()[0] == 220
+    code, ehlo = client.cmd(b"EHLO client.test")
+    assert code == 250 and f"SIZE {inbox.cfg.limits.MaximalIncomingMessageSize * 1024}".encode() in ehlo
+    assert b"STARTTLS" not in ehlo  # the host has no TLS context
+    assert client.cmd(b"MAIL FROM:<a@sender.test>")[0] == 250
+    assert client.cmd(b"RCPT TO:<user@example.test>")[0] == 250
+    assert client.cmd(b"DATA")[0] == 354
+    client.sock.sendall(MESSAGE + b".\r\n")
+    code, text = client.read()
+    assert code == 250 and text.startswith(b"250 2.0.0 Ok: queued as ")
+    qid = text.rsplit(b" ", 1)[1].decode()
+    assert [env.id for env in inbox.received] == [qid]
+    assert inbox.queue.find(qid) == WFC  # the record is in WFC before the 250 leaves
+    with open(inbox.queue.msg_path(qid), "rb") as f:
+        stored = f.read()
+    assert stored.endswith(MESSAGE) and stored.startswith(b"Received: from client.test")
+    assert inbox.stats.counters.get("mta_received_messages", 0) == 0  # counting is the gateway's hand-off
+    assert client.cmd(b"QUIT")[0] == 221
+    inbox.wait(lambda: inbox.closed, "session_closed")
+    assert inbox.closed == [client.session]
+
+
+def test_relay_is_decided_by_the_configuration_the_host_gives(inbox: Inbox) -> None:
+    client = Client(inbox, ip="192.0.2.7")  # not 127.0.0.0/8: only *@example.test is allowed
+    client.read()
+    client.cmd(b"EHLO client.test")
+    client.cmd(b"MAIL FROM:<a@sender.test>")
+    code, text = client.cmd(b"RCPT TO:<user@elsewhere.test>")
+    assert (code, text) == (550, b"550 5.7.1 <user@elsewhere.test>: Relay access denied")
+    assert inbox.stats.counters["mta_receivings_refused_for_relay"] == 1
+    assert client.cmd(b"RCPT TO:<user@example.test>")[0] == 250
+
+
+def test_a_short_spool_refuses_mail_with_4xx(inbox: Inbox) -> None:
+    inbox.space = False
+    client = Client(inbox)
+    client.read()
+    client.cmd(b"EHLO client.test")
+    assert client.cmd(b"MAIL FROM:<a@sender.test>") == (452, b"452 4.3.1 Insufficient system storage")
+    assert inbox.received == []
+
+
+def test_admission_keeps_the_session_limits(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path, "[smtpgw.limits]\nIncomingSessions=2\nMaximalIncomingSessionsPerIP=1\n")
+    registry = Sessions()
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        for _, theirs in pairs:
+            theirs.setblocking(False)
+        first = registry.admit(inbox, pairs[0][1], ("192.0.2.1", 1), True)
+        same_ip = registry.admit(inbox, pairs[1][1], ("192.0.2.1", 2), True)
+        other_ip = registry.admit(inbox, pairs[2][1], ("192.0.2.2", 3), True)
+        off = registry.admit(inbox, pairs[3][1], ("192.0.2.3", 4), False)
+        greetings = [mine.recv(512) for mine, _ in pairs]
+        assert greetings[0].startswith(b"220 gw.example.test")
+        assert [g[:3] for g in greetings[1:]] == [b"421", b"421", b"421"]
+        assert (first.closing, same_ip.closing, other_ip.closing, off.closing) == (False, True, True, True)
+        assert inbox.stats.counters["mta_incoming_connections_errors"] == 2  # not the one refused while off
+        registry.closed(same_ip)
+        assert registry.per_ip == {"192.0.2.1": 1, "192.0.2.2": 1, "192.0.2.3": 1} and same_ip not in registry.open
+    finally:
+        for mine, theirs in pairs:
+            mine.close()
+            theirs.close()
+        inbox.close()
+
+
+# -- the sender and its client --------------------------------------------------------------------
+class Outbox(Host):
+    """``Outbound``: what the Sender needs; finished messages recorded."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.client_tls_context = None
+        self.resolver: Any = None  # the tests give the Sender its own next-hop resolver
+        self.templates = notify.load_templates(self.cfg.base.TemplatesPath)
+        self.complete: list[Envelope] = []
+
+    def delivery_complete(self, env: Envelope) -> None:
+        self.complete.append(env)
+        self.queue.remove(env.id, SND)
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    made = Outbox(tmp_path)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def peer() -> Iterator[Sink]:
+    sink = Sink()
+    yield sink
+    sink.close()
+
+
+def resolving_to(hops: list[Hop], asked: list[Destination], permanent: str | None = None) -> Callable[..., None]:
+    def resolve(dest: Destination, done: ResolveCallback) -> None:
+        asked.append(dest)
+        done(hops, permanent, None)
+    return resolve
+
+
+def test_the_sender_delivers_through_the_hops_it_is_given(outbox: Outbox, peer: Sink) -> None:
+    asked: list[Destination] = []
+    handed: Outbound = outbox
+    sender = Sender(handed, resolve=resolving_to([Hop("peer.test", "127.0.0.1", peer.port)], asked))
+    env = outbox.queued(QUE)
+    sender.enqueue(env.id, env=env)
+    outbox.wait(lambda: outbox.complete, "delivery_complete")
+    sender.stop()
+    assert asked == [("host", "127.0.0.1", 2526)]  # minimal.conf: ForwardRoute=* [127.0.0.1:2526]
+    [received] = peer.wait_for(1)
+    assert (received.sender, received.recipients, received.data) == ("a@sender.test", ["user@example.test"], MESSAGE)
+    [done] = outbox.complete
+    assert [(r.addr, r.state) for r in done.recipients] == [("user@example.test", "sent")]
+    assert outbox.stats.counters["mta_sent_messages"] == 1
+
+
+def test_a_permanent_next_hop_failure_fails_the_recipient_and_queues_the_dsn(
+        outbox: Outbox, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging.getLogger("smtpgw"), "propagate", True)  # smtpgw.log.setup may have closed it
+    asked: list[Destination] = []
+    sender = Sender(outbox, resolve=resolving_to([], asked, permanent="5.1.2 no such domain"))
+    env = outbox.queued(QUE)
+    with caplog.at_level(logging.INFO, logger="smtpgw"):
+        sender.enqueue(env.id, env=env)
+        # the DSN is scheduled by the Sender itself, fails the same way, and is reported on by none
+        outbox.wait(lambda: len(outbox.complete) == 2, "delivery_complete of the message and its DSN")
+    sender.stop()
+    done, bounce = outbox.complete
+    assert [(r.addr, r.state, r.status) for r in done.recipients] == [("user@example.test", "failed", "5.1.2")]
+    assert (bounce.sender, bounce.srcid, [r.addr for r in bounce.recipients]) == ("", env.id, ["a@sender.test"])
+    assert outbox.stats.counters["mta_dsn_generated"] == 1  # never a DSN about a DSN
+    assert any(f"DSN, kind=failure, srcid={env.id}" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("dest", "hops"), [
+    (("host", "192.0.2.5", 2526), [Hop("192.0.2.5", "192.0.2.5", 2526)]),
+    (("host", "2001:db8::5", 25), [Hop("2001:db8::5", "2001:db8::5", 25)]),
+    (("host", "localhost", 2525), [Hop("localhost", "127.0.0.1", 2525)]),  # RFC 6761 §6.3
+])
+def test_next_hops_known_without_dns(dest: Destination, hops: list[Hop]) -> None:
+    got: list[tuple[list[Hop], str | None, str | None]] = []
+    nexthop.resolve_destination(cast(Resolver, None), dest, lambda *answer: got.append(answer))
+    assert got == [(hops, None, None)]  # at once: no resolver is asked
+
+
+# -- the scanner --------------------------------------------------------------------------------
+class FakePool:
+    """``JobPool``: records the jobs; the test hands each result back through ``on_result``."""
+
+    made: list["FakePool"] = []
+
+    def __init__(self, loop: EventLoop, config_path: str, size: int, on_result: Callable[[str, dict], None],
+                 timeout: float) -> None:
+        self.on_result = on_result
+        self.jobs: list[tuple[str, dict]] = []
+        self.cancelled: list[str] = []
+        FakePool.made.append(self)
+
+    def submit(self, qid: str, payload: dict[str, Any]) -> None:
+        self.jobs.append((qid, payload))
+
+    def cancel(self, qid: str) -> bool:
+        self.cancelled.append(qid)
+        return True
+
+    def retire_all(self) -> None:
+        pass
+
+    def stop(self) -> list[str]:
+        return []
+
+
+class Scans(Host):
+    """``Scanning``: what the scanning stage needs; scanned messages recorded."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, "[smtpgw.limits]\nMaximalScanAttempts=2\n")
+        self.scanned: list[Envelope] = []
+
+    def message_scanned(self, env: Envelope) -> None:
+        self.scanned.append(env)
+
+
+@pytest.fixture
+def scans(tmp_path: Path) -> Iterator[tuple[Scans, Scanner, FakePool]]:
+    made = Scans(tmp_path)
+    handed: Scanning = made
+    scanner = Scanner(handed, make_pool=FakePool)
+    yield made, scanner, FakePool.made[-1]
+    scanner.stop()
+    made.close()
+
+
+def test_a_scanned_message_goes_to_que_and_on(scans: tuple[Scans, Scanner, FakePool]) -> None:
+    host, scanner, pool = scans
+    env = host.queued(WFC)
+    scanner.accept(env)
+    assert [qid for qid, _ in pool.jobs] == [env.id] and host.queue.find(env.id) == CHK
+    copy = CopyResult(group="policy", recipients=["user@example.test"], notes={"status": "clean"})
+    pool.on_result(env.id, {"copies": [vars(copy)]})
+    assert host.queue.find(env.id) == QUE
+    assert [e.id for e in host.scanned] == [env.id] and host.scanned[0].group == "policy"
+    assert host.stats.counters["antiviral_status_clean"] == 1
+
+
+def test_a_deferred_scan_waits_in_wfc(scans: tuple[Scans, Scanner, FakePool]) -> None:
+    host, scanner, pool = scans
+    env = host.queued(WFC)
+    scanner.accept(env)
+    pool.on_result(env.id, {"deferred": "clamd: connection refused"})
+    assert host.queue.find(env.id) == WFC and env.id in scanner.retries and host.scanned == []
+    assert host.stats.counters["antiviral_scanner_unavailable"] == 1
+
+
+def test_failed_scans_count_until_the_message_is_quarantined(scans: tuple[Scans, Scanner, FakePool]) -> None:
+    host, scanner, pool = scans
+    env = host.queued(WFC)
+    scanner.accept(env)
+    pool.on_result(env.id, {"error": "worker died", "started": True})
+    reloaded = host.queue.load(WFC, env.id)
+    assert reloaded is not None and reloaded.scan_attempts == 1  # durable before the retry
+    scanner.rescan_all()  # the retry now rather than in a minute
+    assert [qid for qid, _ in pool.jobs] == [env.id, env.id]
+    pool.on_result(env.id, {"error": "worker died", "started": True})  # MaximalScanAttempts=2
+    assert host.queue.find(env.id) is None  # out of the queue only once kept in quarantine
+    [item] = Store(host.cfg.policy.QuarantinePath).list()
+    assert (item.queue_id, item.status) == (env.id, "ERR")
+    assert [e.srcid for e in host.scanned] == [env.id]  # the admin's notice, queued
+    assert os.path.exists(host.queue.record_path(QUE, host.scanned[0].id))
+
+
+def test_a_message_removed_while_it_waits_is_withdrawn_from_the_pool(scans: tuple[Scans, Scanner, FakePool]) -> None:
+    host, scanner, pool = scans
+    env = host.queued(WFC)
+    scanner.accept(env)
+    scanner.cancel(env.id)
+    assert pool.cancelled == [env.id] and env.id not in scanner.inflight
