@@ -198,3 +198,14 @@ def test_the_shared_copy_is_the_mapped_one_and_reload_keeps_it_on_failure(tmp_pa
         out.write(b"junk\n")
     assert not spam_filter.reload()
     assert spam_filter.database.bayes.counts.get("viagra") == (0, 40)
+
+
+def test_a_token_twice_is_refused_by_both_readers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "spam.db")
+    text = small_database(path).to_bytes().decode().replace("lunch\t9\t0\t0", "viagra\t9\t0\t0").rsplit("end\t", 1)[0]
+    with open(path, "wb") as out:
+        out.write(text.encode() + b"end\t" + _sha(text.encode()) + b"\n")
+    with pytest.raises(DatabaseError, match="duplicate"):
+        SpamDatabase.load(path)
+    with pytest.raises(DatabaseError, match="duplicate"):
+        dbindex.open_database(path)

@@ -20,11 +20,11 @@ Format (little-endian)::
     header   HEADER (below): magic, format, the source's size, mtime and checksum, counts,
              bias, and where the parts lie
     head     the database's lines before the tokens, as read (UTF-8), for info and rules
-    slots    SLOTS × uint32, a power of two at most half full: 0 = empty, else the entry's
-             offset in the entries part + 1; the slot of a token is crc32(UTF-8 token) &
-             (SLOTS - 1), then the next ones (linear probing)
-    entries  per token: ham and spam counts, term weight, key length, key (``Layout``: the
-             narrowest integer types that hold the file's values)
+    buckets  BUCKETS + 1 × uint32 (BUCKETS a power of two, about half the tokens): where the
+             entries of each bucket begin in the entries part, then where the last one ends;
+             a token's bucket is crc32(UTF-8 token) & (BUCKETS - 1)
+    entries  per token, bucket after bucket: ham and spam counts, term weight, key length,
+             key (``Layout``: the narrowest types that hold the file's values)
     trailer  SHA-256 of every byte before it
 
 Must never: use an index whose checksum or source does not match, raise on a lookup for
@@ -65,7 +65,7 @@ MAGIC = b"smtpgwIX"
 FORMAT = 1
 SUFFIX = ".index"  # the index of DIR/spam.db is DIR/.spam.db.index
 # magic, format, source size, source mtime_ns, source checksum, nham, nspam, tokens, weighted tokens,
-# bias, entry layout (struct format), weight scale, slots, head offset, head length, slots offset,
+# bias, entry layout (struct format), weight scale, buckets, head offset, head length, buckets offset,
 # entries offset, entries length
 HEADER = struct.Struct("<8sIQq32sIIIId8sIIQQQQQ")
 WEIGHT_SCALE = 10_000  # weights are written with four decimals (database._weight_text)
@@ -127,7 +127,10 @@ def _source_of(path: str) -> tuple[int, int, bytes]:
 
 def build(path: str) -> tuple[tuple[int, int, bytes], list[bytes]]:
     """The index image of the database at ``path`` in parts (header first, trailer last) and the
-    source identity it was built from; DatabaseError when the database fails its checks."""
+    source identity it was built from; DatabaseError when the database fails its checks.
+
+    Its values live in arrays, not in Python objects per token, so that building it (in the
+    main process, at start) leaves no heap behind."""
     with streamed(path) as (head, rows, st):
         keys = bytearray()
         ends = array("Q")
@@ -142,18 +145,15 @@ def build(path: str) -> tuple[tuple[int, int, bytes], list[bytes]]:
     if source[:2] != (st.st_size, st.st_mtime_ns):
         raise DatabaseError(f"{path}: replaced while its index was built")
     layout = _layout(ends, counts, weights, path)
-    entries, offsets = _entries(layout, keys, ends, counts, weights)
-    weighted = sum(1 for w in weights if w)
-    del keys, counts, weights
-    slots = _slots(layout, entries, offsets, path)
+    buckets, entries = _entries(layout, keys, ends, counts, weights, path)
     head_bytes = head.text.encode("utf-8")
     head_offset = HEADER.size
-    slots_offset = _aligned(head_offset + len(head_bytes))
-    entries_offset = slots_offset + 4 * len(slots)
-    header = HEADER.pack(MAGIC, FORMAT, source[0], source[1], source[2], head.nham, head.nspam, len(offsets),
-                         weighted, head.bias, layout.format.encode("ascii"), layout.scale,
-                         len(slots), head_offset, len(head_bytes), slots_offset, entries_offset, len(entries))
-    parts = [header, head_bytes, bytes(slots_offset - head_offset - len(head_bytes)), slots.tobytes(), bytes(entries)]
+    buckets_offset = _aligned(head_offset + len(head_bytes))
+    entries_offset = buckets_offset + 4 * len(buckets)
+    header = HEADER.pack(MAGIC, FORMAT, source[0], source[1], source[2], head.nham, head.nspam, len(ends),
+                         sum(1 for w in weights if w), head.bias, layout.format.encode("ascii"), layout.scale,
+                         len(buckets) - 1, head_offset, len(head_bytes), buckets_offset, entries_offset, len(entries))
+    parts = [header, head_bytes, bytes(buckets_offset - head_offset - len(head_bytes)), buckets.tobytes(), bytes(entries)]
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
@@ -185,45 +185,58 @@ def _layout(ends: array, counts: array, weights: array, where: str) -> Layout:
     return Layout(f"<{count_type}{count_type}{weight_type}{'B' if longest <= 0xFF else 'H'}", scale)
 
 
-def _entries(layout: Layout, keys: bytearray, ends: array, counts: array, weights: array) -> tuple[bytearray, array]:
-    """The packed entries and the offset of each."""
-    entries = bytearray()
-    offsets = array("I")
-    pack, scale = layout.struct.pack, layout.scale
-    start = 0
-    for i, end in enumerate(ends):
-        if len(entries) >= 0xFFFFFFFF:
-            raise DatabaseError("spam database too large for its index")
-        offsets.append(len(entries))
+def bucket_count(tokens: int) -> int:
+    """Buckets for ``tokens`` entries: a power of two, about two entries a bucket."""
+    count = 8
+    while 2 * count < tokens:
+        count *= 2
+    return count
+
+
+def _entries(layout: Layout, keys: bytearray, ends: array, counts: array, weights: array,
+             where: str) -> tuple[array, bytearray]:
+    """The bucket offsets (one more than buckets: where each bucket's entries begin, then the end)
+    and the entries, placed bucket by bucket (a counting sort, in the file's order within one)."""
+    mask = bucket_count(len(ends)) - 1
+    starts = array("Q", [0]) + ends[:-1]
+    bucket = array("I", (zlib.crc32(keys[a:b]) & mask for a, b in zip(starts, ends)))
+    sizes = array("Q", bytes(8 * (mask + 2)))
+    for i, b in enumerate(bucket):
+        sizes[b + 1] += layout.size + ends[i] - starts[i]
+    for b in range(1, mask + 2):
+        sizes[b] += sizes[b - 1]
+    if sizes[-1] > 0xFFFFFFFF:
+        raise DatabaseError(f"{where}: too large for its index")
+    buckets = array("I", sizes)
+    entries = bytearray(sizes[-1])
+    place, scale = layout.struct.pack_into, layout.scale
+    for i, b in enumerate(bucket):
+        at, length = sizes[b], ends[i] - starts[i]
         weight = weights[i]
-        entries += pack(counts[2 * i], counts[2 * i + 1], round(weight * scale) if scale else weight, end - start)
-        entries += keys[start:end]
-        start = end
-    return entries, offsets
+        place(entries, at, counts[2 * i], counts[2 * i + 1], round(weight * scale) if scale else weight, length)
+        entries[at + layout.size:at + layout.size + length] = keys[starts[i]:ends[i]]
+        sizes[b] = at + layout.size + length
+    _no_duplicates(layout, buckets, entries, where)
+    return buckets, entries
+
+
+def _no_duplicates(layout: Layout, buckets: array, entries: bytearray, where: str) -> None:
+    """A token twice is an error, as for ``SpamDatabase.load``; equal tokens share a bucket."""
+    unpack, fixed = layout.struct.unpack_from, layout.size
+    for b in range(len(buckets) - 1):
+        at, end = buckets[b], buckets[b + 1]
+        keys = set()
+        while at < end:
+            length = unpack(entries, at)[3]
+            key = bytes(entries[at + fixed:at + fixed + length])
+            if key in keys:
+                raise DatabaseError(f"{where}: duplicate, empty or spaced token")
+            keys.add(key)
+            at += fixed + length
 
 
 def _aligned(offset: int) -> int:
     return (offset + 7) & ~7
-
-
-def _slots(layout: Layout, entries: bytearray, offsets: array, where: str) -> array:
-    """The open-addressing table of the entries (at most half full); a token twice is an error."""
-    size = 8
-    while size < 2 * len(offsets):
-        size *= 2
-    mask = size - 1
-    slots = array("I", bytes(4 * size))
-    unpack, fixed = layout.struct.unpack_from, layout.size
-    for offset in offsets:
-        key = bytes(entries[offset + fixed:offset + fixed + unpack(entries, offset)[3]])
-        i = zlib.crc32(key) & mask
-        while slots[i]:
-            other = slots[i] - 1
-            if unpack(entries, other)[3] == len(key) and entries[other + fixed:other + fixed + len(key)] == key:
-                raise DatabaseError(f"{where}: duplicate, empty or spaced token")
-            i = (i + 1) & mask
-        slots[i] = offset + 1
-    return slots
 
 
 def _build_locked(path: str, where: str, source: tuple[int, int, bytes]) -> Image:
@@ -306,9 +319,9 @@ def _check(fd: int, source: tuple[int, int, bytes]) -> str | None:
 def _bounds_ok(fields: tuple, size: int) -> bool:
     if (fields[10], fields[11]) not in LAYOUTS:
         return False
-    slots, head_offset, head_length, slots_offset, entries_offset, entries_length = fields[12:18]
-    return (slots >= 8 and slots & (slots - 1) == 0 and head_offset + head_length <= slots_offset
-            and slots_offset % 8 == 0 and entries_offset == slots_offset + 4 * slots
+    buckets, head_offset, head_length, buckets_offset, entries_offset, entries_length = fields[12:18]
+    return (buckets >= 8 and buckets & (buckets - 1) == 0 and head_offset + head_length <= buckets_offset
+            and buckets_offset % 8 == 0 and entries_offset == buckets_offset + 4 * (buckets + 1)
             and entries_offset + entries_length == size - TRAILER)
 
 
@@ -331,29 +344,26 @@ class MappedIndex:
         self.tokens, self.weighted = fields[7], fields[8]
         self.layout = Layout(fields[10].rstrip(b"\0").decode("ascii"), fields[11])
         self.mask = fields[12] - 1
-        head_offset, head_length, slots_offset, self.entries, _ = fields[13:18]
+        head_offset, head_length, buckets_offset, self.entries, _ = fields[13:18]
         self.head: Head = parse_head(bytes(image[head_offset:head_offset + head_length]).decode("utf-8"), where)
         if self.head.tokens != self.tokens:
             raise DatabaseError(f"{where}: token count differs from the database's")
-        self.slots = memoryview(image)[slots_offset:self.entries].cast("I")
+        self.buckets = memoryview(image)[buckets_offset:self.entries].cast("I")
         self._last: tuple[frozenset[str], Found] = (frozenset(), {})
 
     def get(self, token: str) -> Entry | None:
         key = token.encode("utf-8", "surrogatepass")
-        image, slots, mask, base = self.image, self.slots, self.mask, self.entries
-        layout = self.layout
+        layout, image = self.layout, self.image
         unpack, fixed = layout.struct.unpack_from, layout.size
-        i = zlib.crc32(key) & mask
-        while True:
-            offset = slots[i]
-            if not offset:
-                return None
-            offset += base - 1
+        b = zlib.crc32(key) & self.mask
+        offset, end = self.entries + self.buckets[b], self.entries + self.buckets[b + 1]
+        while offset < end:  # about two entries
             ham, spam, weight, length = unpack(image, offset)
             start = offset + fixed
             if length == len(key) and image[start:start + length] == key:
                 return ham, spam, layout.weight(weight)
-            i = (i + 1) & mask
+            offset = start + length
+        return None
 
     def found(self, unique: set[str] | frozenset[str]) -> Found:
         """The entries of a message's tokens; the last message's are kept, so that the Bayes
