@@ -96,18 +96,17 @@ def test_lookups_match_the_dicts(tmp_path) -> None:  # type: ignore[no-untyped-d
 
 def test_weights_that_are_not_four_decimals_are_kept_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "spam.db")
-    text = small_database(path).to_bytes().decode()
-    edited = text.replace("meeting\t30\t1\t-0.25", "meeting\t30\t1\t-0.123456789").rsplit("end\t", 1)[0]
-    SpamDatabase.from_bytes(edited.encode() + b"end\t" + _sha(edited.encode()) + b"\n")  # it loads
-    with open(path, "wb") as out:
-        out.write(edited.encode() + b"end\t" + _sha(edited.encode()) + b"\n")
+    write_edited(path, small_database(path), "meeting\t30\t1\t-0.25", "meeting\t30\t1\t-0.123456789")
     mapped = dbindex.open_database(path)
     assert mapped.terms.weights.get("meeting") == -0.123456789
     assert dict(mapped.terms.weights) == SpamDatabase.load(path).terms.weights
 
 
-def _sha(data: bytes) -> bytes:
-    return hashlib.sha256(data).hexdigest().encode()
+def write_edited(path: str, database: SpamDatabase, old: str, new: str) -> None:
+    """``database`` written to ``path`` with one line edited, under a checksum that matches."""
+    body = database.to_bytes().decode().replace(old, new).rsplit("end\t", 1)[0].encode()
+    with open(path, "wb") as out:
+        out.write(body + b"end\t" + hashlib.sha256(body).hexdigest().encode() + b"\n")
 
 
 def test_a_new_database_gets_a_new_index(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -177,9 +176,7 @@ def test_a_damaged_database_is_refused_even_with_an_index(tmp_path) -> None:  # 
 @pytest.mark.parametrize("line", ["viagra\t-1\t40\t1.5", "viagra\t0\t+4\t1.5", "viagra\t0\t٣\t1.5", "viagra\t0\t40"])
 def test_bad_count_fields_are_refused_by_both_readers(tmp_path, line: str) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "spam.db")
-    text = small_database(path).to_bytes().decode().replace("viagra\t0\t40\t1.5", line).rsplit("end\t", 1)[0]
-    with open(path, "wb") as out:
-        out.write(text.encode() + b"end\t" + _sha(text.encode()) + b"\n")
+    write_edited(path, small_database(path), "viagra\t0\t40\t1.5", line)
     with pytest.raises(DatabaseError, match="bad token line"):
         SpamDatabase.load(path)
     with pytest.raises(DatabaseError, match="bad token line"):
@@ -202,9 +199,7 @@ def test_the_shared_copy_is_the_mapped_one_and_reload_keeps_it_on_failure(tmp_pa
 
 def test_a_token_twice_is_refused_by_both_readers(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "spam.db")
-    text = small_database(path).to_bytes().decode().replace("lunch\t9\t0\t0", "viagra\t9\t0\t0").rsplit("end\t", 1)[0]
-    with open(path, "wb") as out:
-        out.write(text.encode() + b"end\t" + _sha(text.encode()) + b"\n")
+    write_edited(path, small_database(path), "lunch\t9\t0\t0", "viagra\t9\t0\t0")
     with pytest.raises(DatabaseError, match="duplicate"):
         SpamDatabase.load(path)
     with pytest.raises(DatabaseError, match="duplicate"):
