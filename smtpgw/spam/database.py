@@ -24,11 +24,14 @@ Format (UTF-8 text, LF line ends, fields separated by one TAB)::
 Format 1 (no ``terms-bias`` line, no WEIGHT column) still loads, with no
 term weights: the score is then the Bayes classifier's and the rules' alone.
 
-Why text and not sqlite3 or a binary format: the file is read whole at start-up
-(about 0.3 s for the shipped 2.6 MB) into a dict, which makes a lookup a hash
-probe; sorted text lines give byte-identical rebuilds and readable diffs
-between database versions; the checksum line makes a truncated or edited file
-fail to load instead of filtering with half a database.
+Why text and not sqlite3 or a binary format: sorted text lines give
+byte-identical rebuilds and readable diffs between database versions; the
+checksum line makes a truncated or edited file fail to load instead of
+filtering with half a database. The gateway does not filter with this form:
+``dbindex`` builds a binary hash table from it (``streamed`` reads it line by
+line with the same checks as ``load``), which every process maps and shares.
+``load`` (the whole file into dicts) serves learning, the command line and
+the update checks.
 
 Must never: replace a good database with one that failed validation, leave a
 half-written file under the database name, or accept a token containing a TAB,
