@@ -9,7 +9,11 @@ and PSS (/proc/PID/smaps_rollup: a page shared by N processes counts 1/N) of the
 process and of each worker, and their totals; then opens ``--idle`` SMTP sessions that
 stay idle after the greeting and prints the same again, with the cost per session.
 
-    python3 bench/memory.py [--idle 1000] [--messages 40] [--senders 4]
+    python3 bench/memory.py [--idle 1000] [--messages 40] [--senders 4] [--detail] [--trace]
+
+``--detail`` adds each process's largest mappings; ``--trace`` runs the gateway under
+tracemalloc (slower, more memory: its figures are not the plain ones) and prints the bytes
+the main process allocated per idle session and the lines that allocated them.
 
 Must never: talk to anything but 127.0.0.1, wait without a deadline, or assert (it prints).
 """
@@ -129,6 +133,14 @@ def warm_up(gw: GatewayProcess, count: int, senders: int) -> None:
     gw.wait_log(r"status=sent", 300, count=len(batch))
 
 
+def show_traced(before: dict, after: dict, sessions: int) -> None:
+    """What the main process allocated for the sessions (the ``.c_memory`` report's tracemalloc part)."""
+    print(f"traced per idle session: {(after['traced_bytes'] - before['traced_bytes']) / sessions:.0f} bytes; "
+          "largest sources:")
+    for line in after["grown_since_last"][:10]:
+        print("  " + line.replace(REPO + os.sep, ""))
+
+
 def idle_sessions(port: int, count: int) -> list[socket.socket]:
     socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(count)]
     for sock in socks:
@@ -143,11 +155,15 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=40)
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--detail", action="store_true", help="the largest mappings of each process (MiB)")
+    parser.add_argument("--trace", action="store_true",
+                        help="trace the main process's allocations (PYTHONTRACEMALLOC): bytes per idle session and where")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, args.idle * 2 + 200)), hard))
     print(f"{os.cpu_count()} cores; spam check on; {args.messages} messages over {args.senders} sessions, "
           f"then {args.idle} idle sessions")
+    if args.trace:
+        os.environ["PYTHONTRACEMALLOC"] = "1"  # inherited by the gateway (and its workers)
     with tempfile.TemporaryDirectory(prefix="smtpgw-memory-") as tmp:
         sink = Sink()
         clamd = start_clamd()
@@ -171,9 +187,12 @@ def main() -> int:
                 if "spam database index" in line:
                     print(line.split(" ", 2)[-1])
             at_rest = show("at rest, after the messages:", snapshot(gw.proc.pid), args.detail)
+            traced = gw.memory_report()["tracemalloc"] if args.trace else None
             socks = idle_sessions(gw.port, args.idle)
             try:
                 busy = show(f"with {args.idle} idle sessions:", snapshot(gw.proc.pid), args.detail)
+                if traced is not None and args.idle:
+                    show_traced(traced, gw.memory_report()["tracemalloc"], args.idle)
             finally:
                 for sock in socks:
                     sock.close()
