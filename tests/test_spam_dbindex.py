@@ -23,6 +23,13 @@ SHIPPED = database_file(default_bases())
 SAMPLE_EVERY = 40  # one corpus message in 40: about 250 of them, from every set
 
 
+@pytest.fixture
+def logs(caplog, monkeypatch):  # type: ignore[no-untyped-def]
+    """caplog, with the gateway's loggers reaching it (smtpgw.log.setup may have closed them)."""
+    monkeypatch.setattr(logging.getLogger("smtpgw"), "propagate", True)
+    return caplog
+
+
 def corpus_sample() -> list[bytes]:
     if not os.path.isdir(CORPUS):
         missing(f"corpus not found at {CORPUS}")
@@ -120,7 +127,7 @@ def test_a_new_database_gets_a_new_index(tmp_path) -> None:  # type: ignore[no-u
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "foreign"])
-def test_a_damaged_index_is_built_again(tmp_path, caplog, damage: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_damaged_index_is_built_again(tmp_path, logs, damage: str) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "spam.db")
     small_database(path)
     dbindex.open_database(path)
@@ -138,24 +145,24 @@ def test_a_damaged_index_is_built_again(tmp_path, caplog, damage: str) -> None: 
         f.seek(0)
         f.truncate()
         f.write(data)
-    with caplog.at_level(logging.WARNING, logger="smtpgw.spam.dbindex"):
+    with logs.at_level(logging.WARNING, logger="smtpgw.spam.dbindex"):
         mapped = dbindex.open_database(path)
     assert mapped.bayes.counts.get("viagra") == (0, 40)
-    assert any("built again" in r.getMessage() for r in caplog.records)
+    assert any("built again" in r.getMessage() for r in logs.records)
     with open(index, "rb") as f:
         fd = f.fileno()
         assert dbindex._check(fd, dbindex._source_of(path)) is None  # written anew, whole
 
 
-def test_an_index_that_cannot_be_written_stays_in_memory(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_an_index_that_cannot_be_written_stays_in_memory(tmp_path, logs) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "spam.db")
     small_database(path)
     os.mkdir(dbindex.index_file(path))  # in the way of the rename, whoever runs this
-    with caplog.at_level(logging.WARNING, logger="smtpgw.spam.dbindex"):
+    with logs.at_level(logging.WARNING, logger="smtpgw.spam.dbindex"):
         mapped = dbindex.open_database(path)
     assert mapped.bayes.counts.get("lunch") == (9, 0)
     assert isinstance(mapped.bayes.index.image, bytes)
-    assert any("keeps its own copy" in r.getMessage() for r in caplog.records)
+    assert any("keeps its own copy" in r.getMessage() for r in logs.records)
 
 
 def test_a_damaged_database_is_refused_even_with_an_index(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -55,6 +55,9 @@ def test_a_signed_update_changes_the_verdict_of_a_running_gateway(make_gateway, 
         assert done.returncode == UPDATED, done.stdout + done.stderr
         assert "signed by ed25519:" in done.stdout
         gw.wait_log(r"databases reloaded")
+        # the shared index of spam.db (spam/dbindex.py): built at start, and again for the new one
+        gw.wait_log(r"spam database index \S+ is of another spam.db: built again")
+        assert len(gw.wait_log(r"spam database index \S+ built$", count=2)) == 2
         send(gw, HAM)
         assert verdict(sink, 2) == b"Spam"
 
