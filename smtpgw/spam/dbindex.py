@@ -44,7 +44,7 @@ import struct
 import zlib
 from abc import abstractmethod
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TypeVar, Union
 
 from smtpgw.spam.bayes import Bayes, clue_probability
@@ -352,18 +352,7 @@ class MappedIndex:
         self._last: tuple[frozenset[str], Found] = (frozenset(), {})
 
     def get(self, token: str) -> Entry | None:
-        key = token.encode("utf-8", "surrogatepass")
-        layout, image = self.layout, self.image
-        unpack, fixed = layout.struct.unpack_from, layout.size
-        b = zlib.crc32(key) & self.mask
-        offset, end = self.entries + self.buckets[b], self.entries + self.buckets[b + 1]
-        while offset < end:  # about two entries
-            ham, spam, weight, length = unpack(image, offset)
-            start = offset + fixed
-            if length == len(key) and image[start:start + length] == key:
-                return ham, spam, layout.weight(weight)
-            offset = start + length
-        return None
+        return self._find((token,)).get(token)
 
     def found(self, unique: set[str] | frozenset[str]) -> Found:
         """The entries of a message's tokens; the last message's are kept, so that the Bayes
@@ -371,14 +360,29 @@ class MappedIndex:
         last, entries = self._last
         if len(unique) == len(last) and unique == last:
             return entries
-        get = self.get
-        entries = {}
-        for token in unique:
-            entry = get(token)
-            if entry is not None:
-                entries[token] = entry
+        entries = self._find(unique)
         self._last = (frozenset(unique), entries)  # one assignment: a concurrent reader sees a pair
         return entries
+
+    def _find(self, tokens: Iterable[str]) -> Found:
+        """The entries of those ``tokens`` the database has (the hot path: one loop, no calls per token)."""
+        image, buckets, base, mask = self.image, self.buckets, self.entries, self.mask
+        unpack, fixed, scale = self.layout.struct.unpack_from, self.layout.size, self.layout.scale
+        crc32 = zlib.crc32
+        found: Found = {}
+        for token in tokens:
+            key = token.encode("utf-8", "surrogatepass")
+            length = len(key)
+            b = crc32(key) & mask
+            offset, end = base + buckets[b], base + buckets[b + 1]
+            while offset < end:  # about two entries
+                ham, spam, weight, size = unpack(image, offset)
+                offset += fixed
+                if size == length and image[offset:offset + length] == key:
+                    found[token] = (ham, spam, weight / scale if scale else weight)
+                    break
+                offset += size
+        return found
 
     def items(self) -> Iterator[tuple[str, Entry]]:
         """Every entry, in the file's order."""
