@@ -183,9 +183,6 @@ def main() -> int:
         try:
             warm_up(gw, args.messages, args.senders)
             wait_until(lambda: len(descendants(gw.proc.pid)) > 0, 30, "scanner workers")
-            for line in gw.log_text().splitlines():
-                if "spam database index" in line:
-                    print(line.split(" ", 2)[-1])
             at_rest = show("at rest, after the messages:", snapshot(gw.proc.pid), args.detail)
             traced = gw.memory_report()["tracemalloc"] if args.trace else None
             socks = idle_sessions(gw.port, args.idle)
