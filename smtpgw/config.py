@@ -40,7 +40,6 @@ import ipaddress
 import os
 import pwd
 import re
-import ssl
 import sys
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -924,6 +923,8 @@ class _Loader:
         for name in unreadable:
             self.problem(self.at(network, name), f"{name}: cannot read {getattr(network, name)}")
         if not unreadable:
+            import ssl  # here, not at the top: a scanner worker, which never speaks TLS, saves ~5 MiB
+
             try:
                 ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certificate, key)
             except (ssl.SSLError, OSError) as error:

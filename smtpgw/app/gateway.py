@@ -55,7 +55,8 @@ from smtpgw.scan import antivirus
 from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
 from smtpgw.scan.scanner import Scanner
 from smtpgw.scan.workers import worker_config_path
-from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
+from smtpgw.spam.database import DatabaseError, database_file, site_file
+from smtpgw.spam.dbindex import open_database
 from smtpgw.spam.spamfilter import default_bases, describe, site_layer
 from smtpgw.spool.queue import QUE, SND, WFC, WFS, Committer, Envelope, Queue, write_durably
 from smtpgw.spool.store import Item, Store, lifetimes, purge_stores
@@ -84,7 +85,7 @@ def bases_versions(cfg: Config) -> str:
     if cfg.antispam.Check:
         bases = cfg.base.BasesPath or default_bases()
         try:
-            spam = describe(SpamDatabase.load(database_file(bases)))
+            spam = describe(open_database(database_file(bases)))
         except DatabaseError as exc:
             spam = f"unusable: {exc}"
         spam += f" (site layer: {site_layer(site_file(bases))})"
@@ -159,12 +160,13 @@ class Gateway:
         """Why the spam database the scanner workers would load is unusable, or None.
 
         Every worker loads it when it starts (scanjob.Job); a damaged or missing file would make each
-        worker exit and every message wait in WFC with nothing in the log saying why."""
+        worker exit and every message wait in WFC with nothing in the log saying why. Opening it
+        builds its shared index (spam/dbindex.py) when needed, before the workers map it."""
         if not cfg.antispam.Check:
             return None
         path = database_file(cfg.base.BasesPath or default_bases())
         try:
-            SpamDatabase.load(path)
+            open_database(path)
         except DatabaseError as exc:
             return f"spam database unusable: {exc}"
         return None

@@ -69,34 +69,36 @@ class SessionChecks:
         self.host = host
         self.ip = client_ip
         self.facts: dict[str, dict[str, bool]] = {kind: {} for kind in RULE_KINDS}
-        self.unknown: dict[str, set[str]] = {kind: set() for kind in RULE_KINDS}  # lookups that failed
-        self.generation = dict.fromkeys(RULE_KINDS, 0)  # bumped when a kind's facts are replaced
+        self.unknown: dict[str, set[str]] = {}  # per kind, the lookups that failed (made on the first)
+        self.generation: dict[str, int] = {}  # per kind, bumped when its facts are replaced (0 before)
         self.pending = 0
         self.waiters: list[Callable[[], None]] = []
         self.client_name: str | None = None
         self.dnsbl_listed: list[str] = []
         self.lookups: list[object] = []
-        access_cfg = host.cfg.access
-        self.rules = {kind: getattr(access_cfg, kind) for kind in RULE_KINDS}
+        self.access = host.cfg.access  # the rules as the session began (a reload does not change them)
+
+    def rules(self, kind: str) -> list[access.ConditionRule]:
+        return getattr(self.access, kind)
 
     def _needs(self, kind: str, *facts: str) -> bool:
-        return any(r.condition != "any" and access.CONDITIONS[kind][r.condition][0] in facts for r in self.rules[kind])
+        return any(r.condition != "any" and access.CONDITIONS[kind][r.condition][0] in facts for r in self.rules(kind))
 
     def _renew(self, kind: str) -> Callable[[str, bool, bool], None]:
         """Forget ``kind``'s facts; returns the recorder of the facts that replace them."""
         self.facts[kind].clear()
-        self.unknown[kind].clear()
-        self.generation[kind] += 1
+        self.unknown.pop(kind, None)
+        self.generation[kind] = self.generation.get(kind, 0) + 1
         return self._recorder(kind)
 
     def _recorder(self, kind: str) -> Callable[[str, bool, bool], None]:
-        generation = self.generation[kind]
+        generation = self.generation.get(kind, 0)
 
         def record(fact: str, value: bool, failed: bool) -> None:
-            if self.generation[kind] != generation:
+            if self.generation.get(kind, 0) != generation:
                 return  # the answer for an earlier HELO or MAIL, whose facts were replaced since
             if failed:
-                self.unknown[kind].add(fact)
+                self.unknown.setdefault(kind, set()).add(fact)
             else:
                 self.facts[kind][fact] = value
 
@@ -199,14 +201,15 @@ class SessionChecks:
     def decide(self, recipient: str) -> Reply | None:
         """The refusal for this recipient, or None; the first matching rule of each list decides."""
         for kind in RULE_KINDS:
-            rules, facts = self.rules[kind], self.facts[kind]
+            rules, facts = self.rules(kind), self.facts[kind]
             if not rules:
                 continue
             rule = access.first_match(rules, facts, recipient)
-            if self.unknown[kind]:
+            unknown = self.unknown.get(kind)
+            if unknown:
                 # What if the facts we could not check were the worst ones?
                 worst = dict(facts)
-                for fact in self.unknown[kind]:
+                for fact in unknown:
                     worst[fact] = _worst_value(rules, fact)
                 pessimistic = access.first_match(rules, worst, recipient)
                 if pessimistic is not None and not pessimistic.allow and (rule is None or rule.allow):

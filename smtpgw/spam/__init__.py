@@ -12,7 +12,8 @@ Owns the public API used by the scanner and the command line:
 Modules: ``mailview`` (bounded decoded view of a message), ``htmltext`` (HTML to
 text and HTML tricks), ``tokenizer``, ``received`` (trace-field hints),
 ``formalsigns``, ``modernsigns`` (signs of today's phishing and of legitimate
-bulk mail), ``rules``, ``bayes``, ``database`` (file format), ``lists``
+bulk mail), ``rules``, ``bayes``, ``database`` (file format), ``dbindex`` (the
+shipped database as a mapped hash table, shared by every process), ``lists``
 (white/black lists), ``verdict``, ``spamfilter``, ``training``, ``mailsource``
 and ``cli``.
 

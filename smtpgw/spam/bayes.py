@@ -57,6 +57,12 @@ def token_probability(ham: int, spam: int, nham: int, nspam: int) -> float:
     return (UNKNOWN_WORD_STRENGTH * UNKNOWN_WORD_PROB + n * p) / (UNKNOWN_WORD_STRENGTH + n)
 
 
+def clue_probability(ham: int, spam: int, nham: int, nspam: int) -> float:
+    """f(w) of a token that is a clue (at least ``MIN_DEVIATION`` from 0.5), else 0.0 (never an f(w))."""
+    p = token_probability(ham, spam, nham, nspam)
+    return p if abs(p - 0.5) >= MIN_DEVIATION else 0.0
+
+
 def combine(probabilities: Iterable[float]) -> float:
     """Fisher's chi-square combination of clue probabilities: SpamBayes' indicator.
 
@@ -135,8 +141,8 @@ class Bayes:
             nham, nspam = self.nham, self.nspam
             table: dict[str, float] = {}
             for token, (ham, spam) in self.counts.items():
-                p = token_probability(ham, spam, nham, nspam)
-                if abs(p - 0.5) >= MIN_DEVIATION:
+                p = clue_probability(ham, spam, nham, nspam)
+                if p:
                     table[token] = p
             self._clues = table
         return self._clues
@@ -145,20 +151,24 @@ class Bayes:
         """The message's Bayes score; with ``site``, its counts are added to these at lookup time
         (a token the site never learned keeps its probability from this table)."""
         unique = tokens if isinstance(tokens, (set, frozenset)) else set(tokens)
-        table = self.clue_table()
-        if site is None or not (site.nham or site.nspam):
-            probabilities = {t: table[t] for t in table.keys() & unique}
-        else:
-            probabilities = self._layered(unique, site, table)
+        probabilities = self.clues_of(unique)
+        if site is not None and (site.nham or site.nspam):
+            probabilities = self._layered(unique, site, probabilities)
         ranked = sorted(((abs(p - 0.5), t) for t, p in probabilities.items()), reverse=True)[:MAX_CLUES]
         clues = [(t, probabilities[t]) for _, t in ranked]
         return BayesResult(combine(p for _, p in clues), clues)
 
-    def _layered(self, unique: set[str] | frozenset[str], site: Bayes, table: dict[str, float]) -> dict[str, float]:
+    def clues_of(self, unique: set[str] | frozenset[str]) -> dict[str, float]:
+        """The message's tokens that are clues here, with their probabilities."""
+        table = self.clue_table()
+        return {t: table[t] for t in table.keys() & unique}
+
+    def _layered(self, unique: set[str] | frozenset[str], site: Bayes, own: dict[str, float]) -> dict[str, float]:
+        """``own`` (the message's clues here) with the site layer's summed counts where it learned the token."""
         combined = site.over(self)
         probabilities: dict[str, float] = {}
         for token in unique:  # the message's few hundred tokens, not the layers' thousands
-            p = combined[token] if token in combined else table.get(token)
+            p = combined[token] if token in combined else own.get(token)
             if p is not None:
                 probabilities[token] = p
         return probabilities
@@ -174,8 +184,7 @@ class Bayes:
         base = shipped.counts
         for token, (more_ham, more_spam) in self.counts.items():
             ham, spam = base.get(token, (0, 0))
-            p = token_probability(ham + more_ham, spam + more_spam, nham, nspam)
-            combined[token] = p if abs(p - 0.5) >= MIN_DEVIATION else None
+            combined[token] = clue_probability(ham + more_ham, spam + more_spam, nham, nspam) or None
         self._over = (shipped, combined)
         return combined
 

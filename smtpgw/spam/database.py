@@ -24,11 +24,14 @@ Format (UTF-8 text, LF line ends, fields separated by one TAB)::
 Format 1 (no ``terms-bias`` line, no WEIGHT column) still loads, with no
 term weights: the score is then the Bayes classifier's and the rules' alone.
 
-Why text and not sqlite3 or a binary format: the file is read whole at start-up
-(about 0.3 s for the shipped 2.6 MB) into a dict, which makes a lookup a hash
-probe; sorted text lines give byte-identical rebuilds and readable diffs
-between database versions; the checksum line makes a truncated or edited file
-fail to load instead of filtering with half a database.
+Why text and not sqlite3 or a binary format: sorted text lines give
+byte-identical rebuilds and readable diffs between database versions; the
+checksum line makes a truncated or edited file fail to load instead of
+filtering with half a database. The gateway does not filter with this form:
+``dbindex`` builds a binary hash table from it (``streamed`` reads it line by
+line with the same checks as ``load``), which every process maps and shares.
+``load`` (the whole file into dicts) serves learning, the command line and
+the update checks.
 
 Must never: replace a good database with one that failed validation, leave a
 half-written file under the database name, or accept a token containing a TAB,
@@ -41,9 +44,10 @@ import fcntl
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from smtpgw.spam.bayes import Bayes
 from smtpgw.spam.rules import Rule, RuleError, parse_rule
@@ -111,28 +115,7 @@ class SpamDatabase:
 
     def save(self, path: str) -> None:
         """Write atomically: a reader sees the old file or the new one, never a mix."""
-        data = self.to_bytes()
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".spam.db.", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, [self.to_bytes()])
 
     # -- reading -------------------------------------------------------------------------------
     @classmethod
@@ -155,45 +138,88 @@ class SpamDatabase:
             lines = body.decode("utf-8").split("\n")
         except UnicodeDecodeError:
             raise DatabaseError(f"{where}: not UTF-8") from None
-        reader = _Lines(lines, where)
-        magic, version = reader.pair()
-        if magic != MAGIC:
-            raise DatabaseError(f"{where}: not a spam database")
-        if version not in READABLE_FORMATS:
-            raise DatabaseError(f"{where}: unsupported format version {version}")
-        info = DatabaseInfo(version=reader.value("version"), date=reader.value("date"), format=int(version))
-        nham = reader.number("ham")
-        nspam = reader.number("spam")
-        info.source = reader.value("source")
-        rules = []
-        for _ in range(reader.number("rules")):
-            line, number = reader.next()
-            try:
-                rules.append(parse_rule(line.replace("\t", " "), f"{where}:{number}"))
-            except RuleError as exc:
-                raise DatabaseError(str(exc)) from None
-        weighted = info.format >= 2
-        bias = reader.weight("terms-bias") if weighted else 0.0
-        counts, weights = reader.tokens(reader.number("tokens"), weighted)
-        reader.finish()
-        return cls(info, Bayes(counts, nham, nspam), rules, Terms(weights, bias))
+        if lines and lines[-1] == "":
+            lines.pop()
+        reader = _Lines(iter(lines), where)
+        head = read_head(reader)
+        counts: dict[str, tuple[int, int]] = {}
+        weights: dict[str, float] = {}
+        for token, ham, spam, weight in reader.rows(head.tokens, head.weighted):
+            counts[token] = (ham, spam)
+            if weight:
+                weights[token] = weight
+        if len(counts) != head.tokens:
+            raise DatabaseError(f"{where}: duplicate, empty or spaced token")
+        return cls(head.info, Bayes(counts, head.nham, head.nspam), head.rules, Terms(weights, head.bias))
+
+
+@dataclass
+class Head:
+    """What precedes the token lines: metadata, message counts, rules, terms bias, token count,
+    and those lines as read (``text``), which ``parse_head`` reads again."""
+
+    info: DatabaseInfo
+    nham: int
+    nspam: int
+    rules: list[Rule]
+    bias: float
+    tokens: int
+    text: str
+
+    @property
+    def weighted(self) -> bool:
+        return self.info.format >= 2
+
+
+def read_head(reader: _Lines) -> Head:
+    """The lines before the tokens, checked as ``SpamDatabase.load`` checks them."""
+    where = reader.where
+    magic, version = reader.pair()
+    if magic != MAGIC:
+        raise DatabaseError(f"{where}: not a spam database")
+    if version not in READABLE_FORMATS:
+        raise DatabaseError(f"{where}: unsupported format version {version}")
+    info = DatabaseInfo(version=reader.value("version"), date=reader.value("date"), format=int(version))
+    nham = reader.number("ham")
+    nspam = reader.number("spam")
+    info.source = reader.value("source")
+    rules = []
+    for _ in range(reader.number("rules")):
+        line, number = reader.next()
+        try:
+            rules.append(parse_rule(line.replace("\t", " "), f"{where}:{number}"))
+        except RuleError as exc:
+            raise DatabaseError(str(exc)) from None
+    bias = reader.weight("terms-bias") if info.format >= 2 else 0.0
+    tokens = reader.number("tokens")
+    return Head(info, nham, nspam, rules, bias, tokens, "".join(line + "\n" for line in reader.taken))
+
+
+def parse_head(text: str, where: str) -> Head:
+    """A ``Head`` from its ``text`` alone (nothing may follow it)."""
+    reader = _Lines(iter(text.split("\n")[:-1]), where)
+    head = read_head(reader)
+    reader.finish()
+    return head
 
 
 class _Lines:
-    """Sequential reader of the database lines with precise error messages."""
+    """Sequential reader of the database lines (an iterator: the file need not be in memory)
+    with precise error messages; the lines before the tokens are kept in ``taken``."""
 
-    def __init__(self, lines: list[str], where: str) -> None:
-        if lines and lines[-1] == "":
-            lines.pop()
+    def __init__(self, lines: Iterator[str], where: str) -> None:
         self.lines = lines
         self.pos = 0
         self.where = where
+        self.taken: list[str] = []
 
     def next(self) -> tuple[str, int]:
-        if self.pos >= len(self.lines):
+        line = next(self.lines, None)
+        if line is None:
             raise DatabaseError(f"{self.where}: unexpected end of file")
         self.pos += 1
-        return self.lines[self.pos - 1], self.pos
+        self.taken.append(line)
+        return line, self.pos
 
     def pair(self) -> tuple[str, str]:
         line, number = self.next()
@@ -210,7 +236,7 @@ class _Lines:
 
     def number(self, key: str) -> int:
         text = self.value(key)
-        if not text.isdigit() or int(text) > MAX_COUNT:
+        if not _is_count(text):
             raise DatabaseError(f"{self.where}:{self.pos}: bad {key} count {text!r}")
         return int(text)
 
@@ -221,32 +247,110 @@ class _Lines:
         except ValueError:
             raise DatabaseError(f"{self.where}:{self.pos}: bad term weight {text!r}") from None
 
-    def tokens(self, count: int, weighted: bool) -> tuple[dict[str, tuple[int, int]], dict[str, float]]:
-        """The token lines: counts and, in format 2, the term weights (zeros left out)."""
-        end = self.pos + count
-        if end > len(self.lines):
-            raise DatabaseError(f"{self.where}: fewer token lines than announced")
-        counts: dict[str, tuple[int, int]] = {}
-        weights: dict[str, float] = {}
-        try:
-            for line in self.lines[self.pos : end]:
-                if weighted:
-                    token, ham, spam, weight = line.split("\t")
-                    if weight != "0":
-                        weights[token] = _parse_weight(weight)
-                else:
-                    token, ham, spam = line.split("\t")
-                counts[token] = (int(ham), int(spam))
-        except ValueError:
-            raise DatabaseError(f"{self.where}: bad token line near line {self.pos + len(counts) + 1}") from None
-        if len(counts) != count or any(" " in t or not t for t in counts):
-            raise DatabaseError(f"{self.where}: duplicate, empty or spaced token")
-        self.pos = end
-        return counts, weights
+    def rows(self, count: int, weighted: bool) -> Iterator[tuple[str, int, int, float]]:
+        """The ``count`` token lines as (token, ham, spam, weight), each checked (a weight of 0 in
+        format 1); then nothing may follow. Duplicates are the caller's to find."""
+        where = self.where
+        for _ in range(count):
+            line = next(self.lines, None)
+            if line is None:
+                raise DatabaseError(f"{where}: fewer token lines than announced")
+            self.pos += 1
+            fields = line.split("\t")
+            if len(fields) != (4 if weighted else 3) or not (_is_count(fields[1]) and _is_count(fields[2])):
+                raise DatabaseError(f"{where}: bad token line near line {self.pos}")
+            try:
+                weight = _parse_weight(fields[3]) if weighted and fields[3] != "0" else 0.0
+            except ValueError:
+                raise DatabaseError(f"{where}: bad token line near line {self.pos}") from None
+            token = fields[0]
+            if not token or " " in token:
+                raise DatabaseError(f"{where}: duplicate, empty or spaced token")
+            yield token, int(fields[1]), int(fields[2]), weight
+        self.finish()
 
     def finish(self) -> None:
-        if self.pos != len(self.lines):
+        if next(self.lines, None) is not None:
             raise DatabaseError(f"{self.where}:{self.pos + 1}: unexpected data after the tokens")
+
+
+def _is_count(text: str) -> bool:
+    return text.isascii() and text.isdigit() and int(text) <= MAX_COUNT
+
+
+@contextmanager
+def streamed(path: str) -> Iterator[tuple[Head, Iterator[tuple[str, int, int, float]], os.stat_result]]:
+    """The database at ``path`` read line by line, with the checks of ``SpamDatabase.load``: its
+    head, the token rows (read them all: the last step checks the end), and the file's stat.
+
+    A first pass checks the size and the checksum, a second one parses: memory stays a few
+    lines whatever the size of the file."""
+    try:
+        src = open(path, "rb")
+    except OSError as exc:
+        raise DatabaseError(f"{path}: {exc.strerror or exc}") from None
+    with src:
+        st = os.fstat(src.fileno())
+        if st.st_size > MAX_FILE_BYTES:
+            raise DatabaseError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+        body_lines = _checked_lines(src, path)
+        src.seek(0)
+        reader = _Lines(_decoded(src, body_lines, path), path)
+        head = read_head(reader)
+        yield head, reader.rows(head.tokens, head.weighted), st
+
+
+def _checked_lines(src: BinaryIO, where: str) -> int:
+    """The number of lines before the ``end`` line, once their SHA-256 matches it."""
+    digest = hashlib.sha256()
+    count = 0
+    last = b""
+    for raw in src:
+        if last:
+            digest.update(last)
+            count += 1
+        last = raw
+    if not last.endswith(b"\n") or not last.startswith(b"end\t"):
+        raise DatabaseError(f"{where}: truncated (no end line)")
+    if last[4:-1].decode("ascii", "replace") != digest.hexdigest():
+        raise DatabaseError(f"{where}: checksum mismatch (damaged or edited file)")
+    return count
+
+
+def _decoded(src: BinaryIO, count: int, where: str) -> Iterator[str]:
+    """The first ``count`` lines of ``src``, without their LF, decoded as UTF-8."""
+    for _, raw in zip(range(count), src):
+        try:
+            yield raw[:-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise DatabaseError(f"{where}: not UTF-8") from None
+
+
+def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
+    """``path`` made of ``chunks``: temp file, fsync, rename, fsync of the folder; a reader sees
+    the old file or the new one, never a mix."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _split_trailer(data: bytes, where: str) -> tuple[bytes, str]:

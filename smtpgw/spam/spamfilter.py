@@ -40,6 +40,7 @@ from smtpgw import PACKAGE_DIR
 
 from smtpgw.spam import mailview, tokenizer
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
+from smtpgw.spam.dbindex import open_database
 from smtpgw.spam.formalsigns import address_of
 from smtpgw.spam.lists import SenderLists
 from smtpgw.spam.rules import RuleSet
@@ -83,7 +84,8 @@ def _file_key(path: str) -> tuple[int, int, int]:
 
 
 def load_shared(path: str, force: bool = False) -> tuple[SpamDatabase, RuleSet]:
-    """The process-wide copy of the database at ``path``, loaded again only when the file changed."""
+    """The process-wide copy of the database at ``path`` (its mapped index, ``dbindex``), opened
+    again only when the file changed."""
     try:
         key = _file_key(path)
     except OSError as exc:
@@ -92,7 +94,7 @@ def load_shared(path: str, force: bool = False) -> tuple[SpamDatabase, RuleSet]:
         cached = _CACHE.get(path)
         if cached is not None and cached[0] == key and not force:
             return cached[1], cached[2]
-        database = SpamDatabase.load(path)
+        database = open_database(path)  # mapped: the pages are shared with every other process
         rules = RuleSet(database.rules)
         _CACHE[path] = (key, database, rules)
         return database, rules

@@ -72,8 +72,11 @@ class Terms:
     def score(self, tokens: Iterable[str]) -> float:
         """The message's log-odds of being spam according to the weights."""
         unique = tokens if isinstance(tokens, (set, frozenset)) else set(tokens)
-        total = math.fsum(filter(None, map(self.weights.get, unique)))  # exact: the order does not matter
-        return min(max(self.bias + total, -MAX_LOG_ODDS), MAX_LOG_ODDS)
+        return min(max(self.bias + self.weight_sum(unique), -MAX_LOG_ODDS), MAX_LOG_ODDS)
+
+    def weight_sum(self, unique: set[str] | frozenset[str]) -> float:
+        """The sum of the weights of these terms; exact (math.fsum), so the order does not matter."""
+        return math.fsum(filter(None, map(self.weights.get, unique)))
 
     def learn(self, tokens: Iterable[str], is_spam: bool, offset: float = 0.0, learn_bias: bool = True) -> int:
         """Update the weights until this message is judged right by ``MARGIN``; returns the updates made.

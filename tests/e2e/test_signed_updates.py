@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import os
 
+from smtpgw.spam import dbindex
 from smtpgw.spam.database import DatabaseInfo, SpamDatabase
 from smtpgw.spam.rules import parse_rule
 from smtpgw.update import signing
@@ -55,6 +56,11 @@ def test_a_signed_update_changes_the_verdict_of_a_running_gateway(make_gateway, 
         assert done.returncode == UPDATED, done.stdout + done.stderr
         assert "signed by ed25519:" in done.stdout
         gw.wait_log(r"databases reloaded")
+        # the shared index (spam/dbindex.py) of the old spam.db was left; the new one has its own
+        gw.wait_log(r"spam database index \S+ is of another spam.db: built again")
+        installed = os.path.join(bases, "spam", "spam.db")
+        with open(dbindex.index_file(installed), "rb") as index:
+            assert dbindex._check(index.fileno(), dbindex._source_of(installed)) is None
         send(gw, HAM)
         assert verdict(sink, 2) == b"Spam"
 
