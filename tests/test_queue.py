@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
+from smtpgw.spool.durable import unlink_if_present, write_durably
+from smtpgw.spool.iopool import IOPool
 from smtpgw.spool.queue import CHK, QUE, SND, WFC, Envelope, Queue, Recipient, new_id
 
 
@@ -70,3 +73,39 @@ def test_records_round_trip(tmp_path):
     assert again == env
     with open(queue.record_path(WFC, env.id)) as f:
         assert json.load(f)["recipients"][0]["notify"] == ["SUCCESS"]
+
+
+def test_write_durably_replaces_whole_files_and_leaves_no_temp(tmp_path):
+    path = str(tmp_path / "file")
+    write_durably(path, b"old")
+    write_durably(path, b"x" * 300_000, sync_dir=False)
+    assert open(path, "rb").read() == b"x" * 300_000
+    assert os.listdir(tmp_path) == ["file"]
+    unlink_if_present(path)
+    unlink_if_present(path)  # already gone: not an error
+    assert os.listdir(tmp_path) == []
+
+
+def test_group_committed_record_is_the_same_record(tmp_path):
+    queue = Queue(str(tmp_path))
+    env = make(queue, WFC)
+    queue.write_record(QUE, env, sync_dirs=False)
+    assert open(queue.record_path(QUE, env.id), "rb").read() == open(queue.record_path(WFC, env.id), "rb").read()
+    assert sorted(os.listdir(tmp_path / QUE)) == [env.id]
+
+
+def test_io_pool_hands_results_and_errors_back_through_the_loop():
+    handed: list[tuple[object, object]] = []
+    done = threading.Event()
+
+    def call_soon_threadsafe(callback, *args):
+        callback(*args)
+        if len(handed) == 2:
+            done.set()
+
+    pool = IOPool(call_soon_threadsafe, threads=1)
+    pool.call(lambda: 42, lambda result, error: handed.append((result, error)))
+    pool.call(lambda: 1 / 0, lambda result, error: handed.append((result, type(error))))
+    assert done.wait(10)
+    pool.close()
+    assert handed == [(42, None), (None, ZeroDivisionError)]

@@ -30,7 +30,8 @@ from smtpgw.app import memory
 from smtpgw.spam.database import DatabaseError, site_file
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.spam.training import learn_files
-from smtpgw.spool.queue import CHK, QUE, STAGED, STATES, WFC, WFS, write_durably
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import CHK, QUE, STAGED, STATES, WFC, WFS
 
 if TYPE_CHECKING:
     from smtpgw.app.gateway import Gateway

@@ -55,7 +55,8 @@ from smtpgw.scan.scanner import Scanner
 from smtpgw.scan.workers import worker_config_path
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
 from smtpgw.spam.spamfilter import default_bases, describe, site_layer
-from smtpgw.spool.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id, write_durably
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id
 from smtpgw.spool.store import Item, Store, lifetimes, purge_stores
 from smtpgw.stats import Stats, history_path, save as save_stats
 

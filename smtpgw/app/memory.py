@@ -27,7 +27,7 @@ import tracemalloc
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from smtpgw.spool.queue import write_durably
+from smtpgw.spool.durable import write_durably
 
 if TYPE_CHECKING:
     from smtpgw.app.gateway import Gateway

@@ -36,7 +36,8 @@ from smtpgw.scan.clamd import ClamdError, ClamdServer
 from smtpgw.spam.database import database_file
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.spam.training import learn_files
-from smtpgw.spool.queue import STATES, Envelope, write_durably
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import STATES, Envelope
 
 if TYPE_CHECKING:
     from smtpgw.app.gateway import Gateway

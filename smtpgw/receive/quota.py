@@ -38,7 +38,7 @@ from smtpgw.reports import notify
 
 from smtpgw.log import event
 from smtpgw.rules import routing
-from smtpgw.spool.queue import write_durably
+from smtpgw.spool.durable import write_durably
 
 log = logging.getLogger("smtpgw")
 

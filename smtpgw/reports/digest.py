@@ -39,7 +39,8 @@ from smtpgw.mail import headers
 from smtpgw.log import event
 from smtpgw.reports import notify
 from smtpgw.rules.routing import is_protected
-from smtpgw.spool.queue import QUE, Envelope, Recipient, new_id, write_durably
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import QUE, Envelope, Recipient, new_id
 from smtpgw.spool.store import QUARANTINE_STATUSES, SPAM_STATUSES, Item, Store
 
 if TYPE_CHECKING:

@@ -43,7 +43,8 @@ from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
 from smtpgw.scan.ichecker import IChecker
 from smtpgw.spam import BLACKLISTED, PROBABLE_SPAM, SPAM, SpamFilter, SpamVerdict, as_log_fields, mark
 from smtpgw.spam.database import DatabaseError
-from smtpgw.spool.queue import Envelope, Queue, write_durably
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import Envelope, Queue
 from smtpgw.spool.store import Store, status_for_verdict
 
 log = logging.getLogger("smtpgw.scan.job")

@@ -33,7 +33,8 @@ from smtpgw.log import event
 from smtpgw.reports import notify
 from smtpgw.scan.job import CopyResult, ScanResult, not_scanned, templates_path
 from smtpgw.scan.workers import WorkerPool, worker_config_path
-from smtpgw.spool.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Recipient, new_id, write_durably
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Recipient, new_id
 from smtpgw.spool.store import Store
 
 if TYPE_CHECKING:

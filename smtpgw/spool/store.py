@@ -2,7 +2,7 @@
 
 Owns: the on-disk layout of a store, durable writes into it, listing, reading and removing
 stored items, purging the items past their lifetime, and the klmaila-style listing (the
-``store`` command that uses them is `smtpgw.storecli`).
+``store`` command that uses them is `smtpgw.app.storecli`).
 
 A store is one folder. Each item is two files named after its item ID:
 ``<ID>.eml`` (the message, byte for byte) and ``<ID>.json`` (envelope, status code, stored
@@ -19,7 +19,7 @@ this project's extension for the anti-spam filter, SPM spam and PSP probable spa
 
 Must never: follow an item ID outside its folder (IDs are checked against a strict pattern),
 overwrite an existing item, list an item whose write did not finish, or send a message (a
-release is handed to the ``release_callback`` the caller gives `smtpgw.storecli.store_main`),
+release is handed to the ``release_callback`` the caller gives `smtpgw.app.storecli.store_main`),
 or remove an item before its lifetime is over (an item whose status has no lifetime is kept).
 
 Lifetimes (days, 0 keeps items for ever) apply per status kind: `lifetimes` maps each store
@@ -38,6 +38,8 @@ import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Sequence, TypeVar
+
+from smtpgw.spool.durable import unlink_if_present
 
 __all__ = [
     "STATUSES",
@@ -146,7 +148,7 @@ class Store:
         try:
             item_id = self._claim(tmp, _base_id(qid))
         finally:
-            _unlink(tmp)
+            unlink_if_present(tmp)
         record = {
             "id": item_id,
             "queue_id": str(qid),
@@ -162,11 +164,11 @@ class Store:
             try:
                 os.replace(tmp, self._file(item_id, ".json"))
             finally:
-                _unlink(tmp)
+                unlink_if_present(tmp)
             self._sync_dir()
         except BaseException:
-            _unlink(self._file(item_id, ".json"))  # leave no half item behind
-            _unlink(self._file(item_id, ".eml"))
+            unlink_if_present(self._file(item_id, ".json"))  # leave no half item behind
+            unlink_if_present(self._file(item_id, ".eml"))
             raise
         log.info("%s: stored as %s/%s, status=%s, reason=%s", qid, self.path, item_id, status, reason)
         return item_id
@@ -188,7 +190,7 @@ class Store:
         except BaseException:
             if fd >= 0:
                 os.close(fd)
-            _unlink(tmp)
+            unlink_if_present(tmp)
             raise
         return tmp
 
@@ -336,7 +338,7 @@ class Store:
             os.unlink(self._file(item_id, ".json"))
         except FileNotFoundError:
             raise KeyError(item_id) from None
-        _unlink(self._file(item_id, ".eml"))
+        unlink_if_present(self._file(item_id, ".eml"))
         self._sync_dir()
         log.info("%s/%s: removed", self.path, item_id)
 
@@ -362,7 +364,7 @@ class Store:
             other = {".eml": ".json", ".json": ".eml"}.get(ext)
             lone = other is not None and f"{item_id}{other}" not in found
             if (lone or name.startswith(_TMP_PREFIX)) and entry.stat().st_mtime < limit:
-                _unlink(entry.path)
+                unlink_if_present(entry.path)
                 removed += 1
         if removed:
             self._sync_dir()
@@ -403,13 +405,6 @@ def _mtime(entry: os.DirEntry[str]) -> float:
         return entry.stat(follow_symlinks=False).st_mtime
     except FileNotFoundError:
         return float("inf")  # removed meanwhile
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # --- lifetimes ---------------------------------------------------------------------------------
