@@ -395,7 +395,7 @@ class Committer(IOPool):
     def discard_tmp(self, tmp: TmpFile) -> None:
         """A message that will not be queued: drop its bytes."""
         os.close(tmp.fd)
-        self.pool.submit(_unlink, tmp.path)
+        self.pool.submit(unlink_if_present, tmp.path)
 
     # -- commits ---------------------------------------------------------------------
     def submit(self, env: Envelope, tmp: TmpFile, done: Callable[[BaseException | None], None]) -> None:
