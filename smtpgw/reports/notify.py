@@ -42,12 +42,11 @@ import secrets
 import time
 from dataclasses import dataclass
 from email.header import decode_header
-from email.message import Message
 from typing import Any, Mapping, Sequence, Union
 
 from smtpgw import PRODUCT, __version__
 
-from smtpgw.mail import headers
+from smtpgw.mail import fields, headers
 
 __all__ = [
     "KINDS",
@@ -694,22 +693,14 @@ def _disclaimer_part(text: str, eol: bytes) -> bytes:
 
 
 def _content_type(raw: bytes) -> tuple[str, str | None]:
-    """(type, boundary) of the Content-Type in the header as the wrapper reads it: ended by the
-    first line that is not a field, so insertion and wrapping never disagree on where it ends."""
-    fields, _ = _field_chunks(raw, headers.line_ending(raw))
-    found = next((f.partition(b":")[2] for f in fields if _CONTENT_TYPE.match(f)), None)
-    if found is None:
-        return "text/plain", None  # RFC 2045 §5.2 default
-    value = re.sub(rb"\r?\n(?=[ \t])", b"", found).strip()
-    probe = Message()
-    try:
-        probe["Content-Type"] = value.decode("latin-1")
-        content_type, boundary = probe.get_content_type(), probe.get_boundary()
-    except Exception:  # hostile parameters make the email package raise (IndexError, ValueError, ...)
-        return "application/octet-stream", None
-    if not isinstance(boundary, str) or not _BOUNDARY.fullmatch(boundary):
+    """(type, boundary) of the Content-Type in the header as the wrapper reads it
+    (`smtpgw.mail.fields`: ended by the first line that is not a field), so insertion and
+    wrapping never disagree on where it ends; a boundary that is not valid syntax is None."""
+    declared = fields.content_type(fields.split(raw).get(raw, "content-type"))
+    boundary = declared.boundary
+    if boundary is not None and not _BOUNDARY.fullmatch(boundary):
         boundary = None
-    return content_type, boundary
+    return declared.type, boundary
 
 
 def _insert_part(raw: bytes, boundary: bytes, part: bytes, eol: bytes) -> bytes:
@@ -755,35 +746,12 @@ def _wrap_mixed(raw: bytes, part: bytes, eol: bytes) -> bytes:
     )
 
 
-_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §3.6.8 field name, obs WSP (§4.5), the colon
-_CONTENT_TYPE = re.compile(rb"content-type[ \t]*:", re.IGNORECASE)
-
-
 def _field_chunks(raw: bytes, eol: bytes) -> tuple[list[bytes], int]:
-    """(the header fields, continuation lines included, each ending a line; where the body starts).
-
-    The header block ends at the empty line or, as mail readers see it, at the first line
-    that is neither a field nor a continuation (RFC 5322 §2.2; email's
-    MissingHeaderBodySeparatorDefect): that line starts the body.
-    """
-    chunks: list[bytes] = []
-    pos = 0
-    limit = headers.header_end(raw) or len(raw)
-    while pos < limit:
-        nl = raw.find(b"\n", pos, limit)
-        end = limit if nl < 0 else nl + 1
-        line = raw[pos:end]
-        if not line.strip(b"\r\n"):
-            pos = end  # the empty line separating header and body
-            break
-        if line[:1] in (b" ", b"\t") and chunks:
-            chunks[-1] += line
-        elif _FIELD_START.match(line):
-            chunks.append(line)
-        else:
-            break
-        pos = end
-    return [c if c.endswith(b"\n") else c + eol for c in chunks], pos
+    """(the header fields, continuation lines included, each ending a line; where the body
+    starts), as `smtpgw.mail.fields.split` reads the header."""
+    head = fields.split(raw)
+    chunks = [raw[f.start : f.end] for f in head.fields]
+    return [c if c.endswith(b"\n") else c + eol for c in chunks], head.body
 
 
 def new_boundary(content: bytes, prefix: str = "=_smtpgw_") -> str:
