@@ -24,7 +24,7 @@ from smtpgw.scan.antivirus import (
 from smtpgw.config import load_config
 from smtpgw.log import line
 from smtpgw.mail.mime import decompose
-from smtpgw.reports.notify import TemplateError
+from smtpgw.reports.templates import TemplateError
 from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
 from tests.support.clamd import (
     EICAR_NAME,

@@ -12,7 +12,8 @@ import pytest
 from smtpgw.console import auth as console_auth
 
 from smtpgw.config import load_config
-from smtpgw.reports import digest, notify
+from smtpgw.reports import digest
+from smtpgw.reports.templates import BASE_KINDS, TemplateError, load_templates
 from smtpgw.spool.store import Store
 
 MINIMAL = Path(__file__).resolve().parent / "data" / "config" / "minimal.conf"
@@ -64,11 +65,11 @@ def test_no_console_no_link_and_nothing_held_no_digest(tmp_path: Path) -> None:
 def test_digest_template_is_optional_and_checked(tmp_path: Path) -> None:
     templates = tmp_path / "templates"
     templates.mkdir()
-    for kind in notify.BASE_KINDS:  # a TemplatesPath made before digests existed still loads
+    for kind in BASE_KINDS:  # a TemplatesPath made before digests existed still loads
         (templates / f"{kind}.tmpl").write_bytes((Path(digest.SHIPPED_TEMPLATE).parent / f"{kind}.tmpl").read_bytes())
-    assert sorted(notify.load_templates(templates)) == sorted(notify.BASE_KINDS)
+    assert sorted(load_templates(templates)) == sorted(BASE_KINDS)
     cfg = configured(tmp_path, templates, console=False)
     assert digest.template_path(cfg) == digest.SHIPPED_TEMPLATE
     (templates / "digest.tmpl").write_text("Subject: held %SUBJECT%\n\n%BEGIN_ITEMS%%ITEM_ID%\n%END_ITEMS%\n")
-    with pytest.raises(notify.TemplateError, match=r"digest.tmpl:1: unknown macro %SUBJECT%"):
+    with pytest.raises(TemplateError, match=r"digest.tmpl:1: unknown macro %SUBJECT%"):
         digest.load(cfg)

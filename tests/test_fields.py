@@ -10,7 +10,7 @@ import pytest
 
 from smtpgw.mail import fields, headers, mime
 from smtpgw.mail.downgrade import to_7bit
-from smtpgw.reports import notify
+from smtpgw.mail.disclaimer import add_disclaimer
 
 HEAD = b"From: a@example.com\r\nTo: b@example.net\r\nDate: Mon, 7 Dec 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
 
@@ -83,7 +83,7 @@ def test_scanner_conversion_and_disclaimer_see_the_same_parts_of_a_hostile_conte
     converted = to_7bit(raw)
     assert converted is not None and converted.isascii()
     assert b"Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\n--x--" in converted
-    marked = notify.add_disclaimer(raw, "Scanned.")
+    marked = add_disclaimer(raw, "Scanned.")
     assert marked.count(b"\r\n--x\r\n") == 2 and marked.endswith(b"--x--\r\n")  # a part inside, not a wrapper
 
 
@@ -109,6 +109,6 @@ def test_a_field_after_a_line_that_is_not_one_is_body_for_every_part() -> None:
     assert "a header line that is not a field (RFC 5322 §2.2)" in headers.violations(raw)
     tree = mime.decompose(raw)
     assert tree.root.content_type == "text/plain" and "message: missing header/body separator" in tree.defects
-    wrapped = notify.add_disclaimer(raw, "Scanned.")
+    wrapped = add_disclaimer(raw, "Scanned.")
     assert email.message_from_bytes(wrapped).get_content_type() == "multipart/mixed"
     assert b"\r\n\r\nthis line is not a field\r\nSubject: hidden\r\n" in wrapped  # moved into the first part

@@ -36,7 +36,7 @@ from smtpgw.net import smtp
 
 from smtpgw.receive import quota
 
-from smtpgw.reports import digest, dsn, notify
+from smtpgw.reports import digest, dsn, templates
 
 from smtpgw.rules import access, routing
 
@@ -160,17 +160,17 @@ class Gateway:
         return context
 
     @staticmethod
-    def _templates(cfg: Config) -> dict[str, notify.Template]:
+    def _templates(cfg: Config) -> dict[str, templates.Template]:
         """Templates are checked at start (kmg-spec §5.2): a broken one stops the start, a
         group's own TemplatesPath's (notify, disclaimer, placeholder) included."""
         try:
             for folder in sorted({group.TemplatesPath for group in (cfg.policy, *cfg.groups)} - {None}):
-                notify.load_templates(folder, notify.GROUP_KINDS)
+                templates.load_templates(folder, templates.GROUP_KINDS)
                 antivirus.load_placeholder(folder)
             if cfg.digest.Schedule:
                 digest.load(cfg)
-            return notify.load_templates(cfg.base.TemplatesPath)
-        except notify.TemplateError as exc:
+            return templates.load_templates(cfg.base.TemplatesPath)
+        except templates.TemplateError as exc:
             raise StartupError(str(exc), 1) from exc
 
     @staticmethod

@@ -50,6 +50,7 @@ from smtpgw.mail.archives import (
     Member,
     archive_format,
 )
+from smtpgw.mail.compose import encode_text
 from smtpgw.mail.transfer import (
     IDENTITY_ENCODINGS,
     UU_BEGIN,
@@ -58,7 +59,6 @@ from smtpgw.mail.transfer import (
     decode_uu,
     too_large,
 )
-from smtpgw.reports.notify import encode_text
 from smtpgw.rules.policy import ERROR, PROTECTED
 
 __all__ = [

@@ -31,8 +31,9 @@ from typing import Any
 from smtpgw import stats
 
 from smtpgw.mail import headers
+from smtpgw.mail.disclaimer import add_disclaimer
 
-from smtpgw.reports import notify
+from smtpgw.reports import notify, templates
 
 from smtpgw.rules import policy
 
@@ -126,14 +127,14 @@ class Job:
         # Per group, its templates and its spam filter, each built once per distinct setting; every
         # filter reads the one database loaded per worker (spamfilter.load_shared): a group's level,
         # lists and prefixes cost no database copy.
-        loaded: dict[str, dict[str, notify.Template]] = {}
+        loaded: dict[str, dict[str, templates.Template]] = {}
         filters: dict[str, SpamFilter] = {}
-        self.templates: dict[str, dict[str, notify.Template]] = {}
+        self.templates: dict[str, dict[str, templates.Template]] = {}
         self.spam: dict[str, SpamFilter] = {}
         for group in (cfg.policy, *cfg.groups):
             folder = templates_path(cfg, group)
             if folder not in loaded:
-                loaded[folder] = notify.load_templates(folder, notify.GROUP_KINDS)
+                loaded[folder] = templates.load_templates(folder, templates.GROUP_KINDS)
             self.templates[group.name] = loaded[folder]
             section = group_antispam(cfg.antispam, group)
             key = repr([getattr(section, k) for k in GROUP_ANTISPAM_KEYS])
@@ -222,7 +223,7 @@ class Job:
             if group.AddDisclaimer:  # kmg-spec §5.4: the group's disclaimer as a last text part
                 text = notify.render_disclaimer(self.templates[group.name]["disclaimer"], env.as_dict(), {"group": group.name},
                                                 self.cfg.locale.DateFormat, self.cfg.locale.TimeFormat, time.time())
-                message = notify.add_disclaimer(message, text)
+                message = add_disclaimer(message, text)
             if message != raw:
                 copy.rewritten = os.path.join(self.queue.root, "tmp", f"{env.id}.scan{index}")
                 write_durably(copy.rewritten, message)

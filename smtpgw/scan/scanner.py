@@ -314,7 +314,7 @@ class Scanner:
         }
         locale = self.gw.cfg.locale
         try:
-            template = notify.load_template(os.path.join(templates_path(self.gw.cfg, group), "notify.tmpl"), "notify")
+            template = os.path.join(templates_path(self.gw.cfg, group), "notify.tmpl")
             data = notify.build_notification("admin", env.as_dict(), about, sender, [admin], template,
                                              locale.DateFormat, locale.TimeFormat, time.time())
         except ValueError as exc:
