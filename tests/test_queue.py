@@ -8,7 +8,7 @@ import threading
 
 from smtpgw.spool.durable import unlink_if_present, write_durably
 from smtpgw.spool.iopool import IOPool
-from smtpgw.spool.queue import CHK, QUE, SND, WFC, Envelope, Queue, Recipient, new_id
+from smtpgw.spool.queue import CHK, QUE, SND, WFC, Envelope, Queue, Recipient, RecipientState, new_id
 
 
 def make(queue: Queue, state: str, qid: str | None = None, with_message: bool = True) -> Envelope:
@@ -73,6 +73,22 @@ def test_records_round_trip(tmp_path):
     assert again == env
     with open(queue.record_path(WFC, env.id)) as f:
         assert json.load(f)["recipients"][0]["notify"] == ["SUCCESS"]
+
+
+def test_recipient_states_are_typed_and_stored_as_their_words(tmp_path):
+    queue = Queue(str(tmp_path))
+    env = make(queue, QUE)
+    env.recipients += [Recipient("s@example.test", state=RecipientState.SENT), Recipient("f@example.test", state="failed")]
+    queue.update(QUE, env)
+    with open(queue.record_path(QUE, env.id)) as f:
+        assert [r["state"] for r in json.load(f)["recipients"]] == ["pending", "sent", "failed"]
+    again = queue.load(QUE, env.id)
+    assert [type(r.state) for r in again.recipients] == [RecipientState] * 3
+    assert [r.done for r in again.recipients] == [False, True, True] and len(again.pending()) == 1
+    with open(queue.record_path(QUE, env.id), "w") as f:
+        f.write(json.dumps(env.as_dict()).replace('"sent"', '"lost"'))
+    assert queue.load(QUE, env.id) is None  # a state no version writes: kept in corrupt/, not guessed
+    assert any(name.startswith(env.id) for name in os.listdir(os.path.join(queue.root, "corrupt")))
 
 
 def test_write_durably_replaces_whole_files_and_leaves_no_temp(tmp_path):

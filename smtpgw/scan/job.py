@@ -105,14 +105,14 @@ def summary_status(av: Any, verdict: SpamVerdict | None) -> str:
     return str(av.status)
 
 
-def spam_action_for(group: Any, verdict: SpamVerdict) -> tuple[str, str]:
+def spam_action_for(group: Any, verdict: SpamVerdict) -> tuple[policy.SpamAction, str]:
     """(the group's action for a spam verdict, the parameter that set it): ActionSpam,
     ActionProbableSpam (kmg-spec §10), else pass. A blacklisted sender counts as Spam."""
     if verdict.status in (SPAM, BLACKLISTED):
-        return str(group.ActionSpam), "ActionSpam"
+        return policy.SpamAction(group.ActionSpam), "ActionSpam"
     if verdict.status == PROBABLE_SPAM:
-        return str(group.ActionProbableSpam), "ActionProbableSpam"
-    return "pass", ""
+        return policy.SpamAction(group.ActionProbableSpam), "ActionProbableSpam"
+    return policy.SpamAction.PASS, ""
 
 
 class Job:

@@ -22,6 +22,7 @@ record it cannot parse (it goes to ``corrupt/``).
 
 from __future__ import annotations
 
+import enum
 import errno
 import itertools
 import json
@@ -65,12 +66,21 @@ def new_id(now: float | None = None) -> str:
     return "".join(chars) + _ID_ALPHABET[suffix // base] + _ID_ALPHABET[suffix % base] + secrets.choice(_ID_ALPHABET)
 
 
+class RecipientState(enum.StrEnum):
+    """Where a recipient's delivery stands; the value is what the record on disk holds."""
+
+    PENDING = "pending"  # not tried yet
+    SENT = "sent"  # accepted by the next hop (final)
+    FAILED = "failed"  # refused for good, or its time ran out (final; a DSN follows)
+    DEFERRED = "deferred"  # refused for now: tried again later
+
+
 @dataclass
 class Recipient:
     addr: str
     orcpt: str | None = None
     notify: list[str] | None = None
-    state: str = "pending"  # pending | sent | failed | deferred
+    state: RecipientState = RecipientState.PENDING
     status: str | None = None  # enhanced status code of the last attempt
     diag: str | None = None  # "smtp; 550 5.1.1 ..." (RFC 3464 Diagnostic-Code)
     remote_mta: str | None = None
@@ -78,9 +88,12 @@ class Recipient:
     last_attempt: float | None = None
     relayed: bool = False  # delivered to a peer without DSN support
 
+    def __post_init__(self) -> None:
+        self.state = RecipientState(self.state)  # a record's string; an unknown one is a corrupt record
+
     @property
     def done(self) -> bool:
-        return self.state in ("sent", "failed")
+        return self.state in (RecipientState.SENT, RecipientState.FAILED)
 
 
 @dataclass
