@@ -56,7 +56,7 @@ from smtpgw.scan.workers import worker_config_path
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
 from smtpgw.spam.spamfilter import default_bases, describe, site_layer
 from smtpgw.spool.durable import write_durably
-from smtpgw.spool.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id
+from smtpgw.spool.queue import QUE, SND, WFC, Committer, Envelope, Queue, Recipient, RecipientState, new_id
 from smtpgw.spool.store import Item, Store, lifetimes, purge_stores
 from smtpgw.stats import Stats, history_path, save as save_stats
 
@@ -630,7 +630,7 @@ class Gateway:
         self.traffic.delivered(env)
         archive = self.outgoing_archive
         copy = None
-        if archive is not None and any(r.state == "sent" for r in env.recipients):
+        if archive is not None and any(r.state == RecipientState.SENT for r in env.recipients):
             # kmg-spec §3.9: every message sent, notifications and DSNs included
             path, record = self.queue.msg_path(env.id), env.as_dict()
             copy = lambda: archive.put(env.id, path, record, "SNT")  # noqa: E731
