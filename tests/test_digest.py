@@ -73,3 +73,20 @@ def test_digest_template_is_optional_and_checked(tmp_path: Path) -> None:
     (templates / "digest.tmpl").write_text("Subject: held %SUBJECT%\n\n%BEGIN_ITEMS%%ITEM_ID%\n%END_ITEMS%\n")
     with pytest.raises(TemplateError, match=r"digest.tmpl:1: unknown macro %SUBJECT%"):
         digest.load(cfg)
+
+
+def test_subject_is_read_as_every_part_reads_the_header(tmp_path: Path) -> None:
+    """The digest reads a held message's Subject with the one header reader: an RFC 2047 word
+    and a raw UTF-8 Subject (RFC 6532) are shown decoded; a Subject after a line that is not a
+    field is body text (RFC 5322 §2.2), and a message without one shows none."""
+    cases = {
+        "word": (b"Subject: =?utf-8?q?held_caf=C3=A9?=\r\n\r\nx\r\n", "held café"),
+        "raw": (b"From: a@example.test\r\nSubject: caf\xc3\xa9\r\n  folded\r\n\r\nx\r\n", "café folded"),
+        "stray": (b"From: a@example.test\r\nnot a field\r\nSubject: hidden\r\n\r\nx\r\n", ""),
+        "none": (b"From: a@example.test\r\n\r\nSubject: body\r\n", ""),
+    }
+    for name, (raw, shown) in cases.items():
+        path = tmp_path / f"{name}.eml"
+        path.write_bytes(raw)
+        assert digest.subject_of(str(path)) == shown, name
+    assert digest.subject_of(str(tmp_path / "missing.eml")) == ""

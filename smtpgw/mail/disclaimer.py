@@ -32,19 +32,20 @@ def add_disclaimer(raw: bytes, text: str) -> bytes:
     """
     eol = headers.line_ending(raw)
     part = _disclaimer_part(text, eol)
-    content_type, boundary = _content_type(raw)
-    if content_type == "multipart/mixed" and boundary and _has_delimiter(raw, boundary.encode("latin-1")):
-        return _insert_part(raw, boundary.encode("latin-1"), part, eol)
+    head = fields.split(raw)  # read once: insertion and wrapping never disagree on where it ends
+    content_type, boundary = _content_type(raw, head)
+    if content_type == "multipart/mixed" and boundary and _has_delimiter(raw, boundary.encode("latin-1"), head.body):
+        return _insert_part(raw, boundary.encode("latin-1"), part, eol, head.body)
     # a multipart/mixed without a delimiter line is read as one body: a part added after it
     # would turn that body into a preamble, which readers hide (RFC 2046 §5.1.1)
-    return _wrap_mixed(raw, part, eol)
+    return _wrap_mixed(raw, part, eol, head)
 
 
-def _has_delimiter(raw: bytes, boundary: bytes) -> bool:
+def _has_delimiter(raw: bytes, boundary: bytes, body: int) -> bool:
     """Whether the body has a delimiter line of ``boundary`` (RFC 2046 §5.1.1): a part to follow.
     A close-delimiter alone opens no part; readers see the body before it as one text."""
     line = re.compile(rb"(?m)^--" + re.escape(boundary) + rb"[ \t]*\r?$")
-    return line.search(raw, headers.header_end(raw)) is not None
+    return line.search(raw, body) is not None
 
 
 def _disclaimer_part(text: str, eol: bytes) -> bytes:
@@ -57,19 +58,16 @@ def _disclaimer_part(text: str, eol: bytes) -> bytes:
     return head + eol + data
 
 
-def _content_type(raw: bytes) -> tuple[str, str | None]:
-    """(type, boundary) of the Content-Type in the header as the wrapper reads it
-    (`smtpgw.mail.fields`: ended by the first line that is not a field), so insertion and
-    wrapping never disagree on where it ends; a boundary that is not valid syntax is None."""
-    declared = fields.content_type(fields.split(raw).get(raw, "content-type"))
+def _content_type(raw: bytes, head: fields.Header) -> tuple[str, str | None]:
+    """(type, boundary) of the message's Content-Type; a boundary that is not valid syntax is None."""
+    declared = fields.content_type(head.get(raw, "content-type"))
     boundary = declared.boundary
     if boundary is not None and not _BOUNDARY.fullmatch(boundary):
         boundary = None
     return declared.type, boundary
 
 
-def _insert_part(raw: bytes, boundary: bytes, part: bytes, eol: bytes) -> bytes:
-    start = headers.header_end(raw)
+def _insert_part(raw: bytes, boundary: bytes, part: bytes, eol: bytes, start: int) -> bytes:
     # RFC 2046 §5.1.1: the close-delimiter starts a line; the line ending before it is its own.
     close = re.compile(rb"(?m)^--" + re.escape(boundary) + rb"--[ \t]*(?=\r?\n|\Z)")
     match = close.search(raw, start)
@@ -85,16 +83,17 @@ def _insert_part(raw: bytes, boundary: bytes, part: bytes, eol: bytes) -> bytes:
     return raw[:at] + opener + part + eol + raw[at:]
 
 
-def _wrap_mixed(raw: bytes, part: bytes, eol: bytes) -> bytes:
-    fields, end = _field_chunks(raw, eol)
-    body = raw[end:]
-    content = [f for f in fields if f[:8].lower() == b"content-"]
-    top = [f for f in fields if f[:8].lower() != b"content-"]
-    if not any(f[:13].lower() == b"mime-version:" for f in top):
+def _wrap_mixed(raw: bytes, part: bytes, eol: bytes, head: fields.Header) -> bytes:
+    """A new multipart/mixed: the Content-* fields (RFC 2045 §9) go with the original content
+    into its first part, the other fields stay at the top, each field's bytes as they were."""
+    body = raw[head.body :]
+    content = [_field_bytes(raw, f, eol) for f in head.fields if f.name.startswith("content-")]
+    top = [_field_bytes(raw, f, eol) for f in head.fields if not f.name.startswith("content-")]
+    if head.first("mime-version") is None:
         top.append(headers.render("MIME-Version", "1.0", eol))
     boundary = new_boundary(raw)
     top.append(headers.render("Content-Type", f'multipart/mixed; boundary="{boundary}"', eol))
-    inner_cte = next((f.partition(b":")[2].strip().lower() for f in content if f[:26].lower() == b"content-transfer-encoding:"), b"")
+    inner_cte = (head.get(raw, "content-transfer-encoding") or b"").lower()
     if inner_cte in (b"8bit", b"binary"):
         top.append(headers.render("Content-Transfer-Encoding", inner_cte.decode(), eol))
     elif not body.isascii():
@@ -111,9 +110,7 @@ def _wrap_mixed(raw: bytes, part: bytes, eol: bytes) -> bytes:
     )
 
 
-def _field_chunks(raw: bytes, eol: bytes) -> tuple[list[bytes], int]:
-    """(the header fields, continuation lines included, each ending a line; where the body
-    starts), as `smtpgw.mail.fields.split` reads the header."""
-    head = fields.split(raw)
-    chunks = [raw[f.start : f.end] for f in head.fields]
-    return [c if c.endswith(b"\n") else c + eol for c in chunks], head.body
+def _field_bytes(raw: bytes, found: fields.Field, eol: bytes) -> bytes:
+    """A field's bytes, continuation lines included, ending a line."""
+    chunk = raw[found.start : found.end]
+    return chunk if chunk.endswith(b"\n") else chunk + eol

@@ -28,8 +28,6 @@ import time
 import urllib.parse
 from concurrent.futures import Future
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from smtpgw import PACKAGE_DIR, PRODUCT, __version__
@@ -95,12 +93,7 @@ def subject_of(path: str) -> str:
             head = f.read(MAX_HEADER_BYTES)
     except OSError:
         return ""
-    end = headers.header_end(head) or len(head)
-    try:
-        value = BytesHeaderParser(policy=compat32).parsebytes(head[:end]).get("Subject")
-    except Exception:  # hostile header blocks make the email package raise assorted errors
-        return ""
-    return notify.decode_subject(value if isinstance(value, str) else None)
+    return notify.decode_subject(headers.get_raw(head, "Subject"))
 
 
 def held(cfg: Any, store_folders: Sequence[str]) -> dict[str, list[Held]]:
