@@ -1,8 +1,8 @@
 """Message stores: quarantine, backup, incoming and outgoing archives (kmg-spec §4.7, klmaila).
 
 Owns: the on-disk layout of a store, durable writes into it, listing, reading and removing
-stored items, purging the items past their lifetime, and the klmaila-style listing (the
-``store`` command that uses them is `smtpgw.app.storecli`).
+stored items, purging the items past their lifetime, and item sizes as listings show them
+(the ``store`` command and its klmaila-style listing are `smtpgw.app.storecli`).
 
 A store is one folder. Each item is two files named after its item ID:
 ``<ID>.eml`` (the message, byte for byte) and ``<ID>.json`` (envelope, status code, stored
@@ -46,7 +46,6 @@ __all__ = [
     "Item",
     "Store",
     "StoreError",
-    "format_listing",
     "format_size",
     "lifetimes",
     "purge_stores",
@@ -459,7 +458,7 @@ def purge_stores(plan: Mapping[str, Mapping[str, float]], now: float,
     return removed, more
 
 
-# --- listing ---------------------------------------------------------------------------------
+# --- sizes -----------------------------------------------------------------------------------
 
 
 def format_size(size: int) -> str:
@@ -468,17 +467,3 @@ def format_size(size: int) -> str:
         return f"{size}B"
     value, unit = (size / 1024, "K") if size < 1024 * 1024 else (size / (1024 * 1024), "M")
     return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
-
-
-def format_listing(items: Sequence[Item], date_format: str = "%Y/%m/%d", time_format: str = "%H:%M:%S") -> str:
-    """The klmaila listing: a header line, one line per item, and a footer with count and bytes."""
-    rows = [("QueueID", "Status", "Size", "ArrivalTime", "Sender/Recipient")]
-    for item in items:
-        when = time.strftime(f"{date_format} {time_format}", time.localtime(item.time))
-        rcpts = ", ".join(f"<{r}>" for r in item.recipients)
-        rows.append((item.id, item.status, format_size(item.size), when, f"<{item.sender}> -> {rcpts}"))
-    widths = [max(len(row[col]) for row in rows) for col in range(4)]
-    lines = ["  ".join(cell.ljust(widths[col]) for col, cell in enumerate(row[:4])) + "  " + row[4] for row in rows]
-    total = sum(item.size for item in items)
-    lines.append(f"-- {len(items)} message(s), {total} bytes")
-    return "\n".join(lines) + "\n"
