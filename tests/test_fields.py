@@ -112,3 +112,22 @@ def test_a_field_after_a_line_that_is_not_one_is_body_for_every_part() -> None:
     wrapped = add_disclaimer(raw, "Scanned.")
     assert email.message_from_bytes(wrapped).get_content_type() == "multipart/mixed"
     assert b"\r\n\r\nthis line is not a field\r\nSubject: hidden\r\n" in wrapped  # moved into the first part
+
+
+def test_a_leading_mbox_from_line_is_skipped_by_every_part() -> None:
+    """RFC 4155: an mbox ``From `` line is no header field; readers (CPython's email) and the
+    scanner skip it. Header edits and the disclaimer do too, and keep it first (found by
+    bench/fuzz.py: the disclaimer read the header as empty and buried the parts in a text)."""
+    raw = (b"From alice@example.org Mon Dec  7 10:00:00 2026\r\n" + HEAD + b"Subject: hi\r\n"
+           b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\none\r\n'
+           b"--b\r\nContent-Type: application/pdf\r\n\r\n%PDF\r\n--b--\r\n")
+    assert headers.get_raw(raw, "Subject") == b"hi" and "a header line that is not a field (RFC 5322 §2.2)" not in headers.violations(raw)
+    tagged = headers.prepend(headers.prefix_subject(raw, "[SPAM] "), [("X-Test", "1")])
+    assert tagged.startswith(b"From alice@example.org Mon Dec  7 10:00:00 2026\r\nX-Test: 1\r\n")
+    assert email.message_from_bytes(tagged)["Subject"] == "[SPAM] hi" and email.message_from_bytes(tagged)["X-Test"] == "1"
+    marked = add_disclaimer(raw, "Scanned.")
+    assert marked.startswith(b"From alice@example.org") and marked.count(b"\r\n--b\r\n") == 3
+    assert [o.content_type for o in mime.decompose(marked).root.walk()] == [
+        "multipart/mixed", "text/plain", "application/pdf", "text/plain"]
+    wrapped = add_disclaimer(b"From x@y Mon Dec  7 10:00:00 2026\r\nSubject: s\r\n\r\nbody\r\n", "Scanned.")
+    assert wrapped.startswith(b"From x@y Mon Dec  7 10:00:00 2026\r\nSubject: s\r\nMIME-Version: 1.0\r\n")

@@ -32,7 +32,7 @@ def add_disclaimer(raw: bytes, text: str) -> bytes:
     """
     eol = headers.line_ending(raw)
     part = _disclaimer_part(text, eol)
-    head = fields.split(raw)  # read once: insertion and wrapping never disagree on where it ends
+    head = fields.split(raw, fields.message_start(raw))  # read once: insertion and wrapping never disagree on where it ends
     content_type, boundary = _content_type(raw, head)
     if content_type == "multipart/mixed" and boundary and _has_delimiter(raw, boundary.encode("latin-1"), head.body):
         return _insert_part(raw, boundary.encode("latin-1"), part, eol, head.body)
@@ -87,6 +87,7 @@ def _wrap_mixed(raw: bytes, part: bytes, eol: bytes, head: fields.Header) -> byt
     """A new multipart/mixed: the Content-* fields (RFC 2045 §9) go with the original content
     into its first part, the other fields stay at the top, each field's bytes as they were."""
     body = raw[head.body :]
+    mbox_from = raw[: fields.message_start(raw)]  # a leading mbox From line stays first
     content = [_field_bytes(raw, f, eol) for f in head.fields if f.name.startswith("content-")]
     top = [_field_bytes(raw, f, eol) for f in head.fields if not f.name.startswith("content-")]
     if head.first("mime-version") is None:
@@ -101,7 +102,7 @@ def _wrap_mixed(raw: bytes, part: bytes, eol: bytes, head: fields.Header) -> byt
     delimiter = b"--" + boundary.encode("ascii")
     return b"".join(
         [
-            *top, eol,
+            mbox_from, *top, eol,
             b"This is a multi-part message in MIME format.", eol,
             delimiter, eol, *content, eol, body, eol,
             delimiter, eol, part, eol,

@@ -20,7 +20,8 @@ How a header section is read (RFC 5322 §2.2, as mail readers read it):
 * a line that is neither ends the header early: the body starts at that line (``stray``;
   CPython's ``MissingHeaderBodySeparatorDefect``, and what other readers do), so a field
   written after it is body text for every reader and for us;
-* the end of the input ends a header with no body.
+* the end of the input ends a header with no body;
+* a whole message's header starts past a leading mbox ``From `` line (`message_start`).
 
 The Content-Type fallback, one for every caller (RFC 2045 §5.2): no Content-Type field means
 the caller's default (text/plain; charset=us-ascii, or message/rfc822 in a multipart/digest,
@@ -37,7 +38,7 @@ from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
 __all__ = ["ContentType", "Field", "Header", "content_type", "decode_charset", "decode_text",
-           "parameters", "split"]
+           "message_start", "parameters", "split"]
 
 # RFC 5322 §3.6.8 field-name, obsolete white space before the colon (§4.5)
 FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
@@ -98,6 +99,15 @@ class Header:
         """The unfolded value of the first ``name`` field (lower case), or None."""
         found = self.first(name)
         return None if found is None else found.value(buf)
+
+
+def message_start(raw: bytes) -> int:
+    """Where a message's header starts: past a leading mbox ``From `` line (RFC 4155), which
+    is no header field and which mail readers (CPython's email too) and the scanner skip."""
+    if not raw.startswith(b"From "):
+        return 0
+    nl = raw.find(b"\n")
+    return len(raw) if nl < 0 else nl + 1
 
 
 def split(buf: bytes, start: int = 0, end: int | None = None, max_fields: int | None = None,

@@ -42,14 +42,18 @@ def header_end(raw: bytes) -> int:
     return match.end() if match else len(raw)
 
 
+def _header(raw: bytes) -> fields.Header:
+    """The message's header as every part reads it (`smtpgw.mail.fields`)."""
+    return fields.split(raw, fields.message_start(raw))
+
+
 def _fields(raw: bytes) -> list[fields.Field]:
-    """The header fields as every part reads them (`smtpgw.mail.fields.split`)."""
-    return fields.split(raw).fields
+    return _header(raw).fields
 
 
 def get_raw(raw: bytes, name: str) -> bytes | None:
     """The unfolded raw value of the first ``name`` field, or None."""
-    return fields.split(raw).get(raw, name.lower())
+    return _header(raw).get(raw, name.lower())
 
 
 def count(raw: bytes, name: str) -> int:
@@ -90,10 +94,12 @@ def render(name: str, value: str, eol: bytes = b"\r\n") -> bytes:
     return eol.join(line.encode("ascii") for line in lines) + eol
 
 
-def prepend(raw: bytes, fields: list[tuple[str, str]]) -> bytes:
-    """Add fields at the top of the header block (where trace fields go, RFC 5321 §4.4)."""
+def prepend(raw: bytes, new: list[tuple[str, str]]) -> bytes:
+    """Add fields at the top of the header block (where trace fields go, RFC 5321 §4.4), after
+    a leading mbox ``From `` line, which readers skip."""
     eol = line_ending(raw)
-    return b"".join(render(n, v, eol) for n, v in fields) + raw
+    at = fields.message_start(raw)
+    return raw[:at] + b"".join(render(n, v, eol) for n, v in new) + raw[at:]
 
 
 def replace(raw: bytes, name: str, value: str) -> bytes:
@@ -198,7 +204,7 @@ _AT_MOST_ONCE = ("from", "date", "sender", "reply-to", "to", "cc", "bcc", "subje
 def violations(raw: bytes) -> list[str]:
     """RFC 5322 format violations of the header block (what ``StrictStandards`` refuses)."""
     problems = []
-    head = fields.split(raw)
+    head = _header(raw)
     names = [f.name for f in head.fields]
     for name in _REQUIRED:
         if name not in names:

@@ -559,10 +559,7 @@ def _member_path(parent: MimeObject, name: str) -> str:
 def decompose(raw: bytes, limits: Limits | None = None) -> MimeTree:
     """Split ``raw`` into its object tree. Never raises on malformed input."""
     walker = _Decomposer(limits or Limits())
-    start = 0
-    if raw.startswith(b"From "):  # mbox separator line (RFC 4155), not a header
-        nl = raw.find(b"\n")
-        start = len(raw) if nl < 0 else nl + 1
+    start = fields.message_start(raw)  # past an mbox separator line (RFC 4155), not a header
     root = walker.entity(raw, start, len(raw), "", "1", 0, "text/plain", True)
     return MimeTree(raw=raw, root=root, defects=walker.defects, outside=walker.outside, spent=walker.spent)
 
