@@ -40,8 +40,9 @@ from urllib.parse import unquote_to_bytes
 __all__ = ["ContentType", "Field", "Header", "content_type", "decode_charset", "decode_text",
            "message_start", "parameters", "split"]
 
-# RFC 5322 §3.6.8 field-name, obsolete white space before the colon (§4.5)
-FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
+# RFC 5322 §3.6.8 field-name, obsolete white space before the colon (§4.5), the rest of the
+# line, and the continuation lines (§2.2.3): one field
+_FIELD = re.compile(rb"([!-9;-~]+)([ \t]*):[^\n]*\n?(?:[ \t][^\n]*\n?)*")
 MAX_PARAMETERS = 200  # name=value pairs read from one field
 _TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+/[!#$%&'*+.^_`|~0-9a-z-]+")  # RFC 2045 §5.1 token/token
 
@@ -65,8 +66,7 @@ def decode_charset(raw: bytes, charset: str) -> str:
 # region the header section
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(NamedTuple):
     """One header field: lower-case name, and its bytes ``buf[start:end]`` (continuation lines
     and the last line ending included; the value starts at ``value_at``)."""
 
@@ -120,35 +120,29 @@ def split(buf: bytes, start: int = 0, end: int | None = None, max_fields: int | 
     stop = len(buf) if end is None else end
     head = Header(end=stop, body=stop)
     seen: set[str] = set()
-    skipping = False
+    fields = head.fields
     pos = start
     while pos < stop:
-        nl = buf.find(b"\n", pos, stop)
-        line_end = stop if nl < 0 else nl + 1
-        if nl == pos or (nl == pos + 1 and buf[pos] == 0x0D):  # an empty line
-            head.end, head.body, head.blank = pos, line_end, True
-            return head
-        first = buf[pos : pos + 1]
-        if first in (b" ", b"\t") and (head.fields or skipping):
-            if not skipping:
-                last = head.fields[-1]
-                head.fields[-1] = Field(last.name, last.start, line_end, last.value_at)
-        else:
-            match = FIELD_NAME.match(buf, pos, line_end)
-            if not match:
+        match = _FIELD.match(buf, pos, stop)  # one field with its continuation lines
+        if match is None:
+            if buf.startswith(b"\n", pos, stop) or buf.startswith(b"\r\n", pos, stop):  # an empty line
+                head.end, head.blank = pos, True
+                head.body = buf.index(b"\n", pos) + 1
+            else:
                 head.end = head.body = pos
                 head.stray = True
-                return head
-            name = match.group(1).decode("ascii").lower()
-            if head.obsolete_at is None and match.end() - match.end(1) > 1:
-                head.obsolete_at = pos
-            full = max_fields is not None and len(head.fields) >= max_fields
-            skipping = full and (name not in keep_beyond or name in seen)
-            head.over = head.over or full
-            if not skipping:
-                head.fields.append(Field(name, pos, line_end, match.end()))
-                seen.add(name)
-        pos = line_end
+            return head
+        name = match.group(1).decode("ascii").lower()
+        if match.end(2) > match.start(2) and head.obsolete_at is None:
+            head.obsolete_at = pos
+        if max_fields is not None and len(fields) >= max_fields:
+            head.over = True
+            if name not in keep_beyond or name in seen:
+                pos = match.end()
+                continue
+        fields.append(Field(name, pos, match.end(), match.end(2) + 1))
+        seen.add(name)
+        pos = match.end()
     return head
 
 
