@@ -48,9 +48,7 @@ from typing import Any, TextIO
 
 from smtpgw import PACKAGE_DIR
 from smtpgw.console import auth as console_auth
-
 from smtpgw.rules import access, routing
-
 from smtpgw.rules.masks import client_address, match_any, parse_ip_mask
 from smtpgw.update import signing
 

@@ -26,7 +26,7 @@ from collections import Counter
 from datetime import date, datetime, timezone
 
 from smtpgw.log import TEXT, escape
-from smtpgw.spool.queue import write_durably
+from smtpgw.spool.durable import write_durably
 
 # Counters that exist from the start (shown as 0), in the reference's order.
 NAMES = (

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from smtpgw.console import auth as console_auth
-
 from smtpgw.config import load_config
-from smtpgw.reports import digest, notify
+from smtpgw.console import auth as console_auth
+from smtpgw.reports import digest
+from smtpgw.reports.templates import BASE_KINDS, TemplateError, load_templates
 from smtpgw.spool.store import Store
 
 MINIMAL = Path(__file__).resolve().parent / "data" / "config" / "minimal.conf"
@@ -64,11 +64,28 @@ def test_no_console_no_link_and_nothing_held_no_digest(tmp_path: Path) -> None:
 def test_digest_template_is_optional_and_checked(tmp_path: Path) -> None:
     templates = tmp_path / "templates"
     templates.mkdir()
-    for kind in notify.BASE_KINDS:  # a TemplatesPath made before digests existed still loads
+    for kind in BASE_KINDS:  # a TemplatesPath made before digests existed still loads
         (templates / f"{kind}.tmpl").write_bytes((Path(digest.SHIPPED_TEMPLATE).parent / f"{kind}.tmpl").read_bytes())
-    assert sorted(notify.load_templates(templates)) == sorted(notify.BASE_KINDS)
+    assert sorted(load_templates(templates)) == sorted(BASE_KINDS)
     cfg = configured(tmp_path, templates, console=False)
     assert digest.template_path(cfg) == digest.SHIPPED_TEMPLATE
     (templates / "digest.tmpl").write_text("Subject: held %SUBJECT%\n\n%BEGIN_ITEMS%%ITEM_ID%\n%END_ITEMS%\n")
-    with pytest.raises(notify.TemplateError, match=r"digest.tmpl:1: unknown macro %SUBJECT%"):
+    with pytest.raises(TemplateError, match=r"digest.tmpl:1: unknown macro %SUBJECT%"):
         digest.load(cfg)
+
+
+def test_subject_is_read_as_every_part_reads_the_header(tmp_path: Path) -> None:
+    """The digest reads a held message's Subject with the one header reader: an RFC 2047 word
+    and a raw UTF-8 Subject (RFC 6532) are shown decoded; a Subject after a line that is not a
+    field is body text (RFC 5322 §2.2), and a message without one shows none."""
+    cases = {
+        "word": (b"Subject: =?utf-8?q?held_caf=C3=A9?=\r\n\r\nx\r\n", "held café"),
+        "raw": (b"From: a@example.test\r\nSubject: caf\xc3\xa9\r\n  folded\r\n\r\nx\r\n", "café folded"),
+        "stray": (b"From: a@example.test\r\nnot a field\r\nSubject: hidden\r\n\r\nx\r\n", ""),
+        "none": (b"From: a@example.test\r\n\r\nSubject: body\r\n", ""),
+    }
+    for name, (raw, shown) in cases.items():
+        path = tmp_path / f"{name}.eml"
+        path.write_bytes(raw)
+        assert digest.subject_of(str(path)) == shown, name
+    assert digest.subject_of(str(tmp_path / "missing.eml")) == ""

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 import smtpgw
-from smtpgw.mail import mime
-from smtpgw.reports import notify
-from smtpgw.reports.notify import TemplateError
+from smtpgw.mail import headers, mime
+from smtpgw.mail.disclaimer import add_disclaimer
+from smtpgw.reports import notify, templates
+from smtpgw.reports.templates import TemplateError
 from tests.support.components import missing
 
 TEMPLATES = Path(smtpgw.__file__).parent / "templates"
@@ -72,10 +73,10 @@ def write(tmp_path: Path, text: str | bytes, name: str = "notify.tmpl") -> Path:
 
 
 def test_shipped_templates_load() -> None:
-    loaded = notify.load_templates(TEMPLATES)
+    loaded = templates.load_templates(TEMPLATES)
     assert sorted(loaded) == ["disclaimer", "dsn", "notify"]
     for path in TEMPLATES.glob("*.tmpl"):
-        assert path.stat().st_size <= notify.MAX_TEMPLATE_BYTES
+        assert path.stat().st_size <= templates.MAX_TEMPLATE_BYTES
 
 
 @pytest.mark.parametrize(
@@ -100,27 +101,27 @@ def test_shipped_templates_load() -> None:
 )
 def test_template_errors_are_clear(tmp_path: Path, text: str, problem: str) -> None:
     with pytest.raises(TemplateError) as caught:
-        notify.load_template(write(tmp_path, text))
+        templates.load_template(write(tmp_path, text))
     assert problem in str(caught.value)
     assert str(tmp_path) in str(caught.value)
 
 
 def test_missing_oversized_and_non_utf8_templates(tmp_path: Path) -> None:
     with pytest.raises(TemplateError, match="cannot read template"):
-        notify.load_template(tmp_path / "notify.tmpl")
+        templates.load_template(tmp_path / "notify.tmpl")
     with pytest.raises(TemplateError, match="larger than 8192 bytes"):
-        notify.load_template(write(tmp_path, "Subject: x\n\n" + "y" * 8200))
+        templates.load_template(write(tmp_path, "Subject: x\n\n" + "y" * 8200))
     with pytest.raises(TemplateError, match="not UTF-8"):
-        notify.load_template(write(tmp_path, b"Subject: x\n\n\xff\xfe\n"))
+        templates.load_template(write(tmp_path, b"Subject: x\n\n\xff\xfe\n"))
     with pytest.raises(TemplateError, match="unknown template kind"):
-        notify.load_template(write(tmp_path, "Subject: x\n\n", "other.tmpl"))
+        templates.load_template(write(tmp_path, "Subject: x\n\n", "other.tmpl"))
 
 
 def test_load_templates_reports_every_problem(tmp_path: Path) -> None:
     write(tmp_path, "Subject: x\n\n%NOPE%\n")
     write(tmp_path, "x %\n", "disclaimer.tmpl")
     with pytest.raises(TemplateError) as caught:
-        notify.load_templates(tmp_path)
+        templates.load_templates(tmp_path)
     message = str(caught.value)
     assert "notify.tmpl:3: unknown macro" in message
     assert "disclaimer.tmpl:1: stray" in message
@@ -130,9 +131,9 @@ def test_load_templates_reports_every_problem(tmp_path: Path) -> None:
 def test_macro_is_checked_against_the_template_kind(tmp_path: Path) -> None:
     path = write(tmp_path, "Subject: x\n\n%RCPT_DIAG%\n", "custom.tmpl")
     with pytest.raises(TemplateError, match="unknown macro %RCPT_DIAG% in a notify template"):
-        notify.load_template(path, "notify")
+        templates.load_template(path, "notify")
     with pytest.raises(TemplateError, match="valid only inside %BEGIN_RECIPIENTS%"):
-        notify.load_template(path, "dsn")
+        templates.load_template(path, "dsn")
 
 
 def test_syntax_escape_comments_blocks(tmp_path: Path) -> None:
@@ -150,7 +151,7 @@ def test_syntax_escape_comments_blocks(tmp_path: Path) -> None:
         "%BEGIN_DELIVERED%delivered%END_DELIVERED%\n"
         "end %%SENDER%% %SENDER%\n"
     )
-    template = notify.load_template(write(tmp_path, text))
+    template = templates.load_template(write(tmp_path, text))
     values, lists = notify.event_context(ENVELOPE, EVENT, "%Y", "%H", NOW)
     fields, body = template.render(values, lists)
     assert fields == [("Subject", "Q1abc 100%")]
@@ -165,17 +166,17 @@ def test_syntax_escape_comments_blocks(tmp_path: Path) -> None:
 
 
 def test_list_blocks_are_bounded(tmp_path: Path) -> None:
-    template = notify.load_template(write(tmp_path, "Subject: x\n\n%BEGIN_OBJECTS%o\n%END_OBJECTS%"))
+    template = templates.load_template(write(tmp_path, "Subject: x\n\n%BEGIN_OBJECTS%o\n%END_OBJECTS%"))
     event = {"objects": [{"name": f"n{i}"} for i in range(5000)]}
     values, lists = notify.event_context(ENVELOPE, event, "%Y", "%H", NOW)
-    assert template.render(values, lists)[1].count("o\n") == notify.MAX_ITEMS
+    assert template.render(values, lists)[1].count("o\n") == templates.MAX_ITEMS
 
 
 def test_template_is_reloaded_when_it_changes(tmp_path: Path) -> None:
     path = write(tmp_path, "Subject: one\n\n")
-    assert notify.load_template(path).render({}, {})[0] == [("Subject", "one")]
+    assert templates.load_template(path).render({}, {})[0] == [("Subject", "one")]
     path.write_text("Subject: second\n\n")
-    assert notify.load_template(path).render({}, {})[0] == [("Subject", "second")]
+    assert templates.load_template(path).render({}, {})[0] == [("Subject", "second")]
 
 
 # --- notifications ------------------------------------------------------------------------
@@ -266,10 +267,10 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_template_object_can_be_passed() -> None:
-    template = notify.load_template(TEMPLATES / "notify.tmpl")
+    template = templates.load_template(TEMPLATES / "notify.tmpl")
     assert notification(template_path=template)["Subject"].startswith("[staff]")
     with pytest.raises(TemplateError, match="not notify"):
-        notification(template_path=notify.load_template(TEMPLATES / "dsn.tmpl"))
+        notification(template_path=templates.load_template(TEMPLATES / "dsn.tmpl"))
 
 
 # --- disclaimer ---------------------------------------------------------------------------
@@ -312,7 +313,7 @@ def parts(data: bytes) -> list[Message]:
 
 
 def test_disclaimer_wraps_a_single_part_message() -> None:
-    result = notify.add_disclaimer(SINGLE, "Scanned by smtpgw.")
+    result = add_disclaimer(SINGLE, "Scanned by smtpgw.")
     head = SINGLE[: SINGLE.index(b"MIME-Version")]
     assert result.startswith(head + b"MIME-Version: 1.0\r\n")  # message headers kept byte for byte
     original, added = parts(result)
@@ -324,7 +325,7 @@ def test_disclaimer_wraps_a_single_part_message() -> None:
 
 
 def test_disclaimer_goes_before_the_close_delimiter_of_multipart_mixed() -> None:
-    result = notify.add_disclaimer(MIXED, "Scanned by smtpgw.")
+    result = add_disclaimer(MIXED, "Scanned by smtpgw.")
     cut = MIXED.index(b"\r\n--XYZ--")
     assert result.startswith(MIXED[:cut])
     assert result.endswith(MIXED[cut:])
@@ -337,7 +338,7 @@ def test_disclaimer_goes_before_the_close_delimiter_of_multipart_mixed() -> None
 
 def test_disclaimer_wraps_other_multiparts() -> None:
     alternative = MIXED.replace(b"multipart/mixed", b"multipart/alternative")
-    result = notify.add_disclaimer(alternative, "Scanned.")
+    result = add_disclaimer(alternative, "Scanned.")
     inner, added = parts(result)
     assert inner.get_content_type() == "multipart/alternative"
     assert len(list(inner.iter_parts())) == 2
@@ -346,7 +347,7 @@ def test_disclaimer_wraps_other_multiparts() -> None:
 
 def test_disclaimer_keeps_lf_line_endings_and_encodes_non_ascii() -> None:
     message = b"From: a@b.test\nSubject: plain\n\nline one\nline two\n"
-    result = notify.add_disclaimer(message, "Geprüft.\nZweite Zeile.")
+    result = add_disclaimer(message, "Geprüft.\nZweite Zeile.")
     assert b"\r" not in result
     original, added = parts(result)
     assert original.get_content() == "line one\nline two\n"
@@ -357,12 +358,12 @@ def test_disclaimer_keeps_lf_line_endings_and_encodes_non_ascii() -> None:
 
 def test_disclaimer_closes_a_truncated_multipart() -> None:
     truncated = MIXED[: MIXED.index(b"--XYZ--")]
-    first, second, added = parts(notify.add_disclaimer(truncated, "Scanned."))
+    first, second, added = parts(add_disclaimer(truncated, "Scanned."))
     assert added.get_content().strip() == "Scanned."
     # found by bench/fuzz.py: the last part lost its final line break to the new delimiter
     text = MIXED[: MIXED.index(b"--XYZ\r\nContent-Type: application")] + b"--XYZ\r\n\r\nlast line\r\n"
     before = [n.data for n in mime.decompose(text).walk() if not n.children]
-    after = [n.data for n in mime.decompose(notify.add_disclaimer(text, "Scanned.")).walk() if not n.children]
+    after = [n.data for n in mime.decompose(add_disclaimer(text, "Scanned.")).walk() if not n.children]
     assert before[-1] == b"last line\r\n" and after[:-1] == before
 
 
@@ -372,7 +373,7 @@ def test_disclaimer_wraps_a_multipart_mixed_without_delimiter_lines() -> None:
     for boundary in (b"NONE", b"XY", b"xyz", b"XYZ"):  # not in the body, a prefix, another case, close only
         message = (close_only if boundary == b"XYZ" else MIXED).replace(b'boundary="XYZ"', b'boundary="' + boundary + b'"')
         before = [n.data for n in mime.decompose(message).walk() if not n.children]
-        result = notify.add_disclaimer(message, "Scanned.")
+        result = add_disclaimer(message, "Scanned.")
         inner, added = parts(result)
         assert inner.get_content_type() == "multipart/mixed" and added.get_content().strip() == "Scanned."
         after = [n.data for n in mime.decompose(result).walk() if not n.children]
@@ -385,7 +386,7 @@ def test_disclaimer_wrapper_takes_content_fields_after_an_obsolete_field_name() 
     # (read here as the anti-virus decomposition reads it: Python's email stops at such a field)
     alternative = MIXED.replace(b"multipart/mixed", b"multipart/alternative")
     message = alternative.replace(b"MIME-Version: 1.0", b"Message-Id : <m@b.test>\r\nMIME-Version: 1.0")
-    result = notify.add_disclaimer(message, "Scanned.")
+    result = add_disclaimer(message, "Scanned.")
     assert result.startswith(b"From: a@b.test\r\nMessage-Id : <m@b.test>\r\nMIME-Version: 1.0\r\n")
     tree = mime.decompose(result)
     assert [n.content_type for n in tree.walk()] == [
@@ -398,7 +399,7 @@ def test_disclaimer_reads_content_type_only_in_the_header_it_moves() -> None:
     # Content-Type after it was still read, and a part was inserted into what readers see as text
     message = MIXED.replace(b"MIME-Version: 1.0", b"this line is not a field\r\nMIME-Version: 1.0")
     before = [n.data for n in mime.decompose(message).walk()]
-    result = notify.add_disclaimer(message, "Scanned.")
+    result = add_disclaimer(message, "Scanned.")
     tree = mime.decompose(result)
     assert [n.content_type for n in tree.walk()] == ["multipart/mixed", "text/plain", "text/plain"]
     assert [n.data for n in tree.walk()][1:2] == before and b"Scanned." in (tree.root.children[1].data or b"")
@@ -406,7 +407,7 @@ def test_disclaimer_reads_content_type_only_in_the_header_it_moves() -> None:
 
 def test_disclaimer_on_8bit_body_marks_the_wrapper_8bit() -> None:
     message = b"Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + "Grüße".encode() + b"\r\n"
-    result = notify.add_disclaimer(message, "Scanned.")
+    result = add_disclaimer(message, "Scanned.")
     assert re.search(rb"\r\nContent-Transfer-Encoding: 8bit\r\n", result[: result.index(b"\r\n\r\n") + 2])
     original, _ = parts(result)
     assert original.get_content().rstrip("\r\n") == "Grüße"
@@ -426,10 +427,10 @@ def test_disclaimer_survives_the_corpus() -> None:
         raw = path.read_bytes()
         if raw.startswith(b"From "):
             raw = raw[raw.index(b"\n") + 1 :]
-        result = notify.add_disclaimer(raw, "Scanned by smtpgw.")
+        result = add_disclaimer(raw, "Scanned by smtpgw.")
         assert b"Scanned by smtpgw." in result, path.name
         if b'multipart/mixed; boundary="=_smtpgw_' in result:  # wrapped: the body moved whole
-            body = raw[notify.headers.header_end(raw) :]
+            body = raw[headers.header_end(raw) :]
             assert body in result or raw in result, path.name
             python_view = email.message_from_bytes(raw, policy=email.policy.compat32)
             if any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect) for d in python_view.defects):

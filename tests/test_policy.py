@@ -35,3 +35,17 @@ def test_spam_notices_only_for_a_stopped_spam_listed_by_the_group() -> None:
     blocked = spam_fired("Probable Spam", "ActionProbableSpam", "block")
     assert spam_notices(group, "probable_spam", blocked) == {"NotifyRecipient": "Probable Spam, ActionProbableSpam=block"}
     assert spam_notices(group, "spam", spam_fired("Spam", "ActionSpam", "tag")) == {}  # delivered: no notice
+
+
+def test_spam_actions_are_the_configuration_words() -> None:
+    """SpamAction's values are exactly the words ActionSpam / ActionProbableSpam accept, so a
+    configured value is one, and records and log lines keep the words."""
+    from smtpgw.config import SCHEMA
+    from smtpgw.rules.policy import SpamAction
+
+    for key in ("ActionSpam", "ActionProbableSpam"):
+        (param,) = [p for p in SCHEMA if p.section == "smtpgw.policy" and p.key == key]
+        assert sorted(param.range.split("|")) == sorted(SpamAction) and SpamAction(param.default)
+    assert spam_fired("Spam", "ActionSpam", SpamAction.QUARANTINE) == {
+        "BlockMessage": "Spam, ActionSpam=quarantine", "SaveInQB": "Spam, ActionSpam=quarantine"}
+    assert spam_fired("Spam", "ActionSpam", SpamAction("tag")) == {}

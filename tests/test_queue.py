@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
-from smtpgw.spool.queue import CHK, QUE, SND, WFC, Envelope, Queue, Recipient, new_id
+from smtpgw.spool.durable import unlink_if_present, write_durably
+from smtpgw.spool.iopool import IOPool
+from smtpgw.spool.queue import CHK, QUE, SND, WFC, Envelope, Queue, Recipient, RecipientState, new_id
 
 
 def make(queue: Queue, state: str, qid: str | None = None, with_message: bool = True) -> Envelope:
@@ -70,3 +73,55 @@ def test_records_round_trip(tmp_path):
     assert again == env
     with open(queue.record_path(WFC, env.id)) as f:
         assert json.load(f)["recipients"][0]["notify"] == ["SUCCESS"]
+
+
+def test_recipient_states_are_typed_and_stored_as_their_words(tmp_path):
+    queue = Queue(str(tmp_path))
+    env = make(queue, QUE)
+    env.recipients += [Recipient("s@example.test", state=RecipientState.SENT), Recipient("f@example.test", state="failed")]
+    queue.update(QUE, env)
+    with open(queue.record_path(QUE, env.id)) as f:
+        assert [r["state"] for r in json.load(f)["recipients"]] == ["pending", "sent", "failed"]
+    again = queue.load(QUE, env.id)
+    assert [type(r.state) for r in again.recipients] == [RecipientState] * 3
+    assert [r.done for r in again.recipients] == [False, True, True] and len(again.pending()) == 1
+    with open(queue.record_path(QUE, env.id), "w") as f:
+        f.write(json.dumps(env.as_dict()).replace('"sent"', '"lost"'))
+    assert queue.load(QUE, env.id) is None  # a state no version writes: kept in corrupt/, not guessed
+    assert any(name.startswith(env.id) for name in os.listdir(os.path.join(queue.root, "corrupt")))
+
+
+def test_write_durably_replaces_whole_files_and_leaves_no_temp(tmp_path):
+    path = str(tmp_path / "file")
+    write_durably(path, b"old")
+    write_durably(path, b"x" * 300_000, sync_dir=False)
+    assert open(path, "rb").read() == b"x" * 300_000
+    assert os.listdir(tmp_path) == ["file"]
+    unlink_if_present(path)
+    unlink_if_present(path)  # already gone: not an error
+    assert os.listdir(tmp_path) == []
+
+
+def test_group_committed_record_is_the_same_record(tmp_path):
+    queue = Queue(str(tmp_path))
+    env = make(queue, WFC)
+    queue.write_record(QUE, env, sync_dirs=False)
+    assert open(queue.record_path(QUE, env.id), "rb").read() == open(queue.record_path(WFC, env.id), "rb").read()
+    assert sorted(os.listdir(tmp_path / QUE)) == [env.id]
+
+
+def test_io_pool_hands_results_and_errors_back_through_the_loop():
+    handed: list[tuple[object, object]] = []
+    done = threading.Event()
+
+    def call_soon_threadsafe(callback, *args):
+        callback(*args)
+        if len(handed) == 2:
+            done.set()
+
+    pool = IOPool(call_soon_threadsafe, threads=1)
+    pool.call(lambda: 42, lambda result, error: handed.append((result, error)))
+    pool.call(lambda: 1 / 0, lambda result, error: handed.append((result, type(error))))
+    assert done.wait(10)
+    pool.close()
+    assert handed == [(42, None), (None, ZeroDivisionError)]

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
+from smtpgw.app.storecli import format_listing
 from smtpgw.app.storecli import store_main
 from smtpgw.spool import store as store_module
-from smtpgw.spool.store import Item, Store, StoreError, format_listing, format_size, status_for_verdict
+from smtpgw.spool.store import Item, Store, StoreError, format_size, status_for_verdict
 
 MESSAGE = b"From: a@b.test\r\nTo: x@y.test\r\nSubject: hello\r\n\r\nbody\r\n"
 

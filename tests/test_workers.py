@@ -10,7 +10,8 @@ from typing import Any
 from smtpgw.config import load_config
 from smtpgw.net.loop import EventLoop
 from smtpgw.scan.workers import WorkerPool, worker_config_path
-from smtpgw.spool.queue import CHK, Envelope, Queue, Recipient, new_id, write_durably
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import CHK, Envelope, Queue, Recipient, new_id
 from tests.support.clamd import STALL_MARKER
 from tests.support.net import GatewayProcess
 

@@ -29,7 +29,8 @@ from smtpgw import __version__
 from smtpgw import log as logsetup
 from smtpgw.config import ConfigError, check_config, load_config
 from smtpgw.spool import ops
-from smtpgw.spool.queue import Queue, write_durably
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import Queue
 
 DEFAULT_CONFIG = "/etc/smtpgw/smtpgw.conf"
 REQUEST_DEADLINE = 30.0  # seconds a queue command waits for the running gateway

@@ -31,8 +31,9 @@ from smtpgw.net.loop import EventLoop
 from smtpgw.spam.database import DatabaseError, site_file
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.spam.training import learn_files
+from smtpgw.spool.durable import write_durably
 from smtpgw.spool.ops import BAD_ARGS, DONE, NOT_PERFORMED, SYSTEM_ERROR, locate, remove_request
-from smtpgw.spool.queue import STATES, Committer, Queue, write_durably
+from smtpgw.spool.queue import STATES, Committer, Queue
 from smtpgw.stats import Stats
 
 log = logging.getLogger("smtpgw.app.control")

@@ -31,26 +31,19 @@ import time
 from concurrent.futures import Future
 
 from smtpgw import log as logsetup
-
 from smtpgw.app import memory
-
-from smtpgw.net import smtp
-
-from smtpgw.receive import quota
-
-from smtpgw.reports import digest, notify
-
-from smtpgw.spool import ops
-
 from smtpgw.app.control import Control
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.console.server import BindError, Console
 from smtpgw.console.traffic import Traffic
 from smtpgw.deliver.sender import Sender
 from smtpgw.log import event
+from smtpgw.net import smtp
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
+from smtpgw.receive import quota
 from smtpgw.receive.receiver import Listener, Session, Sessions
+from smtpgw.reports import digest, templates
 from smtpgw.scan import antivirus
 from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
 from smtpgw.scan.scanner import Scanner
@@ -58,7 +51,9 @@ from smtpgw.scan.workers import worker_config_path
 from smtpgw.spam.database import DatabaseError, database_file, site_file
 from smtpgw.spam.dbindex import open_database
 from smtpgw.spam.spamfilter import default_bases, describe, site_layer
-from smtpgw.spool.queue import QUE, SND, WFC, WFS, Committer, Envelope, Queue, write_durably
+from smtpgw.spool import ops
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import QUE, SND, WFC, WFS, Committer, Envelope, Queue, RecipientState
 from smtpgw.spool.store import Item, Store, lifetimes, purge_stores
 from smtpgw.stats import Stats, history_path, save as save_stats
 
@@ -142,17 +137,17 @@ class Gateway:
         return context
 
     @staticmethod
-    def _templates(cfg: Config) -> dict[str, notify.Template]:
+    def _templates(cfg: Config) -> dict[str, templates.Template]:
         """Templates are checked at start (kmg-spec §5.2): a broken one stops the start, a
         group's own TemplatesPath's (notify, disclaimer, placeholder) included."""
         try:
             for folder in sorted({group.TemplatesPath for group in (cfg.policy, *cfg.groups)} - {None}):
-                notify.load_templates(folder, notify.GROUP_KINDS)
+                templates.load_templates(folder, templates.GROUP_KINDS)
                 antivirus.load_placeholder(folder)
             if cfg.digest.Schedule:
                 digest.load(cfg)
-            return notify.load_templates(cfg.base.TemplatesPath)
-        except notify.TemplateError as exc:
+            return templates.load_templates(cfg.base.TemplatesPath)
+        except templates.TemplateError as exc:
             raise StartupError(str(exc), 1) from exc
 
     @staticmethod
@@ -567,7 +562,7 @@ class Gateway:
         self.traffic.delivered(env)
         archive = self.outgoing_archive
         copy = None
-        if archive is not None and any(r.state == "sent" for r in env.recipients):
+        if archive is not None and any(r.state == RecipientState.SENT for r in env.recipients):
             # kmg-spec §3.9: every message sent, notifications and DSNs included
             path, record = self.queue.msg_path(env.id), env.as_dict()
             copy = lambda: archive.put(env.id, path, record, "SNT")  # noqa: E731

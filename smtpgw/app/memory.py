@@ -34,7 +34,8 @@ from smtpgw.net.loop import EventLoop
 from smtpgw.receive.quota import Quota
 from smtpgw.receive.receiver import Sessions
 from smtpgw.scan.scanner import Scanner
-from smtpgw.spool.queue import Committer, write_durably
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import Committer
 from smtpgw.stats import Stats
 
 log = logging.getLogger("smtpgw.app.memory")

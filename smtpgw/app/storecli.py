@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Callable, Sequence
 
 from smtpgw.rules.masks import match_any
 from smtpgw.spool import ops
-from smtpgw.spool.store import STATUSES, Item, Store, StoreError, format_listing
+from smtpgw.spool.store import STATUSES, Item, Store, StoreError, format_size
 
 __all__ = ["store_main", "filter_items", "format_tsv", "format_json"]
 
@@ -277,3 +277,17 @@ def _write_bytes(data: bytes) -> None:
     else:
         buffer.write(data)
         buffer.flush()
+
+
+def format_listing(items: Sequence[Item], date_format: str = "%Y/%m/%d", time_format: str = "%H:%M:%S") -> str:
+    """The klmaila listing: a header line, one line per item, and a footer with count and bytes."""
+    rows = [("QueueID", "Status", "Size", "ArrivalTime", "Sender/Recipient")]
+    for item in items:
+        when = time.strftime(f"{date_format} {time_format}", time.localtime(item.time))
+        rcpts = ", ".join(f"<{r}>" for r in item.recipients)
+        rows.append((item.id, item.status, format_size(item.size), when, f"<{item.sender}> -> {rcpts}"))
+    widths = [max(len(row[col]) for row in rows) for col in range(4)]
+    lines = ["  ".join(cell.ljust(widths[col]) for col, cell in enumerate(row[:4])) + "  " + row[4] for row in rows]
+    total = sum(item.size for item in items)
+    lines.append(f"-- {len(items)} message(s), {total} bytes")
+    return "\n".join(lines) + "\n"

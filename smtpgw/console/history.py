@@ -18,7 +18,7 @@ import logging
 import os
 from typing import Mapping
 
-from smtpgw.spool.queue import write_durably
+from smtpgw.spool.durable import write_durably
 
 log = logging.getLogger("smtpgw.console.history")
 

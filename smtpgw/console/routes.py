@@ -20,7 +20,6 @@ import urllib.parse
 from typing import Any, Callable
 
 from smtpgw import __version__
-
 from smtpgw.config import ConfigError, load_config
 from smtpgw.console import auth as console_auth, pages
 from smtpgw.console.auth import ADMIN

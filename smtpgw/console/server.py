@@ -36,7 +36,8 @@ from smtpgw.spam.database import database_file
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.spam.training import learn_files
 from smtpgw.spool import ops
-from smtpgw.spool.queue import STATES, Envelope, write_durably
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import STATES, Envelope
 from smtpgw.spool.store import named_stores
 
 log = logging.getLogger("smtpgw.console")

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from smtpgw.net import smtp
+from smtpgw.net import smtp, tls
 from smtpgw.net.loop import EventLoop, Timer
 from smtpgw.net.smtp import ServerReply
 from smtpgw.spool.queue import Recipient
@@ -257,9 +257,8 @@ class Connection:
             return
         self.parser = smtp.ReplyParser()
         assert self.sock is not None and self.tls_context is not None
-        self.loop.forget(self.sock)
         try:
-            self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=None, do_handshake_on_connect=False)
+            self.sock = tls.wrap(self.loop, self.tls_context, self.sock, server_side=False)
         except (OSError, ssl.SSLError) as exc:
             self._again_in_clear(f"TLS with {self.host}[{self.ip}]: {exc}")
             return
@@ -267,23 +266,13 @@ class Connection:
             self.timer.cancel()
         self.timer = self.loop.call_later(self.t.SendingHelloTimeout, self._again_in_clear,
                                           f"timeout in the TLS handshake with {self.host}[{self.ip}]")
-        self._handshake()
+        tls.Handshake(self.loop, self.sock, self._tls_started, self._tls_failed).step()
 
-    def _handshake(self) -> None:
-        assert isinstance(self.sock, ssl.SSLSocket)
-        try:
-            self.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self.loop.remove_writer(self.sock)
-            self.loop.add_reader(self.sock, self._handshake)
-            return
-        except ssl.SSLWantWriteError:
-            self.loop.add_writer(self.sock, self._handshake)
-            return
-        except (OSError, ssl.SSLError) as exc:
-            self._again_in_clear(f"TLS handshake with {self.host}[{self.ip}]: {exc}")
-            return
-        self.loop.remove_writer(self.sock)
+    def _tls_failed(self, exc: OSError) -> None:
+        self._again_in_clear(f"TLS handshake with {self.host}[{self.ip}]: {exc}")
+
+    def _tls_started(self) -> None:
+        assert self.sock is not None
         self.loop.add_reader(self.sock, self._readable)
         self.tls = True
         self._ehlo()  # RFC 3207 §4.2: capabilities are learnt again

@@ -28,19 +28,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from smtpgw.mail import downgrade
-
 from smtpgw.config import Config
 from smtpgw.deliver import bounces, nexthop
 from smtpgw.deliver.client import Connection, Transaction
 from smtpgw.deliver.nexthop import Hop, Resolve
 from smtpgw.log import event
+from smtpgw.mail import downgrade
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
 from smtpgw.net.smtp import ServerReply
 from smtpgw.reports.notify import Template
 from smtpgw.rules import routing
-from smtpgw.spool.queue import QUE, SND, Committer, Envelope, Queue, Recipient
+from smtpgw.spool.queue import QUE, SND, Committer, Envelope, Queue, Recipient, RecipientState
 from smtpgw.stats import Stats
 
 log = logging.getLogger("smtpgw.deliver.sender")
@@ -228,7 +227,7 @@ class Sender:
         if time.time() - env.received_at < lifetime:
             return False
         for rcpt in env.pending():
-            rcpt.state = "failed"
+            rcpt.state = RecipientState.FAILED
             rcpt.status = "4.4.7"
             rcpt.diag = rcpt.diag or "x-smtpgw; delivery time expired"
             event(env.id, "DELIVERED, rcpt=<%s>, server=none, size=%d, status=failed, reason=\"queue lifetime expired\"", rcpt.addr, env.size)
@@ -364,7 +363,7 @@ class Sender:
     def _fail_delivery(self, conn: Connection, delivery: Delivery, status: str, why: str, counter: str) -> None:
         self.host.stats.inc(counter)
         for rcpt in delivery.recipients:
-            self._record(delivery.env, rcpt, "failed", status, f"x-smtpgw; {why}", conn.host, conn.ip)
+            self._record(delivery.env, rcpt, RecipientState.FAILED, status, f"x-smtpgw; {why}", conn.host, conn.ip)
         self._delivery_finished(delivery)
 
     def _downgrade_then_send(self, conn: Connection, state: DestinationState, delivery: Delivery) -> None:
@@ -393,7 +392,7 @@ class Sender:
             if error is not None or conn.closed:
                 why = f"local error converting to 7-bit: {error}" if error else f"connection to {conn.host} lost"
                 for rcpt in delivery.recipients:
-                    self._record(delivery.env, rcpt, "deferred", "4.3.0" if error else "4.4.2",
+                    self._record(delivery.env, rcpt, RecipientState.DEFERRED, "4.3.0" if error else "4.4.2",
                                  f"x-smtpgw; {why}", conn.host, conn.ip)
                 self._delivery_finished(delivery)
             elif size is None:
@@ -425,16 +424,16 @@ class Sender:
             state, status, diag = self._outcome(txn, rcpt.addr)
             self._record(env, rcpt, state, status, diag, conn.host, conn.ip)
             # RFC 3461 §5.2.2: a peer without DSN gets no NOTIFY; we report "relayed"
-            rcpt.relayed = state == "sent" and not conn.has("DSN")
+            rcpt.relayed = state == RecipientState.SENT and not conn.has("DSN")
         if txn.error and not conn.greeted:
             self._unreachable(conn)
         self._delivery_finished(delivery)
 
     @staticmethod
-    def _outcome(txn: Transaction, addr: str) -> tuple[str, str, str]:
+    def _outcome(txn: Transaction, addr: str) -> tuple[RecipientState, str, str]:
         """A recipient's state after a transaction: sent | failed | deferred, with status and diagnostic."""
-        def classify(reply: ServerReply) -> tuple[str, str, str]:
-            state = "failed" if reply.code >= 500 else "deferred"
+        def classify(reply: ServerReply) -> tuple[RecipientState, str, str]:
+            state = RecipientState.FAILED if reply.code >= 500 else RecipientState.DEFERRED
             return state, enhanced_status(reply), f"smtp; {reply}"
 
         if txn.mail_reply is not None and txn.mail_reply.code >= 400:
@@ -444,12 +443,12 @@ class Sender:
             return classify(rcpt_reply)
         if rcpt_reply is not None and txn.data_reply is not None:
             if txn.data_reply.code < 300:
-                return "sent", enhanced_status(txn.data_reply), f"smtp; {txn.data_reply}"
+                return RecipientState.SENT, enhanced_status(txn.data_reply), f"smtp; {txn.data_reply}"
             return classify(txn.data_reply)
         why = txn.error or "connection lost before the end of the transaction"
-        return "deferred", "4.4.2" if "timeout" in why else "4.4.1", f"x-smtpgw; {why}"
+        return RecipientState.DEFERRED, "4.4.2" if "timeout" in why else "4.4.1", f"x-smtpgw; {why}"
 
-    def _record(self, env: Envelope, rcpt: Recipient, state: str, status: str, diag: str, host: str, ip: str,
+    def _record(self, env: Envelope, rcpt: Recipient, state: RecipientState, status: str, diag: str, host: str, ip: str,
                 reached: bool = True) -> None:
         """``reached``: ``host`` is a next hop we talked to, the DSN's Remote-MTA (RFC 3464 §2.3.5)."""
         rcpt.state = state
@@ -462,9 +461,9 @@ class Sender:
             env.id, "DELIVERED, rcpt=<%s>, server=%s[%s], size=%d, status=%s, dsn=%s, reply=\"%s\"",
             rcpt.addr, host, ip, env.size, state, status, diag[:300],
         )
-        if state == "sent":
+        if state == RecipientState.SENT:
             self.host.stats.inc("mta_sent_recipients")
-        elif state == "failed":
+        elif state == RecipientState.FAILED:
             self.host.stats.inc("mta_sendings_failed_total")
         else:
             self.host.stats.inc("mta_sendings_deferred_total")
@@ -473,7 +472,7 @@ class Sender:
         while state.queue:
             delivery = state.queue.popleft()
             for rcpt in delivery.recipients:
-                self._record(delivery.env, rcpt, "failed" if permanent else "deferred", status, f"x-smtpgw; {why}",
+                self._record(delivery.env, rcpt, RecipientState.FAILED if permanent else RecipientState.DEFERRED, status, f"x-smtpgw; {why}",
                              "none", "-", reached=False)
             self._delivery_finished(delivery)
         state.hops = None  # resolve again next time
@@ -526,10 +525,10 @@ class Sender:
         """DSNs due after this attempt (RFC 3461 §4.1), each recipient reported once per kind."""
         reported: dict[str, list[str]] = env.notes.setdefault("dsn", {})
         due = {
-            "failure": [r for r in env.recipients if r.state == "failed"],
-            "delay": [r for r in env.recipients if r.state == "deferred" and r.notify and "DELAY" in r.notify],
+            "failure": [r for r in env.recipients if r.state == RecipientState.FAILED],
+            "delay": [r for r in env.recipients if r.state == RecipientState.DEFERRED and r.notify and "DELAY" in r.notify],
             # a next hop with DSN reports success itself; we report only what we "relayed"
-            "success": [r for r in env.recipients if r.state == "sent" and r.relayed and r.notify and "SUCCESS" in r.notify],
+            "success": [r for r in env.recipients if r.state == RecipientState.SENT and r.relayed and r.notify and "SUCCESS" in r.notify],
         }
         for kind, recipients in due.items():
             fresh = [r for r in recipients if r.addr not in reported.get(kind, [])]
@@ -555,9 +554,9 @@ class Sender:
     def _conclude(self, env: Envelope) -> None:
         self._expired(env)  # past MaximalQueueLifetime, deferred recipients fail now
         for rcpt in env.pending():
-            rcpt.state = "deferred"
+            rcpt.state = RecipientState.DEFERRED
         self._report(env)
-        sent = sum(1 for r in env.recipients if r.state == "sent")
+        sent = sum(1 for r in env.recipients if r.state == RecipientState.SENT)
         if sent and all(r.done for r in env.recipients):
             self.host.stats.inc("mta_sent_messages")
             self.host.stats.inc("mta_sent_bytes", env.size)

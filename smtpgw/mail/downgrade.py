@@ -88,10 +88,9 @@ import base64
 import binascii
 import logging
 import re
-from email.message import Message
 from itertools import chain
 
-from smtpgw.mail import headers
+from smtpgw.mail import fields, headers
 
 __all__ = ["MAX_DEPTH", "MAX_LINE", "MAX_PARTS", "needs_downgrade", "qp_encode", "to_7bit"]
 
@@ -112,9 +111,6 @@ _MESSAGE_LEAVES = frozenset(
         "message/global-disposition-notification",
     }
 )
-# RFC 5322 §3.6.8 field name then ":", or a continuation line (RFC 5322 §2.2.3);
-# the same test mail readers apply (CPython email.feedparser headerRE).
-_FIELD_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]*:|[ \t]")
 _BASE64_NOISE = bytes(set(range(256)) - set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="))
 _B64_LINE = 76  # RFC 2045 §6.8
 _QP_LINE = 76  # RFC 2045 §6.7 rule 5, the "=" of a soft line break included
@@ -137,41 +133,22 @@ def _needs_conversion(data: bytes) -> bool:
     return not data.isascii() or _has_long_line(data)
 
 
-def _split_header(data: bytes) -> tuple[int, int, bool]:
-    """(end of the header fields, start of the body, whether a blank line separates them)."""
-    pos = 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        end = len(data) if nl < 0 else nl + 1
-        line = data[pos:end]
-        if line in (b"\r\n", b"\n"):
-            return pos, end, True
-        if not _FIELD_LINE.match(line):
-            return pos, pos, False
-        pos = end
-    return len(data), len(data), True  # header only: the body is empty
+def _split(data: bytes) -> tuple[fields.Header, int, int, bool]:
+    """(the header, where its fields end, where the body starts, whether a blank line or the end
+    of the input ends it). A field with white space before its colon (RFC 5322 §4.5) ends it
+    with no blank line: readers that do not take the obsolete syntax (CPython's email) see the
+    body start there, the others do not, so an entity with one is not converted."""
+    found = fields.split(data)
+    if found.obsolete_at is not None:
+        return found, found.obsolete_at, found.obsolete_at, False
+    return found, found.end, found.body, not found.stray
 
 
-def _transfer_encoding(head: bytes) -> str:
-    value = headers.get_raw(head, "Content-Transfer-Encoding")
+def _transfer_encoding(value: bytes | None) -> str:
     if value is None:
         return ""
     token = re.match(rb"[^\s;(]*", value.strip())
     return token.group(0).decode("ascii").lower() if token else ""
-
-
-def _content_type(head: bytes, default: str) -> tuple[str, str | None]:
-    """(type/subtype, boundary) as RFC 2045 §5.2 defaults them; head is 7-bit."""
-    message = Message()
-    message.set_default_type(default)
-    value = headers.get_raw(head, "Content-Type")
-    try:
-        if value is not None:
-            message["Content-Type"] = value.decode("ascii")
-        boundary = message.get_boundary()
-        return message.get_content_type(), boundary
-    except (ValueError, LookupError, TypeError) as problem:  # hostile parameters
-        raise _Refused(f"unreadable Content-Type: {problem}") from problem
 
 
 def qp_encode(data: bytes) -> bytes:
@@ -271,7 +248,7 @@ class _Downgrader:
             raise _Refused(f"more than {MAX_PARTS} MIME entities")
         if depth > MAX_DEPTH:
             raise _Refused(f"MIME nesting deeper than {MAX_DEPTH}")
-        head_end, body_start, separated = _split_header(data)
+        found, head_end, body_start, separated = _split(data)
         head, separator, body = data[:head_end], data[head_end:body_start], data[body_start:]
         if not head.isascii():
             raise _Refused("8-bit bytes in a header field, charset unknown")
@@ -283,8 +260,9 @@ class _Downgrader:
             # RFC 5322 §2.2: CR only in CRLF. Readers that take a bare CR for a line
             # break see other fields than the rest do.
             raise _Refused("bare CR in the header")
-        content_type, boundary = _content_type(head, default_type)
-        encoding = _transfer_encoding(head)
+        declared = fields.content_type(found.get(data, "content-type"), default_type)
+        content_type, boundary = declared.type, declared.boundary
+        encoding = _transfer_encoding(found.get(data, "content-transfer-encoding"))
         if content_type.startswith("multipart/") or content_type == "message/rfc822":
             if encoding not in _IDENTITY:  # RFC 2045 §6.4, RFC 2046 §5.2.1
                 raise _Refused(f"{content_type} declares Content-Transfer-Encoding {encoding}")
@@ -411,8 +389,7 @@ def needs_downgrade(raw: bytes) -> bool:
         return True
     if not _has_long_line(raw):
         return False
-    _, body_start, _ = _split_header(raw)
-    return _has_long_line(raw[body_start:])
+    return _has_long_line(raw[_split(raw)[2] :])
 
 
 def to_7bit(raw: bytes) -> bytes | None:

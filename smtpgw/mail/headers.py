@@ -1,7 +1,10 @@
 """Byte-exact header editing of a raw RFC 5322 message.
 
-Owns: finding the header block, reading a header's raw value, and adding or
-replacing header fields with values that are validated and folded here.
+Owns: adding, replacing and removing header fields with values that are
+validated and folded here, the Subject prefix, and the RFC 5322 §3.6 checks of
+``StrictStandards``. Fields are found as `smtpgw.mail.fields` reads them (the
+one header reader: a line that is neither a field nor a continuation ends the
+header), so an edit touches the fields every other part sees.
 
 Must never: re-serialise a message through ``email.generator`` (that refolds
 and re-encodes untouched parts), or emit a value containing CR, LF or NUL
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import re
 from email.header import Header
+
+from smtpgw.mail import fields
 
 _FIELD_NAME = re.compile(rb"^[!-9;-~]+$")  # RFC 5322 §3.6.8 ftext
 _MAX_LINE = 78  # RFC 5322 §2.1.1 SHOULD
@@ -37,42 +42,23 @@ def header_end(raw: bytes) -> int:
     return match.end() if match else len(raw)
 
 
-def _fields(raw: bytes) -> list[tuple[int, int, bytes]]:
-    """(start, end, name) of each header field; ``end`` includes its line ending."""
-    head = raw[: header_end(raw)]
-    out: list[tuple[int, int, bytes]] = []
-    pos = 0
-    while pos < len(head):
-        nl = head.find(b"\n", pos)
-        end = len(head) if nl < 0 else nl + 1
-        line = head[pos:end]
-        if line.strip(b"\r\n") == b"":
-            break
-        if line[:1] in (b" ", b"\t") and out:
-            start, _, name = out[-1]
-            out[-1] = (start, end, name)
-        else:
-            colon = line.find(b":")
-            name = line[:colon].strip().lower() if colon > 0 else b""
-            out.append((pos, end, name))
-        pos = end
-    return out
+def _header(raw: bytes) -> fields.Header:
+    """The message's header as every part reads it (`smtpgw.mail.fields`)."""
+    return fields.split(raw, fields.message_start(raw))
+
+
+def _fields(raw: bytes) -> list[fields.Field]:
+    return _header(raw).fields
 
 
 def get_raw(raw: bytes, name: str) -> bytes | None:
     """The unfolded raw value of the first ``name`` field, or None."""
-    key = name.lower().encode("ascii")
-    for start, end, fname in _fields(raw):
-        if fname == key:
-            field = raw[start:end]
-            value = field[field.find(b":") + 1 :]
-            return re.sub(rb"\r?\n(?=[ \t])", b"", value).strip(b"\r\n").strip()
-    return None
+    return _header(raw).get(raw, name.lower())
 
 
 def count(raw: bytes, name: str) -> int:
-    key = name.lower().encode("ascii")
-    return sum(1 for _, _, fname in _fields(raw) if fname == key)
+    key = name.lower()
+    return sum(1 for f in _fields(raw) if f.name == key)
 
 
 def check_value(value: str) -> str:
@@ -108,16 +94,18 @@ def render(name: str, value: str, eol: bytes = b"\r\n") -> bytes:
     return eol.join(line.encode("ascii") for line in lines) + eol
 
 
-def prepend(raw: bytes, fields: list[tuple[str, str]]) -> bytes:
-    """Add fields at the top of the header block (where trace fields go, RFC 5321 §4.4)."""
+def prepend(raw: bytes, new: list[tuple[str, str]]) -> bytes:
+    """Add fields at the top of the header block (where trace fields go, RFC 5321 §4.4), after
+    a leading mbox ``From `` line, which readers skip."""
     eol = line_ending(raw)
-    return b"".join(render(n, v, eol) for n, v in fields) + raw
+    at = fields.message_start(raw)
+    return raw[:at] + b"".join(render(n, v, eol) for n, v in new) + raw[at:]
 
 
 def replace(raw: bytes, name: str, value: str) -> bytes:
     """Replace every ``name`` field with one new field at the first one's place, or prepend it."""
-    key = name.lower().encode("ascii")
-    spans = [(s, e) for s, e, fname in _fields(raw) if fname == key]
+    key = name.lower()
+    spans = [(f.start, f.end) for f in _fields(raw) if f.name == key]
     if not spans:
         return prepend(raw, [(name, value)])
     eol = line_ending(raw)
@@ -134,13 +122,13 @@ def replace(raw: bytes, name: str, value: str) -> bytes:
 
 def field_names(raw: bytes) -> list[str]:
     """The names of the header fields in order (decoded as Latin-1, so any byte survives)."""
-    return [raw[start:end].split(b":", 1)[0].strip().decode("latin-1") for start, end, name in _fields(raw) if name]
+    return [raw[f.start : f.value_at - 1].rstrip(b" \t").decode("ascii") for f in _fields(raw)]
 
 
 def remove(raw: bytes, name: str) -> bytes:
     """Remove every ``name`` field (with its folded lines); other bytes stay as they were."""
-    key = name.lower().encode("latin-1", "replace")
-    spans = [(s, e) for s, e, fname in _fields(raw) if fname == key]
+    key = name.lower()
+    spans = [(f.start, f.end) for f in _fields(raw) if f.name == key]
     if not spans:
         return raw
     out = bytearray()
@@ -165,9 +153,10 @@ def prefix_subject(raw: bytes, prefix: str) -> bytes:
     if not prefix.strip():
         return raw
     eol = line_ending(raw)
-    for start, end, fname in _fields(raw):
-        if fname != b"subject":
+    for found in _fields(raw):
+        if found.name != "subject":
             continue
+        start, end = found.start, found.end
         field = raw[start:end]
         colon = field.find(b":") + 1
         value_at = colon
@@ -215,15 +204,15 @@ _AT_MOST_ONCE = ("from", "date", "sender", "reply-to", "to", "cc", "bcc", "subje
 def violations(raw: bytes) -> list[str]:
     """RFC 5322 format violations of the header block (what ``StrictStandards`` refuses)."""
     problems = []
-    fields = _fields(raw)
-    names = [name for _, _, name in fields]
+    head = _header(raw)
+    names = [f.name for f in head.fields]
     for name in _REQUIRED:
-        if name.encode() not in names:
+        if name not in names:
             problems.append(f"no {name.title()} field (RFC 5322 §3.6)")
     for name in _AT_MOST_ONCE:
-        if names.count(name.encode()) > 1:
-            problems.append(f"{names.count(name.encode())} {name.title()} fields (RFC 5322 §3.6)")
-    if b"" in names:
+        if names.count(name) > 1:
+            problems.append(f"{names.count(name)} {name.title()} fields (RFC 5322 §3.6)")
+    if head.stray:
         problems.append("a header line that is not a field (RFC 5322 §2.2)")
     if b"\0" in raw:
         problems.append("a NUL character (RFC 5322 §2.1)")

@@ -40,9 +40,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from email.errors import HeaderParseError
 from email.header import decode_header
-from urllib.parse import unquote_to_bytes
 
-from smtpgw.mail import headers
+from smtpgw.mail import fields, headers
 from smtpgw.mail.archives import (
     ARCHIVE_ERRORS,
     Budget,
@@ -51,6 +50,7 @@ from smtpgw.mail.archives import (
     Member,
     archive_format,
 )
+from smtpgw.mail.compose import encode_text
 from smtpgw.mail.transfer import (
     IDENTITY_ENCODINGS,
     UU_BEGIN,
@@ -59,7 +59,6 @@ from smtpgw.mail.transfer import (
     decode_uu,
     too_large,
 )
-from smtpgw.reports.notify import encode_text
 from smtpgw.rules.policy import ERROR, PROTECTED
 
 __all__ = [
@@ -83,11 +82,9 @@ MAX_NAME = 255
 # adjacent words is quadratic in their number.
 MAX_ENCODED_NAME = 4096
 
-_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")  # RFC 5322 §3.6.8 field-name, obs WSP
-_BLANK_LINE = re.compile(rb"\n\r?\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TYPES = mimetypes.MimeTypes()
-_MIME_FIELDS = {"content-type", "content-transfer-encoding", "content-disposition"}
+_MIME_FIELDS = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
 
 @dataclass(eq=False)
 class MimeObject:
@@ -162,149 +159,29 @@ class Edit:
 # region header fields and parameters
 
 
-def _decode_text(value: bytes) -> str:
-    """Header bytes → str: UTF-8 (RFC 6532) when valid, else Latin-1 (never fails)."""
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
-
-
 def _split_header(
     buf: bytes, start: int, end: int, defects: list[str], label: str
 ) -> tuple[dict[str, bytes], int]:
     """Parse an entity's header section: (first value of each field, body offset)."""
-    if buf.startswith(b"\n", start) or buf.startswith(b"\r\n", start):
-        return {}, buf.index(b"\n", start) + 1
-    blank = _BLANK_LINE.search(buf, start, end)
-    head_end = blank.start() + 1 if blank else end
-    body_start = blank.end() if blank else end
-    fields: list[tuple[str, list[bytes]]] = []
-    seen: set[str] = set()
-    skipping = over = False  # in a field past MAX_HEADER_FIELDS that is not kept; past it at all
-    pos = start
-    while pos < head_end:
-        nl = buf.find(b"\n", pos, head_end)
-        line_end = head_end if nl < 0 else nl + 1
-        line = buf[pos:line_end]
-        if line[:1] in (b" ", b"\t") and fields:
-            if not skipping:
-                fields[-1][1].append(line)
-        else:
-            match = _FIELD.match(line)
-            if not match:
-                # RFC 5322 §2.2: a line that is neither a field nor a continuation
-                # ends the header section early.
-                defects.append(f"{label}: missing header/body separator")
-                body_start = pos
-                break
-            name = match.group(1).decode("ascii").lower()
-            # past the bound only the first of each MIME field is kept: mail readers still read
-            # them there, and a bound that hid a Content-Type would hide the parts it declares
-            skipping = len(fields) >= MAX_HEADER_FIELDS and (name not in _MIME_FIELDS or name in seen)
-            if len(fields) >= MAX_HEADER_FIELDS and not over:
-                defects.append(f"{label}: more than {MAX_HEADER_FIELDS} header fields")
-                over = True
-            if not skipping:
-                fields.append((name, [line[match.end() :]]))
-                seen.add(name)
-        pos = line_end
-    if blank is None and body_start >= end and start < end:
+    # past the bound only the first of each MIME field is kept: mail readers still read
+    # them there, and a bound that hid a Content-Type would hide the parts it declares
+    head = fields.split(buf, start, end, MAX_HEADER_FIELDS, _MIME_FIELDS)
+    if head.over:
+        defects.append(f"{label}: more than {MAX_HEADER_FIELDS} header fields")
+    if head.stray:
+        # RFC 5322 §2.2: a line that is neither a field nor a continuation
+        # ends the header section early.
+        defects.append(f"{label}: missing header/body separator")
+    elif not head.blank and start < end:
         defects.append(f"{label}: no body (header section runs to the end)")
     values: dict[str, bytes] = {}
-    for name, parts in fields:
-        if name not in values:  # the first occurrence wins, as in clamd
-            values[name] = re.sub(rb"\r?\n", b"", b"".join(parts)).strip()
-        elif name in _MIME_FIELDS:
+    for found in head.fields:
+        if found.name not in values:  # the first occurrence wins, as in clamd
+            values[found.name] = found.value(buf)
+        elif found.name in _MIME_FIELDS:
             # readers differ on which one counts: worth a second opinion
-            defects.append(f"{label}: repeated {name} field")
-    return values, body_start
-
-
-def _tokenize_params(text: str) -> list[tuple[str, str]]:
-    """``name=value`` pairs after the first ``;`` (RFC 2045 §5.1), quotes unescaped."""
-    out: list[tuple[str, str]] = []
-    pos, n = 0, len(text)
-    while pos < n and len(out) < 200:
-        while pos < n and text[pos] in " \t;":
-            pos += 1
-        eq = text.find("=", pos)
-        semi = text.find(";", pos)
-        if eq < 0 or (0 <= semi < eq):
-            pos = n if semi < 0 else semi + 1
-            continue
-        name = text[pos:eq].strip().lower()
-        pos = eq + 1
-        while pos < n and text[pos] in " \t":
-            pos += 1
-        if pos < n and text[pos] == '"':
-            value_chars: list[str] = []
-            pos += 1
-            while pos < n and text[pos] != '"':
-                if text[pos] == "\\" and pos + 1 < n:
-                    pos += 1
-                value_chars.append(text[pos])
-                pos += 1
-            pos += 1
-            value = "".join(value_chars)
-        else:
-            semi = text.find(";", pos)
-            stop = n if semi < 0 else semi
-            value = text[pos:stop].strip()
-            pos = stop
-        if name:
-            out.append((name, value))
-    return out
-
-
-def _rfc2231_decode(value: str) -> str:
-    """``charset'language'percent-encoded`` → text (RFC 2231 §4)."""
-    parts = value.split("'", 2)
-    if len(parts) != 3:
-        return _percent_decode(value, "us-ascii")
-    return _percent_decode(parts[2], parts[0] or "us-ascii")
-
-
-def _percent_decode(value: str, charset: str) -> str:
-    return _decode_charset(unquote_to_bytes(value), charset)
-
-
-def _decode_charset(raw: bytes, charset: str) -> str:
-    """Decode in a charset the message names; unknown or unusable ones → Latin-1."""
-    try:
-        return raw.decode(charset, "replace")
-    except (LookupError, ValueError):  # unknown, not a text codec, NUL in the name
-        return raw.decode("latin-1")
-
-
-def _parameters(value: str) -> dict[str, str]:
-    """Parameters with RFC 2231 continuations (``name*0``, ``name*1*``) joined."""
-    simple: dict[str, str] = {}
-    pieces: dict[str, dict[int, tuple[bool, str]]] = {}
-    for name, text in _tokenize_params(value):
-        match = re.fullmatch(r"([^*]+)\*(\d{1,3})(\*?)", name)
-        if match:
-            pieces.setdefault(match.group(1), {})[int(match.group(2))] = (
-                bool(match.group(3)),
-                text,
-            )
-        elif name.endswith("*"):
-            simple.setdefault(name[:-1], _rfc2231_decode(text))
-        else:
-            simple.setdefault(name, text)
-    for name, numbered in pieces.items():
-        charset = "us-ascii"
-        joined: list[str] = []
-        for index in range(len(numbered)):  # stop at the first gap
-            if index not in numbered:
-                break
-            encoded, text = numbered[index]
-            if encoded and index == 0 and text.count("'") >= 2:
-                charset, _, text = text.split("'", 2)
-                charset = charset or "us-ascii"
-            joined.append(_percent_decode(text, charset) if encoded else text)
-        simple.setdefault(name, "".join(joined))
-    return simple
+            defects.append(f"{label}: repeated {found.name} field")
+    return values, head.body
 
 
 def _rfc2047(value: str) -> str:
@@ -325,7 +202,7 @@ def _rfc2047(value: str) -> str:
         if isinstance(chunk, str):
             out.append(chunk)
             continue
-        out.append(_decode_charset(chunk, charset or "us-ascii"))
+        out.append(fields.decode_charset(chunk, charset or "us-ascii"))
     return "".join(out)
 
 
@@ -334,21 +211,7 @@ def _clean_name(name: str) -> str:
     return _CONTROL.sub("?", name.strip())[:MAX_NAME]
 
 
-def _content_type(fields: dict[str, bytes], default: str) -> tuple[str, dict[str, str], bool]:
-    """(type/subtype, parameters, valid) from Content-Type (RFC 2045 §5)."""
-    raw = fields.get("content-type")
-    if raw is None:
-        return default, {}, True
-    text = _decode_text(raw)
-    main, _, rest = text.partition(";")
-    ctype = main.strip().lower()
-    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+/[!#$%&'*+.^_`|~0-9a-z-]+", ctype):
-        # RFC 2045 §5.2: an invalid Content-Type means text/plain
-        return "text/plain", _parameters(rest), False
-    return ctype, _parameters(rest), True
-
-
-def _filenames(fields: dict[str, bytes], params: dict[str, str]) -> tuple[str, tuple[str, ...]]:
+def _filenames(found: dict[str, bytes], params: dict[str, str]) -> tuple[str, tuple[str, ...]]:
     """(the object's name, its other declared names).
 
     The name is Content-Disposition filename= (RFC 2183 §2.3), else Content-Type name=
@@ -356,10 +219,10 @@ def _filenames(fields: dict[str, bytes], params: dict[str, str]) -> tuple[str, t
     so that the attachment filter sees it too (kmg-spec §3.13).
     """
     by_type = _clean_name(_rfc2047(params.get("name", "")))
-    disposition = fields.get("content-disposition")
+    disposition = found.get("content-disposition")
     if disposition is not None:
-        _, _, rest = _decode_text(disposition).partition(";")
-        name = _parameters(rest).get("filename")
+        _, _, rest = fields.decode_text(disposition).partition(";")
+        name = fields.parameters(rest).get("filename")
         if name:
             chosen = _clean_name(_rfc2047(name))
             return chosen, (by_type,) if by_type and by_type != chosen else ()
@@ -441,12 +304,13 @@ class _Decomposer:
         """
         self.parts += 1
         label = number or "message"
-        fields, body_start = _split_header(buf, start, end, self.defects, label)
-        ctype, params, valid = _content_type(fields, default_type)
+        found, body_start = _split_header(buf, start, end, self.defects, label)
+        declared = fields.content_type(found.get("content-type"), default_type)
+        ctype, params, valid = declared
         if not valid:
             self.defects.append(f"{label}: invalid Content-Type, read as text/plain")
-        cte = _decode_text(fields.get("content-transfer-encoding", b"")).strip().lower()
-        name, other_names = _filenames(fields, params)
+        cte = fields.decode_text(found.get("content-transfer-encoding", b"")).strip().lower()
+        name, other_names = _filenames(found, params)
         node = MimeObject(
             path=_named(leaf_number, name), kind="part", content_type=ctype, name=name, other_names=other_names
         )
@@ -480,7 +344,7 @@ class _Decomposer:
                 inner.parent = node
                 node.children.append(inner)
                 return node
-            boundary = params.get("boundary", "")
+            boundary = declared.boundary
             if boundary:
                 node.path = number
                 return self._multipart(node, buf, body_start, end, boundary, depth, editable)
@@ -576,7 +440,7 @@ class _Decomposer:
             block_end = len(data) if finish is None else min(len(data), finish.end() + 1)
             room = self._room()
             content, problem = decode_uu(data, line_start, finish.start() if finish else len(data), room)
-            name = _clean_name(_decode_text(begin.group(2))) or "uuencoded"
+            name = _clean_name(fields.decode_text(begin.group(2))) or "uuencoded"
             child = MimeObject(
                 path=_member_path(node, name),
                 kind="uuencoded",
@@ -695,10 +559,7 @@ def _member_path(parent: MimeObject, name: str) -> str:
 def decompose(raw: bytes, limits: Limits | None = None) -> MimeTree:
     """Split ``raw`` into its object tree. Never raises on malformed input."""
     walker = _Decomposer(limits or Limits())
-    start = 0
-    if raw.startswith(b"From "):  # mbox separator line (RFC 4155), not a header
-        nl = raw.find(b"\n")
-        start = len(raw) if nl < 0 else nl + 1
+    start = fields.message_start(raw)  # past an mbox separator line (RFC 4155), not a header
     root = walker.entity(raw, start, len(raw), "", "1", 0, "text/plain", True)
     return MimeTree(raw=raw, root=root, defects=walker.defects, outside=walker.outside, spent=walker.spent)
 

@@ -20,9 +20,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from smtpgw.net import smtp
-
 from smtpgw.config import Config
+from smtpgw.net import smtp
 from smtpgw.net.dns import Answer, Resolver
 from smtpgw.net.dnsbl import DNSBLChecker
 from smtpgw.net.dnswire import AAAA, MX, A

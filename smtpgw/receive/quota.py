@@ -31,14 +31,12 @@ from datetime import date
 from typing import Any, Callable, Iterable
 
 from smtpgw import PRODUCT, __version__
-
-from smtpgw.net import smtp
-
-from smtpgw.reports import notify
-
 from smtpgw.log import event
+from smtpgw.net import smtp
+from smtpgw.reports import notify
 from smtpgw.rules import routing
-from smtpgw.spool.queue import QUE, Envelope, Queue, Recipient, new_id, write_durably
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import QUE, new_id, Envelope, Queue, Recipient
 
 log = logging.getLogger("smtpgw")
 

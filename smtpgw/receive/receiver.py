@@ -29,7 +29,7 @@ from email.utils import formatdate
 from typing import Callable, Protocol
 
 from smtpgw.log import event
-from smtpgw.net import smtp
+from smtpgw.net import smtp, tls
 from smtpgw.net.loop import EventLoop, Timer
 from smtpgw.net.smtp import Reply, SyntaxProblem
 from smtpgw.receive.checks import Lookups, SessionChecks, relay_verdict
@@ -248,6 +248,7 @@ class Session:
         self.closed = False
         self.tls = False
         self.handshaking = False
+        self.handshake: tls.Handshake | None = None
         self.discarding_line = False
         self.committing = False
         self.waiting_checks = False
@@ -336,7 +337,8 @@ class Session:
 
     def on_readable(self) -> None:
         if self.handshaking:
-            self._handshake()
+            if self.handshake is not None:
+                self.handshake.step()
             return
         try:
             while True:
@@ -796,30 +798,19 @@ class Session:
 
     def _begin_tls(self) -> None:
         assert self.host.ssl_context is not None
-        self.loop.forget(self.sock)
         try:
-            self.sock = self.host.ssl_context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            self.sock = tls.wrap(self.loop, self.host.ssl_context, self.sock, server_side=True)
         except (OSError, ssl.SSLError) as exc:
             self.abort(f"TLS setup failed: {exc}")
             return
-        self._handshake()
+        self.handshake = tls.Handshake(self.loop, self.sock, self._tls_started, self._tls_failed)
+        self.handshake.step()
 
-    def _handshake(self) -> None:
-        assert isinstance(self.sock, ssl.SSLSocket)  # flush() wraps the socket once the 220 is out
-        try:
-            self.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self.loop.remove_writer(self.sock)
-            self.loop.add_reader(self.sock, self.on_readable)
-            return
-        except ssl.SSLWantWriteError:
-            self.loop.add_writer(self.sock, self._handshake)
-            return
-        except (OSError, ssl.SSLError) as exc:
-            log.info("TLS handshake with [%s] failed: %s", self.ip, exc)
-            self.close()
-            return
-        self.loop.remove_writer(self.sock)
+    def _tls_failed(self, exc: OSError) -> None:
+        log.info("TLS handshake with [%s] failed: %s", self.ip, exc)
+        self.close()
+
+    def _tls_started(self) -> None:
         self.handshaking = False
         self.tls = True
         # RFC 3207 §4.2: forget everything learnt before TLS; the client says EHLO again.

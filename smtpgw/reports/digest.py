@@ -28,21 +28,18 @@ import time
 import urllib.parse
 from concurrent.futures import Future
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any, Mapping, Protocol, Sequence
 
 from smtpgw import PACKAGE_DIR, PRODUCT, __version__
-
-from smtpgw.mail import headers
-
 from smtpgw.config import Config
 from smtpgw.log import event
+from smtpgw.mail import headers
 from smtpgw.net.loop import EventLoop
-from smtpgw.reports import notify
+from smtpgw.reports import notify, templates
 from smtpgw.rules.routing import is_protected
-from smtpgw.spool.queue import QUE, Committer, Envelope, Queue, Recipient, new_id, write_durably
-from smtpgw.spool.store import QUARANTINE_STATUSES, SPAM_STATUSES, Item, Store, named_stores
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import QUE, new_id, Committer, Envelope, Queue, Recipient
+from smtpgw.spool.store import QUARANTINE_STATUSES, SPAM_STATUSES, named_stores, Item, Store
 
 log = logging.getLogger("smtpgw")
 
@@ -50,7 +47,7 @@ STATE_NAME = "digest.state"
 TEMPLATE_NAME = "digest.tmpl"
 SHIPPED_TEMPLATE = os.path.join(PACKAGE_DIR, "templates", TEMPLATE_NAME)
 HELD_STATUSES = frozenset(QUARANTINE_STATUSES + SPAM_STATUSES)
-MAX_ITEMS = notify.MAX_ITEMS  # items listed in one digest (the oldest are left out beyond)
+MAX_ITEMS = templates.MAX_ITEMS  # items listed in one digest (the oldest are left out beyond)
 MAX_RECIPIENTS = 10000  # digests built in one pass
 MAX_HEADER_BYTES = 64 * 1024  # of a stored message read for its Subject
 CHECK_INTERVAL = 60.0  # seconds between looks at the schedule (a reload may change it)
@@ -81,9 +78,9 @@ def template_path(cfg: Any) -> str:
     return path if os.path.exists(path) else SHIPPED_TEMPLATE
 
 
-def load(cfg: Any) -> notify.Template:
-    """The digest template, checked. Raises notify.TemplateError."""
-    return notify.load_template(template_path(cfg), "digest")
+def load(cfg: Any) -> templates.Template:
+    """The digest template, checked. Raises templates.TemplateError."""
+    return templates.load_template(template_path(cfg), "digest")
 
 
 def subject_of(path: str) -> str:
@@ -93,12 +90,7 @@ def subject_of(path: str) -> str:
             head = f.read(MAX_HEADER_BYTES)
     except OSError:
         return ""
-    end = headers.header_end(head) or len(head)
-    try:
-        value = BytesHeaderParser(policy=compat32).parsebytes(head[:end]).get("Subject")
-    except Exception:  # hostile header blocks make the email package raise assorted errors
-        return ""
-    return notify.decode_subject(value if isinstance(value, str) else None)
+    return notify.decode_subject(headers.get_raw(head, "Subject"))
 
 
 def held(cfg: Any, store_folders: Sequence[str]) -> dict[str, list[Held]]:
@@ -141,7 +133,7 @@ def release_command(cfg: Any, folder: str, item_id: str) -> str:
     return f"smtpgw.py store --path {folder} release {item_id}"
 
 
-def build(cfg: Any, template: notify.Template, recipient: str, entries: Sequence[Held],
+def build(cfg: Any, template: templates.Template, recipient: str, entries: Sequence[Held],
           console_stores: Mapping[str, str], now: float) -> bytes:
     """One recipient's digest. Raises ValueError for an address unfit for a header field."""
     date_format, time_format = cfg.locale.DateFormat, cfg.locale.TimeFormat
@@ -166,7 +158,7 @@ def build(cfg: Any, template: notify.Template, recipient: str, entries: Sequence
         "DATE": notify.local_time(date_format, now), "TIME": notify.local_time(time_format, now),
         "PRODUCT": f"{PRODUCT} {__version__}", "CONSOLE_URL": base,
     }
-    fields, body = template.render(values, {"ITEMS": items, "CONSOLE": notify.flag(bool(base))})
+    fields, body = template.render(values, {"ITEMS": items, "CONSOLE": templates.flag(bool(base))})
     subject = next((v for n, v in fields if n == "Subject" and v), "Quarantine digest")
     extra = [(n, v) for n, v in fields if n != "Subject" and v]
     return notify.compose_text(cfg.policy.NotifyFromAddress, [recipient], subject, body, now, extra)
@@ -174,7 +166,7 @@ def build(cfg: Any, template: notify.Template, recipient: str, entries: Sequence
 
 def collect(cfg: Any, console_stores: Mapping[str, str], now: float) -> list[tuple[str, int, bytes]]:
     """(recipient, items held, digest) for each protected recipient something is held for, at most
-    MAX_RECIPIENTS. Runs in an I/O thread. Raises notify.TemplateError for a bad template."""
+    MAX_RECIPIENTS. Runs in an I/O thread. Raises templates.TemplateError for a bad template."""
     template = load(cfg)
     found = held(cfg, folders(cfg))
     if len(found) > MAX_RECIPIENTS:

@@ -21,16 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from smtpgw.mail import downgrade, headers
-from smtpgw.reports.notify import (
-    Template,
-    decode_subject,
-    encode_text,
-    flag,
-    get_template,
-    message_id,
-    new_boundary,
-    text_part_headers,
-)
+from smtpgw.mail.compose import encode_text, new_boundary, text_part_headers
+from smtpgw.reports.notify import decode_subject, message_id
+from smtpgw.reports.templates import Template, flag, get_template
 
 __all__ = ["KINDS", "DEFAULT_FULL_LIMIT", "build_dsn", "dsn_body_type", "wants_dsn"]
 

@@ -23,6 +23,7 @@ says so when Cure is on).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,6 +53,7 @@ __all__ = [
     "Decision",
     "decide",
     "SPAM_MESSAGE_ACTIONS",
+    "SpamAction",
     "spam_fired",
     "SPAM_NOTICE_KEYS",
     "spam_notices",
@@ -95,11 +97,20 @@ MESSAGE_ACTION_KEYS: tuple[str, ...] = (
 )
 
 
-# The message actions a spam action fires (ActionSpam, ActionProbableSpam: this project's
-# extension, kmg-spec §2.5): "tag" and "pass" deliver, so they fire none.
-SPAM_MESSAGE_ACTIONS: dict[str, tuple[str, ...]] = {
-    "block": ("BlockMessage",),
-    "quarantine": ("BlockMessage", "SaveInQB"),
+class SpamAction(enum.StrEnum):
+    """A group's ActionSpam / ActionProbableSpam (this project's extension, kmg-spec §2.5);
+    the values are the configuration's words."""
+
+    PASS = "pass"  # delivered as it is
+    TAG = "tag"  # delivered with the Subject prefix
+    QUARANTINE = "quarantine"  # kept in the spam quarantine, not delivered
+    BLOCK = "block"  # not delivered
+
+
+# The message actions a spam action fires: "tag" and "pass" deliver, so they fire none.
+SPAM_MESSAGE_ACTIONS: dict[SpamAction, tuple[str, ...]] = {
+    SpamAction.BLOCK: ("BlockMessage",),
+    SpamAction.QUARANTINE: ("BlockMessage", "SaveInQB"),
 }
 
 
@@ -199,7 +210,7 @@ def decide(group: Any, object_results: Sequence[ObjectVerdict], cure: bool = Fal
     return decision
 
 
-def spam_fired(spam_status: str, key: str, action: str) -> dict[str, str]:
+def spam_fired(spam_status: str, key: str, action: SpamAction) -> dict[str, str]:
     """The message actions the group's spam action ``key=action`` fires, each with its reason."""
     why = f"{spam_status}, {key}={action}"
     return {name: why for name in SPAM_MESSAGE_ACTIONS.get(action, ())}

@@ -41,18 +41,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from smtpgw import PACKAGE_DIR, PRODUCT, __version__
-
-from smtpgw.mail import headers, mime
-
 from smtpgw.log import Event, quoted
-from smtpgw.reports import notify
+from smtpgw.mail import headers, mime
+from smtpgw.reports.templates import Template, load_template
 from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable, Verdict
 from smtpgw.rules.policy import (
     CLEAN,
@@ -77,7 +74,6 @@ __all__ = [
     "av_log_event",
     "load_placeholder",
     "render_placeholder",
-    "PLACEHOLDER_MACROS",
 ]
 
 TEMPLATES = os.path.join(PACKAGE_DIR, "templates")
@@ -85,15 +81,7 @@ MAX_HEADER_OBJECTS = 10  # objects named in the X-Anti-Virus header
 OUTSIDE_TEXT_LIMIT = 64  # bytes; the usual "This is a multi-part message" notice is less
 X_HEADER = "X-Anti-Virus"  # kmg-spec §5.5, the sibling product's name
 
-PLACEHOLDER_MACROS = frozenset(
-    {
-        "OBJECT_NAME", "OBJECT_PATH", "OBJECT_TYPE", "OBJECT_SIZE", "STATUS",
-        "VIRUS_NAMES", "ACTION", "REASON", "PRODUCT", "DATE",
-    }
-)
-_TOKEN = re.compile(r"%%|%([A-Z][A-Z0-9_]{0,63})%|%")
 
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass
@@ -235,44 +223,22 @@ def _scan_objects(tree: mime.MimeTree, group: Any, scans: _Scans) -> list[_Found
     return found
 
 
-def load_placeholder(templates_path: str | None = None) -> str:
-    """Read and check placeholder.tmpl: the ``%MACRO%``, ``%%`` and ``%#`` comment
-    syntax of notify.tmpl (kmg-spec §5.2), without blocks or header lines.
+def load_placeholder(templates_path: str | None = None) -> Template:
+    """Load and check placeholder.tmpl (`smtpgw.reports.templates`: the ``%MACRO%``, ``%%``
+    and ``%#`` comment syntax of notify.tmpl, without blocks or header lines).
 
-    Raises notify.TemplateError for a missing, oversized or non-UTF-8 file, a
-    stray ``%`` or a macro not in PLACEHOLDER_MACROS.
+    Raises TemplateError for a missing, oversized or non-UTF-8 file, a stray ``%`` or a
+    macro the placeholder kind does not know.
     """
-    path = os.path.join(templates_path or TEMPLATES, "placeholder.tmpl")
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(notify.MAX_TEMPLATE_BYTES + 1)
-    except OSError as exc:
-        raise notify.TemplateError(f"{path}: cannot read template: {exc.strerror or exc}") from None
-    if len(data) > notify.MAX_TEMPLATE_BYTES:
-        raise notify.TemplateError(f"{path}: template larger than {notify.MAX_TEMPLATE_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise notify.TemplateError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    kept: list[str] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.startswith("%#"):
-            continue
-        for token in _TOKEN.finditer(line):
-            if token.group() == "%":
-                raise notify.TemplateError(f"{path}:{number}: stray '%' (write %% for a percent sign)")
-            if token.group(1) and token.group(1) not in PLACEHOLDER_MACROS:
-                raise notify.TemplateError(f"{path}:{number}: unknown macro %{token.group(1)}%")
-        kept.append(line)
-    return "\n".join(kept) + "\n"
+    return load_template(os.path.join(templates_path or TEMPLATES, "placeholder.tmpl"), "placeholder")
 
 
-def render_placeholder(template: str, values: dict[str, str]) -> str:
-    """Substitute the macros of a checked placeholder template."""
-    return _TOKEN.sub(lambda token: values.get(token.group(1), "") if token.group(1) else "%", template)
+def render_placeholder(template: Template, values: dict[str, str]) -> str:
+    """The text of a checked placeholder template for these macro values."""
+    return template.render(values, {})[1]
 
 
-def _placeholder_text(template: str, result: ObjectResult, now: float) -> str:
+def _placeholder_text(template: Template, result: ObjectResult, now: float) -> str:
     values = {
         "OBJECT_NAME": result.name or result.path,
         "OBJECT_PATH": result.path,
@@ -285,7 +251,7 @@ def _placeholder_text(template: str, result: ObjectResult, now: float) -> str:
         "PRODUCT": f"{PRODUCT} {__version__}",
         "DATE": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
     }
-    return render_placeholder(template, {key: _CONTROLS.sub(" ", value) for key, value in values.items()})
+    return render_placeholder(template, values)
 
 
 def _engine_text(pool: ClamdPool, verdicts: list[Verdict]) -> str:
@@ -334,7 +300,7 @@ def scan_message(
     """Scan ``raw`` under ``group``'s policy (a config group or ``cfg.policy``).
 
     Raises ``ScannerUnavailable`` when clamd cannot be reached (keep the message
-    queued) and ``notify.TemplateError`` when a placeholder is needed and
+    queued) and ``TemplateError`` when a placeholder is needed and
     placeholder.tmpl is missing or invalid.
     """
     now = time.time() if now is None else now
@@ -346,7 +312,7 @@ def scan_message(
     scans = _Scans(clamd_pool, limits.max_clamd_scans)
     found = _scan_objects(tree, group, scans)
     decision = decide(group, [item.result for item in found], cure=bool(getattr(ave, "Cure", False)))
-    template: str | None = None
+    template: Template | None = None
     edits: list[mime.Edit] = []
     for item, chosen in zip(found, decision.objects):
         item.result.action = chosen.action

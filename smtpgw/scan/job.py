@@ -29,21 +29,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from smtpgw import stats
-
-from smtpgw.mail import headers
-
-from smtpgw.reports import notify
-
-from smtpgw.rules import policy
-
 from smtpgw.config import GROUP_ANTISPAM_KEYS, Config, Section, load_config
 from smtpgw.log import Event
+from smtpgw.mail import headers
+from smtpgw.mail.disclaimer import add_disclaimer
+from smtpgw.reports import notify, templates
+from smtpgw.rules import policy
 from smtpgw.scan import antivirus
 from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
 from smtpgw.scan.ichecker import IChecker
 from smtpgw.spam import BLACKLISTED, PROBABLE_SPAM, SPAM, SpamFilter, SpamVerdict, as_log_fields, mark
 from smtpgw.spam.database import DatabaseError
-from smtpgw.spool.queue import Envelope, Queue, write_durably
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import Envelope, Queue
 from smtpgw.spool.store import Store, status_for_verdict
 
 log = logging.getLogger("smtpgw.scan.job")
@@ -103,14 +101,14 @@ def summary_status(av: Any, verdict: SpamVerdict | None) -> str:
     return str(av.status)
 
 
-def spam_action_for(group: Any, verdict: SpamVerdict) -> tuple[str, str]:
+def spam_action_for(group: Any, verdict: SpamVerdict) -> tuple[policy.SpamAction, str]:
     """(the group's action for a spam verdict, the parameter that set it): ActionSpam,
     ActionProbableSpam (kmg-spec §10), else pass. A blacklisted sender counts as Spam."""
     if verdict.status in (SPAM, BLACKLISTED):
-        return str(group.ActionSpam), "ActionSpam"
+        return policy.SpamAction(group.ActionSpam), "ActionSpam"
     if verdict.status == PROBABLE_SPAM:
-        return str(group.ActionProbableSpam), "ActionProbableSpam"
-    return "pass", ""
+        return policy.SpamAction(group.ActionProbableSpam), "ActionProbableSpam"
+    return policy.SpamAction.PASS, ""
 
 
 class Job:
@@ -125,14 +123,14 @@ class Job:
         # Per group, its templates and its spam filter, each built once per distinct setting; every
         # filter reads the one database loaded per worker (spamfilter.load_shared): a group's level,
         # lists and prefixes cost no database copy.
-        loaded: dict[str, dict[str, notify.Template]] = {}
+        loaded: dict[str, dict[str, templates.Template]] = {}
         filters: dict[str, SpamFilter] = {}
-        self.templates: dict[str, dict[str, notify.Template]] = {}
+        self.templates: dict[str, dict[str, templates.Template]] = {}
         self.spam: dict[str, SpamFilter] = {}
         for group in (cfg.policy, *cfg.groups):
             folder = templates_path(cfg, group)
             if folder not in loaded:
-                loaded[folder] = notify.load_templates(folder, notify.GROUP_KINDS)
+                loaded[folder] = templates.load_templates(folder, templates.GROUP_KINDS)
             self.templates[group.name] = loaded[folder]
             section = group_antispam(cfg.antispam, group)
             key = repr([getattr(section, k) for k in GROUP_ANTISPAM_KEYS])
@@ -221,7 +219,7 @@ class Job:
             if group.AddDisclaimer:  # kmg-spec §5.4: the group's disclaimer as a last text part
                 text = notify.render_disclaimer(self.templates[group.name]["disclaimer"], env.as_dict(), {"group": group.name},
                                                 self.cfg.locale.DateFormat, self.cfg.locale.TimeFormat, time.time())
-                message = notify.add_disclaimer(message, text)
+                message = add_disclaimer(message, text)
             if message != raw:
                 copy.rewritten = os.path.join(self.queue.root, "tmp", f"{env.id}.scan{index}")
                 write_durably(copy.rewritten, message)

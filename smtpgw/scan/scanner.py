@@ -27,15 +27,15 @@ import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
-from smtpgw.mail import headers
-
 from smtpgw.config import Config
 from smtpgw.log import event
+from smtpgw.mail import headers
 from smtpgw.net.loop import EventLoop
 from smtpgw.reports import notify
 from smtpgw.scan.job import CopyResult, ScanResult, not_scanned, templates_path
-from smtpgw.scan.workers import ResultCallback, WorkerPool, worker_config_path
-from smtpgw.spool.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Queue, Recipient, new_id, write_durably
+from smtpgw.scan.workers import worker_config_path, ResultCallback, WorkerPool
+from smtpgw.spool.durable import write_durably
+from smtpgw.spool.queue import CHK, QUE, SPL, WFC, WFS, new_id, Envelope, Queue, Recipient
 from smtpgw.spool.store import Store
 from smtpgw.stats import Stats
 
@@ -343,7 +343,7 @@ class Scanner:
         }
         locale = self.host.cfg.locale
         try:
-            template = notify.load_template(os.path.join(templates_path(self.host.cfg, group), "notify.tmpl"), "notify")
+            template = os.path.join(templates_path(self.host.cfg, group), "notify.tmpl")
             data = notify.build_notification("admin", env.as_dict(), about, sender, [admin], template,
                                              locale.DateFormat, locale.TimeFormat, time.time())
         except ValueError as exc:

@@ -37,7 +37,6 @@ import os
 import threading
 
 from smtpgw import PACKAGE_DIR
-
 from smtpgw.spam import mailview, tokenizer
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
 from smtpgw.spam.dbindex import open_database

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 
 from smtpgw.mail import headers
+from smtpgw.rules.policy import SpamAction
 
 log = logging.getLogger("smtpgw.spam.verdict")
 
@@ -135,7 +136,7 @@ def mark(raw: bytes, verdict: SpamVerdict, antispam_section: object, action: str
             (HEADER_RATE, format_score(verdict.score)),
         ],
     )
-    if action == "tag" and verdict.status in (SPAM, PROBABLE_SPAM, BLACKLISTED):
+    if action == SpamAction.TAG and verdict.status in (SPAM, PROBABLE_SPAM, BLACKLISTED):
         if verdict.status != PROBABLE_SPAM:
             prefix = getattr(antispam_section, "SpamSubjectPrefix", None)
             prefix = "[SPAM] " if prefix is None else prefix

@@ -10,7 +10,7 @@ Layout::
     WFC/ID CHK/ID WFS/ID SPL/ID QUE/ID SND/ID     envelope records (JSON)
     corrupt/           records that could not be read, kept for the admin
 
-A record is written temp → fsync → rename → fsync(dir); a state change is one
+A record is written temp → fsync → rename → fsync(dir) (`smtpgw.spool.durable`); a state change is one
 rename(2) between state directories, so ``ls`` shows the queue and a crash
 leaves each record in exactly one state (or, between a copy and an unlink, in
 two: recovery keeps the more advanced one).
@@ -22,6 +22,7 @@ record it cannot parse (it goes to ``corrupt/``).
 
 from __future__ import annotations
 
+import enum
 import errno
 import itertools
 import json
@@ -31,9 +32,11 @@ import secrets
 import shutil
 import time
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
+
+from smtpgw.spool.durable import fsync_dir, unlink_if_present, write_durably
+from smtpgw.spool.iopool import IOPool
 
 log = logging.getLogger("smtpgw.spool.queue")
 
@@ -63,12 +66,21 @@ def new_id(now: float | None = None) -> str:
     return "".join(chars) + _ID_ALPHABET[suffix // base] + _ID_ALPHABET[suffix % base] + secrets.choice(_ID_ALPHABET)
 
 
+class RecipientState(enum.StrEnum):
+    """Where a recipient's delivery stands; the value is what the record on disk holds."""
+
+    PENDING = "pending"  # not tried yet
+    SENT = "sent"  # accepted by the next hop (final)
+    FAILED = "failed"  # refused for good, or its time ran out (final; a DSN follows)
+    DEFERRED = "deferred"  # refused for now: tried again later
+
+
 @dataclass
 class Recipient:
     addr: str
     orcpt: str | None = None
     notify: list[str] | None = None
-    state: str = "pending"  # pending | sent | failed | deferred
+    state: RecipientState = RecipientState.PENDING
     status: str | None = None  # enhanced status code of the last attempt
     diag: str | None = None  # "smtp; 550 5.1.1 ..." (RFC 3464 Diagnostic-Code)
     remote_mta: str | None = None
@@ -76,9 +88,12 @@ class Recipient:
     last_attempt: float | None = None
     relayed: bool = False  # delivered to a peer without DSN support
 
+    def __post_init__(self) -> None:
+        self.state = RecipientState(self.state)  # a record's string; an unknown one is a corrupt record
+
     @property
     def done(self) -> bool:
-        return self.state in ("sent", "failed")
+        return self.state in (RecipientState.SENT, RecipientState.FAILED)
 
 
 @dataclass
@@ -127,30 +142,6 @@ _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: str, data: bytes) -> None:
-    """temp → fsync → rename → fsync(dir): after return, ``path`` holds ``data`` or nothing."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(folder)
-
-
 class Queue:
     """The spool. Only the gateway process changes states; other tools ask it."""
 
@@ -168,19 +159,10 @@ class Queue:
 
     # -- writing -------------------------------------------------------------
     def write_record(self, state: str, env: Envelope, sync_dirs: bool = True) -> None:
+        """Write a record durably; ``sync_dirs=False`` leaves the fsync of its folder to the
+        caller's group commit (``Committer._sync_dirs``)."""
         data = json.dumps(env.as_dict(), separators=(",", ":")).encode()
-        if sync_dirs:
-            write_durably(self.record_path(state, env.id), data)
-            return
-        folder = os.path.join(self.root, state)
-        tmp = os.path.join(folder, f".{env.id}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.record_path(state, env.id))
+        write_durably(self.record_path(state, env.id), data, sync_dir=sync_dirs)
 
     def add_message(self, env: Envelope, state: str, data: bytes | None = None, link_from: str | None = None) -> None:
         """Store a new record (a per-group copy, a DSN, a notification) with its message.
@@ -234,11 +216,8 @@ class Queue:
 
     def remove(self, qid: str, state: str) -> None:
         """A record is finished: drop the record, then its message."""
-        for path in (self.record_path(state, qid), self.msg_path(qid)):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        unlink_if_present(self.record_path(state, qid))
+        unlink_if_present(self.msg_path(qid))
 
     def sync_state_dirs(self) -> None:
         for state in (*STATES, "msg"):
@@ -361,8 +340,8 @@ class TmpFile:
     path: str
 
 
-class Committer:
-    """Queue disk work that must not stall the event loop, in a few I/O threads.
+class Committer(IOPool):
+    """The spool's group commit, in the I/O threads of `IOPool` (which it is).
 
     ``submit`` returns at once; ``done(error)`` runs on the loop once the
     message file and its WFC record are on stable storage (the receiver answers
@@ -375,9 +354,8 @@ class Committer:
     SPARES = 32
 
     def __init__(self, queue: Queue, call_soon_threadsafe: Callable[..., None], threads: int = 4) -> None:
+        super().__init__(call_soon_threadsafe, threads, name="commit")
         self.queue = queue
-        self.call_soon_threadsafe = call_soon_threadsafe
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="commit")
         self._cv = threading.Condition()
         self._renamed = 0
         self._synced = 0
@@ -423,7 +401,7 @@ class Committer:
     def discard_tmp(self, tmp: TmpFile) -> None:
         """A message that will not be queued: drop its bytes."""
         os.close(tmp.fd)
-        self.pool.submit(_unlink, tmp.path)
+        self.pool.submit(unlink_if_present, tmp.path)
 
     # -- commits ---------------------------------------------------------------------
     def submit(self, env: Envelope, tmp: TmpFile, done: Callable[[BaseException | None], None]) -> None:
@@ -435,23 +413,6 @@ class Committer:
         ``before`` runs first in the same thread (an archive copy of the message)."""
         self.pool.submit(self._remove, qid, state, before)
 
-    def call(self, job: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
-        """Run ``job`` in an I/O thread; ``done(result, error)`` runs on the loop afterwards."""
-        future = self.pool.submit(job)
-        future.add_done_callback(
-            lambda f: self.call_soon_threadsafe(done, None if f.exception() else f.result(), f.exception()))
-
-    def run(self, job: Callable[[], None]) -> None:
-        """Disk work that needs no answer (an archive copy)."""
-        self.pool.submit(self._logged, job)
-
-    @staticmethod
-    def _logged(job: Callable[[], None]) -> None:
-        try:
-            job()
-        except Exception:
-            log.exception("background disk job failed")
-
     def _remove(self, qid: str, state: str, before: Callable[[], None] | None) -> None:
         if before is not None:
             self._logged(before)
@@ -462,7 +423,7 @@ class Committer:
             os.fsync(tmp.fd)
         except OSError:
             os.close(tmp.fd)
-            _unlink(tmp.path)
+            unlink_if_present(tmp.path)
             raise
         os.close(tmp.fd)
         os.rename(tmp.path, self.queue.msg_path(env.id))
@@ -490,16 +451,10 @@ class Committer:
                 self._synced = max(self._synced, target)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        super().close()
         with self._spares_lock:
             spares, self._spares = self._spares, []
         for tmp in spares:
             os.close(tmp.fd)
-            _unlink(tmp.path)
+            unlink_if_present(tmp.path)
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -1,8 +1,8 @@
 """Message stores: quarantine, backup, incoming and outgoing archives (kmg-spec §4.7, klmaila).
 
 Owns: the on-disk layout of a store, durable writes into it, listing, reading and removing
-stored items, purging the items past their lifetime, and the klmaila-style listing (the
-``store`` command that uses them is `smtpgw.storecli`).
+stored items, purging the items past their lifetime, and item sizes as listings show them
+(the ``store`` command and its klmaila-style listing are `smtpgw.app.storecli`).
 
 A store is one folder. Each item is two files named after its item ID:
 ``<ID>.eml`` (the message, byte for byte) and ``<ID>.json`` (envelope, status code, stored
@@ -19,7 +19,7 @@ this project's extension for the anti-spam filter, SPM spam and PSP probable spa
 
 Must never: follow an item ID outside its folder (IDs are checked against a strict pattern),
 overwrite an existing item, list an item whose write did not finish, or send a message (a
-release is handed to the ``release_callback`` the caller gives `smtpgw.storecli.store_main`),
+release is handed to the ``release_callback`` the caller gives `smtpgw.app.storecli.store_main`),
 or remove an item before its lifetime is over (an item whose status has no lifetime is kept).
 
 Lifetimes (days, 0 keeps items for ever) apply per status kind: `lifetimes` maps each store
@@ -39,12 +39,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Sequence, TypeVar
 
+from smtpgw.spool.durable import unlink_if_present
+
 __all__ = [
     "STATUSES",
     "Item",
     "Store",
     "StoreError",
-    "format_listing",
     "format_size",
     "lifetimes",
     "purge_stores",
@@ -146,7 +147,7 @@ class Store:
         try:
             item_id = self._claim(tmp, _base_id(qid))
         finally:
-            _unlink(tmp)
+            unlink_if_present(tmp)
         record = {
             "id": item_id,
             "queue_id": str(qid),
@@ -162,11 +163,11 @@ class Store:
             try:
                 os.replace(tmp, self._file(item_id, ".json"))
             finally:
-                _unlink(tmp)
+                unlink_if_present(tmp)
             self._sync_dir()
         except BaseException:
-            _unlink(self._file(item_id, ".json"))  # leave no half item behind
-            _unlink(self._file(item_id, ".eml"))
+            unlink_if_present(self._file(item_id, ".json"))  # leave no half item behind
+            unlink_if_present(self._file(item_id, ".eml"))
             raise
         log.info("%s: stored as %s/%s, status=%s, reason=%s", qid, self.path, item_id, status, reason)
         return item_id
@@ -188,7 +189,7 @@ class Store:
         except BaseException:
             if fd >= 0:
                 os.close(fd)
-            _unlink(tmp)
+            unlink_if_present(tmp)
             raise
         return tmp
 
@@ -336,7 +337,7 @@ class Store:
             os.unlink(self._file(item_id, ".json"))
         except FileNotFoundError:
             raise KeyError(item_id) from None
-        _unlink(self._file(item_id, ".eml"))
+        unlink_if_present(self._file(item_id, ".eml"))
         self._sync_dir()
         log.info("%s/%s: removed", self.path, item_id)
 
@@ -362,7 +363,7 @@ class Store:
             other = {".eml": ".json", ".json": ".eml"}.get(ext)
             lone = other is not None and f"{item_id}{other}" not in found
             if (lone or name.startswith(_TMP_PREFIX)) and entry.stat().st_mtime < limit:
-                _unlink(entry.path)
+                unlink_if_present(entry.path)
                 removed += 1
         if removed:
             self._sync_dir()
@@ -403,13 +404,6 @@ def _mtime(entry: os.DirEntry[str]) -> float:
         return entry.stat(follow_symlinks=False).st_mtime
     except FileNotFoundError:
         return float("inf")  # removed meanwhile
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # --- lifetimes ---------------------------------------------------------------------------------
@@ -475,7 +469,7 @@ def purge_stores(plan: Mapping[str, Mapping[str, float]], now: float,
     return removed, more
 
 
-# --- listing ---------------------------------------------------------------------------------
+# --- sizes -----------------------------------------------------------------------------------
 
 
 def format_size(size: int) -> str:
@@ -484,17 +478,3 @@ def format_size(size: int) -> str:
         return f"{size}B"
     value, unit = (size / 1024, "K") if size < 1024 * 1024 else (size / (1024 * 1024), "M")
     return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
-
-
-def format_listing(items: Sequence[Item], date_format: str = "%Y/%m/%d", time_format: str = "%H:%M:%S") -> str:
-    """The klmaila listing: a header line, one line per item, and a footer with count and bytes."""
-    rows = [("QueueID", "Status", "Size", "ArrivalTime", "Sender/Recipient")]
-    for item in items:
-        when = time.strftime(f"{date_format} {time_format}", time.localtime(item.time))
-        rcpts = ", ".join(f"<{r}>" for r in item.recipients)
-        rows.append((item.id, item.status, format_size(item.size), when, f"<{item.sender}> -> {rcpts}"))
-    widths = [max(len(row[col]) for row in rows) for col in range(4)]
-    lines = ["  ".join(cell.ljust(widths[col]) for col, cell in enumerate(row[:4])) + "  " + row[4] for row in rows]
-    total = sum(item.size for item in items)
-    lines.append(f"-- {len(items)} message(s), {total} bytes")
-    return "\n".join(lines) + "\n"

@@ -92,7 +92,7 @@ from typing import TextIO
 
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.scan.clamd import ClamdError, ClamdServer
-from smtpgw.spool.queue import fsync_dir, write_durably
+from smtpgw.spool.durable import fsync_dir, write_durably
 from smtpgw.update.signing import (
     MAX_SIGNATURE_BYTES, SIGNATURE, PublicKey, SignatureError, check_signature, generate, shipped_keys,
 )

@@ -112,6 +112,29 @@ def test_require_tls_refuses_mail_in_the_clear(make_gateway, sink, tls_files):
     assert b"with ESMTPS" in sink.wait_for(1)[0].data
 
 
+def test_failed_tls_handshake_is_logged_and_closed(tls_gateway):
+    """A client that answers the 220 to STARTTLS with something that is no ClientHello gets no
+    cleartext reply: the handshake fails, it is logged and the session ends (RFC 3207 §4)."""
+    c = RawClient(tls_gateway.port)
+    c.reply()
+    c.cmd("EHLO client.test")
+    assert c.cmd("STARTTLS")[0] == 220
+    c.sock.sendall(b"this is not a TLS client hello\r\n")
+    c.sock.settimeout(10.0)
+    received = b""
+    try:
+        for _ in range(100):  # until the gateway closes (bounded)
+            chunk = c.sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    except ConnectionResetError:  # closed with our unread bytes still in its buffer
+        pass
+    assert received == b"" or received.startswith(b"\x15")  # at most a TLS alert record, never a reply
+    tls_gateway.wait_log(r"TLS handshake with \[127\.0\.0\.1\] failed: ")
+    c.close()
+
+
 @pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"], ids=["nothing", "half-hello"])
 def test_stalled_tls_handshake_is_closed_at_the_timeout(make_gateway, sink, tls_files, sent):
     """A client that sends STARTTLS then nothing (or half a ClientHello) loses its session at the

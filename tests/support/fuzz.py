@@ -495,6 +495,7 @@ def _template(kind: str) -> str:
 
 def target_notify(raw: bytes) -> str:
     """notifications and the disclaimer from hostile values: ValueError at most; CRLF, 7-bit, short header lines."""
+    from smtpgw.mail.disclaimer import add_disclaimer
     from smtpgw.reports import notify
 
     env = _envelope(raw)
@@ -516,7 +517,7 @@ def target_notify(raw: bytes) -> str:
         _check_generated(out, f"{kind} notification")
         outcomes.append(f"{kind}:ok")
     text = notify.render_disclaimer(_template("disclaimer"), env, event, "%d.%m.%Y", "%H:%M:%S", 1765000200.0)
-    notify.add_disclaimer(raw, text)
+    add_disclaimer(raw, text)
     outcomes.append(_check_disclaimer(raw))
     return "notify " + " ".join(outcomes)
 
@@ -524,13 +525,13 @@ def target_notify(raw: bytes) -> str:
 def _check_disclaimer(raw: bytes) -> str:
     """The disclaimer is a part a reader sees, and every part of the message is still there."""
     from smtpgw.mail import mime
-    from smtpgw.reports import notify
+    from smtpgw.mail.disclaimer import add_disclaimer
 
     if re.search(rb"\r(?!\n)", raw):
         return "disclaimer:bare-cr"  # the receiver refuses bare CR: such a message never gets a disclaimer
     marker = "Disclaimer 7f3a9c: this text was added by the gateway."
     before = mime.decompose(raw)
-    after = mime.decompose(notify.add_disclaimer(raw, marker))
+    after = mime.decompose(add_disclaimer(raw, marker))
     if not any(n.data is not None and marker.encode() in n.data for n in after.root.walk() if not n.children):
         return "disclaimer:not-seen"
     old, new = _leaf_contents(before), _leaf_contents(after)

@@ -1,0 +1,57 @@
+"""Durable writes: the temp → fsync → rename → fsync(dir) discipline every file we keep follows.
+
+Owns: writing a whole file so that after a crash its path holds either the old bytes, the
+new bytes or nothing; fsync of a directory (which makes a rename or an unlink in it
+durable); removing a file that may already be gone.
+
+Must never: leave a half-written file under its final name, report a write as done before
+the bytes (and, when asked, the directory entry) are on stable storage, or follow a policy
+of its own about what to write where (callers choose paths; the spool layout belongs to
+`smtpgw.spool.queue`).
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["fsync_dir", "write_durably", "unlink_if_present"]
+
+
+def fsync_dir(path: str) -> None:
+    """Make the renames and unlinks already done in folder ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: str, data: bytes, sync_dir: bool = True) -> None:
+    """temp → fsync → rename → fsync(dir): after return, ``path`` holds ``data`` or nothing.
+
+    The temp file is ``.NAME.tmp`` in the same folder (names starting with a dot are never
+    read as content, and a crash leaves only such a file). ``sync_dir=False`` leaves the
+    directory fsync to the caller, who group-commits several renames with one `fsync_dir`;
+    until then the rename may be lost by a crash, the bytes under the old name never are.
+    """
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if sync_dir:
+        fsync_dir(folder)
+
+
+def unlink_if_present(path: str) -> None:
+    """Remove ``path``; one already gone (removed meanwhile, or never made) is not an error."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
