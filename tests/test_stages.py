@@ -28,7 +28,7 @@ from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
 from smtpgw.receive.quota import Quota
 from smtpgw.receive.receiver import Inbound, Session, Sessions
-from smtpgw.reports import notify
+from smtpgw.reports import templates
 from smtpgw.rules.routing import Destination
 from smtpgw.scan.job import CopyResult
 from smtpgw.scan.scanner import Scanner, Scanning
@@ -226,7 +226,7 @@ class Outbox(Host):
         super().__init__(root)
         self.client_tls_context = None
         self.resolver: Any = None  # the tests give the Sender its own next-hop resolver
-        self.templates = notify.load_templates(self.cfg.base.TemplatesPath)
+        self.templates = templates.load_templates(self.cfg.base.TemplatesPath)
         self.complete: list[Envelope] = []
 
     def delivery_complete(self, env: Envelope) -> None:
