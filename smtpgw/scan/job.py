@@ -224,7 +224,8 @@ class Job:
                 message = notify.add_disclaimer(message, text)
             if message != raw:
                 copy.rewritten = os.path.join(self.queue.root, "tmp", f"{env.id}.scan{index}")
-                write_durably(copy.rewritten, message)
+                # its folder needs no fsync: the main process renames it into msg/ and fsyncs that
+                write_durably(copy.rewritten, message, sync_dir=False)
         copy.notes["notifications"] = self._notifications(env, raw, group, rcpts, av, verdict, index)
         return copy
 

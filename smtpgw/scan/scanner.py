@@ -33,7 +33,7 @@ from smtpgw.log import event
 from smtpgw.reports import notify
 from smtpgw.scan.job import CopyResult, ScanResult, not_scanned, templates_path
 from smtpgw.scan.workers import WorkerPool, worker_config_path
-from smtpgw.spool.queue import CHK, QUE, SPL, WFC, WFS, Envelope, Recipient, new_id, write_durably
+from smtpgw.spool.queue import CHK, QUE, SPL, STAGED, WFC, WFS, Envelope, Recipient, new_id, write_durably
 from smtpgw.spool.store import Store
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class Scanner:
         self.inflight: set[str] = set()
         self.retries: dict[str, Any] = {}  # qid → timer of a deferred scan
         self.removed: set[str] = set()  # removed by the admin while a worker scans them
+        self.applying: set[str] = set()  # results being written by an I/O thread (in inflight too)
         workers = max(1, min(self.limit, os.cpu_count() or 1))
         # a job gets three times the clamd time limit (at least 5 minutes) before its worker is replaced
         job_timeout = max(300.0, 3.0 * float(gateway.cfg.ave.ScanTimeout or 0))
@@ -344,10 +345,9 @@ class Scanner:
             copy = live[0]
             env.group = copy.group
             if copy.rewritten:
-                # never the rewritten bytes with the record still in CHK: a restart would scan them again
-                self.queue.replace_and_move(env, CHK, QUE, copy.rewritten)
-            else:
-                self.queue.move(qid, CHK, QUE)
+                self._replace_and_move(env, copy.rewritten)
+                return
+            self.queue.move(qid, CHK, QUE)
             self.gw.message_scanned(env)
             return
         children = []
@@ -368,6 +368,36 @@ class Scanner:
         self.queue.remove(qid, CHK)
         for child in children:
             self.gw.message_scanned(child)
+
+    def _replace_and_move(self, env: Envelope, rewritten: str) -> None:
+        """The rewritten bytes take the message's place as its record moves CHK → QUE, in an I/O
+        thread (its fsyncs shared with the other commits, never on the loop); never the new
+        bytes with the record still in CHK: a restart would scan them again. Until it is done
+        the message counts as in flight (``queue remove`` waits for it, see ``cancel``)."""
+        qid = env.id
+        self.inflight.add(qid)
+        self.applying.add(qid)
+        committer = self.gw.committer
+
+        def done(_: None, error: BaseException | None) -> None:
+            self.inflight.discard(qid)
+            self.applying.discard(qid)
+            if qid in self.removed:  # removed by the admin meanwhile: what the step left goes too
+                self.removed.discard(qid)
+                state = self.queue.find(qid)
+                if state is not None:
+                    self.queue.remove(qid, state)
+                if os.path.exists(self.queue.msg_path(qid) + STAGED):
+                    os.unlink(self.queue.msg_path(qid) + STAGED)
+                event(qid, 'SCAN DISCARDED, reason="removed while being scanned"')
+            elif error is not None:  # the disk refused a step: the scan is done again later
+                log.error("%s: cannot apply the scan result: %s", qid, error)
+                self._retry_later(qid, RETRY_AFTER_CRASH)
+            else:
+                self.gw.message_scanned(env)
+            self.pump()
+
+        committer.call(lambda: self.queue.replace_and_move(env, CHK, QUE, rewritten, committer.sync_folder), done)
 
     def _queue_notifications(self, env: Envelope, copy: CopyResult) -> None:
         """Notifications the worker wrote become outgoing mail (they are archived like any)."""
@@ -393,7 +423,7 @@ class Scanner:
     def stop(self) -> None:
         self.enabled = False
         self.pool.stop()
-        for qid in list(self.inflight):
+        for qid in list(self.inflight - self.applying):  # an I/O thread finishes those (Committer.close)
             if os.path.exists(self.queue.record_path(CHK, qid)):
                 self.queue.move(qid, CHK, WFC)
         self.inflight.clear()

@@ -135,8 +135,11 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_durably(path: str, data: bytes) -> None:
-    """temp → fsync → rename → fsync(dir): after return, ``path`` holds ``data`` or nothing."""
+def write_durably(path: str, data: bytes, sync_dir: bool = True) -> None:
+    """temp → fsync → rename → fsync(dir): after return, ``path`` holds ``data`` or nothing.
+
+    ``sync_dir=False`` leaves out the fsync of the folder, for a file that is renamed again
+    into a folder whose fsync makes it durable (a scan's rewrite, see ``replace_and_move``)."""
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -148,7 +151,40 @@ def write_durably(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(folder)
+    if sync_dir:
+        fsync_dir(folder)
+
+
+class GroupSync:
+    """The fsync of one folder, shared by the threads that need it at once (group commit): one
+    fsync covers every change made in the folder before it started, so a thread whose change
+    preceded a running fsync waits for the next one and shares it with the others waiting."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._cv = threading.Condition()
+        self._asked = 0
+        self._synced = 0
+        self._syncing = False
+
+    def sync(self) -> None:
+        with self._cv:
+            self._asked += 1
+            mine = self._asked
+            while self._synced < mine:
+                if self._syncing:
+                    self._cv.wait()
+                    continue
+                self._syncing = True
+                target = self._asked
+                self._cv.release()
+                try:
+                    fsync_dir(self.folder)
+                finally:
+                    self._cv.acquire()
+                    self._syncing = False
+                    self._cv.notify_all()
+                self._synced = max(self._synced, target)
 
 
 class Queue:
@@ -211,20 +247,25 @@ class Queue:
         a lost rename only makes recovery redo the step)."""
         os.rename(self.record_path(src, qid), self.record_path(dst, qid))
 
-    def replace_and_move(self, env: Envelope, src: str, dst: str, new_message: str) -> None:
-        """Give ``env`` the message in ``new_message`` (a durable file on this file system) and
-        move its record from ``src`` to ``dst``, as one step a crash cannot split: the record
-        is in ``dst`` with the new bytes, or still in ``src`` with the old ones.
+    def replace_and_move(self, env: Envelope, src: str, dst: str, new_message: str,
+                         sync_folder: Callable[[str], None] | None = None) -> None:
+        """Give ``env`` the message in ``new_message`` (its bytes fsync'd, on this file system)
+        and move its record from ``src`` to ``dst``, as one step a crash cannot split: the
+        record is in ``dst`` with the new bytes, or still in ``src`` with the old ones.
 
         The new bytes wait as msg/ID.staged until the record in ``dst`` is durable (the commit
         point); ``recover`` gives a staged file its place when the record got past ``src``,
-        and removes it otherwise.
+        and removes it otherwise. ``sync_folder(name)`` makes the renames in a spool folder
+        durable (``Committer.sync_folder`` shares one fsync between threads); by default each
+        call fsyncs the folder itself.
         """
+        sync = sync_folder or (lambda name: fsync_dir(os.path.join(self.root, name)))
         staged = self.msg_path(env.id) + STAGED
         os.replace(new_message, staged)
-        fsync_dir(os.path.join(self.root, "msg"))
+        sync("msg")  # the staged bytes are in place before any record can point at them
         env.size = os.path.getsize(staged)
-        self.write_record(dst, env)  # commit point: recovery keeps the later of two states
+        self.write_record(dst, env, sync_dirs=False)
+        sync(dst)  # commit point: recovery keeps the later of two states
         os.unlink(self.record_path(src, env.id))
         os.replace(staged, self.msg_path(env.id))
 
@@ -373,9 +414,9 @@ class Committer:
 
     ``submit`` returns at once; ``done(error)`` runs on the loop once the
     message file and its WFC record are on stable storage (the receiver answers
-    250 only then). Directory fsyncs are group-committed: one fsync of msg/ and
-    WFC/ covers every rename made before it started, so concurrent sessions
-    share them. Empty tmp/ files are created ahead of need (``take_tmp``), and
+    250 only then). Directory fsyncs are group-committed (``sync_folder``): one
+    fsync of msg/ or WFC/ covers every rename made before it started, so
+    concurrent sessions (and scan results, ``Queue.replace_and_move``) share them. Empty tmp/ files are created ahead of need (``take_tmp``), and
     finished records are unlinked here too.
     """
 
@@ -385,10 +426,7 @@ class Committer:
         self.queue = queue
         self.call_soon_threadsafe = call_soon_threadsafe
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="commit")
-        self._cv = threading.Condition()
-        self._renamed = 0
-        self._synced = 0
-        self._syncing = False
+        self._folders = {name: GroupSync(os.path.join(queue.root, name)) for name in ("msg", *STATES)}
         self._spares: list[TmpFile] = []
         self._spares_lock = threading.Lock()
         self._refilling = False
@@ -474,27 +512,13 @@ class Committer:
         os.close(tmp.fd)
         os.rename(tmp.path, self.queue.msg_path(env.id))
         self.queue.write_record(WFC, env, sync_dirs=False)
-        self._sync_dirs()
+        self.sync_folder("msg")
+        self.sync_folder(WFC)
 
-    def _sync_dirs(self) -> None:
-        with self._cv:
-            self._renamed += 1
-            mine = self._renamed
-            while self._synced < mine:
-                if self._syncing:
-                    self._cv.wait()
-                    continue
-                self._syncing = True
-                target = self._renamed
-                self._cv.release()
-                try:
-                    fsync_dir(os.path.join(self.queue.root, "msg"))
-                    fsync_dir(os.path.join(self.queue.root, WFC))
-                finally:
-                    self._cv.acquire()
-                    self._syncing = False
-                    self._cv.notify_all()
-                self._synced = max(self._synced, target)
+    def sync_folder(self, name: str) -> None:
+        """Make the renames already made in the spool folder ``name`` (msg, WFC, QUE...) durable,
+        with one fsync shared by the threads asking at the same time."""
+        self._folders[name].sync()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
