@@ -474,7 +474,7 @@ def run_stacks(args: argparse.Namespace, tmp: str) -> int:
 
     sink = DumpSink(os.path.join(tmp, "sink"))
     clamd = start_clamd() if which("clamd") else None
-    stacks = build_stacks(tmp, sink.port, clamd)
+    stacks = [s for s in build_stacks(tmp, sink.port, clamd) if not args.only or s.name in args.only.split(",")]
     try:
         for stack in stacks:
             why = stack.missing()
@@ -552,3 +552,4 @@ def print_table(stacks: list[Stack]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=1, help="interleaved runs per stack (--stacks; medians)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one run's last message")
+    parser.add_argument("--only", help="these stacks only (--stacks), e.g. gw-on,rspamd (names: plain, rspamd, gw-on, gw-off)")

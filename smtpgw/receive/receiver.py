@@ -218,6 +218,7 @@ class Session:
         self.discarding_line = False
         self.committing = False
         self.waiting_checks = False
+        self.flow_admitted = False  # a held MAIL was let go (InFlowDelay): it goes on when taken up again
         self.close_timer: Timer | None = None
         self.checks = SessionChecks(gateway, self.ip)
         self.helo: str | None = None
@@ -490,6 +491,12 @@ class Session:
         if not self.gw.queue_has_space():
             self.reply(smtp.NO_STORAGE)
             return
+        if not self.flow_admitted and not self.gw.scanner.admit(self._flow_admitted):
+            # mail arrives faster than it is scanned (InFlowDelay): this MAIL is taken up again later
+            self.inbuf[:0] = f"MAIL {arg}\r\n".encode("latin-1")
+            self.waiting_checks = True
+            return
+        self.flow_admitted = False
         self.sender, self.mail = address, mail
         self.checks.mail(address)
         self.set_timeout(self.cfg.timeouts.ReceivingCommandTimeout)
@@ -688,6 +695,10 @@ class Session:
         self.set_timeout(self.cfg.timeouts.ReceivingCommandTimeout)
         self.reply(reply)
         self.resume()
+
+    def _flow_admitted(self) -> None:
+        self.flow_admitted = True
+        self._checks_ready()
 
     def _checks_ready(self) -> None:
         self.waiting_checks = False

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from smtpgw.mail import headers
 
@@ -59,6 +59,7 @@ class Scanner:
         self.retries: dict[str, Any] = {}  # qid → timer of a deferred scan
         self.removed: set[str] = set()  # removed by the admin while a worker scans them
         self.applying: set[str] = set()  # results being written by an I/O thread (in inflight too)
+        self.flow_waiters: deque[list[Any]] = deque()  # [callback, timer] of MAIL commands held back
         workers = max(1, min(self.limit, os.cpu_count() or 1))
         # a job gets three times the clamd time limit (at least 5 minutes) before its worker is replaced
         job_timeout = max(300.0, 3.0 * float(gateway.cfg.ave.ScanTimeout or 0))
@@ -119,9 +120,35 @@ class Scanner:
         self.waiting.append(qid)
         self.pump()
 
+    def admit(self, callback: Callable[[], None]) -> bool:
+        """In-flow control (``InFlowDelay``, as Postfix's in_flow_delay): True when a new message
+        may come now; False while messages wait for a scan slot, and ``callback`` runs when one
+        of them has left the wait (first held, first released) or after InFlowDelay seconds,
+        whichever is first. Mail then arrives at the rate it is scanned instead of piling up."""
+        delay = self.gw.cfg.limits.InFlowDelay
+        if not delay or not self.enabled or not self.waiting:
+            return True
+        entry: list[Any] = [callback, None]
+        entry[1] = self.loop.call_later(delay, self._flow_release, entry)
+        self.flow_waiters.append(entry)
+        return False
+
+    def _flow_release(self, entry: list[Any] | None = None) -> None:
+        """Let one held MAIL go: ``entry`` (its delay is over), else the first held."""
+        if entry is None:
+            entry = self.flow_waiters.popleft()
+            entry[1].cancel()
+        elif entry in self.flow_waiters:
+            self.flow_waiters.remove(entry)
+        else:
+            return
+        self.loop.call_soon(entry[0])
+
     def pump(self) -> None:
         while self.enabled and self.waiting and len(self.inflight) < self.limit:
             qid = self.waiting.popleft()
+            if self.flow_waiters:
+                self._flow_release()
             env = self.envelopes.pop(qid, None) or self.queue.load(WFC, qid)
             if env is None:
                 continue
@@ -145,6 +172,8 @@ class Scanner:
                 log.error("%s: cannot start its scan: %s", qid, exc)
                 self.inflight.discard(qid)
                 self._retry_later(qid, RETRY_AFTER_CRASH)
+        while self.flow_waiters and not self.waiting:  # nothing waits for a scan: no reason to hold
+            self._flow_release()
         self.gw.stats.set("antiviral_checking_sessions_current", len(self.inflight))
 
     def _retry_later(self, qid: str, delay: float) -> None:
