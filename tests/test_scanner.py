@@ -10,7 +10,7 @@ import pytest
 
 from smtpgw.scan.job import CopyResult, ScanResult
 from smtpgw.scan.scanner import Scanner
-from smtpgw.spool.queue import CHK, QUE, WFC, Envelope, Queue, Recipient, new_id
+from smtpgw.spool.queue import CHK, QUE, WFC, Envelope, Queue, Recipient, fsync_dir, new_id
 
 ORIGINAL = b"Subject: s\r\n\r\nbody\r\n"
 REWRITTEN = b"Subject: s\r\n\r\nbody\r\n-- \r\ndisclaimer\r\n"
@@ -20,12 +20,31 @@ class Crash(BaseException):
     """kill -9 at this file operation: nothing after it happens."""
 
 
+class InlineCommitter:
+    """``Committer.call`` and ``sync_folder`` run at once in the caller's thread: a crash point
+    inside the I/O job stops the caller, as a kill -9 stops everything."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def call(self, job: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        try:
+            result = job()
+        except Exception as exc:
+            done(None, exc)
+            return
+        done(result, None)
+
+    def sync_folder(self, name: str) -> None:
+        fsync_dir(os.path.join(self.queue.root, name))
+
+
 def scanner_on(queue: Queue) -> tuple[Scanner, list[Envelope]]:
     scanned: list[Envelope] = []
     cfg = SimpleNamespace(ave=SimpleNamespace(ScanTimeout=10), limits=SimpleNamespace(AntiviralSessions=1))
     gateway = SimpleNamespace(loop=None, queue=queue, cfg=cfg, config_path="/nonexistent",
                               stats=SimpleNamespace(inc=lambda *a: None, set=lambda *a: None),
-                              message_scanned=scanned.append)
+                              message_scanned=scanned.append, committer=InlineCommitter(queue))
     return Scanner(gateway), scanned  # type: ignore[arg-type]
 
 

@@ -33,7 +33,8 @@ from smtpgw.log import event
 from smtpgw.reports import notify
 from smtpgw.scan.job import CopyResult, ScanResult, not_scanned, templates_path
 from smtpgw.scan.workers import WorkerPool, worker_config_path
-from smtpgw.spool.queue import CHK, QUE, SPL, STAGED, WFC, WFS, Envelope, Recipient, new_id, write_durably
+from smtpgw.spool.queue import (CHK, QUE, SPL, STAGED, WFC, WFS, Envelope, Recipient, fsync_file, new_id,
+                                write_durably)
 from smtpgw.spool.store import Store
 
 if TYPE_CHECKING:
@@ -388,6 +389,8 @@ class Scanner:
             child.group = copy.group
             child.recipients = [r for r in child.recipients if r.addr in wanted]
             source = copy.rewritten or self.queue.msg_path(qid)
+            if copy.rewritten:
+                fsync_file(copy.rewritten)  # the worker wrote it without an fsync
             child.size = os.path.getsize(source)  # the record written next states its own message's size
             self.queue.add_message(child, QUE, link_from=source)
             if copy.rewritten:

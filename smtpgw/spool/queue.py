@@ -135,11 +135,16 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_durably(path: str, data: bytes, sync_dir: bool = True) -> None:
-    """temp → fsync → rename → fsync(dir): after return, ``path`` holds ``data`` or nothing.
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    ``sync_dir=False`` leaves out the fsync of the folder, for a file that is renamed again
-    into a folder whose fsync makes it durable (a scan's rewrite, see ``replace_and_move``)."""
+
+def write_durably(path: str, data: bytes) -> None:
+    """temp → fsync → rename → fsync(dir): after return, ``path`` holds ``data`` or nothing."""
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -151,8 +156,7 @@ def write_durably(path: str, data: bytes, sync_dir: bool = True) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    if sync_dir:
-        fsync_dir(folder)
+    fsync_dir(folder)
 
 
 class GroupSync:
@@ -249,7 +253,7 @@ class Queue:
 
     def replace_and_move(self, env: Envelope, src: str, dst: str, new_message: str,
                          sync_folder: Callable[[str], None] | None = None) -> None:
-        """Give ``env`` the message in ``new_message`` (its bytes fsync'd, on this file system)
+        """Give ``env`` the message in ``new_message`` (a file on this file system, fsync'd here)
         and move its record from ``src`` to ``dst``, as one step a crash cannot split: the
         record is in ``dst`` with the new bytes, or still in ``src`` with the old ones.
 
@@ -261,6 +265,7 @@ class Queue:
         """
         sync = sync_folder or (lambda name: fsync_dir(os.path.join(self.root, name)))
         staged = self.msg_path(env.id) + STAGED
+        fsync_file(new_message)
         os.replace(new_message, staged)
         sync("msg")  # the staged bytes are in place before any record can point at them
         env.size = os.path.getsize(staged)
