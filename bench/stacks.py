@@ -283,6 +283,7 @@ class DumpSink:
         os.makedirs(folder, exist_ok=True)
         os.chmod(folder, 0o777)  # smtp-sink runs as nobody
         self.port = free_port()
+        self.seen: dict[str, tuple[str, int, float] | None] = {}  # file name → its probe, if it is one
         self.proc = subprocess.Popen(
             [which("smtp-sink") or "smtp-sink", "-u", "nobody", "-d", os.path.join(folder, "%H%M%S."),
              f"127.0.0.1:{self.port}", "1024"],
@@ -295,17 +296,17 @@ class DumpSink:
     def clear(self) -> None:
         for name in os.listdir(self.folder):
             os.unlink(os.path.join(self.folder, name))
+        self.seen: dict[str, tuple[str, int, float] | None] = {}
 
     def probe_arrivals(self, label: str) -> dict[int, float]:
-        """Probe number → arrival time, for the probes of run ``label``."""
-        arrived: dict[int, float] = {}
+        """Probe number → arrival time, for the probes of run ``label`` (each file read once)."""
         for name in os.listdir(self.folder):
-            path = os.path.join(self.folder, name)
-            with open(path, "rb") as f:
-                match = PROBE_HEADER.search(f.read(8192))
-            if match and match.group(1).decode() == label:
-                arrived[int(match.group(2))] = os.stat(path).st_mtime
-        return arrived
+            if name not in self.seen:
+                path = os.path.join(self.folder, name)
+                with open(path, "rb") as f:
+                    match = PROBE_HEADER.search(f.read(8192))
+                self.seen[name] = (match.group(1).decode(), int(match.group(2)), os.stat(path).st_mtime) if match else None
+        return {n: t for item in self.seen.values() if item is not None for probe, n, t in [item] if probe == label}
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -387,7 +388,7 @@ class Figures:
     latency: list[float]  # probe send → arrival, ms
     reply_ms: list[float]
     load: str
-    lost: int = 0  # probes accepted and never seen at the sink
+    lost: list[int] = field(default_factory=list)  # probes accepted and never seen at the sink
 
 
 def measure(port: int, sink: DumpSink, label: str, args: argparse.Namespace) -> Figures:
@@ -403,17 +404,16 @@ def measure(port: int, sink: DumpSink, label: str, args: argparse.Namespace) -> 
     elapsed = time.monotonic() - t0
     busy1, total1 = cpu_times()
     probes.stop()
-    # the probes still in flight: bounded wait for the last of them
-    try:
-        wait_until(lambda: sink.count() >= args.messages + len(probes.sent), 60, f"{label}: last probes")
-    except AssertionError:
-        pass
-    arrived = sink.probe_arrivals(label)
+    # the probes still in flight: a bounded wait for each of them, by its header (a count of files
+    # could be made up by a late message of an earlier run)
+    deadline = time.monotonic() + 60
+    while not set(probes.sent) <= set(arrived := sink.probe_arrivals(label)) and time.monotonic() < deadline:
+        time.sleep(0.5)  # polling the sink's folder; not a synchronisation with a fixed delay
     latency = [(arrived[n] - t) * 1000 for n, t in probes.sent.items() if n in arrived]
     cores = os.cpu_count() or 1
     return Figures(args.messages / elapsed, 100.0 * cores * (busy1 - busy0) / max(1, total1 - total0),
                    args.messages / accepted_s, latency, probes.reply_ms, load,
-                   lost=len(probes.sent) - len(latency))
+                   lost=sorted(set(probes.sent) - set(arrived)))
 
 
 # endregion
@@ -428,6 +428,7 @@ class Stack:
     start: Callable[[], int]  # starts it, returns its SMTP port
     stop: Callable[[], None] = lambda: None
     verify: Callable[[], str] | None = None  # after the EICAR message: what the stack did with it
+    log_path: str | None = None  # smtpgw's log: what happened to a probe that did not arrive
     port: int = 0
     runs: list[Figures] = field(default_factory=list)
 
@@ -489,6 +490,8 @@ def run_stacks(args: argparse.Namespace, tmp: str) -> int:
             for stack in live if run % 2 == 0 else reversed(live):
                 figures = measure(stack.port, sink, f"{stack.name}.{run}", args)
                 stack.runs.append(figures)
+                for n in figures.lost:
+                    print(f"  {stack.name}: probe {n} accepted, not at the sink: {probe_story(stack, f'{stack.name}.{run}', n)}")
                 print(f"  run {run + 1} {stack.name:7}: {figures.rate:6.1f} msgs/s e2e, accept {figures.accept_rate:6.1f}/s, "
                       f"CPU {figures.cpu:4.0f}%, probes p90 {percentile(figures.latency, 90):6.0f} ms, load {figures.load}",
                       flush=True)
@@ -501,6 +504,16 @@ def run_stacks(args: argparse.Namespace, tmp: str) -> int:
             clamd.remove()
         sink.stop()
     return 0
+
+
+def probe_story(stack: Stack, label: str, n: int) -> str:
+    """The gateway's log lines about probe ``n`` of run ``label`` (found by its Message-ID)."""
+    if stack.log_path is None:
+        return "(no log)"
+    with open(stack.log_path, errors="replace") as f:
+        lines = f.read().splitlines()
+    ids = {line.split(": ", 1)[0].split()[-1] for line in lines if f"probe-{label}-{n}@" in line}
+    return " | ".join(line for line in lines if any(f" {qid}: " in line for qid in ids)) or "nothing logged"
 
 
 def build_stacks(tmp: str, sink_port: int, clamd) -> list[Stack]:
@@ -530,7 +543,7 @@ def build_stacks(tmp: str, sink_port: int, clamd) -> list[Stack]:
                             clamd_missing if check else (lambda: None),
                             (lambda gw=gw: (gw.start(), gw.port)[1]), (lambda gw=gw: gw.stop()),
                             (lambda gw=gw: ", " + gw.wait_log(r'AV-SCANNED.*status="infected"', 60)[0].split(" ", 3)[-1])
-                            if check else None))
+                            if check else None, gw.log_path))
     return stacks
 
 
@@ -541,7 +554,7 @@ def print_table(stacks: list[Stack]) -> None:
     for stack in stacks:
         runs = stack.runs
         latency = [x for f in runs for x in f.latency]
-        lost = sum(f.lost for f in runs)
+        lost = sum(len(f.lost) for f in runs)
         print(f"| {stack.title} | {statistics.median(f.rate for f in runs):.0f} | "
               f"{statistics.median(f.cpu for f in runs):.0f}% | "
               f"{percentile(latency, 50):.0f} / {percentile(latency, 90):.0f} / {percentile(latency, 99):.0f} | "
