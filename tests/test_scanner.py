@@ -166,3 +166,36 @@ def test_a_crash_while_making_per_group_copies_leaves_the_copies_or_the_message(
             assert states == {qid: WFC, f"{qid}-1": None, f"{qid}-2": None}, (crash, states)
             assert messages == [qid]
     assert crash > 5, "making two copies takes several file operations, each one tried as a crash point"
+
+
+class HeldCommitter(InlineCommitter):
+    """``Committer.call`` whose job runs only when the test says so (an I/O thread still busy)."""
+
+    def __init__(self, queue: Queue) -> None:
+        super().__init__(queue)
+        self.held: list[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = []
+
+    def call(self, job: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        self.held.append((job, done))
+
+    def finish(self) -> None:
+        for job, done in self.held:
+            super().call(job, done)
+
+
+def test_a_message_removed_while_its_rewrite_is_being_applied_leaves_nothing(tmp_path):
+    """``queue remove`` of a message whose scan result an I/O thread is writing: the result is
+    discarded when that job ends, and nothing of the message stays in the spool."""
+    from smtpgw.app.control import remove_record
+
+    queue = Queue(str(tmp_path))
+    qid, rewritten = scanned_and_rewritten(queue)
+    scanner, scanned = scanner_on(queue)
+    scanner.gw.committer = held = HeldCommitter(queue)
+    scanner._apply(qid, ScanResult([CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten)]))
+    assert qid in scanner.inflight and queue.find(qid) == CHK  # the I/O job has not run yet
+    scanner.cancel(qid)  # as Gateway.remove_queued does, then the files
+    remove_record(queue, qid, CHK)
+    held.finish()
+    assert scanned == [] and queue.find(qid) is None and not scanner.inflight
+    assert os.listdir(os.path.join(queue.root, "msg")) == []

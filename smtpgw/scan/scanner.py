@@ -3,7 +3,9 @@
 Owns: the pool of scanner worker processes (CPU-bound work never runs on the
 event loop), the bounded number of messages in flight (``AntiviralSessions``),
 the job a worker runs for one message (group split, anti-spam, anti-virus,
-policy, rebuild), and applying a job's result to the queue in the main process.
+policy, rebuild), applying a job's result to the queue in the main process (a
+rewritten message in an I/O thread), and in-flow control: holding new MAIL
+commands while messages wait for a scan slot (``admit``, ``InFlowDelay``).
 
 A scan that kills or hangs its worker, or fails, counts against the message
 (``scan_attempts`` in its record, durable before the retry); at
