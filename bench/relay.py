@@ -7,6 +7,10 @@ with Debian's postfix installed, the same load through a private Postfix relay
 then the RSS of 1,000 concurrent idle sessions.
 
     python3 bench/relay.py [--messages 2000] [--sessions 50] [--size 4096]
+    python3 bench/relay.py --stacks [--runs 3] [--messages 2000]   # see bench/stacks.py
+
+``--stacks``: smtpgw with Check=true and Check=false beside plain Postfix and Postfix + rspamd
+(milter, clamd), in one run: e2e msgs/s, CPU busy and probe latency percentiles in one table.
 
 Load: Postfix's smtp-source when installed, else a stdlib client (threads of
 smtplib). Next hop: Postfix's smtp-sink when installed, else a stdlib sink.
@@ -18,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import smtplib
 import socket
 import subprocess
@@ -32,6 +35,8 @@ sys.path.insert(0, REPO)
 
 from tests.support.components import which  # noqa: E402
 from tests.support.net import GatewayProcess, Sink, free_port, listening, wait_until  # noqa: E402
+
+import stacks  # noqa: E402  (bench/stacks.py: the peer stacks side by side)
 
 
 def start_sink() -> tuple[int, object]:
@@ -145,87 +150,24 @@ def rss_kib_main(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
-MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-mail_owner = postfix
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mydestination =
-myhostname = postfix.bench.test
-local_transport = error:5.1.1 local delivery is disabled
-relayhost = [127.0.0.1]:{sink}
-mynetworks = 127.0.0.0/8
-disable_dns_lookups = yes
-smtp_dns_support_level = disabled
-smtp_host_lookup = native
-smtpd_tls_security_level = none
-smtp_tls_security_level = none
-maillog_file = {d}/maillog
-maillog_file_prefixes = {d}
-smtpd_client_connection_count_limit = 0
-smtpd_client_message_rate_limit = 0
-default_process_limit = 100
-"""
-
-MASTER_CF = """\
-127.0.0.1:{port} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
 def bench_postfix(folder: str, sink_port: int, args: argparse.Namespace) -> dict[str, float] | None:
-    postfix = which("postfix")
-    if not postfix or os.geteuid() != 0:
+    why = stacks.postfix_missing()
+    if why:
         return None
-    port = free_port()
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "main.cf"), "w") as f:
-        f.write(MAIN_CF.format(d=folder, sink=sink_port))
-    with open(os.path.join(folder, "master.cf"), "w") as f:
-        f.write(MASTER_CF.format(port=port))
-    for sub in ("queue", "data"):
-        os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    shutil.chown(os.path.join(folder, "data"), "postfix")
-    env = dict(os.environ, MAIL_CONFIG=folder)
-    subprocess.run([postfix, "-c", folder, "check"], env=env, capture_output=True, timeout=60)
-    started = subprocess.run([postfix, "-c", folder, "start"], env=env, capture_output=True, text=True, timeout=60)
-    if started.returncode != 0:
-        # postfix(1) prints its reasons on a terminal only; its log has them too
-        log = open(os.path.join(folder, "maillog")).read()[-2000:] if os.path.exists(os.path.join(folder, "maillog")) else ""
-        print(f"postfix did not start (exit {started.returncode}): {started.stdout}{started.stderr}{log}", file=sys.stderr)
+    relay = stacks.PostfixRelay(folder, sink_port)
+    try:
+        relay.start()
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
         return None
     try:
-        wait_until(lambda: listening(port), 30, "postfix smtpd")
-        maillog = os.path.join(folder, "maillog")
         t0 = time.monotonic()
-        accepted_s = load(port, args.messages, args.sessions, args.size)
-        wait_until(lambda: count_lines(maillog, "status=sent") >= args.messages, 900, "postfix delivered all")
+        accepted_s = load(relay.port, args.messages, args.sessions, args.size)
+        wait_until(lambda: count_lines(relay.maillog, "status=sent") >= args.messages, 900, "postfix delivered all")
         delivered_s = time.monotonic() - t0
         return {"accepted": args.messages / accepted_s, "delivered": args.messages / delivered_s}
     finally:
-        subprocess.run([postfix, "-c", folder, "stop"], env=env, capture_output=True, timeout=60)
+        relay.stop()
 
 
 def idle_sessions(folder: str, sink_port: int, count: int) -> float:
@@ -258,7 +200,13 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--stacks", action="store_true", help="the peer stacks side by side (bench/stacks.py)")
+    stacks.add_arguments(parser)
     args = parser.parse_args()
+    if args.stacks:
+        with tempfile.TemporaryDirectory(prefix="smtpgw-stacks-") as tmp:
+            os.chmod(tmp, 0o755)  # Postfix's and rspamd's daemons run as their own users
+            return stacks.run_stacks(args, tmp)
     print(f"load: {args.messages} messages of {args.size} bytes over {args.sessions} sessions; "
           f"client {'smtp-source' if which('smtp-source') else 'smtplib'}, sink {'smtp-sink' if which('smtp-sink') else 'stdlib'}")
     with tempfile.TemporaryDirectory(prefix="smtpgw-bench-") as tmp:

@@ -382,6 +382,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.limits", "MaximalJunkCommands", INT, "1-1000", 100),
     P("smtpgw.limits", "MaximalIncomingErrors", INT, "1-1000", 20),
     P("smtpgw.limits", "MaximalEnvelopesInMemory", INT, "0-1000000", 20000),
+    P("smtpgw.limits", "InFlowDelay", INT, "0-10 s", 1),
     P("smtpgw.timeouts", "MaximalBackoffTime", INT, "60-64800 s", 21600),
     P("smtpgw.timeouts", "MinimalBackoffTime", INT, "64-64800 s", 1800),
     P("smtpgw.timeouts", "MaximalQueueLifetime", INT, "1-14 days", 5),

@@ -10,7 +10,7 @@ import pytest
 
 from smtpgw.scan.job import CopyResult, ScanResult
 from smtpgw.scan.scanner import Scanner
-from smtpgw.spool.queue import CHK, QUE, WFC, Envelope, Queue, Recipient, new_id
+from smtpgw.spool.queue import CHK, QUE, WFC, Envelope, Queue, Recipient, fsync_dir, new_id
 
 ORIGINAL = b"Subject: s\r\n\r\nbody\r\n"
 REWRITTEN = b"Subject: s\r\n\r\nbody\r\n-- \r\ndisclaimer\r\n"
@@ -20,12 +20,31 @@ class Crash(BaseException):
     """kill -9 at this file operation: nothing after it happens."""
 
 
+class InlineCommitter:
+    """``Committer.call`` and ``sync_folder`` run at once in the caller's thread: a crash point
+    inside the I/O job stops the caller, as a kill -9 stops everything."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def call(self, job: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        try:
+            result = job()
+        except Exception as exc:
+            done(None, exc)
+            return
+        done(result, None)
+
+    def sync_folder(self, name: str) -> None:
+        fsync_dir(os.path.join(self.queue.root, name))
+
+
 def scanner_on(queue: Queue) -> tuple[Scanner, list[Envelope]]:
     scanned: list[Envelope] = []
     cfg = SimpleNamespace(ave=SimpleNamespace(ScanTimeout=10), limits=SimpleNamespace(AntiviralSessions=1))
     gateway = SimpleNamespace(loop=None, queue=queue, cfg=cfg, config_path="/nonexistent",
                               stats=SimpleNamespace(inc=lambda *a: None, set=lambda *a: None),
-                              message_scanned=scanned.append)
+                              message_scanned=scanned.append, committer=InlineCommitter(queue))
     return Scanner(gateway), scanned  # type: ignore[arg-type]
 
 
@@ -147,3 +166,36 @@ def test_a_crash_while_making_per_group_copies_leaves_the_copies_or_the_message(
             assert states == {qid: WFC, f"{qid}-1": None, f"{qid}-2": None}, (crash, states)
             assert messages == [qid]
     assert crash > 5, "making two copies takes several file operations, each one tried as a crash point"
+
+
+class HeldCommitter(InlineCommitter):
+    """``Committer.call`` whose job runs only when the test says so (an I/O thread still busy)."""
+
+    def __init__(self, queue: Queue) -> None:
+        super().__init__(queue)
+        self.held: list[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = []
+
+    def call(self, job: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        self.held.append((job, done))
+
+    def finish(self) -> None:
+        for job, done in self.held:
+            super().call(job, done)
+
+
+def test_a_message_removed_while_its_rewrite_is_being_applied_leaves_nothing(tmp_path):
+    """``queue remove`` of a message whose scan result an I/O thread is writing: the result is
+    discarded when that job ends, and nothing of the message stays in the spool."""
+    from smtpgw.app.control import remove_record
+
+    queue = Queue(str(tmp_path))
+    qid, rewritten = scanned_and_rewritten(queue)
+    scanner, scanned = scanner_on(queue)
+    scanner.gw.committer = held = HeldCommitter(queue)
+    scanner._apply(qid, ScanResult([CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten)]))
+    assert qid in scanner.inflight and queue.find(qid) == CHK  # the I/O job has not run yet
+    scanner.cancel(qid)  # as Gateway.remove_queued does, then the files
+    remove_record(queue, qid, CHK)
+    held.finish()
+    assert scanned == [] and queue.find(qid) is None and not scanner.inflight
+    assert os.listdir(os.path.join(queue.root, "msg")) == []

@@ -29,6 +29,7 @@ import ssl
 import sys
 import time
 from concurrent.futures import Future
+from typing import Callable
 
 from smtpgw import log as logsetup
 from smtpgw.app import memory
@@ -473,6 +474,9 @@ class Gateway:
 
     def session_closed(self, session: Session) -> None:
         self.inbound.closed(session)
+
+    def admit_mail(self, ready: Callable[[], None]) -> bool:
+        return self.scanner.admit(ready)
 
     def queue_has_space(self) -> bool:
         """``MinimalQueueFreeSpaceSize``: refuse new mail (4xx) while the spool's disk is short."""

@@ -218,6 +218,10 @@ class Inbound(Lookups, Protocol):
     def session_closed(self, session: "Session") -> None:
         """The session's socket is closed."""
 
+    def admit_mail(self, ready: Callable[[], None]) -> bool:
+        """In-flow control (``InFlowDelay``): True when a new message may come now; else False,
+        and ``ready`` runs once it may (the scanner's wait shrank, or the delay is over)."""
+
 
 class Session:
     """One inbound SMTP connection."""
@@ -229,7 +233,7 @@ class Session:
         "host", "cfg", "loop", "sock", "fd", "ip", "address", "inbuf", "out", "closing", "closed", "tls",
         "handshaking", "discarding_line", "committing", "waiting_checks", "close_timer", "checks", "helo",
         "esmtp", "junk", "errors", "messages", "session_bytes", "data", "tmp", "last_read", "state_since",
-        "state_timeout", "timer", "sender", "mail", "rcpts", "rcpt_refused", "rcpt_overshoot", "qid",
+        "state_timeout", "timer", "sender", "mail", "rcpts", "rcpt_refused", "rcpt_overshoot", "qid", "flow_admitted",
         "__dict__",
     )
 
@@ -252,6 +256,7 @@ class Session:
         self.discarding_line = False
         self.committing = False
         self.waiting_checks = False
+        self.flow_admitted = False  # a held MAIL was let go (InFlowDelay): it goes on when taken up again
         self.close_timer: Timer | None = None
         self.checks = SessionChecks(host, self.ip)
         self.helo: str | None = None
@@ -538,6 +543,12 @@ class Session:
         if not self.host.queue_has_space():
             self.reply(smtp.NO_STORAGE)
             return
+        if not self.flow_admitted and not self.host.admit_mail(self._flow_admitted):
+            # mail arrives faster than it is scanned (InFlowDelay): this MAIL is taken up again later
+            self.inbuf[:0] = f"MAIL {arg}\r\n".encode("latin-1")
+            self.waiting_checks = True
+            return
+        self.flow_admitted = False
         self.sender, self.mail = address, mail
         self.checks.mail(address)
         self.set_timeout(self.cfg.timeouts.ReceivingCommandTimeout)
@@ -736,6 +747,10 @@ class Session:
         self.set_timeout(self.cfg.timeouts.ReceivingCommandTimeout)
         self.reply(reply)
         self.resume()
+
+    def _flow_admitted(self) -> None:
+        self.flow_admitted = True
+        self._checks_ready()
 
     def _checks_ready(self) -> None:
         self.waiting_checks = False

@@ -222,7 +222,10 @@ class Job:
                 message = add_disclaimer(message, text)
             if message != raw:
                 copy.rewritten = os.path.join(self.queue.root, "tmp", f"{env.id}.scan{index}")
-                write_durably(copy.rewritten, message)
+                # made durable by the main process, in an I/O thread (Queue.replace_and_move), so
+                # that no worker waits for the disk
+                with open(copy.rewritten, "wb") as f:
+                    f.write(message)
         copy.notes["notifications"] = self._notifications(env, raw, group, rcpts, av, verdict, index)
         return copy
 

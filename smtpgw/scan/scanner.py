@@ -3,7 +3,9 @@
 Owns: the pool of scanner worker processes (CPU-bound work never runs on the
 event loop), the bounded number of messages in flight (``AntiviralSessions``),
 the job a worker runs for one message (group split, anti-spam, anti-virus,
-policy, rebuild), and applying a job's result to the queue in the main process.
+policy, rebuild), applying a job's result to the queue in the main process (a
+rewritten message in an I/O thread), and in-flow control: holding new MAIL
+commands while messages wait for a scan slot (``admit``, ``InFlowDelay``).
 
 A scan that kills or hangs its worker, or fails, counts against the message
 (``scan_attempts`` in its record, durable before the retry); at
@@ -33,9 +35,9 @@ from smtpgw.mail import headers
 from smtpgw.net.loop import EventLoop
 from smtpgw.reports import notify
 from smtpgw.scan.job import CopyResult, ScanResult, not_scanned, templates_path
-from smtpgw.scan.workers import worker_config_path, ResultCallback, WorkerPool
-from smtpgw.spool.durable import write_durably
-from smtpgw.spool.queue import CHK, QUE, SPL, WFC, WFS, new_id, Envelope, Queue, Recipient
+from smtpgw.scan.workers import ResultCallback, WorkerPool, worker_config_path
+from smtpgw.spool.durable import fsync_file, write_durably
+from smtpgw.spool.queue import CHK, QUE, SPL, STAGED, WFC, WFS, Committer, Envelope, Queue, Recipient, new_id
 from smtpgw.spool.store import Store
 from smtpgw.stats import Stats
 
@@ -49,11 +51,13 @@ MAX_REASON = 500  # characters of a failed scan's reason kept in the record
 
 class Scanning(Protocol):
     """What the scanning stage needs from the process it runs in: the configuration in force, the
-    loop, the spool, the counters, and where a scanned message (or a notice) goes next."""
+    loop, the spool and its committer (the I/O threads that apply a rewritten result), the
+    counters, and where a scanned message (or a notice) goes next."""
 
     cfg: Config
     loop: EventLoop
     queue: Queue
+    committer: Committer
     stats: Stats
 
     def message_scanned(self, env: Envelope) -> None:
@@ -88,6 +92,8 @@ class Scanner:
         self.inflight: set[str] = set()
         self.retries: dict[str, Any] = {}  # qid → timer of a deferred scan
         self.removed: set[str] = set()  # removed by the admin while a worker scans them
+        self.applying: set[str] = set()  # results being written by an I/O thread (in inflight too)
+        self.flow_waiters: deque[list[Any]] = deque()  # [callback, timer] of MAIL commands held back
         workers = max(1, min(self.limit, os.cpu_count() or 1))
         # a job gets three times the clamd time limit (at least 5 minutes) before its worker is replaced
         job_timeout = max(300.0, 3.0 * float(host.cfg.ave.ScanTimeout or 0))
@@ -148,9 +154,35 @@ class Scanner:
         self.waiting.append(qid)
         self.pump()
 
+    def admit(self, callback: Callable[[], None]) -> bool:
+        """In-flow control (``InFlowDelay``, as Postfix's in_flow_delay): True when a new message
+        may come now; False while messages wait for a scan slot, and ``callback`` runs when one
+        of them has left the wait (first held, first released) or after InFlowDelay seconds,
+        whichever is first. Mail then arrives at the rate it is scanned instead of piling up."""
+        delay = self.host.cfg.limits.InFlowDelay
+        if not delay or not self.enabled or not self.waiting:
+            return True
+        entry: list[Any] = [callback, None]
+        entry[1] = self.loop.call_later(delay, self._flow_release, entry)
+        self.flow_waiters.append(entry)
+        return False
+
+    def _flow_release(self, entry: list[Any] | None = None) -> None:
+        """Let one held MAIL go: ``entry`` (its delay is over), else the first held."""
+        if entry is None:
+            entry = self.flow_waiters.popleft()
+            entry[1].cancel()
+        elif entry in self.flow_waiters:
+            self.flow_waiters.remove(entry)
+        else:
+            return
+        self.loop.call_soon(entry[0])
+
     def pump(self) -> None:
         while self.enabled and self.waiting and len(self.inflight) < self.limit:
             qid = self.waiting.popleft()
+            if self.flow_waiters:
+                self._flow_release()
             env = self.envelopes.pop(qid, None) or self.queue.load(WFC, qid)
             if env is None:
                 continue
@@ -174,6 +206,8 @@ class Scanner:
                 log.error("%s: cannot start its scan: %s", qid, exc)
                 self.inflight.discard(qid)
                 self._retry_later(qid, RETRY_AFTER_CRASH)
+        while self.flow_waiters and not self.waiting:  # nothing waits for a scan: no reason to hold
+            self._flow_release()
         self.host.stats.set("antiviral_checking_sessions_current", len(self.inflight))
 
     def _retry_later(self, qid: str, delay: float) -> None:
@@ -374,10 +408,9 @@ class Scanner:
             copy = live[0]
             env.group = copy.group
             if copy.rewritten:
-                # never the rewritten bytes with the record still in CHK: a restart would scan them again
-                self.queue.replace_and_move(env, CHK, QUE, copy.rewritten)
-            else:
-                self.queue.move(qid, CHK, QUE)
+                self._replace_and_move(env, copy.rewritten)
+                return
+            self.queue.move(qid, CHK, QUE)
             self.host.message_scanned(env)
             return
         children = []
@@ -389,6 +422,8 @@ class Scanner:
             child.group = copy.group
             child.recipients = [r for r in child.recipients if r.addr in wanted]
             source = copy.rewritten or self.queue.msg_path(qid)
+            if copy.rewritten:
+                fsync_file(copy.rewritten)  # the worker wrote it without an fsync
             child.size = os.path.getsize(source)  # the record written next states its own message's size
             self.queue.add_message(child, QUE, link_from=source)
             if copy.rewritten:
@@ -398,6 +433,36 @@ class Scanner:
         self.queue.remove(qid, CHK)
         for child in children:
             self.host.message_scanned(child)
+
+    def _replace_and_move(self, env: Envelope, rewritten: str) -> None:
+        """The rewritten bytes take the message's place as its record moves CHK → QUE, in an I/O
+        thread (its fsyncs shared with the other commits, never on the loop); never the new
+        bytes with the record still in CHK: a restart would scan them again. Until it is done
+        the message counts as in flight (``queue remove`` waits for it, see ``cancel``)."""
+        qid = env.id
+        self.inflight.add(qid)
+        self.applying.add(qid)
+        committer = self.host.committer
+
+        def done(_: None, error: BaseException | None) -> None:
+            self.inflight.discard(qid)
+            self.applying.discard(qid)
+            if qid in self.removed:  # removed by the admin meanwhile: what the step left goes too
+                self.removed.discard(qid)
+                state = self.queue.find(qid)
+                if state is not None:
+                    self.queue.remove(qid, state)
+                if os.path.exists(self.queue.msg_path(qid) + STAGED):
+                    os.unlink(self.queue.msg_path(qid) + STAGED)
+                event(qid, 'SCAN DISCARDED, reason="removed while being scanned"')
+            elif error is not None:  # the disk refused a step: the scan is done again later
+                log.error("%s: cannot apply the scan result: %s", qid, error)
+                self._retry_later(qid, RETRY_AFTER_CRASH)
+            else:
+                self.host.message_scanned(env)
+            self.pump()
+
+        committer.call(lambda: self.queue.replace_and_move(env, CHK, QUE, rewritten, committer.sync_folder), done)
 
     def _queue_notifications(self, env: Envelope, copy: CopyResult) -> None:
         """Notifications the worker wrote become outgoing mail (they are archived like any)."""
@@ -423,7 +488,7 @@ class Scanner:
     def stop(self) -> None:
         self.enabled = False
         self.pool.stop()
-        for qid in list(self.inflight):
+        for qid in list(self.inflight - self.applying):  # an I/O thread finishes those (Committer.close)
             if os.path.exists(self.queue.record_path(CHK, qid)):
                 self.queue.move(qid, CHK, WFC)
         self.inflight.clear()

@@ -1,8 +1,9 @@
 """Durable writes: the temp → fsync → rename → fsync(dir) discipline every file we keep follows.
 
 Owns: writing a whole file so that after a crash its path holds either the old bytes, the
-new bytes or nothing; fsync of a directory (which makes a rename or an unlink in it
-durable); removing a file that may already be gone.
+new bytes or nothing; fsync of a file or of a directory (which makes a rename or an unlink in it
+durable), one directory fsync shared by the threads that need it at once (`GroupSync`);
+removing a file that may already be gone.
 
 Must never: leave a half-written file under its final name, report a write as done before
 the bytes (and, when asked, the directory entry) are on stable storage, or follow a policy
@@ -13,8 +14,9 @@ of its own about what to write where (callers choose paths; the spool layout bel
 from __future__ import annotations
 
 import os
+import threading
 
-__all__ = ["fsync_dir", "write_durably", "unlink_if_present"]
+__all__ = ["fsync_dir", "fsync_file", "write_durably", "unlink_if_present", "GroupSync"]
 
 
 def fsync_dir(path: str) -> None:
@@ -55,3 +57,43 @@ def unlink_if_present(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class GroupSync:
+    """The fsync of one folder, shared by the threads that need it at once (group commit): one
+    fsync covers every change made in the folder before it started, so a thread whose change
+    preceded a running fsync waits for the next one and shares it with the others waiting."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._cv = threading.Condition()
+        self._asked = 0
+        self._synced = 0
+        self._syncing = False
+
+    def sync(self) -> None:
+        with self._cv:
+            self._asked += 1
+            mine = self._asked
+            while self._synced < mine:
+                if self._syncing:
+                    self._cv.wait()
+                    continue
+                self._syncing = True
+                target = self._asked
+                self._cv.release()
+                try:
+                    fsync_dir(self.folder)
+                finally:
+                    self._cv.acquire()
+                    self._syncing = False
+                    self._cv.notify_all()
+                self._synced = max(self._synced, target)

@@ -35,7 +35,7 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-from smtpgw.spool.durable import fsync_dir, unlink_if_present, write_durably
+from smtpgw.spool.durable import GroupSync, fsync_dir, fsync_file, unlink_if_present, write_durably
 from smtpgw.spool.iopool import IOPool
 
 log = logging.getLogger("smtpgw.spool.queue")
@@ -193,20 +193,26 @@ class Queue:
         a lost rename only makes recovery redo the step)."""
         os.rename(self.record_path(src, qid), self.record_path(dst, qid))
 
-    def replace_and_move(self, env: Envelope, src: str, dst: str, new_message: str) -> None:
-        """Give ``env`` the message in ``new_message`` (a durable file on this file system) and
-        move its record from ``src`` to ``dst``, as one step a crash cannot split: the record
-        is in ``dst`` with the new bytes, or still in ``src`` with the old ones.
+    def replace_and_move(self, env: Envelope, src: str, dst: str, new_message: str,
+                         sync_folder: Callable[[str], None] | None = None) -> None:
+        """Give ``env`` the message in ``new_message`` (a file on this file system, fsync'd here)
+        and move its record from ``src`` to ``dst``, as one step a crash cannot split: the
+        record is in ``dst`` with the new bytes, or still in ``src`` with the old ones.
 
         The new bytes wait as msg/ID.staged until the record in ``dst`` is durable (the commit
         point); ``recover`` gives a staged file its place when the record got past ``src``,
-        and removes it otherwise.
+        and removes it otherwise. ``sync_folder(name)`` makes the renames in a spool folder
+        durable (``Committer.sync_folder`` shares one fsync between threads); by default each
+        call fsyncs the folder itself.
         """
+        sync = sync_folder or (lambda name: fsync_dir(os.path.join(self.root, name)))
         staged = self.msg_path(env.id) + STAGED
+        fsync_file(new_message)
         os.replace(new_message, staged)
-        fsync_dir(os.path.join(self.root, "msg"))
+        sync("msg")  # the staged bytes are in place before any record can point at them
         env.size = os.path.getsize(staged)
-        self.write_record(dst, env)  # commit point: recovery keeps the later of two states
+        self.write_record(dst, env, sync_dirs=False)
+        sync(dst)  # commit point: recovery keeps the later of two states
         os.unlink(self.record_path(src, env.id))
         os.replace(staged, self.msg_path(env.id))
 
@@ -345,9 +351,9 @@ class Committer(IOPool):
 
     ``submit`` returns at once; ``done(error)`` runs on the loop once the
     message file and its WFC record are on stable storage (the receiver answers
-    250 only then). Directory fsyncs are group-committed: one fsync of msg/ and
-    WFC/ covers every rename made before it started, so concurrent sessions
-    share them. Empty tmp/ files are created ahead of need (``take_tmp``), and
+    250 only then). Directory fsyncs are group-committed (``sync_folder``): one
+    fsync of msg/ or WFC/ covers every rename made before it started, so
+    concurrent sessions (and scan results, ``Queue.replace_and_move``) share them. Empty tmp/ files are created ahead of need (``take_tmp``), and
     finished records are unlinked here too.
     """
 
@@ -356,10 +362,7 @@ class Committer(IOPool):
     def __init__(self, queue: Queue, call_soon_threadsafe: Callable[..., None], threads: int = 4) -> None:
         super().__init__(call_soon_threadsafe, threads, name="commit")
         self.queue = queue
-        self._cv = threading.Condition()
-        self._renamed = 0
-        self._synced = 0
-        self._syncing = False
+        self._folders = {name: GroupSync(os.path.join(queue.root, name)) for name in ("msg", *STATES)}
         self._spares: list[TmpFile] = []
         self._spares_lock = threading.Lock()
         self._refilling = False
@@ -428,27 +431,13 @@ class Committer(IOPool):
         os.close(tmp.fd)
         os.rename(tmp.path, self.queue.msg_path(env.id))
         self.queue.write_record(WFC, env, sync_dirs=False)
-        self._sync_dirs()
+        self.sync_folder("msg")
+        self.sync_folder(WFC)
 
-    def _sync_dirs(self) -> None:
-        with self._cv:
-            self._renamed += 1
-            mine = self._renamed
-            while self._synced < mine:
-                if self._syncing:
-                    self._cv.wait()
-                    continue
-                self._syncing = True
-                target = self._renamed
-                self._cv.release()
-                try:
-                    fsync_dir(os.path.join(self.queue.root, "msg"))
-                    fsync_dir(os.path.join(self.queue.root, WFC))
-                finally:
-                    self._cv.acquire()
-                    self._syncing = False
-                    self._cv.notify_all()
-                self._synced = max(self._synced, target)
+    def sync_folder(self, name: str) -> None:
+        """Make the renames already made in the spool folder ``name`` (msg, WFC, QUE...) durable,
+        with one fsync shared by the threads asking at the same time."""
+        self._folders[name].sync()
 
     def close(self) -> None:
         super().close()

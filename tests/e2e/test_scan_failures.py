@@ -12,10 +12,14 @@ import json
 import os
 import signal
 import smtplib
+import socket
+import time
+
+import pytest
 
 from smtpgw.spool.store import Store
 from tests.support.clamd import STALL_MARKER
-from tests.support.net import wait_until
+from tests.support.net import RawClient, wait_until
 
 SCAN_WORKERS = min(10, os.cpu_count() or 1)  # the gateway's pool: min(AntiviralSessions, cores)
 
@@ -132,3 +136,30 @@ def test_an_unavailable_scanner_is_no_attempt(make_gateway, sink, tmp_path):
     wait_until(lambda: gw.queued("WFC") == [qid], 10, "the message back in WFC")
     assert record(gw, "WFC", qid)["scan_attempts"] == 0
     assert "SCAN FAILED" not in gw.log_text() and sink.messages == []
+
+
+def test_mail_arriving_faster_than_it_is_scanned_waits_at_mail_from(make_gateway, sink, stalling_clamd):
+    """InFlowDelay (as Postfix's in_flow_delay): while messages wait for a scan slot, a MAIL FROM
+    is answered only when one of them leaves the wait (or after InFlowDelay seconds)."""
+    gw = make_gateway(sink.port, extra=scanning(stalling_clamd, {"AntiviralSessions": "10", "InFlowDelay": "10"}))
+    for n in range(10):  # every scan slot taken: the workers stuck in clamd, the rest behind them
+        send(gw, f"stuck {n}", STALL_MARKER)
+    send(gw, "waiting", b"no scan slot is free for this one")  # its MAIL came while nothing waited
+    client = RawClient(gw.port)
+    assert client.reply()[0] == 220
+    assert client.cmd("EHLO client.test")[0] == 250
+    client.send("MAIL FROM:<a@b.test>\r\n")
+    client.sock.settimeout(1.0)
+    with pytest.raises(socket.timeout):  # held: one message waits for a scan slot
+        client.reply()
+    client.sock.settimeout(30)
+    started = time.monotonic()
+    stalling_clamd.release()
+    assert client.reply()[0] == 250  # let go as soon as the scans moved on, not after InFlowDelay
+    assert time.monotonic() - started < 8
+    assert client.cmd("RCPT TO:<x@example.test>")[0] == 250
+    assert client.cmd("DATA")[0] == 354
+    assert client.cmd("Subject: held\r\n\r\nheld at MAIL FROM\r\n.")[0] == 250
+    client.cmd("QUIT")
+    got = sink.wait_for(12, timeout=60)
+    assert sum(b"Subject: held" in m.data for m in got) == 1
