@@ -186,12 +186,12 @@ class HeldCommitter(InlineCommitter):
 def test_a_message_removed_while_its_rewrite_is_being_applied_leaves_nothing(tmp_path):
     """``queue remove`` of a message whose scan result an I/O thread is writing: the result is
     discarded when that job ends, and nothing of the message stays in the spool."""
-    from smtpgw.app.control import remove_record
+    from smtpgw.spool.ops import remove_record
 
     queue = Queue(str(tmp_path))
     qid, rewritten = scanned_and_rewritten(queue)
     scanner, scanned = scanner_on(queue)
-    scanner.gw.committer = held = HeldCommitter(queue)
+    scanner.host.committer = held = HeldCommitter(queue)
     scanner._apply(qid, ScanResult([CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten)]))
     assert qid in scanner.inflight and queue.find(qid) == CHK  # the I/O job has not run yet
     scanner.cancel(qid)  # as Gateway.remove_queued does, then the files
