@@ -19,15 +19,16 @@ ROOT = Path(smtpgw.__file__).parent
 
 # The folders (and top-level modules) in dependency order: a module may import from its own
 # folder and from folders of a lower rank; folders of the same rank may import each other, except
-# the pipeline stages (rank 3), which never import one another: the gateway hands a message from
+# the pipeline stages (rank 4), which never import one another: the gateway hands a message from
 # one to the next. ARCHITECTURE.md, "Dependency order", explains each rank.
 RANKS: dict[str, int] = {
     "smtpgw": 0, "log": 0, "net": 0, "spool": 0,
     "rules": 1, "stats": 1,
-    "mail": 2, "reports": 2, "spam": 2, "config": 2,
-    "receive": 3, "scan": 3, "deliver": 3,
-    "update": 4, "console": 4,
-    "app": 5,
+    "mail": 2, "config": 2,
+    "reports": 3, "spam": 3,
+    "receive": 4, "scan": 4, "deliver": 4,
+    "update": 5, "console": 5,
+    "app": 6,
 }
 STAGES = {"receive", "scan", "deliver"}
 # config checks two values with their owners' own parsers: AdminPasswordHash (console/auth.py)

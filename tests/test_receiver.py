@@ -50,3 +50,19 @@ def test_bare_cr_fails_even_when_normalizing(tmp_path, data):
 def test_nul_fails_the_message(tmp_path, piece):
     reader, stored, _ = read_through(tmp_path, b"Subject: x\r\n\r\na\0b\r\n.\r\n", piece)
     assert reader.nul and reader.failed and b"\0" not in stored
+
+
+def test_every_attribute_a_session_sets_has_its_slot() -> None:
+    """Session has ``__slots__`` (a thousand idle sessions stay cheap) and no ``__dict__``: an
+    attribute set on a path the other tests do not take would raise there, in production."""
+    import ast
+    import inspect
+
+    from smtpgw.receive import receiver
+
+    tree = ast.parse(inspect.getsource(receiver.Session))
+    set_on_self = {target.attr for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+                   for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                   if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self"}
+    assert set_on_self - set(receiver.Session.__slots__) == set()
+    assert "__dict__" not in receiver.Session.__slots__

@@ -227,14 +227,12 @@ class Session:
     """One inbound SMTP connection."""
 
     # A thousand idle sessions must stay cheap: with its ~36 attributes an instance dictionary
-    # was no longer key-shared (about 1.6 KiB a session); slots take 8 bytes each. "__dict__"
-    # stays, so that an attribute not listed here still works (in a dictionary of its own).
+    # was no longer key-shared (about 1.6 KiB a session); slots take 8 bytes each.
     __slots__ = (
-        "host", "cfg", "loop", "sock", "fd", "ip", "address", "inbuf", "out", "closing", "closed", "tls",
-        "handshaking", "discarding_line", "committing", "waiting_checks", "close_timer", "checks", "helo",
+        "host", "cfg", "loop", "sock", "fd", "ip", "inbuf", "out", "closing", "closed", "tls",
+        "handshake", "handshaking", "discarding_line", "committing", "waiting_checks", "close_timer", "checks", "helo",
         "esmtp", "junk", "errors", "messages", "session_bytes", "data", "tmp", "last_read", "state_since",
         "state_timeout", "timer", "sender", "mail", "rcpts", "rcpt_refused", "rcpt_overshoot", "qid", "flow_admitted",
-        "__dict__",
     )
 
     def __init__(self, host: Inbound, sock: socket.socket, peer: tuple) -> None:
