@@ -70,6 +70,9 @@ class SpamVerdict:
     score: float  # 0.0 (ham) .. 1.0 (spam)
     method: str
     reasons: list[str] = field(default_factory=list)
+    # The score of the content alone (Bayes, clue vote, term weights), None when a list or a
+    # forced rule decided: what auto-learning (``autolearn``) may trust.
+    content: float | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
