@@ -172,6 +172,14 @@ def test_sign_names_reach_the_verdict_reasons(spam_filter: SpamFilter, name: str
     assert not any(reason.startswith(f"rule {rule.name} ") for reason in missed.reasons)
 
 
+def test_a_scripts_report_without_from_date_or_message_id_is_not_spam(spam_filter: SpamFilter) -> None:
+    """It scored Probable Spam (0.84) when the missing fields were Bayes tokens besides their rules."""
+    bare = b"To: bob@example.org\nSubject: backup report\n\nThe nightly backup finished at 02:10, 3 files changed.\n"
+    verdict = spam_filter.classify(bare, None, "", [], [])
+    assert verdict.status == "Not Detected", verdict.reasons
+    assert "rule MISSING_FROM +1.00" in verdict.reasons
+
+
 def test_shipped_training_list_covers_the_eras_and_never_the_phishing_set() -> None:
     """The shipped database's exact input: several sources and eras, no CC BY-NC phishing pack, no test-only set."""
     manifest = read_manifest(os.path.join(default_bases(), "spam", "TRAINING_FILES.txt"))
