@@ -160,14 +160,14 @@ def missed_at_fp(rows: list[tuple[float, str, bool]], budget: float = FP_BUDGET)
     return sum(1 for s in spams if s <= threshold) / len(spams)
 
 
-HEADER = (f"{'set':<13} {'era':<8} {'filter':<24} {'ham':>5} {'spam':>5}  {'ham→Spam':>13}  {'ham→Prob':>8}"
+HEADER = (f"{'set':<13} {'era':<8} {'filter':<26} {'ham':>5} {'spam':>5}  {'ham→Spam':>13}  {'ham→Prob':>8}"
           f"  {'caught':>7}  {'missed':>7}  {'(1-AUC)%':>8}  {'miss@0.1%':>9}")
 
 
 def line(set_name: str, era: str, name: str, result: Result) -> str:
     ham = [r for r in result.rows if not r[2]]
     spam = [r for r in result.rows if r[2]]
-    cells = [f"{set_name:<13} {era:<8} {name:<24} {len(ham):>5} {len(spam):>5}"]
+    cells = [f"{set_name:<13} {era:<8} {name:<26} {len(ham):>5} {len(spam):>5}"]
     if ham:
         fp = sum(1 for r in ham if r[1] == SPAM)
         probable = sum(1 for r in ham if r[1] == PROBABLE_SPAM)
