@@ -95,7 +95,8 @@ def test_what_is_never_learned(bases, case) -> None:  # type: ignore[no-untyped-
     assert not os.path.exists(site_file(bases))
 
 
-def test_the_hourly_bound_is_shared_through_the_journal(bases, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_the_hourly_bound_is_shared_through_the_journal(bases, caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(logging.getLogger("smtpgw"), "propagate", True)  # smtpgw.log.setup may have closed it
     first, second = AutoLearner(section(AutoLearnRate=1), bases), AutoLearner(section(AutoLearnRate=1), bases)
     assert learn(first, bases, CONTENT_SPAM) == "spam"
     with caplog.at_level(logging.INFO, logger="smtpgw.spam.autolearn"):
