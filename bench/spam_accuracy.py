@@ -35,9 +35,15 @@ Protocols:
 
 Peers, in the same run, on the test set of each row: bogofilter trained on the
 same training messages (its Unsure counts as Probable Spam), and SpamAssassin
-4 rules only (``spamassassin -L --mbox``, network tests off, Bayes off; Spam at
-its required score 5.0, no middle band) on a seeded sample of --sa-sample
-messages of each class of each set (it runs at a few messages per second).
+4 (``spamassassin -L --mbox``, network tests off, a private --siteconfigpath
+with the system's plugin loading but not its local.cf; Spam at its required
+score 5.0, no middle band) on a seeded sample of --sa-sample messages of each
+class of each set (it runs at a few messages per second): its rules alone
+("SA rules"), and its rules with its Bayes ("SA rules+Bayes", score set 1)
+trained by sa-learn into a private bayes_path on a seeded sample of --sa-train
+messages of each class of the same training messages (sa-learn reads about 100
+messages a second; the modern k-fold's other folds are always all in it). The
+ham and spam columns give the sample sizes.
 
 Figures: ham called Spam, ham called Probable Spam, spam caught (Spam or
 Probable Spam), spam missed (Not Detected), (1-ROC AUC)%, and spam missed at
@@ -48,7 +54,7 @@ Must never: train on a message it then tests in the same protocol, train on
 the phishing set, or talk to anything on the network.
 
 Usage: nice -n 10 python3 bench/spam_accuracy.py [--packs DIR] [--protocols shipped,loso,modern-kfold,sa-era]
-       [--levels soft,standard,hard] [--folds 5] [--sa-sample 150] [--no-peers]
+       [--levels soft,standard,hard] [--folds 5] [--sa-sample 150] [--sa-train 2000] [--no-peers]
 """
 
 from __future__ import annotations
@@ -154,14 +160,14 @@ def missed_at_fp(rows: list[tuple[float, str, bool]], budget: float = FP_BUDGET)
     return sum(1 for s in spams if s <= threshold) / len(spams)
 
 
-HEADER = (f"{'set':<13} {'era':<8} {'filter':<24} {'ham':>5} {'spam':>5}  {'ham→Spam':>13}  {'ham→Prob':>8}"
+HEADER = (f"{'set':<13} {'era':<8} {'filter':<26} {'ham':>5} {'spam':>5}  {'ham→Spam':>13}  {'ham→Prob':>8}"
           f"  {'caught':>7}  {'missed':>7}  {'(1-AUC)%':>8}  {'miss@0.1%':>9}")
 
 
 def line(set_name: str, era: str, name: str, result: Result) -> str:
     ham = [r for r in result.rows if not r[2]]
     spam = [r for r in result.rows if r[2]]
-    cells = [f"{set_name:<13} {era:<8} {name:<24} {len(ham):>5} {len(spam):>5}"]
+    cells = [f"{set_name:<13} {era:<8} {name:<26} {len(ham):>5} {len(spam):>5}"]
     if ham:
         fp = sum(1 for r in ham if r[1] == SPAM)
         probable = sum(1 for r in ham if r[1] == PROBABLE_SPAM)
@@ -276,14 +282,47 @@ def run_bogofilter(train: list[Message], test: list[Message]) -> Result:
 _SA_STATUS = re.compile(rb"^X-Spam-Status: (Yes|No), score=(-?[\d.]+)", re.M)
 _BENCH_ID = re.compile(rb"^X-Bench-Id: (\d+)", re.M)
 _OLD_SA = re.compile(rb"^X-Spam-[A-Za-z-]*:.*(?:\n[ \t].*)*\n", re.M)
+SA_SYSTEM_CONFIG = "/etc/spamassassin"
 
 
-def run_spamassassin(test: list[Message], sample: int) -> Result:
-    """SpamAssassin's local rules (no network, no Bayes) on a seeded sample of each class of ``test``."""
+def sample_per_class(messages: list[Message], size: int) -> list[Message]:
+    """At most ``size`` messages of each class, drawn with a fixed seed."""
     picked: list[Message] = []
     for is_spam in (False, True):
-        group = [m for m in test if m.is_spam == is_spam]
-        picked.extend(random.Random(20070408).sample(group, min(sample, len(group))))
+        group = [m for m in messages if m.is_spam == is_spam]
+        picked.extend(random.Random(20070408).sample(group, min(size, len(group))))
+    return picked
+
+
+def sa_site_config(folder: str) -> str:
+    """A private --siteconfigpath: the system's plugin loading (``*.pre``) without its local.cf."""
+    site = os.path.join(folder, "site")
+    os.makedirs(site, exist_ok=True)
+    for name in os.listdir(SA_SYSTEM_CONFIG) if os.path.isdir(SA_SYSTEM_CONFIG) else ():
+        if name.endswith(".pre"):
+            shutil.copy(os.path.join(SA_SYSTEM_CONFIG, name), site)
+    with open(os.path.join(site, "local.cf"), "w", encoding="ascii") as cf:
+        cf.write("use_auto_whitelist 0\nbayes_auto_learn 0\nreport_safe 0\nlock_method flock\n")
+    return site
+
+
+def sa_bayes(train: list[Message], folder: str) -> list[str]:
+    """sa-learn on ``train`` into a private bayes_path; the spamassassin options that use it."""
+    site, bayes = sa_site_config(folder), os.path.join(folder, "bayes")
+    for flag, is_spam in (("--ham", False), ("--spam", True)):
+        files = [m.file for m in train if m.is_spam == is_spam]
+        for start in range(0, len(files), 1000):
+            subprocess.run(["sa-learn", "-L", f"--siteconfigpath={site}", f"--dbpath={bayes}", "--no-sync", flag,
+                            *files[start:start + 1000]], check=True, capture_output=True)
+    subprocess.run(["sa-learn", f"--siteconfigpath={site}", f"--dbpath={bayes}", "--sync"], check=True,
+                   capture_output=True)
+    return [f"--siteconfigpath={site}", "--cf=use_bayes 1", f"--cf=bayes_path {bayes}"]
+
+
+def run_spamassassin(test: list[Message], sample: int, options: list[str] | None = None) -> Result:
+    """SpamAssassin's local rules (no network) on a seeded sample of each class of ``test``: Bayes
+    off, or with ``options`` from ``sa_bayes`` on."""
+    picked = sample_per_class(test, sample)
     result = Result()
     with tempfile.TemporaryDirectory() as folder:
         mbox = os.path.join(folder, "test.mbox")
@@ -299,8 +338,9 @@ def run_spamassassin(test: list[Message], sample: int) -> Result:
                 dst.write(b"From bench@localhost Thu Jan  1 00:00:00 1970\nX-Bench-Id: %d\n" % len(order))
                 order.append(message)
                 dst.write(re.sub(rb"^(>*From )", rb">\1", raw, flags=re.M).rstrip(b"\n") + b"\n\n")
-        out = subprocess.run(["spamassassin", "-L", "--mbox", "--cf=use_bayes 0", "--cf=use_auto_whitelist 0",
-                              "--cf=report_safe 0", mbox], check=False, capture_output=True).stdout
+        config = options or [f"--siteconfigpath={sa_site_config(folder)}", "--cf=use_bayes 0"]
+        out = subprocess.run(["spamassassin", "-L", "--mbox", *config, mbox], check=False,
+                             capture_output=True).stdout
     # --mbox writes the messages in an order of its own: each is found again by its X-Bench-Id.
     verdicts: dict[int, tuple[bytes, bytes]] = {}
     for chunk in out.split(b"\nFrom bench@localhost ")[:len(picked) + 1]:
@@ -319,7 +359,8 @@ def run_spamassassin(test: list[Message], sample: int) -> Result:
 
 def peers_available() -> dict[str, bool]:
     return {"bogofilter": shutil.which("bogofilter") is not None,
-            "spamassassin": shutil.which("spamassassin") is not None}
+            "spamassassin": shutil.which("spamassassin") is not None,
+            "sa-learn": shutil.which("sa-learn") is not None}
 
 
 # -- protocols --------------------------------------------------------------------------------
@@ -341,19 +382,46 @@ class Run:
                tests: list[tuple[CorpusSet, list[Message], str]]) -> None:
         """One row per set (and level, and peer) for a database and the messages it never saw."""
         print(f"\n== {title}")
-        print(HEADER)
-        for corpus_set, test, note in tests:
-            results = {f"smtpgw {level}{note}": r for level, r in
-                       run_smtpgw(database_folder, test, self.levels).items()}
-            if self.peers["bogofilter"] and train is not None:
-                results["bogofilter"] = run_bogofilter(train, test)
-            if self.peers["spamassassin"] and self.args.sa_sample > 0:
-                results[f"spamassassin rules ({self.args.sa_sample}/class)"] = run_spamassassin(test, self.args.sa_sample)
-            for name, result in results.items():
-                if result.rows:
-                    print(line(corpus_set.name, corpus_set.era, name, result))
-                    self.save_scores(title, corpus_set.name, name, result)
-            sys.stdout.flush()
+        with tempfile.TemporaryDirectory() as sa_folder:
+            sa_options = self.sa_trained(train, sa_folder)
+            print(HEADER)
+            for corpus_set, test, note in tests:
+                results = {f"smtpgw {level}{note}": r for level, r in
+                           run_smtpgw(database_folder, test, self.levels).items()}
+                results.update(self.peer_results(train, test, sa_options))
+                for name, result in results.items():
+                    if result.rows:
+                        print(line(corpus_set.name, corpus_set.era, name, result))
+                        self.save_scores(title, corpus_set.name, name, result)
+                sys.stdout.flush()
+
+    def sa_trained(self, train: list[Message] | None, folder: str, whole: str = "") -> list[str] | None:
+        """SpamAssassin's Bayes trained on a seeded sample of ``train`` (--sa-train per class; every
+        message of the set ``whole``, the other folds of a k-fold, besides), or None."""
+        if train is None or not (self.peers["spamassassin"] and self.peers["sa-learn"]) or self.args.sa_sample <= 0:
+            return None
+        sample = (sample_per_class([m for m in train if m.set != whole], self.args.sa_train)
+                  + [m for m in train if m.set == whole])
+        started = time.monotonic()
+        options = sa_bayes(sample, folder)
+        ham = sum(1 for m in sample if not m.is_spam)
+        print(f"(sa-learn on {ham} ham and {len(sample) - ham} spam of the same training messages"
+              f" in {time.monotonic() - started:.0f} s)")
+        return options
+
+    def peer_results(self, train: list[Message] | None, test: list[Message],
+                     sa_options: list[str] | None) -> dict[str, Result]:
+        """bogofilter trained on ``train``; SpamAssassin's rules alone and with its Bayes (``sa_options``)
+        on a sample of ``test``: the sample sizes are in the names."""
+        results: dict[str, Result] = {}
+        if self.peers["bogofilter"] and train is not None:
+            results["bogofilter"] = run_bogofilter(train, test)
+        if self.peers["spamassassin"] and self.args.sa_sample > 0:
+            sample = self.args.sa_sample
+            results[f"SA rules ({sample}/class)"] = run_spamassassin(test, sample)
+            if sa_options is not None:
+                results[f"SA rules+Bayes ({sample}/class)"] = run_spamassassin(test, sample, sa_options)
+        return results
 
     def save_scores(self, title: str, set_name: str, filter_name: str, result: Result) -> None:
         """Append every (score, status, label) to --scores, for choosing thresholds on held-out scores."""
@@ -417,8 +485,9 @@ def protocol_modern_kfold(run: Run) -> None:
             run.trained(train, folder)
             for level, result in run_smtpgw(folder, test, run.levels).items():
                 total.setdefault(f"smtpgw {level}", Result()).add(result)
-        if run.peers["bogofilter"]:
-            total.setdefault("bogofilter", Result()).add(run_bogofilter(train, test))
+            with tempfile.TemporaryDirectory() as sa_folder:
+                for filter_name, result in run.peer_results(train, test, run.sa_trained(train, sa_folder, name)).items():
+                    total.setdefault(filter_name, Result()).add(result)
     for filter_name, result in total.items():
         run.save_scores(f"{name} k-fold", name, filter_name, result)
     print(f"\n== {name} {run.args.folds}-fold: each fold judged by a database trained on every other source"
@@ -455,6 +524,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--levels", default="soft,standard,hard")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--sa-sample", type=int, default=150, help="messages of each class per set for SpamAssassin")
+    parser.add_argument("--sa-train", type=int, default=2000,
+                        help="training messages of each class for SpamAssassin's Bayes (a seeded sample)")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scores", help="append every test message's score to this file (TSV)")

@@ -11,6 +11,7 @@ import pytest
 from smtpgw.spam import SpamFilter, mailview
 from smtpgw.spam.signs import CHECKS, run_check
 from smtpgw.spam.spamfilter import default_bases
+from smtpgw.spam.tokenizer import tokens
 from smtpgw.spam.training import default_rules, read_manifest
 
 
@@ -29,6 +30,8 @@ def message(body: str, *, sender: str = '"Shop News" <news@shop.example.com>', s
 
 TEXT = "<p>" + "Thank you for shopping with us; here is the summary of what you bought this week. " * 3 + "</p>"
 UNSUBSCRIBE = '<p>To stop these mails, <a href="https://shop.example.com/u">unsubscribe</a>.</p>'
+ONE_CLICK = ("List-Unsubscribe: <https://shop.example.com/u/1>, <mailto:u@shop.example.com>\n"
+             "List-Unsubscribe-Post: List-Unsubscribe=One-Click\n")
 
 # (check, a message it must fire on, its legitimate twin)
 TWINS = {
@@ -75,6 +78,14 @@ TWINS = {
     "symbol_display_name": (
         message(TEXT, sender='"\u27a4\u27a4 Life Insurance Offer" <offer@example.net>'),
         message(TEXT, sender='"Life Insurance Desk" <desk@example.net>')),
+    "invisible_in_words": (
+        message(TEXT, sender='"M\U000e0139i\U000e0139cro\u200bsoft" <billing@notice-7.example.net>'),
+        message(TEXT, sender='"Microsoft Store" <store@example.net>', subject="\u26a0\ufe0f Your order \U0001f468\u200d\U0001f4bb")),
+    "crypto_lure": (
+        message(TEXT + '<p>Claim your free UNI tokens before the airdrop ends: <a href="https://x.example.net/c">'
+                       "claim</a></p>"),
+        message(TEXT + '<p>Your monthly statement of tokens of appreciation: <a href="https://shop.example.com/s">'
+                       "view</a></p>")),
     "image_only_link": (
         message('<a href="https://x.example.net/o"><img src="https://x.example.net/offer.png"></a>'),
         message(TEXT + '<a href="https://shop.example.com/o"><img src="https://shop.example.com/logo.png"></a>')),
@@ -82,8 +93,7 @@ TWINS = {
         message(TEXT, attachment="Invoice_2026.html"),
         message(TEXT, attachment="Invoice_2026.pdf")),
     "one_click_unsubscribe": (
-        message(TEXT, extra="List-Unsubscribe: <https://shop.example.com/u/1>, <mailto:u@shop.example.com>\n"
-                            "List-Unsubscribe-Post: List-Unsubscribe=One-Click\n"),
+        message(TEXT, extra=ONE_CLICK),
         message(TEXT, extra="List-Unsubscribe: <mailto:u@shop.example.com>\n")),
     "consistent_sender": (
         message(TEXT, extra="DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s1; h=from; bh=x; b=y\n"),
@@ -91,6 +101,9 @@ TWINS = {
     "unsubscribe_text": (
         message(TEXT + UNSUBSCRIBE),
         message(TEXT)),
+    "compliant_bulk": (
+        message(TEXT + UNSUBSCRIBE, extra=ONE_CLICK),
+        message(TEXT, extra=ONE_CLICK)),
 }
 
 
@@ -120,6 +133,24 @@ def test_brand_disguises_are_seen_through() -> None:
     assert not run_check("confusable_text", mailview.build(plain))
 
 
+def test_crypto_brands_in_a_display_name_from_another_domain() -> None:
+    assert run_check("brand_display_name", mailview.build(message(TEXT, sender='"Trust Wallet - Support" <a@itpro.example.br>')))
+    assert run_check("brand_display_name", mailview.build(message(TEXT, sender='"Ledger" <rodrigo@tradestars.example.br>')))
+    assert not run_check("brand_display_name", mailview.build(message(TEXT, sender='"Ledger" <news@ledger.com>')))
+    # A surname is not a brand: "Andreas Schwab" on a kernel list.
+    assert not run_check("brand_display_name", mailview.build(message(TEXT, sender='"Andreas Schwab" <s@linux-m68k.org>')))
+
+
+def test_missing_fields_are_rules_never_bayes_tokens() -> None:
+    """A message without From, Date and Message-ID (a script's report, a device's alert) is judged by
+    the modest MISSING_* rules alone, not also by tokens learned from a handful of old spam."""
+    bare = b"To: bob@example.org\nSubject: backup report\n\nThe nightly backup finished at 02:10, 3 files changed.\n"
+    view = mailview.build(bare)
+    signs = ("missing_from", "missing_date", "missing_message_id")
+    assert all(run_check(name, view) for name in signs)
+    assert not {"sign:" + name for name in signs} & tokens(view)
+
+
 def test_password_field_is_a_credential_prompt() -> None:
     form = message(TEXT + '<form><input type="password" name="p"></form>')
     assert run_check("credential_prompt", mailview.build(form))
@@ -139,6 +170,14 @@ def test_sign_names_reach_the_verdict_reasons(spam_filter: SpamFilter, name: str
     # The reason carries the weight added to the log-odds: + for a spam sign, - for a legitimate-bulk one.
     assert f"rule {rule.name} {rule.weight:+.2f}" in hit.reasons, hit.reasons
     assert not any(reason.startswith(f"rule {rule.name} ") for reason in missed.reasons)
+
+
+def test_a_scripts_report_without_from_date_or_message_id_is_not_spam(spam_filter: SpamFilter) -> None:
+    """It scored Probable Spam (0.84) when the missing fields were Bayes tokens besides their rules."""
+    bare = b"To: bob@example.org\nSubject: backup report\n\nThe nightly backup finished at 02:10, 3 files changed.\n"
+    verdict = spam_filter.classify(bare, None, "", [], [])
+    assert verdict.status == "Not Detected", verdict.reasons
+    assert "rule MISSING_FROM +1.00" in verdict.reasons
 
 
 def test_shipped_training_list_covers_the_eras_and_never_the_phishing_set() -> None:

@@ -39,6 +39,8 @@ from smtpgw.scan import antivirus
 from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
 from smtpgw.scan.ichecker import IChecker
 from smtpgw.spam import BLACKLISTED, PROBABLE_SPAM, SPAM, SpamFilter, SpamVerdict, as_log_fields, mark
+from smtpgw.spam.autolearn import AutoLearner
+from smtpgw.spam.spamfilter import default_bases
 from smtpgw.spam.database import DatabaseError
 from smtpgw.spool.durable import write_durably
 from smtpgw.spool.queue import Envelope, Queue
@@ -137,6 +139,7 @@ class Job:
             if key not in filters:
                 filters[key] = SpamFilter(section, cfg.base.BasesPath)
             self.spam[group.name] = filters[key]
+        self.autolearn = AutoLearner(cfg.antispam, cfg.base.BasesPath or default_bases())
 
     def run(self, env: Envelope) -> ScanResult:
         with open(self.queue.msg_path(env.id), "rb") as f:
@@ -153,6 +156,9 @@ class Job:
                 result.copies.append(self._scan_group(env, raw, group, rcpts, index, verdict))
             except ScannerUnavailable as exc:
                 return ScanResult(deferred=f"anti-virus unavailable: {exc}")
+        learned = self.autolearn.consider(raw, list(verdicts.values()), list(env.dnsbl))
+        if learned:
+            log.info("%s: auto-learned as %s into %s", env.id, learned, self.autolearn.site)
         return result
 
     def _classify(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str],

@@ -14,7 +14,7 @@ text and HTML tricks), ``tokenizer``, ``received`` (trace-field hints),
 ``formalsigns``, ``modernsigns`` (signs of today's phishing and of legitimate
 bulk mail), ``rules``, ``bayes``, ``database`` (file format), ``dbindex`` (the
 shipped database as a mapped hash table, shared by every process), ``lists``
-(white/black lists), ``verdict``, ``spamfilter``, ``training``, ``mailsource``
+(white/black lists), ``verdict``, ``spamfilter``, ``training``, ``autolearn``, ``mailsource``
 and ``cli``.
 
 Must never: do network I/O (DNSBL answers come from the receiver) or raise for

@@ -14,14 +14,20 @@ for mail of the 2020s (registered in ``signs.CHECKS``):
   with look-alike letters), ``reply_to_freemail`` (replies go to a free
   mailbox of another domain than From), ``confusable_text`` (a display name or
   Subject written with letters of another script that look Latin, small
-  capitals or mathematical letters, or letter-spaced words);
+  capitals or mathematical letters, or letter-spaced words),
+  ``invisible_in_words`` (zero-width, tag or variation-selector characters
+  between the letters of a word in the Subject or display name);
+* crypto lures — ``crypto_lure`` (airdrops, "claim your tokens", seed phrases,
+  "connect your wallet", with a link);
 * layout — ``image_only_link`` (a body of images or a few words, and a link);
 * attachments — ``risky_attachment`` (HTML, SVG, disk images, shortcuts,
   OneNote, macro-enabled Office documents);
 * legitimate bulk mail — ``one_click_unsubscribe`` (List-Unsubscribe with an
   HTTPS URI and List-Unsubscribe-Post, RFC 8058 §3.1), ``consistent_sender``
   (the From domain also signs the mail, RFC 6376 §3.5 d=, and owns its links
-  or Message-ID), ``unsubscribe_text`` (a plain unsubscribe or preferences line).
+  or Message-ID), ``unsubscribe_text`` (a plain unsubscribe or preferences line),
+  ``compliant_bulk`` (both the one-click header and the visible opt-out, as
+  the large mailbox providers require of bulk senders since 2024).
 
 Domains are compared by ``formalsigns.registered_domain``; no name is looked
 up anywhere.
@@ -60,10 +66,18 @@ BRANDS: dict[str, tuple[str, ...]] = {
     "geico": (), "verizon": ("verizonwireless.com", "vzw.com"), "xfinity": ("comcast.com", "comcast.net"),
     "bestbuy": (), "homedepot": (), "lowes": (), "walgreens": (), "harborfreight": (),
     "geeksquad": ("bestbuy.com",), "kohls": (), "cvs": ("cvshealth.com",),
+    # Crypto wallets and exchanges, and banks, drawn from half of the phishing set (its folds 0-1 in
+    # bench/spam_accuracy.py; the other folds judge them): names spammers borrow to sell "airdrops".
+    "ledger": (), "trezor": (), "exodus": (), "electrum": ("electrum.org",), "uniswap": ("uniswap.org",),
+    "pancakeswap": ("pancakeswap.finance",), "trustwallet": ("trustwallet.com",),
+    "kraken": (), "opensea": ("opensea.io",), "tether": ("tether.to",), "aave": (), "cointracker": (),
+    "mercadopago": ("mercadolibre.com", "mercadolivre.com.br"), "bradesco": (),
+    "eventbrite": (),
 }
 # Brand names rare enough to be searched for among the labels of a host name (or letter-spaced in a
 # display name): "outlook" or "chase" also name other things.
 _HOST_BRANDS = ("paypal", "microsoft", "netflix", "icloud", "docusign", "dropbox", "coinbase", "binance",
+                "trustwallet", "pancakeswap", "uniswap", "mercadopago",
                 "metamask", "wellsfargo", "bankofamerica", "americanexpress", "linkedin", "facebook", "instagram",
                 "whatsapp", "onedrive", "sharepoint", "amazon", "mastercard", "samsclub", "starbucks",
                 "unitedhealthcare", "harborfreight", "homedepot", "walgreens")
@@ -314,6 +328,39 @@ def symbol_display_name(view: MailView) -> bool:
     return sum(1 for c in name if unicodedata.category(c) in ("So", "Sm") and ord(c) < 0x1F000) >= 1
 
 
+# Characters that take no room: zero-width spaces and joiners, word joiner and invisible operators,
+# soft hyphen, combining grapheme joiner, byte-order mark, tag characters and variation selectors
+# (Unicode 15 §23.2-23.4; TR 36 §2.6 "invisible characters"). Between two letters they split a word
+# ("M\U000e0139i\U000e0139crosoft") past word filters while the reader sees it whole.
+_INVISIBLE = re.compile("[\u00ad\u034f\u180e\u200b-\u200f\u2060-\u2064\ufeff\ufe00-\ufe0f"
+                        "\U000e0000-\U000e007f\U000e0100-\U000e01ef]+")
+_CRYPTO_LURE = re.compile(
+    r"\b(?:airdrop|(?:seed|recovery|secret recovery|mnemonic) phrase|connect (?:your )?wallet"
+    r"|wallet (?:validation|verification|synchroni[sz]ation|upgrade)"
+    r"|claim (?:your )?(?:free |exclusive )?(?:\$?[a-z]{2,6} )?(?:tokens?|coins?|rewards?|allocation|airdrop)"
+    r"|(?:token|coin|xrp|usdt|eth|btc) (?:distribution|giveaway|airdrop|allocation))\b")
+
+
+def invisible_in_words(view: MailView) -> bool:
+    """Invisible characters between the letters of a word in the Subject or From display name (an emoji's
+    variation selector or joiner, between symbols, is not)."""
+    for text in (view.header("subject") or "", _display_name_raw(view)):
+        for match in _INVISIBLE.finditer(text[:512]):
+            before, after = text[match.start() - 1:match.start()], text[match.end():match.end() + 1]
+            if before.isalpha() and after.isalpha():
+                return True
+    return False
+
+
+def crypto_lure(view: MailView) -> bool:
+    """A crypto giveaway or wallet-drain lure ("claim your tokens", "airdrop", "seed phrase", "connect
+    your wallet") with a link to follow."""
+    if not _links(view):
+        return False
+    text = " ".join(f"{view.header('subject') or ''} {view.body[:16384]}".lower().split())
+    return _CRYPTO_LURE.search(text) is not None
+
+
 # -- layout and attachments -------------------------------------------------------------------
 
 
@@ -364,12 +411,20 @@ def unsubscribe_text(view: MailView) -> bool:
     return _UNSUBSCRIBE_TEXT.search(" ".join(view.body[-8192:].lower().split())) is not None
 
 
+def compliant_bulk(view: MailView) -> bool:
+    """Bulk mail as the large mailbox providers require of it since 2024: an RFC 8058 one-click
+    unsubscribe in the header and a visible opt-out in the text (CAN-SPAM 15 U.S.C. 7704(a)(3),
+    GDPR Art. 21(3))."""
+    return one_click_unsubscribe(view) and unsubscribe_text(view)
+
+
 CHECKS: dict[str, Callable[[MailView], bool]] = {
     fn.__name__: fn
     for fn in (
         link_domain_mismatch, url_shortener, url_punycode, url_lookalike, html_form, credential_prompt,
         brand_display_name, brand_subject, reply_to_freemail, confusable_text, from_cheap_tld,
-        subject_tracking_tag, underscored_words, symbol_display_name, image_only_link, risky_attachment,
-        one_click_unsubscribe, consistent_sender, unsubscribe_text,
+        subject_tracking_tag, underscored_words, symbol_display_name, invisible_in_words, crypto_lure,
+        image_only_link, risky_attachment, one_click_unsubscribe, consistent_sender, unsubscribe_text,
+        compliant_bulk,
     )
 }

@@ -238,7 +238,9 @@ class SpamFilter:
         content = _logit(base) + votes + terms
         score = _logistic(content + sum(added.values()))
         status = status_for(score, self.level)
-        return SpamVerdict(status, score, self._method(_logistic(content), added, status), reasons[:MAX_REASONS])
+        content_score = _logistic(content)
+        return SpamVerdict(status, score, self._method(content_score, added, status), reasons[:MAX_REASONS],
+                           content_score)
 
     def _method(self, content_score: float, added: dict[str, float], status: str) -> str:
         """What decided: the content alone (Bayes and term weights), or the largest push from headers, rules or DNSBL."""

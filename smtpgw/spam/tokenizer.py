@@ -21,6 +21,11 @@ from smtpgw.spam.htmltext import NOTABLE_TAGS
 from smtpgw.spam.mailview import MailView
 
 MAX_TOKENS = 4000
+# Formal signs that are rules only, never Bayes tokens: GTUBE decides alone, and a missing From, Date
+# or Message-ID was seen in 10, 3 and 0 of the 16,394 training messages (all spam), which made Bayes
+# probabilities of 0.99 out of a handful of messages and counted the sign a second time beside its
+# rule; on the sets of 2019-2026 they fire on at most 1.3% of any class.
+RULE_ONLY_SIGNS = frozenset({"gtube", "missing_from", "missing_date", "missing_message_id"})
 MAX_WORDS = 20000  # body words looked at
 MAX_PAIRS = 3000  # leading body words paired with their neighbour
 MIN_WORD, MAX_WORD = 3, 20
@@ -296,7 +301,7 @@ def tokens(view: MailView) -> set[str]:
     _mime_tokens(view, out)
     _html_tokens(view, out)
     for name in signs.CHECKS:
-        if name != "gtube" and signs.run_check(name, view):
+        if name not in RULE_ONLY_SIGNS and signs.run_check(name, view):
             out.add("sign:" + name)
     for url in view.urls[:100]:
         _url_tokens(url, out)

@@ -149,20 +149,26 @@ def read_manifest(path: str) -> Manifest:
 
 def learn_files(db_path: str, paths: Iterable[str], is_spam: bool) -> int:
     """Add messages to the site layer of the database at ``db_path`` (``spam learn``, a release
-    with LearnOnRelease, the console); returns how many. The term weights change until the
-    shipped weights and the site's together judge each message right (``Terms.learn``)."""
+    with LearnOnRelease, the console); returns how many."""
     messages = [message_tokens(raw) for item in paths for _label, raw in iter_messages(item)]
-    shipped = database_file(db_path)
-    bias, weights = term_weights(shipped, set().union(*messages)) if messages else (0.0, {})
     path = site_file(db_path)
     with write_lock(path):
-        site = SpamDatabase.load(path) if os.path.exists(path) else SpamDatabase.empty(
-            info=DatabaseInfo(version="site", source="learned at this site"))
-        for found in messages:
-            offset = bias + sum(weights.get(t, 0.0) for t in found)
-            site.bayes.learn(found, is_spam)
-            site.terms.learn(found, is_spam, offset, learn_bias=False)
-        site.info.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-        site.save(path)
+        learn_tokens(db_path, messages, is_spam)
     log.info("learned %d %s messages into %s", len(messages), "spam" if is_spam else "ham", path)
     return len(messages)
+
+
+def learn_tokens(db_path: str, messages: list[set[str]], is_spam: bool) -> None:
+    """Add tokenised messages to the site layer of ``db_path``; the caller holds its
+    ``write_lock`` (``learn_files``, ``autolearn``). The term weights change until the shipped
+    weights and the site's together judge each message right (``Terms.learn``)."""
+    path = site_file(db_path)
+    bias, weights = term_weights(database_file(db_path), set().union(*messages)) if messages else (0.0, {})
+    site = SpamDatabase.load(path) if os.path.exists(path) else SpamDatabase.empty(
+        info=DatabaseInfo(version="site", source="learned at this site"))
+    for found in messages:
+        offset = bias + sum(weights.get(t, 0.0) for t in found)
+        site.bayes.learn(found, is_spam)
+        site.terms.learn(found, is_spam, offset, learn_bias=False)
+    site.info.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    site.save(path)

@@ -238,6 +238,24 @@ def test_a_released_spam_is_learned_as_ham_and_rescanned_as_ham(make_gateway, si
     gw.wait_log(r"site spam database .*site-spam\.db loaded \(version=site, date=\S+, ham=1, spam=0\)")
 
 
+def test_auto_learn_learns_a_confident_spam_and_the_workers_count_it(make_gateway, sink, clamd, tmp_path):
+    """AutoLearn=yes: a spam far beyond the Spam threshold, sent over SMTP, is learned into the site
+    layer by the worker that scanned it; GTUBE (a forced rule) is not; the next message is scanned
+    with the site layer read again, without a restart."""
+    bases = private_bases(tmp_path)
+    gw = spam_gateway(make_gateway, sink, clamd, path=[("BasesPath", bases)], antispam=[("AutoLearn", "yes")])
+    send(gw, SPAM)
+    send(gw, CONTENT_SPAM)
+    gw.wait_log(r": auto-learned as spam into " + re.escape(site_file(bases)))
+    sink.wait_for(2)
+    layer = SpamDatabase.load(site_file(bases))
+    assert (layer.bayes.nham, layer.bayes.nspam) == (0, 1)
+    send(gw, HAM)
+    sink.wait_for(3)
+    gw.wait_log(r"site spam database .*site-spam\.db loaded \(version=site, date=\S+, ham=0, spam=1\)")
+    assert len(gw.wait_log(r"auto-learned as")) == 1
+
+
 def test_a_learning_file_in_the_control_folder_is_learned_into_the_site_layer(make_gateway, sink, clamd, tmp_path):
     bases = private_bases(tmp_path)
     gw = spam_gateway(make_gateway, sink, clamd, path=[("BasesPath", bases)])
