@@ -24,6 +24,7 @@ from typing import Callable
 from smtpgw.net import smtp, tls
 from smtpgw.net.loop import EventLoop, Timer
 from smtpgw.net.smtp import ServerReply
+from smtpgw.net.stream import send_pending
 from smtpgw.spool.queue import Recipient
 
 log = logging.getLogger("smtpgw.deliver.client")
@@ -147,17 +148,11 @@ class Connection:
     def _flush(self) -> None:
         if self.closed or self.sock is None:
             return
-        progress = False
-        while self.out:
-            try:
-                sent = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                break
-            except (OSError, ssl.SSLError) as exc:
-                self.fail(f"write to {self.host}[{self.ip}]: {exc}")
-                return
-            del self.out[:sent]
-            progress = True
+        try:
+            progress = send_pending(self.sock, self.out) > 0
+        except OSError as exc:  # ssl.SSLError is one
+            self.fail(f"write to {self.host}[{self.ip}]: {exc}")
+            return
         if self.write_timer is not None and (progress or not self.out):
             self.write_timer.cancel()
             self.write_timer = None

@@ -32,6 +32,7 @@ from smtpgw.log import event
 from smtpgw.net import smtp, tls
 from smtpgw.net.loop import EventLoop, Timer
 from smtpgw.net.smtp import Reply, SyntaxProblem
+from smtpgw.net.stream import send_pending
 from smtpgw.receive.checks import Lookups, SessionChecks, relay_verdict
 from smtpgw.receive.quota import Quota
 from smtpgw.spool.queue import Committer, Envelope, Recipient, TmpFile, new_id
@@ -373,15 +374,11 @@ class Session:
     def flush(self) -> None:
         if self.closed:
             return
-        while self.out:
-            try:
-                sent = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                break
-            except (OSError, ssl.SSLError) as exc:
-                self.abort(f"write error: {exc}")
-                return
-            del self.out[:sent]
+        try:
+            send_pending(self.sock, self.out)
+        except OSError as exc:  # ssl.SSLError is one
+            self.abort(f"write error: {exc}")
+            return
         if self.out:
             self.loop.add_writer(self.sock, self.flush)
             if len(self.out) > MAX_PENDING_OUTPUT:
