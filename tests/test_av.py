@@ -7,6 +7,7 @@ import select
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -99,6 +100,16 @@ def test_scans_share_one_session(clamd: ClamdInstance) -> None:
     assert [v.status for v in verdicts] == ["clean", "infected", "infected", "clean"]
     assert verdicts[2].names == (CUSTOM_NAME,)
     assert (server.sessions_opened, server.requests) == (1, 4)
+
+
+def test_threads_sharing_a_server_scan_side_by_side(clamd: ClamdInstance) -> None:
+    # the kept session serves one thread at a time; the others each use a connection of their own
+    server = ClamdServer(clamd.unix_address)
+    samples = [b"clean", eicar(), b"x" + custom_marker(), b"clean too"] * 10
+    with ThreadPoolExecutor(4) as threads:
+        statuses = list(threads.map(lambda data: server.instream(data, 30).status, samples))
+    assert statuses == ["clean", "infected", "infected", "clean"] * 10
+    assert server.session is not None and not server.session_lock.locked()
 
 
 def test_a_clamd_restart_between_scans_reconnects(clamd_factory: Callable[..., ClamdInstance]) -> None:

@@ -22,7 +22,8 @@ Sessions (clamd(8) IDSESSION): each server keeps one connection open across
 scans — ``zIDSESSION\0`` once, then one ``zINSTREAM\0`` after another, each
 answered ``N: stream: …`` where N counts the requests of the session from 1 —
 so a scan costs no connect (a worker process owns its pool, hence one session
-per worker and server). The session is closed, and the next scan opens a new
+per worker and server; a thread that finds it busy scans over a connection of
+its own). The session is closed, and the next scan opens a new
 one, after any error, timeout or reply that is not a plain verdict. clamd
 ends a session that waits for a command longer than its ReadTimeout (saying
 ``COMMAND READ TIMED OUT``), and every session when it restarts: a session
@@ -45,6 +46,7 @@ import re
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -180,6 +182,7 @@ class ClamdServer:
         self.session: socket.socket | None = None  # the IDSESSION connection, between scans
         self.requests = 0  # requests sent on it (clamd numbers its replies from 1)
         self.sessions_opened = 0
+        self.session_lock = threading.Lock()  # held by the thread scanning over the session
 
     def __repr__(self) -> str:
         return f"ClamdServer({self.address!r})"
@@ -221,7 +224,22 @@ class ClamdServer:
         return self.command("RELOAD", timeout).strip("\0\n ")
 
     def instream(self, data: bytes, timeout: float) -> Verdict:
-        """Scan ``data``; raises ClamdError when this server gave no verdict."""
+        """Scan ``data``; raises ClamdError when this server gave no verdict.
+
+        The kept session serves one scan at a time: a thread that finds it busy scans over a
+        connection of its own, closed afterwards."""
+        if not self.session_lock.acquire(blocking=False):
+            alone = ClamdServer(self.address, self.connect_timeout)
+            try:
+                return alone._instream(data, timeout)
+            finally:
+                alone.close()
+        try:
+            return self._instream(data, timeout)
+        finally:
+            self.session_lock.release()
+
+    def _instream(self, data: bytes, timeout: float) -> Verdict:
         deadline = time.monotonic() + timeout
         kept = self._usable_session()
         try:
