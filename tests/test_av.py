@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -89,6 +91,79 @@ def test_stream_over_stream_max_length_is_an_error(clamd: ClamdInstance) -> None
     verdict = pool.scan(os.urandom(5 << 20))  # the fixture's StreamMaxLength is 4M
     assert verdict.status == "error" and "size limit" in verdict.detail
     assert pool.scan(eicar()).status == "infected"  # the server is not marked down
+
+
+def test_scans_share_one_session(clamd: ClamdInstance) -> None:
+    # without IDSESSION clamd closes the connection after each reply: a second scan would need a new one
+    server = ClamdServer(clamd.unix_address)
+    verdicts = [server.instream(data, 10) for data in (b"clean", eicar(), b"x" + custom_marker(), b"clean too")]
+    assert [v.status for v in verdicts] == ["clean", "infected", "infected", "clean"]
+    assert verdicts[2].names == (CUSTOM_NAME,)
+    assert (server.sessions_opened, server.requests) == (1, 4)
+
+
+def test_threads_sharing_a_server_scan_side_by_side(clamd: ClamdInstance) -> None:
+    # the kept session serves one thread at a time; the others each use a connection of their own
+    server = ClamdServer(clamd.unix_address)
+    samples = [b"clean", eicar(), b"x" + custom_marker(), b"clean too"] * 10
+    with ThreadPoolExecutor(4) as threads:
+        statuses = list(threads.map(lambda data: server.instream(data, 30).status, samples))
+    assert statuses == ["clean", "infected", "infected", "clean"] * 10
+    assert server.session is not None and not server.session_lock.locked()
+
+
+def test_a_clamd_restart_between_scans_reconnects(clamd_factory: Callable[..., ClamdInstance]) -> None:
+    instance = clamd_factory()
+    for address in (instance.unix_address, instance.tcp_address):
+        pool = ClamdPool([address], retry_after=3600)
+        assert pool.scan(eicar()).status == "infected"
+        instance.restart()
+        assert pool.scan(eicar()).status == "infected"
+        assert pool.scan(b"clean").status == "clean"
+        server = pool.servers[0]
+        assert (server.sessions_opened, server.down_until, server.failure) == (2, 0.0, "")
+
+
+def test_a_session_clamd_timed_out_is_reopened(clamd_factory: Callable[..., ClamdInstance]) -> None:
+    instance = clamd_factory(extra=["ReadTimeout 1"])  # clamd's limit on a session's wait for a command
+    pool = ClamdPool([instance.unix_address])
+    assert pool.scan(b"clean").status == "clean"
+    server = pool.servers[0]
+    assert server.session is not None
+    ready, _, _ = select.select([server.session], [], [], 30)  # clamd says so, then closes it
+    assert ready and server.session.recv(100, socket.MSG_PEEK).startswith(b"COMMAND READ TIMED OUT")
+    assert pool.scan(eicar()).status == "infected"
+    assert (server.sessions_opened, server.down_until) == (2, 0.0)
+
+
+def test_a_dropped_session_is_sent_again_once(clamd: ClamdInstance) -> None:
+    # the session looks alive when the scan starts and dies while it is sent (clamd ended it at
+    # that moment): the stream got no reply, and goes once more over a fresh connection
+    server = ClamdServer(clamd.tcp_address)
+    assert server.instream(b"clean", 10).status == "clean"
+    assert server.session is not None
+    server.session.close()
+    server.session, peer = socket.socketpair()
+
+    def end_on_first_bytes() -> None:
+        peer.recv(16)
+        peer.close()
+
+    closer = threading.Thread(target=end_on_first_bytes)
+    closer.start()
+    assert server.instream(eicar(), 10).status == "infected"
+    closer.join(10)
+    assert (server.sessions_opened, server.requests) == (2, 1)
+
+
+def test_a_scan_failing_on_a_fresh_session_fails_the_server(clamd_factory: Callable[..., ClamdInstance]) -> None:
+    instance = clamd_factory()
+    pool = ClamdPool([instance.unix_address], retry_after=3600)
+    assert pool.scan(b"clean").status == "clean"
+    instance.kill()
+    with pytest.raises(ScannerUnavailable):
+        pool.scan(eicar())  # never clean: the caller keeps the message queued
+    assert pool.servers[0].session is None and pool.servers[0].down_until > 0
 
 
 def test_reload(clamd: ClamdInstance) -> None:

@@ -18,6 +18,20 @@ length as a 4-byte big-endian integer, then a zero length. clamd answers
 the server's StreamMaxLength is answered ``INSTREAM size limit exceeded.
 ERROR`` and the connection is closed, possibly while we are still sending.
 
+Sessions (clamd(8) IDSESSION): each server keeps one connection open across
+scans — ``zIDSESSION\0`` once, then one ``zINSTREAM\0`` after another, each
+answered ``N: stream: …`` where N counts the requests of the session from 1 —
+so a scan costs no connect (a worker process owns its pool, hence one session
+per worker and server; a thread that finds it busy scans over a connection of
+its own). The session is closed, and the next scan opens a new
+one, after any error, timeout or reply that is not a plain verdict. clamd
+ends a session that waits for a command longer than its ReadTimeout (saying
+``COMMAND READ TIMED OUT``), and every session when it restarts: a session
+found closed (or with words waiting in it) before a scan is reopened, and a scan whose stream on a
+kept session gets no reply at all is sent once more on a fresh connection to
+the same server (a stale session is not a failed server); a fresh connection
+that fails is a failed server as before.
+
 Timeouts: ``ScanTimeout`` bounds one object's scan. When a verdict does not
 come in time the server is PINGed: if it answers, the object gets ``error``
 (kmg-spec §3.12: a scan that times out is an error); if not, the server is
@@ -32,6 +46,7 @@ import re
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -150,8 +165,12 @@ def _parse_scan_reply(reply: str, server: str) -> Verdict:
     return Verdict(CLEAN, (), "", server)
 
 
+class _StaleSession(ClamdError):
+    """A kept session gave no reply at all: clamd closed it (ReadTimeout, restart)."""
+
+
 class ClamdServer:
-    """One clamd address; each command uses its own connection."""
+    """One clamd address: scans over a kept IDSESSION connection, other commands each on its own."""
 
     def __init__(self, address: str, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.address = address
@@ -160,6 +179,10 @@ class ClamdServer:
         self.down_until = 0.0  # monotonic time before which the pool skips this server
         self.failure = ""
         self.version_info: tuple[float, EngineVersion] | None = None
+        self.session: socket.socket | None = None  # the IDSESSION connection, between scans
+        self.requests = 0  # requests sent on it (clamd numbers its replies from 1)
+        self.sessions_opened = 0
+        self.session_lock = threading.Lock()  # held by the thread scanning over the session
 
     def __repr__(self) -> str:
         return f"ClamdServer({self.address!r})"
@@ -201,32 +224,105 @@ class ClamdServer:
         return self.command("RELOAD", timeout).strip("\0\n ")
 
     def instream(self, data: bytes, timeout: float) -> Verdict:
-        """Scan ``data``; raises ClamdError when this server gave no verdict."""
-        deadline = time.monotonic() + timeout
-        with self._connect(deadline) as sock:
+        """Scan ``data``; raises ClamdError when this server gave no verdict.
+
+        The kept session serves one scan at a time: a thread that finds it busy scans over a
+        connection of its own, closed afterwards."""
+        if not self.session_lock.acquire(blocking=False):
+            alone = ClamdServer(self.address, self.connect_timeout)
             try:
-                _settimeout(sock, deadline)
-                sock.sendall(b"zINSTREAM\0")
-                view = memoryview(data)
-                for offset in range(0, len(view), CHUNK):
-                    piece = view[offset : offset + CHUNK]
-                    _settimeout(sock, deadline)
-                    sock.sendall(struct.pack(">I", len(piece)))
-                    sock.sendall(piece)
-                    if _readable(sock):  # clamd answers early only to refuse the stream
-                        break
-                else:
-                    sock.sendall(struct.pack(">I", 0))
-                reply = _read_reply(sock, deadline)
-            except socket.timeout:
-                raise _Timeout(f"{self.address}: no verdict within {timeout:g}s") from None
-            except OSError as exc:
-                # clamd closes the connection after refusing an oversized stream;
-                # its reply may still be waiting in our receive buffer.
-                reply = _salvage_reply(sock)
-                if not reply:
-                    raise ClamdError(f"{self.address}: INSTREAM failed: {exc}") from None
-        return _parse_scan_reply(reply, self.address)
+                return alone._instream(data, timeout)
+            finally:
+                alone.close()
+        try:
+            return self._instream(data, timeout)
+        finally:
+            self.session_lock.release()
+
+    def _instream(self, data: bytes, timeout: float) -> Verdict:
+        deadline = time.monotonic() + timeout
+        kept = self._usable_session()
+        try:
+            try:
+                verdict = self._scan_in_session(data, deadline, timeout)
+            except _StaleSession:
+                if not kept:
+                    raise
+                self.close()
+                verdict = self._scan_in_session(data, deadline, timeout)  # once, on a fresh connection
+        except ClamdError:
+            self.close()
+            raise
+        if verdict.status != CLEAN and not verdict.names:
+            self.close()  # an error reply: clamd may have ended the session
+        return verdict
+
+    def close(self) -> None:
+        """End the kept session, if any (the next scan opens a new one)."""
+        if self.session is not None:
+            try:
+                self.session.setblocking(False)
+                self.session.send(b"zEND\0")
+            except OSError:
+                pass
+            self.session.close()
+            self.session = None
+
+    def _usable_session(self) -> bool:
+        """Whether a kept session is there and not closed by clamd in the meantime."""
+        if self.session is not None and _readable(self.session):
+            self.close()  # EOF (restart), COMMAND READ TIMED OUT (ReadTimeout): start afresh
+        return self.session is not None
+
+    def _open_session(self, deadline: float) -> socket.socket:
+        sock = self._connect(deadline)
+        try:
+            _settimeout(sock, deadline)
+            sock.sendall(b"zIDSESSION\0")
+        except OSError as exc:
+            sock.close()
+            raise ClamdError(f"{self.address}: IDSESSION failed: {exc}") from None
+        self.session, self.requests = sock, 0
+        self.sessions_opened += 1
+        return sock
+
+    def _scan_in_session(self, data: bytes, deadline: float, timeout: float) -> Verdict:
+        sock = self.session or self._open_session(deadline)
+        self.requests += 1
+        try:
+            reply = _send_stream(sock, data, deadline)
+        except socket.timeout:
+            raise _Timeout(f"{self.address}: no verdict within {timeout:g}s") from None
+        except OSError as exc:
+            # clamd closes the connection after refusing an oversized stream;
+            # its reply may still be waiting in our receive buffer.
+            reply = _salvage_reply(sock)
+            if not reply:
+                raise _StaleSession(f"{self.address}: INSTREAM failed: {exc}") from None
+        if not reply:
+            raise _StaleSession(f"{self.address}: INSTREAM failed: connection closed without a reply")
+        tag = f"{self.requests}: "
+        if not reply.startswith(tag):
+            self.close()  # not an answer to this request (clamd's own error lines carry no number)
+            return _parse_scan_reply(reply, self.address)
+        return _parse_scan_reply(reply[len(tag) :], self.address)
+
+
+def _send_stream(sock: socket.socket, data: bytes, deadline: float) -> str:
+    """INSTREAM ``data`` and read the reply (empty when the connection closed first)."""
+    _settimeout(sock, deadline)
+    sock.sendall(b"zINSTREAM\0")
+    view = memoryview(data)
+    for offset in range(0, len(view), CHUNK):
+        piece = view[offset : offset + CHUNK]
+        _settimeout(sock, deadline)
+        sock.sendall(struct.pack(">I", len(piece)))
+        sock.sendall(piece)
+        if _readable(sock):  # clamd answers early only to refuse the stream (or has closed)
+            break
+    else:
+        sock.sendall(struct.pack(">I", 0))
+    return _read_reply(sock, deadline)
 
 
 def _parse_address(address: str) -> tuple[int, Any]:
@@ -379,6 +475,11 @@ class ClamdPool:
                 self._mark_up(server)
                 state[server.address] = True
         return state
+
+    def close(self) -> None:
+        """End every server's kept session (a worker that stops)."""
+        for server in self.servers:
+            server.close()
 
     def reload(self) -> dict[str, str]:
         """RELOAD on every server; address → its reply or the failure."""

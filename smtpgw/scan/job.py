@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:
             break  # the gateway is gone (stopping): its recovery redoes this job
         logsetup.flush_all()
+    job.clamd.close()  # clamd's sessions (scan.clamd); stdin closed: the gateway stops this worker
     return 0
 
 

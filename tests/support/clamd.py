@@ -368,7 +368,7 @@ def start_clamd(
 
 class StallingClamd:
     """A clamd that hangs on chosen messages, for the scanner's failure tests: a unix socket
-    in front of a real ``ClamdInstance``. A request whose stream carries ``marker`` gets no
+    in front of a real ``ClamdInstance`` (single requests and IDSESSION). A request whose stream carries ``marker`` gets no
     answer (as a scan stuck in the engine) until ``release()``, which hands it to the real
     clamd; every other request goes to the real clamd at once. ``held_pids`` are the
     processes (SO_PEERCRED) whose requests are held: the scanner workers stuck on them."""
@@ -401,29 +401,43 @@ class StallingClamd:
             threading.Thread(target=self._session, args=(conn,), daemon=True).start()
 
     def _session(self, conn: socket.socket) -> None:
+        """One connection: a single request, or an IDSESSION's requests until END or EOF
+        (each forwarded alone; its reply tagged with its number, as clamd does)."""
         with conn:
             try:
                 conn.settimeout(30)
                 request, data = self._read_request(conn)
-                if self.marker in data:
-                    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-                    self.held_pids.append(pid)
-                    self.released.wait()
-                    if self.closed:
+                if request != b"zIDSESSION\0":
+                    self._answer(conn, request, data, b"")
+                    return
+                number = 0
+                while not self.closed:
+                    request, data = self._read_request(conn)
+                    if request == b"zEND\0":
                         return
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as up:
-                    up.settimeout(30)
-                    up.connect(self.upstream.unix_path)
-                    up.sendall(request)
-                    reply = b""
-                    while not reply.endswith(b"\0"):
-                        chunk = up.recv(4096)
-                        if not chunk:
-                            break
-                        reply += chunk
-                conn.sendall(reply)
+                    number += 1
+                    self._answer(conn, request, data, b"%d: " % number)
             except (OSError, ValueError):
                 return  # the worker went away (killed) or the request was cut: nothing to answer
+
+    def _answer(self, conn: socket.socket, request: bytes, data: bytes, tag: bytes) -> None:
+        if self.marker in data:
+            pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            self.held_pids.append(pid)
+            self.released.wait()
+            if self.closed:
+                raise ValueError("stopped")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as up:
+            up.settimeout(30)
+            up.connect(self.upstream.unix_path)
+            up.sendall(request)
+            reply = b""
+            while not reply.endswith(b"\0"):
+                chunk = up.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        conn.sendall(tag + reply)
 
     def _read_request(self, conn: socket.socket) -> tuple[bytes, bytes]:
         """(the request's bytes as sent, the scanned stream's bytes)."""
