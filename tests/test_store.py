@@ -16,7 +16,7 @@ import pytest
 from smtpgw.app.storecli import format_listing
 from smtpgw.app.storecli import store_main
 from smtpgw.spool import store as store_module
-from smtpgw.spool.store import Item, Store, StoreError, format_size, status_for_verdict
+from smtpgw.spool.store import Item, Store, StoreError, format_size, named_stores, status_for_verdict
 
 MESSAGE = b"From: a@b.test\r\nTo: x@y.test\r\nSubject: hello\r\n\r\nbody\r\n"
 
@@ -31,8 +31,9 @@ def envelope(qid: str = "Q1abc", received_at: float = 1_700_000_000.0) -> dict[s
 
 
 def config(tmp_path: Path, **paths: Any) -> SimpleNamespace:
-    policy = SimpleNamespace(name="policy", QuarantinePath=str(tmp_path / "quarantine"), BackupPath=str(tmp_path / "backup"))
-    staff = SimpleNamespace(name="staff", QuarantinePath=str(tmp_path / "staff-q"), BackupPath=None)
+    policy = SimpleNamespace(name="policy", QuarantinePath=str(tmp_path / "quarantine"), SpamQuarantinePath=None,
+                             BackupPath=str(tmp_path / "backup"))
+    staff = SimpleNamespace(name="staff", QuarantinePath=str(tmp_path / "staff-q"), SpamQuarantinePath=None, BackupPath=None)
     path = SimpleNamespace(IncomingArchivePath=str(tmp_path / "arch_in"), OutgoingArchivePath=None)
     for key, value in paths.items():
         setattr(path, key, value)
@@ -387,3 +388,17 @@ def test_cli_list_filters_and_formats(tmp_path: Path, capsys: pytest.CaptureFixt
     assert row.split("\t")[:3] == ["Q1", "Q1", "INF"] and row.split("\t")[7:] == ["x@y.test,z@y.test", "x y"]
     for bad in (["--status", "XYZ"], ["--since", "yesterday"], ["--format", "xml"]):
         assert store_main(["list", *bad], cfg) == 1
+
+
+def test_named_stores_include_a_separate_spam_quarantine(tmp_path: Path) -> None:
+    """The console and the digests name SpamQuarantinePath too (as ``store --path spam`` does),
+    for the policy and for a group, and a folder two settings share is named once."""
+    cfg = config(tmp_path)
+    assert named_stores(cfg) == {"quarantine": cfg.policy.QuarantinePath, "backup": cfg.policy.BackupPath,
+                                 "quarantine:staff": cfg.groups[0].QuarantinePath}
+    cfg.policy.SpamQuarantinePath = str(tmp_path / "spam")
+    cfg.groups[0].SpamQuarantinePath = str(tmp_path / "staff-spam")
+    cfg.groups[0].BackupPath = cfg.policy.BackupPath
+    assert named_stores(cfg) == {"quarantine": cfg.policy.QuarantinePath, "spam": str(tmp_path / "spam"),
+                                 "backup": cfg.policy.BackupPath, "quarantine:staff": cfg.groups[0].QuarantinePath,
+                                 "spam:staff": str(tmp_path / "staff-spam")}

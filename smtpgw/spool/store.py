@@ -413,13 +413,18 @@ SPAM_STATUSES = ("SPM", "PSP")
 
 
 def named_stores(cfg: Any) -> dict[str, str]:
-    """The stores the console and the digests name, by name (``quarantine``, ``backup``,
-    ``quarantine:GROUP``, ``backup:GROUP`` for a group's own folder): never a path from a request."""
-    found = {"quarantine": cfg.policy.QuarantinePath, "backup": cfg.policy.BackupPath}
-    for group in cfg.groups:
-        for kind, path in (("quarantine", group.QuarantinePath), ("backup", group.BackupPath)):
-            if path and path not in found.values():
-                found[f"{kind}:{group.name}"] = path
+    """The stores the console and the digests name, by name (``quarantine``, ``spam`` when
+    SpamQuarantinePath keeps spam apart, ``backup``, and ``KIND:GROUP`` for a group's own
+    folder; the names of the ``store --path`` command): never a path from a request."""
+    found: dict[str, str] = {}
+    for section in (cfg.policy, *cfg.groups):
+        suffix = "" if section is cfg.policy else f":{section.name}"
+        for kind, path in (("quarantine", section.QuarantinePath), ("spam", section.SpamQuarantinePath),
+                           ("backup", section.BackupPath)):
+            if section is cfg.policy and kind != "spam":
+                found[kind] = path  # the policy's own stores are always named, set or not
+            elif path and path not in found.values():
+                found[f"{kind}{suffix}"] = path
     return found
 
 
