@@ -539,9 +539,7 @@ class Session:
             self.reply(smtp.NO_STORAGE)
             return
         if not self.flow_admitted and not self.host.admit_mail(self._flow_admitted):
-            # mail arrives faster than it is scanned (InFlowDelay): this MAIL is taken up again later
-            self.inbuf[:0] = f"MAIL {arg}\r\n".encode("latin-1")
-            self.waiting_checks = True
+            self._take_up_later("MAIL", arg)  # mail arrives faster than it is scanned (InFlowDelay)
             return
         self.flow_admitted = False
         self.sender, self.mail = address, mail
@@ -554,9 +552,7 @@ class Session:
             self.reply(smtp.BAD_SEQUENCE.format("need MAIL before RCPT"))
             return
         if not self.checks.when_ready(self._checks_ready):
-            # DNS facts for the access rules are still coming: take the command up again later
-            self.inbuf[:0] = f"RCPT {arg}\r\n".encode("latin-1")
-            self.waiting_checks = True
+            self._take_up_later("RCPT", arg)  # DNS facts for the access rules are still coming
             return
         try:
             address, params = smtp.parse_path(arg, "TO", allow_null=False, local_ok=("postmaster",))
@@ -742,6 +738,12 @@ class Session:
         self.set_timeout(self.cfg.timeouts.ReceivingCommandTimeout)
         self.reply(reply)
         self.resume()
+
+    def _take_up_later(self, verb: str, arg: str) -> None:
+        """Put the command back in front of the pipelined input (as ``dispatch`` decoded it) and
+        pause until ``_checks_ready`` resumes the session."""
+        self.inbuf[:0] = f"{verb} {arg}\r\n".encode("latin-1")
+        self.waiting_checks = True
 
     def _flow_admitted(self) -> None:
         self.flow_admitted = True
