@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, cast
@@ -21,6 +22,7 @@ import pytest
 
 from smtpgw.config import Config, load_config
 from smtpgw.deliver import nexthop
+from smtpgw.deliver import sender as sender_module
 from smtpgw.deliver.nexthop import Hop, ResolveCallback
 from smtpgw.deliver.sender import Outbound, Sender
 from smtpgw.net import smtp
@@ -35,7 +37,7 @@ from smtpgw.scan.scanner import Scanner, Scanning
 from smtpgw.spool.queue import CHK, QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id
 from smtpgw.spool.store import Store
 from smtpgw.stats import Stats
-from tests.support.net import Sink
+from tests.support.net import Sink, free_port
 
 MINIMAL = Path(__file__).parent / "data" / "config" / "minimal.conf"
 MESSAGE = b"From: a@sender.test\r\nTo: user@example.test\r\nSubject: stages\r\n\r\nbody\r\n"
@@ -290,6 +292,53 @@ def test_a_permanent_next_hop_failure_fails_the_recipient_and_queues_the_dsn(
     assert (bounce.sender, bounce.srcid, [r.addr for r in bounce.recipients]) == ("", env.id, ["a@sender.test"])
     assert outbox.stats.counters["mta_dsn_generated"] == 1  # never a DSN about a DSN
     assert any(f"DSN, kind=failure, srcid={env.id}" in r.getMessage() for r in caplog.records)
+
+
+def test_a_deferred_attempt_is_written_off_the_loop_and_scheduled_again(
+        outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the next hop down, the attempt's record goes back to QUE from an I/O thread: a queue
+    deferred at once never stalls the loop with one fsync per message."""
+    writers: list[str] = []
+    update = outbox.queue.update
+
+    def update_from(state: str, env: Envelope) -> None:
+        writers.append(threading.current_thread().name)
+        update(state, env)
+    monkeypatch.setattr(outbox.queue, "update", update_from)
+    sender = Sender(outbox, resolve=resolving_to([Hop("down.test", "127.0.0.1", free_port())], []))
+    env = outbox.queued(QUE)
+    sender.enqueue(env.id, env=env)
+    outbox.wait(lambda: writers and env.id in sender.scheduled, "the deferred message scheduled again")
+    sender.stop()
+    assert writers and threading.main_thread().name not in writers, writers
+    assert outbox.queue.find(env.id) == QUE and not outbox.complete
+    stored = outbox.queue.load(QUE, env.id)
+    assert stored is not None and stored.next_attempt > time.time()
+    assert [(r.state, r.attempts) for r in stored.recipients] == [("deferred", 1)]
+    assert sender.idle()
+
+
+def test_an_attempt_the_disk_refuses_stays_in_snd_and_is_written_again(
+        outbox: Outbox, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(logging.getLogger("smtpgw"), "propagate", True)
+    monkeypatch.setattr(sender_module, "RETRY_LOCAL_ERROR", 0.1)
+    sender = Sender(outbox, resolve=resolving_to([Hop("down.test", "127.0.0.1", free_port())], []))
+    env = outbox.queued(QUE)
+    que = Path(outbox.queue.root, QUE)
+    aside = que.with_name("QUE.aside")
+    with caplog.at_level(logging.ERROR, logger="smtpgw"):
+        sender.enqueue(env.id, env=env)
+        outbox.wait(lambda: outbox.queue.find(env.id) == SND, "the message in delivery")
+        que.rename(aside)
+        que.write_text("")  # the move back to QUE fails: ENOTDIR
+        outbox.wait(lambda: "cannot record the delivery attempt" in caplog.text, "the refused write logged")
+        que.unlink()
+        aside.rename(que)
+        outbox.wait(lambda: outbox.queue.find(env.id) == QUE and env.id in sender.scheduled,
+                    "the attempt written once the disk takes it")
+    sender.stop()
+    stored = outbox.queue.load(QUE, env.id)
+    assert stored is not None and [(r.state, r.attempts) for r in stored.recipients] == [("deferred", 1)]
 
 
 @pytest.mark.parametrize(("dest", "hops"), [
