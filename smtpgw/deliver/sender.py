@@ -12,8 +12,8 @@ scheduled here), retry scheduling with exponential back-off between
 Must never: send one envelope once per recipient when one transaction per
 destination will do; drop a recipient without a final state; write a record's
 new state anywhere but in place before moving it (a crash must not make a
-delivered recipient look pending, nor the reverse); write to the spool on the
-loop (a next hop that is down would stall it with one fsync per queued message).
+delivered recipient look pending, nor the reverse); fsync on the loop (a next
+hop that is down would stall it with one record write per queued message).
 """
 
 from __future__ import annotations
