@@ -89,6 +89,7 @@ class Scanner:
         self.enabled = True
         self.waiting: deque[str] = deque()
         self.envelopes: dict[str, Envelope] = {}  # known WFC records, to spare a re-read
+        self.scanning: dict[str, Envelope] = {}  # the records (in CHK) of the messages the workers have
         self.inflight: set[str] = set()
         self.retries: dict[str, Any] = {}  # qid → timer of a deferred scan
         self.removed: set[str] = set()  # removed by the admin while a worker scans them
@@ -201,10 +202,12 @@ class Scanner:
                     self._give_up(env)
                     continue
                 self.inflight.add(qid)
+                self.scanning[qid] = env
                 self.pool.submit(qid, {"env": env.as_dict()})
             except OSError as exc:  # no worker could be started, or the disk refused the rename
                 log.error("%s: cannot start its scan: %s", qid, exc)
                 self.inflight.discard(qid)
+                self.scanning.pop(qid, None)
                 self._retry_later(qid, RETRY_AFTER_CRASH)
         while self.flow_waiters and not self.waiting:  # nothing waits for a scan: no reason to hold
             self._flow_release()
@@ -269,12 +272,14 @@ class Scanner:
             return
         if self.pool.cancel(qid):  # no worker had taken it: no result will come
             self.inflight.discard(qid)
+            self.scanning.pop(qid, None)
             self.loop.call_soon(self.pump)
         else:
             self.removed.add(qid)
 
     def _done(self, qid: str, answer: dict[str, Any]) -> None:
         self.inflight.discard(qid)
+        env = self.scanning.pop(qid, None)  # as it is in CHK: no need to read it again
         if qid in self.removed:
             self.removed.discard(qid)
             self._discard(qid, answer)
@@ -288,7 +293,7 @@ class Scanner:
                 self._retry_later(qid, RETRY_AFTER_UNAVAILABLE)
             else:
                 try:
-                    self._apply(qid, result)
+                    self._apply(qid, result, env)
                 except OSError as exc:  # the disk refused a step: the scan is done again later
                     log.error("%s: cannot apply the scan result: %s", qid, exc)
                     self._retry_later(qid, RETRY_AFTER_CRASH)
@@ -492,3 +497,4 @@ class Scanner:
             if os.path.exists(self.queue.record_path(CHK, qid)):
                 self.queue.move(qid, CHK, WFC)
         self.inflight.clear()
+        self.scanning.clear()
