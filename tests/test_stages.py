@@ -412,6 +412,37 @@ def test_a_scanned_message_goes_to_que_and_on(scans: tuple[Scans, Scanner, FakeP
     assert host.stats.counters["antiviral_status_clean"] == 1
 
 
+def test_copies_and_notifications_are_written_off_the_loop(
+        scans: tuple[Scans, Scanner, FakePool], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A result with two group copies and a notification: every record it makes is written by an
+    I/O thread (each costs fsyncs), and scheduled on the loop once all are durable."""
+    host, scanner, pool = scans
+    writers: list[str] = []
+    add_message = host.queue.add_message
+
+    def add_from(env: Envelope, state: str, data: bytes | None = None, link_from: str | None = None) -> None:
+        writers.append(threading.current_thread().name)
+        add_message(env, state, data=data, link_from=link_from)
+    env = host.queued(WFC)
+    env.recipients.append(Recipient(addr="other@example.test"))
+    host.queue.write_record(WFC, env)
+    monkeypatch.setattr(host.queue, "add_message", add_from)
+    scanner.accept(env)
+    notice = Path(host.queue.root, "tmp", f"{env.id}.notify-admin")
+    notice.write_bytes(b"From: gateway@example.test\r\nSubject: notice\r\n\r\nabout it\r\n")
+    copies = [vars(CopyResult(group="policy", recipients=["user@example.test"], notes={"status": "clean",
+              "notifications": [{"kind": "admin", "path": str(notice), "from": "gateway@example.test",
+                                 "to": ["admin@example.test"], "size": notice.stat().st_size}]})),
+              vars(CopyResult(group="other", recipients=["other@example.test"], notes={"status": "clean"}))]
+    pool.on_result(env.id, {"copies": copies})
+    host.wait(lambda: len(host.scanned) == 3, "the notice and both copies scheduled")
+    assert len(writers) == 3 and threading.main_thread().name not in writers, writers
+    assert host.queue.find(env.id) is None and not notice.exists()
+    assert sorted(e.id for e in host.scanned if e.id.startswith(env.id)) == [f"{env.id}-1", f"{env.id}-2"]
+    assert all(host.queue.find(e.id) == QUE for e in host.scanned)
+    assert env.id not in scanner.inflight
+
+
 def test_a_deferred_scan_waits_in_wfc(scans: tuple[Scans, Scanner, FakePool]) -> None:
     host, scanner, pool = scans
     env = host.queued(WFC)
@@ -431,6 +462,7 @@ def test_failed_scans_count_until_the_message_is_quarantined(scans: tuple[Scans,
     scanner.rescan_all()  # the retry now rather than in a minute
     assert [qid for qid, _ in pool.jobs] == [env.id, env.id]
     pool.on_result(env.id, {"error": "worker died", "started": True})  # MaximalScanAttempts=2
+    host.wait(lambda: host.scanned, "the admin's notice queued (by an I/O thread)")
     assert host.queue.find(env.id) is None  # out of the queue only once kept in quarantine
     [item] = Store(host.cfg.policy.QuarantinePath).list()
     assert (item.queue_id, item.status) == (env.id, "ERR")

@@ -3,8 +3,9 @@
 Owns: the pool of scanner worker processes (CPU-bound work never runs on the
 event loop), the bounded number of messages in flight (``AntiviralSessions``),
 the job a worker runs for one message (group split, anti-spam, anti-virus,
-policy, rebuild), applying a job's result to the queue in the main process (a
-rewritten message in an I/O thread), and in-flow control: holding new MAIL
+policy, rebuild), applying a job's result to the queue in the main process (what
+needs an fsync — a rewritten message, per-group copies, notifications — in an I/O
+thread), and in-flow control: holding new MAIL
 commands while messages wait for a scan slot (``admit``, ``InFlowDelay``).
 
 A scan that kills or hangs its worker, or fails, counts against the message
@@ -393,7 +394,9 @@ class Scanner:
         return [{"kind": "admin", "path": path, "from": sender, "to": [admin], "size": len(data)}]
 
     def _apply(self, qid: str, result: ScanResult, env: Envelope | None = None) -> None:
-        """Turn a scan result into queue records: QUE copies, notifications; blocked copies end here."""
+        """Turn a scan result into queue records: QUE copies, notifications; blocked copies end here.
+        The verdicts are logged and counted here; what needs an fsync is written in an I/O thread
+        (``_write_result``), so a virus storm with notifications on never stalls the loop."""
         env = env or self.queue.load(CHK, qid)
         if env is None:
             return  # removed by the admin meanwhile
@@ -405,19 +408,61 @@ class Scanner:
             self.host.stats.inc("mta_blocked_messages", copy.blocked)
             if "spam_status" in copy.notes:
                 self.host.stats.inc(f"antispam_status_{str(copy.notes['spam_status']).lower().replace(' ', '_')}")
-        for copy in result.copies:
-            self._queue_notifications(env, copy)
         live = [c for c in result.copies if not c.blocked]
-        if len(result.copies) == 1 and live:
-            # one group: the message keeps its ID (its file replaced if the scan rewrote it)
-            copy = live[0]
-            env.group = copy.group
-            if copy.rewritten:
-                self._replace_and_move(env, copy.rewritten)
-                return
+        notices = any(copy.notes.get("notifications") for copy in result.copies)
+        if len(result.copies) == 1 and live and not live[0].rewritten and not notices:
+            # one group, the message as it came: it keeps its ID, and moving on is one rename
+            env.group = live[0].group
             self.queue.move(qid, CHK, QUE)
             self.host.message_scanned(env)
             return
+        self._write_result(env, result)
+
+    def _write_result(self, env: Envelope, result: ScanResult) -> None:
+        """In an I/O thread: the notifications, then the message's way out of CHK — its rewritten
+        bytes taking its place (``Queue.replace_and_move``: never the new bytes with the record
+        still in CHK, which a restart would scan again), or one copy per group, or nothing when
+        every copy was blocked. Until it is done the message counts as in flight (``queue
+        remove`` waits for it, see ``cancel``); what was queued is scheduled on the loop after."""
+        qid = env.id
+        self.inflight.add(qid)
+        self.applying.add(qid)
+
+        notices: list[Envelope] = []  # queued by the I/O thread; read on the loop once it is done
+
+        def write() -> list[Envelope]:
+            for copy in result.copies:
+                notices.extend(self._queue_notifications(env, copy))
+            return self._leave_chk(env, result)
+
+        def done(moved: list[Envelope] | None, error: BaseException | None) -> None:
+            self.inflight.discard(qid)
+            self.applying.discard(qid)
+            if qid in self.removed:  # removed by the admin meanwhile: what the step left goes too
+                self.removed.discard(qid)
+                self._discard_written(qid, moved or [])
+                moved = []
+            elif error is not None:  # the disk refused a step: the scan is done again later
+                log.error("%s: cannot apply the scan result: %s", qid, error)
+                self._retry_later(qid, RETRY_AFTER_CRASH)  # the copies made are made again, same IDs
+                moved = []
+            for ready in (*notices, *(moved or [])):
+                self.host.message_scanned(ready)
+            self.pump()
+
+        self.host.committer.call(write, done)
+
+    def _leave_chk(self, env: Envelope, result: ScanResult) -> list[Envelope]:
+        """(I/O thread) The message out of CHK: the records now in QUE, none when all were blocked."""
+        qid = env.id
+        live = [c for c in result.copies if not c.blocked]
+        if len(result.copies) == 1 and live:
+            env.group = live[0].group  # one group: the message keeps its ID
+            if live[0].rewritten:
+                self.queue.replace_and_move(env, CHK, QUE, live[0].rewritten, self.host.committer.sync_folder)
+            else:
+                self.queue.move(qid, CHK, QUE)
+            return [env]
         children = []
         for index, copy in enumerate(live, start=1):
             wanted = set(copy.recipients)
@@ -436,41 +481,24 @@ class Scanner:
             event(child.id, "SPLITTED, group=%s, nrcpt=%d, srcid=%s", copy.group, len(child.recipients), qid)
             children.append(child)
         self.queue.remove(qid, CHK)
-        for child in children:
-            self.host.message_scanned(child)
+        return children
 
-    def _replace_and_move(self, env: Envelope, rewritten: str) -> None:
-        """The rewritten bytes take the message's place as its record moves CHK → QUE, in an I/O
-        thread (its fsyncs shared with the other commits, never on the loop); never the new
-        bytes with the record still in CHK: a restart would scan them again. Until it is done
-        the message counts as in flight (``queue remove`` waits for it, see ``cancel``)."""
-        qid = env.id
-        self.inflight.add(qid)
-        self.applying.add(qid)
-        committer = self.host.committer
+    def _discard_written(self, qid: str, made: list[Envelope]) -> None:
+        """A message removed while its result was written: its record, staged bytes and copies go."""
+        state = self.queue.find(qid)
+        if state is not None:
+            self.queue.remove(qid, state)
+        if os.path.exists(self.queue.msg_path(qid) + STAGED):
+            os.unlink(self.queue.msg_path(qid) + STAGED)
+        for copy in made:
+            if copy.id != qid:
+                self.queue.remove(copy.id, QUE)
+        event(qid, 'SCAN DISCARDED, reason="removed while being scanned"')
 
-        def done(_: None, error: BaseException | None) -> None:
-            self.inflight.discard(qid)
-            self.applying.discard(qid)
-            if qid in self.removed:  # removed by the admin meanwhile: what the step left goes too
-                self.removed.discard(qid)
-                state = self.queue.find(qid)
-                if state is not None:
-                    self.queue.remove(qid, state)
-                if os.path.exists(self.queue.msg_path(qid) + STAGED):
-                    os.unlink(self.queue.msg_path(qid) + STAGED)
-                event(qid, 'SCAN DISCARDED, reason="removed while being scanned"')
-            elif error is not None:  # the disk refused a step: the scan is done again later
-                log.error("%s: cannot apply the scan result: %s", qid, error)
-                self._retry_later(qid, RETRY_AFTER_CRASH)
-            else:
-                self.host.message_scanned(env)
-            self.pump()
-
-        committer.call(lambda: self.queue.replace_and_move(env, CHK, QUE, rewritten, committer.sync_folder), done)
-
-    def _queue_notifications(self, env: Envelope, copy: CopyResult) -> None:
-        """Notifications the worker wrote become outgoing mail (they are archived like any)."""
+    def _queue_notifications(self, env: Envelope, copy: CopyResult) -> list[Envelope]:
+        """(I/O thread) Notifications the worker wrote become outgoing mail (archived like any);
+        one the disk refuses is logged and left out."""
+        made = []
         for note in copy.notes.get("notifications", []):
             path = note["path"]
             notice = Envelope(
@@ -484,7 +512,8 @@ class Scanner:
                 log.error("%s: cannot queue the %s notification: %s", env.id, note.get("kind"), exc)
                 continue
             event(notice.id, "NOTIFICATION, kind=%s, srcid=%s, to=%s", note.get("kind"), env.id, note["to"])
-            self.host.message_scanned(notice)
+            made.append(notice)
+        return made
 
     def restart_workers(self) -> None:
         """New workers (new configuration and databases) for the next jobs; jobs in flight finish."""
