@@ -113,7 +113,11 @@ class Scanner:
         """At start: messages waiting for a split or a scan (recovery turned SPL into WFS)."""
         for qid in self.queue.ids(WFS):
             self.queue.move(qid, WFS, WFC)  # split again: the copies' IDs are the same each time
-        for qid in self.queue.ids(WFC):
+        waiting = self.queue.ids(WFC)
+        originals = set(waiting)
+        for qid in waiting:
+            if qid.rpartition("-")[0] in originals:
+                continue  # a copy made before a crash cut its split short: the split makes it again
             env = self.queue.load(WFC, qid)
             if env is not None:
                 self.accept(env)
@@ -127,16 +131,19 @@ class Scanner:
         if len(groups) < 2:
             self.submit(env.id, env)
             return
+        # kmg-spec §1.5 step 4: one virtual copy per group, WFC → WFS → SPL → copies in WFC; the
+        # copies (a link and a record each, with their fsyncs) are made in an I/O thread
         try:
-            self._split(env, groups)
-        except OSError as exc:  # done again from wherever it stopped (the copy IDs do not change)
-            log.error("%s: cannot split per group: %s", env.id, exc)
-            self._retry_later(env.id, RETRY_AFTER_CRASH)
+            self.queue.move(env.id, WFC, WFS)
+            self.queue.move(env.id, WFS, SPL)
+        except OSError as exc:
+            self._split_failed(env.id, exc)
+            return
+        self.host.committer.call(lambda: self._split(env, groups), lambda children, error: (
+            self._split_failed(env.id, error) if error is not None else self._split_done(children)))
 
-    def _split(self, env: Envelope, groups: dict[str, list[str]]) -> None:
-        # kmg-spec §1.5 step 4: one virtual copy per group, WFC → WFS → SPL → copies in WFC.
-        self.queue.move(env.id, WFC, WFS)
-        self.queue.move(env.id, WFS, SPL)
+    def _split(self, env: Envelope, groups: dict[str, list[str]]) -> list[Envelope]:
+        """(I/O thread) The copies in WFC, then the original out of SPL."""
         children = []
         for index, (name, rcpts) in enumerate(groups.items(), start=1):
             child = Envelope.from_dict(env.as_dict())
@@ -147,8 +154,16 @@ class Scanner:
             event(child.id, "SPLITTED, group=%s, nrcpt=%d, srcid=%s", name, len(child.recipients), env.id)
             children.append(child)
         self.queue.remove(env.id, SPL)
+        return children
+
+    def _split_done(self, children: list[Envelope]) -> None:
         for child in children:
             self.submit(child.id, child)
+
+    def _split_failed(self, qid: str, error: BaseException) -> None:
+        """Done again from wherever it stopped (the copy IDs do not change)."""
+        log.error("%s: cannot split per group: %s", qid, error)
+        self._retry_later(qid, RETRY_AFTER_CRASH)
 
     def submit(self, qid: str, env: Envelope | None = None) -> None:
         if env is not None and len(self.envelopes) < self.host.cfg.limits.MaximalEnvelopesInMemory:
