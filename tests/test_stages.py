@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, cast
@@ -21,6 +22,7 @@ import pytest
 
 from smtpgw.config import Config, load_config
 from smtpgw.deliver import nexthop
+from smtpgw.deliver import sender as sender_module
 from smtpgw.deliver.nexthop import Hop, ResolveCallback
 from smtpgw.deliver.sender import Outbound, Sender
 from smtpgw.net import smtp
@@ -35,7 +37,7 @@ from smtpgw.scan.scanner import Scanner, Scanning
 from smtpgw.spool.queue import CHK, QUE, SND, WFC, Committer, Envelope, Queue, Recipient, new_id
 from smtpgw.spool.store import Store
 from smtpgw.stats import Stats
-from tests.support.net import Sink
+from tests.support.net import Sink, free_port
 
 MINIMAL = Path(__file__).parent / "data" / "config" / "minimal.conf"
 MESSAGE = b"From: a@sender.test\r\nTo: user@example.test\r\nSubject: stages\r\n\r\nbody\r\n"
@@ -292,6 +294,53 @@ def test_a_permanent_next_hop_failure_fails_the_recipient_and_queues_the_dsn(
     assert any(f"DSN, kind=failure, srcid={env.id}" in r.getMessage() for r in caplog.records)
 
 
+def test_a_deferred_attempt_is_written_off_the_loop_and_scheduled_again(
+        outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the next hop down, the attempt's record goes back to QUE from an I/O thread: a queue
+    deferred at once never stalls the loop with one fsync per message."""
+    writers: list[str] = []
+    update = outbox.queue.update
+
+    def update_from(state: str, env: Envelope) -> None:
+        writers.append(threading.current_thread().name)
+        update(state, env)
+    monkeypatch.setattr(outbox.queue, "update", update_from)
+    sender = Sender(outbox, resolve=resolving_to([Hop("down.test", "127.0.0.1", free_port())], []))
+    env = outbox.queued(QUE)
+    sender.enqueue(env.id, env=env)
+    outbox.wait(lambda: writers and env.id in sender.scheduled, "the deferred message scheduled again")
+    sender.stop()
+    assert writers and threading.main_thread().name not in writers, writers
+    assert outbox.queue.find(env.id) == QUE and not outbox.complete
+    stored = outbox.queue.load(QUE, env.id)
+    assert stored is not None and stored.next_attempt > time.time()
+    assert [(r.state, r.attempts) for r in stored.recipients] == [("deferred", 1)]
+    assert sender.idle()
+
+
+def test_an_attempt_the_disk_refuses_stays_in_snd_and_is_written_again(
+        outbox: Outbox, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(logging.getLogger("smtpgw"), "propagate", True)
+    monkeypatch.setattr(sender_module, "RETRY_LOCAL_ERROR", 0.1)
+    sender = Sender(outbox, resolve=resolving_to([Hop("down.test", "127.0.0.1", free_port())], []))
+    env = outbox.queued(QUE)
+    que = Path(outbox.queue.root, QUE)
+    aside = que.with_name("QUE.aside")
+    with caplog.at_level(logging.ERROR, logger="smtpgw"):
+        sender.enqueue(env.id, env=env)
+        outbox.wait(lambda: outbox.queue.find(env.id) == SND, "the message in delivery")
+        que.rename(aside)
+        que.write_text("")  # the move back to QUE fails: ENOTDIR
+        outbox.wait(lambda: "cannot record the delivery attempt" in caplog.text, "the refused write logged")
+        que.unlink()
+        aside.rename(que)
+        outbox.wait(lambda: outbox.queue.find(env.id) == QUE and env.id in sender.scheduled,
+                    "the attempt written once the disk takes it")
+    sender.stop()
+    stored = outbox.queue.load(QUE, env.id)
+    assert stored is not None and [(r.state, r.attempts) for r in stored.recipients] == [("deferred", 1)]
+
+
 @pytest.mark.parametrize(("dest", "hops"), [
     (("host", "192.0.2.5", 2526), [Hop("192.0.2.5", "192.0.2.5", 2526)]),
     (("host", "2001:db8::5", 25), [Hop("2001:db8::5", "2001:db8::5", 25)]),
@@ -363,6 +412,37 @@ def test_a_scanned_message_goes_to_que_and_on(scans: tuple[Scans, Scanner, FakeP
     assert host.stats.counters["antiviral_status_clean"] == 1
 
 
+def test_copies_and_notifications_are_written_off_the_loop(
+        scans: tuple[Scans, Scanner, FakePool], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A result with two group copies and a notification: every record it makes is written by an
+    I/O thread (each costs fsyncs), and scheduled on the loop once all are durable."""
+    host, scanner, pool = scans
+    writers: list[str] = []
+    add_message = host.queue.add_message
+
+    def add_from(env: Envelope, state: str, data: bytes | None = None, link_from: str | None = None) -> None:
+        writers.append(threading.current_thread().name)
+        add_message(env, state, data=data, link_from=link_from)
+    env = host.queued(WFC)
+    env.recipients.append(Recipient(addr="other@example.test"))
+    host.queue.write_record(WFC, env)
+    monkeypatch.setattr(host.queue, "add_message", add_from)
+    scanner.accept(env)
+    notice = Path(host.queue.root, "tmp", f"{env.id}.notify-admin")
+    notice.write_bytes(b"From: gateway@example.test\r\nSubject: notice\r\n\r\nabout it\r\n")
+    copies = [vars(CopyResult(group="policy", recipients=["user@example.test"], notes={"status": "clean",
+              "notifications": [{"kind": "admin", "path": str(notice), "from": "gateway@example.test",
+                                 "to": ["admin@example.test"], "size": notice.stat().st_size}]})),
+              vars(CopyResult(group="other", recipients=["other@example.test"], notes={"status": "clean"}))]
+    pool.on_result(env.id, {"copies": copies})
+    host.wait(lambda: len(host.scanned) == 3, "the notice and both copies scheduled")
+    assert len(writers) == 3 and threading.main_thread().name not in writers, writers
+    assert host.queue.find(env.id) is None and not notice.exists()
+    assert sorted(e.id for e in host.scanned if e.id.startswith(env.id)) == [f"{env.id}-1", f"{env.id}-2"]
+    assert all(host.queue.find(e.id) == QUE for e in host.scanned)
+    assert env.id not in scanner.inflight
+
+
 def test_a_deferred_scan_waits_in_wfc(scans: tuple[Scans, Scanner, FakePool]) -> None:
     host, scanner, pool = scans
     env = host.queued(WFC)
@@ -382,6 +462,7 @@ def test_failed_scans_count_until_the_message_is_quarantined(scans: tuple[Scans,
     scanner.rescan_all()  # the retry now rather than in a minute
     assert [qid for qid, _ in pool.jobs] == [env.id, env.id]
     pool.on_result(env.id, {"error": "worker died", "started": True})  # MaximalScanAttempts=2
+    host.wait(lambda: host.scanned, "the admin's notice queued (by an I/O thread)")
     assert host.queue.find(env.id) is None  # out of the queue only once kept in quarantine
     [item] = Store(host.cfg.policy.QuarantinePath).list()
     assert (item.queue_id, item.status) == (env.id, "ERR")

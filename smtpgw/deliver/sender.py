@@ -12,7 +12,8 @@ scheduled here), retry scheduling with exponential back-off between
 Must never: send one envelope once per recipient when one transaction per
 destination will do; drop a recipient without a final state; write a record's
 new state anywhere but in place before moving it (a crash must not make a
-delivered recipient look pending, nor the reverse).
+delivered recipient look pending, nor the reverse); fsync on the loop (a next
+hop that is down would stall it with one record write per queued message).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class Sender:
         self.schedule: list[tuple[float, int, str]] = []  # (when, -priority, qid)
         self.scheduled: set[str] = set()
         self.inflight: dict[str, int] = {}  # qid → deliveries still running
+        self.concluding: set[str] = set()  # attempts being written by an I/O thread (``_finish``)
         self.envelopes: dict[str, Envelope] = {}
         self.dests: dict[Destination, DestinationState] = {}
         self.total_connections = 0
@@ -134,7 +136,7 @@ class Sender:
 
     def enqueue(self, qid: str, when: float = 0.0, priority: int = 0, env: Envelope | None = None) -> None:
         """Schedule a QUE record; ``env`` is its current content when the caller has it."""
-        if qid in self.scheduled or qid in self.inflight:
+        if qid in self.scheduled or qid in self.inflight or qid in self.concluding:
             return
         self.scheduled.add(qid)
         # kept only for a record due now, and up to MaximalEnvelopesInMemory: the others are
@@ -146,7 +148,7 @@ class Sender:
 
     def send_now(self, qid: str) -> bool:
         """``queue send ID``: deliver this one ahead of the rest, ignoring its back-off."""
-        if qid in self.inflight:
+        if qid in self.inflight or qid in self.concluding:
             return True
         self.unreachable.clear()  # the admin asks for an attempt now: no cached verdicts
         self.scheduled.discard(qid)
@@ -166,6 +168,7 @@ class Sender:
     def forget(self, qid: str) -> None:
         """A record removed by the admin: stop scheduling it."""
         self.scheduled.discard(qid)
+        self.concluding.discard(qid)
         self.envelopes.pop(qid, None)
         self.schedule = [item for item in self.schedule if item[2] != qid]
         heapq.heapify(self.schedule)
@@ -179,12 +182,18 @@ class Sender:
     def max_inflight(self) -> int:
         return self.host.cfg.limits.OutgoingSessions * 8
 
+    @property
+    def busy(self) -> int:
+        """Messages in flight, their attempts being written included: at most ``max_inflight``
+        (so a queue deferred at once waits in QUE, not in the I/O threads ahead of new mail)."""
+        return len(self.inflight) + len(self.concluding)
+
     def _pump(self) -> None:
         self._pump_due = False
         if not self.enabled:
             return
         now = time.time()
-        while self.schedule and len(self.inflight) < self.max_inflight:
+        while self.schedule and self.busy < self.max_inflight:
             when, _, qid = self.schedule[0]
             if when > now:
                 break
@@ -194,7 +203,7 @@ class Sender:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.schedule and len(self.inflight) < self.max_inflight:
+        if self.schedule and self.busy < self.max_inflight:
             self._timer = self.loop.call_later(max(0.05, self.schedule[0][0] - now), self.kick)
         for dest in list(self.dests):
             self._serve(dest)
@@ -521,56 +530,78 @@ class Sender:
         self._finish(delivery.env)
         self.kick()
 
-    def _report(self, env: Envelope) -> None:
-        """DSNs due after this attempt (RFC 3461 §4.1), each recipient reported once per kind."""
-        reported: dict[str, list[str]] = env.notes.setdefault("dsn", {})
+    def _due_reports(self, env: Envelope) -> list[tuple[str, list[Recipient]]]:
+        """The DSNs due after this attempt (RFC 3461 §4.1): each kind with the recipients not yet
+        reported in it (``env.notes["dsn"]``, kept in the record: each is reported once)."""
+        reported: dict[str, list[str]] = env.notes.get("dsn", {})
         due = {
             "failure": [r for r in env.recipients if r.state == RecipientState.FAILED],
             "delay": [r for r in env.recipients if r.state == RecipientState.DEFERRED and r.notify and "DELAY" in r.notify],
             # a next hop with DSN reports success itself; we report only what we "relayed"
             "success": [r for r in env.recipients if r.state == RecipientState.SENT and r.relayed and r.notify and "SUCCESS" in r.notify],
         }
-        for kind, recipients in due.items():
-            fresh = [r for r in recipients if r.addr not in reported.get(kind, [])]
-            if fresh:
-                self._bounce(env, fresh, kind)
-                reported.setdefault(kind, []).extend(r.addr for r in fresh)
-
-    def _bounce(self, env: Envelope, recipients: list[Recipient], kind: str) -> None:
-        """Queue a DSN (RFC 3464) about ``recipients`` to the envelope sender and schedule it."""
-        bounce = bounces.queue_dsn(self.queue, self.host.cfg, self.host.templates["dsn"], env, recipients, kind)
-        if bounce is not None:
-            self.host.stats.inc("mta_dsn_generated")
-            self.enqueue(bounce.id, env=bounce)
+        fresh = {kind: [r for r in rcpts if r.addr not in reported.get(kind, [])] for kind, rcpts in due.items()}
+        return [(kind, rcpts) for kind, rcpts in fresh.items() if rcpts]
 
     def _finish(self, env: Envelope) -> None:
-        """All deliveries of this attempt are over: done, or back to QUE with a back-off."""
-        try:
-            self._conclude(env)
-        except OSError as exc:  # the disk refused the new state: keep the attempt's results, try again
-            log.error("%s: cannot record the delivery attempt: %s; retrying in %ds", env.id, exc, RETRY_LOCAL_ERROR)
-            self.loop.call_later(RETRY_LOCAL_ERROR, self._finish, env)
-
-    def _conclude(self, env: Envelope) -> None:
+        """All deliveries of this attempt are over: the recipients still pending are deferred, and
+        the attempt goes to disk in an I/O thread — never on the loop, which a next hop that is
+        down would otherwise stall for one record write per queued message (``_write_attempt``)."""
         self._expired(env)  # past MaximalQueueLifetime, deferred recipients fail now
         for rcpt in env.pending():
             rcpt.state = RecipientState.DEFERRED
-        self._report(env)
-        sent = sum(1 for r in env.recipients if r.state == RecipientState.SENT)
-        if sent and all(r.done for r in env.recipients):
-            self.host.stats.inc("mta_sent_messages")
-            self.host.stats.inc("mta_sent_bytes", env.size)
-        if all(r.done for r in env.recipients):
-            self.host.delivery_complete(env)
+        done = all(r.done for r in env.recipients)
+        if not done:
+            attempts = max((r.attempts for r in env.pending()), default=1)
+            t = self.host.cfg.timeouts
+            delay = min(t.MaximalBackoffTime, t.MinimalBackoffTime * 2 ** max(0, attempts - 1))
+            env.next_attempt = time.time() + delay
+            env.priority = 0
+        due = self._due_reports(env)
+        self.concluding.add(env.id)
+        self.host.committer.call(lambda: self._write_attempt(env, due, done),
+                                 lambda written, error: self._attempt_written(env, done, written, error))
+
+    def _write_attempt(self, env: Envelope, due: list[tuple[str, list[Recipient]]],
+                       done: bool) -> tuple[list[Envelope], OSError | None]:
+        """In an I/O thread (the loop does not touch ``env`` meanwhile): the DSNs due, each in QUE
+        and marked reported in the record before the record is written; then, unless every
+        recipient is done, the record in place in SND and moved back to QUE. Answers the DSNs
+        made and the disk error that stopped it, if any (what was made is scheduled either way)."""
+        made: list[Envelope] = []
+        try:
+            for kind, recipients in due:
+                bounce = bounces.queue_dsn(self.queue, self.host.cfg, self.host.templates["dsn"], env, recipients, kind)
+                if bounce is not None:
+                    made.append(bounce)
+                env.notes.setdefault("dsn", {}).setdefault(kind, []).extend(r.addr for r in recipients)
+            if not done:
+                self.queue.update(SND, env)
+                self.queue.move(env.id, SND, QUE)
+        except OSError as exc:
+            return made, exc
+        return made, None
+
+    def _attempt_written(self, env: Envelope, done: bool, written: tuple[list[Envelope], OSError | None] | None,
+                         error: BaseException | None) -> None:
+        made, failure = written if written is not None else ([], error)
+        for bounce in made:
+            self.host.stats.inc("mta_dsn_generated")
+            self.enqueue(bounce.id, env=bounce)
+        if failure is not None:  # the disk refused the new state: keep the attempt's results, try again
+            log.error("%s: cannot record the delivery attempt: %s; retrying in %ds", env.id, failure, RETRY_LOCAL_ERROR)
+            self.loop.call_later(RETRY_LOCAL_ERROR, self._finish, env)
             return
-        attempts = max((r.attempts for r in env.pending()), default=1)
-        t = self.host.cfg.timeouts
-        delay = min(t.MaximalBackoffTime, t.MinimalBackoffTime * 2 ** max(0, attempts - 1))
-        env.next_attempt = time.time() + delay
-        env.priority = 0
-        self.queue.update(SND, env)
-        self.queue.move(env.id, SND, QUE)
-        self.enqueue(env.id, env.next_attempt, env=env)
+        wanted = env.id in self.concluding  # not if the admin removed it from QUE meanwhile
+        self.concluding.discard(env.id)
+        if done:
+            if any(r.state == RecipientState.SENT for r in env.recipients):
+                self.host.stats.inc("mta_sent_messages")
+                self.host.stats.inc("mta_sent_bytes", env.size)
+            self.host.delivery_complete(env)
+        elif wanted:
+            self.enqueue(env.id, env.next_attempt, env=env)
+        self.kick()
 
     # -- control -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -579,5 +610,5 @@ class Sender:
                 conn.close("shutting down")
 
     def idle(self) -> bool:
-        return not self.inflight
+        return not self.inflight and not self.concluding
 

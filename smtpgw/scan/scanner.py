@@ -3,8 +3,9 @@
 Owns: the pool of scanner worker processes (CPU-bound work never runs on the
 event loop), the bounded number of messages in flight (``AntiviralSessions``),
 the job a worker runs for one message (group split, anti-spam, anti-virus,
-policy, rebuild), applying a job's result to the queue in the main process (a
-rewritten message in an I/O thread), and in-flow control: holding new MAIL
+policy, rebuild), applying a job's result to the queue in the main process (what
+needs an fsync — a rewritten message, per-group copies, notifications — in an I/O
+thread), and in-flow control: holding new MAIL
 commands while messages wait for a scan slot (``admit``, ``InFlowDelay``).
 
 A scan that kills or hangs its worker, or fails, counts against the message
@@ -89,6 +90,7 @@ class Scanner:
         self.enabled = True
         self.waiting: deque[str] = deque()
         self.envelopes: dict[str, Envelope] = {}  # known WFC records, to spare a re-read
+        self.scanning: dict[str, Envelope] = {}  # the records (in CHK) of the messages the workers have
         self.inflight: set[str] = set()
         self.retries: dict[str, Any] = {}  # qid → timer of a deferred scan
         self.removed: set[str] = set()  # removed by the admin while a worker scans them
@@ -111,7 +113,11 @@ class Scanner:
         """At start: messages waiting for a split or a scan (recovery turned SPL into WFS)."""
         for qid in self.queue.ids(WFS):
             self.queue.move(qid, WFS, WFC)  # split again: the copies' IDs are the same each time
-        for qid in self.queue.ids(WFC):
+        waiting = self.queue.ids(WFC)
+        originals = set(waiting)
+        for qid in waiting:
+            if qid.rpartition("-")[0] in originals:
+                continue  # a copy made before a crash cut its split short: the split makes it again
             env = self.queue.load(WFC, qid)
             if env is not None:
                 self.accept(env)
@@ -125,16 +131,19 @@ class Scanner:
         if len(groups) < 2:
             self.submit(env.id, env)
             return
+        # kmg-spec §1.5 step 4: one virtual copy per group, WFC → WFS → SPL → copies in WFC; the
+        # copies (a link and a record each, with their fsyncs) are made in an I/O thread
         try:
-            self._split(env, groups)
-        except OSError as exc:  # done again from wherever it stopped (the copy IDs do not change)
-            log.error("%s: cannot split per group: %s", env.id, exc)
-            self._retry_later(env.id, RETRY_AFTER_CRASH)
+            self.queue.move(env.id, WFC, WFS)
+            self.queue.move(env.id, WFS, SPL)
+        except OSError as exc:
+            self._split_failed(env.id, exc)
+            return
+        self.host.committer.call(lambda: self._split(env, groups), lambda children, error: (
+            self._split_failed(env.id, error) if error is not None else self._split_done(children)))
 
-    def _split(self, env: Envelope, groups: dict[str, list[str]]) -> None:
-        # kmg-spec §1.5 step 4: one virtual copy per group, WFC → WFS → SPL → copies in WFC.
-        self.queue.move(env.id, WFC, WFS)
-        self.queue.move(env.id, WFS, SPL)
+    def _split(self, env: Envelope, groups: dict[str, list[str]]) -> list[Envelope]:
+        """(I/O thread) The copies in WFC, then the original out of SPL."""
         children = []
         for index, (name, rcpts) in enumerate(groups.items(), start=1):
             child = Envelope.from_dict(env.as_dict())
@@ -145,8 +154,16 @@ class Scanner:
             event(child.id, "SPLITTED, group=%s, nrcpt=%d, srcid=%s", name, len(child.recipients), env.id)
             children.append(child)
         self.queue.remove(env.id, SPL)
+        return children
+
+    def _split_done(self, children: list[Envelope]) -> None:
         for child in children:
             self.submit(child.id, child)
+
+    def _split_failed(self, qid: str, error: BaseException) -> None:
+        """Done again from wherever it stopped (the copy IDs do not change)."""
+        log.error("%s: cannot split per group: %s", qid, error)
+        self._retry_later(qid, RETRY_AFTER_CRASH)
 
     def submit(self, qid: str, env: Envelope | None = None) -> None:
         if env is not None and len(self.envelopes) < self.host.cfg.limits.MaximalEnvelopesInMemory:
@@ -201,10 +218,12 @@ class Scanner:
                     self._give_up(env)
                     continue
                 self.inflight.add(qid)
+                self.scanning[qid] = env
                 self.pool.submit(qid, {"env": env.as_dict()})
             except OSError as exc:  # no worker could be started, or the disk refused the rename
                 log.error("%s: cannot start its scan: %s", qid, exc)
                 self.inflight.discard(qid)
+                self.scanning.pop(qid, None)
                 self._retry_later(qid, RETRY_AFTER_CRASH)
         while self.flow_waiters and not self.waiting:  # nothing waits for a scan: no reason to hold
             self._flow_release()
@@ -269,12 +288,14 @@ class Scanner:
             return
         if self.pool.cancel(qid):  # no worker had taken it: no result will come
             self.inflight.discard(qid)
+            self.scanning.pop(qid, None)
             self.loop.call_soon(self.pump)
         else:
             self.removed.add(qid)
 
     def _done(self, qid: str, answer: dict[str, Any]) -> None:
         self.inflight.discard(qid)
+        env = self.scanning.pop(qid, None)  # as it is in CHK: no need to read it again
         if qid in self.removed:
             self.removed.discard(qid)
             self._discard(qid, answer)
@@ -288,7 +309,7 @@ class Scanner:
                 self._retry_later(qid, RETRY_AFTER_UNAVAILABLE)
             else:
                 try:
-                    self._apply(qid, result)
+                    self._apply(qid, result, env)
                 except OSError as exc:  # the disk refused a step: the scan is done again later
                     log.error("%s: cannot apply the scan result: %s", qid, exc)
                     self._retry_later(qid, RETRY_AFTER_CRASH)
@@ -388,7 +409,9 @@ class Scanner:
         return [{"kind": "admin", "path": path, "from": sender, "to": [admin], "size": len(data)}]
 
     def _apply(self, qid: str, result: ScanResult, env: Envelope | None = None) -> None:
-        """Turn a scan result into queue records: QUE copies, notifications; blocked copies end here."""
+        """Turn a scan result into queue records: QUE copies, notifications; blocked copies end here.
+        The verdicts are logged and counted here; what needs an fsync is written in an I/O thread
+        (``_write_result``), so a virus storm with notifications on never stalls the loop."""
         env = env or self.queue.load(CHK, qid)
         if env is None:
             return  # removed by the admin meanwhile
@@ -400,19 +423,61 @@ class Scanner:
             self.host.stats.inc("mta_blocked_messages", copy.blocked)
             if "spam_status" in copy.notes:
                 self.host.stats.inc(f"antispam_status_{str(copy.notes['spam_status']).lower().replace(' ', '_')}")
-        for copy in result.copies:
-            self._queue_notifications(env, copy)
         live = [c for c in result.copies if not c.blocked]
-        if len(result.copies) == 1 and live:
-            # one group: the message keeps its ID (its file replaced if the scan rewrote it)
-            copy = live[0]
-            env.group = copy.group
-            if copy.rewritten:
-                self._replace_and_move(env, copy.rewritten)
-                return
+        notices = any(copy.notes.get("notifications") for copy in result.copies)
+        if len(result.copies) == 1 and live and not live[0].rewritten and not notices:
+            # one group, the message as it came: it keeps its ID, and moving on is one rename
+            env.group = live[0].group
             self.queue.move(qid, CHK, QUE)
             self.host.message_scanned(env)
             return
+        self._write_result(env, result)
+
+    def _write_result(self, env: Envelope, result: ScanResult) -> None:
+        """In an I/O thread: the notifications, then the message's way out of CHK — its rewritten
+        bytes taking its place (``Queue.replace_and_move``: never the new bytes with the record
+        still in CHK, which a restart would scan again), or one copy per group, or nothing when
+        every copy was blocked. Until it is done the message counts as in flight (``queue
+        remove`` waits for it, see ``cancel``); what was queued is scheduled on the loop after."""
+        qid = env.id
+        self.inflight.add(qid)
+        self.applying.add(qid)
+
+        notices: list[Envelope] = []  # queued by the I/O thread; read on the loop once it is done
+
+        def write() -> list[Envelope]:
+            for copy in result.copies:
+                notices.extend(self._queue_notifications(env, copy))
+            return self._leave_chk(env, result)
+
+        def done(moved: list[Envelope] | None, error: BaseException | None) -> None:
+            self.inflight.discard(qid)
+            self.applying.discard(qid)
+            if qid in self.removed:  # removed by the admin meanwhile: what the step left goes too
+                self.removed.discard(qid)
+                self._discard_written(qid, moved or [])
+                moved = []
+            elif error is not None:  # the disk refused a step: the scan is done again later
+                log.error("%s: cannot apply the scan result: %s", qid, error)
+                self._retry_later(qid, RETRY_AFTER_CRASH)  # the copies made are made again, same IDs
+                moved = []
+            for ready in (*notices, *(moved or [])):
+                self.host.message_scanned(ready)
+            self.pump()
+
+        self.host.committer.call(write, done)
+
+    def _leave_chk(self, env: Envelope, result: ScanResult) -> list[Envelope]:
+        """(I/O thread) The message out of CHK: the records now in QUE, none when all were blocked."""
+        qid = env.id
+        live = [c for c in result.copies if not c.blocked]
+        if len(result.copies) == 1 and live:
+            env.group = live[0].group  # one group: the message keeps its ID
+            if live[0].rewritten:
+                self.queue.replace_and_move(env, CHK, QUE, live[0].rewritten, self.host.committer.sync_folder)
+            else:
+                self.queue.move(qid, CHK, QUE)
+            return [env]
         children = []
         for index, copy in enumerate(live, start=1):
             wanted = set(copy.recipients)
@@ -431,41 +496,24 @@ class Scanner:
             event(child.id, "SPLITTED, group=%s, nrcpt=%d, srcid=%s", copy.group, len(child.recipients), qid)
             children.append(child)
         self.queue.remove(qid, CHK)
-        for child in children:
-            self.host.message_scanned(child)
+        return children
 
-    def _replace_and_move(self, env: Envelope, rewritten: str) -> None:
-        """The rewritten bytes take the message's place as its record moves CHK → QUE, in an I/O
-        thread (its fsyncs shared with the other commits, never on the loop); never the new
-        bytes with the record still in CHK: a restart would scan them again. Until it is done
-        the message counts as in flight (``queue remove`` waits for it, see ``cancel``)."""
-        qid = env.id
-        self.inflight.add(qid)
-        self.applying.add(qid)
-        committer = self.host.committer
+    def _discard_written(self, qid: str, made: list[Envelope]) -> None:
+        """A message removed while its result was written: its record, staged bytes and copies go."""
+        state = self.queue.find(qid)
+        if state is not None:
+            self.queue.remove(qid, state)
+        if os.path.exists(self.queue.msg_path(qid) + STAGED):
+            os.unlink(self.queue.msg_path(qid) + STAGED)
+        for copy in made:
+            if copy.id != qid:
+                self.queue.remove(copy.id, QUE)
+        event(qid, 'SCAN DISCARDED, reason="removed while being scanned"')
 
-        def done(_: None, error: BaseException | None) -> None:
-            self.inflight.discard(qid)
-            self.applying.discard(qid)
-            if qid in self.removed:  # removed by the admin meanwhile: what the step left goes too
-                self.removed.discard(qid)
-                state = self.queue.find(qid)
-                if state is not None:
-                    self.queue.remove(qid, state)
-                if os.path.exists(self.queue.msg_path(qid) + STAGED):
-                    os.unlink(self.queue.msg_path(qid) + STAGED)
-                event(qid, 'SCAN DISCARDED, reason="removed while being scanned"')
-            elif error is not None:  # the disk refused a step: the scan is done again later
-                log.error("%s: cannot apply the scan result: %s", qid, error)
-                self._retry_later(qid, RETRY_AFTER_CRASH)
-            else:
-                self.host.message_scanned(env)
-            self.pump()
-
-        committer.call(lambda: self.queue.replace_and_move(env, CHK, QUE, rewritten, committer.sync_folder), done)
-
-    def _queue_notifications(self, env: Envelope, copy: CopyResult) -> None:
-        """Notifications the worker wrote become outgoing mail (they are archived like any)."""
+    def _queue_notifications(self, env: Envelope, copy: CopyResult) -> list[Envelope]:
+        """(I/O thread) Notifications the worker wrote become outgoing mail (archived like any);
+        one the disk refuses is logged and left out."""
+        made = []
         for note in copy.notes.get("notifications", []):
             path = note["path"]
             notice = Envelope(
@@ -479,7 +527,8 @@ class Scanner:
                 log.error("%s: cannot queue the %s notification: %s", env.id, note.get("kind"), exc)
                 continue
             event(notice.id, "NOTIFICATION, kind=%s, srcid=%s, to=%s", note.get("kind"), env.id, note["to"])
-            self.host.message_scanned(notice)
+            made.append(notice)
+        return made
 
     def restart_workers(self) -> None:
         """New workers (new configuration and databases) for the next jobs; jobs in flight finish."""
@@ -492,3 +541,4 @@ class Scanner:
             if os.path.exists(self.queue.record_path(CHK, qid)):
                 self.queue.move(qid, CHK, WFC)
         self.inflight.clear()
+        self.scanning.clear()
