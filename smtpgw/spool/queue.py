@@ -51,10 +51,29 @@ STAGED = ".staged"
 
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZbcdfghjklmnpqrstvwxz"
 _counter = itertools.count()
+# The last character of an ID: the gateway's process index (``set_process``: 0 the main process,
+# 1.. its incoming processes, IncomingProcesses) from the first half of the alphabet, so that
+# processes with a counter of their own never make the same ID in the same microsecond; a random
+# one from the second half in any other process (a command-line tool).
+MAX_PROCESSES = len(_ID_ALPHABET) // 2
+_process_tag: str | None = None
+
+
+def process_tag(index: int) -> str:
+    """The last character of the IDs process ``index`` makes (0 ≤ index < MAX_PROCESSES)."""
+    if not 0 <= index < MAX_PROCESSES:
+        raise ValueError(f"process index {index} out of range")
+    return _ID_ALPHABET[index]
+
+
+def set_process(index: int) -> None:
+    """Make this process's IDs end in its index (``process_tag``)."""
+    global _process_tag
+    _process_tag = process_tag(index)
 
 
 def new_id(now: float | None = None) -> str:
-    """A queue ID: time-ordered (FIFO by name) and unique across restarts."""
+    """A queue ID: time-ordered (FIFO by name) and unique across restarts and processes."""
     micros = int((now if now is not None else time.time()) * 1_000_000)
     chars = []
     base = len(_ID_ALPHABET)
@@ -63,7 +82,8 @@ def new_id(now: float | None = None) -> str:
         chars.append(_ID_ALPHABET[digit])
     suffix = next(_counter) % (base * base)
     chars.reverse()
-    return "".join(chars) + _ID_ALPHABET[suffix // base] + _ID_ALPHABET[suffix % base] + secrets.choice(_ID_ALPHABET)
+    tag = _process_tag or secrets.choice(_ID_ALPHABET[MAX_PROCESSES:])
+    return "".join(chars) + _ID_ALPHABET[suffix // base] + _ID_ALPHABET[suffix % base] + tag
 
 
 class RecipientState(enum.StrEnum):

@@ -40,7 +40,8 @@ def _client(port: int, index: int, accepted: list[str], stop: threading.Event) -
 @pytest.mark.parametrize("check", [False, True], ids=["relayed", "scanned"])
 def test_kill_minus_nine_under_load_loses_nothing(make_gateway, sink, request, check):
     rng = random.Random(20261128)
-    extra = {"smtpgw.options": [("LogLevel", "info")]}
+    # IncomingProcesses=2: sessions served by the main process and an incoming process, both killed
+    extra = {"smtpgw.options": [("LogLevel", "info")], "smtpgw.limits": [("IncomingProcesses", "2")]}
     if check:  # every message rewritten (X-Anti-Virus): the staged replace of its file is among the crash points
         clamd = request.getfixturevalue("clamd")
         extra |= {"smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
