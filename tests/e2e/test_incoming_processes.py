@@ -73,6 +73,7 @@ def test_sessions_spread_over_both_processes_and_every_message_is_delivered(make
     child_pid(gw)
     clients = open_sessions(gw, 6)
     ids = [send_on(client, f"spread-{n}") for n, client in enumerate(clients)]
+    assert clients[1].mail("a@b.test", ["SIZE=999999999"])[0] == 552  # refused by the incoming process
     for client in clients:
         client.quit()
     # the fewest sessions first, the main process on a tie: served alternately
@@ -85,8 +86,13 @@ def test_sessions_spread_over_both_processes_and_every_message_is_delivered(make
     counters = dict(line.split("=", 1) for line in result.stdout.splitlines())
     assert counters["mta_received_messages"] == "6"
     assert counters["mta_incoming_connections_total"] == "6"
-    wait_until(lambda: dict(line.split("=", 1) for line in gw.cli("stats").stdout.splitlines())
-               ["mta_incoming_connections_current"] == "0", 10, "every session counted closed")
+
+    def counted() -> bool:
+        counters = dict(line.split("=", 1) for line in gw.cli("stats").stdout.splitlines())
+        return (counters["mta_incoming_connections_current"] == "0"
+                and counters["mta_receivings_refused_for_message_size_limit"] == "1")
+
+    wait_until(counted, 10, "every session counted closed, the refusal in the incoming process counted")
 
 
 def test_sessions_per_ip_are_counted_over_both_processes(make_gateway, sink):
