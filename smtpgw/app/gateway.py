@@ -508,13 +508,13 @@ class Gateway:
             notice = quota.queue_notice(self.quota, self.queue, self.cfg, crossing, env.id)
             if notice is not None:
                 self.message_scanned(notice)
-        if self.incoming is not None:
-            self.incoming.counted(env)
         archive = self.incoming_archive
         if archive is not None:  # kmg-spec §3.9: a copy of every received message
             path, record = self.queue.msg_path(env.id), env.as_dict()
             self.committer.run(lambda: archive.put(env.id, path, record, "RCV"))
         self.scanner.accept(env)
+        if self.incoming is not None:  # the day's quota counts and the scan wait, to the other processes
+            self.incoming.counted(env)
 
     def message_scanned(self, env: Envelope) -> None:
         self.traffic.scanned(env)

@@ -16,11 +16,12 @@ JSON object per packet:
 - main → incoming: ``{"conn": [ip, port]}`` with the connection's descriptor; ``{"quota": ...}``
   (the day's counts, which the main process alone keeps: an incoming process refuses by them with
   QuotaAction=defer, as up to date as the last message counted); ``{"hold": bool}`` (messages wait
-  for a scan slot: InFlowDelay); ``{"reload": true}`` (read ``.incoming-config`` again and reopen
+  for a scan slot: InFlowDelay) and ``{"go": n}`` (a held MAIL may go on); ``{"reload": true}`` (read ``.incoming-config`` again and reopen
   the log: the configuration the main process accepted at HUP); ``{"stop": true}``.
 - incoming → main: ``{"ready": true}``, then reports ``{"ids": [...], "closed": [ip, ...],
   "stats": {counter: delta}}``: the queue IDs committed to WFC, the sessions that ended, and the
-  counters their sessions changed, sent as they happen (and the counters at least once a second).
+  counters their sessions changed, sent as they happen (and the counters at least once a second);
+  ``{"admit": n}``: a MAIL waits for the scanner's turn (InFlowDelay, ``Scanner.admit``).
 
 Must never: let an incoming process move a record out of WFC or hand a message to the scanner
 (the main process does, on the ID reported); keep serving once the main process is gone (its
@@ -198,6 +199,9 @@ class Master(Protocol):
     def holding_mail(self) -> bool:
         """Whether messages wait for a scan slot (InFlowDelay holds new ones back)."""
 
+    def admit_mail(self, ready: Callable[[], None]) -> bool:
+        """InFlowDelay: True when a new message may come now, else ``ready`` runs when it may."""
+
 
 class Child:
     """An incoming process as the main process sees it."""
@@ -279,6 +283,16 @@ class Incoming:
                 self._release(child, ip)
         for name, amount in message.get("stats", {}).items():
             self.master.stats.inc(name, amount)
+        if "admit" in message and child.channel is not None:
+            self._admit(child.channel, message["admit"])
+
+    def _admit(self, channel: Channel, asked: int) -> None:
+        """A MAIL held in an incoming process (InFlowDelay) goes when the scanner lets it."""
+        def go() -> None:
+            channel.send({"go": asked})  # a channel since closed (the process died) sends nothing
+
+        if self.master.admit_mail(go):
+            go()
 
     def _received(self, qid: str) -> bool:
         env = self.master.queue.load(WFC, qid)
@@ -354,7 +368,9 @@ class Incoming:
         return True
 
     def counted(self, env: Envelope) -> None:
-        """The main process counted a message for the quotas: tell the processes that refuse by them."""
+        """The main process counted a message for the quotas and gave it to the scanner: tell
+        the processes that refuse by the quotas, and whether mail now waits for a scan slot."""
+        self._check_hold()
         if self.master.cfg.quota.QuotaAction != "defer":
             return
         addresses = [r.addr.lower() for r in env.recipients if r.addr.lower() in self.master.quota.recipients]
@@ -377,11 +393,14 @@ class Incoming:
         """InFlowDelay across processes: tell them when messages start or stop waiting for a scan."""
         if self.master.stopping:
             return
+        self._check_hold()
+        self.hold_timer = self.master.loop.call_later(HOLD_POLL, self._watch_hold)
+
+    def _check_hold(self) -> None:
         hold = self.master.holding_mail()
         if hold != self.hold:
             self.hold = hold
             self._broadcast({"hold": hold})
-        self.hold_timer = self.master.loop.call_later(HOLD_POLL, self._watch_hold)
 
     def _broadcast(self, message: dict[str, Any]) -> None:
         for child in self.children:
@@ -431,8 +450,9 @@ class IncomingProcess:
         self.ssl_context = server_tls(cfg)
         self.resolver = Resolver.from_config(self.loop, cfg.resolve)
         self.open: set[Session] = set()
-        self.hold = False
-        self.held: list[tuple[Callable[[], None], Timer]] = []
+        self.hold = False  # messages wait for a scan slot (the main process says so)
+        self.held: dict[int, Callable[[], None]] = {}  # MAIL commands waiting for the main process's go
+        self.asked = 0
         self.stopping = False
         self.report: dict[str, list[str]] = {"ids": [], "closed": []}
         self.reporting = False
@@ -462,17 +482,15 @@ class IncomingProcess:
         self._report_soon()
 
     def admit_mail(self, ready: Callable[[], None]) -> bool:
-        """InFlowDelay as the main process tells it: while messages wait for a scan slot a MAIL
-        waits until they no longer do, or InFlowDelay seconds."""
-        delay = self.cfg.limits.InFlowDelay
-        if not self.hold or not delay:
+        """InFlowDelay: while the main process says messages wait for a scan slot, a MAIL asks it
+        (``{"admit": n}``) and waits for its ``{"go": n}``: the main process's scanner lets held
+        MAILs of every process go in turn, as one moves on or after InFlowDelay (Scanner.admit)."""
+        if not self.hold or not self.cfg.limits.InFlowDelay:
             return True
-        self.held.append((ready, self.loop.call_later(delay, self._let_go, ready)))
+        self.asked += 1
+        self.held[self.asked] = ready
+        self.channel.send({"admit": self.asked})
         return False
-
-    def _let_go(self, ready: Callable[[], None]) -> None:
-        self.held = [pair for pair in self.held if pair[0] is not ready]
-        ready()
 
     # -- the channel ---------------------------------------------------------------------
     def _message(self, message: dict[str, Any], fds: list[int]) -> None:
@@ -484,11 +502,8 @@ class IncomingProcess:
             self._quota(message["quota"])
         if "hold" in message:
             self.hold = bool(message["hold"])
-            if not self.hold:
-                held, self.held = self.held, []
-                for ready, timer in held:
-                    timer.cancel()
-                    self.loop.call_soon(ready)
+        if "go" in message and (ready := self.held.pop(message["go"], None)) is not None:
+            ready()
         if message.get("reload"):
             self.reload()
         if message.get("stop"):
