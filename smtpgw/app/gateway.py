@@ -473,6 +473,10 @@ class Gateway:
         self.listeners = listeners
         if self.incoming is not None:
             self.incoming.reload(cfg)
+        running = len(self.incoming.children) + 1 if self.incoming is not None else 1
+        if process_count(cfg) != running:
+            log.warning("reload: IncomingProcesses=%d takes effect at the next start (%d now)",
+                        process_count(cfg), running)
         self._restart_workers_checked(f"configuration reloaded from {self.config_path}")
 
     # -- sessions ---------------------------------------------------------------------
