@@ -65,7 +65,7 @@ def test_a_dead_incoming_process_s_unreported_messages_and_sessions_are_taken_ov
     # its two open sessions, admitted by the main process
     master.inbound.per_ip["192.0.2.7"] += 2
     master.inbound.elsewhere = 2
-    child.per_ip["192.0.2.7"] = 2
+    child.per_ip["192.0.2.7"], child.sessions = 2, 2
     master.stats.set("mta_incoming_connections_current", 2)
     child.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     child.proc.wait()

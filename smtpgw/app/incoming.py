@@ -213,11 +213,8 @@ class Child:
         self.ready = False
         self.started = 0.0
         self.per_ip: Counter[str] = Counter()  # its open sessions by client address
+        self.sessions = 0
         self.reap_tries = 0
-
-    @property
-    def sessions(self) -> int:
-        return sum(self.per_ip.values())
 
 
 class Incoming:
@@ -274,8 +271,8 @@ class Incoming:
             assert child.proc is not None
             log.info("incoming process %d started, pid=%d", child.index, child.proc.pid)
             self._send_quota(child, full=True)
-            if self.hold:
-                child.channel and child.channel.send({"hold": True})
+            if self.hold and child.channel is not None:
+                child.channel.send({"hold": True})
         for qid in message.get("ids", ()):
             self._received(qid)
         for ip in message.get("closed", ()):
@@ -306,6 +303,7 @@ class Incoming:
         return True
 
     def _release(self, child: Child, ip: str) -> None:
+        child.sessions -= 1
         child.per_ip[ip] -= 1
         if child.per_ip[ip] <= 0:
             del child.per_ip[ip]
@@ -365,6 +363,7 @@ class Incoming:
             return False
         conn.close()
         best.per_ip[ip] += 1
+        best.sessions += 1
         return True
 
     def counted(self, env: Envelope) -> None:
