@@ -67,6 +67,10 @@ def test_a_dead_incoming_process_s_unreported_messages_and_sessions_are_taken_ov
     master.inbound.elsewhere = 2
     child.per_ip["192.0.2.7"], child.sessions = 2, 2
     master.stats.set("mta_incoming_connections_current", 2)
+    spool.set_process(1)  # what it left of messages it never answered: a file being received, one without record
+    leftovers = [Path(master.queue.root, "tmp", spool.new_id() + "abcdef"), Path(master.queue.msg_path(spool.new_id()))]
+    for path in leftovers:
+        path.write_bytes(b"Subject: never acknowledged\r\n")
     child.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     child.proc.wait()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -78,4 +82,6 @@ def test_a_dead_incoming_process_s_unreported_messages_and_sessions_are_taken_ov
     assert master.inbound.elsewhere == 0 and not master.inbound.per_ip
     assert master.stats.counters["mta_incoming_connections_current"] == 0
     assert all(master.queue.find(qid) is not None for qid in others)
+    assert not any(path.exists() for path in leftovers)
+    assert all(Path(master.queue.msg_path(qid)).exists() for qid in [unreported, given, *others])
     master.close()

@@ -329,6 +329,9 @@ class Incoming:
             return
         child.proc = None
         found = self._find_unreported(child.index)
+        dropped = self.master.queue.drop_unacknowledged(process_tag(child.index))
+        if dropped:
+            log.info("incoming process %d: %d file(s) of messages it never acknowledged removed", child.index, dropped)
         status = f"exit status {proc.returncode}" if proc.returncode >= 0 else f"signal {-proc.returncode}"
         if self.master.stopping:
             log.info("incoming process %d (pid %d) stopped: %s", child.index, proc.pid, status)

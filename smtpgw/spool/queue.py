@@ -48,6 +48,7 @@ RECOVER_TO = {CHK: WFC, SPL: WFS, SND: QUE}
 # msg/ID.staged: the new bytes of message ID, given their place once its record has moved on
 # (see ``Queue.replace_and_move``); ``recover`` finishes or drops it.
 STAGED = ".staged"
+TMP_SUFFIX_CHARS = 6  # a tmp/ file is named after a new ID and this many random hex digits
 
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZbcdfghjklmnpqrstvwxz"
 _counter = itertools.count()
@@ -349,6 +350,19 @@ class Queue:
             dropped += 1
         return dropped
 
+    def drop_unacknowledged(self, tag: str) -> int:
+        """What a process of the gateway that died (an incoming process) left of messages it never
+        acknowledged: its files in tmp/ and its message files without a record (renamed into msg/,
+        the record not yet written), by the last character of its IDs (``process_tag``); returns
+        how many were removed. Only for a process that is gone: nothing of it is in progress."""
+        tmp = [os.path.join(self.root, "tmp", name) for name in os.listdir(os.path.join(self.root, "tmp"))
+               if name[:-TMP_SUFFIX_CHARS].endswith(tag)]
+        msg = [self.msg_path(name) for name in os.listdir(os.path.join(self.root, "msg"))
+               if name.endswith(tag) and "-" not in name and not name.startswith(".") and self.find(name) is None]
+        for path in tmp + msg:
+            unlink_if_present(path)
+        return len(tmp) + len(msg)
+
     def _recover_staged(self, qid: str, state: str | None) -> None:
         """A ``replace_and_move`` cut short: past its commit point when the record left CHK."""
         staged = self.msg_path(qid) + STAGED
@@ -389,7 +403,7 @@ class Committer(IOPool):
 
     # -- tmp files -------------------------------------------------------------
     def _create_tmp(self) -> TmpFile:
-        path = os.path.join(self.queue.root, "tmp", f"{new_id()}{secrets.token_hex(3)}")
+        path = os.path.join(self.queue.root, "tmp", new_id() + secrets.token_hex(TMP_SUFFIX_CHARS // 2))
         return TmpFile(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path)
 
     def take_tmp(self) -> TmpFile:
