@@ -79,10 +79,19 @@ def mappings(pid: int, top: int = 6) -> list[tuple[str, int]]:
     return sorted(sizes.items(), key=lambda item: -item[1])[:top]
 
 
+def role_of(pid: int) -> str:
+    """``incoming`` for an incoming process (IncomingProcesses), else ``worker``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as src:
+            return "incoming" if b"smtpgw.app.incoming" in src.read() else "worker"
+    except OSError:
+        return "worker"
+
+
 def snapshot(main: int) -> list[tuple[str, int, int, int]]:
     """(role, pid, RSS KiB, PSS KiB) of the main process and each of its descendants."""
     rows = []
-    for role, pid in [("main", main)] + [("worker", p) for p in descendants(main)]:
+    for role, pid in [("main", main)] + [(role_of(p), p) for p in descendants(main)]:
         try:
             rss, pss = smaps(pid)
         except OSError:
@@ -154,6 +163,7 @@ def main() -> int:
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--messages", type=int, default=40)
     parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--incoming-processes", type=int, default=0, help="IncomingProcesses (default 0: one per core)")
     parser.add_argument("--detail", action="store_true", help="the largest mappings of each process (MiB)")
     parser.add_argument("--trace", action="store_true",
                         help="trace the main process's allocations (PYTHONTRACEMALLOC): bytes per idle session and where")
@@ -173,7 +183,8 @@ def main() -> int:
         gw = GatewayProcess(tmp, sink.port, extra={
             "path": [("BasesPath", bases)],
             "smtpgw.limits": [("IncomingSessions", str(min(args.idle + 24, 1024))),  # the schema's bound
-                              ("MaximalIncomingSessionsPerIP", str(min(args.idle + 24, 1024)))],
+                              ("MaximalIncomingSessionsPerIP", str(min(args.idle + 24, 1024))),
+                              ("IncomingProcesses", str(args.incoming_processes))],
             "smtpgw.options": [("LogLevel", "info")],
             "smtpgw.antispam": [("Check", "true")],
             "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],

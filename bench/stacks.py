@@ -433,11 +433,12 @@ class Stack:
     runs: list[Figures] = field(default_factory=list)
 
 
-def smtpgw_stack(folder: str, sink_port: int, clamd_address: str | None, check: bool) -> GatewayProcess:
+def smtpgw_stack(folder: str, sink_port: int, clamd_address: str | None, check: bool,
+                 processes: int = 0) -> GatewayProcess:
     policy = [("Check", "true" if check else "false"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none")]
     extra = {
         "smtpgw.limits": [("IncomingSessions", "1024"), ("MaximalIncomingSessionsPerIP", "1024"),
-                          ("MaximalIncomingMessagesPerSession", "1024")],
+                          ("MaximalIncomingMessagesPerSession", "1024"), ("IncomingProcesses", str(processes))],
         "smtpgw.options": [("LogLevel", "info")],
         "smtpgw.policy": policy,
         "smtpgw.antispam": [("Check", "true" if check else "false")],
@@ -475,7 +476,7 @@ def run_stacks(args: argparse.Namespace, tmp: str) -> int:
 
     sink = DumpSink(os.path.join(tmp, "sink"))
     clamd = start_clamd() if which("clamd") else None
-    stacks = [s for s in build_stacks(tmp, sink.port, clamd) if not args.only or s.name in args.only.split(",")]
+    stacks = [s for s in build_stacks(tmp, sink.port, clamd, args.incoming_processes) if not args.only or s.name in args.only.split(",")]
     try:
         for stack in stacks:
             why = stack.missing()
@@ -516,7 +517,7 @@ def probe_story(stack: Stack, label: str, n: int) -> str:
     return " | ".join(line for line in lines if any(f" {qid}: " in line for qid in ids)) or "nothing logged"
 
 
-def build_stacks(tmp: str, sink_port: int, clamd) -> list[Stack]:
+def build_stacks(tmp: str, sink_port: int, clamd, processes: int = 0) -> list[Stack]:
     clamd_missing = (lambda: None) if clamd is not None else (lambda: "clamd is not installed (clamav-daemon)")
     plain = PostfixRelay(os.path.join(tmp, "pf-plain"), sink_port) if not postfix_missing() else None
     stacks = [Stack("plain", "Postfix, plain relay (no filtering)", postfix_missing,
@@ -538,7 +539,7 @@ def build_stacks(tmp: str, sink_port: int, clamd) -> list[Stack]:
     stacks.append(Stack("rspamd", "Postfix + rspamd 3.4 milter (+ clamd)",
                         lambda: clamd_missing() or rspamd_missing(), start_rspamd, stop_rspamd, lambda: ""))
     for name, check in (("gw-on", True), ("gw-off", False)):
-        gw = smtpgw_stack(os.path.join(tmp, name), sink_port, clamd.unix_address if clamd else None, check)
+        gw = smtpgw_stack(os.path.join(tmp, name), sink_port, clamd.unix_address if clamd else None, check, processes)
         stacks.append(Stack(name, f"smtpgw, Check={'true' if check else 'false'}" + (" (spam + clamd)" if check else " (relay only)"),
                             clamd_missing if check else (lambda: None),
                             (lambda gw=gw: (gw.start(), gw.port)[1]), (lambda gw=gw: gw.stop()),
@@ -565,4 +566,6 @@ def print_table(stacks: list[Stack]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=1, help="interleaved runs per stack (--stacks; medians)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one run's last message")
+    parser.add_argument("--incoming-processes", type=int, default=0,
+                        help="smtpgw's IncomingProcesses (default 0: one per core)")
     parser.add_argument("--only", help="these stacks only (--stacks), e.g. gw-on,rspamd (names: plain, rspamd, gw-on, gw-off)")

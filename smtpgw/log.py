@@ -70,21 +70,57 @@ def free_text(record: logging.LogRecord) -> str:
         return escape(f"{record.msg} {record.args!r}", TEXT)
 
 
-class BufferedFileHandler(logging.FileHandler):
+class BufferedFileHandler(logging.Handler):
     """A log file written in batches: the gateway calls ``flush_all`` a few times a second
-    (and at exit); errors and worse are written at once."""
+    (and at exit); errors and worse are written at once.
+
+    The file is opened with O_APPEND and every write is one ``os.write`` of whole lines, so the
+    gateway's processes (its incoming processes, IncomingProcesses) append to one file without
+    ever cutting one another's lines."""
+
+    MAX_BUFFERED = 64 * 1024  # characters held before a write, whatever the flush interval
 
     def __init__(self, path: str) -> None:
-        super().__init__(path, encoding="utf-8", delay=False)
+        super().__init__()
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self.lines: list[str] = []
+        self.held = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            assert self.stream is not None
-            self.stream.write(self.format(record) + "\n")
-            if record.levelno >= logging.ERROR:
-                self.stream.flush()
+            text = self.format(record) + "\n"
+            self.lines.append(text)
+            self.held += len(text)
+            if record.levelno >= logging.ERROR or self.held > self.MAX_BUFFERED:
+                self._write()
         except Exception:
             self.handleError(record)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write()
+
+    def _write(self) -> None:
+        if not self.lines or self.fd < 0:
+            return
+        data = "".join(self.lines).encode("utf-8", "backslashreplace")
+        self.lines.clear()
+        self.held = 0
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def close(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._write()
+            except OSError:
+                pass
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+        super().close()
 
 
 def flush_all() -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
+
+import pytest
 
 from smtpgw.spool.durable import unlink_if_present, write_durably
 from smtpgw.spool.iopool import IOPool
@@ -24,6 +27,29 @@ def test_ids_are_unique_and_time_ordered():
     ids = [new_id(1_700_000_000 + i / 1000) for i in range(200)]
     assert len(set(ids)) == 200
     assert ids == sorted(ids)
+
+
+def test_processes_with_the_same_counter_never_make_the_same_id(monkeypatch):
+    """IncomingProcesses: each process counts from its own start, so two processes can reach
+    the same counter value in the same microsecond; the last character (the process index)
+    keeps their IDs apart, without changing the length or the order by time."""
+    from smtpgw.spool import queue as spool
+
+    when = 1_700_000_000.25
+    made = {}
+    for index in (0, 1, 2):
+        monkeypatch.setattr(spool, "_counter", itertools.count())  # a fresh process's counter
+        spool.set_process(index)
+        made[index] = [spool.new_id(when) for _ in range(3)]
+    monkeypatch.setattr(spool, "_process_tag", None)  # a command-line tool: a random tag of the other half
+    untagged = {spool.new_id(when) for _ in range(200)}
+    ids = [qid for batch in made.values() for qid in batch]
+    assert len(set(ids)) == len(ids) and not untagged & set(ids)
+    assert {len(qid) for qid in ids} | {len(qid) for qid in untagged} == {len(ids[0])}
+    assert [qid[-1] for qid in made[1]] == [spool.process_tag(1)] * 3
+    assert all(qid < spool.new_id(when + 0.000001) for qid in ids)  # FIFO by name across processes
+    with pytest.raises(ValueError):
+        spool.set_process(spool.MAX_PROCESSES)
 
 
 def test_recovery_puts_work_in_progress_back(tmp_path):

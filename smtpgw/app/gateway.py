@@ -34,6 +34,7 @@ from typing import Callable
 from smtpgw import log as logsetup
 from smtpgw.app import memory
 from smtpgw.app.control import Control
+from smtpgw.app.incoming import Incoming, process_count, server_tls
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.console.server import BindError, Console
 from smtpgw.console.traffic import Traffic
@@ -54,7 +55,7 @@ from smtpgw.spam.dbindex import open_database
 from smtpgw.spam.spamfilter import default_bases, describe, site_layer
 from smtpgw.spool import ops
 from smtpgw.spool.durable import write_durably
-from smtpgw.spool.queue import QUE, SND, WFC, WFS, Committer, Envelope, Queue, RecipientState
+from smtpgw.spool.queue import QUE, SND, WFC, WFS, Committer, Envelope, Queue, RecipientState, set_process
 from smtpgw.spool.store import Item, Store, lifetimes, purge_stores
 from smtpgw.stats import Stats, history_path, save as save_stats
 
@@ -120,22 +121,19 @@ class Gateway:
         self.control = Control(self)
         self.console = Console(self)
         self.digest = digest.Digests(self)
+        # IncomingProcesses: sessions served by processes of their own too (app/incoming.py)
+        self.incoming: Incoming | None = None
         self._lock_fd = -1
         self._saving_stats = False
         self._handle_signals()
 
     @staticmethod
     def _server_tls(cfg: Config) -> ssl.SSLContext | None:
-        cert, key = cfg.network.TLSCertificateFile, cfg.network.TLSKeyFile
-        if not cert:
-            return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            context.load_cert_chain(cert, key)
+            return server_tls(cfg)
         except (OSError, ssl.SSLError) as exc:
+            cert, key = cfg.network.TLSCertificateFile, cfg.network.TLSKeyFile
             raise StartupError(f"cannot load TLS certificate {cert} / key {key}: {exc}", 1) from exc
-        return context
 
     @staticmethod
     def _templates(cfg: Config) -> dict[str, templates.Template]:
@@ -308,6 +306,11 @@ class Gateway:
         self.quota.restore(self.cfg.quota.MaximalProtectedRecipients)
         counts = self.queue.recover()
         log.info("queue %s recovered: %s", self.queue.root, ", ".join(f"{k}={v}" for k, v in counts.items()))
+        processes = process_count(self.cfg)
+        if processes > 1:
+            set_process(0)  # queue IDs end in the index of the process that made them
+            self.incoming = Incoming(self, processes)
+            self.incoming.start()
         for listener in self.listeners:
             listener.start()
         self.scanner.load()
@@ -406,6 +409,8 @@ class Gateway:
         self.listeners.clear()
         for session in list(self.inbound.open):
             session.close_with(smtp.SHUTTING_DOWN.format(self.cfg.network.Hostname))
+        if self.incoming is not None:
+            self.incoming.stop()
         self.control.stop()
         self.digest.stop()
         self.sender.enabled = False
@@ -466,17 +471,32 @@ class Gateway:
             if listener not in self.listeners:
                 listener.start()
         self.listeners = listeners
+        if self.incoming is not None:
+            self.incoming.reload(cfg)
+        running = len(self.incoming.children) + 1 if self.incoming is not None else 1
+        if process_count(cfg) != running:
+            log.warning("reload: IncomingProcesses=%d takes effect at the next start (%d now)",
+                        process_count(cfg), running)
         self._restart_workers_checked(f"configuration reloaded from {self.config_path}")
 
     # -- sessions ---------------------------------------------------------------------
     def session_opened(self, conn: socket.socket, peer: tuple) -> None:
-        self.inbound.admit(self, conn, peer, self.receiving and not self.stopping)
+        elsewhere = self.incoming.hand_over if self.incoming is not None else None
+        self.inbound.admit(self, conn, peer, self.receiving and not self.stopping, elsewhere)
 
     def session_closed(self, session: Session) -> None:
         self.inbound.closed(session)
 
     def admit_mail(self, ready: Callable[[], None]) -> bool:
         return self.scanner.admit(ready)
+
+    def holding_mail(self) -> bool:
+        """Messages wait for a scan slot: InFlowDelay holds new mail (``Scanner.admit``)."""
+        return self.scanner.enabled and bool(self.scanner.waiting)
+
+    def known_in_wfc(self) -> set[str]:
+        """The WFC records the scanner has been given and not yet taken (waiting, retried later)."""
+        return {*self.scanner.waiting, *self.scanner.retries}
 
     def queue_has_space(self) -> bool:
         """``MinimalQueueFreeSpaceSize``: refuse new mail (4xx) while the spool's disk is short."""
@@ -497,6 +517,8 @@ class Gateway:
             path, record = self.queue.msg_path(env.id), env.as_dict()
             self.committer.run(lambda: archive.put(env.id, path, record, "RCV"))
         self.scanner.accept(env)
+        if self.incoming is not None:  # the day's quota counts and the scan wait, to the other processes
+            self.incoming.counted(env)
 
     def message_scanned(self, env: Envelope) -> None:
         self.traffic.scanned(env)

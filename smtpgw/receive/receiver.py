@@ -242,9 +242,7 @@ class Session:
         self.loop = host.loop
         self.sock = sock
         self.fd = sock.fileno()
-        self.ip = peer[0]
-        if self.ip.startswith("::ffff:") and "." in self.ip:
-            self.ip = self.ip[7:]  # IPv4-mapped client
+        self.ip = client_address(peer)
         self.inbuf = bytearray()
         self.out = bytearray()
         self.closing = False
@@ -892,42 +890,70 @@ class Listener:
         self.sock.close()
 
 
+def client_address(peer: tuple) -> str:
+    """The client's address as sessions, limits and logs name it (an IPv4-mapped one as IPv4)."""
+    ip: str = peer[0]
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
 class Sessions:
     """The open inbound sessions and their admission at connect: at most ``IncomingSessions`` in all
     and ``MaximalIncomingSessionsPerIP`` per client address (421 beyond, counted as connection
-    errors), and 421 to every client while the gateway does not accept mail (receiving off, stopping)."""
+    errors), and 421 to every client while the gateway does not accept mail (receiving off, stopping).
+    Sessions served by other processes (IncomingProcesses) count too: ``admit`` may hand an
+    admitted connection ``elsewhere``, and ``closed_elsewhere`` says when such a session ended."""
 
     def __init__(self) -> None:
         self.open: set[Session] = set()
         self.per_ip: Counter[str] = Counter()
+        self.elsewhere = 0  # sessions handed to other processes and not yet closed
 
-    def admit(self, host: Inbound, conn: socket.socket, peer: tuple, accepting: bool) -> Session:
+    def admit(self, host: Inbound, conn: socket.socket, peer: tuple, accepting: bool,
+              elsewhere: Callable[[socket.socket, tuple], bool] | None = None) -> Session | None:
+        """Admit or refuse a connection; an admitted one is offered to ``elsewhere`` first, which
+        returns True when it took it (None is returned then), else a session here serves it."""
+        ip = client_address(peer)
+        self.per_ip[ip] += 1
+        host.stats.connection_opened()
+        refusal = self._refusal(host, ip, accepting)
+        if refusal is None and elsewhere is not None and elsewhere(conn, peer):
+            self.elsewhere += 1
+            return None
         session = Session(host, conn, peer)
         self.open.add(session)
-        self.per_ip[session.ip] += 1
-        host.stats.connection_opened()
-        name = host.cfg.network.Hostname
-        limits = host.cfg.limits
-        if not accepting:
-            session.start(smtp.SERVICE_UNAVAILABLE.format(name))
-            session.closing = True
-        elif len(self.open) > limits.IncomingSessions:
-            host.stats.inc("mta_incoming_connections_errors")
-            session.start(smtp.TOO_MANY_SESSIONS.format(name))
-            session.closing = True
-        elif self.per_ip[session.ip] > limits.MaximalIncomingSessionsPerIP:
-            host.stats.inc("mta_incoming_connections_errors")
-            session.start(smtp.TOO_MANY_FROM_IP.format(name))
-            session.closing = True
-        else:
-            session.start(smtp.GREETING.format(name))
+        if refusal is None:
+            session.start(smtp.GREETING.format(host.cfg.network.Hostname))
             return session
+        session.start(refusal)
+        session.closing = True
         session.flush()
         return session
 
+    def _refusal(self, host: Inbound, ip: str, accepting: bool) -> Reply | None:
+        """The 421 a new connection from ``ip`` gets (RFC 5321 §3.8), or None when it is admitted."""
+        name = host.cfg.network.Hostname
+        limits = host.cfg.limits
+        if not accepting:
+            return smtp.SERVICE_UNAVAILABLE.format(name)
+        if len(self.open) + self.elsewhere + 1 > limits.IncomingSessions:
+            host.stats.inc("mta_incoming_connections_errors")
+            return smtp.TOO_MANY_SESSIONS.format(name)
+        if self.per_ip[ip] > limits.MaximalIncomingSessionsPerIP:
+            host.stats.inc("mta_incoming_connections_errors")
+            return smtp.TOO_MANY_FROM_IP.format(name)
+        return None
+
     def closed(self, session: Session) -> None:
         self.open.discard(session)
-        self.per_ip[session.ip] -= 1
-        if self.per_ip[session.ip] <= 0:
-            del self.per_ip[session.ip]
-        session.host.stats.inc("mta_incoming_connections_current", -1)
+        self._release(session.host, session.ip)
+
+    def closed_elsewhere(self, host: Inbound, ip: str) -> None:
+        """A session ``admit`` handed to another process has ended (or its process has)."""
+        self.elsewhere -= 1
+        self._release(host, ip)
+
+    def _release(self, host: Inbound, ip: str) -> None:
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+        host.stats.inc("mta_incoming_connections_current", -1)

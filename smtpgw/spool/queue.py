@@ -48,13 +48,33 @@ RECOVER_TO = {CHK: WFC, SPL: WFS, SND: QUE}
 # msg/ID.staged: the new bytes of message ID, given their place once its record has moved on
 # (see ``Queue.replace_and_move``); ``recover`` finishes or drops it.
 STAGED = ".staged"
+TMP_SUFFIX_CHARS = 6  # a tmp/ file is named after a new ID and this many random hex digits
 
 _ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZbcdfghjklmnpqrstvwxz"
 _counter = itertools.count()
+# The last character of an ID: the gateway's process index (``set_process``: 0 the main process,
+# 1.. its incoming processes, IncomingProcesses) from the first half of the alphabet, so that
+# processes with a counter of their own never make the same ID in the same microsecond; a random
+# one from the second half in any other process (a command-line tool).
+MAX_PROCESSES = len(_ID_ALPHABET) // 2
+_process_tag: str | None = None
+
+
+def process_tag(index: int) -> str:
+    """The last character of the IDs process ``index`` makes (0 ≤ index < MAX_PROCESSES)."""
+    if not 0 <= index < MAX_PROCESSES:
+        raise ValueError(f"process index {index} out of range")
+    return _ID_ALPHABET[index]
+
+
+def set_process(index: int) -> None:
+    """Make this process's IDs end in its index (``process_tag``)."""
+    global _process_tag
+    _process_tag = process_tag(index)
 
 
 def new_id(now: float | None = None) -> str:
-    """A queue ID: time-ordered (FIFO by name) and unique across restarts."""
+    """A queue ID: time-ordered (FIFO by name) and unique across restarts and processes."""
     micros = int((now if now is not None else time.time()) * 1_000_000)
     chars = []
     base = len(_ID_ALPHABET)
@@ -63,7 +83,8 @@ def new_id(now: float | None = None) -> str:
         chars.append(_ID_ALPHABET[digit])
     suffix = next(_counter) % (base * base)
     chars.reverse()
-    return "".join(chars) + _ID_ALPHABET[suffix // base] + _ID_ALPHABET[suffix % base] + secrets.choice(_ID_ALPHABET)
+    tag = _process_tag or secrets.choice(_ID_ALPHABET[MAX_PROCESSES:])
+    return "".join(chars) + _ID_ALPHABET[suffix // base] + _ID_ALPHABET[suffix % base] + tag
 
 
 class RecipientState(enum.StrEnum):
@@ -329,6 +350,19 @@ class Queue:
             dropped += 1
         return dropped
 
+    def drop_unacknowledged(self, tag: str) -> int:
+        """What a process of the gateway that died (an incoming process) left of messages it never
+        acknowledged: its files in tmp/ and its message files without a record (renamed into msg/,
+        the record not yet written), by the last character of its IDs (``process_tag``); returns
+        how many were removed. Only for a process that is gone: nothing of it is in progress."""
+        tmp = [os.path.join(self.root, "tmp", name) for name in os.listdir(os.path.join(self.root, "tmp"))
+               if name[:-TMP_SUFFIX_CHARS].endswith(tag)]
+        msg = [self.msg_path(name) for name in os.listdir(os.path.join(self.root, "msg"))
+               if name.endswith(tag) and "-" not in name and not name.startswith(".") and self.find(name) is None]
+        for path in tmp + msg:
+            unlink_if_present(path)
+        return len(tmp) + len(msg)
+
     def _recover_staged(self, qid: str, state: str | None) -> None:
         """A ``replace_and_move`` cut short: past its commit point when the record left CHK."""
         staged = self.msg_path(qid) + STAGED
@@ -369,7 +403,7 @@ class Committer(IOPool):
 
     # -- tmp files -------------------------------------------------------------
     def _create_tmp(self) -> TmpFile:
-        path = os.path.join(self.queue.root, "tmp", f"{new_id()}{secrets.token_hex(3)}")
+        path = os.path.join(self.queue.root, "tmp", new_id() + secrets.token_hex(TMP_SUFFIX_CHARS // 2))
         return TmpFile(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path)
 
     def take_tmp(self) -> TmpFile:

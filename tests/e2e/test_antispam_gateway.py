@@ -311,15 +311,16 @@ def test_antispam_off_does_not_need_the_database(make_gateway, sink, clamd, tmp_
 
 
 def scanner_workers(gw) -> list[int]:
-    """The gateway's live child processes (not the retired ones not yet reaped): its scanner workers."""
+    """The gateway's live child processes (not the retired ones not yet reaped) that are its scanner
+    workers (not its incoming processes, IncomingProcesses)."""
     with open(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children") as f:
         children = [int(pid) for pid in f.read().split()]
 
-    def running(pid: int) -> bool:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    def worker(pid: int) -> bool:
+        with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return stat.read().rpartition(")")[2].split()[0] != "Z" and b"smtpgw.scan.job" in cmdline.read()
 
-    return [pid for pid in children if running(pid)]
+    return [pid for pid in children if worker(pid)]
 
 
 def test_a_replaced_worker_keeps_the_configuration_the_gateway_accepted(make_gateway, sink, clamd, tmp_path):

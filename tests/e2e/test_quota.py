@@ -4,6 +4,7 @@ survive a restart, and temporary refusals only with QuotaAction=defer."""
 from __future__ import annotations
 
 import email
+import re
 import smtplib
 
 import pytest
@@ -55,9 +56,15 @@ def test_thresholds_are_mailed_once_and_never_block(make_gateway, sink):
     assert len(notices(sink)) == 2 and "action=defer" not in gw.log_text()
 
 
-def test_defer_refuses_temporarily_over_the_limits(make_gateway, sink):
+@pytest.mark.parametrize("process", ["main", "incoming"])
+def test_defer_refuses_temporarily_over_the_limits(make_gateway, sink, process):
+    """In the main process, or in an incoming process (IncomingProcesses=2) that refuses by the
+    counts the main process sends it after each message."""
     gw = make_gateway(sink.port, extra={"smtpgw.quota": [
-        ("MaximalProtectedRecipients", "2"), ("MaximalDailyTraffic", "1"), ("QuotaAction", "defer")]})
+        ("MaximalProtectedRecipients", "2"), ("MaximalDailyTraffic", "1"), ("QuotaAction", "defer")],
+        "smtpgw.limits": [("IncomingProcesses", "2")]})
+    gw.wait_log(r"incoming process 1 started")
+    idle = smtplib.SMTP("127.0.0.1", gw.port) if process == "incoming" else None  # the main process serves it
     with smtplib.SMTP("127.0.0.1", gw.port) as client:  # the limit holds within one transaction too
         refused = client.sendmail("a@example.test", ["u1@example.test", "u2@example.test", "u9@example.test"],
                                   message(600_000))
@@ -79,6 +86,10 @@ def test_defer_refuses_temporarily_over_the_limits(make_gateway, sink):
         assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (451, b"4.7.1")
     gw.wait_log(r": QUOTA, quota=recipients, action=defer, client=\[127.0.0.1\], rcpt=<(u3|u9)@example.test>, used=2, limit=2", count=2)
     gw.wait_log(r": QUOTA, quota=traffic, action=defer, client=\[127.0.0.1\], size=\d+, used=\d+, limit=1048576")
+    received = re.findall(r"\] (\S+): RECEIVED, from=<a@example.test>", gw.log_text())
+    assert len(received) == 2 and {qid[-1] for qid in received} == {"1" if idle else "0"}  # who served them
+    if idle is not None:
+        idle.quit()
     wait_until(lambda: len(notices(sink)) == 2, 20, "the two notices at 100%")
     texts = {n["Subject"]: n.get_payload() for n in notices(sink)}
     assert "new messages are refused temporarily (451 4.7.1)" in texts[

@@ -138,13 +138,18 @@ def test_an_unavailable_scanner_is_no_attempt(make_gateway, sink, tmp_path):
     assert "SCAN FAILED" not in gw.log_text() and sink.messages == []
 
 
-def test_mail_arriving_faster_than_it_is_scanned_waits_at_mail_from(make_gateway, sink, stalling_clamd):
+@pytest.mark.parametrize("process", ["main", "incoming"])
+def test_mail_arriving_faster_than_it_is_scanned_waits_at_mail_from(make_gateway, sink, stalling_clamd, process):
     """InFlowDelay (as Postfix's in_flow_delay): while messages wait for a scan slot, a MAIL FROM
-    is answered only when one of them leaves the wait (or after InFlowDelay seconds)."""
-    gw = make_gateway(sink.port, extra=scanning(stalling_clamd, {"AntiviralSessions": "10", "InFlowDelay": "10"}))
+    is answered only when one of them leaves the wait (or after InFlowDelay seconds); in the main
+    process or in an incoming process (IncomingProcesses=2), whose MAIL waits for the main one's go."""
+    gw = make_gateway(sink.port, extra=scanning(stalling_clamd, {"AntiviralSessions": "10", "InFlowDelay": "10",
+                                                                 "IncomingProcesses": "2"}))
+    gw.wait_log(r"incoming process 1 started")
     for n in range(10):  # every scan slot taken: the workers stuck in clamd, the rest behind them
         send(gw, f"stuck {n}", STALL_MARKER)
     send(gw, "waiting", b"no scan slot is free for this one")  # its MAIL came while nothing waited
+    first = RawClient(gw.port) if process == "incoming" else None  # served by the main process
     client = RawClient(gw.port)
     assert client.reply()[0] == 220
     assert client.cmd("EHLO client.test")[0] == 250
@@ -159,7 +164,10 @@ def test_mail_arriving_faster_than_it_is_scanned_waits_at_mail_from(make_gateway
     assert time.monotonic() - started < 8
     assert client.cmd("RCPT TO:<x@example.test>")[0] == 250
     assert client.cmd("DATA")[0] == 354
-    assert client.cmd("Subject: held\r\n\r\nheld at MAIL FROM\r\n.")[0] == 250
+    code, text = client.cmd("Subject: held\r\n\r\nheld at MAIL FROM\r\n.")
+    assert code == 250 and text.rsplit(" ", 1)[1][-1] == ("1" if first else "0")  # the process that served it
     client.cmd("QUIT")
     got = sink.wait_for(12, timeout=60)
     assert sum(b"Subject: held" in m.data for m in got) == 1
+    if first is not None:
+        first.close()

@@ -359,6 +359,15 @@ def gateway(make_gateway, sink) -> GatewayProcess:
     return make_gateway(sink.port)
 
 
+def admits(port: int) -> bool:
+    """Whether the gateway on ``port`` greets a new connection with 220 (not a 421 refusal)."""
+    client = RawClient(port)
+    try:
+        return client.reply()[0] == 220
+    finally:
+        client.close()
+
+
 class RawClient:
     """A plain socket SMTP client for what smtplib will not send (pipelining, smuggling, junk)."""
 
