@@ -567,5 +567,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=1, help="interleaved runs per stack (--stacks; medians)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one run's last message")
     parser.add_argument("--incoming-processes", type=int, default=0,
-                        help="smtpgw's IncomingProcesses (default 0: one per core)")
+                        help="smtpgw's IncomingProcesses (default 0: half the cores, at least one)")
     parser.add_argument("--only", help="these stacks only (--stacks), e.g. gw-on,rspamd (names: plain, rspamd, gw-on, gw-off)")
