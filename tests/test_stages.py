@@ -99,7 +99,7 @@ class Inbox(Host):
     def session_closed(self, session: Session) -> None:
         self.closed.append(session)
 
-    def admit_mail(self, ready: Callable[[], None]) -> bool:
+    def admit_mail(self, ready: Callable[[], None], first: bool = False) -> bool:
         return True  # nothing waits for a scan here
 
 
@@ -441,6 +441,25 @@ def test_copies_and_notifications_are_written_off_the_loop(
     assert sorted(e.id for e in host.scanned if e.id.startswith(env.id)) == [f"{env.id}-1", f"{env.id}-2"]
     assert all(host.queue.find(e.id) == QUE for e in host.scanned)
     assert env.id not in scanner.inflight
+
+
+def test_held_mail_goes_in_turn_a_sessions_first_message_ahead(scans: tuple[Scans, Scanner, FakePool]) -> None:
+    """InFlowDelay: while messages wait for a scan slot, MAILs are held; when a slot frees, a
+    session's first message goes before the next messages of sessions that already sent some."""
+    host, scanner, pool = scans
+    for _ in range(scanner.limit + 1):  # every slot taken, one message waiting
+        scanner.accept(host.queued(WFC))
+    assert len(scanner.waiting) == 1
+    released: list[str] = []
+    assert not scanner.admit(lambda: released.append("bulk 1"))
+    assert not scanner.admit(lambda: released.append("bulk 2"))
+    assert not scanner.admit(lambda: released.append("new session"), first=True)
+    done = pool.jobs[0][0]
+    pool.on_result(done, {"copies": [vars(CopyResult(group="policy", recipients=["user@example.test"],
+                                                     notes={"status": "clean"}))]})
+    host.wait(lambda: len(released) == 3, "every held MAIL let go once nothing waits")
+    assert released == ["new session", "bulk 1", "bulk 2"]
+    assert not scanner.holding
 
 
 def test_a_deferred_scan_waits_in_wfc(scans: tuple[Scans, Scanner, FakePool]) -> None:

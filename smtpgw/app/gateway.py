@@ -487,8 +487,8 @@ class Gateway:
     def session_closed(self, session: Session) -> None:
         self.inbound.closed(session)
 
-    def admit_mail(self, ready: Callable[[], None]) -> bool:
-        return self.scanner.admit(ready)
+    def admit_mail(self, ready: Callable[[], None], first: bool = False) -> bool:
+        return self.scanner.admit(ready, first)
 
     def holding_mail(self) -> bool:
         """Messages wait for a scan slot: InFlowDelay holds new mail (``Scanner.admit``)."""

@@ -21,7 +21,8 @@ JSON object per packet:
 - incoming → main: ``{"ready": true}``, then reports ``{"ids": [...], "closed": [ip, ...],
   "stats": {counter: delta}}``: the queue IDs committed to WFC, the sessions that ended, and the
   counters their sessions changed, sent as they happen (and the counters at least once a second);
-  ``{"admit": n}``: a MAIL waits for the scanner's turn (InFlowDelay, ``Scanner.admit``).
+  ``{"admit": n, "first": bool}``: a MAIL waits for the scanner's turn (InFlowDelay,
+  ``Scanner.admit``; ``first``: the session's first message, let go ahead of the others).
 
 Must never: let an incoming process move a record out of WFC or hand a message to the scanner
 (the main process does, on the ID reported); keep serving once the main process is gone (its
@@ -202,7 +203,7 @@ class Master(Protocol):
     def holding_mail(self) -> bool:
         """Whether messages wait for a scan slot (InFlowDelay holds new ones back)."""
 
-    def admit_mail(self, ready: Callable[[], None]) -> bool:
+    def admit_mail(self, ready: Callable[[], None], first: bool = False) -> bool:
         """InFlowDelay: True when a new message may come now, else ``ready`` runs when it may."""
 
 
@@ -284,14 +285,14 @@ class Incoming:
         for name, amount in message.get("stats", {}).items():
             self.master.stats.inc(name, amount)
         if "admit" in message and child.channel is not None:
-            self._admit(child.channel, message["admit"])
+            self._admit(child.channel, message["admit"], bool(message.get("first")))
 
-    def _admit(self, channel: Channel, asked: int) -> None:
+    def _admit(self, channel: Channel, asked: int, first: bool) -> None:
         """A MAIL held in an incoming process (InFlowDelay) goes when the scanner lets it."""
         def go() -> None:
             channel.send({"go": asked})  # a channel since closed (the process died) sends nothing
 
-        if self.master.admit_mail(go):
+        if self.master.admit_mail(go, first):
             go()
 
     def _received(self, qid: str) -> bool:
@@ -486,15 +487,16 @@ class IncomingProcess:
         self.report["closed"].append(session.ip)
         self._report_soon()
 
-    def admit_mail(self, ready: Callable[[], None]) -> bool:
+    def admit_mail(self, ready: Callable[[], None], first: bool = False) -> bool:
         """InFlowDelay: while the main process says messages wait for a scan slot, a MAIL asks it
-        (``{"admit": n}``) and waits for its ``{"go": n}``: the main process's scanner lets held
-        MAILs of every process go in turn, as one moves on or after InFlowDelay (Scanner.admit)."""
+        (``{"admit": n, "first": bool}``) and waits for its ``{"go": n}``: the main process's
+        scanner lets held MAILs of every process go in turn, as one moves on or after
+        InFlowDelay (Scanner.admit)."""
         if not self.hold or not self.cfg.limits.InFlowDelay:
             return True
         self.asked += 1
         self.held[self.asked] = ready
-        self.channel.send({"admit": self.asked})
+        self.channel.send({"admit": self.asked, "first": first})
         return False
 
     # -- the channel ---------------------------------------------------------------------

@@ -219,9 +219,10 @@ class Inbound(Lookups, Protocol):
     def session_closed(self, session: "Session") -> None:
         """The session's socket is closed."""
 
-    def admit_mail(self, ready: Callable[[], None]) -> bool:
+    def admit_mail(self, ready: Callable[[], None], first: bool = False) -> bool:
         """In-flow control (``InFlowDelay``): True when a new message may come now; else False,
-        and ``ready`` runs once it may (the scanner's wait shrank, or the delay is over)."""
+        and ``ready`` runs once it may (the scanner's wait shrank, or the delay is over); the
+        ``first`` message of a session goes ahead of the next ones of other sessions."""
 
 
 class Session:
@@ -536,7 +537,7 @@ class Session:
         if not self.host.queue_has_space():
             self.reply(smtp.NO_STORAGE)
             return
-        if not self.flow_admitted and not self.host.admit_mail(self._flow_admitted):
+        if not self.flow_admitted and not self.host.admit_mail(self._flow_admitted, self.messages == 0):
             self._take_up_later("MAIL", arg)  # mail arrives faster than it is scanned (InFlowDelay)
             return
         self.flow_admitted = False

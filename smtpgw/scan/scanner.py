@@ -96,6 +96,7 @@ class Scanner:
         self.removed: set[str] = set()  # removed by the admin while a worker scans them
         self.applying: set[str] = set()  # results being written by an I/O thread (in inflight too)
         self.flow_waiters: deque[list[Any]] = deque()  # [callback, timer] of MAIL commands held back
+        self.flow_first: deque[list[Any]] = deque()  # the same for a session's first message: let go first
         workers = max(1, min(self.limit, os.cpu_count() or 1))
         # a job gets three times the clamd time limit (at least 5 minutes) before its worker is replaced
         job_timeout = max(300.0, 3.0 * float(host.cfg.ave.ScanTimeout or 0))
@@ -171,24 +172,34 @@ class Scanner:
         self.waiting.append(qid)
         self.pump()
 
-    def admit(self, callback: Callable[[], None]) -> bool:
+    def admit(self, callback: Callable[[], None], first: bool = False) -> bool:
         """In-flow control (``InFlowDelay``, as Postfix's in_flow_delay): True when a new message
         may come now; False while messages wait for a scan slot, and ``callback`` runs when one
-        of them has left the wait (first held, first released) or after InFlowDelay seconds,
-        whichever is first. Mail then arrives at the rate it is scanned instead of piling up."""
+        of them has left the wait or after InFlowDelay seconds, whichever is first. Mail then
+        arrives at the rate it is scanned instead of piling up. Held MAILs go in the order they
+        came, the ``first`` message of a session ahead of the next messages of sessions that
+        already sent some: a client that sends one message waits for one scan slot, not behind
+        every message of a bulk sender's open sessions."""
         delay = self.host.cfg.limits.InFlowDelay
         if not delay or not self.enabled or not self.waiting:
             return True
         entry: list[Any] = [callback, None]
         entry[1] = self.loop.call_later(delay, self._flow_release, entry)
-        self.flow_waiters.append(entry)
+        (self.flow_first if first else self.flow_waiters).append(entry)
         return False
+
+    @property
+    def holding(self) -> bool:
+        """MAIL commands are held (``admit``)."""
+        return bool(self.flow_first or self.flow_waiters)
 
     def _flow_release(self, entry: list[Any] | None = None) -> None:
         """Let one held MAIL go: ``entry`` (its delay is over), else the first held."""
         if entry is None:
-            entry = self.flow_waiters.popleft()
+            entry = (self.flow_first or self.flow_waiters).popleft()
             entry[1].cancel()
+        elif entry in self.flow_first:
+            self.flow_first.remove(entry)
         elif entry in self.flow_waiters:
             self.flow_waiters.remove(entry)
         else:
@@ -198,7 +209,7 @@ class Scanner:
     def pump(self) -> None:
         while self.enabled and self.waiting and len(self.inflight) < self.limit:
             qid = self.waiting.popleft()
-            if self.flow_waiters:
+            if self.holding:
                 self._flow_release()
             env = self.envelopes.pop(qid, None) or self.queue.load(WFC, qid)
             if env is None:
@@ -225,7 +236,7 @@ class Scanner:
                 self.inflight.discard(qid)
                 self.scanning.pop(qid, None)
                 self._retry_later(qid, RETRY_AFTER_CRASH)
-        while self.flow_waiters and not self.waiting:  # nothing waits for a scan: no reason to hold
+        while self.holding and not self.waiting:  # nothing waits for a scan: no reason to hold
             self._flow_release()
         self.host.stats.set("antiviral_checking_sessions_current", len(self.inflight))
 
