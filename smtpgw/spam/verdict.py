@@ -40,29 +40,30 @@ METHODS = ("white list", "black list", "dnsbl", "headers", "content", "rules", "
 # protocol (a database of the other sources judges each of SpamAssassin 2002 and 2003-05, TREC 2007
 # and modern-mixed 2025-26; the one of every source judges the mailing-list ham 2019-26 and the
 # phishing 2022-26), never one set. Spam: the lowest score that calls at most 0.1% of the ham of
-# every one of those five ham sets Spam (0.05% for "soft"). Probable Spam at "standard": 0.5, log-odds
-# 0, the content and rules saying spam more than ham. Database 2026.12.07-3 (the site's own relays
-# are no longer the entry hop) and spamfilter's factors of that version, at
-# ham→Spam / ham→Probable / caught:
+# every one of those five ham sets Spam (0.05% for "soft"; "hard" keeps 0.995). Probable Spam at
+# "standard": 0.5, log-odds 0, the content and rules saying spam more than ham. Database 2026.12.07-3
+# (the site's own relays are no longer the entry hop) and spamfilter's factors of that version, at
+# ham→Spam / ham→Probable / caught (bench/spam_accuracy.py, each level with its own rules):
 #   standard  sa-2002 0.00% / 10.1% / 89.3%   sa-2003-05 0.00% / 3.56% / 92.5%   trec-2007 0.05% / 5.32% / 81.0%
-#             modern-mixed 0.00% / 12.9% / 84.8%   lists 0.10% / 0.70% / -   phishing caught 93.3%
-#   soft      sa-2002 0.00% / 4.29% / 79.3%   sa-2003-05 0.00% / 0.73% / 83.7%   trec-2007 0.02% / 1.15% / 67.1%
-#             modern-mixed 0.00% / 7.53% / 75.2%   lists 0.05% / 0.50% / -   phishing caught 83.3%
-#   hard      sa-2002 0.21% / 14.1% / 92.8%   sa-2003-05 0.00% / 5.24% / 93.6%   trec-2007 0.22% / 6.13% / 83.8%
-#             modern-mixed 1.08% / 14.0% / 86.7%   lists 0.10% / 0.80% / -   phishing caught 94.2%
+#             modern-mixed 0.00% / 12.9% / 84.8%   lists 0.10% / 0.70% / -   phishing caught 93.4%
+#   soft      sa-2002 0.00% / 4.29% / 75.2%   sa-2003-05 0.00% / 0.73% / 77.9%   trec-2007 0.02% / 0.98% / 64.2%
+#             modern-mixed 0.00% / 7.53% / 73.3%   lists 0.05% / 0.35% / -   phishing caught 81.8%
+#   hard      sa-2002 0.10% / 15.2% / 93.7%   sa-2003-05 0.00% / 5.55% / 94.8%   trec-2007 0.22% / 9.23% / 84.3%
+#             modern-mixed 2.15% / 17.2% / 88.6%   lists 0.10% / 0.85% / -   phishing caught 95.2%
+#   ("hard" counts more rules and calls more Spam by design: at 0.99 it called 3.2% of modern-mixed ham Spam.)
 # (the factors in spamfilter and these thresholds were chosen on those pooled held-out scores, so
 # they are tuned on all four trained sources at once; the modern-mixed 5-fold gives 0.00% / 4.30% /
 # 88.6% at "standard".) Database 2026.12.07-2 with the former factors and (0.40, 0.998) gave at
 # "standard": sa-2002 0.00% / 9.62% / 85.4%, sa-2003-05 0.00% / 3.87% / 88.2%, trec-2007 0.03% /
 # 5.67% / 80.9%, modern-mixed 0.00% / 24.7% / 81.9%, lists 0.10% / 0.75%, phishing 91.9%.
 # Keeping ham→Probable at or under 3% on every held-out set still needs a Probable threshold that
-# catches only 67-84% (soft): the ranking across sources ((1-AUC)% 1.5-3.9, modern 7.7) does not yet
+# catches only 64-78% (soft): the ranking across sources ((1-AUC)% 1.5-3.9, modern 7.7) does not yet
 # allow both, and "standard" keeps the catch. Every Probable threshold is above the score of a
 # message without a known clue (0.333, spamfilter.NO_EVIDENCE).
 THRESHOLDS: dict[str, tuple[float, float]] = {
     "soft": (0.85, 0.999),
     "standard": (0.50, 0.997),
-    "hard": (0.40, 0.99),
+    "hard": (0.40, 0.995),
 }
 DEFAULT_LEVEL = "standard"
 
