@@ -456,7 +456,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.antispam", "DNSBlackListWeight", FLOAT, "0-1", 0.5),
     P("smtpgw.antispam", "LearnOnRelease", BOOL, "", False),
     P("smtpgw.antispam", "AutoLearn", BOOL, "", False),
-    P("smtpgw.antispam", "AutoLearnSpamScore", FLOAT, "0.998-1", 0.99999),
+    P("smtpgw.antispam", "AutoLearnSpamScore", FLOAT, "0.998-1", 0.9999),
     P("smtpgw.antispam", "AutoLearnHamScore", FLOAT, "0-0.35", 0.0001),
     P("smtpgw.antispam", "AutoLearnMaximalSize", INT, "1-10240 KB", 256),
     P("smtpgw.antispam", "AutoLearnRate", INT, "0-100000", 100),

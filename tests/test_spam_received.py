@@ -18,10 +18,13 @@ LOCAL = "from localhost (localhost [127.0.0.1]) by mx.example.net (Postfix) with
 
 
 def test_hops_in_three_spellings() -> None:
-    assert received.parse(POSTFIX) == received.Hop("mail.example.org", "mail.example.org", "198.51.100.7", "esmtpsa")
-    assert received.parse(ZOMBIE) == received.Hop("203.0.113.9", "ppp-45.dsl.isp.example", "192.0.2.45", "smtp")
-    assert received.parse(EXIM) == received.Hop("workstation", "relay.example.com", "198.51.100.8", "esmtp")
-    assert received.parse(QMAIL) == received.Hop("198.51.100.9", "unknown", "198.51.100.9", "smtp")
+    assert received.parse(POSTFIX) == received.Hop("mail.example.org", "mail.example.org", "198.51.100.7", "esmtpsa",
+                                                   "mx.example.net")
+    assert received.parse(ZOMBIE) == received.Hop("203.0.113.9", "ppp-45.dsl.isp.example", "192.0.2.45", "smtp",
+                                                  "mx.example.net")
+    assert received.parse(EXIM) == received.Hop("workstation", "relay.example.com", "198.51.100.8", "esmtp",
+                                                "mx.example.net")
+    assert received.parse(QMAIL) == received.Hop("198.51.100.9", "unknown", "198.51.100.9", "smtp", "mail.example.net")
     assert received.parse("(qmail 49936 invoked from network); 31 Jul 2002") is None
 
 
@@ -42,6 +45,33 @@ def test_entry_and_origin_hops_give_combined_hints() -> None:
             "rcvd:any:proto:smtp", "rcvd:any:proto:esmtpsa"} <= found
     assert not any(token.startswith("rcvd:origin:") for token in received.hints(external[:1]))
     assert "rcvd:any:proto:esmtp" not in found  # the local delivery hop is not the sender's
+
+
+# The receiving site's own relay: its border MX (mx.example.net, which took POSTFIX in) hands the
+# message to a store host of the same domain; the relay has a public address named like a dynamic one.
+SITE_RELAY = ("from mx.example.net (203-0-113-20-host.colo.example [203.0.113.20]) by store.example.net "
+              "(8.18.1) with ESMTPS id 59SD1hTB078016")
+# A sender's forged HELO of the recipient's domain: no hop below was received by that host.
+FORGED_SITE = ("from mx.example.net (ppp-45.dsl.isp.example [192.0.2.45]) by store.example.net (Postfix) "
+               "with SMTP id 8E2A13C765")
+
+
+def test_the_site_s_own_relay_is_not_the_entry_hop() -> None:
+    chain = received.hops([SITE_RELAY, POSTFIX])
+    assert received.past_site_relays(chain) == chain[1:]
+    found = received.hints([hop for hop in received.past_site_relays(chain) if received.is_public(hop.ip)])
+    assert "rcvd:entry:proto:esmtpsa+authenticated" in found
+    assert not any("rdns-dynamic" in token or "esmtps" in token.split(":")[-1].split("+") for token in found)
+    raw = b"Received: " + SITE_RELAY.encode() + b"\r\nReceived: " + POSTFIX.encode() + b"\r\n\r\nbody text"
+    assert "rcvd:entry:proto:esmtpsa" in tokenizer.tokens(mailview.build(raw))
+
+
+def test_a_forged_site_helo_still_is_the_entry_hop() -> None:
+    for chain in (received.hops([FORGED_SITE]), received.hops([FORGED_SITE, QMAIL])):
+        assert received.past_site_relays(chain) == chain
+    relay_elsewhere = SITE_RELAY.replace("by store.example.net", "by store.example.org")
+    chain = received.hops([relay_elsewhere, POSTFIX])  # received by another domain than the HELO's
+    assert received.past_site_relays(chain) == chain
 
 
 def test_tokens_never_carry_hosts_addresses_or_dates() -> None:

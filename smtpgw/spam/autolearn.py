@@ -49,7 +49,7 @@ from smtpgw.spool.queue import write_durably
 log = logging.getLogger("smtpgw.spam.autolearn")
 
 WINDOW = 3600.0  # seconds over which AutoLearnRate counts
-DEFAULT_SPAM_SCORE = 0.99999
+DEFAULT_SPAM_SCORE = 0.9999
 DEFAULT_HAM_SCORE = 0.0001
 DEFAULT_MAXIMAL_SIZE = 256  # KB
 DEFAULT_RATE = 100  # messages an hour

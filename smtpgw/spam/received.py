@@ -32,6 +32,7 @@ _RDNS_BEFORE_IP = re.compile(rf"\((?:[^\s()@]*@)?([^\s()\[\]]*)\s*\[{_IPV4}\]")
 _EXIM_HELO = re.compile(r"helo=([^\s()\]]+)")
 _QMAIL_HELO = re.compile(r"\(helo ([^\s()]+)\)")
 _WITH = re.compile(r"\bwith\s+([a-z0-9]+)")
+_BY = re.compile(r"^([^\s;()\[\]]+)")
 _PROTOCOLS = frozenset({"smtp", "esmtp", "esmtpa", "esmtps", "esmtpsa", "lmtp", "http", "https", "local",
                         "imap", "pop3", "qmqp", "microsoft", "asmtp", "smtps", "utf8smtp", "utf8esmtp"})
 # Words in the reverse-DNS names ISPs give their dial-up, DSL and cable customers: the
@@ -47,6 +48,7 @@ class Hop:
     rdns: str  # the receiver's reverse-DNS name of the client, "" if none, "unknown" as written
     ip: str  # the connecting IPv4 address, "" if not found
     protocol: str  # the "with" keyword, lower case, "" if none
+    by: str = ""  # the host that received it (RFC 5321 §4.4 By-domain), lower case, "" if none
 
 
 def parse(value: str) -> Hop | None:
@@ -54,7 +56,8 @@ def parse(value: str) -> Hop | None:
     low = " ".join(value[:MAX_FIELD].lower().split())
     if not low.startswith("from "):
         return None
-    clause = low[5:].split(" by ", 1)[0]
+    clause, _, by_part = low[5:].partition(" by ")
+    by_match = _BY.match(by_part)
     words = clause.split()
     first = words[0] if words else ""
     with_match = _WITH.search(low)
@@ -71,12 +74,37 @@ def parse(value: str) -> Hop | None:
         helo = "" if first.startswith("(") else first
         rdns_match = _RDNS_BEFORE_IP.search(clause)
         rdns = rdns_match.group(1) if rdns_match else ""
-    return Hop(helo.strip("[]()"), rdns.strip("."), ip_match.group(1) if ip_match else "", protocol)
+    return Hop(helo.strip("[]()"), rdns.strip("."), ip_match.group(1) if ip_match else "", protocol,
+               by_match.group(1).strip(".") if by_match else "")
 
 
 def hops(fields: list[str]) -> list[Hop]:
     """The hops of a message's Received fields (newest first, as they appear)."""
     return [hop for hop in (parse(value) for value in fields[:MAX_HOPS]) if hop is not None]
+
+
+def past_site_relays(chain: list[Hop]) -> list[Hop]:
+    """The hops from the first one that did not stay inside the receiving site (newest first).
+
+    A site often relays mail between its own hosts after its border MX took it in
+    ("from mx1.site.example (...) by store.site.example", the hop below it "by
+    mx1.site.example"): such a hop describes the receiving site, not the sender, and
+    taken as the entry hop it taught the classifier the collector's relay of a
+    corpus (a colocation host named like a dynamic address, in 98% of one set's ham).
+    A hop counts as the site's own only when the chain vouches for it: its HELO
+    names the host that received the hop below it, in the same registered domain
+    as the host that received this one. A forged HELO of the recipient's domain
+    alone is not enough.
+    """
+    start = 0
+    while start + 1 < len(chain):
+        hop, below = chain[start], chain[start + 1]
+        if not hop.helo or hop.helo != below.by or "." not in hop.helo or _IP_LITERAL.match(hop.helo):
+            break
+        if registered_domain(hop.helo) != registered_domain(hop.by):
+            break
+        start += 1
+    return chain[start:]
 
 
 def is_public(ip: str) -> bool:

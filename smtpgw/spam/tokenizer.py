@@ -256,7 +256,7 @@ def _received_tokens(view: MailView, tokens: set[str]) -> None:
     message carries its collector's two or three delivery hops, a message at the
     gateway has not got them yet, so "no hop" was learned as certain ham.
     """
-    hops = received.hops(view.header_all("received"))
+    hops = received.past_site_relays(received.hops(view.header_all("received")))
     tokens.update(received.hints([hop for hop in hops if received.is_public(hop.ip)]))
 
 

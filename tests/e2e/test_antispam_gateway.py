@@ -215,6 +215,13 @@ CONTENT_SPAM = (b"From: Best Deals <deals@promo-offers.biz>\r\nTo: bob@example.t
                 b"Message-ID: <x1@promo-offers.biz>\r\n\r\nBuy viagra cialis cheap, no prescription needed! Lowest "
                 b"prices guaranteed, order now and save 80%.\r\nClick here to order: http://promo-offers.biz/buy\r\n"
                 b"To be removed from our mailing list click here.\r\n")
+# A spam far beyond the Spam threshold: its content alone scores over AutoLearnSpamScore's default.
+AUTOLEARN_SPAM = CONTENT_SPAM.replace(b"To be removed", (
+    b"Act now, this limited time offer expires soon! 100% satisfaction guaranteed or your money back.\r\n"
+    b"FREE shipping worldwide, discreet packaging, no doctor visit, no questions asked.\r\n"
+    b"Thousands of satisfied customers. Best online pharmacy, brand and generic medications at the lowest prices.\r\n"
+    b"Earn extra cash from home, make money fast, work from home opportunity, be your own boss!\r\n"
+    b"You are receiving this email because you opted in. To be removed"))
 
 
 def test_a_released_spam_is_learned_as_ham_and_rescanned_as_ham(make_gateway, sink, clamd, tmp_path):
@@ -245,7 +252,7 @@ def test_auto_learn_learns_a_confident_spam_and_the_workers_count_it(make_gatewa
     bases = private_bases(tmp_path)
     gw = spam_gateway(make_gateway, sink, clamd, path=[("BasesPath", bases)], antispam=[("AutoLearn", "yes")])
     send(gw, SPAM)
-    send(gw, CONTENT_SPAM)
+    send(gw, AUTOLEARN_SPAM)
     gw.wait_log(r": auto-learned as spam into " + re.escape(site_file(bases)))
     sink.wait_for(2)
     layer = SpamDatabase.load(site_file(bases))
