@@ -84,7 +84,7 @@ TWINS = {
         message(TEXT, subject="kbuild: rename CONFIG_DEBUG_INFO and fix_up_symbols")),
     "symbol_display_name": (
         message(TEXT, sender='"\u27a4\u27a4 Life Insurance Offer" <offer@example.net>'),
-        message(TEXT, sender='"Life Insurance Desk" <desk@example.net>')),
+        message(TEXT, sender='"Disney+" <disneyplus@mail.example.net>')),
     "invisible_in_words": (
         message(TEXT, sender='"M\U000e0139i\U000e0139cro\u200bsoft" <billing@notice-7.example.net>'),
         message(TEXT, sender='"Microsoft Store" <store@example.net>', subject="\u26a0\ufe0f Your order \U0001f468\u200d\U0001f4bb")),

@@ -371,9 +371,10 @@ def underscored_words(view: MailView) -> bool:
 
 
 def symbol_display_name(view: MailView) -> bool:
-    """Arrows, ticks or dingbats in the From display name ("➤➤ Offer", "⇑⇑⇑ FastRates")."""
+    """Arrows, ticks or dingbats in the From display name ("➤➤ Offer", "⇑⇑⇑ FastRates"); the ASCII signs of
+    a brand's name ("Disney+", "Notepad++") and emoji are not."""
     name = _display_name_raw(view)[:128]
-    return sum(1 for c in name if unicodedata.category(c) in ("So", "Sm") and ord(c) < 0x1F000) >= 1
+    return any(unicodedata.category(c) in ("So", "Sm") and 0x7F < ord(c) < 0x1F000 for c in name)
 
 
 # Characters that take no room: zero-width spaces and joiners, word joiner and invisible operators,
