@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from smtpgw.spam import SpamFilter, mailview
+from smtpgw.spam.database import DatabaseInfo, SpamDatabase
 from smtpgw.spam.signs import CHECKS, run_check
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.spam.tokenizer import tokens
@@ -60,6 +61,12 @@ TWINS = {
     "brand_subject": (
         message(TEXT, subject="Netflix: your payment was declined", sender="billing@renew-now.example.net"),
         message(TEXT, subject="Netflix: your payment was declined", sender="info@mailer.netflix.com")),
+    "display_name_address": (
+        message(TEXT, sender='"service@paypal.com" <notice@mailer-77.example.net>'),
+        message(TEXT, sender='"bob@example.org via Drive" <drive-shares-noreply@google.com>')),
+    "recipient_in_subject": (
+        message(TEXT, subject="bob@example.org, your $619 credit is waiting"),
+        message(TEXT, subject="Bob, your order has shipped")),
     "reply_to_freemail": (
         message(TEXT, extra="Reply-To: claims.desk@gmail.com\n"),
         message(TEXT, extra="Reply-To: support@shop.example.com\n")),
@@ -77,7 +84,7 @@ TWINS = {
         message(TEXT, subject="kbuild: rename CONFIG_DEBUG_INFO and fix_up_symbols")),
     "symbol_display_name": (
         message(TEXT, sender='"\u27a4\u27a4 Life Insurance Offer" <offer@example.net>'),
-        message(TEXT, sender='"Life Insurance Desk" <desk@example.net>')),
+        message(TEXT, sender='"Disney+" <disneyplus@mail.example.net>')),
     "invisible_in_words": (
         message(TEXT, sender='"M\U000e0139i\U000e0139cro\u200bsoft" <billing@notice-7.example.net>'),
         message(TEXT, sender='"Microsoft Store" <store@example.net>', subject="\u26a0\ufe0f Your order \U0001f468\u200d\U0001f4bb")),
@@ -98,6 +105,11 @@ TWINS = {
     "consistent_sender": (
         message(TEXT, extra="DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s1; h=from; bh=x; b=y\n"),
         message(TEXT, extra="DKIM-Signature: v=1; a=rsa-sha256; d=esp-relay.example.net; s=s1; bh=x; b=y\n")),
+    "branded_sender": (
+        message(TEXT, sender='"Filters Fast" <marketing@email.filtersfast.example>',
+                extra="DKIM-Signature: v=1; a=rsa-sha256; d=filtersfast.example; s=s1; h=from; bh=x; b=y\n"),
+        message(TEXT, sender='"Filters Fast" <deals@mailer-77.example.net>',
+                extra="DKIM-Signature: v=1; a=rsa-sha256; d=mailer-77.example.net; s=s1; h=from; bh=x; b=y\n")),
     "unsubscribe_text": (
         message(TEXT + UNSUBSCRIBE),
         message(TEXT)),
@@ -156,17 +168,58 @@ def test_password_field_is_a_credential_prompt() -> None:
     assert run_check("credential_prompt", mailview.build(form))
 
 
+def test_an_html_body_that_carries_a_name_is_not_a_risky_attachment() -> None:
+    """A newsletter's HTML part named "accuwx.htm" and shown inline (RFC 2183 §2.1) is the message itself."""
+    inline = message(TEXT, html=False).replace(
+        b"Content-Type: text/plain; charset=utf-8\n",
+        b'Content-Type: text/html; charset=utf-8; name="accuwx.htm"\nContent-Disposition: inline; filename="accuwx.htm"\n')
+    assert not run_check("risky_attachment", mailview.build(inline))
+    attached = message(TEXT, attachment="Remittance.HTM")
+    assert run_check("risky_attachment", mailview.build(attached))
+    assert run_check("risky_attachment", mailview.build(message(TEXT, attachment="profile.mobileconfig")))
+
+
+@pytest.mark.parametrize("disguise", [
+    {"sender": '"MetaMask Support" <news@mailer-77.example.net>'},
+    {"sender": '"service@paypal.com" <news@mailer-77.example.net>'},
+    {"subject": "Recent L\u0435\u0501g\u0435r breach"},
+    {"extra": "Reply-To: claims.desk@gmail.com\n"},
+])
+def test_the_marks_of_bulk_mail_do_not_count_for_a_disguised_sender(disguise: dict[str, str]) -> None:
+    """Phishing copies the one-click header, the opt-out line and its own DKIM signature: beside a disguise
+    they are no sign of a legitimate sender."""
+    def bulk(sender: str = '"Shop News" <news@shop.example.com>', subject: str = "Your order", extra: str = "") -> bytes:
+        domain = sender.rsplit("@", 1)[1].rstrip(">")
+        signed = f"DKIM-Signature: v=1; a=rsa-sha256; d={domain}; s=s1; h=from; bh=x; b=y\n"
+        return message(TEXT + UNSUBSCRIBE, sender=sender, subject=subject, extra=ONE_CLICK + signed + extra)
+
+    marks = ("one_click_unsubscribe", "unsubscribe_text", "compliant_bulk", "consistent_sender")
+    assert all(run_check(name, mailview.build(bulk())) for name in marks)
+    assert not any(run_check(name, mailview.build(bulk(**disguise))) for name in marks)
+
+
 @pytest.fixture(scope="module")
 def spam_filter() -> SpamFilter:
     return SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), None)
 
 
-@pytest.mark.parametrize("name", ["brand_display_name", "one_click_unsubscribe", "risky_attachment"])
-def test_sign_names_reach_the_verdict_reasons(spam_filter: SpamFilter, name: str) -> None:
+@pytest.fixture(scope="module")
+def rules_filter(tmp_path_factory: pytest.TempPathFactory) -> SpamFilter:
+    """A filter whose database holds the rules of ``default.rules`` as they are now (no tokens), so that a
+    sign's rule is read even before the shipped database is rebuilt with it."""
+    folder = tmp_path_factory.mktemp("bases")
+    SpamDatabase.empty(default_rules(), DatabaseInfo(version="t", date="2026-12-07", source="test")).save(
+        str(folder / "spam.db"))
+    return SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), str(folder))
+
+
+@pytest.mark.parametrize("name", ["brand_display_name", "one_click_unsubscribe", "risky_attachment",
+                                  "display_name_address", "recipient_in_subject"])
+def test_sign_names_reach_the_verdict_reasons(rules_filter: SpamFilter, name: str) -> None:
     rule = next(r for r in default_rules() if r.kind == "check" and r.target == name)
     crafted, twin = TWINS[name]
-    hit = spam_filter.classify(crafted, None, "", [], [])
-    missed = spam_filter.classify(twin, None, "", [], [])
+    hit = rules_filter.classify(crafted, None, "", [], [])
+    missed = rules_filter.classify(twin, None, "", [], [])
     # The reason carries the weight added to the log-odds: + for a spam sign, - for a legitimate-bulk one.
     assert f"rule {rule.name} {rule.weight:+.2f}" in hit.reasons, hit.reasons
     assert not any(reason.startswith(f"rule {rule.name} ") for reason in missed.reasons)

@@ -124,6 +124,20 @@ def url_host(url: str) -> str:
     return host.strip(".").lower()
 
 
+def once(view: MailView, check: Callable[[MailView], bool]) -> bool:
+    """The result of ``check`` on ``view``, computed once per message (kept in ``view.memo`` under the
+    check's name); False when it fails: a sign that cannot be judged is not a hit."""
+    key = "check:" + check.__name__
+    found = view.memo.get(key)
+    if found is None:
+        try:
+            found = bool(check(view))
+        except Exception:
+            found = False
+        view.memo[key] = found
+    return bool(found)
+
+
 # -- the checks -------------------------------------------------------------------------------
 
 

@@ -66,6 +66,7 @@ class Part:
     filename: str  # decoded file name, "" when none
     size: int  # decoded payload size in bytes
     encoding: str  # lower-case Content-Transfer-Encoding, "" when none
+    disposition: str = ""  # lower-case Content-Disposition type (RFC 2183 §2: inline, attachment), "" when none
 
 
 @dataclass
@@ -314,7 +315,8 @@ def _read_parts(msg: Message, view: MailView) -> None:
             view.defects.append("BadFilename")
         data = _payload(part)
         encoding = str(part.get("content-transfer-encoding", "") or "").strip().lower()[:32]
-        view.parts.append(Part(ctype, charset, filename, len(data), encoding))
+        disposition = str(part.get("content-disposition", "") or "").split(";", 1)[0].strip().lower()[:32]
+        view.parts.append(Part(ctype, charset, filename, len(data), encoding, disposition))
         view.defects.extend(type(d).__name__ for d in getattr(part, "defects", []) if part is not msg)
         if budget <= 0 or not ctype.startswith("text/") and ctype != "message/delivery-status":
             continue

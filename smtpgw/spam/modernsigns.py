@@ -11,7 +11,10 @@ for mail of the 2020s (registered in ``signs.CHECKS``):
   (a password field, or account-alarm words beside a link);
 * sender disguise — ``brand_display_name`` / ``brand_subject`` (a brand named
   by a sender of an unrelated domain, also when spelt "C o i n b a s e" or
-  with look-alike letters), ``reply_to_freemail`` (replies go to a free
+  with look-alike letters), ``display_name_address`` (the display name shows
+  an address of another organisation), ``recipient_in_subject`` (the
+  recipient's own address in the Subject, a mail merge of an address list),
+  ``reply_to_freemail`` (replies go to a free
   mailbox of another domain than From), ``confusable_text`` (a display name or
   Subject written with letters of another script that look Latin, small
   capitals or mathematical letters, or letter-spaced words),
@@ -25,9 +28,12 @@ for mail of the 2020s (registered in ``signs.CHECKS``):
 * legitimate bulk mail — ``one_click_unsubscribe`` (List-Unsubscribe with an
   HTTPS URI and List-Unsubscribe-Post, RFC 8058 §3.1), ``consistent_sender``
   (the From domain also signs the mail, RFC 6376 §3.5 d=, and owns its links
-  or Message-ID), ``unsubscribe_text`` (a plain unsubscribe or preferences line),
+  or Message-ID), ``branded_sender`` (the display name names the organisation
+  of the From domain, which signs the mail), ``unsubscribe_text`` (a plain unsubscribe or preferences line),
   ``compliant_bulk`` (both the one-click header and the visible opt-out, as
-  the large mailbox providers require of bulk senders since 2024).
+  the large mailbox providers require of bulk senders since 2024). These
+  count only for a sender that does not also disguise itself (``_disguised``):
+  phishing copies them.
 
 Domains are compared by ``formalsigns.registered_domain``; no name is looked
 up anywhere.
@@ -42,7 +48,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 
-from smtpgw.spam.formalsigns import address_of, from_address, registered_domain, url_host
+from smtpgw.spam.formalsigns import address_of, from_address, once, registered_domain, to_addresses, url_host
 from smtpgw.spam.mailview import MailView
 
 MAX_LINKS = 100
@@ -103,6 +109,15 @@ _UNSUBSCRIBE_TEXT = re.compile(
     r"\bunsubscribe\b|(?:manage|update) (?:your )?(?:e-?mail |subscription |communication |notification )?"
     r"(?:preferences|settings|subscriptions?)|opt.?out of|no longer (?:wish|want) to receive")
 _ONE_CLICK = re.compile(r"list-unsubscribe\s*=\s*one-click", re.I)
+# Words of a host or display name that name a mail stream or a department, not an organisation.
+_STREAM_WORDS = frozenset({
+    "mail", "email", "emails", "news", "newsletter", "info", "send", "sender", "reply", "noreply", "marketing",
+    "click", "links", "hello", "notify", "notifications", "notification", "service", "services", "smtp",
+    "bounce", "bounces", "mailer", "support", "team", "customer", "customers", "account", "accounts",
+    "security", "alert", "alerts", "update", "updates", "online", "store", "shop", "official", "help",
+    "billing", "offers", "deals", "promo", "from", "with", "your",
+})
+_NAME_WORD = re.compile(r"[a-z0-9]+")
 _DKIM_DOMAIN = re.compile(r"(?:^|;)\s*d\s*=\s*([A-Za-z0-9.-]{1,253})")
 _MSGID_DOMAIN = re.compile(r"@([A-Za-z0-9.-]{1,253})>")
 _DOMAIN_TEXT = re.compile(r"(?:https?://)?((?:[a-z0-9-]{1,63}\.)+[a-z]{2,12})(?=[/:?#\s]|$)")
@@ -124,8 +139,10 @@ FREEMAIL = frozenset({
 })
 RISKY_EXTENSIONS = frozenset({
     "html", "htm", "shtml", "xhtml", "svg", "iso", "img", "vhd", "vhdx", "lnk", "one", "onepkg", "hta", "wsf",
-    "xll", "docm", "dotm", "xlsm", "xltm", "xlam", "pptm", "potm", "ppam", "ppsm", "sldm",
+    "xll", "docm", "dotm", "xlsm", "xltm", "xlam", "pptm", "potm", "ppam", "ppsm", "sldm", "mobileconfig",
 })
+# A page shown as the message itself (Content-Disposition: inline, RFC 2183 §2.1) is a body, not an attachment.
+_PAGE_EXTENSIONS = frozenset({"html", "htm", "shtml", "xhtml"})
 NEAR_EMPTY_WORDS = 25  # visible words under which a body is "near-empty"
 
 
@@ -279,6 +296,37 @@ def brand_subject(view: MailView) -> bool:
     return bool(domain) and _ACCOUNT_ALARM.search(_plain(subject)) is not None and _unrelated_brand(subject, domain)
 
 
+# Top-level domains of an address a display name may show ("service@paypal.com"):
+# the generic ones most used, and every two-letter country code.
+_NAME_TLDS = frozenset({"com", "net", "org", "info", "biz", "io", "co", "app", "ai", "me", "us", "gov", "edu",
+                        "mil", "int", "dev", "tech", "pro", "finance", "bank", "cloud", "support", "services"})
+_NAMED_ADDRESS = re.compile(r"[\w.+-]@((?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.){1,6}([a-z]{2,12}))(?![\w-])")
+
+
+def display_name_address(view: MailView) -> bool:
+    """The From display name shows an address of another organisation ("service@paypal.com" <x@mailer.example>)
+    than the one the mail is from. A sharing service's "bob@example.org via Service" is not one."""
+    name = _plain(_display_name_raw(view))
+    domain = _from_domain(view)
+    if not domain or " via " in f" {name} ":
+        return False
+    for match in _NAMED_ADDRESS.finditer(name):
+        tld = match.group(2)
+        if tld not in _NAME_TLDS and tld not in CHEAP_TLDS and len(tld) != 2:
+            continue
+        shown = registered_domain(match.group(1))
+        if shown.split(".", 1)[0] != domain.split(".", 1)[0]:
+            return True
+    return False
+
+
+def recipient_in_subject(view: MailView) -> bool:
+    """The recipient's own address in the Subject ("bob@example.org, your bonus is ready"): a mail merge
+    of an address list, where a sender who knows the reader writes a name."""
+    subject = (view.header("subject") or "").lower()[:512]
+    return "@" in subject and any(address in subject for address in to_addresses(view)[:10] if "@" in address)
+
+
 def reply_to_freemail(view: MailView) -> bool:
     """Replies go to a free mailbox of another domain than From."""
     reply = _domain_of(address_of(view.header("reply-to")))
@@ -323,9 +371,10 @@ def underscored_words(view: MailView) -> bool:
 
 
 def symbol_display_name(view: MailView) -> bool:
-    """Arrows, ticks or dingbats in the From display name ("➤➤ Offer", "⇑⇑⇑ FastRates")."""
+    """Arrows, ticks or dingbats in the From display name ("➤➤ Offer", "⇑⇑⇑ FastRates"); the ASCII signs of
+    a brand's name ("Disney+", "Notepad++") and emoji are not."""
     name = _display_name_raw(view)[:128]
-    return sum(1 for c in name if unicodedata.category(c) in ("So", "Sm") and ord(c) < 0x1F000) >= 1
+    return any(unicodedata.category(c) in ("So", "Sm") and 0x7F < ord(c) < 0x1F000 for c in name)
 
 
 # Characters that take no room: zero-width spaces and joiners, word joiner and invisible operators,
@@ -376,29 +425,51 @@ def image_only_link(view: MailView) -> bool:
 
 
 def risky_attachment(view: MailView) -> bool:
-    return any(p.filename.lower().rsplit(".", 1)[-1].strip() in RISKY_EXTENSIONS
-               for p in view.parts if "." in p.filename)
+    """An attachment of a kind that runs, mounts or renders a page (.html, .svg, .iso, .lnk, .one, macro
+    documents, Apple configuration profiles); an HTML body that merely carries a name is not one."""
+    for part in view.parts:
+        extension = part.filename.lower().rsplit(".", 1)[-1].strip() if "." in part.filename else ""
+        if extension in RISKY_EXTENSIONS and not (extension in _PAGE_EXTENSIONS and part.disposition == "inline"):
+            return True
+    return False
 
 
 # -- legitimate bulk mail ---------------------------------------------------------------------
+# The marks of legitimate bulk mail are easy to copy, and today's phishing copies them: they count only
+# for a sender that does not also disguise itself.
+
+
+def _disguised(view: MailView) -> bool:
+    """A sign that the sender passes itself off as another: a brand or a domain not its own in the display
+    name or Subject, look-alike or invisible letters, a look-alike link host, replies to a free mailbox,
+    a crypto lure."""
+    return any(once(view, check) for check in (
+        brand_display_name, brand_subject, display_name_address, confusable_text, invisible_in_words,
+        url_lookalike, reply_to_freemail, crypto_lure))
+
 
 
 def one_click_unsubscribe(view: MailView) -> bool:
     """RFC 8058 §3.1: an HTTPS List-Unsubscribe URI and ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``."""
     unsubscribe = (view.header("list-unsubscribe") or "").lower()
     post = view.header("list-unsubscribe-post") or ""
-    return "<https://" in unsubscribe and _ONE_CLICK.search(post) is not None
+    return "<https://" in unsubscribe and _ONE_CLICK.search(post) is not None and not _disguised(view)
+
+
+def _signed_by_from_domain(view: MailView) -> bool:
+    """A DKIM-Signature of the From domain (d=, RFC 6376 §3.5; relaxed alignment as in DMARC, RFC 7489
+    §3.1.1). The signature is read, not verified: a forged one is what the receiving side's DMARC check
+    refuses."""
+    domain = _from_domain(view)
+    return bool(domain) and any(
+        registered_domain(m.group(1).lower().strip(".")) == domain
+        for value in view.header_all("dkim-signature")[:4] for m in [_DKIM_DOMAIN.search(value)] if m)
 
 
 def consistent_sender(view: MailView) -> bool:
-    """The From domain signs the mail (DKIM d=, RFC 6376 §3.5; relaxed alignment as in DMARC) and also
-    names its Message-ID or most of its links."""
+    """The From domain signs the mail and also names its Message-ID or most of its links."""
     domain = _from_domain(view)
-    if not domain:
-        return False
-    signers = {registered_domain(m.group(1).lower().strip("."))
-               for value in view.header_all("dkim-signature")[:4] for m in [_DKIM_DOMAIN.search(value)] if m}
-    if domain not in signers:
+    if not domain or _disguised(view) or not _signed_by_from_domain(view):
         return False
     msgid = _MSGID_DOMAIN.search(view.header("message-id") or "")
     if msgid and registered_domain(msgid.group(1).lower()) == domain:
@@ -407,24 +478,50 @@ def consistent_sender(view: MailView) -> bool:
     return bool(hosts) and 2 * sum(1 for h in hosts if registered_domain(h) == domain) >= len(hosts)
 
 
+def _names_host(name: str, host: str) -> bool:
+    """True when the display name ``name`` names an organisation label of ``host`` ("Filters Fast" and
+    email.filtersfast.com, "Apple Card" and post.applecard.apple), or the host one of the name's words."""
+    plain = _plain(name)
+    compact = re.sub(r"[^a-z0-9]", "", plain)
+    if len(compact) < 4:
+        return False
+    for label in host.split(".")[:-1]:
+        label = label.replace("-", "")
+        if len(label) >= 4 and label not in _STREAM_WORDS and (label in compact or compact in label):
+            return True
+    return any(word in host for word in _NAME_WORD.findall(plain)[:4] if len(word) >= 4 and word not in _STREAM_WORDS)
+
+
+def branded_sender(view: MailView) -> bool:
+    """The display name names the organisation whose domain the From address is at, and that domain signs
+    the mail: "Filters Fast" <marketing@email.filtersfast.com> with d=filtersfast.com. Spam sent from
+    domains of its own rarely names them; a brand named from another domain is a disguise."""
+    address = from_address(view)
+    name = _display_name_raw(view)
+    if "@" not in address or not name or _disguised(view):
+        return False
+    return _names_host(name, address.rsplit("@", 1)[1]) and _signed_by_from_domain(view)
+
+
 def unsubscribe_text(view: MailView) -> bool:
-    return _UNSUBSCRIBE_TEXT.search(" ".join(view.body[-8192:].lower().split())) is not None
+    return not _disguised(view) and _UNSUBSCRIBE_TEXT.search(" ".join(view.body[-8192:].lower().split())) is not None
 
 
 def compliant_bulk(view: MailView) -> bool:
     """Bulk mail as the large mailbox providers require of it since 2024: an RFC 8058 one-click
     unsubscribe in the header and a visible opt-out in the text (CAN-SPAM 15 U.S.C. 7704(a)(3),
     GDPR Art. 21(3))."""
-    return one_click_unsubscribe(view) and unsubscribe_text(view)
+    return once(view, one_click_unsubscribe) and once(view, unsubscribe_text)
 
 
 CHECKS: dict[str, Callable[[MailView], bool]] = {
     fn.__name__: fn
     for fn in (
         link_domain_mismatch, url_shortener, url_punycode, url_lookalike, html_form, credential_prompt,
-        brand_display_name, brand_subject, reply_to_freemail, confusable_text, from_cheap_tld,
+        brand_display_name, brand_subject, display_name_address, recipient_in_subject, reply_to_freemail,
+        confusable_text, from_cheap_tld,
         subject_tracking_tag, underscored_words, symbol_display_name, invisible_in_words, crypto_lure,
-        image_only_link, risky_attachment, one_click_unsubscribe, consistent_sender, unsubscribe_text,
-        compliant_bulk,
+        image_only_link, risky_attachment, one_click_unsubscribe, consistent_sender, branded_sender,
+        unsubscribe_text, compliant_bulk,
     )
 }

@@ -20,12 +20,4 @@ CHECKS: dict[str, Callable[[MailView], bool]] = {**formalsigns.CHECKS, **moderns
 
 def run_check(name: str, view: MailView) -> bool:
     """The result of check ``name`` on ``view``, computed once per message; False when it fails."""
-    key = "check:" + name
-    found = view.memo.get(key)
-    if found is None:
-        try:
-            found = bool(CHECKS[name](view))
-        except Exception:  # a sign that cannot be judged is not a hit
-            found = False
-        view.memo[key] = found
-    return bool(found)
+    return formalsigns.once(view, CHECKS[name])
