@@ -64,7 +64,7 @@ log = logging.getLogger("smtpgw")
 CONFIG_NAME = ".incoming-config"  # in QueuePath: the configuration the main process accepted (pickled)
 MAX_PACKET = 65536  # bytes of one channel packet; longer lists are sent in several
 CHUNK = 500  # queue IDs or addresses per packet
-STATS_INTERVAL = 1.0  # seconds: counters reported at least this often
+STATS_INTERVAL = 1.0  # seconds: counters reported at least this often, a packet sent even with none
 HOLD_POLL = 0.1  # seconds between looks at the scan wait (InFlowDelay) in the main process
 STOP_GRACE = 5.0  # seconds an incoming process has to stop before it is killed
 QUICK_DEATH = 1.0  # a process that dies younger than this is started again only after RESTART_PAUSE
@@ -219,6 +219,7 @@ class Child:
         self.per_ip: Counter[str] = Counter()  # its open sessions by client address
         self.sessions = 0
         self.reap_tries = 0
+        self.heard = 0.0  # time.monotonic() of its last packet (IncomingProcessTimeout)
 
 
 class Incoming:
@@ -257,7 +258,7 @@ class Incoming:
             return
         finally:
             theirs.close()
-        child.started = time.monotonic()
+        child.started = child.heard = time.monotonic()
         child.ready = False
         child.reap_tries = 0
         child.channel = Channel(self.master.loop, ours, lambda message, fds: self._message(child, message, fds),
@@ -268,6 +269,7 @@ class Incoming:
             self._spawn(child)
 
     def _message(self, child: Child, message: dict[str, Any], fds: list[int]) -> None:
+        child.heard = time.monotonic()
         for fd in fds:  # an incoming process sends none
             os.close(fd)
         if message.get("ready"):
@@ -396,11 +398,26 @@ class Incoming:
         return {"day": quota.day, "bytes": quota.bytes, "over": quota.over, "rcpts": addresses, "reset": reset}
 
     def _watch_hold(self) -> None:
-        """InFlowDelay across processes: tell them when messages start or stop waiting for a scan."""
+        """InFlowDelay across processes: tell them when messages start or stop waiting for a scan;
+        and the watchdog (``_check_alive``)."""
         if self.master.stopping:
             return
         self._check_hold()
+        self._check_alive()
         self.hold_timer = self.master.loop.call_later(HOLD_POLL, self._watch_hold)
+
+    def _check_alive(self) -> None:
+        """An incoming process sends a packet at least every STATS_INTERVAL; one silent for
+        IncomingProcessTimeout is hung (its loop stopped: stuck, or stopped by a signal) and is
+        killed, then reaped and started again like one that died (as Postfix's daemon_timeout)."""
+        limit = self.master.cfg.timeouts.IncomingProcessTimeout
+        now = time.monotonic()
+        for child in self.children:
+            if child.ready and child.proc is not None and now - child.heard > limit:
+                log.error("incoming process %d (pid %d) silent for %ds (IncomingProcessTimeout): killed",
+                          child.index, child.proc.pid, int(now - child.heard))
+                child.proc.kill()
+                child.heard = now  # its channel closes next: _lost reaps it and starts a new one
 
     def _check_hold(self) -> None:
         hold = self.master.holding_mail()
@@ -554,8 +571,7 @@ class IncomingProcess:
             self.channel.send(packet)
 
     def _report_stats(self) -> None:
-        if any(self.stats.counters.values()):
-            self._send_report()
+        self._send_report()  # with nothing to report too: the main process's watchdog hears it
         self.loop.call_later(STATS_INTERVAL, self._report_stats)
 
     def _flush_log(self) -> None:

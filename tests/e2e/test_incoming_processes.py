@@ -67,6 +67,19 @@ def delivered_subjects(sink) -> set[str]:
     return {m.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode() for m in sink.messages}
 
 
+def both_serve_again(gw: GatewayProcess, sink, main_session: smtplib.SMTP, token: str) -> None:
+    """After an incoming process was replaced: a message on a session of the main process and on
+    two new sessions, one of which the new incoming process serves; all three delivered."""
+    ids = [send_on(main_session, f"{token}-0")]
+    clients = open_sessions(gw, 2)
+    ids += [send_on(client, f"{token}-{n + 1}") for n, client in enumerate(clients)]
+    for client in (main_session, *clients):
+        client.quit()
+    assert {qid[-1] for qid in ids} == {"0", "1"}  # the new incoming process serves sessions
+    sink.wait_for(3)
+    assert delivered_subjects(sink) == {f"{token}-0", f"{token}-1", f"{token}-2"}
+
+
 def test_sessions_spread_over_both_processes_and_every_message_is_delivered(make_gateway, sink):
     gw = make_gateway(sink.port, extra={"smtpgw.limits": [("IncomingProcesses", "2"),
                                                           ("MaximalIncomingSessionsPerIP", "10")]})
@@ -125,14 +138,24 @@ def test_a_killed_incoming_process_loses_no_accepted_mail_and_is_started_again(m
     gw.wait_log(r"incoming process 1 \(pid \d+\) ended: signal 9; starting it again")
     new_pid = child_pid(gw, count=2)
     assert new_pid != pid
-    ids = [send_on(main_session, "after-kill-0")]
-    clients = open_sessions(gw, 2)
-    ids += [send_on(client, f"after-kill-{n + 1}") for n, client in enumerate(clients)]
-    for client in (main_session, *clients):
-        client.quit()
-    assert {qid[-1] for qid in ids} == {"0", "1"}  # the new incoming process serves sessions
-    sink.wait_for(3)
-    assert delivered_subjects(sink) == {"after-kill-0", "after-kill-1", "after-kill-2"}
+    both_serve_again(gw, sink, main_session, "after-kill")
+
+
+def test_a_hung_incoming_process_is_killed_and_started_again(make_gateway, sink):
+    """The watchdog (IncomingProcessTimeout): an incoming process whose loop stopped (here SIGSTOP)
+    sends nothing more; the main process kills it, its session is dropped, and a new one serves."""
+    gw = make_gateway(sink.port, extra={"smtpgw.limits": [("IncomingProcesses", "2")],
+                                        "smtpgw.timeouts": [("IncomingProcessTimeout", "3")]})
+    pid = child_pid(gw)
+    main_session, child_session = open_sessions(gw, 2)
+    os.kill(pid, signal.SIGSTOP)
+    gw.wait_log(rf"incoming process 1 \(pid {pid}\) silent for \d+s \(IncomingProcessTimeout\): killed")
+    gw.wait_log(rf"incoming process 1 \(pid {pid}\) ended: signal 9; starting it again")
+    with pytest.raises((smtplib.SMTPServerDisconnected, OSError)):
+        child_session.mail("a@b.test")  # its session went with it
+    new_pid = child_pid(gw, count=2)
+    assert new_pid != pid and gone(pid)
+    both_serve_again(gw, sink, main_session, "after-hang")
 
 
 def test_hup_reloads_both_processes_and_they_write_the_new_log(make_gateway, sink):
