@@ -3,7 +3,8 @@
 Owns: a report of the main process's memory (RSS, open file descriptors, the C heap's bytes in
 use and free, live Python objects after a full collection, the objects by type, and, when the
 interpreter traces allocations, tracemalloc's total and its largest sources) together with the
-length of every registry the gateway keeps per message, session or destination; written as
+length of every registry the gateway keeps per message, session or destination, and the RSS of
+its other processes (scanner workers, incoming processes); written as
 JSON to ``<ControlPath>/memory`` (temp, fsync, rename) and summed up in one log line. And
 ``release``: glibc keeps the pages of freed blocks inside its heap resident (it gives back
 only the top), so a process that frees as much as it allocates still grows, by about 150 bytes
@@ -27,6 +28,7 @@ import tracemalloc
 from collections import Counter
 from typing import Any, Protocol
 
+from smtpgw.app.incoming import Incoming
 from smtpgw.config import Config
 from smtpgw.deliver.sender import Sender
 from smtpgw.net.dns import Resolver
@@ -116,6 +118,7 @@ class Reported(Protocol):
     stats: Stats
     quota: Quota
     committer: Committer
+    incoming: Incoming | None
 
 
 def registries(gw: Reported) -> dict[str, int]:
@@ -127,10 +130,13 @@ def registries(gw: Reported) -> dict[str, int]:
         "scanner_waiting": len(scanner.waiting),
         "scanner_envelopes": len(scanner.envelopes),
         "scanner_inflight": len(scanner.inflight),
+        "scanner_scanning": len(scanner.scanning),
+        "scanner_held_mail": len(scanner.flow_first) + len(scanner.flow_waiters),
         "scanner_retries": len(scanner.retries),
         "sender_schedule": len(sender.schedule),
         "sender_envelopes": len(sender.envelopes),
         "sender_inflight": len(sender.inflight),
+        "sender_concluding": len(sender.concluding),
         "sender_destinations": len(sender.dests),
         "sender_connections": sender.total_connections,
         "sender_unreachable": len(sender.unreachable),
@@ -143,6 +149,14 @@ def registries(gw: Reported) -> dict[str, int]:
         "workers": len(scanner.pool.workers),
         "queue_spare_files": gw.committer.spare_count(),  # open descriptors, made ahead of need
     }
+
+
+def processes(gw: Reported) -> list[dict[str, Any]]:
+    """The gateway's other processes: kind, pid and resident size (0 for one that just ended)."""
+    pids = [("worker", worker.proc.pid) for worker in gw.scanner.pool.workers]
+    if gw.incoming is not None:
+        pids += [("incoming", pid) for pid in gw.incoming.pids()]
+    return [{"kind": kind, "pid": pid, "rss_kib": proc_status(pid).get("VmRSS", 0)} for kind, pid in pids]
 
 
 def _gc_counts() -> tuple[int, list[tuple[str, int]]]:
@@ -185,6 +199,7 @@ def report(gw: Reported) -> dict[str, Any]:
         "gc_objects": objects,
         "gc_by_type": by_type,
         "registries": registries(gw),
+        "processes": processes(gw),
         "tracemalloc": _traced(),
     }
 
@@ -193,8 +208,10 @@ def dump(gw: Reported) -> None:
     """``.c_memory``: the report to ``<ControlPath>/memory`` and a summary line in the log."""
     data = report(gw)
     traced = data["tracemalloc"]
-    log.info("memory: rss=%dKiB fds=%d objects=%d traced=%s registries=%s", data["rss_kib"], data["open_fds"],
-             data["gc_objects"], traced["traced_bytes"] if traced else "off",
+    others = data["processes"]
+    log.info("memory: rss=%dKiB fds=%d objects=%d traced=%s others=%d/%dKiB registries=%s", data["rss_kib"],
+             data["open_fds"], data["gc_objects"], traced["traced_bytes"] if traced else "off", len(others),
+             sum(p["rss_kib"] for p in others),
              ",".join(f"{k}={v}" for k, v in data["registries"].items()))
     path = os.path.join(gw.cfg.path.ControlPath, REPORT_NAME)
     try:

@@ -188,6 +188,13 @@ def test_a_bad_configuration_at_hup_is_applied_by_neither_process(make_gateway, 
         client.quit()
 
 
+def test_the_memory_report_names_every_other_process(make_gateway, sink):
+    gw = make_gateway(sink.port, extra=TWO)
+    pid = child_pid(gw)
+    [incoming] = [p for p in gw.memory_report()["processes"] if p["kind"] == "incoming"]
+    assert incoming["pid"] == pid and incoming["rss_kib"] > 1024
+
+
 def test_sigterm_stops_every_process_and_a_killed_main_process_leaves_none(make_gateway, sink):
     gw = make_gateway(sink.port, extra=TWO)
     pid = child_pid(gw)

@@ -16,7 +16,8 @@ WARMUP = 100
 # objects per message (54,000 for this load).
 OBJECT_TOLERANCE = 1500
 PER_MESSAGE_REGISTRIES = ("sessions", "sessions_per_ip", "scanner_waiting", "scanner_envelopes", "scanner_inflight",
-                          "scanner_retries", "sender_schedule", "sender_envelopes", "sender_inflight")
+                          "scanner_scanning", "scanner_held_mail", "scanner_retries", "sender_schedule",
+                          "sender_envelopes", "sender_inflight", "sender_concluding")
 
 
 def send_load(source: str, port: int, count: int) -> None:
