@@ -38,6 +38,7 @@ import difflib
 import grp
 import ipaddress
 import os
+import pickle
 import pwd
 import re
 import sys
@@ -50,6 +51,7 @@ from smtpgw import PACKAGE_DIR
 from smtpgw.console import auth as console_auth
 from smtpgw.rules import access, routing
 from smtpgw.rules.masks import client_address, match_any, parse_ip_mask
+from smtpgw.spool.durable import write_durably
 from smtpgw.update import signing
 
 __all__ = ["SCHEMA", "Config", "ConfigError", "Group", "Param", "Section", "check_config", "load_config"]
@@ -936,6 +938,22 @@ class _Loader:
             except (ssl.SSLError, OSError) as error:
                 self.problem(self.at(network, "TLSCertificateFile"),
                              f"TLSCertificateFile/TLSKeyFile: not a usable certificate and key ({error})")
+
+
+def save_snapshot(path: str, cfg: "Config") -> None:
+    """The configuration this process accepted, for the processes it starts (scanner workers,
+    incoming processes): they read it rather than smtpgw.conf, so that one started after a HUP
+    the gateway refused never sees the refused edit (kmg-spec §3.1: a bad configuration at reload
+    keeps the old one). Written durably, replaced whole."""
+    write_durably(path, pickle.dumps(cfg))
+
+
+def load_snapshot(path: str) -> "Config":
+    """A configuration ``save_snapshot`` wrote; OSError, pickle.UnpicklingError or EOFError when
+    it cannot be read."""
+    with open(path, "rb") as f:
+        cfg: Config = pickle.load(f)
+    return cfg
 
 
 def load_config(path: str | os.PathLike[str], text: bytes | None = None) -> Config:

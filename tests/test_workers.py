@@ -3,14 +3,12 @@ job, and only the job a worker was running is blamed when it is replaced."""
 
 from __future__ import annotations
 
-import pickle
 import time
 from typing import Any
 
-from smtpgw.config import load_config
+from smtpgw.config import load_config, save_snapshot
 from smtpgw.net.loop import EventLoop
 from smtpgw.scan.workers import WorkerPool, worker_config_path
-from smtpgw.spool.durable import write_durably
 from smtpgw.spool.queue import CHK, Envelope, Queue, Recipient, new_id
 from tests.support.clamd import STALL_MARKER
 from tests.support.net import GatewayProcess
@@ -43,7 +41,7 @@ def test_a_job_waiting_behind_a_hung_one_gets_its_own_full_deadline(tmp_path, st
         "smtpgw.ave": [("ClamdAddress", stalling_clamd.address)], "smtpgw.policy": [("Check", "true")]})
     cfg = load_config(gw.config)
     queue = Queue(cfg.path.QueuePath)
-    write_durably(worker_config_path(queue.root), pickle.dumps(cfg))
+    save_snapshot(worker_config_path(queue.root), cfg)
     hung, waiting = queued(queue, STALL_MARKER), queued(queue, b"nothing to see")
     started = time.monotonic()
     results = run_pool(worker_config_path(queue.root), [hung, waiting])

@@ -21,7 +21,6 @@ import fcntl
 import grp
 import logging
 import os
-import pickle
 import pwd
 import signal
 import socket
@@ -35,7 +34,7 @@ from smtpgw import log as logsetup
 from smtpgw.app import memory
 from smtpgw.app.control import Control
 from smtpgw.app.incoming import Incoming, process_count, server_tls
-from smtpgw.config import Config, ConfigError, load_config
+from smtpgw.config import Config, ConfigError, load_config, save_snapshot
 from smtpgw.console.server import BindError, Console
 from smtpgw.console.traffic import Traffic
 from smtpgw.deliver.sender import Sender
@@ -54,7 +53,6 @@ from smtpgw.spam.database import DatabaseError, database_file, site_file
 from smtpgw.spam.dbindex import open_database
 from smtpgw.spam.spamfilter import default_bases, describe, site_layer
 from smtpgw.spool import ops
-from smtpgw.spool.durable import write_durably
 from smtpgw.spool.queue import QUE, SND, WFC, WFS, Committer, Envelope, Queue, RecipientState, set_process
 from smtpgw.spool.store import Item, Store, lifetimes, purge_stores
 from smtpgw.stats import Stats, history_path, save as save_stats
@@ -214,7 +212,7 @@ class Gateway:
         themselves, a replacement would see an edit the gateway refused at HUP (a file: list that is
         gone, a syntax error) and exit, and no message would be scanned. kmg-spec §3.1: a bad
         configuration at reload keeps the old one."""
-        write_durably(worker_config_path(self.queue.root), pickle.dumps(cfg))
+        save_snapshot(worker_config_path(self.queue.root), cfg)
 
     @staticmethod
     def _client_tls() -> ssl.SSLContext:

@@ -43,19 +43,18 @@ import ssl
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Callable, Protocol
 
 from smtpgw import PACKAGE_DIR
 from smtpgw import log as logsetup
-from smtpgw.config import Config
+from smtpgw.config import Config, load_snapshot, save_snapshot
 from smtpgw.net import smtp
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop, Timer
 from smtpgw.receive.quota import Quota, local_day
 from smtpgw.receive.receiver import Session, Sessions, client_address
 from smtpgw.spool import ops
-from smtpgw.spool.durable import write_durably
 from smtpgw.spool.queue import WFC, Committer, Envelope, Queue, process_tag, set_process
 from smtpgw.stats import Stats
 
@@ -107,7 +106,7 @@ class Channel:
         self.sock = sock
         self.on_message = on_message
         self.on_closed = on_closed
-        self.outbox: list[bytes] = []
+        self.outbox: deque[bytes] = deque()
         self.closed = False
         sock.setblocking(False)
         loop.add_reader(sock, self._readable)
@@ -159,7 +158,7 @@ class Channel:
             except OSError:
                 self.close()
                 return
-            del self.outbox[0]
+            self.outbox.popleft()
         self.loop.remove_writer(self.sock)
 
     def finish(self, timeout: float) -> None:
@@ -240,7 +239,7 @@ class Incoming:
 
     def publish(self, cfg: Config) -> None:
         """Leave the configuration in force where incoming processes read it (start, reload)."""
-        write_durably(config_path(self.master.queue.root), pickle.dumps(cfg))
+        save_snapshot(config_path(self.master.queue.root), cfg)
 
     def _spawn(self, child: Child) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -582,8 +581,7 @@ class IncomingProcess:
     def reload(self) -> None:
         """The configuration the main process accepted, and the log reopened (rotation)."""
         try:
-            with open(config_path(self.queue.root), "rb") as f:
-                cfg: Config = pickle.load(f)
+            cfg = load_snapshot(config_path(self.queue.root))
             ssl_context = server_tls(cfg)
             setup_log(cfg)
         except (OSError, ssl.SSLError, pickle.UnpicklingError, EOFError) as exc:
@@ -632,8 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     set_process(args.index)
     channel = socket.socket(fileno=args.channel)
-    with open(config_path(args.queue), "rb") as f:
-        cfg: Config = pickle.load(f)
+    cfg = load_snapshot(config_path(args.queue))
     setup_log(cfg)
     IncomingProcess(cfg, args.index, args.queue, channel).run()
     return 0

@@ -22,14 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from smtpgw import stats
-from smtpgw.config import GROUP_ANTISPAM_KEYS, Config, Section, load_config
+from smtpgw.config import GROUP_ANTISPAM_KEYS, Config, Section, load_config, load_snapshot
 from smtpgw.log import Event
 from smtpgw.mail import headers
 from smtpgw.mail.disclaimer import add_disclaimer
@@ -299,8 +298,7 @@ class Job:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[0] == "--snapshot":  # what the gateway accepted (gateway._publish_worker_config)
-        with open(args[1], "rb") as f:
-            cfg = pickle.load(f)
+        cfg = load_snapshot(args[1])
     else:
         cfg = load_config(args[0])
     from smtpgw import log as logsetup

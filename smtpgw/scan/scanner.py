@@ -140,8 +140,8 @@ class Scanner:
         except OSError as exc:
             self._split_failed(env.id, exc)
             return
-        self.host.committer.call(lambda: self._split(env, groups), lambda children, error: (
-            self._split_failed(env.id, error) if error is not None else self._split_done(children)))
+        self.host.committer.call(lambda: self._split(env, groups),
+                                 lambda children, error: self._split_written(env.id, children, error))
 
     def _split(self, env: Envelope, groups: dict[str, list[str]]) -> list[Envelope]:
         """(I/O thread) The copies in WFC, then the original out of SPL."""
@@ -157,8 +157,11 @@ class Scanner:
         self.queue.remove(env.id, SPL)
         return children
 
-    def _split_done(self, children: list[Envelope]) -> None:
-        for child in children:
+    def _split_written(self, qid: str, children: list[Envelope] | None, error: BaseException | None) -> None:
+        if error is not None:
+            self._split_failed(qid, error)
+            return
+        for child in children or ():
             self.submit(child.id, child)
 
     def _split_failed(self, qid: str, error: BaseException) -> None:
@@ -442,9 +445,9 @@ class Scanner:
             self.queue.move(qid, CHK, QUE)
             self.host.message_scanned(env)
             return
-        self._write_result(env, result)
+        self._write_result(env, result, live)
 
-    def _write_result(self, env: Envelope, result: ScanResult) -> None:
+    def _write_result(self, env: Envelope, result: ScanResult, live: list[CopyResult]) -> None:
         """In an I/O thread: the notifications, then the message's way out of CHK — its rewritten
         bytes taking its place (``Queue.replace_and_move``: never the new bytes with the record
         still in CHK, which a restart would scan again), or one copy per group, or nothing when
@@ -459,7 +462,7 @@ class Scanner:
         def write() -> list[Envelope]:
             for copy in result.copies:
                 notices.extend(self._queue_notifications(env, copy))
-            return self._leave_chk(env, result)
+            return self._leave_chk(env, live, len(result.copies))
 
         def done(moved: list[Envelope] | None, error: BaseException | None) -> None:
             self.inflight.discard(qid)
@@ -478,11 +481,11 @@ class Scanner:
 
         self.host.committer.call(write, done)
 
-    def _leave_chk(self, env: Envelope, result: ScanResult) -> list[Envelope]:
-        """(I/O thread) The message out of CHK: the records now in QUE, none when all were blocked."""
+    def _leave_chk(self, env: Envelope, live: list[CopyResult], copies: int) -> list[Envelope]:
+        """(I/O thread) The message out of CHK with its ``live`` (not blocked) copies of ``copies``:
+        the records now in QUE, none when all were blocked."""
         qid = env.id
-        live = [c for c in result.copies if not c.blocked]
-        if len(result.copies) == 1 and live:
+        if copies == 1 and live:
             env.group = live[0].group  # one group: the message keeps its ID
             if live[0].rewritten:
                 self.queue.replace_and_move(env, CHK, QUE, live[0].rewritten, self.host.committer.sync_folder)
