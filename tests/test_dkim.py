@@ -1,4 +1,4 @@
-"""DKIM verification (smtpgw.mail.dkim) and the key lookups before a scan (smtpgw.net.dkimkeys).
+"""DKIM verification (smtpgw.mail.dkim) and the key lookups before a scan (smtpgw.scan.dkimkeys).
 
 Keys are made by the openssl command line and published through dnsmasq on loopback; the
 signatures come from tests/support/dkimsign.py, a signer written from RFC 6376 apart from the
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from smtpgw.mail import dkim
-from smtpgw.net.dkimkeys import fetch_keys
+from smtpgw.scan.dkimkeys import fetch_keys
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
 from smtpgw.spam import mailview
@@ -57,7 +57,7 @@ def key_dns(keys: dict[str, DKIMKey], tmp_path_factory: pytest.TempPathFactory) 
 
 
 def lookup(address: tuple[str, int], raw: bytes, timeout: float = 5.0) -> dict[str, Any]:
-    """The keys of ``raw``'s signatures as the gateway fetches them (smtpgw.net.dkimkeys)."""
+    """The keys of ``raw``'s signatures as the gateway fetches them (smtpgw.scan.dkimkeys)."""
     loop = EventLoop()
     resolver = Resolver(loop, [address], timeout=timeout / 2, attempts=1)
     answers: list[dict[str, Any]] = []

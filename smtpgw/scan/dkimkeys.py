@@ -22,7 +22,7 @@ from smtpgw.mail import dkim
 from smtpgw.net.dns import TXT, Answer, Lookup, Resolver
 from smtpgw.net.loop import EventLoop
 
-log = logging.getLogger("smtpgw.net.dkimkeys")
+log = logging.getLogger("smtpgw.scan.dkimkeys")
 
 MAX_RECORDS = 4  # TXT records kept per key name
 MAX_RECORD = 4096  # characters kept of one
