@@ -11,6 +11,7 @@ from tests.e2e.test_antispam_gateway import spam_gateway
 from tests.support.components import require
 from tests.support.dkimsign import make_key, sign, txt_record_args
 from tests.support.dns import start_dnsmasq
+from tests.support.net import wait_until
 
 PHISH = (b"From: PayPal <service@paypal.com>\r\nTo: bob@example.test\r\nSubject: Your account is limited\r\n"
          b"Date: Mon, 7 Dec 2026 10:00:00 +0000\r\nMessage-ID: <n1@paypal.com>\r\n\r\n"
@@ -59,3 +60,28 @@ def test_forged_and_genuine_signatures_through_smtp(make_gateway, sink, clamd, t
         gw.wait_log(r"DKIM dkim=permerror d=paypal.com s=x2026 \(no key for selector x2026 \(nxdomain\)\)")
     finally:
         dns.stop()
+
+
+def test_a_message_waiting_for_its_keys_can_be_removed_and_a_stop_requeues_it(make_gateway, sink, clamd, tmp_path,
+                                                                                silent_nameserver):
+    """While its key lookup is pending (a nameserver that never answers, DKIMLookupTimeout=60) the
+    message is in CHK: ``queue remove`` takes it, and a stop puts the other back in WFC."""
+    require("openssl")
+    key = make_key(str(tmp_path), "brand")
+    ip, port = silent_nameserver
+    gw = spam_gateway(make_gateway, sink, clamd, antispam=[("DKIMLookupTimeout", "60")],
+                      smtpgw__resolve=[("Nameserver", f"{ip}:{port}"), ("IONetworkTimeout", "60"), ("DNSAttempts", "1")])
+    qids = []
+    for key_id in ("n1", "n2"):
+        with smtplib.SMTP("127.0.0.1", gw.port) as client:
+            client.sendmail("service@paypal.com", ["bob@example.test"],
+                            sign(PHISH.replace(b"<n1@", f"<{key_id}@".encode()), key, "paypal.com", "s1"))
+        [received] = gw.wait_log(rf"RECEIVED, .*message_id=<{key_id}@")
+        qids.append(re.search(r"\] (\S+): RECEIVED", received).group(1))
+    wait_until(lambda: set(qids) <= set(gw.queued("CHK")), 20, "both messages in CHK, waiting for their keys")
+    result = gw.cli("queue", "remove", qids[0])
+    assert result.returncode == 0, result.stderr
+    gw.wait_log(rf"{qids[0]}: REMOVED, state=CHK")
+    assert gw.stop() == 0
+    assert gw.queued() == [qids[1]] and gw.queued("WFC") == [qids[1]]
+    assert "AS-SCANNED" not in gw.log_text() and sink.messages == []
