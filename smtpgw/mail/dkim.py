@@ -315,8 +315,9 @@ def canonical_body(body: bytes, method: str) -> bytes:
     at the end removed, an empty body is one CRLF. relaxed (§3.4.4): white space at line ends
     removed and runs of it made one space, empty lines at the end removed (an empty body stays
     empty)."""
-    if method == "relaxed":
-        body = b"\r\n".join(_WSP_RUN.sub(b" ", line).rstrip(b" ") for line in body.split(b"\r\n"))
+    if method == "relaxed":  # runs made one space first: then a line ends in at most one
+        body = _WSP_RUN.sub(b" ", body).replace(b" \r\n", b"\r\n")
+        body = body[:-1] if body.endswith(b" ") else body
     body = body.rstrip(b"\r\n")
     if body:
         return body + b"\r\n"
@@ -325,7 +326,7 @@ def canonical_body(body: bytes, method: str) -> bytes:
 
 def _crlf(data: bytes) -> bytes:
     """Line endings as CRLF (§5.3: a verifier sees the message in its network form)."""
-    return _EOL.sub(b"\r\n", data)
+    return data if data.count(b"\n") == data.count(b"\r\n") else _EOL.sub(b"\r\n", data)
 
 
 def _read_message(raw: bytes, max_fields: int = MAX_HEADER_FIELDS) -> _Message:
