@@ -298,6 +298,23 @@ def test_a_message_without_signature_is_none() -> None:
         'gw.example.test; dkim=none reason="no signature"'
 
 
+def test_the_authentication_results_field_replaces_a_forged_one_of_ours(keys) -> None:
+    """RFC 8601 §5: a field with our authserv-id that came with the message is removed; another
+    host's stays; ours goes on top, in ASCII whatever the reason says."""
+    raw = (b"Authentication-Results: gw.example.test; dkim=pass header.d=paypal.com\r\n"
+           b"Authentication-Results: mx.upstream.example; spf=pass\r\n") + sign(MESSAGE, keys["rsa"], DOMAIN, "s1")
+    results = dkim.verify(raw, {f"s1._domainkey.{DOMAIN}": {"txt": [keys["rsa"].record()]}})
+    results.append(dkim.Result("permerror", "rsa-sha1 is not accepted (RFC 8301 §3.1)", "x.example", "s", "rsa-sha1"))
+    out = dkim.stamp(raw, "GW.example.test", results)
+    assert out.replace(b"\r\n ", b" ").startswith(  # folded at white space: unfolded here
+        b'Authentication-Results: GW.example.test; dkim=pass reason="good signature" header.d=paypal.com'
+        b' header.s=s1; dkim=permerror reason="rsa-sha1 is not accepted (RFC 8301 3.1)" header.d=x.example'
+        b' header.s=s\r\n')
+    assert out.count(b"Authentication-Results:") == 2 and b"mx.upstream.example; spf=pass" in out
+    assert [r.result for r in dkim.verify(out, {f"s1._domainkey.{DOMAIN}": {"txt": [keys["rsa"].record()]}})] \
+        == ["pass"]  # an unsigned field on top does not disturb the signature
+
+
 def test_corpus_messages_never_raise_and_real_signatures_without_keys_are_no_pass(keys) -> None:
     """The malformed corpus, mutations of it and of a signed message, and the real DKIM-signed mail
     of the corpus whose keys cannot be fetched here (no network): a result for each signature,

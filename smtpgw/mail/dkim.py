@@ -7,7 +7,8 @@ SubjectPublicKeyInfo, RFC 5280 §4.1, or of a bare RSAPublicKey, RFC 8017 §A.1.
 body canonicalisations (§3.4), the body hash (bh=, §3.7) with the body length limit (l=), the
 signature check (RSASSA-PKCS1-v1_5 with SHA-256, RFC 8017 §8.2.2; Ed25519 over SHA-256,
 RFC 8463 §3), and the results named as Authentication-Results names them (RFC 8601 §2.7.1:
-pass, fail, neutral, temperror, permerror, none), each with a short reason.
+pass, fail, neutral, temperror, permerror, none), each with a short reason, and the
+Authentication-Results field that states them (RFC 8601 §2.2, §5: ``stamp``).
 
 A verification runs in a scanner worker (the RSA exponentiation is CPU work) on the keys the
 main process looked up beforehand (``KeyAnswers``: per key name, the TXT strings or why there
@@ -33,13 +34,14 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from smtpgw.mail import fields
+from smtpgw.mail import fields, headers
 from smtpgw.update import ed25519
 
 __all__ = [
     "PASS", "FAIL", "NEUTRAL", "TEMPERROR", "PERMERROR", "NONE", "MAX_SIGNATURES", "DKIMError", "KeyAnswers",
     "Result", "Signature", "authentication_results", "canonical_body", "canonical_header", "key_names",
-    "parse_key", "parse_signature", "parse_tags", "rsa_public_key", "unverified", "verified", "current", "verify",
+    "parse_key", "parse_signature", "parse_tags", "rsa_public_key", "stamp", "unverified", "verified", "current",
+    "verify",
 ]
 
 # RFC 8601 §2.7.1 result names
@@ -484,15 +486,28 @@ def unverified(values: list[str]) -> list[Result]:
 
 
 def authentication_results(authserv_id: str, results: list[Result]) -> str:
-    """The value of an Authentication-Results field (RFC 8601 §2.2) for ``results``."""
+    """The value of an Authentication-Results field (RFC 8601 §2.2) for ``results``: one
+    ``dkim=`` result per signature, with its reason and the d= and s= it names."""
     parts = [authserv_id]
     for r in results:
-        reason = r.reason.replace("\\", "").replace('"', "'")[:80]
-        entry = f"dkim={r.result} reason=\"{reason}\""
+        reason = "".join(c for c in r.reason if " " <= c <= "~" and c not in '"\\')[:80]
+        entry = f'dkim={r.result} reason="{reason}"'
         if r.domain:
             entry += f" header.d={r.domain} header.s={r.selector}"
         parts.append(entry)
     return "; ".join(parts)
+
+
+def _authserv_id(value: bytes) -> str:
+    return value.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+
+def stamp(raw: bytes, authserv_id: str, results: list[Result]) -> bytes:
+    """``raw`` with our Authentication-Results field on top, and any field claiming our
+    ``authserv_id`` that came with the message removed: a forgery (RFC 8601 §5)."""
+    ours = authserv_id.lower()
+    out = headers.remove(raw, "Authentication-Results", lambda value: _authserv_id(value) == ours)
+    return headers.prepend(out, [("Authentication-Results", authentication_results(authserv_id, results))])
 # endregion
 
 

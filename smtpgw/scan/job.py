@@ -208,6 +208,8 @@ class Job:
             spam = policy.combine(spam, policy.spam_notices(group, spam_word(verdict), spam))
             if not spam:  # X-SpamTest-* fields, the Subject tagged with the group's prefix
                 marked = mark(raw, verdict, self.spam[group.name].section, spam_action)
+                if self.dkim_results is not None and self.cfg.network.Hostname:  # RFC 8601 §5
+                    marked = dkim.stamp(marked, self.cfg.network.Hostname, self.dkim_results)
         av = antivirus.scan_message(marked, group, self.cfg.ave, self.clamd, templates_path(self.cfg, group))
         template, values = antivirus.av_log_event(av)
         copy.events.append((template + ", nrcpt=%d", [*values, len(rcpts)]))

@@ -35,6 +35,7 @@ def test_forged_and_genuine_signatures_through_smtp(make_gateway, sink, clamd, t
             ("Nameserver", f"{ip}:{port}"), ("IONetworkTimeout", "1"), ("DNSAttempts", "1")])
         genuine = sign(PHISH, brand, "paypal.com", "s1")
         forged = sign(PHISH.replace(b"<n1@", b"<n2@"), attacker, "paypal.com", "s1")  # d=paypal.com, not its key
+        forged = b"Authentication-Results: GW.example.test; dkim=pass header.d=paypal.com\r\n" + forged  # ours, forged
         made_up = sign(PHISH.replace(b"<n1@", b"<n3@"), attacker, "paypal.com", "x2026")  # no such selector
         slow = sign(SLOW.replace(b"<n1@", b"<n4@"), attacker, "slowbrand.example", "s1")  # its DNS is down
         with smtplib.SMTP("127.0.0.1", gw.port) as client:
@@ -56,6 +57,12 @@ def test_forged_and_genuine_signatures_through_smtp(make_gateway, sink, clamd, t
         assert "rule BRANDED_SENDER (dkim=temperror d=slowbrand.example) -2.00" in scanned["n4"]
         score = {key: float(re.search(r"score=([0-9.]+)", line).group(1)) for key, line in scanned.items()}
         assert score["n2"] > score["n1"] and score["n3"] > score["n1"]
+        # RFC 8601: the gateway states its results, and a field claiming its name that came with the mail is gone
+        assert (b'Authentication-Results: gw.example.test; dkim=pass reason="good signature" header.d=paypal.com'
+                b' header.s=s1\r\n') in delivered[b"n1"].replace(b"\r\n ", b" ")
+        assert delivered[b"n2"].count(b"Authentication-Results:") == 1
+        assert b'Authentication-Results: gw.example.test; dkim=fail' in delivered[b"n2"]
+        assert b"dkim=temperror" in delivered[b"n4"]
         gw.wait_log(r"DKIM dkim=fail d=paypal.com s=s1 \(signature does not verify\)")
         gw.wait_log(r"DKIM dkim=permerror d=paypal.com s=x2026 \(no key for selector x2026 \(nxdomain\)\)")
     finally:
