@@ -292,6 +292,23 @@ def test_only_the_first_signatures_are_read(keys) -> None:
     assert len(dkim.verify(raw, {})) == dkim.MAX_SIGNATURES
 
 
+def test_a_signature_the_lookup_did_not_see_earns_nothing(keys) -> None:
+    """Keys are looked up for the signatures in the first 64 KB: one pushed further down by filler
+    fields is a permerror, never a temperror that would count as read."""
+    filler = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"x" * 900) for n in range(80))
+    raw = filler + sign(MESSAGE, keys["rsa"], DOMAIN, "s1")
+    assert dkim.key_names(raw) == []
+    [result] = dkim.verify(raw, {})
+    assert result.result == "permerror" and "beyond the first 64 KB" in result.reason
+    assert classify_signs(raw, [result])["branded_sender"] is False
+
+
+def test_a_key_name_too_long_for_the_dns_is_a_permerror(keys) -> None:
+    selector = ".".join(["s" * 60] * 3 + ["t" * 52])  # 234 octets: with "._domainkey.paypal.com", over 253
+    [result] = dkim.verify(sign(MESSAGE, keys["rsa"], DOMAIN, selector), {})
+    assert (result.result, result.reason) == ("permerror", "d= or s= is not a domain name")
+
+
 def test_a_message_without_signature_is_none() -> None:
     assert [(r.result, r.reason) for r in dkim.verify(MESSAGE, {})] == [("none", "no signature")]
     assert dkim.authentication_results("gw.example.test", dkim.verify(MESSAGE, {})) == \
@@ -329,4 +346,4 @@ def test_corpus_messages_never_raise_and_real_signatures_without_keys_are_no_pas
         results = dkim.verify(raw, {name: {"error": "temp: no network"} for name in dkim.key_names(raw)})
         assert results and all(r.result in ("none", "temperror", "permerror", "neutral", "fail") for r in results)
         assert raw in mutated or all(r.result != "fail" for r in results)
-    assert any(r.result == "temperror" for raw in real for r in dkim.verify(raw, {}))
+    assert any(r.result == "temperror" for raw in real for r in dkim.verify(raw, None))

@@ -39,7 +39,7 @@ from smtpgw.update import ed25519
 
 __all__ = [
     "PASS", "FAIL", "NEUTRAL", "TEMPERROR", "PERMERROR", "NONE", "MAX_SIGNATURES", "DKIMError", "KeyAnswers",
-    "Result", "Signature", "authentication_results", "canonical_body", "canonical_header", "key_names",
+    "Key", "Result", "Signature", "authentication_results", "canonical_body", "canonical_header", "key_names",
     "parse_key", "parse_signature", "parse_tags", "rsa_public_key", "stamp", "unverified", "verified", "current",
     "verify",
 ]
@@ -184,8 +184,8 @@ def parse_signature(value: str) -> Signature:
     if tags["v"] != "1":
         raise DKIMError(f"unknown version v={tags['v'][:10]}")
     domain, selector = tags["d"].lower().rstrip("."), tags["s"]
-    if not _DOMAIN.match(domain) or not _DOMAIN.match(selector):
-        raise DKIMError("d= or s= is not a domain name")
+    if not _DOMAIN.match(domain) or not _DOMAIN.match(selector) or len(selector) + len(domain) > 241:
+        raise DKIMError("d= or s= is not a domain name")  # s._domainkey.d must be one too (253 octets)
     headers = tuple(name.strip(" \t\r\n").lower() for name in tags["h"].split(":"))
     if len(headers) > MAX_SIGNED_HEADERS or not all(headers):
         raise DKIMError("malformed h=")
@@ -384,15 +384,18 @@ def _selected_headers(message: _Message, signature: Signature, own: bytes) -> by
 
 
 def _check_key(signature: Signature, answer: Mapping[str, object] | None) -> Key | Result:
-    """§6.1.2: the key for ``signature`` from its lookup, or the Result that ends the verification."""
+    """§6.1.2: the key for ``signature`` from its lookup (None: none was made for it), or the Result
+    that ends the verification."""
     def ends(result: str, reason: str) -> Result:
         return Result(result, reason, signature.domain, signature.selector, signature.algorithm)
 
-    if answer is None:
-        return ends(TEMPERROR, "key not looked up")
+    if answer is None:  # a lookup was made for every signature it could have been made for
+        return ends(PERMERROR, "key not looked up (signature beyond the first 64 KB)")
     error = str(answer.get("error", ""))
     if error in ("nxdomain", "nodata"):
         return ends(PERMERROR, f"no key for selector {signature.selector} ({error})")
+    if error == "bad-name":  # a name no DNS can hold is the signer's error, not the DNS's
+        return ends(PERMERROR, "key name is not a domain name")
     if error:
         return ends(TEMPERROR, f"key lookup failed ({error[:60]})")
     records = [str(r) for r in answer.get("txt", []) or []][:4]  # type: ignore[union-attr]
@@ -422,7 +425,9 @@ def _verify_one(message: _Message, own: bytes, keys: KeyAnswers | None, now: flo
         return ends(NEUTRAL, f"unsupported algorithm {signature.algorithm[:30]}")
     if signature.expires is not None and signature.expires < now:
         return ends(PERMERROR, "signature expired (x=)")  # §3.5 x=, §6.1.1
-    key = _check_key(signature, None if keys is None else keys.get(signature.key_name))
+    if keys is None:
+        return ends(TEMPERROR, "key not looked up")
+    key = _check_key(signature, keys.get(signature.key_name))
     if isinstance(key, Result):
         return key
     if key.kind != signature.algorithm.split("-")[0]:
