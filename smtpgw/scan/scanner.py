@@ -1,8 +1,9 @@
 """The scanning stage: WFC → CHK → (per-group copies) → QUE.
 
 Owns: the pool of scanner worker processes (CPU-bound work never runs on the
-event loop), the DKIM key lookups of a message to be spam-checked before its job
-goes to a worker (``smtpgw.scan.dkimkeys``; the worker verifies), the bounded number of messages in flight (``AntiviralSessions``),
+event loop), the DKIM key lookups of a message to be spam-checked before its
+job goes to a worker (``smtpgw.scan.dkimkeys``; the worker verifies), the
+bounded number of messages in flight (``AntiviralSessions``),
 the job a worker runs for one message (group split, anti-spam, anti-virus,
 policy, rebuild), applying a job's result to the queue in the main process (what
 needs an fsync — a rewritten message, per-group copies, notifications — in an I/O
@@ -34,9 +35,9 @@ from typing import Any, Callable, Protocol
 from smtpgw.config import Config
 from smtpgw.log import event
 from smtpgw.mail import headers
-from smtpgw.scan.dkimkeys import KeyFetch, fetch_keys
 from smtpgw.net.loop import EventLoop
 from smtpgw.reports import notify
+from smtpgw.scan.dkimkeys import KeyFetch, fetch_keys
 from smtpgw.scan.job import CopyResult, ScanResult, not_scanned, templates_path
 from smtpgw.scan.workers import ResultCallback, WorkerPool, worker_config_path
 from smtpgw.spool.durable import fsync_file, write_durably
