@@ -69,6 +69,7 @@ _DIGITS = re.compile(r"[0-9]{1,12}\Z")  # l=, t=, x= (§3.5: at most 76 digits; 
 _D_TAG = re.compile(r"(?:^|;)\s*d\s*=\s*([A-Za-z0-9.-]{1,253})")  # d= as ``unverified`` reads it
 _B_TAG = re.compile(rb"((?:^|;)[ \t\r\n]*b[ \t\r\n]*=)[^;]*")  # §3.7: the b= value emptied, not bh=
 _WSP_RUN = re.compile(rb"[ \t]+")
+_WSP_TO_FOLD = re.compile(rb"\t[ \t]*| [ \t]+")  # the runs other than one space: the same result, fewer edits
 _EOL = re.compile(rb"\r?\n")
 _SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")  # RFC 8017 §9.2 note 1
 _RSA_OID = bytes.fromhex("2a864886f70d010101")  # 1.2.840.113549.1.1.1 rsaEncryption (RFC 8017 §A.1)
@@ -318,7 +319,7 @@ def canonical_body(body: bytes, method: str) -> bytes:
     removed and runs of it made one space, empty lines at the end removed (an empty body stays
     empty)."""
     if method == "relaxed":  # runs made one space first: then a line ends in at most one
-        body = _WSP_RUN.sub(b" ", body).replace(b" \r\n", b"\r\n")
+        body = _WSP_TO_FOLD.sub(b" ", body).replace(b" \r\n", b"\r\n")
         body = body[:-1] if body.endswith(b" ") else body
     body = body.rstrip(b"\r\n")
     if body:
