@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 import smtplib
 
+import pytest
+
 from tests.e2e.test_antispam_gateway import spam_gateway
 from tests.support.components import require
 from tests.support.dkimsign import make_key, sign, txt_record_args
@@ -92,3 +94,19 @@ def test_a_message_waiting_for_its_keys_can_be_removed_and_a_stop_requeues_it(ma
     assert gw.stop() == 0
     assert gw.queued() == [qids[1]] and gw.queued("WFC") == [qids[1]]
     assert "AS-SCANNED" not in gw.log_text() and sink.messages == []
+
+
+@pytest.mark.parametrize("antispam", [[("Check", "false")], [("Check", "true"), ("DKIMVerify", "no")]])
+def test_no_key_is_looked_up_for_mail_that_is_not_spam_checked(make_gateway, sink, clamd, tmp_path, scripted_dns,
+                                                                antispam):
+    """Only mail that will be spam-checked, with DKIMVerify on, costs a lookup."""
+    require("openssl")
+    key = make_key(str(tmp_path), "brand")
+    ip, port = scripted_dns.address
+    gw = spam_gateway(make_gateway, sink, clamd, antispam=antispam,
+                      smtpgw__resolve=[("Nameserver", f"{ip}:{port}"), ("IONetworkTimeout", "1")])
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.sendmail("service@paypal.com", ["bob@example.test"], sign(PHISH, key, "paypal.com", "s1"))
+    [got] = sink.wait_for(1)
+    assert b"Authentication-Results:" not in got.data
+    assert scripted_dns.count(qtype="TXT") == 0
