@@ -457,6 +457,8 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.antispam", "WhiteListIPs", IPS, "", [], "rf"),
     P("smtpgw.antispam", "BlackListIPs", IPS, "", [], "rf"),
     P("smtpgw.antispam", "DNSBlackListWeight", FLOAT, "0-1", 0.5),
+    P("smtpgw.antispam", "DKIMVerify", BOOL, "", True),
+    P("smtpgw.antispam", "DKIMLookupTimeout", INT, "1-60 s", 5),
     P("smtpgw.antispam", "LearnOnRelease", BOOL, "", False),
     P("smtpgw.antispam", "AutoLearn", BOOL, "", False),
     P("smtpgw.antispam", "AutoLearnSpamScore", FLOAT, "0.998-1", 0.9999),

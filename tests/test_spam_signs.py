@@ -103,13 +103,13 @@ TWINS = {
         message(TEXT, extra=ONE_CLICK),
         message(TEXT, extra="List-Unsubscribe: <mailto:u@shop.example.com>\n")),
     "consistent_sender": (
-        message(TEXT, extra="DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s1; h=from; bh=x; b=y\n"),
-        message(TEXT, extra="DKIM-Signature: v=1; a=rsa-sha256; d=esp-relay.example.net; s=s1; bh=x; b=y\n")),
+        message(TEXT, extra="DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s1; h=from; bh=eA==; b=eQ==\n"),
+        message(TEXT, extra="DKIM-Signature: v=1; a=rsa-sha256; d=esp-relay.example.net; s=s1; bh=eA==; b=eQ==\n")),
     "branded_sender": (
         message(TEXT, sender='"Filters Fast" <marketing@email.filtersfast.example>',
-                extra="DKIM-Signature: v=1; a=rsa-sha256; d=filtersfast.example; s=s1; h=from; bh=x; b=y\n"),
+                extra="DKIM-Signature: v=1; a=rsa-sha256; d=filtersfast.example; s=s1; h=from; bh=eA==; b=eQ==\n"),
         message(TEXT, sender='"Filters Fast" <deals@mailer-77.example.net>',
-                extra="DKIM-Signature: v=1; a=rsa-sha256; d=mailer-77.example.net; s=s1; h=from; bh=x; b=y\n")),
+                extra="DKIM-Signature: v=1; a=rsa-sha256; d=mailer-77.example.net; s=s1; h=from; bh=eA==; b=eQ==\n")),
     "unsubscribe_text": (
         message(TEXT + UNSUBSCRIBE),
         message(TEXT)),
@@ -190,7 +190,7 @@ def test_the_marks_of_bulk_mail_do_not_count_for_a_disguised_sender(disguise: di
     they are no sign of a legitimate sender."""
     def bulk(sender: str = '"Shop News" <news@shop.example.com>', subject: str = "Your order", extra: str = "") -> bytes:
         domain = sender.rsplit("@", 1)[1].rstrip(">")
-        signed = f"DKIM-Signature: v=1; a=rsa-sha256; d={domain}; s=s1; h=from; bh=x; b=y\n"
+        signed = f"DKIM-Signature: v=1; a=rsa-sha256; d={domain}; s=s1; h=from; bh=eA==; b=eQ==\n"
         return message(TEXT + UNSUBSCRIBE, sender=sender, subject=subject, extra=ONE_CLICK + signed + extra)
 
     marks = ("one_click_unsubscribe", "unsubscribe_text", "compliant_bulk", "consistent_sender")

@@ -15,6 +15,7 @@ stays as it was.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from email.header import Header
 
 from smtpgw.mail import fields
@@ -125,10 +126,11 @@ def field_names(raw: bytes) -> list[str]:
     return [raw[f.start : f.value_at - 1].rstrip(b" \t").decode("ascii") for f in _fields(raw)]
 
 
-def remove(raw: bytes, name: str) -> bytes:
-    """Remove every ``name`` field (with its folded lines); other bytes stay as they were."""
+def remove(raw: bytes, name: str, when: Callable[[bytes], bool] | None = None) -> bytes:
+    """Remove every ``name`` field (with its folded lines) — only those whose unfolded value
+    satisfies ``when``, when given; other bytes stay as they were."""
     key = name.lower()
-    spans = [(f.start, f.end) for f in _fields(raw) if f.name == key]
+    spans = [(f.start, f.end) for f in _fields(raw) if f.name == key and (when is None or when(f.value(raw)))]
     if not spans:
         return raw
     out = bytearray()

@@ -4,7 +4,9 @@ Owns: the per-message scan in a worker process: splitting recipients into
 groups (first matching ``[smtpgw.group:NAME]``, else ``[smtpgw.policy]``),
 and for each group the checks its policy asks for (the spam check with the
 group's own SpamDetection, lists and prefixes, inherited from
-[smtpgw.antispam] when omitted; one loaded database serves every group) — every verdict (spam,
+[smtpgw.antispam] when omitted; one loaded database serves every group; the
+message's DKIM signatures verified first, once, on the keys the gateway looked
+up, ``smtpgw.mail.dkim``) — every verdict (spam,
 anti-virus) made before any action is taken, the actions then combined
 (``smtpgw.policy.combine``) — producing a result the main process applies to
 the queue. Speaks one JSON line per job on stdin and
@@ -30,7 +32,7 @@ from typing import Any
 from smtpgw import stats
 from smtpgw.config import GROUP_ANTISPAM_KEYS, Config, Section, load_config, load_snapshot
 from smtpgw.log import Event
-from smtpgw.mail import headers
+from smtpgw.mail import dkim, headers
 from smtpgw.mail.disclaimer import add_disclaimer
 from smtpgw.reports import notify, templates
 from smtpgw.rules import policy
@@ -139,10 +141,15 @@ class Job:
                 filters[key] = SpamFilter(section, cfg.base.BasesPath)
             self.spam[group.name] = filters[key]
         self.autolearn = AutoLearner(cfg.antispam, cfg.base.BasesPath or default_bases())
+        self.dkim_keys: dkim.KeyAnswers | None = None  # of the message being scanned
+        self.dkim_results: list[dkim.Result] | None = None
 
-    def run(self, env: Envelope) -> ScanResult:
+    def run(self, env: Envelope, dkim_keys: dkim.KeyAnswers | None = None) -> ScanResult:
+        """Scan ``env``'s message; ``dkim_keys``: the keys of its DKIM signatures as the gateway
+        looked them up (None: none were, the signatures are then only read)."""
         with open(self.queue.msg_path(env.id), "rb") as f:
             raw = f.read()
+        self.dkim_keys, self.dkim_results = dkim_keys, None
         groups: dict[str, tuple[Any, list[str]]] = {}
         for rcpt in env.pending():
             group = self.cfg.group_for(env.sender, rcpt.addr, env.client_ip)
@@ -170,8 +177,18 @@ class Job:
         lists = spam.lists
         key = (id(spam), tuple(rcpts) if lists.white_recipients or lists.black_recipients else ())
         if key not in verdicts:
-            verdicts[key] = spam.classify(raw, env.client_ip or None, env.sender, rcpts, list(env.dnsbl))
+            with dkim.verified(self._dkim_results(env, raw)):
+                verdicts[key] = spam.classify(raw, env.client_ip or None, env.sender, rcpts, list(env.dnsbl))
         return verdicts[key]
+
+    def _dkim_results(self, env: Envelope, raw: bytes) -> list[dkim.Result] | None:
+        """The DKIM verification of the message (RFC 6376), made once, with the keys the gateway
+        looked up; None when it looked none up."""
+        if self.dkim_keys is not None and self.dkim_results is None:
+            self.dkim_results = dkim.verify(raw, self.dkim_keys)
+            log.debug("%s: DKIM %s", env.id, "; ".join(f"{r.describe()} s={r.selector} ({r.reason})"
+                                                         for r in self.dkim_results))
+        return self.dkim_results
 
     def _scan_group(self, env: Envelope, raw: bytes, group: Any, rcpts: list[str], index: int,
                     verdict: SpamVerdict | None) -> CopyResult:
@@ -191,6 +208,8 @@ class Job:
             spam = policy.combine(spam, policy.spam_notices(group, spam_word(verdict), spam))
             if not spam:  # X-SpamTest-* fields, the Subject tagged with the group's prefix
                 marked = mark(raw, verdict, self.spam[group.name].section, spam_action)
+                if self.dkim_results is not None and self.cfg.network.Hostname:  # RFC 8601 §5
+                    marked = dkim.stamp(marked, self.cfg.network.Hostname, self.dkim_results)
         av = antivirus.scan_message(marked, group, self.cfg.ave, self.clamd, templates_path(self.cfg, group))
         template, values = antivirus.av_log_event(av)
         copy.events.append((template + ", nrcpt=%d", [*values, len(rcpts)]))
@@ -318,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             request = json.loads(line)
             qid = request["qid"]
-            answer: dict[str, Any] = {"qid": qid, **asdict(job.run(Envelope.from_dict(request["env"])))}
+            result = job.run(Envelope.from_dict(request["env"]), request.get("dkim"))
+            answer: dict[str, Any] = {"qid": qid, **asdict(result)}
         except Exception as exc:  # one bad message must not stop the worker
             log.exception("%s: scan failed", qid)
             answer = {"qid": qid, "error": f"{type(exc).__name__}: {exc}"}

@@ -1,7 +1,9 @@
 """The scanning stage: WFC → CHK → (per-group copies) → QUE.
 
 Owns: the pool of scanner worker processes (CPU-bound work never runs on the
-event loop), the bounded number of messages in flight (``AntiviralSessions``),
+event loop), the DKIM key lookups of a message to be spam-checked before its
+job goes to a worker (``smtpgw.scan.dkimkeys``; the worker verifies), the
+bounded number of messages in flight (``AntiviralSessions``),
 the job a worker runs for one message (group split, anti-spam, anti-virus,
 policy, rebuild), applying a job's result to the queue in the main process (what
 needs an fsync — a rewritten message, per-group copies, notifications — in an I/O
@@ -35,6 +37,7 @@ from smtpgw.log import event
 from smtpgw.mail import headers
 from smtpgw.net.loop import EventLoop
 from smtpgw.reports import notify
+from smtpgw.scan.dkimkeys import KeyFetch, fetch_keys
 from smtpgw.scan.job import CopyResult, ScanResult, not_scanned, templates_path
 from smtpgw.scan.workers import ResultCallback, WorkerPool, worker_config_path
 from smtpgw.spool.durable import fsync_file, write_durably
@@ -63,6 +66,9 @@ class Scanning(Protocol):
 
     def message_scanned(self, env: Envelope) -> None:
         """``env`` is in QUE, ready for the Sender."""
+
+    # and, when it has one, ``resolver`` (smtpgw.net.dns.Resolver): the DKIM key lookups go
+    # through it; without one the signatures are read, not verified
 
 
 class JobPool(Protocol):
@@ -97,6 +103,7 @@ class Scanner:
         self.applying: set[str] = set()  # results being written by an I/O thread (in inflight too)
         self.flow_waiters: deque[list[Any]] = deque()  # [callback, timer] of MAIL commands held back
         self.flow_first: deque[list[Any]] = deque()  # the same for a session's first message: let go first
+        self.lookups: dict[str, KeyFetch] = {}  # DKIM key lookups of messages in CHK, before their job
         workers = max(1, min(self.limit, os.cpu_count() or 1))
         # a job gets three times the clamd time limit (at least 5 minutes) before its worker is replaced
         job_timeout = max(300.0, 3.0 * float(host.cfg.ave.ScanTimeout or 0))
@@ -233,7 +240,7 @@ class Scanner:
                     continue
                 self.inflight.add(qid)
                 self.scanning[qid] = env
-                self.pool.submit(qid, {"env": env.as_dict()})
+                self._start_job(qid, env)
             except OSError as exc:  # no worker could be started, or the disk refused the rename
                 log.error("%s: cannot start its scan: %s", qid, exc)
                 self.inflight.discard(qid)
@@ -242,6 +249,29 @@ class Scanner:
         while self.holding and not self.waiting:  # nothing waits for a scan: no reason to hold
             self._flow_release()
         self.host.stats.set("antiviral_checking_sessions_current", len(self.inflight))
+
+    def _start_job(self, qid: str, env: Envelope) -> None:
+        """Hand the message to a worker; a message that will be spam-checked first has the DKIM keys
+        of its signatures looked up ([smtpgw.antispam] DKIMVerify), for the worker to verify them
+        (the RSA work is the worker's). A lookup that fails is an answer too: never a deferral."""
+        payload: dict[str, Any] = {"env": env.as_dict()}
+        antispam = self.host.cfg.antispam
+        resolver = getattr(self.host, "resolver", None)
+        if not (antispam.Check and antispam.DKIMVerify and resolver is not None):
+            self.pool.submit(qid, payload)
+            return
+        payload["dkim"] = {}
+
+        def fetched(keys: dict[str, Any]) -> None:
+            self.lookups.pop(qid, None)
+            payload["dkim"] = keys
+            self.pool.submit(qid, payload)
+
+        lookup = fetch_keys(self.loop, resolver, self.queue.msg_path(qid), antispam.DKIMLookupTimeout, fetched)
+        if lookup is None:
+            self.pool.submit(qid, payload)
+        else:
+            self.lookups[qid] = lookup
 
     def _retry_later(self, qid: str, delay: float) -> None:
         """Back to WFC (wherever the record got to) and a new scan after ``delay``."""
@@ -300,7 +330,10 @@ class Scanner:
         self.forget(qid)
         if qid not in self.inflight:
             return
-        if self.pool.cancel(qid):  # no worker had taken it: no result will come
+        lookup = self.lookups.pop(qid, None)
+        if lookup is not None:
+            lookup.cancel()
+        if lookup is not None or self.pool.cancel(qid):  # no worker had taken it: no result will come
             self.inflight.discard(qid)
             self.scanning.pop(qid, None)
             self.loop.call_soon(self.pump)
@@ -550,6 +583,9 @@ class Scanner:
 
     def stop(self) -> None:
         self.enabled = False
+        for lookup in self.lookups.values():
+            lookup.cancel()
+        self.lookups.clear()
         self.pool.stop()
         for qid in list(self.inflight - self.applying):  # an I/O thread finishes those (Committer.close)
             if os.path.exists(self.queue.record_path(CHK, qid)):

@@ -22,6 +22,7 @@ from email.header import decode_header
 from email.message import Message
 from email.parser import BytesParser
 
+from smtpgw.mail import dkim
 from smtpgw.spam.htmltext import HtmlText, html_to_text
 
 log = logging.getLogger("smtpgw.spam.mailview")
@@ -84,6 +85,9 @@ class MailView:
     defects: list[str] = field(default_factory=list)
     truncated: bool = False
     memo: dict[str, object] = field(default_factory=dict)  # derived values, computed once
+    # the DKIM verification a scanner worker made for this message (smtpgw.mail.dkim.verified);
+    # None when none ran (the offline tools, DKIMVerify=no): the signatures are then only read
+    dkim: list[dkim.Result] | None = None
 
     def header(self, name: str) -> str | None:
         """The first decoded value of header ``name`` (lower-case), or None."""
@@ -256,7 +260,7 @@ def _leaves(msg: Message) -> list[tuple[Message, int]]:
 
 def build(raw: bytes) -> MailView:
     """Build the view of ``raw``; never raises for any input bytes."""
-    view = MailView()
+    view = MailView(dkim=dkim.current())
     try:
         _build(raw, view)
     except Exception:  # the last line of defence: a partial view is still classified

@@ -164,7 +164,8 @@ class RuleSet:
             if level not in rule.levels:
                 continue
             if _matches(rule, view, tokens, body, html_names):
-                hits.append(RuleHit(rule.name, rule.weight, rule.force, rule.method))
+                name = rule.name + signs.detail(rule.target, view) if rule.kind == "check" else rule.name
+                hits.append(RuleHit(name, rule.weight, rule.force, rule.method))
         return hits
 
 
