@@ -204,6 +204,30 @@ def test_the_lookup_deadline_answers_for_the_names_still_waiting(keys, silent_na
     assert answers == [{f"s1._domainkey.{DOMAIN}": {"error": "temp: lookup timeout"}}]
 
 
+def test_a_lookup_our_own_resolver_refused_is_neutral_and_earns_no_mark(keys, silent_nameserver) -> None:
+    """A flood of the gateway's own resolver (ERROR_OVERLOADED) is not the brand's DNS failing: the
+    result is neutral, so a forged signature cannot count as read under load."""
+    raw = sign(MESSAGE, keys["rsa"], DOMAIN, "s1").replace(b"$12.00", b"$920.00")
+    loop = EventLoop()
+    resolver = Resolver(loop, [silent_nameserver], timeout=30, attempts=1, max_in_flight=1, max_pending=0)
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dkim-overload-{os.getpid()}.eml")
+    with open(path, "wb") as f:
+        f.write(raw)
+    answers: list[dict[str, Any]] = []
+    try:
+        resolver.query("busy.example", "TXT", lambda answer: None)  # takes the only slot, never answered
+        assert fetch_keys(loop, resolver, path, 10.0, answers.append) is not None
+        assert loop.run_until(lambda: bool(answers), 10)
+    finally:
+        os.unlink(path)
+        resolver.close()
+        loop.close()
+    assert answers == [{f"s1._domainkey.{DOMAIN}": {"error": "local: overloaded"}}]
+    [result] = dkim.verify(raw, answers[0])
+    assert (result.result, result.reason) == ("neutral", "key not looked up (overloaded)")
+    assert classify_signs(raw, [result])["branded_sender"] is False
+
+
 # -- the signs ---------------------------------------------------------------------------------
 
 

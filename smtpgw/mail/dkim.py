@@ -57,7 +57,8 @@ MAX_RSA_EXPONENT_BITS = 64
 KEY_HEAD = 64 * 1024  # bytes of the header a key-name reader looks at
 
 # Per key name, what the lookup gave: {"txt": [strings]}, {"error": "nxdomain" | "nodata"} (no key:
-# permerror), or {"error": "temp: why"} (the lookup failed: temperror).
+# permerror), {"error": "temp: why"} (the DNS failed to answer: temperror), or {"error": "local: why"}
+# (the gateway's own resolver made no query — overloaded or closing: neutral, RFC 8601 §2.7.1).
 KeyAnswers = Mapping[str, Mapping[str, object]]
 
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
@@ -397,6 +398,8 @@ def _check_key(signature: Signature, answer: Mapping[str, object] | None) -> Key
         return ends(PERMERROR, f"no key for selector {signature.selector} ({error})")
     if error == "bad-name":  # a name no DNS can hold is the signer's error, not the DNS's
         return ends(PERMERROR, "key name is not a domain name")
+    if error.startswith("local:"):  # not the signer's DNS: what a flood of our own resolver gives
+        return ends(NEUTRAL, f"key not looked up ({error[6:60].strip()})")
     if error:
         return ends(TEMPERROR, f"key lookup failed ({error[:60]})")
     records = [str(r) for r in answer.get("txt", []) or []][:4]  # type: ignore[union-attr]

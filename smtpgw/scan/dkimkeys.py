@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from smtpgw.mail import dkim
-from smtpgw.net.dns import ERROR_BAD_NAME, TXT, Answer, Lookup, Resolver
+from smtpgw.net.dns import ERROR_BAD_NAME, ERROR_CLOSED, ERROR_OVERLOADED, TXT, Answer, Lookup, Resolver
 from smtpgw.net.loop import EventLoop
 
 log = logging.getLogger("smtpgw.scan.dkimkeys")
@@ -33,9 +33,13 @@ KeysCallback = Callable[[dict[str, dict[str, Any]]], None]
 def key_answer(answer: Answer) -> dict[str, Any]:
     """One resolver answer as the verification reads it: the TXT strings, or why there are none —
     "nxdomain"/"nodata" (no key), "bad-name" (no name to ask: permerrors), "temp: ..." (no answer
-    now: a temperror)."""
+    now: a temperror), "local: ..." (our resolver asked nobody: neutral)."""
     if answer.error == ERROR_BAD_NAME:
         return {"error": "bad-name"}  # the signature names no domain: a permerror, not the DNS's failure
+    if answer.error in (ERROR_OVERLOADED, ERROR_CLOSED):
+        # a temperror of the brand's own DNS counts as the signature read (modernsigns); one a flood
+        # of this gateway's resolver can cause must not, or forged signatures would count under load
+        return {"error": f"local: {answer.error}"}
     if answer.error is not None:
         return {"error": f"temp: {answer.error}"}
     if answer.nxdomain:
