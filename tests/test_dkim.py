@@ -59,15 +59,18 @@ def key_dns(keys: dict[str, DKIMKey], tmp_path_factory: pytest.TempPathFactory) 
 def lookup(address: tuple[str, int], raw: bytes, timeout: float = 5.0) -> dict[str, Any]:
     """The keys of ``raw``'s signatures as the gateway fetches them (smtpgw.scan.dkimkeys)."""
     loop = EventLoop()
-    resolver = Resolver(loop, [address], timeout=timeout / 2, attempts=1)
-    answers: list[dict[str, Any]] = []
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dkim-{os.getpid()}.eml")
+    return fetch_on(Resolver(loop, [address], timeout=timeout / 2, attempts=1), loop, raw, timeout)
+
+
+def fetch_on(resolver: Resolver, loop: EventLoop, raw: bytes, timeout: float) -> dict[str, Any]:
+    """The keys of ``raw`` fetched through ``resolver`` with the deadline ``timeout``; closes both."""
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dkim-fetch-{os.getpid()}.eml")
     with open(path, "wb") as f:
         f.write(raw)
+    answers: list[dict[str, Any]] = []
     try:
-        fetch = fetch_keys(loop, resolver, path, timeout, answers.append)
-        assert fetch is not None
-        assert loop.run_until(lambda: bool(answers), timeout + 5)
+        assert fetch_keys(loop, resolver, path, timeout, answers.append) is not None
+        assert loop.run_until(lambda: bool(answers), timeout + 10)
     finally:
         os.unlink(path)
         resolver.close()
@@ -187,21 +190,23 @@ def test_dns_down_is_a_temperror(keys, silent_nameserver) -> None:
 
 def test_the_lookup_deadline_answers_for_the_names_still_waiting(keys, silent_nameserver) -> None:
     """The resolver would still try: the fetch's own deadline ends the wait (no deferral)."""
-    raw = sign(MESSAGE, keys["rsa"], DOMAIN, "s1")
     loop = EventLoop()
     resolver = Resolver(loop, [silent_nameserver], timeout=30, attempts=1)
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dkim-deadline-{os.getpid()}.eml")
-    with open(path, "wb") as f:
-        f.write(raw)
-    answers: list[dict[str, Any]] = []
-    try:
-        assert fetch_keys(loop, resolver, path, 0.3, answers.append) is not None
-        assert loop.run_until(lambda: bool(answers), 10)
-    finally:
-        os.unlink(path)
-        resolver.close()
-        loop.close()
-    assert answers == [{f"s1._domainkey.{DOMAIN}": {"error": "temp: lookup timeout"}}]
+    answers = fetch_on(resolver, loop, sign(MESSAGE, keys["rsa"], DOMAIN, "s1"), 0.3)
+    assert answers == {f"s1._domainkey.{DOMAIN}": {"error": "temp: lookup timeout"}}
+
+
+def test_a_question_still_queued_at_the_deadline_is_not_the_dns_failing(keys, silent_nameserver) -> None:
+    """A key question that waited behind the gateway's other queries (max_in_flight) was never
+    asked: neutral at the deadline, so it earns no mark."""
+    raw = sign(MESSAGE, keys["rsa"], DOMAIN, "s1")
+    loop = EventLoop()
+    resolver = Resolver(loop, [silent_nameserver], timeout=30, attempts=1, max_in_flight=1)
+    resolver.query("busy.example", "TXT", lambda answer: None)  # takes the only slot
+    assert resolver.asking("busy.example", "TXT")
+    answers = fetch_on(resolver, loop, raw, 0.3)
+    assert answers == {f"s1._domainkey.{DOMAIN}": {"error": "local: lookup not sent in time"}}
+    assert [r.result for r in dkim.verify(raw, answers)] == ["neutral"]
 
 
 def test_a_lookup_our_own_resolver_refused_is_neutral_and_earns_no_mark(keys, silent_nameserver) -> None:
@@ -210,20 +215,10 @@ def test_a_lookup_our_own_resolver_refused_is_neutral_and_earns_no_mark(keys, si
     raw = sign(MESSAGE, keys["rsa"], DOMAIN, "s1").replace(b"$12.00", b"$920.00")
     loop = EventLoop()
     resolver = Resolver(loop, [silent_nameserver], timeout=30, attempts=1, max_in_flight=1, max_pending=0)
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dkim-overload-{os.getpid()}.eml")
-    with open(path, "wb") as f:
-        f.write(raw)
-    answers: list[dict[str, Any]] = []
-    try:
-        resolver.query("busy.example", "TXT", lambda answer: None)  # takes the only slot, never answered
-        assert fetch_keys(loop, resolver, path, 10.0, answers.append) is not None
-        assert loop.run_until(lambda: bool(answers), 10)
-    finally:
-        os.unlink(path)
-        resolver.close()
-        loop.close()
-    assert answers == [{f"s1._domainkey.{DOMAIN}": {"error": "local: overloaded"}}]
-    [result] = dkim.verify(raw, answers[0])
+    resolver.query("busy.example", "TXT", lambda answer: None)  # takes the only slot, never answered
+    answers = fetch_on(resolver, loop, raw, 10.0)
+    assert answers == {f"s1._domainkey.{DOMAIN}": {"error": "local: overloaded"}}
+    [result] = dkim.verify(raw, answers)
     assert (result.result, result.reason) == ("neutral", "key not looked up (overloaded)")
     assert classify_signs(raw, [result])["branded_sender"] is False
 

@@ -307,6 +307,15 @@ class Resolver:
         self._resolve(qname, qtype, 0, lambda answer: self._answered(key, answer))
         return handle
 
+    def asking(self, name: str, rdtype: int | str) -> bool:
+        """Whether a question for ``name`` is out to a nameserver now (False while it waits for a
+        slot behind ``max_in_flight`` others, or when none is asked)."""
+        try:
+            key = (normalise_name(name), rdtype_code(rdtype))
+        except ValueError:
+            return False
+        return any((exchange.qname, exchange.qtype) == key for exchange in self._active)
+
     def reverse(self, ip: str, callback: Callable[[Answer], Any]) -> Lookup:
         """PTR query for an address; an unparsable address answers ``bad-name``."""
         try:

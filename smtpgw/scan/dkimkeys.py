@@ -4,7 +4,9 @@ Owns: reading the key names of a queued message's DKIM signatures (``smtpgw.mail
 the first ``MAX_SIGNATURES``, from the first 64 KB of the message), asking the gateway's resolver
 for their TXT records (RFC 6376 §3.6.2.2) at once, and handing the answers, as
 ``smtpgw.mail.dkim.KeyAnswers``, to a callback exactly once: when all are in, or at the deadline
-(an unanswered name is then a temporary failure).
+(an unanswered name is then a temporary failure of the DNS when its question was out to a
+nameserver, and "not looked up" when it still waited behind this gateway's own queries: a flood of
+the gateway must not turn forged signatures into temperrors, which the signs count as read).
 
 Must never: block the loop (one bounded read of the message head, queries through the resolver),
 call back more than once or after ``cancel``, or turn a lookup failure into anything but an
@@ -55,6 +57,7 @@ class KeyFetch:
     def __init__(self, loop: EventLoop, resolver: Resolver, names: list[str], timeout: float,
                  done: KeysCallback) -> None:
         self.names = names
+        self.resolver = resolver
         self.done = done
         self.answers: dict[str, dict[str, Any]] = {}
         self.finished = False
@@ -71,8 +74,9 @@ class KeyFetch:
     def _finish(self) -> None:
         if self.finished:
             return
-        for name in self.names:
-            self.answers.setdefault(name, {"error": "temp: lookup timeout"})
+        for name in self.names:  # a question still queued behind others is our load, not their DNS
+            why = "temp: lookup timeout" if self.resolver.asking(name, TXT) else "local: lookup not sent in time"
+            self.answers.setdefault(name, {"error": why})
         self.cancel()
         self.done(self.answers)
 
