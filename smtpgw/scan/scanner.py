@@ -51,6 +51,7 @@ RETRY_AFTER_UNAVAILABLE = 30.0  # seconds before a deferred scan is tried again
 RETRY_AFTER_CRASH = 60.0
 HEAD_BYTES = 64 * 1024  # read of a message for the Subject quoted in the admin's notice
 MAX_REASON = 500  # characters of a failed scan's reason kept in the record
+MAX_KEY_LOOKUPS = 256  # messages whose DKIM keys are being looked up at once (beside the workers' jobs)
 
 
 class Scanning(Protocol):
@@ -217,7 +218,10 @@ class Scanner:
         self.loop.call_soon(entry[0])
 
     def pump(self) -> None:
-        while self.enabled and self.waiting and len(self.inflight) < self.limit:
+        # a message whose DKIM keys are being looked up holds no worker: slow DNS (a flood of mail
+        # signed by domains whose nameservers never answer) must not starve the scans
+        while self.enabled and self.waiting and len(self.inflight) - len(self.lookups) < self.limit \
+                and len(self.lookups) < MAX_KEY_LOOKUPS:
             qid = self.waiting.popleft()
             if self.holding:
                 self._flow_release()
@@ -248,7 +252,7 @@ class Scanner:
                 self._retry_later(qid, RETRY_AFTER_CRASH)
         while self.holding and not self.waiting:  # nothing waits for a scan: no reason to hold
             self._flow_release()
-        self.host.stats.set("antiviral_checking_sessions_current", len(self.inflight))
+        self.host.stats.set("antiviral_checking_sessions_current", len(self.inflight) - len(self.lookups))
 
     def _start_job(self, qid: str, env: Envelope) -> None:
         """Hand the message to a worker; a message that will be spam-checked first has the DKIM keys
@@ -266,6 +270,7 @@ class Scanner:
             self.lookups.pop(qid, None)
             payload["dkim"] = keys
             self.pool.submit(qid, payload)
+            self.pump()  # a lookup's place is free
 
         lookup = fetch_keys(self.loop, resolver, self.queue.msg_path(qid), antispam.DKIMLookupTimeout, fetched)
         if lookup is None:
