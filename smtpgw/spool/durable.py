@@ -78,6 +78,7 @@ class GroupSync:
         self._asked = 0
         self._synced = 0
         self._syncing = False
+        self._fd = -1  # the folder, opened at the first fsync and kept (one thread fsyncs at a time)
 
     def sync(self) -> None:
         with self._cv:
@@ -91,9 +92,23 @@ class GroupSync:
                 target = self._asked
                 self._cv.release()
                 try:
-                    fsync_dir(self.folder)
+                    self._fsync()
                 finally:
                     self._cv.acquire()
                     self._syncing = False
                     self._cv.notify_all()
                 self._synced = max(self._synced, target)
+
+    def _fsync(self) -> None:
+        if self._fd < 0:
+            self._fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Let go of the folder's descriptor (a later ``sync`` opens it again)."""
+        with self._cv:
+            while self._syncing:
+                self._cv.wait()
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)

@@ -475,6 +475,8 @@ class Committer(IOPool):
 
     def close(self) -> None:
         super().close()
+        for folder in self._folders.values():
+            folder.close()
         with self._spares_lock:
             spares, self._spares = self._spares, []
         for tmp in spares:
