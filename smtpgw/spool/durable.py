@@ -28,17 +28,27 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_durably(path: str, data: bytes, sync_dir: bool = True) -> None:
+def write_durably(path: str, data: bytes, sync_dir: bool = True, temp: str | None = None) -> None:
     """temp → fsync → rename → fsync(dir): after return, ``path`` holds ``data`` or nothing.
 
     The temp file is ``.NAME.tmp`` in the same folder (names starting with a dot are never
-    read as content, and a crash leaves only such a file). ``sync_dir=False`` leaves the
-    directory fsync to the caller, who group-commits several renames with one `fsync_dir`;
-    until then the rename may be lost by a crash, the bytes under the old name never are.
+    read as content, and a crash leaves only such a file), or ``temp``: an existing file of
+    the same file system that nothing else reads and that a crash leaves to be removed (a
+    recycled spool file, ``Queue.take_free``), rewritten from its start. ``sync_dir=False``
+    leaves the directory fsync to the caller, who group-commits several renames with one
+    `fsync_dir`; until then the rename may be lost by a crash, the bytes under the old name
+    never are.
     """
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = -1
+    if temp is not None:
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_TRUNC)
+        except FileNotFoundError:
+            pass
+    if fd < 0:
+        temp = os.path.join(folder, f".{name}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -46,7 +56,7 @@ def write_durably(path: str, data: bytes, sync_dir: bool = True) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    os.replace(temp, path)
     if sync_dir:
         fsync_dir(folder)
 
