@@ -5,7 +5,8 @@ envelope records, atomic state changes, and crash recovery at start-up.
 
 Layout::
 
-    tmp/ID             message bytes being received (never acknowledged)
+    tmp/ID             message bytes being received (never acknowledged), and finished
+                       files kept empty to be written again (``Queue.recycle``)
     msg/ID             the message of record ID (written once, then immutable)
     WFC/ID CHK/ID WFS/ID SPL/ID QUE/ID SND/ID     envelope records (JSON)
     corrupt/           records that could not be read, kept for the admin
