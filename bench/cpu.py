@@ -4,6 +4,7 @@
     python3 bench/cpu.py [--check on|off] [--messages 2000] [--rounds 3] [--tree DIR ...]
     python3 bench/cpu.py --check off --tree /tmp/old --tree .      # A/B, alternating rounds
     python3 bench/cpu.py --check off --cprofile /tmp/main.prof      # the main thread under cProfile
+    python3 bench/cpu.py --set limits.MaximalOutgoingSessionsPerHost=20   # a setting changed
 
 Throughput on a shared machine moves with everyone else's load; the CPU a message costs moves far
 less, so this is what compares two versions of the code: for each round and each tree (in turn, so
@@ -160,6 +161,10 @@ def measure(tree: str, check: bool, tmp: str, sink_port: int, clamd, args, profi
               "smtpgw.antispam": [("Check", "true" if check else "false")]}
     if check:
         policy["smtpgw.ave"] = [("ClamdAddress", clamd.unix_address)]
+    for setting in args.set or []:  # SECTION.Key=value, e.g. limits.MaximalOutgoingSessionsPerHost=20
+        name, _, value = setting.partition("=")
+        section, _, key = name.rpartition(".")
+        policy.setdefault(f"smtpgw.{section}", []).append((key, value))
     gw = TreeGateway(tree, profile_to, folder, sink_port, extra=policy)
     gw.start()
     try:
@@ -197,6 +202,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--incoming-processes", type=int, default=0)
+    parser.add_argument("--set", action="append", help="a setting of the gateway's configuration, SECTION.Key=value")
     parser.add_argument("--tree", action="append", help="a source tree to run the gateway from (default: this one)")
     parser.add_argument("--strace", action="store_true", help="also count the main process's system calls (strace -c -f)")
     parser.add_argument("--cprofile", help="profile the main process (one run of the first tree) into this file")
