@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Iterator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -224,22 +226,29 @@ def main() -> int:
         if not which(tool):
             print(f"needs {tool}")
             return 1
+    with tempfile.TemporaryDirectory(prefix="smtpgw-profile-") as tmp, sink_and_clamd(True) as (port, clamd):
+        for check in {"on": [True], "off": [False], "both": [True, False]}[args.check]:
+            profile_one(check, tmp, port, clamd, args)
+    return 0
+
+
+@contextlib.contextmanager
+def sink_and_clamd(with_clamd: bool) -> Iterator[tuple[int, Any]]:
+    """An smtp-sink on a free loopback port and, if asked, the private clamd; both stopped after."""
     from tests.support.clamd import start_clamd
 
-    with tempfile.TemporaryDirectory(prefix="smtpgw-profile-") as tmp:
-        port = free_port()
-        sink = subprocess.Popen([which("smtp-sink"), "-u", "nobody", f"127.0.0.1:{port}", "1024"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        clamd = start_clamd()
-        try:
-            wait_until(lambda: listening(port), 10, "smtp-sink")
-            for check in {"on": [True], "off": [False], "both": [True, False]}[args.check]:
-                profile_one(check, tmp, port, clamd, args)
-        finally:
+    port = free_port()
+    sink = subprocess.Popen([which("smtp-sink") or "smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    clamd = start_clamd() if with_clamd else None
+    try:
+        wait_until(lambda: listening(port), 10, "smtp-sink")
+        yield port, clamd
+    finally:
+        if clamd is not None:
             clamd.remove()
-            sink.terminate()
-            sink.wait(10)
-    return 0
+        sink.terminate()
+        sink.wait(10)
 
 
 if __name__ == "__main__":

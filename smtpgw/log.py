@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import time
 
 LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 _LETTER = {logging.DEBUG: "D", logging.INFO: "I", logging.WARNING: "W", logging.ERROR: "E", logging.CRITICAL: "C"}
@@ -44,9 +45,22 @@ class LineFormatter(logging.Formatter):
     def __init__(self, date_format: str = "%Y-%m-%d", time_format: str = "%H:%M:%S") -> None:
         super().__init__()
         self.stamp = f"{date_format} {time_format}"
+        self._second: tuple[int, str] = (-1, "")  # the last second written and its text
+
+    def when(self, created: float) -> str:
+        """The date and time of a line (``formatTime`` with our format, which has no part below
+        the second: each second is formatted once)."""
+        second = int(created)
+        if self._second[0] != second:
+            self._second = (second, time.strftime(self.stamp, self.converter(created)))
+        return self._second[1]
+
+    def event_line(self, levelno: int, qid: str, text: str, created: float) -> str:
+        """An event line (``event``) as ``format`` writes it."""
+        return f"[{self.when(created)} {_LETTER.get(levelno, 'I')}] {escape(qid)}: {text}"
 
     def format(self, record: logging.LogRecord) -> str:
-        when = self.formatTime(record, self.stamp)
+        when = self.when(record.created)
         letter = _LETTER.get(record.levelno, "I")
         qid = getattr(record, "qid", None)
         text = record.getMessage() if getattr(record, "built", False) else free_text(record)
@@ -89,13 +103,17 @@ class BufferedFileHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = self.format(record) + "\n"
-            self.lines.append(text)
-            self.held += len(text)
-            if record.levelno >= logging.ERROR or self.held > self.MAX_BUFFERED:
-                self._write()
+            self.hold(self.format(record), record.levelno)
         except Exception:
             self.handleError(record)
+
+    def hold(self, text: str, levelno: int) -> None:
+        """A formatted line into the batch (the caller holds ``lock``)."""
+        text += "\n"
+        self.lines.append(text)
+        self.held += len(text)
+        if levelno >= logging.ERROR or self.held > self.MAX_BUFFERED:
+            self._write()
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -176,7 +194,8 @@ def escape(value: object, context: str = BARE) -> str:
         text = bytes(value).decode("utf-8", "surrogateescape")
     else:
         text = value if isinstance(value, str) else str(value)
-    text = _SUSPECT.sub(_escape_char, text)
+    if not (text.isascii() and text.isprintable()) or "\\" in text:  # else nothing _SUSPECT matches
+        text = _SUSPECT.sub(_escape_char, text)
     if context == QUOTED:
         return text.replace('"', '\\"')
     ends = _ENDS.get(context)
@@ -257,7 +276,31 @@ Event = tuple[str, list]  # (template, values) of an event line made in a scanne
 def event(qid: str, template: str, *args: object, level: int = logging.INFO) -> None:
     """A per-message event line: RECEIVED, SCANNED, SPLITTED, DELIVERED, BLOCKED, ...,
     built by ``line``: every value escaped, so none can forge a field or a line."""
-    events.log(level, line(template, *args), extra={"qid": qid, "built": True})
+    if not events.isEnabledFor(level):
+        return
+    handler = _only_file_handler(level)
+    if handler is None:
+        events.log(level, line(template, *args), extra={"qid": qid, "built": True})
+        return
+    # the line the logging machinery would write, without a LogRecord (a few per message)
+    text = handler.formatter.event_line(level, qid, line(template, *args), time.time())  # type: ignore[union-attr]
+    try:
+        with handler.lock:  # type: ignore[union-attr]
+            handler.hold(text, level)
+    except Exception:  # the log file went away: told as ``emit`` tells it (``handleError``)
+        handler.handleError(events.makeRecord(events.name, level, "", 0, text, (), None))
+
+
+def _only_file_handler(level: int) -> BufferedFileHandler | None:
+    """The log file's handler when it is where an event line goes and nothing else sees the line
+    (the loggers as ``setup`` left them: no filter, no other handler, no propagation further)."""
+    handlers = root.handlers
+    if len(handlers) != 1 or root.propagate or events.handlers or events.filters or root.filters or not events.propagate:
+        return None
+    handler = handlers[0]
+    if type(handler) is not BufferedFileHandler or handler.filters or level < handler.level:
+        return None
+    return handler if type(handler.formatter) is LineFormatter else None
 
 
 def quoted(text: str) -> str:

@@ -131,6 +131,28 @@ def test_an_event_line_is_written_once_escaped(log_file: str) -> None:
     assert re.fullmatch(r'\[[-0-9 :]+ I\] ABC\\x1b: RELEASED, from=<a\\\\b@x>, reason="q\\"\\x07"', text), text
 
 
+def test_an_event_line_is_the_same_written_directly_or_through_the_logging_machinery(log_file: str) -> None:
+    """``event`` writes straight into the log file's batch when nothing else can see the line; a
+    filter on the events logger sends it through ``logging`` as before: the same text, the same
+    order, and an error written at once either way."""
+    args = ("ABC\x1b", 'SENT, to=<%s>, relay=%s, reason="%s", size=%d', "a b@x", "[127.0.0.1]:25", "q\"\\", 4096)
+    log.event(*args)
+    log.events.addFilter(lambda record: True)
+    try:
+        log.event(*args)
+        log.event("E1", "FAILED, why=%s", "disk", level=logging.ERROR)
+        through_logging = open(log_file, encoding="utf-8").read().splitlines()  # the error flushed the batch
+    finally:
+        log.events.filters.clear()
+    log.event("E2", "FAILED, why=%s", "disk", level=logging.ERROR)
+    direct, logged, error = through_logging
+    assert direct.split("] ", 1)[1] == logged.split("] ", 1)[1] == (
+        'ABC\\x1b: SENT, to=<"a b@x">, relay=[127.0.0.1]:25, reason="q\\"\\\\", size=4096')
+    assert re.fullmatch(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d I\]", direct.split(" ABC")[0])
+    assert re.fullmatch(r"\[[-0-9 :]+ E\] E1: FAILED, why=disk", error)
+    assert open(log_file, encoding="utf-8").read().splitlines()[3].endswith("] E2: FAILED, why=disk")
+
+
 def test_free_text_values_in_brackets_or_quotes_are_escaped_for_that_place(log_file: str) -> None:
     logger = logging.getLogger("smtpgw.receive.receiver")
     logger.info('relay denied: client=[%s] rcpt=<%s> said "%s" %r', "127.0.0.1", '"a> rule=allow"@x',

@@ -11,7 +11,8 @@ import pytest
 
 from smtpgw.spool.durable import unlink_if_present, write_durably
 from smtpgw.spool.iopool import IOPool
-from smtpgw.spool.queue import CHK, QUE, SND, WFC, Envelope, Queue, Recipient, RecipientState, new_id
+from smtpgw.spool.queue import CHK, QUE, SND, WFC, Committer, Envelope, Queue, Recipient, RecipientState, new_id
+from tests.support.net import wait_until
 
 
 def make(queue: Queue, state: str, qid: str | None = None, with_message: bool = True) -> Envelope:
@@ -151,3 +152,59 @@ def test_io_pool_hands_results_and_errors_back_through_the_loop():
     assert done.wait(10)
     pool.close()
     assert handed == [(42, None), (None, ZeroDivisionError)]
+
+
+def test_finished_files_are_written_again_instead_of_new_ones_and_a_linked_message_is_left_whole(tmp_path):
+    """Committer.remove keeps a finished record and message in tmp/ (Queue.recycle); the next
+    session's file and the next record are written into them (same inodes, new bytes only); a
+    message file linked to a sibling copy is never taken, its sibling keeps its bytes; a crash
+    leaves the kept files to recovery like any file in tmp/."""
+    queue = Queue(str(tmp_path))
+    committer = Committer(queue, lambda callback, *args: callback(*args), threads=1)
+    try:
+        first = make(queue, SND)
+        sibling = Envelope(id=first.id + "-2", sender="a@b.test", recipients=[Recipient("y@example.test")])
+        queue.add_message(sibling, QUE, link_from=queue.msg_path(first.id))
+        other = make(queue, SND)
+        inodes = {os.stat(queue.record_path(SND, first.id)).st_ino, os.stat(queue.record_path(SND, other.id)).st_ino,
+                  os.stat(queue.msg_path(other.id)).st_ino}
+        removed = threading.Event()
+        committer.remove(first.id, SND)
+        committer.remove(other.id, SND, before=removed.set)
+        committer.close()  # waits for the removals
+        assert removed.is_set() and queue.find(first.id) is None and queue.find(other.id) is None
+        assert open(queue.msg_path(sibling.id), "rb").read() == b"Subject: s\r\n\r\nbody\r\n"
+        assert len(os.listdir(tmp_path / "tmp")) == 3  # two records and one message (the linked one went)
+
+        committer = Committer(queue, lambda callback, *args: callback(*args), threads=1)
+        tmp = committer.take_tmp()
+        os.write(tmp.fd, b"new")
+        done: list[object] = []
+        committed = threading.Event()
+        env = Envelope(id=new_id(), sender="c@d.test", recipients=[Recipient("z@example.test")])
+        committer.submit(env, tmp, lambda error: (done.append(error), committed.set()))
+        assert committed.wait(10) and done == [None]
+        assert open(queue.msg_path(env.id), "rb").read() == b"new"
+        assert queue.load(WFC, env.id) == env
+        wait_until(lambda: committer.spare_count() > 0, 10, "spare files made")
+        # every kept file was taken again: by this session, its record or the spare files made ahead
+        in_use = {os.stat(queue.msg_path(env.id)).st_ino, os.stat(queue.record_path(WFC, env.id)).st_ino}
+        in_use |= {os.stat(tmp_path / "tmp" / name).st_ino for name in os.listdir(tmp_path / "tmp")}
+        assert inodes <= in_use
+        committer.close()
+        assert os.listdir(tmp_path / "tmp") == []
+        make(queue, WFC)
+        queue.recycle(queue.record_path(WFC, queue.ids(WFC)[0]))
+        assert queue.recover()["tmp_removed"] == 1 and os.listdir(tmp_path / "tmp") == []
+    finally:
+        committer.close()
+
+
+def test_write_durably_through_a_given_file_writes_it_from_its_start(tmp_path):
+    old = tmp_path / "old"
+    old.write_bytes(b"x" * 5000)
+    write_durably(str(tmp_path / "file"), b"short", temp=str(old))
+    assert (tmp_path / "file").read_bytes() == b"short" and not old.exists()
+    write_durably(str(tmp_path / "again"), b"made anew", temp=str(old))  # gone meanwhile: a temp of its own
+    assert (tmp_path / "again").read_bytes() == b"made anew"
+    assert sorted(os.listdir(tmp_path)) == ["again", "file"]

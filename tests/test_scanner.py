@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import pytest
 
-from smtpgw.scan.job import CopyResult, ScanResult
+from smtpgw.scan.job import CopyResult, ScanResult, not_scanned
 from smtpgw.scan.scanner import Scanner
 from smtpgw.spool.queue import CHK, QUE, WFC, Envelope, Queue, Recipient, fsync_dir, new_id
 
@@ -199,3 +199,30 @@ def test_a_message_removed_while_its_rewrite_is_being_applied_leaves_nothing(tmp
     held.finish()
     assert scanned == [] and queue.find(qid) is None and not scanner.inflight
     assert os.listdir(os.path.join(queue.root, "msg")) == []
+
+
+def test_a_message_nothing_scans_goes_from_wfc_to_que_in_one_rename_or_through_chk_when_split(tmp_path, monkeypatch):
+    """Check=false: the message as it came moves on WFC → QUE at once; one split between two
+    groups still leaves CHK as a scanned one does (per-group copies, the original gone)."""
+    queue = Queue(str(tmp_path))
+    scanner, scanned = scanner_on(queue)
+    env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test")], size=len(ORIGINAL))
+    with open(queue.msg_path(env.id), "wb") as f:
+        f.write(ORIGINAL)
+    queue.write_record(WFC, env)
+    renames: list[tuple[str, str]] = []
+    real_rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda a, b: (renames.append((a, b)), real_rename(a, b))[1])
+    scanner._apply(env.id, ScanResult([not_scanned("policy", ["x@example.test"])]), env, WFC)
+    assert renames == [(queue.record_path(WFC, env.id), queue.record_path(QUE, env.id))]
+    assert queue.find(env.id) == QUE and [e.id for e in scanned] == [env.id]
+
+    split = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient(r) for r in TWO_GROUPS], size=len(ORIGINAL))
+    with open(queue.msg_path(split.id), "wb") as f:
+        f.write(ORIGINAL)
+    queue.write_record(WFC, split)
+    scanner._apply(split.id, ScanResult([not_scanned("policy", ["x@example.test"]), not_scanned("lab", ["y@lab.test"])]),
+                   split, WFC)
+    assert queue.find(split.id) is None
+    assert sorted(e.id for e in scanned[1:]) == [f"{split.id}-1", f"{split.id}-2"]
+    assert all(queue.find(e.id) == QUE for e in scanned[1:])

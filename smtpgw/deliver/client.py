@@ -86,6 +86,7 @@ class Connection:
         self.closing: ServerReply | None = None  # the peer's 421: it is closing the channel
         self.txn: Transaction | None = None
         self._body: object | None = None
+        self._body_left = 0  # bytes of the queue file not read yet
         self.transactions = 0
 
     # -- capabilities -------------------------------------------------------------
@@ -418,10 +419,18 @@ class Connection:
     def _begin_body(self) -> None:
         assert self.txn is not None
         try:
-            self._body = open(self.txn.msg_path, "rb")
+            body = open(self.txn.msg_path, "rb")
+            try:
+                # a queue file is never written again once queued: its size tells which read is
+                # the last, and the last chunk goes out with the final dot in one write
+                self._body_left = os.fstat(body.fileno()).st_size
+            except OSError:
+                body.close()
+                raise
         except OSError as exc:
             self.fail(f"cannot read queue file: {exc}")  # the transaction ends deferred
             return
+        self._body = body
         self._line_start = True
         self._carry = b""
         # No reply timer while the message goes out: WriteTimeout bounds each stalled write (RFC 5321
@@ -435,7 +444,8 @@ class Connection:
         if body is None or self.out or self.closed:
             return
         chunk = body.read(CHUNK)  # type: ignore[attr-defined]
-        if chunk:
+        self._body_left -= len(chunk)
+        if chunk and self._body_left > 0:
             data = self._carry + chunk
             cut = data.rfind(b"\n") + 1
             if cut == 0 and len(data) < CHUNK * 4:
@@ -449,7 +459,7 @@ class Connection:
             return
         body.close()  # type: ignore[attr-defined]
         self._body = None
-        tail = self._carry
+        tail = self._carry + chunk
         if tail:
             stuffed, self._line_start = smtp.dot_stuff(tail, self._line_start)
             tail = stuffed

@@ -104,8 +104,10 @@ class EventLoop:
     def add_reader(self, fileobj: Any, callback: Callback) -> None:
         """Call ``callback()`` whenever ``fileobj`` is readable."""
         fd = self._fd(fileobj)
+        known = fd in self._readers
         self._readers[fd] = callback
-        self._update(fd)
+        if not known:  # a reader already watched: the selector has it as it should
+            self._update(fd)
 
     def remove_reader(self, fileobj: Any) -> None:
         fd = self._fd(fileobj)
@@ -157,18 +159,22 @@ class EventLoop:
         self._ready.append((callback, args))
 
     def call_soon_threadsafe(self, callback: Callback, *args: Any) -> None:
-        """Schedule ``callback`` from another thread and wake the loop."""
+        """Schedule ``callback`` from another thread and wake the loop.
+
+        Only the first call after the loop took the pending calls writes a wake-up byte: until
+        the loop takes them (after reading that byte), the calls that follow are taken with it."""
         with self._lock:
+            wake = not self._threadsafe
             self._threadsafe.append((callback, args))
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full: the loop is already due to wake up
+        if wake:
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full: the loop is already due to wake up
 
     def _drain_wakeups(self) -> None:
         try:
-            while self._wake_r.recv(4096):
-                pass
+            self._wake_r.recv(4096)  # more than that waiting: the socket stays readable, read next time
         except (BlockingIOError, InterruptedError):
             pass
         with self._lock:

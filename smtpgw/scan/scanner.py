@@ -235,10 +235,10 @@ class Scanner:
                 groups.setdefault(group.name, []).append(rcpt.addr)
                 unchecked = unchecked and not group.Check
             try:
-                self.queue.move(qid, WFC, CHK)
-                if unchecked:  # nothing to scan: no need for a worker
-                    self._apply(qid, ScanResult([not_scanned(name, rcpts) for name, rcpts in groups.items()]), env)
+                if unchecked:  # nothing to scan: no need for a worker (nor for CHK, see _apply)
+                    self._apply(qid, ScanResult([not_scanned(name, rcpts) for name, rcpts in groups.items()]), env, WFC)
                     continue
+                self.queue.move(qid, WFC, CHK)
                 if env.scan_attempts >= self.max_attempts:  # reached before a restart, or the cap was lowered
                     self._give_up(env)
                     continue
@@ -460,10 +460,12 @@ class Scanner:
         write_durably(path, data)
         return [{"kind": "admin", "path": path, "from": sender, "to": [admin], "size": len(data)}]
 
-    def _apply(self, qid: str, result: ScanResult, env: Envelope | None = None) -> None:
+    def _apply(self, qid: str, result: ScanResult, env: Envelope | None = None, state: str = CHK) -> None:
         """Turn a scan result into queue records: QUE copies, notifications; blocked copies end here.
         The verdicts are logged and counted here; what needs an fsync is written in an I/O thread
-        (``_write_result``), so a virus storm with notifications on never stalls the loop."""
+        (``_write_result``), so a virus storm with notifications on never stalls the loop. The
+        record is in ``state``: CHK, or WFC for a message nothing scanned, which goes to QUE in
+        one rename when it moves on as it came, and through CHK otherwise."""
         env = env or self.queue.load(CHK, qid)
         if env is None:
             return  # removed by the admin meanwhile
@@ -480,9 +482,11 @@ class Scanner:
         if len(result.copies) == 1 and live and not live[0].rewritten and not notices:
             # one group, the message as it came: it keeps its ID, and moving on is one rename
             env.group = live[0].group
-            self.queue.move(qid, CHK, QUE)
+            self.queue.move(qid, state, QUE)
             self.host.message_scanned(env)
             return
+        if state != CHK:
+            self.queue.move(qid, state, CHK)
         self._write_result(env, result, live)
 
     def _write_result(self, env: Envelope, result: ScanResult, live: list[CopyResult]) -> None:

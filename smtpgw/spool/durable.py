@@ -28,17 +28,27 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_durably(path: str, data: bytes, sync_dir: bool = True) -> None:
+def write_durably(path: str, data: bytes, sync_dir: bool = True, temp: str | None = None) -> None:
     """temp → fsync → rename → fsync(dir): after return, ``path`` holds ``data`` or nothing.
 
     The temp file is ``.NAME.tmp`` in the same folder (names starting with a dot are never
-    read as content, and a crash leaves only such a file). ``sync_dir=False`` leaves the
-    directory fsync to the caller, who group-commits several renames with one `fsync_dir`;
-    until then the rename may be lost by a crash, the bytes under the old name never are.
+    read as content, and a crash leaves only such a file), or ``temp``: an existing file of
+    the same file system that nothing else reads and that a crash leaves to be removed (a
+    recycled spool file, ``Queue.take_free``), rewritten from its start. ``sync_dir=False``
+    leaves the directory fsync to the caller, who group-commits several renames with one
+    `fsync_dir`; until then the rename may be lost by a crash, the bytes under the old name
+    never are.
     """
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = -1
+    if temp is not None:
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_TRUNC)
+        except FileNotFoundError:
+            pass
+    if fd < 0:
+        temp = os.path.join(folder, f".{name}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -46,7 +56,7 @@ def write_durably(path: str, data: bytes, sync_dir: bool = True) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    os.replace(temp, path)
     if sync_dir:
         fsync_dir(folder)
 
@@ -78,6 +88,7 @@ class GroupSync:
         self._asked = 0
         self._synced = 0
         self._syncing = False
+        self._fd = -1  # the folder, opened at the first fsync and kept (one thread fsyncs at a time)
 
     def sync(self) -> None:
         with self._cv:
@@ -91,9 +102,23 @@ class GroupSync:
                 target = self._asked
                 self._cv.release()
                 try:
-                    fsync_dir(self.folder)
+                    self._fsync()
                 finally:
                     self._cv.acquire()
                     self._syncing = False
                     self._cv.notify_all()
                 self._synced = max(self._synced, target)
+
+    def _fsync(self) -> None:
+        if self._fd < 0:
+            self._fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Let go of the folder's descriptor (a later ``sync`` opens it again)."""
+        with self._cv:
+            while self._syncing:
+                self._cv.wait()
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)

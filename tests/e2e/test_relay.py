@@ -34,6 +34,24 @@ def test_smtplib_message_is_relayed_byte_exact(gateway, sink):
     assert "message_id=<m1@b.test>" in line and "flags=E" in line
 
 
+def test_messages_around_the_sender_s_read_size_go_out_byte_exact_with_their_dots(gateway, sink):
+    """The sender reads a queue file in 64 KiB chunks and sends the last one with the final dot:
+    queue files just under, at and over one and two chunks, with transparency dots (RFC 5321
+    §4.5.2) on the lines around the chunk borders, arrive as they were sent."""
+    line = b".dot line, stuffed on the wire and unstuffed by the sink, 64 bytes long.....\r\n"[:62] + b"\r\n"
+    bodies = []
+    for lines in (1000, 1020, 1024, 1030, 2040, 2048, 2060):
+        body = MSG + line * lines + b"..two dots\r\n"
+        bodies.append(body)
+    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
+        for body in bodies:
+            assert client.sendmail("a@b.test", ["x@example.test"], body) == {}
+    got = sink.wait_for(len(bodies))
+    assert sorted(strip_trace(m.data) for m in got) == sorted(bodies)
+    sizes = [len(m.data) for m in got]
+    assert min(sizes) < 65536 < max(sizes) and any(65536 * 2 - 500 < size < 65536 * 2 + 500 for size in sizes)
+
+
 def test_message_id_cannot_fake_fields_of_the_received_line(gateway, sink):
     """kmg-spec §7.1 ``message_id=<message id>``: only the msg-id (RFC 5322 §3.6.4) is logged,
     not the rest of the header line, which would otherwise add fields (a second ``flags=``)."""
