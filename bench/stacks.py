@@ -436,9 +436,12 @@ class Stack:
 def smtpgw_stack(folder: str, sink_port: int, clamd_address: str | None, check: bool,
                  processes: int = 0) -> GatewayProcess:
     policy = [("Check", "true" if check else "false"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none")]
+    # the per-client limits opened for the one load-generating client, and the deliveries to the
+    # one next hop as concurrent as the Postfix stacks' (default_destination_concurrency_limit 20)
     extra = {
         "smtpgw.limits": [("IncomingSessions", "1024"), ("MaximalIncomingSessionsPerIP", "1024"),
-                          ("MaximalIncomingMessagesPerSession", "1024"), ("IncomingProcesses", str(processes))],
+                          ("MaximalIncomingMessagesPerSession", "1024"), ("IncomingProcesses", str(processes)),
+                          ("MaximalOutgoingSessionsPerHost", "20")],
         "smtpgw.options": [("LogLevel", "info")],
         "smtpgw.policy": policy,
         "smtpgw.antispam": [("Check", "true" if check else "false")],
