@@ -8,7 +8,6 @@ import os
 import random
 import struct
 import tarfile
-import time
 import tracemalloc
 import zipfile
 import zlib
