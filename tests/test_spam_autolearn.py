@@ -34,8 +34,8 @@ def bases(tmp_path) -> str:  # type: ignore[no-untyped-def]
 
 
 def section(**keys: object) -> SimpleNamespace:
-    # TECH's content scores 0.0005: learned as ham with a margin of 0.001, not the default 0.0001.
-    return SimpleNamespace(**{"SpamDetection": "standard", "AutoLearn": True, "AutoLearnHamScore": 0.001, **keys})
+    # TECH's content scores 0.022: learned as ham with a margin of 0.03, not the default 0.002.
+    return SimpleNamespace(**{"SpamDetection": "standard", "AutoLearn": True, "AutoLearnHamScore": 0.03, **keys})
 
 
 def verdicts_of(bases: str, raw: bytes, **keys: object) -> list[SpamVerdict]:

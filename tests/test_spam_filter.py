@@ -11,7 +11,7 @@ from smtpgw.log import line
 from smtpgw.mail import headers
 from smtpgw.spam import SpamFilter, SpamVerdict, as_log_fields, mark
 from smtpgw.spam.formalsigns import GTUBE
-from smtpgw.spam.spamfilter import NO_EVIDENCE, _logistic, bayes_log_odds, default_bases
+from smtpgw.spam.spamfilter import NO_EVIDENCE, PRIOR_LOG_ODDS, _logistic, bayes_log_odds, default_bases
 from smtpgw.spam.training import read_manifest
 from smtpgw.spam.verdict import THRESHOLDS
 
@@ -150,7 +150,7 @@ def test_levels_order_thresholds() -> None:
     # single known clue is never Probable Spam at any level.
     soft, standard, hard = (THRESHOLDS[level] for level in ("soft", "standard", "hard"))
     assert soft[0] >= standard[0] >= hard[0] and soft[1] >= standard[1] >= hard[1]
-    assert _logistic(bayes_log_odds(NO_EVIDENCE)) < hard[0]
+    assert _logistic(PRIOR_LOG_ODDS + bayes_log_odds(NO_EVIDENCE)) < hard[0]
 
 
 def test_check_disabled() -> None:

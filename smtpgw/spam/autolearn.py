@@ -49,8 +49,11 @@ from smtpgw.spool.queue import write_durably
 log = logging.getLogger("smtpgw.spam.autolearn")
 
 WINDOW = 3600.0  # seconds over which AutoLearnRate counts
-DEFAULT_SPAM_SCORE = 0.9999
-DEFAULT_HAM_SCORE = 0.0001
+# On the held-out content scores of bench/spam_combination.py (every set, each judged by a database
+# that never saw its source): 0.5% of spam reaches 0.997 and no ham 0.986; 3.6% of ham is at or
+# under 0.002 and no spam under 0.008.
+DEFAULT_SPAM_SCORE = 0.997
+DEFAULT_HAM_SCORE = 0.002
 DEFAULT_MAXIMAL_SIZE = 256  # KB
 DEFAULT_RATE = 100  # messages an hour
 

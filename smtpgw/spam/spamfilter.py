@@ -9,7 +9,7 @@ and the small file is then read again, so what the site learns counts from the
 next message on, without a restart. A damaged site layer is logged once and
 left out: the shipped database alone decides.
 
-How the evidence adds up, in log-odds: the Bayes score b of the content
+How the evidence adds up, in log-odds, from ``PRIOR_LOG_ODDS``: the Bayes score b of the content
 becomes log(b / (1 - b)) (a message without a single known clue starts from
 ``NO_EVIDENCE`` = 0.2 instead), held within ±``BAYES_CLIP`` and times
 ``BAYES_FACTOR``; the clue vote (``BayesResult.votes``) adds
@@ -20,8 +20,9 @@ written) and each DNSBL zone that listed the client adds
 ``DNSBlackListWeight`` × 4 (the setting is 0..1, default 0.5, so +2.0: one
 listing turns a message the content judges weakly either way into Probable
 Spam but does not overturn clear ham; × 8 while the content's log-odds were
-counted twice as large). The sum divided by ``SCORE_SCALE`` goes
-back through the logistic function to a score in [0, 1], which the
+counted twice as large). The factors and the prior are fitted
+(bench/spam_combination.py), so the sum divided by ``SCORE_SCALE`` goes back
+through the logistic function to the probability of spam, which the
 SpamDetection level's thresholds turn into a status; the scale keeps the
 thresholds and the four decimals of X-SpamTest-Rate apart.
 
@@ -37,14 +38,16 @@ import logging
 import math
 import os
 import threading
+from dataclasses import dataclass
 
 from smtpgw import PACKAGE_DIR
 from smtpgw.spam import mailview, tokenizer
+from smtpgw.spam.bayes import BayesResult
 from smtpgw.spam.database import DatabaseError, SpamDatabase, database_file, site_file
 from smtpgw.spam.dbindex import open_database
 from smtpgw.spam.formalsigns import address_of
 from smtpgw.spam.lists import SenderLists
-from smtpgw.spam.rules import RuleSet
+from smtpgw.spam.rules import RuleHit, RuleSet
 from smtpgw.spam.verdict import (
     NOT_DETECTED,
     SPAM,
@@ -59,22 +62,25 @@ log = logging.getLogger("smtpgw.spam.filter")
 DEFAULT_DNSBL_WEIGHT = 0.5  # [smtpgw.antispam] DNSBlackListWeight default (0..1)
 DNSBL_LOG_ODDS = 4.0  # log-odds of one listing at weight 1.0
 NO_EVIDENCE = 0.2  # the content score of a message with no known clue (below every Probable threshold)
-# How much the Bayes score, the clue vote and the term weights count, chosen on pooled scores of
-# bench/spam_accuracy.py's leave-one-source-out protocol (every source judged by a database of the
-# others) and the modern-mixed 5-fold. The chi-square score saturates: a long message of one era's
-# words reaches 1 - 1e-12 (27 log-odds) and outvoted everything else, so it now says at most
-# BAYES_FACTOR * BAYES_CLIP = 1 log-odds and the votes and weights, which add up evidence, decide.
-# (1-AUC)% sa-2002 / sa-2003-05 / trec-2007 / modern-mixed (held out) / modern 5-fold / phishing
-# against the lists ham, database 2026.12.07-3's training: with the former 1.0 / unclipped / 2.5 / 3.0
-# 5.10 / 2.77 / 3.06 / 12.8 / 3.29 / 0.50, with these 3.92 / 1.47 / 3.16 / 7.73 / 2.53 / 0.70.
-BAYES_FACTOR = 0.5
+# How much the Bayes score, the clue vote, the term weights and the rules count, and the prior:
+# the coefficients of a logistic regression that bench/spam_combination.py fits on evidence of mail
+# the database never saw (leave one source out: SpamAssassin 2002-05, TREC 2007 and modern-mixed
+# 2025-26 each judged by a database of the other two), each source weighing the same and, within it,
+# ham and spam the same; so the score is the probability of spam for an even prior. The chi-square
+# score saturates (a long message of one era's words reaches 27 log-odds) and is held to
+# ±BAYES_CLIP. (1-AUC)% sa-2002 / sa-2003-05 / trec-2007 / modern-mixed, each source scored by a fit
+# that left it out too: hand-set factors 0.5 / 1.0 / 1.5 / 2.0 and no prior 4.52 / 1.71 / 2.87 /
+# 4.60, fitted 4.42 / 1.59 / 2.76 / 4.27 (database 2026.12.07-4), and with database 2026.12.07-5's
+# term weights (10 passes) 3.87 / 1.39 / 2.75 / 4.23, whose fit these are. One coefficient per rule instead of one for all rules
+# ranked far worse held out (13.2 / 6.5 / 4.7 / 5.8: each sign's rate differs by source), and so did
+# the clue count or the two sides of the vote as inputs of their own.
+BAYES_FACTOR = 0.54
 BAYES_CLIP = 2.0
-VOTES_FACTOR = 1.0
-TERMS_FACTOR = 1.5
-# Rule weights count twice: leaving one source out (bench/spam_accuracy.py loso), (1-AUC)% went
-# sa-2002 4.58 -> 4.24, sa-2003-05 2.66 -> 2.44, trec-2007 3.37 -> 3.35, modern-mixed 24.2 -> 21.7.
-RULES_FACTOR = 2.0
-SCORE_SCALE = 1.0  # score = logistic(log-odds / SCORE_SCALE); 2.0 before the factors were halved
+VOTES_FACTOR = 0.68
+TERMS_FACTOR = 0.66
+RULES_FACTOR = 1.33
+PRIOR_LOG_ODDS = 0.82  # the fit's intercept: the log-odds of a message whose every part says 0
+SCORE_SCALE = 1.0  # score = logistic(log-odds / SCORE_SCALE)
 MAX_LOG_ODDS = 30.0  # |log-odds| cap: scores stay inside [0, 1] and keep their order
 MAX_REASONS = 12
 
@@ -156,6 +162,16 @@ class SiteLayer:
         return database
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """One message's evidence before it is added up: the inputs of the combination."""
+
+    bayes: BayesResult
+    terms: float  # log-odds of the learned term weights (shipped and site layer)
+    hits: list[RuleHit]  # the rules that hit, at the level asked for
+    dnsbl: list[str]  # the zones that listed the client, each once
+
+
 def _logit(p: float) -> float:
     p = min(max(p, 1e-12), 1.0 - 1e-12)
     return math.log(p / (1.0 - p))
@@ -227,29 +243,43 @@ class SpamFilter:
             return SpamVerdict(decision.status, score, decision.method, [decision.reason])
         return self._score(view, database, site, rules, dnsbl_listed)
 
+    def evidence(self, raw: bytes, dnsbl_listed: list[str], level: str | None = None) -> Evidence:
+        """What the content, the rules of ``level`` (default: the filter's) and the DNSBL listings say
+        about ``raw``, before it is added up: the combination's inputs (bench/spam_combination.py)."""
+        database, rules = self._loaded
+        return self._evidence(mailview.build(raw), database, self.site.current(), rules, dnsbl_listed,
+                              level or self.level)
+
+    def _evidence(
+        self, view: mailview.MailView, database: SpamDatabase, site: SpamDatabase | None, rules: RuleSet,
+        dnsbl_listed: list[str], level: str,
+    ) -> Evidence:
+        tokens = tokenizer.tokens(view)
+        bayes = database.bayes.score(tokens, site.bayes if site else None)
+        term_odds = database.terms.score(tokens) + (site.terms.score(tokens) if site else 0.0)
+        return Evidence(bayes, term_odds, rules.evaluate(view, tokens, level), list(dict.fromkeys(dnsbl_listed)))
+
     def _score(
         self, view: mailview.MailView, database: SpamDatabase, site: SpamDatabase | None, rules: RuleSet,
         dnsbl_listed: list[str],
     ) -> SpamVerdict:
-        tokens = tokenizer.tokens(view)
-        bayes = database.bayes.score(tokens, site.bayes if site else None)
-        term_odds = database.terms.score(tokens) + (site.terms.score(tokens) if site else 0.0)
-        terms = TERMS_FACTOR * term_odds
+        evidence = self._evidence(view, database, site, rules, dnsbl_listed, self.level)
+        bayes = evidence.bayes
+        terms = TERMS_FACTOR * evidence.terms
         votes = VOTES_FACTOR * bayes.votes
         reasons = [f"bayes {bayes.score:.4f} from {len(bayes.clues)} clues", f"votes {votes:+.2f}", f"terms {terms:+.2f}"]
-        hits = rules.evaluate(view, tokens, self.level)
-        forced = [hit for hit in hits if hit.force]
+        forced = [hit for hit in evidence.hits if hit.force]
         if forced:
             return SpamVerdict(SPAM, 1.0, "rules", [f"rule {hit.name}" for hit in forced] + reasons)
         added = {"headers": 0.0, "rules": 0.0, "dnsbl": 0.0}
-        for hit in hits:
+        for hit in evidence.hits:
             added[hit.method] += RULES_FACTOR * hit.weight
             reasons.append(f"rule {hit.name} {hit.weight:+.2f}")
-        for zone in dict.fromkeys(dnsbl_listed):  # each zone counts once
+        for zone in evidence.dnsbl:  # each zone counts once
             added["dnsbl"] += self.dnsbl_weight
             reasons.append(f"dnsbl {zone[:255]} {self.dnsbl_weight:+.2f}")
         reasons.extend(f"clue {token} {p:.3f}" for token, p in bayes.clues[:3])  # after the named rules
-        content = bayes_log_odds(bayes.score if bayes.clues else NO_EVIDENCE) + votes + terms
+        content = PRIOR_LOG_ODDS + bayes_log_odds(bayes.score if bayes.clues else NO_EVIDENCE) + votes + terms
         score = _logistic(content + sum(added.values()))
         status = status_for(score, self.level)
         content_score = _logistic(content)

@@ -35,6 +35,7 @@ from smtpgw.spam.database import (
 )
 from smtpgw.spam.mailsource import iter_messages
 from smtpgw.spam.rules import Rule, parse_rules
+from smtpgw.spam.spamfilter import TERMS_FACTOR
 
 log = logging.getLogger("smtpgw.spam.training")
 
@@ -169,6 +170,6 @@ def learn_tokens(db_path: str, messages: list[set[str]], is_spam: bool) -> None:
     for found in messages:
         offset = bias + sum(weights.get(t, 0.0) for t in found)
         site.bayes.learn(found, is_spam)
-        site.terms.learn(found, is_spam, offset, learn_bias=False)
+        site.terms.learn(found, is_spam, offset, learn_bias=False, scale=TERMS_FACTOR)
     site.info.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     site.save(path)
