@@ -358,8 +358,11 @@ def key_names(raw: bytes) -> list[str]:
     """The key names (``s._domainkey.d``) of the well-formed signatures among the first
     ``MAX_SIGNATURES`` of the message, for the lookup before a verification; reads only the
     first ``KEY_HEAD`` bytes."""
+    head = raw[:KEY_HEAD]
     names: list[str] = []
-    for text in _signature_fields(_read_message(raw[:KEY_HEAD])):
+    if b"dkim-signature" not in head.lower():
+        return names  # a field name is one run of bytes: no signature field, no header split
+    for text in _signature_fields(_read_message(head)):
         with contextlib.suppress(DKIMError):
             if len(text) <= MAX_FIELD:
                 name = parse_signature(_value_of(text)).key_name
