@@ -74,6 +74,8 @@ def render(name: str, value: str, eol: bytes = b"\r\n") -> bytes:
     check_value(value)
     if not _FIELD_NAME.match(name.encode("ascii", "replace")):
         raise HeaderValueError(f"bad header field name: {name!r}")
+    if value.isascii() and len(name) + 2 + len(value) <= _MAX_LINE:
+        return f"{name}: {value}".encode("ascii") + eol  # fits on its line: the folding below keeps it whole
     words = value.split(" ")
     # A word that cannot fit on a line of at most 998 characters (RFC 5322 §2.1.1 MUST; e.g.
     # a long unspaced Subject quoted in a notification) cannot be folded at white space:
@@ -130,6 +132,8 @@ def remove(raw: bytes, name: str, when: Callable[[bytes], bool] | None = None) -
     """Remove every ``name`` field (with its folded lines) — only those whose unfolded value
     satisfies ``when``, when given; other bytes stay as they were."""
     key = name.lower()
+    if key.encode("ascii", "replace") not in raw[:header_end(raw)].lower():
+        return raw  # a field name is one run of bytes, in the header: no such field, no header split
     spans = [(f.start, f.end) for f in _fields(raw) if f.name == key and (when is None or when(f.value(raw)))]
     if not spans:
         return raw
