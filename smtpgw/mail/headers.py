@@ -37,10 +37,15 @@ def line_ending(raw: bytes) -> bytes:
 
 def header_end(raw: bytes) -> int:
     """Offset just past the header block (after the blank line, or end of input)."""
-    match = re.search(rb"\r?\n\r?\n", raw)
     if raw.startswith((b"\r\n", b"\n")):
         return 0
-    return match.end() if match else len(raw)
+    # the first line ending followed by an empty line; a bare LF one is looked for only before
+    # the first CRLF one (in a CRLF message there is none: the search would run to its end)
+    crlf = raw.find(b"\n\r\n")
+    bare = raw.find(b"\n\n", 0, len(raw) if crlf < 0 else crlf + 1)
+    if bare >= 0:
+        return bare + 2
+    return crlf + 3 if crlf >= 0 else len(raw)
 
 
 def _header(raw: bytes) -> fields.Header:
