@@ -131,3 +131,32 @@ def test_a_leading_mbox_from_line_is_skipped_by_every_part() -> None:
         "multipart/mixed", "text/plain", "application/pdf", "text/plain"]
     wrapped = add_disclaimer(b"From x@y Mon Dec  7 10:00:00 2026\r\nSubject: s\r\n\r\nbody\r\n", "Scanned.")
     assert wrapped.startswith(b"From x@y Mon Dec  7 10:00:00 2026\r\nSubject: s\r\nMIME-Version: 1.0\r\n")
+
+
+@pytest.mark.parametrize("raw, end", [
+    (b"A: 1\r\nB: 2\r\n\r\nbody\n\nmore", 14),  # CRLF: the first empty line, not a later bare-LF one
+    (b"A: 1\nB: 2\n\nbody\r\n\r\n", 11),
+    (b"A: 1\n\r\nbody\n\n", 7),  # an LF line ending, then an empty CRLF line
+    (b"A: 1\r\n\nbody", 7),
+    (b"A: 1\r\nB: 2\r\n", 12),  # no empty line: all of it
+    (b"\r\nbody", 0),
+    (b"\nbody", 0),
+])
+def test_header_end_is_past_the_first_empty_line(raw: bytes, end: int) -> None:
+    assert headers.header_end(raw) == end
+
+
+def test_removing_a_field_the_header_lacks_keeps_the_bytes_even_when_the_body_names_it() -> None:
+    raw = b"Subject: s\r\nX-Anti-Virus: forged\r\n\r\nX-Anti-Virus: in the body\r\n"
+    assert headers.remove(raw, "Authentication-Results") is raw
+    assert headers.remove(raw, "x-anti-virus") == b"Subject: s\r\n\r\nX-Anti-Virus: in the body\r\n"
+    body_only = b"Subject: s\r\n\r\nAuthentication-Results: in the body\r\n"
+    assert headers.remove(body_only, "Authentication-Results") == body_only
+
+
+def test_a_field_that_fits_on_its_line_is_rendered_as_the_folding_would() -> None:
+    assert headers.render("X-SpamTest-Status", "Not detected") == b"X-SpamTest-Status: Not detected\r\n"
+    value = "word " * 14 + "end"  # 78 characters with the name: still one line
+    assert headers.render("X-A", value[: 78 - 5]) == b"X-A: " + value[: 78 - 5].encode() + b"\r\n"
+    folded = headers.render("X-A", "word " * 20 + "end", b"\n")
+    assert folded.count(b"\n ") >= 1 and all(len(line) <= 78 for line in folded.split(b"\n"))

@@ -342,6 +342,12 @@ def _read_message(raw: bytes, max_fields: int = MAX_HEADER_FIELDS) -> _Message:
     return message
 
 
+def _may_be_signed(raw: bytes) -> bool:
+    """False when the header block holds no DKIM-Signature field: a field name is one run of
+    bytes there, so a message without that run needs no header split (nor body copy)."""
+    return b"dkim-signature" in raw[: headers.header_end(raw)].lower()
+
+
 def _signature_fields(message: _Message) -> list[bytes]:
     return [text for name, text in message.fields if name == "dkim-signature"][:MAX_SIGNATURES]
 
@@ -358,8 +364,11 @@ def key_names(raw: bytes) -> list[str]:
     """The key names (``s._domainkey.d``) of the well-formed signatures among the first
     ``MAX_SIGNATURES`` of the message, for the lookup before a verification; reads only the
     first ``KEY_HEAD`` bytes."""
+    head = raw[:KEY_HEAD]
     names: list[str] = []
-    for text in _signature_fields(_read_message(raw[:KEY_HEAD])):
+    if not _may_be_signed(head):
+        return names
+    for text in _signature_fields(_read_message(head)):
         with contextlib.suppress(DKIMError):
             if len(text) <= MAX_FIELD:
                 name = parse_signature(_value_of(text)).key_name
@@ -469,7 +478,7 @@ def verify(raw: bytes, keys: KeyAnswers | None, now: float | None = None) -> lis
     ``[Result(none)]`` when it has none. ``keys`` as looked up for ``key_names(raw)``; None: no key
     was looked up (each well-formed signature is a temperror)."""
     try:
-        message = _read_message(raw)
+        message = _read_message(raw) if _may_be_signed(raw) else _Message(body=b"")
         owns = _signature_fields(message)
         if not owns:
             return [Result(NONE, "no signature")]

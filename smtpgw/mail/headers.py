@@ -37,10 +37,15 @@ def line_ending(raw: bytes) -> bytes:
 
 def header_end(raw: bytes) -> int:
     """Offset just past the header block (after the blank line, or end of input)."""
-    match = re.search(rb"\r?\n\r?\n", raw)
     if raw.startswith((b"\r\n", b"\n")):
         return 0
-    return match.end() if match else len(raw)
+    # the first line ending followed by an empty line; a bare LF one is looked for only before
+    # the first CRLF one (in a CRLF message there is none: the search would run to its end)
+    crlf = raw.find(b"\n\r\n")
+    bare = raw.find(b"\n\n", 0, len(raw) if crlf < 0 else crlf + 1)
+    if bare >= 0:
+        return bare + 2
+    return crlf + 3 if crlf >= 0 else len(raw)
 
 
 def _header(raw: bytes) -> fields.Header:
@@ -74,6 +79,8 @@ def render(name: str, value: str, eol: bytes = b"\r\n") -> bytes:
     check_value(value)
     if not _FIELD_NAME.match(name.encode("ascii", "replace")):
         raise HeaderValueError(f"bad header field name: {name!r}")
+    if value.isascii() and len(name) + 2 + len(value) <= _MAX_LINE:
+        return f"{name}: {value}".encode("ascii") + eol  # fits on its line: the folding below keeps it whole
     words = value.split(" ")
     # A word that cannot fit on a line of at most 998 characters (RFC 5322 §2.1.1 MUST; e.g.
     # a long unspaced Subject quoted in a notification) cannot be folded at white space:
@@ -130,6 +137,8 @@ def remove(raw: bytes, name: str, when: Callable[[bytes], bool] | None = None) -
     """Remove every ``name`` field (with its folded lines) — only those whose unfolded value
     satisfies ``when``, when given; other bytes stay as they were."""
     key = name.lower()
+    if key.encode("ascii", "replace") not in raw[:header_end(raw)].lower():
+        return raw  # a field name is one run of bytes, in the header: no such field, no header split
     spans = [(f.start, f.end) for f in _fields(raw) if f.name == key and (when is None or when(f.value(raw)))]
     if not spans:
         return raw

@@ -17,6 +17,7 @@ it).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -88,13 +89,22 @@ class KeyFetch:
             lookup.cancel()
 
 
+def read_head(path: str, size: int) -> bytes:
+    """The first ``size`` bytes of a file: one read, without a buffered file object's fstat,
+    ioctl and lseek (a regular file is read whole up to ``size`` unless it ends first)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
+
+
 def fetch_keys(loop: EventLoop, resolver: Resolver, message_path: str, timeout: float,
                done: KeysCallback) -> KeyFetch | None:
     """Start the key lookups of the message at ``message_path``; None when it has no signature to
     verify (or cannot be read now: the worker reading it says so), and ``done`` is not called."""
     try:
-        with open(message_path, "rb") as f:
-            head = f.read(dkim.KEY_HEAD)
+        head = read_head(message_path, dkim.KEY_HEAD)
     except OSError as exc:
         log.warning("cannot read %s for its DKIM keys: %s", message_path, exc)
         return None
