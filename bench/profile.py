@@ -235,12 +235,12 @@ def main() -> int:
 @contextlib.contextmanager
 def sink_and_clamd(with_clamd: bool) -> Iterator[tuple[int, Any]]:
     """An smtp-sink on a free loopback port and, if asked, the private clamd; both stopped after."""
-    from tests.support.clamd import start_clamd
+    from tests.support.clamd import RAM_DISK, start_clamd
 
     port = free_port()
     sink = subprocess.Popen([which("smtp-sink") or "smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "1024"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    clamd = start_clamd() if with_clamd else None
+    clamd = start_clamd(temporary_parent=RAM_DISK) if with_clamd else None  # as bench/stacks.py
     try:
         wait_until(lambda: listening(port), 10, "smtp-sink")
         yield port, clamd

@@ -475,10 +475,12 @@ def run_stacks(args: argparse.Namespace, tmp: str) -> int:
         if not which(tool):
             print(f"--stacks needs Postfix's {tool} (Debian package postfix)")
             return 1
-    from tests.support.clamd import start_clamd  # the private clamd, shared by rspamd and smtpgw
+    from tests.support.clamd import RAM_DISK, start_clamd  # the private clamd, shared by rspamd and smtpgw
 
     sink = DumpSink(os.path.join(tmp, "sink"))
-    clamd = start_clamd() if which("clamd") else None
+    # clamd writes every stream it scans to a file in its TemporaryDirectory: on a tmpfs, as a
+    # deployment would put it, a scan creates no inode on the spool's disk (both stacks use it)
+    clamd = start_clamd(temporary_parent=RAM_DISK) if which("clamd") else None
     stacks = [s for s in build_stacks(tmp, sink.port, clamd, args.incoming_processes) if not args.only or s.name in args.only.split(",")]
     try:
         for stack in stacks:

@@ -208,7 +208,7 @@ def mime_message(
 # region the private clamd
 
 
-def _config(workdir: str, port: int, stream_max_length: str, extra: Sequence[str]) -> str:
+def _config(workdir: str, port: int, stream_max_length: str, extra: Sequence[str], temporary: str) -> str:
     return "\n".join(
         [
             "Foreground yes",
@@ -217,7 +217,7 @@ def _config(workdir: str, port: int, stream_max_length: str, extra: Sequence[str
             f"TCPSocket {port}",
             "TCPAddr 127.0.0.1",
             f"DatabaseDirectory {workdir}/db",
-            f"TemporaryDirectory {workdir}/tmp",
+            f"TemporaryDirectory {temporary}",
             f"StreamMaxLength {stream_max_length}",
             f"LogFile {workdir}/clamd.log",
             "LogTime yes",
@@ -242,6 +242,7 @@ class ClamdInstance:
     port: int
     process: subprocess.Popen[bytes] | None = None
     user: str | None = None  # run as this account (needs root and setpriv)
+    temporary: str = ""  # its TemporaryDirectory, when not in workdir (start_clamd's temporary_parent)
 
     @property
     def unix_path(self) -> str:
@@ -330,6 +331,13 @@ class ClamdInstance:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.temporary:
+            shutil.rmtree(self.temporary, ignore_errors=True)
+
+
+# A tmpfs for clamd's TemporaryDirectory in the benchmarks: clamd writes each stream it scans to a
+# file there, and on a disk file system those files cost it more CPU than the scan (bench/PROFILE.md)
+RAM_DISK = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 def start_clamd(
@@ -337,11 +345,14 @@ def start_clamd(
     stream_max_length: str = "4M",
     user: str | None = None,
     extra: Sequence[str] = (),
+    temporary_parent: str | None = None,
 ) -> ClamdInstance:
     """A running private clamd in a new folder under /tmp (short unix socket path).
 
     ``user`` (as root only) runs clamd under that account, which then owns the
-    folder; ``extra`` are more clamd.conf lines (e.g. ``DisableCache yes``).
+    folder; ``extra`` are more clamd.conf lines (e.g. ``DisableCache yes``);
+    ``temporary_parent``: where its TemporaryDirectory (a file per scanned stream)
+    is made, e.g. a tmpfs; by default in its folder.
     """
     binary = binary or which("clamd")
     if binary is None:
@@ -349,13 +360,19 @@ def start_clamd(
     workdir = tempfile.mkdtemp(prefix="smtpgw-clamd-")
     os.chmod(workdir, 0o755)
     shutil.copytree(SIGNATURES, os.path.join(workdir, "db"), ignore=shutil.ignore_patterns("*.md"))
-    os.mkdir(os.path.join(workdir, "tmp"))
-    instance = ClamdInstance(binary, workdir, free_port(), user=user)
+    if temporary_parent is None:
+        temporary = os.path.join(workdir, "tmp")
+        os.mkdir(temporary)
+    else:
+        temporary = tempfile.mkdtemp(prefix="smtpgw-clamd-tmp-", dir=temporary_parent)
+        os.chmod(temporary, 0o755)
+    instance = ClamdInstance(binary, workdir, free_port(), user=user,
+                             temporary="" if temporary_parent is None else temporary)
     with open(instance.config_path, "w", encoding="ascii") as handle:
-        handle.write(_config(workdir, instance.port, stream_max_length, extra))
+        handle.write(_config(workdir, instance.port, stream_max_length, extra, temporary))
     if user is not None:
         entry = pwd.getpwnam(user)
-        for folder, _, names in os.walk(workdir):
+        for folder, _, names in [*os.walk(workdir), (temporary, [], [])]:
             for path in (folder, *(os.path.join(folder, name) for name in names)):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
     try:
