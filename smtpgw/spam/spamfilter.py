@@ -71,9 +71,10 @@ NO_EVIDENCE = 0.2  # the content score of a message with no known clue (below ev
 # ±BAYES_CLIP. (1-AUC)% sa-2002 / sa-2003-05 / trec-2007 / modern-mixed, each source scored by a fit
 # that left it out too: hand-set factors 0.5 / 1.0 / 1.5 / 2.0 and no prior 4.52 / 1.71 / 2.87 /
 # 4.60, fitted 4.42 / 1.59 / 2.76 / 4.27 (database 2026.12.07-4), and with database 2026.12.07-5's
-# term weights (10 passes) 3.87 / 1.39 / 2.75 / 4.23, whose fit these are. One coefficient per rule instead of one for all rules
-# ranked far worse held out (13.2 / 6.5 / 4.7 / 5.8: each sign's rate differs by source), and so did
-# the clue count or the two sides of the vote as inputs of their own.
+# term weights (10 passes) 3.87 / 1.39 / 2.75 / 4.23, whose fit these are. One coefficient per
+# rule instead of one for all rules ranked far worse held out (13.2 / 6.5 / 4.7 / 5.8: each sign's
+# rate differs by source), and so did the clue count or the two sides of the vote as inputs of their
+# own.
 BAYES_FACTOR = 0.54
 BAYES_CLIP = 2.0
 VOTES_FACTOR = 0.68

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["fsync_dir", "fsync_file", "write_durably", "unlink_if_present", "GroupSync"]
+__all__ = ["fsync_dir", "fsync_file", "write_durably", "reopen", "unlink_if_present", "GroupSync"]
 
 
 def fsync_dir(path: str) -> None:
@@ -40,12 +40,7 @@ def write_durably(path: str, data: bytes, sync_dir: bool = True, temp: str | Non
     never are.
     """
     folder, name = os.path.split(path)
-    fd = -1
-    if temp is not None:
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_TRUNC)
-        except FileNotFoundError:
-            pass
+    fd = reopen(temp)
     if fd < 0:
         temp = os.path.join(folder, f".{name}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -59,6 +54,17 @@ def write_durably(path: str, data: bytes, sync_dir: bool = True, temp: str | Non
     os.replace(temp, path)
     if sync_dir:
         fsync_dir(folder)
+
+
+def reopen(path: str | None) -> int:
+    """A descriptor of the existing file ``path`` to be written again from its start, or -1 when
+    there is none (no path, or the file is gone)."""
+    if path is None:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_TRUNC)
+    except FileNotFoundError:
+        return -1
 
 
 def unlink_if_present(path: str) -> None:

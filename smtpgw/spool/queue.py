@@ -37,7 +37,7 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-from smtpgw.spool.durable import GroupSync, fsync_dir, fsync_file, unlink_if_present, write_durably
+from smtpgw.spool.durable import GroupSync, fsync_dir, fsync_file, reopen, unlink_if_present, write_durably
 from smtpgw.spool.iopool import IOPool
 
 log = logging.getLogger("smtpgw.spool.queue")
@@ -292,10 +292,13 @@ class Queue:
         """Rewrite a record in place (per-recipient delivery state)."""
         self.write_record(state, env)
 
-    def remove(self, qid: str, state: str) -> None:
-        """A record is finished: drop the record, then its message."""
-        unlink_if_present(self.record_path(state, qid))
-        unlink_if_present(self.msg_path(qid))
+    def remove(self, qid: str, state: str, keep_files: bool = False) -> None:
+        """A record is finished: drop the record, then its message — removed, or with
+        ``keep_files`` kept empty for reuse (``recycle``: the gateway's own I/O threads only;
+        another process's kept files would wait in tmp/ for the next start)."""
+        drop = self.recycle if keep_files else unlink_if_present
+        drop(self.record_path(state, qid))
+        drop(self.msg_path(qid))
 
     def sync_state_dirs(self) -> None:
         for state in (*STATES, "msg"):
@@ -455,11 +458,9 @@ class Committer(IOPool):
     # -- tmp files -------------------------------------------------------------
     def _create_tmp(self) -> TmpFile:
         recycled = self.queue.take_free()
-        if recycled is not None:
-            try:
-                return TmpFile(os.open(recycled, os.O_WRONLY | os.O_TRUNC), recycled)
-            except FileNotFoundError:
-                pass
+        fd = reopen(recycled)
+        if fd >= 0 and recycled is not None:
+            return TmpFile(fd, recycled)
         path = self.queue.tmp_name()
         return TmpFile(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path)
 
@@ -508,11 +509,9 @@ class Committer(IOPool):
         self.pool.submit(self._remove, qid, state, before)
 
     def _remove(self, qid: str, state: str, before: Callable[[], None] | None) -> None:
-        """``Queue.remove``, the files kept for reuse (``Queue.recycle``): record first, as there."""
         if before is not None:
             self._logged(before)
-        self.queue.recycle(self.queue.record_path(state, qid))
-        self.queue.recycle(self.queue.msg_path(qid))
+        self.queue.remove(qid, state, keep_files=True)
 
     def _commit(self, env: Envelope, tmp: TmpFile) -> None:
         try:
