@@ -26,6 +26,7 @@ import pytest
 from smtpgw.scan.clamd import ClamdServer
 from smtpgw.spam.bayes import Bayes
 from smtpgw.spam.database import SITE_FILE_NAME, DatabaseInfo, SpamDatabase, site_file
+from smtpgw.spam.dbindex import index_file, open_database
 from smtpgw.spam.spamfilter import SpamFilter
 from smtpgw.spam.training import learn_files
 from smtpgw.update import signing, updater
@@ -167,11 +168,12 @@ class Host:
         return True
 
     def snapshot(self) -> dict[str, bytes]:
-        """Every file under the bases folder (lock file left out)."""
+        """Every file under the bases folder (lock file and the spam database's index, a cache
+        naming its database's modification time, left out)."""
         files = {}
         for folder, _, names in os.walk(self.bases):
             for name in names:
-                if name != ".keepup2date.pid":
+                if name not in (".keepup2date.pid", os.path.basename(index_file("spam.db"))):
                     path = os.path.join(folder, name)
                     files[os.path.relpath(path, self.bases)] = read(path)
         return files
@@ -202,6 +204,20 @@ def test_local_folder_installs_then_nothing_to_do(tmp_path) -> None:
     assert host.keepup2date() == NO_UPDATE
     assert not host.take_reload_request()
     assert "no update needed" in host.report_text()
+
+
+def test_the_new_spam_database_is_indexed_before_the_gateway_reloads(tmp_path) -> None:
+    """keepup2date builds the new database's shared index itself, so that the gateway's reload
+    maps it at once rather than building it beside its event loop."""
+    host = installed_host(tmp_path, "18.0")
+    host.use(make_set(str(tmp_path), "18.1"))
+    assert host.keepup2date() == UPDATED and host.take_reload_request()
+    database = os.path.join(host.bases, "spam", "spam.db")
+    built = os.stat(index_file(database))
+    assert "bases/spam/spam.db: index built" in host.report_text()
+    assert open_database(database).info.version == "18.1"
+    mapped = os.stat(index_file(database))  # opened as it was, not built again (a rebuild renames a new file)
+    assert (mapped.st_ino, mapped.st_mtime_ns) == (built.st_ino, built.st_mtime_ns)
 
 
 def test_an_update_and_a_rollback_keep_what_the_site_learned(tmp_path) -> None:

@@ -92,6 +92,8 @@ from typing import TextIO
 
 from smtpgw.config import Config, ConfigError, load_config
 from smtpgw.scan.clamd import ClamdError, ClamdServer
+from smtpgw.spam.database import DatabaseError
+from smtpgw.spam.dbindex import open_database
 from smtpgw.spool.durable import fsync_dir, write_durably
 from smtpgw.update.signing import (
     MAX_SIGNATURE_BYTES, SIGNATURE, PublicKey, SignatureError, check_signature, generate, shipped_keys,
@@ -99,7 +101,7 @@ from smtpgw.update.signing import (
 from smtpgw.update.updateset import (
     CHUNK, INDEX, MAX_INDEX_BYTES, MAX_REJECTED, Entry, Index, Layout, UpdateError, build_signed_set,
     build_update_set, check_contents, copy_into, database_version, make_folder, matches, printable, read_index, scan_files,
-    version_key, write_file,
+    spam_database_path, version_key, write_file,
 )
 
 # The update-set names are also this module's (smtpgw.updateset defines them), so that one
@@ -598,7 +600,7 @@ def update(settings: Settings, report: Report, force: bool = False, downgrade: b
         apply(replace(index, rejected=tuple(rejected)), staged, layout, changed, report)
     unsigned = "" if fetched.signer else ", UNSIGNED (AllowUnsigned)"
     report.info(f"bases updated to version {index.version} ({len(changed)} file(s) installed{unsigned})")
-    return after_update(settings, index, any(e.name.startswith("clamd/") for e in changed), report)
+    return after_update(settings, index, changed, report)
 
 
 def mirror(settings: Settings, folder: str, report: Report, force: bool = False) -> int:
@@ -640,12 +642,31 @@ def rollback(settings: Settings, report: Report) -> int:
     apply(replace(index, rejected=tuple(rejected)), backup, layout, changed, report)
     undone = current.version if current else "none"
     report.info(f"rolled back from version {undone} to {index.version} ({len(changed)} file(s) restored)")
-    return after_update(settings, index, any(e.name.startswith("clamd/") for e in changed), report)
+    return after_update(settings, index, changed, report)
 
 
-def after_update(settings: Settings, index: Index, clamd_changed: bool, report: Report) -> int:
-    """clamd RELOAD when its signatures changed, then PostUpdateCmd or the .c_db_reload file."""
-    if clamd_changed:
+def index_spam_databases(layout: Layout, changed: list[Entry], report: Report) -> None:
+    """Build the shared index (spam/dbindex.py) of each spam database just installed, here in
+    keepup2date's own process, so that the gateway's reload maps a ready index instead of
+    building it in one of its I/O threads beside the event loop. A failure only costs that
+    build: the gateway builds the index itself, as at a first start."""
+    for entry in changed:
+        path = spam_database_path(layout, entry)
+        if path is None:
+            continue
+        try:
+            open_database(path)
+        except (DatabaseError, OSError) as exc:
+            report.warning(f"{entry.name}: index not built ({exc}); the gateway builds it when it loads the database")
+        else:
+            report.info(f"{entry.name}: index built")
+
+
+def after_update(settings: Settings, index: Index, changed: list[Entry], report: Report) -> int:
+    """Index the new spam database, clamd RELOAD when its signatures changed, then PostUpdateCmd
+    or the .c_db_reload file."""
+    index_spam_databases(settings.layout, changed, report)
+    if any(entry.name.startswith("clamd/") for entry in changed):
         for address in settings.clamd_addresses:
             try:
                 report.info(f"clamd {address}: {ClamdServer(address).reload()}")

@@ -371,12 +371,20 @@ def write_file(target: str, fill: Callable[[IO[bytes]], object]) -> None:
 # region checking the contents
 
 
+def spam_database_path(layout: Layout, entry: Entry) -> str | None:
+    """Where ``entry`` is installed when it is a spam database, else None."""
+    path = layout.path(entry.name)
+    if path is not None and entry.name.startswith("bases/") and os.path.basename(path) == SPAM_DATABASE:
+        return path
+    return None
+
+
 def check_contents(layout: Layout, entries: list[Entry], folder: str) -> None:
     """Beyond the checksums: each spam database must load, the clamd signatures must load in
     clamscan (only checked files are installed; kmg-spec §6.1 AVBasesTestPath)."""
     for entry in entries:
-        path = layout.path(entry.name)
-        if path is not None and entry.name.startswith("bases/") and os.path.basename(path) == SPAM_DATABASE:
+        path = spam_database_path(layout, entry)
+        if path is not None:
             try:
                 SpamDatabase.load(path)
             except DatabaseError as exc:
