@@ -25,7 +25,7 @@ from smtpgw.net import smtp, tls
 from smtpgw.net.loop import EventLoop, Timer
 from smtpgw.net.smtp import ServerReply
 from smtpgw.net.stream import send_pending
-from smtpgw.spool.queue import Recipient
+from smtpgw.spool.queue import MessageFile, Recipient
 
 log = logging.getLogger("smtpgw.deliver.client")
 
@@ -40,6 +40,8 @@ class Transaction:
     recipients: list[Recipient]
     msg_path: str
     size: int
+    head: bytes = b""  # a header block in place of the file's up to body_offset (``MessageFile``)
+    body_offset: int = 0
     body: str = "7BIT"
     ret: str | None = None
     envid: str | None = None
@@ -419,14 +421,10 @@ class Connection:
     def _begin_body(self) -> None:
         assert self.txn is not None
         try:
-            body = open(self.txn.msg_path, "rb")
-            try:
-                # a queue file is never written again once queued: its size tells which read is
-                # the last, and the last chunk goes out with the final dot in one write
-                self._body_left = os.fstat(body.fileno()).st_size
-            except OSError:
-                body.close()
-                raise
+            # a queue file is never written again once queued: its size tells which read is the
+            # last, and the last chunk goes out with the final dot in one write
+            body = MessageFile(self.txn.msg_path, self.txn.head, self.txn.body_offset)
+            self._body_left = body.size
         except OSError as exc:
             self.fail(f"cannot read queue file: {exc}")  # the transaction ends deferred
             return

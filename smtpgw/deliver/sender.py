@@ -358,16 +358,20 @@ class Sender:
                 if env.body == "8BITMIME" and not conn.has("8BITMIME"):
                     self._downgrade_then_send(conn, state, delivery)
                 else:
-                    self._send(conn, delivery, self.queue.msg_path(env.id), env.size, env.body)
+                    self._send(conn, delivery, self.queue.msg_path(env.id), env.size, env.body,
+                               env.head.encode("latin-1") if env.head is not None else b"", env.body_offset)
                 return
             self._fail_delivery(conn, delivery, *refusal)
         self._park(self._dest_of(state), conn)
 
-    def _send(self, conn: Connection, delivery: Delivery, path: str, size: int, body: str) -> None:
+    def _send(self, conn: Connection, delivery: Delivery, path: str, size: int, body: str,
+              head: bytes = b"", body_offset: int = 0) -> None:
+        """Send the file ``path`` (from ``body_offset``, after the header block ``head`` when the
+        record carries one: ``MessageFile``)."""
         env = delivery.env
         conn.delivery = delivery  # type: ignore[attr-defined]  # before start: it may end at once
         conn.start(Transaction(sender=env.sender, recipients=delivery.recipients, msg_path=path, size=size,
-                               body=body, ret=env.ret, envid=env.envid))
+                               head=head, body_offset=body_offset, body=body, ret=env.ret, envid=env.envid))
 
     def _fail_delivery(self, conn: Connection, delivery: Delivery, status: str, why: str, counter: str) -> None:
         self.host.stats.inc(counter)
@@ -379,15 +383,15 @@ class Sender:
         """RFC 6152 §3: an 8-bit message for a peer without 8BITMIME is converted to 7-bit MIME
         (off the loop), or fails with 5.6.3 when it cannot be converted without changing it."""
         conn.busy = True
-        source = self.queue.msg_path(delivery.env.id)
+        env = delivery.env
+        source = self.queue.msg_path(env.id)
         # One copy per delivery: deliveries of one message to several destinations convert at once,
         # and one must neither truncate nor unlink the copy another is streaming. No record of its
         # own: removed at the next start if left over.
         target = f"{source}.7bit-{secrets.token_hex(4)}"
 
         def convert() -> int | None:
-            with open(source, "rb") as f:
-                converted = downgrade.to_7bit(f.read())
+            converted = downgrade.to_7bit(self.queue.read_message(env))
             if converted is None:
                 return None
             with open(target, "wb") as f:
