@@ -98,7 +98,8 @@ def header_change(env: Envelope, raw: bytes, message: bytes) -> tuple[str, int] 
     header block changed: (the new header block as Latin-1 text, where the unchanged body starts in
     msg/ID); else None (the body changed too: the message is written anew)."""
     old_end, new_end = headers.header_end(raw), headers.header_end(message)
-    if len(raw) - old_end != len(message) - new_end or raw[old_end:] != message[new_end:]:
+    # compared in place (no copy of a body: a worker's memory stays bounded by a few messages)
+    if len(raw) - old_end != len(message) - new_end or not message.startswith(memoryview(raw)[old_end:], new_end):
         return None
     kept = len(env.head) if env.head is not None else 0  # raw = kept header + msg/ID[body_offset:]
     if old_end < kept:
