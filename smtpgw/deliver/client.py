@@ -38,10 +38,8 @@ class Transaction:
 
     sender: str
     recipients: list[Recipient]
-    msg_path: str
+    message: Callable[[], MessageFile]  # opens the bytes to send (``Queue.open_message``)
     size: int
-    head: bytes = b""  # a header block in place of the file's up to body_offset (``MessageFile``)
-    body_offset: int = 0
     body: str = "7BIT"
     ret: str | None = None
     envid: str | None = None
@@ -423,7 +421,7 @@ class Connection:
         try:
             # a queue file is never written again once queued: its size tells which read is the
             # last, and the last chunk goes out with the final dot in one write
-            body = MessageFile(self.txn.msg_path, self.txn.head, self.txn.body_offset)
+            body = self.txn.message()
             self._body_left = body.size
         except OSError as exc:
             self.fail(f"cannot read queue file: {exc}")  # the transaction ends deferred

@@ -475,8 +475,8 @@ class Queue:
 class MessageFile:
     """A queued message's bytes, read from its start: the header block ``head`` (a scan's new
     header, from the record), then the file ``path`` from ``body_offset`` on (the whole file when
-    there is no such header). The one way the message of a record is read (``Queue.open_message``;
-    the sender's client makes one from its transaction): sending, the 7-bit downgrade, DSNs,
+    there is no such header). The one way the message of a record is read (``Queue.open_message``:
+    the sender's transaction opens it so): sending, the 7-bit downgrade, DSNs,
     archive and quarantine copies, a rescan. ``size`` is the number of bytes ``read`` gives."""
 
     def __init__(self, path: str, head: bytes = b"", body_offset: int = 0) -> None:
