@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import pytest
 
-from smtpgw.scan.job import CopyResult, ScanResult, not_scanned
+from smtpgw.scan.job import CopyResult, ScanResult, header_change, not_scanned
 from smtpgw.scan.scanner import Scanner
 from smtpgw.spool.queue import CHK, QUE, WFC, Envelope, Queue, Recipient, fsync_dir, new_id
 
@@ -101,6 +101,21 @@ def two_groups(rewritten: str) -> ScanResult:
     ])
 
 
+HEADED = b"X-Anti-Virus: clean\r\nSubject: [SPAM] s\r\n\r\nbody\r\n"  # ORIGINAL with only its header changed
+NEW_HEAD = HEADED[: HEADED.index(b"\r\n\r\n") + 4].decode("latin-1")
+BODY_OFFSET = ORIGINAL.index(b"\r\n\r\n") + 4
+
+
+def header_only(recipients: list[str] | None = None, group: str = "policy") -> CopyResult:
+    return CopyResult(group=group, recipients=recipients or ["x@example.test"], head=NEW_HEAD, body_offset=BODY_OFFSET)
+
+
+def read(queue: Queue, qid: str, state: str = QUE) -> bytes:
+    env = queue.load(state, qid)
+    assert env is not None
+    return queue.read_message(env)
+
+
 def test_a_rewritten_message_moves_on_with_its_new_bytes(tmp_path):
     queue = Queue(str(tmp_path))
     qid, rewritten = scanned_and_rewritten(queue)
@@ -113,25 +128,29 @@ def test_a_rewritten_message_moves_on_with_its_new_bytes(tmp_path):
     assert sorted(os.listdir(os.path.join(queue.root, "msg"))) == [qid]
 
 
-def test_a_crash_while_applying_a_rewrite_never_scans_the_rewritten_message_again(tmp_path, monkeypatch):
-    """After a crash at any file operation the record is either in QUE with the rewritten message,
-    or back in WFC with the message as received (scanned again: a disclaimer or a spam tag is never
-    added twice)."""
+@pytest.mark.parametrize("change", ["rewrite", "header"])
+def test_a_crash_while_applying_a_change_leaves_it_applied_or_the_message_as_received(tmp_path, monkeypatch, change):
+    """After a crash at any file operation the record is either in QUE with the changed message
+    (a rewrite: its new file; a header change: the record's header over the unchanged body), or
+    back in WFC with the message as received, scanned again (a disclaimer or a spam tag is never
+    added twice, nor lost)."""
     for crash in range(1, 50):  # every operation of _apply in turn, until one run has no crash point left
         queue = Queue(str(tmp_path / f"crash{crash}"))
         qid, rewritten = scanned_and_rewritten(queue)
-        if not applied_with_a_crash(monkeypatch, queue, qid, crash,
-                                    ScanResult([CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten)])):
+        if change == "header":  # a header change writes no file: the record written in QUE is the commit point
+            os.unlink(rewritten)
+            copy, new = header_only(), HEADED
+        else:
+            copy, new = CopyResult(group="policy", recipients=["x@example.test"], rewritten=rewritten), REWRITTEN
+        if not applied_with_a_crash(monkeypatch, queue, qid, crash, ScanResult([copy])):
             break
         queue.recover()
-        with open(queue.msg_path(qid), "rb") as f:
-            data = f.read()
         state = queue.find(qid)
-        assert (state, data) in ((QUE, REWRITTEN), (WFC, ORIGINAL)), (crash, state, data)
+        assert (state, read(queue, qid, state)) in ((QUE, new), (WFC, ORIGINAL)), (crash, state)
         assert sorted(os.listdir(os.path.join(queue.root, "msg"))) == [qid]
         if state == QUE:
-            assert queue.load(QUE, qid).size == len(REWRITTEN)
-    assert crash > 3, "the rewrite takes several file operations, each one tried as a crash point"
+            assert queue.load(QUE, qid).size == len(new)
+    assert crash > (3 if change == "rewrite" else 2), "each file operation of the step is tried as a crash point"
 
 
 def test_per_group_copies_record_the_size_of_their_own_message(tmp_path):
@@ -166,6 +185,64 @@ def test_a_crash_while_making_per_group_copies_leaves_the_copies_or_the_message(
             assert states == {qid: WFC, f"{qid}-1": None, f"{qid}-2": None}, (crash, states)
             assert messages == [qid]
     assert crash > 5, "making two copies takes several file operations, each one tried as a crash point"
+
+
+def test_a_header_change_moves_on_in_its_record_and_leaves_the_message_file_as_received(tmp_path):
+    queue = Queue(str(tmp_path))
+    qid, rewritten = scanned_and_rewritten(queue)
+    os.unlink(rewritten)  # a header change writes no file
+    scanner, scanned = scanner_on(queue)
+    scanner._apply(qid, ScanResult([header_only()]))
+    assert queue.find(qid) == QUE and [e.id for e in scanned] == [qid]
+    with open(queue.msg_path(qid), "rb") as f:
+        assert f.read() == ORIGINAL
+    assert read(queue, qid) == HEADED and scanned[0].size == queue.load(QUE, qid).size == len(HEADED)
+    assert sorted(os.listdir(os.path.join(queue.root, "msg"))) == [qid]
+    with queue.open_message(queue.load(QUE, qid)) as message:  # read in chunks, as the client does
+        assert message.size == len(HEADED)
+        chunks = [message.read(5) for _ in range(len(HEADED) // 5 + 2)]
+    assert b"".join(chunks) == HEADED and chunks[-1] == b""
+
+
+def test_per_group_copies_with_a_header_change_share_the_message_file(tmp_path):
+    queue = Queue(str(tmp_path))
+    qid, rewritten = scanned_and_rewritten(queue, TWO_GROUPS)
+    scanner, scanned = scanner_on(queue)
+    scanner._apply(qid, ScanResult([header_only(["x@example.test"]), CopyResult(group="lab", recipients=["y@lab.test"],
+                                                                                  rewritten=rewritten)]))
+    assert {e.id: e.size for e in scanned} == {f"{qid}-1": len(HEADED), f"{qid}-2": len(REWRITTEN)}
+    assert read(queue, f"{qid}-1") == HEADED and read(queue, f"{qid}-2") == REWRITTEN
+    assert os.stat(queue.msg_path(f"{qid}-1")).st_size == len(ORIGINAL)  # the message as received, linked
+
+
+def test_a_worker_sends_a_header_change_as_a_header_and_a_body_change_as_a_new_file():
+    env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test")])
+    assert header_change(env, ORIGINAL, HEADED) == (NEW_HEAD, BODY_OFFSET)
+    assert header_change(env, ORIGINAL, REWRITTEN) is None  # a disclaimer: the body changed
+    assert header_change(env, ORIGINAL, HEADED.replace(b"body", b"bodY")) is None
+    # scanned again with a header from its record: the offset stays one in msg/ID
+    env.head, env.body_offset = NEW_HEAD, BODY_OFFSET
+    again = b"X-Extra: 1\r\n" + HEADED
+    assert header_change(env, HEADED, again) == (again[: again.index(b"\r\n\r\n") + 4].decode("latin-1"), BODY_OFFSET)
+    # a header of 8-bit bytes survives the record's text
+    eight = b"Subject: \xe9t\xe9\r\n\r\nbody\r\n"
+    env.head = None
+    head, offset = header_change(env, ORIGINAL, eight)
+    assert head.encode("latin-1") + ORIGINAL[offset:] == eight
+
+
+def test_a_record_with_a_header_reads_and_round_trips_as_its_message(tmp_path):
+    queue = Queue(str(tmp_path))
+    env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test")])
+    with open(queue.msg_path(env.id), "wb") as f:
+        f.write(ORIGINAL)
+    env.head, env.body_offset = "Subject: \xe9\r\n\r\n", BODY_OFFSET
+    queue.write_record(QUE, env)
+    again = queue.load(QUE, env.id)
+    expected = b"Subject: \xe9\r\n\r\nbody\r\n"
+    assert queue.read_message(again) == expected and queue.message_size(again) == len(expected)
+    assert queue.read_message(again, 4) == b"Subj"
+    assert "head" not in again.as_dict(spool=False) and "head" not in Envelope(id="x", sender="", recipients=[]).as_dict()
 
 
 class HeldCommitter(InlineCommitter):

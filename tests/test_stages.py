@@ -276,6 +276,36 @@ def test_the_sender_delivers_through_the_hops_it_is_given(outbox: Outbox, peer: 
     assert outbox.stats.counters["mta_sent_messages"] == 1
 
 
+@pytest.mark.parametrize("eight_bit_peer", [True, False], ids=["8bitmime", "downgraded"])
+def test_a_header_from_the_record_goes_out_ahead_of_the_body_in_the_message_file(outbox: Outbox,
+                                                                                eight_bit_peer: bool) -> None:
+    """A scan's header change lives in the record (``head`` over msg/ID from ``body_offset``): the
+    peer gets that header and the body, SIZE= counts them, and a peer without 8BITMIME gets the
+    7-bit conversion of that message (RFC 6152 §3), not of msg/ID."""
+    extensions = ("PIPELINING", "SIZE 1000000", "ENHANCEDSTATUSCODES") + (("8BITMIME",) if eight_bit_peer else ())
+    peer = Sink(extensions=extensions)
+    try:
+        original = MESSAGE.replace(b"body", b"caf\xc3\xa9")
+        head = ("X-Anti-Virus: clean\r\nFrom: a@sender.test\r\nTo: user@example.test\r\nSubject: [SPAM] stages\r\n"
+                "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n")
+        offset = original.index(b"\r\n\r\n") + 4
+        env = outbox.queued(QUE, original, head=head, body_offset=offset, body="8BITMIME")
+        expected = head.encode("latin-1") + original[offset:]
+        assert env.size == len(expected)
+        sender = Sender(outbox, resolve=resolving_to([Hop("peer.test", "127.0.0.1", peer.port)], []))
+        sender.enqueue(env.id, env=env)
+        outbox.wait(lambda: outbox.complete, "delivery_complete")
+        sender.stop()
+        [received] = peer.wait_for(1)
+    finally:
+        peer.close()
+    if eight_bit_peer:
+        assert received.data == expected and f" SIZE={len(expected)}" in received.mail_line
+    else:
+        assert received.data.isascii() and b"\r\nSubject: [SPAM] stages\r\n" in received.data
+        assert received.data.startswith(b"X-Anti-Virus: clean\r\n") and b"caf=C3=A9" in received.data
+
+
 def test_a_permanent_next_hop_failure_fails_the_recipient_and_queues_the_dsn(
         outbox: Outbox, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logging.getLogger("smtpgw"), "propagate", True)  # smtpgw.log.setup may have closed it

@@ -512,8 +512,7 @@ class Gateway:
                 self.message_scanned(notice)
         archive = self.incoming_archive
         if archive is not None:  # kmg-spec §3.9: a copy of every received message
-            path, record = self.queue.msg_path(env.id), env.as_dict()
-            self.committer.run(lambda: archive.put(env.id, path, record, "RCV"))
+            self.committer.run(self._archive_copy(archive, env, "RCV"))
         self.scanner.accept(env)
         if self.incoming is not None:  # the day's quota counts and the scan wait, to the other processes
             self.incoming.counted(env)
@@ -588,6 +587,15 @@ class Gateway:
         copy = None
         if archive is not None and any(r.state == RecipientState.SENT for r in env.recipients):
             # kmg-spec §3.9: every message sent, notifications and DSNs included
-            path, record = self.queue.msg_path(env.id), env.as_dict()
-            copy = lambda: archive.put(env.id, path, record, "SNT")  # noqa: E731
+            copy = self._archive_copy(archive, env, "SNT")
         self.committer.remove(env.id, SND, before=copy)
+
+    def _archive_copy(self, archive: Store, env: Envelope, status: str) -> Callable[[], None]:
+        """(run in an I/O thread) A copy of ``env``'s message as it is read (``Queue.open_message``:
+        with the header a scan put in its record) into ``archive``."""
+        record = env.as_dict(spool=False)
+
+        def put() -> None:
+            with self.queue.open_message(env) as message:
+                archive.put(env.id, message, record, status)
+        return put

@@ -29,8 +29,7 @@ def queue_dsn(queue: Queue, cfg: Config, template: Template, env: Envelope, reci
     envelope sender; the new record (in QUE), or None when none is due or it could not be made."""
     lifetime = cfg.timeouts.MaximalQueueLifetime * 86400
     try:
-        with open(queue.msg_path(env.id), "rb") as f:
-            original = f.read(dsn.DEFAULT_FULL_LIMIT + 1)
+        original = queue.read_message(env, dsn.DEFAULT_FULL_LIMIT + 1)
         report = dsn.build_dsn(
             env.as_dict(), [r.__dict__ for r in recipients], kind, original, cfg.network.Hostname,
             cfg.network.Postmaster, template, time.time(), retry_until=env.received_at + lifetime,

@@ -25,7 +25,7 @@ from smtpgw.net import smtp, tls
 from smtpgw.net.loop import EventLoop, Timer
 from smtpgw.net.smtp import ServerReply
 from smtpgw.net.stream import send_pending
-from smtpgw.spool.queue import Recipient
+from smtpgw.spool.queue import MessageFile, Recipient
 
 log = logging.getLogger("smtpgw.deliver.client")
 
@@ -38,7 +38,7 @@ class Transaction:
 
     sender: str
     recipients: list[Recipient]
-    msg_path: str
+    message: Callable[[], MessageFile]  # opens the bytes to send (``Queue.open_message``)
     size: int
     body: str = "7BIT"
     ret: str | None = None
@@ -419,14 +419,10 @@ class Connection:
     def _begin_body(self) -> None:
         assert self.txn is not None
         try:
-            body = open(self.txn.msg_path, "rb")
-            try:
-                # a queue file is never written again once queued: its size tells which read is
-                # the last, and the last chunk goes out with the final dot in one write
-                self._body_left = os.fstat(body.fileno()).st_size
-            except OSError:
-                body.close()
-                raise
+            # a queue file is never written again once queued: its size tells which read is the
+            # last, and the last chunk goes out with the final dot in one write
+            body = self.txn.message()
+            self._body_left = body.size
         except OSError as exc:
             self.fail(f"cannot read queue file: {exc}")  # the transaction ends deferred
             return

@@ -27,7 +27,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from smtpgw.config import Config
 from smtpgw.deliver import bounces, nexthop
@@ -40,7 +40,7 @@ from smtpgw.net.loop import EventLoop
 from smtpgw.net.smtp import ServerReply
 from smtpgw.reports.notify import Template
 from smtpgw.rules import routing
-from smtpgw.spool.queue import QUE, SND, Committer, Envelope, Queue, Recipient, RecipientState
+from smtpgw.spool.queue import QUE, SND, Committer, Envelope, MessageFile, Queue, Recipient, RecipientState
 from smtpgw.stats import Stats
 
 log = logging.getLogger("smtpgw.deliver.sender")
@@ -358,15 +358,17 @@ class Sender:
                 if env.body == "8BITMIME" and not conn.has("8BITMIME"):
                     self._downgrade_then_send(conn, state, delivery)
                 else:
-                    self._send(conn, delivery, self.queue.msg_path(env.id), env.size, env.body)
+                    self._send(conn, delivery, lambda: self.queue.open_message(env), env.size, env.body)
                 return
             self._fail_delivery(conn, delivery, *refusal)
         self._park(self._dest_of(state), conn)
 
-    def _send(self, conn: Connection, delivery: Delivery, path: str, size: int, body: str) -> None:
+    def _send(self, conn: Connection, delivery: Delivery, message: Callable[[], MessageFile], size: int,
+              body: str) -> None:
+        """Send what ``message`` opens: the queued message (``Queue.open_message``) or its 7-bit copy."""
         env = delivery.env
         conn.delivery = delivery  # type: ignore[attr-defined]  # before start: it may end at once
-        conn.start(Transaction(sender=env.sender, recipients=delivery.recipients, msg_path=path, size=size,
+        conn.start(Transaction(sender=env.sender, recipients=delivery.recipients, message=message, size=size,
                                body=body, ret=env.ret, envid=env.envid))
 
     def _fail_delivery(self, conn: Connection, delivery: Delivery, status: str, why: str, counter: str) -> None:
@@ -379,15 +381,15 @@ class Sender:
         """RFC 6152 §3: an 8-bit message for a peer without 8BITMIME is converted to 7-bit MIME
         (off the loop), or fails with 5.6.3 when it cannot be converted without changing it."""
         conn.busy = True
-        source = self.queue.msg_path(delivery.env.id)
+        env = delivery.env
+        source = self.queue.msg_path(env.id)
         # One copy per delivery: deliveries of one message to several destinations convert at once,
         # and one must neither truncate nor unlink the copy another is streaming. No record of its
         # own: removed at the next start if left over.
         target = f"{source}.7bit-{secrets.token_hex(4)}"
 
         def convert() -> int | None:
-            with open(source, "rb") as f:
-                converted = downgrade.to_7bit(f.read())
+            converted = downgrade.to_7bit(self.queue.read_message(env))
             if converted is None:
                 return None
             with open(target, "wb") as f:
@@ -408,7 +410,7 @@ class Sender:
                 why = f"{conn.host} does not accept 8-bit data (no 8BITMIME) and the message cannot be converted"
                 self._fail_delivery(conn, delivery, "5.6.3", why, "mta_sendings_failed_for_8bitmime")
             else:
-                self._send(conn, delivery, target, size, "7BIT")
+                self._send(conn, delivery, lambda: MessageFile(target), size, "7BIT")
                 return
             if not conn.closed:
                 self._use(conn, state)

@@ -58,8 +58,17 @@ class CopyResult:
     recipients: list[str]
     blocked: bool = False
     rewritten: str | None = None  # a new message file written by the worker, or None: unchanged
+    # or, when only the header changed: the new header block (Latin-1 text) and where the body it
+    # goes with starts in msg/ID (``header_change``; the record carries it, ``Queue.open_message``)
+    head: str | None = None
+    body_offset: int = 0
     events: list[Event] = field(default_factory=list)  # log events (AV-SCANNED, AS-SCANNED, BLOCKED...)
     notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        """The copy's message is not the one scanned."""
+        return self.rewritten is not None or self.head is not None
 
 
 @dataclass
@@ -82,6 +91,21 @@ def not_scanned(group: str, rcpts: list[str]) -> CopyResult:
     """kmg-spec §3.13: a group with Check=false passes its mail through unchanged."""
     return CopyResult(group=group, recipients=rcpts, notes={"status": "not scanned"},
                       events=[('AV-SCANNED, group=%s, status="not scanned", names="", nrcpt=%d', [group, len(rcpts)])])
+
+
+def header_change(env: Envelope, raw: bytes, message: bytes) -> tuple[str, int] | None:
+    """When ``message`` is ``raw`` (``env``'s message as read, ``Queue.open_message``) with only its
+    header block changed: (the new header block as Latin-1 text, where the unchanged body starts in
+    msg/ID); else None (the body changed too: the message is written anew)."""
+    old_end, new_end = headers.header_end(raw), headers.header_end(message)
+    # compared in place (no copy of a body: a worker's memory stays bounded by a few messages)
+    if len(raw) - old_end != len(message) - new_end or not message.startswith(memoryview(raw)[old_end:], new_end):
+        return None
+    kept = len(env.head) if env.head is not None else 0  # raw = kept header + msg/ID[body_offset:]
+    if old_end < kept:
+        return None
+    offset = (env.body_offset if env.head is not None else 0) + old_end - kept
+    return message[:new_end].decode("latin-1"), offset
 
 
 def templates_path(cfg: Config, group: Any) -> str:
@@ -153,8 +177,7 @@ class Job:
     def run(self, env: Envelope, dkim_keys: dkim.KeyAnswers | None = None) -> ScanResult:
         """Scan ``env``'s message; ``dkim_keys``: the keys of its DKIM signatures as the gateway
         looked them up (None: none were, the signatures are then only read)."""
-        with open(self.queue.msg_path(env.id), "rb") as f:
-            raw = f.read()
+        raw = self.queue.read_message(env)
         self.dkim_keys, self.dkim_results = dkim_keys, None
         groups: dict[str, tuple[Any, list[str]]] = {}
         for rcpt in env.pending():
@@ -239,7 +262,7 @@ class Job:
         if av.save_in_qb:
             self._quarantine(env, raw, group, av, verdict, fired)
         if av.modified and not av.blocked and group.BackupPath:
-            Store(group.BackupPath).put(env.id, raw, env.as_dict(), "BAK", "original before " + ", ".join(
+            Store(group.BackupPath).put(env.id, raw, env.as_dict(spool=False), "BAK", "original before " + ", ".join(
                 sorted({o.decision for o in av.objects if o.action != "pass"})))
         if av.blocked:
             copy.blocked = True
@@ -250,7 +273,10 @@ class Job:
                 text = notify.render_disclaimer(self.templates[group.name]["disclaimer"], env.as_dict(), {"group": group.name},
                                                 self.cfg.locale.DateFormat, self.cfg.locale.TimeFormat, time.time())
                 message = add_disclaimer(message, text)
-            if message != raw:
+            change = header_change(env, raw, message) if message != raw else None
+            if change is not None:  # the record carries the new header: no new file, fewer fsyncs
+                copy.head, copy.body_offset = change
+            elif message != raw:
                 copy.rewritten = os.path.join(self.queue.root, "tmp", f"{env.id}.scan{index}")
                 # made durable by the main process, in an I/O thread (Queue.replace_and_move), so
                 # that no worker waits for the disk
@@ -274,7 +300,7 @@ class Job:
         if status in (SPAM, PROBABLE_SPAM):  # spam kept apart from viruses when SpamQuarantinePath is set
             folder = group.SpamQuarantinePath or folder
         if folder:
-            Store(folder).put(env.id, raw, env.as_dict(), status_for_verdict(status), reason, verdicts)
+            Store(folder).put(env.id, raw, env.as_dict(spool=False), status_for_verdict(status), reason, verdicts)
 
     def _av_statistics(self, env: Envelope, rcpts: list[str], av: Any) -> None:
         """Time, Size, Sender, Recipients, Status, VirusList, IP, Message-id (kmg-spec §7.3)."""

@@ -6,8 +6,8 @@ job goes to a worker (``smtpgw.scan.dkimkeys``; the worker verifies), the
 bounded number of messages in flight (``AntiviralSessions``),
 the job a worker runs for one message (group split, anti-spam, anti-virus,
 policy, rebuild), applying a job's result to the queue in the main process (what
-needs an fsync — a rewritten message, per-group copies, notifications — in an I/O
-thread), and in-flow control: holding new MAIL
+needs an fsync — a new header in the QUE record, a rewritten message, per-group
+copies, notifications — in an I/O thread), and in-flow control: holding new MAIL
 commands while messages wait for a scan slot (``admit``, ``InFlowDelay``).
 
 A scan that kills or hangs its worker, or fails, counts against the message
@@ -424,7 +424,8 @@ class Scanner:
         reason = (f"scan failed {env.scan_attempts} times (MaximalScanAttempts={self.max_attempts}), "
                   f"last: {env.scan_error or 'unknown'}")
         folder = group.QuarantinePath or cfg.policy.QuarantinePath
-        item = Store(folder).put(env.id, self.queue.msg_path(env.id), env.as_dict(), "ERR", reason)
+        with self.queue.open_message(env) as message:
+            item = Store(folder).put(env.id, message, env.as_dict(spool=False), "ERR", reason)
         log.error("%s: %s; kept in quarantine %s as item %s", env.id, reason, folder, item)
         copy = CopyResult(group=group.name, recipients=rcpts, blocked=True, notes={"status": "error"}, events=[
             ('AV-SCANNED, group=%s, status="error", names="", nrcpt=%d', [group.name, len(rcpts)]),
@@ -440,8 +441,7 @@ class Scanner:
         sender = group.NotifyFromAddress or self.host.cfg.policy.NotifyFromAddress
         if not admin or not sender:
             return []
-        with open(self.queue.msg_path(env.id), "rb") as f:
-            head = f.read(HEAD_BYTES).split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+        head = self.queue.read_message(env, HEAD_BYTES).split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
         about = {
             "status": "error", "group": group.name, "queue_id": env.id, "blocked": True,
             "subject": headers.get_raw(head, "Subject") or b"",
@@ -479,7 +479,7 @@ class Scanner:
                 self.host.stats.inc(f"antispam_status_{str(copy.notes['spam_status']).lower().replace(' ', '_')}")
         live = [c for c in result.copies if not c.blocked]
         notices = any(copy.notes.get("notifications") for copy in result.copies)
-        if len(result.copies) == 1 and live and not live[0].rewritten and not notices:
+        if len(result.copies) == 1 and live and not live[0].changed and not notices:
             # one group, the message as it came: it keeps its ID, and moving on is one rename
             env.group = live[0].group
             self.queue.move(qid, state, QUE)
@@ -529,7 +529,10 @@ class Scanner:
         qid = env.id
         if copies == 1 and live:
             env.group = live[0].group  # one group: the message keeps its ID
-            if live[0].rewritten:
+            if live[0].head is not None:  # only the header changed: it travels in the record
+                self.queue.replace_head_and_move(env, CHK, QUE, live[0].head, live[0].body_offset,
+                                                 self.host.committer.sync_folder)
+            elif live[0].rewritten:
                 self.queue.replace_and_move(env, CHK, QUE, live[0].rewritten, self.host.committer.sync_folder)
             else:
                 self.queue.move(qid, CHK, QUE)
@@ -545,8 +548,10 @@ class Scanner:
             source = copy.rewritten or self.queue.msg_path(qid)
             if copy.rewritten:
                 fsync_file(copy.rewritten)  # the worker wrote it without an fsync
-            child.size = os.path.getsize(source)  # the record written next states its own message's size
-            self.queue.add_message(child, QUE, link_from=source)
+                child.head, child.body_offset = None, 0
+            elif copy.head is not None:  # the message as received with this copy's header
+                child.head, child.body_offset = copy.head, copy.body_offset
+            self.queue.add_message(child, QUE, link_from=source)  # the record states its own message's size
             if copy.rewritten:
                 os.unlink(copy.rewritten)
             event(child.id, "SPLITTED, group=%s, nrcpt=%d, srcid=%s", copy.group, len(child.recipients), qid)

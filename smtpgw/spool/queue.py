@@ -7,7 +7,8 @@ Layout::
 
     tmp/ID             message bytes being received (never acknowledged), and finished
                        files kept empty to be written again (``Queue.recycle``)
-    msg/ID             the message of record ID (written once, then immutable)
+    msg/ID             the message of record ID (written once, then immutable); a record may carry
+                       a new header block (``head``) that replaces the file's up to ``body_offset``
     WFC/ID CHK/ID WFS/ID SPL/ID QUE/ID SND/ID     envelope records (JSON)
     corrupt/           records that could not be read, kept for the admin
 
@@ -147,12 +148,21 @@ class Envelope:
     scan_error: str | None = None  # why the last of them failed
     dnsbl: list[str] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+    # A scan that changed only the header: the new header block (its bytes as Latin-1 text, the
+    # empty line that ends it included) and where the body starts in msg/ID, which keeps the
+    # bytes as received. The message is ``head`` + msg/ID[body_offset:] (``open_message``).
+    head: str | None = None
+    body_offset: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, spool: bool = True) -> dict[str, Any]:
+        """The record's fields; ``spool=False`` leaves out where the message's bytes are in the
+        spool (``head``, ``body_offset``): a stored copy holds the message's effective bytes."""
         data = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
         data["recipients"] = [{name: getattr(r, name) for name in _RECIPIENT_FIELDS} for r in self.recipients]
         data["dnsbl"] = list(self.dnsbl)
         data["notes"] = dict(self.notes)
+        if self.head is None or not spool:  # a record as before for a message whose file is whole
+            del data["head"], data["body_offset"]
         return data
 
     @classmethod
@@ -239,7 +249,8 @@ class Queue:
     def add_message(self, env: Envelope, state: str, data: bytes | None = None, link_from: str | None = None) -> None:
         """Store a new record (a per-group copy, a DSN, a notification) with its message.
 
-        ``link_from`` hard-links an existing message file instead of writing bytes.
+        ``link_from`` hard-links an existing message file instead of writing bytes; the record
+        states the size of its message as read (``message_size``: with the header it may carry).
         """
         path = self.msg_path(env.id)
         if link_from is not None:
@@ -258,6 +269,7 @@ class Queue:
         else:
             assert data is not None
             write_durably(path, data)
+        env.size = self.message_size(env)
         self.write_record(state, env)
 
     def move(self, qid: str, src: str, dst: str) -> None:
@@ -279,6 +291,7 @@ class Queue:
         """
         sync = sync_folder or (lambda name: fsync_dir(os.path.join(self.root, name)))
         staged = self.msg_path(env.id) + STAGED
+        env.head, env.body_offset = None, 0  # the new file is the whole message
         fsync_file(new_message)
         os.replace(new_message, staged)
         sync("msg")  # the staged bytes are in place before any record can point at them
@@ -287,6 +300,39 @@ class Queue:
         sync(dst)  # commit point: recovery keeps the later of two states
         os.unlink(self.record_path(src, env.id))
         os.replace(staged, self.msg_path(env.id))
+
+    def replace_head_and_move(self, env: Envelope, src: str, dst: str, head: str, body_offset: int,
+                              sync_folder: Callable[[str], None] | None = None) -> None:
+        """Give ``env`` the header block ``head`` (Latin-1 text, its empty line included) over the
+        body of msg/ID from ``body_offset`` on, and move its record from ``src`` to ``dst``, as one
+        step a crash cannot split: msg/ID is not touched, the header travels in the record. The
+        record is written in ``dst`` (fsync, rename, then ``dst``'s fsync: the commit point), then
+        the one in ``src`` is unlinked; before the commit point a crash leaves the record in
+        ``src`` with the message as it was (the step is done again), after it recovery keeps the
+        record in ``dst`` (the later of two states). Two fsyncs, where ``replace_and_move`` needs
+        four. ``sync_folder`` as for ``replace_and_move``."""
+        sync = sync_folder or (lambda name: fsync_dir(os.path.join(self.root, name)))
+        env.head, env.body_offset = head, body_offset
+        env.size = self.message_size(env)
+        self.write_record(dst, env, sync_dirs=False)
+        sync(dst)  # commit point
+        os.unlink(self.record_path(src, env.id))
+
+    def message_size(self, env: Envelope) -> int:
+        """The size of ``env``'s message as its readers get it (``open_message``)."""
+        size = os.path.getsize(self.msg_path(env.id))
+        return size if env.head is None else len(env.head) + size - env.body_offset
+
+    def open_message(self, env: Envelope) -> "MessageFile":
+        """``env``'s message as every reader must get it: the header block its record carries, if
+        any, then its file (``MessageFile``). Raises OSError when the file cannot be read."""
+        return MessageFile(self.msg_path(env.id), env.head.encode("latin-1") if env.head is not None else b"",
+                           env.body_offset if env.head is not None else 0)
+
+    def read_message(self, env: Envelope, limit: int = -1) -> bytes:
+        """``env``'s message (``open_message``), whole or its first ``limit`` bytes."""
+        with self.open_message(env) as message:
+            return message.read(limit)
 
     def update(self, state: str, env: Envelope) -> None:
         """Rewrite a record in place (per-recipient delivery state)."""
@@ -424,6 +470,45 @@ class Queue:
             os.replace(staged, self.msg_path(qid))
         else:
             os.unlink(staged)  # the record is still before the step: it is done again
+
+
+class MessageFile:
+    """A queued message's bytes, read from its start: the header block ``head`` (a scan's new
+    header, from the record), then the file ``path`` from ``body_offset`` on (the whole file when
+    there is no such header). The one way the message of a record is read (``Queue.open_message``:
+    the sender's transaction opens it so): sending, the 7-bit downgrade, DSNs,
+    archive and quarantine copies, a rescan. ``size`` is the number of bytes ``read`` gives."""
+
+    def __init__(self, path: str, head: bytes = b"", body_offset: int = 0) -> None:
+        self._file = open(path, "rb", buffering=0)  # chunks are read whole: no buffer, no ioctl/lseek
+        try:
+            if body_offset:
+                self._file.seek(body_offset)
+            self.size = len(head) + os.fstat(self._file.fileno()).st_size - body_offset
+        except BaseException:
+            self._file.close()
+            raise
+        self._head = head
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (all that is left when negative); b"" at the end."""
+        head = self._head
+        if not head:
+            return self._file.read(size)
+        if 0 <= size < len(head):
+            self._head = head[size:]
+            return head[:size]
+        self._head = b""
+        return head + (self._file.read(-1 if size < 0 else size - len(head)) or b"")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "MessageFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass

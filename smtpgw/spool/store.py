@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, List, Mapping, Sequence, TypeVar
 
 from smtpgw.spool.durable import unlink_if_present
+from smtpgw.spool.queue import MessageFile
 
 __all__ = [
     "STATUSES",
@@ -128,7 +129,7 @@ class Store:
     def put(
         self,
         qid: str,
-        raw: bytes | str | os.PathLike[str],
+        raw: bytes | str | os.PathLike[str] | MessageFile,
         envelope: Mapping[str, Any],
         status: str,
         reason: str = "",
@@ -136,7 +137,8 @@ class Store:
     ) -> str:
         """Store a message durably; returns the new item ID (the queue ID, made unique).
 
-        ``raw`` is the message bytes or the path of a file holding them; ``verdicts``
+        ``raw`` is the message bytes, the path of a file holding them or a queued message
+        (``Queue.open_message``, read from where it stands); ``verdicts``
         names each check's verdict (the status code says the most telling one).
         Raises StoreError for an unknown status and OSError when the disk fails.
         """
@@ -172,7 +174,7 @@ class Store:
         log.info("%s: stored as %s/%s, status=%s, reason=%s", qid, self.path, item_id, status, reason)
         return item_id
 
-    def _write_temp(self, source: bytes | str | os.PathLike[str]) -> str:
+    def _write_temp(self, source: bytes | str | os.PathLike[str] | MessageFile) -> str:
         fd = -1
         tmp = os.path.join(self.path, f"{_TMP_PREFIX}{secrets.token_hex(8)}")
         try:
@@ -181,6 +183,8 @@ class Store:
                 fd = -1
                 if isinstance(source, bytes):
                     out.write(source)
+                elif isinstance(source, MessageFile):
+                    shutil.copyfileobj(source, out, 1 << 20)
                 else:
                     with open(source, "rb") as src:
                         shutil.copyfileobj(src, out, 1 << 20)

@@ -354,3 +354,26 @@ def test_a_replaced_worker_keeps_the_configuration_the_gateway_accepted(make_gat
     send(gw, HAM, sender="boss@other.test")
     got = sink.wait_for(3)[2]
     assert got.sender == "boss@other.test" and b"X-SpamTest-Status: Trusted\r\n" in got.data
+
+
+def test_a_tagged_message_is_sent_archived_and_returned_with_its_new_header(make_gateway, sink, clamd):
+    """A scan that changed only the header (X-SpamTest-*, the Subject tag) leaves msg/ID as received
+    and puts the header in the queue record: every reader gets the message with it — the next hop
+    (with SIZE= its size), the outgoing archive, the DSN that returns it."""
+    gw = spam_gateway(make_gateway, sink, clamd, smtpgw__path=[("OutgoingArchivePath", "var/arch_out")])
+    sink.rcpt_reply = lambda addr: "550 5.1.1 no such user" if addr.startswith("gone@") else None
+    with smtplib.SMTP("127.0.0.1", gw.port) as client:
+        client.sendmail("alice@example.test", ["bob@example.test", "gone@example.test"], SPAM)
+    got = sink.wait_for(2)
+    [sent] = [m for m in got if m.sender]
+    [dsn] = [m for m in got if not m.sender]
+    assert b"\r\nSubject: [SPAM] minutes of the meeting\r\n" in sent.data and sent.data.endswith(b"\r\nAlice\r\n")
+    assert f" SIZE={len(sent.data)}" in sent.mail_line
+    assert b"\r\nSubject: [SPAM] minutes of the meeting\r\n" in dsn.data and b"X-SpamTest-Status: Spam" in dsn.data
+    folder = os.path.join(gw.folder, "var", "arch_out")
+
+    def archived() -> list[bytes]:
+        names = [n for n in os.listdir(folder) if n.endswith(".eml")] if os.path.isdir(folder) else []
+        return [open(os.path.join(folder, n), "rb").read() for n in names]
+    copies = wait_until(lambda: [c for c in archived() if b"GTUBE" in c] or None, 20, "the archived copy")
+    assert copies == [sent.data]

@@ -46,7 +46,7 @@ def test_kill_minus_nine_under_load_loses_nothing(make_gateway, sink, request, c
     rng = random.Random(20261128)
     # IncomingProcesses=2: sessions served by the main process and an incoming process, both killed
     extra = {"smtpgw.options": [("LogLevel", "info")], "smtpgw.limits": [("IncomingProcesses", "2")]}
-    if check:  # every message rewritten (X-Anti-Virus): the staged replace of its file is among the crash points
+    if check:  # every message gets X-Anti-Virus: its header written in the QUE record is among the crash points
         clamd = request.getfixturevalue("clamd")
         extra |= {"smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
                   "smtpgw.policy": [("Check", "true"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none")]}
@@ -57,7 +57,7 @@ def test_kill_minus_nine_under_load_loses_nothing(make_gateway, sink, request, c
         gw.start()
 
     _kill_under_load(gw, sink, rng, restart)
-    if check:  # the scanned variant did go through the rewrite
+    if check:  # the scanned variant did go through the header change
         assert all(b"\r\nX-Anti-Virus: " in b"\r\n" + m.data for m in sink.messages)
 
 
