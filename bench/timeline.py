@@ -11,14 +11,18 @@ smtp-source (50 sessions of 4 KiB). Every 0.1 s a sampler thread reads, from /pr
 only (nothing inside the gateway is changed for it):
 
 - CPU: the whole machine; the main process's loop thread and its other (I/O) threads; each
-  scanner worker; clamd; smtp-source and smtp-sink; everything else (the machine is shared);
+  scanner worker and the loop thread with the time they were runnable but had no CPU
+  (/proc/.../schedstat); clamd; the rest (smtp-source, smtp-sink, and others on a shared machine);
 - what each scanner worker is doing at that instant (/proc/PID/syscall): computing (running),
   waiting for its next job (a read of its stdin), waiting for clamd (any other blocking call);
-  the same for the loop thread (in its selector's wait = idle) and the I/O threads (fsync /
-  fdatasync, idle, other);
-- the messages in each queue state (WFC waiting for a scan slot, CHK at the scanner: key
-  lookups, the pool's backlog, the workers' jobs, results being written; QUE scanned, not yet
-  delivering; SND delivering), and the inbound and outbound SMTP sessions (/proc/net/tcp);
+  the same for the loop thread (in its selector's wait = idle, the interpreter lock) and the I/O
+  threads (in fsync / fdatasync; in a lock wait: for work, a folder fsync another thread runs for
+  them, or the interpreter lock);
+- the messages in each queue state (WFC: being committed, before the 250, or received and
+  waiting for a scan slot; CHK at the scanner: key lookups, the pool's backlog, the workers'
+  jobs, results being written; QUE scanned, not yet delivering; SND delivering, or delivered
+  and not yet unlinked by an I/O thread), with the mean time a message spends in each (Little's
+  law), and the inbound and outbound SMTP sessions (/proc/net/tcp);
 - RECEIVED and delivered (status=sent) lines of the gateway's log.
 
 The run is cut in phases: ramp (the first second), steady (until smtp-source ends), drain (until
@@ -158,7 +162,7 @@ class Sampler(threading.Thread):
         out["loop_wait"] = state == "blocked" and call in SELECTOR_WAITS
         out["loop_gil"] = state == "blocked" and call == FUTEX  # the interpreter lock, held by an I/O thread
         out["loop_call"] = state == "blocked" and call not in SELECTOR_WAITS and call != FUTEX
-        io_sync = io_idle = 0
+        io_sync = io_wait = 0
         try:
             tids = [int(t) for t in os.listdir(f"/proc/{self.main}/task") if int(t) != self.main]
         except OSError:
@@ -166,8 +170,8 @@ class Sampler(threading.Thread):
         for tid in tids:
             state, call, _ = what_doing(self.main, tid)
             io_sync += state == "blocked" and call in (FSYNC, FDATASYNC)
-            io_idle += state == "blocked" and call == FUTEX
-        out["io_fsync"], out["io_idle"] = io_sync, io_idle
+            io_wait += state == "blocked" and call == FUTEX
+        out["io_fsync"], out["io_wait"] = io_sync, io_wait
         for name in QUEUE_STATES:
             try:
                 out[name] = len(os.listdir(os.path.join(self.gw.queue, name)))
@@ -213,7 +217,7 @@ class Sampler(threading.Thread):
 
 
 COLUMNS = ("cpu_machine", "cpu_loop", "cpu_loop_rq", "cpu_io", "cpu_workers", "cpu_w0", "cpu_w0_rq", "cpu_w1",
-           "cpu_w1_rq", "cpu_clamd", "w0_run", "w0_nojob", "w0_clamd", "w1_run", "w1_nojob", "w1_clamd", "loop_wait", "loop_gil", "loop_call", "io_fsync", "io_idle",
+           "cpu_w1_rq", "cpu_clamd", "w0_run", "w0_nojob", "w0_clamd", "w1_run", "w1_nojob", "w1_clamd", "loop_wait", "loop_gil", "loop_call", "io_fsync", "io_wait",
            "WFC", "CHK", "QUE", "SND", "in", "out")
 
 
@@ -229,6 +233,11 @@ def phase_line(name: str, samples: list[Sample], t0: float) -> str:
     received = samples[-1].values["received"] - samples[0].values["received"]
     delivered = samples[-1].values["delivered"] - samples[0].values["delivered"]
     workers = int(max(s.values["nworkers"] for s in samples))
+    rate = received / max(span, 1e-6)
+
+    def ms(key: str) -> float:
+        return 1000 * mean(key) / rate if rate else 0.0
+
     busy = " ".join(f"w{i} cpu {100 * mean(f'cpu_w{i}'):3.0f}% + runnable {100 * mean(f'cpu_w{i}_rq'):3.0f}%; "
                     f"samples: run {100 * mean(f'w{i}_run'):3.0f}% / no job "
                     f"{100 * mean(f'w{i}_nojob'):3.0f}% / clamd {100 * mean(f'w{i}_clamd'):3.0f}%;"
@@ -237,11 +246,15 @@ def phase_line(name: str, samples: list[Sample], t0: float) -> str:
             f"out {delivered / max(span, 1e-6):4.0f}/s; CPU machine {100 * mean('cpu_machine'):3.0f}%, "
             f"loop {100 * mean('cpu_loop'):3.0f}% + runnable {100 * mean('cpu_loop_rq'):3.0f}% (samples: selector "
             f"{100 * mean('loop_wait'):3.0f}%, GIL {100 * mean('loop_gil'):3.0f}%, other call {100 * mean('loop_call'):3.0f}%), "
-            f"io {100 * mean('cpu_io'):3.0f}% (fsyncing {mean('io_fsync'):.2f}, idle {mean('io_idle'):.2f} threads), "
+            f"io {100 * mean('cpu_io'):3.0f}% (threads in fsync {mean('io_fsync'):.2f}, in a lock wait {mean('io_wait'):.2f}), "
             f"clamd {100 * mean('cpu_clamd'):3.0f}%, rest {100 * (mean('cpu_machine') - mean('cpu_loop') - mean('cpu_io') - mean('cpu_workers') - mean('cpu_clamd')):3.0f}%\n"
             f"         {busy}\n"
             f"         queue WFC {mean('WFC'):5.1f} CHK {mean('CHK'):5.1f} QUE {mean('QUE'):5.1f} SND {mean('SND'):5.1f}; "
-            f"sessions in {mean('in'):4.1f} out {mean('out'):4.1f}")
+            f"sessions in {mean('in'):4.1f} out {mean('out'):4.1f}\n"
+            # Little's law: the mean time a message spends in a place is its mean count there over the rate
+            f"         a message's time (Little): in WFC {ms('WFC'):4.0f} ms, CHK {ms('CHK'):4.0f} ms, "
+            f"QUE {ms('QUE'):4.0f} ms, SND {ms('SND'):4.0f} ms; "
+            f"a session's cycle {1000 * mean('in') / rate if rate else 0:4.0f} ms")
 
 
 def measure(tree: str, check: bool, tmp: str, sink_port: int, clamd, args) -> list[str]:
