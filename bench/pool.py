@@ -10,7 +10,8 @@ what the gateway's loop spends a message besides (receiving, handing off, applyi
 sending: about 1.4 ms with Check=true, bench/PROFILE.md After 6). Each round runs the pool with
 a worker taking one job at a time (``PREFETCH`` 1) and with the next job waiting in its stdin
 (``PREFETCH`` 2), in turn, and prints msgs/s and the share of the time each worker spent
-computing (its CPU seconds over the run's). With PREFETCH 1 the next job still goes out before
+computing and runnable without a CPU (/proc/PID/schedstat over the run's time); the rest it was
+blocked, waiting for a job or for clamd. With PREFETCH 1 the next job still goes out before
 the loop handles the result (the pool before PREFETCH handled the result first). The machine
 being shared, the two are compared run by run, with the load.
 
@@ -29,7 +30,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from cpu import proc_times  # noqa: E402  (bench/cpu.py)
+from timeline import schedstat  # noqa: E402  (bench/timeline.py)
 from smtpgw.config import load_config, save_snapshot  # noqa: E402
 from smtpgw.net.loop import EventLoop  # noqa: E402
 from smtpgw.scan import workers  # noqa: E402
@@ -77,7 +78,7 @@ def run(config_path: str, envs: list[Envelope], prefetch: int, args: argparse.Na
         pool.submit(*pending.pop())
     assert loop.run_until(lambda: len(done) >= warm, 120), "warm-up"
     pids = [w.proc.pid for w in pool.workers]
-    before = [sum(proc_times(pid)) for pid in pids]
+    before = [schedstat(pid) for pid in pids]
     t0 = time.monotonic()
     for _ in range(args.inflight - sum(len(w.jobs) for w in pool.workers) - len(pool.backlog)):
         pool.submit(*pending.pop())
@@ -85,10 +86,13 @@ def run(config_path: str, envs: list[Envelope], prefetch: int, args: argparse.Na
         assert loop.run_until(lambda: len(done) == len(envs), 600), "all scanned"
     finally:
         elapsed = time.monotonic() - t0
-        after = [sum(proc_times(pid)) for pid in pids]
+        after = [schedstat(pid) for pid in pids]
         pool.stop()
         loop.close()
-    busy = " ".join(f"{100 * (a - b) / elapsed:3.0f}%" for a, b in zip(after, before))
+    # what is neither computing nor runnable is blocked: waiting for a job, or for clamd
+    busy = ", ".join(f"{100 * (a[0] - b[0]) / elapsed:3.0f}% + runnable {100 * (a[1] - b[1]) / elapsed:3.0f}% "
+                     f"(blocked {100 - 100 * (a[0] - b[0] + a[1] - b[1]) / elapsed:3.0f}%)"
+                     for a, b in zip(after, before))
     return f"PREFETCH {prefetch}: {(len(envs) - warm) / elapsed:5.0f} msgs/s, workers computing {busy}"
 
 
