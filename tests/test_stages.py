@@ -443,36 +443,6 @@ def test_copies_and_notifications_are_written_off_the_loop(
     assert env.id not in scanner.inflight
 
 
-def test_a_result_being_written_holds_no_scan_slot(
-        scans: tuple[Scans, Scanner, FakePool], monkeypatch: pytest.MonkeyPatch) -> None:
-    """AntiviralSessions bounds the scans: while an I/O thread makes a scanned message's new bytes
-    durable, the next message waiting goes to the workers."""
-    host, scanner, pool = scans
-    writing, go_on = threading.Event(), threading.Event()
-    replace_and_move = host.queue.replace_and_move
-
-    def slow_disk(*args: Any, **kwargs: Any) -> None:
-        writing.set()
-        assert go_on.wait(30)
-        replace_and_move(*args, **kwargs)
-    monkeypatch.setattr(host.queue, "replace_and_move", slow_disk)
-    messages = [host.queued(WFC) for _ in range(scanner.limit + 1)]
-    for env in messages:
-        scanner.accept(env)
-    assert len(pool.jobs) == scanner.limit and list(scanner.waiting) == [messages[-1].id]
-    first = messages[0].id
-    rewritten = Path(host.queue.root, "tmp", f"{first}.scan1")
-    rewritten.write_bytes(b"X-Tag: yes\r\n" + MESSAGE)
-    pool.on_result(first, {"copies": [vars(CopyResult(group="policy", recipients=["user@example.test"],
-                                                      notes={"status": "clean"}, rewritten=str(rewritten)))]})
-    assert writing.wait(30) and first in scanner.applying
-    assert [qid for qid, _ in pool.jobs][-1] == messages[-1].id and not scanner.waiting  # its slot went on
-    assert scanner.scans == scanner.limit
-    go_on.set()
-    host.wait(lambda: [e.id for e in host.scanned] == [first], "the rewritten message queued")
-    assert host.queue.find(first) == QUE and Path(host.queue.msg_path(first)).read_bytes().startswith(b"X-Tag")
-
-
 def test_held_mail_goes_in_turn_a_sessions_first_message_ahead(scans: tuple[Scans, Scanner, FakePool]) -> None:
     """InFlowDelay: while messages wait for a scan slot, MAILs are held; when a slot frees, a
     session's first message goes before the next messages of sessions that already sent some."""

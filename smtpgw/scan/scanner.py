@@ -217,17 +217,10 @@ class Scanner:
             return
         self.loop.call_soon(entry[0])
 
-    @property
-    def scans(self) -> int:
-        """Messages at the workers (their jobs running or waiting for one): what
-        ``AntiviralSessions`` bounds. A message whose DKIM keys are being looked up holds no
-        scan slot (slow DNS, a flood of mail signed by domains whose nameservers never answer,
-        must not starve the scans), nor one whose result an I/O thread writes: the scans go on
-        while its fsyncs run (those are bounded by ``AntiviralSessions`` too)."""
-        return len(self.inflight) - len(self.lookups) - len(self.applying)
-
     def pump(self) -> None:
-        while self.enabled and self.waiting and self.scans < self.limit and len(self.applying) < self.limit \
+        # a message whose DKIM keys are being looked up holds no worker: slow DNS (a flood of mail
+        # signed by domains whose nameservers never answer) must not starve the scans
+        while self.enabled and self.waiting and len(self.inflight) - len(self.lookups) < self.limit \
                 and len(self.lookups) < MAX_KEY_LOOKUPS:
             qid = self.waiting.popleft()
             if self.holding:
@@ -259,7 +252,7 @@ class Scanner:
                 self._retry_later(qid, RETRY_AFTER_CRASH)
         while self.holding and not self.waiting:  # nothing waits for a scan: no reason to hold
             self._flow_release()
-        self.host.stats.set("antiviral_checking_sessions_current", self.scans)
+        self.host.stats.set("antiviral_checking_sessions_current", len(self.inflight) - len(self.lookups))
 
     def _start_job(self, qid: str, env: Envelope) -> None:
         """Hand the message to a worker; a message that will be spam-checked first has the DKIM keys
