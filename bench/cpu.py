@@ -74,6 +74,14 @@ class TreeGateway(GatewayProcess):
         return self
 
 
+def add_settings(extra: dict[str, list[tuple[str, str]]], settings: list[str] | None) -> None:
+    """``--set SECTION.Key=value`` (e.g. limits.MaximalOutgoingSessionsPerHost=20) added to a configuration."""
+    for setting in settings or []:
+        name, _, value = setting.partition("=")
+        section, _, key = name.rpartition(".")
+        extra.setdefault(f"smtpgw.{section}", []).append((key, value))
+
+
 def proc_times(pid: int, path: str = "") -> tuple[float, float]:
     """(user, system) CPU seconds of a process (all its threads)."""
     try:
@@ -161,10 +169,7 @@ def measure(tree: str, check: bool, tmp: str, sink_port: int, clamd, args, profi
               "smtpgw.antispam": [("Check", "true" if check else "false")]}
     if check:
         policy["smtpgw.ave"] = [("ClamdAddress", clamd.unix_address)]
-    for setting in args.set or []:  # SECTION.Key=value, e.g. limits.MaximalOutgoingSessionsPerHost=20
-        name, _, value = setting.partition("=")
-        section, _, key = name.rpartition(".")
-        policy.setdefault(f"smtpgw.{section}", []).append((key, value))
+    add_settings(policy, args.set)
     gw = TreeGateway(tree, profile_to, folder, sink_port, extra=policy)
     gw.start()
     try:

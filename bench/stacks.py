@@ -435,6 +435,11 @@ class Stack:
 
 def smtpgw_stack(folder: str, sink_port: int, clamd_address: str | None, check: bool,
                  processes: int = 0) -> GatewayProcess:
+    return GatewayProcess(folder, sink_port, extra=smtpgw_settings(clamd_address, check, processes))
+
+
+def smtpgw_settings(clamd_address: str | None, check: bool, processes: int = 0) -> dict[str, list[tuple[str, str]]]:
+    """The benchmark's settings of smtpgw (beside tests/support's base configuration)."""
     policy = [("Check", "true" if check else "false"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none")]
     # the per-client limits opened for the one load-generating client, and the deliveries to the
     # one next hop as concurrent as the Postfix stacks' (default_destination_concurrency_limit 20)
@@ -448,7 +453,7 @@ def smtpgw_stack(folder: str, sink_port: int, clamd_address: str | None, check: 
     }
     if clamd_address:
         extra["smtpgw.ave"] = [("ClamdAddress", clamd_address)]
-    return GatewayProcess(folder, sink_port, extra=extra)
+    return extra
 
 
 def eicar_outcome(port: int) -> str:

@@ -56,3 +56,30 @@ def test_a_worker_that_cannot_start_blames_no_job(tmp_path):
     env = queued(queue, b"body")
     results = run_pool(str(tmp_path / "no-such-snapshot"), [env])
     assert results[env.id] == {"error": "no scanner worker could be started", "started": False}
+
+
+def test_a_worker_is_sent_its_next_job_while_it_runs_one(tmp_path, stalling_clamd):
+    """PREFETCH: the next job waits in the worker's stdin, so it starts without a round trip
+    through the loop; not started, it is not blamed when the worker is replaced."""
+    gw = GatewayProcess(str(tmp_path / "gw"), None, extra={
+        "smtpgw.ave": [("ClamdAddress", stalling_clamd.address)], "smtpgw.policy": [("Check", "true")]})
+    cfg = load_config(gw.config)
+    queue = Queue(cfg.path.QueuePath)
+    save_snapshot(worker_config_path(queue.root), cfg)
+    hung, second, third = queued(queue, STALL_MARKER), queued(queue, b"next"), queued(queue, b"after")
+    results: dict[str, dict[str, Any]] = {}
+    loop = EventLoop()
+    pool = WorkerPool(loop, worker_config_path(queue.root), 1, results.__setitem__, job_timeout=600)
+    try:
+        for env in (hung, second, third):
+            pool.submit(env.id, {"env": env.as_dict()})
+        assert loop.run_until(lambda: bool(stalling_clamd.held_pids), 30)
+        [worker] = pool.workers
+        assert list(worker.jobs) == [hung.id, second.id] and [q for q, _ in pool.backlog] == [third.id]
+        assert pool.cancel(third.id) and not pool.cancel(second.id)  # one in a worker's line stays
+        worker.proc.kill()  # the hung scan's worker dies: the job it had not started goes to the next
+        assert loop.run_until(lambda: len(results) == 2, 60), results
+    finally:
+        pool.stop()
+    assert results[hung.id] == {"error": "scanner worker died: worker exited", "started": True}
+    assert results[second.id]["copies"][0]["notes"]["status"] == "clean"

@@ -1,18 +1,21 @@
 """Scanner worker processes and the line protocol the event loop speaks with them.
 
 Owns: starting ``python3 -m smtpgw.scan.job --snapshot FILE`` worker processes (about one
-per core); the backlog of jobs no worker has taken yet; handing a ready, idle worker
-one job at a time as one JSON line on its stdin and reading its one JSON line of
-result from its stdout, non-blocking on the event loop; the job deadline, which
-starts when a worker takes the job; replacing a worker that dies or overruns the
-deadline (only the job it was running is reported as failed, with ``started``;
-the backlog goes to the next worker untouched); retiring workers on reload (they
-finish their job, then exit).
+per core); the backlog of jobs no worker has taken yet; handing a ready worker its
+jobs as JSON lines on its stdin — the one it runs and the next one (``PREFETCH``), so
+that it starts that one as soon as it has written a result instead of idling while
+the loop reads the result and sends another — and reading its one JSON line of result
+per job from its stdout, non-blocking on the event loop; the job deadline, which
+starts when the worker starts the job (it runs them in the order sent); replacing a
+worker that dies or overruns the deadline (only the job it was running is reported
+as failed, with ``started``; the job it had not started yet goes back to the front of
+the backlog, the backlog to the next worker untouched); retiring workers on reload
+(they finish their jobs, then exit).
 
 Protocol: a worker writes ``{"ready": true}`` once it has loaded its configuration
 and databases, then one ``{"qid": ..., ...}`` result line per job line it read.
 
-Must never: block the loop on a worker, blame a job a worker had not taken when it
+Must never: block the loop on a worker, blame a job a worker had not started when it
 died, or lose track of a job: every job submitted and not cancelled gets exactly
 one ``on_result`` call (a result or an error).
 """
@@ -36,6 +39,10 @@ log = logging.getLogger("smtpgw.scan.workers")
 MAX_LINE = 64 * 1024 * 1024  # a result line larger than this is a broken worker
 PACKAGE_ROOT = os.path.dirname(PACKAGE_DIR)
 START_PAUSE = 5.0  # seconds without a new worker after one could not start
+# jobs a worker holds: the one it runs and the next, waiting in its stdin (a worker that has
+# written a result reads its next job at once, while the loop is still busy with the result);
+# each worker gets its first job before any gets a second
+PREFETCH = 2
 
 ResultCallback = Callable[[str, dict[str, Any]], None]
 WORKER_CONFIG = ".worker-config"  # in QueuePath: the configuration the gateway accepted, for its workers
@@ -47,7 +54,8 @@ def worker_config_path(queue_root: str) -> str:
 
 
 class Worker:
-    """One worker process: it runs at most one job at a time (``job``)."""
+    """One worker process: it runs its ``jobs`` one at a time, in order; the first is the one
+    it runs (``job``), the others wait in its stdin."""
 
     def __init__(self, pool: "WorkerPool") -> None:
         self.pool = pool
@@ -61,7 +69,8 @@ class Worker:
         self.stdout = self.proc.stdout.fileno()
         os.set_blocking(self.stdin, False)
         os.set_blocking(self.stdout, False)
-        self.job: str | None = None  # the job this worker has taken
+        self.jobs: deque[str] = deque()  # sent to this worker, the one it runs first
+        self.payloads: dict[str, dict[str, Any]] = {}  # of its jobs: one it had not started goes to another
         self.deadline: Timer | None = None
         self.out = bytearray()
         self.inbuf = bytearray()
@@ -71,14 +80,22 @@ class Worker:
         pool.loop.add_reader(self.stdout, self._readable)
 
     @property
-    def idle(self) -> bool:
-        return self.ready and self.job is None and not self.retiring and not self.dead
+    def job(self) -> str | None:
+        """The job this worker runs (None: it has none)."""
+        return self.jobs[0] if self.jobs else None
+
+    def room(self) -> int:
+        """Jobs this worker may be sent now."""
+        if not self.ready or self.retiring or self.dead:
+            return 0
+        return PREFETCH - len(self.jobs)
 
     def send(self, qid: str, payload: dict[str, Any]) -> None:
-        """Give this idle worker a job: its deadline starts now, when the worker takes it."""
-        self.job = qid
-        # a job that takes far longer than any scan may means a stuck worker: it is replaced
-        self.deadline = self.pool.loop.call_later(self.pool.job_timeout, self._overdue, qid)
+        """Give this worker a job: it runs it after those it has (its deadline starts then)."""
+        self.jobs.append(qid)
+        self.payloads[qid] = payload
+        if len(self.jobs) == 1:
+            self._started()
         self.out += json.dumps({"qid": qid, **payload}, separators=(",", ":")).encode() + b"\n"
         self._flush()
 
@@ -130,17 +147,26 @@ class Worker:
                 return
             if qid == self.job:
                 self._job_done()
+                self.pool.dispatch()  # its next job is sent before the loop applies this result
                 self.pool.deliver(qid, data)
             if self.retiring and self.job is None:
                 self.close()
                 return
             self.pool.dispatch()
 
+    def _started(self) -> None:
+        """The worker starts its first job now: its deadline runs from here."""
+        # a job that takes far longer than any scan may means a stuck worker: it is replaced
+        self.deadline = self.pool.loop.call_later(self.pool.job_timeout, self._overdue, self.jobs[0])
+
     def _job_done(self) -> None:
-        self.job = None
+        if self.jobs:
+            self.payloads.pop(self.jobs.popleft(), None)
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
+        if self.jobs:
+            self._started()
 
     def _overdue(self, qid: str) -> None:
         self.deadline = None
@@ -156,9 +182,14 @@ class Worker:
         job = self.job
         log.error("scanner worker %d: %s (exit status %s)%s", self.proc.pid, why, self.proc.poll(),
                   f" while scanning {job}" if job else "")
+        unstarted = [(qid, self.payloads[qid]) for qid in list(self.jobs)[1:]]
+        self.jobs.clear()
+        self.payloads.clear()
         self._job_done()
         started = self.ready
         self.close()
+        # the jobs it had not started are no one's fault: first in line for the next worker
+        self.pool.backlog.extendleft(reversed(unstarted))
         if job is not None:
             # only the job it was running is suspect; the backlog goes to the next worker
             self.pool.deliver(job, {"error": f"scanner worker died: {why}", "started": True})
@@ -204,7 +235,8 @@ class WorkerPool:
 
     def cancel(self, qid: str) -> bool:
         """Withdraw a job no worker has taken: True when it was still waiting (it gets no
-        ``on_result``); False when a worker runs it (its result is still delivered)."""
+        ``on_result``); False when a worker has it, running or next in its line (its result is
+        still delivered)."""
         for item in self.backlog:
             if item[0] == qid:
                 self.backlog.remove(item)
@@ -212,16 +244,14 @@ class WorkerPool:
         return False
 
     def running(self) -> list[str]:
-        return [w.job for w in self.workers if w.job is not None]
+        """The jobs the workers have (running, or next in their line)."""
+        return [qid for w in self.workers for qid in w.jobs]
 
     def dispatch(self) -> None:
-        """Hand waiting jobs to idle workers, starting workers up to ``size`` as needed."""
-        while self.backlog:
-            worker = next((w for w in self.workers if w.idle), None)
-            if worker is None:
-                break
-            qid, payload = self.backlog.popleft()
-            worker.send(qid, payload)
+        """Hand waiting jobs to workers, starting workers up to ``size`` as needed: first a job to
+        each worker that has none, then (beyond the jobs left for the workers being started)
+        each worker its next one, ``PREFETCH`` at most."""
+        self._hand_out(lambda w: not w.jobs)
         live = [w for w in self.workers if not w.dead and not w.retiring]
         starting = sum(1 for w in live if not w.ready)
         try:
@@ -234,8 +264,20 @@ class WorkerPool:
         except OSError as exc:
             log.error("cannot start a scanner worker: %s", exc)
             self.start_failed_at = time.monotonic()
+        self._hand_out(lambda w: True, keep=starting)
         if self.backlog and not live:
             self._fail_backlog("no scanner worker could be started")
+
+    def _hand_out(self, eligible: Callable[[Worker], bool], keep: int = 0) -> None:
+        """Send backlog jobs (all but ``keep``) to the ``eligible`` workers with room, the one with
+        the fewest jobs first."""
+        while len(self.backlog) > keep:
+            worker = min((w for w in self.workers if w.room() > 0 and eligible(w)),
+                         key=lambda w: len(w.jobs), default=None)
+            if worker is None:
+                return
+            qid, payload = self.backlog.popleft()
+            worker.send(qid, payload)
 
     def start_failed(self) -> None:
         """A worker exited before it was ready: no new one for a while; when none is left,
@@ -277,6 +319,8 @@ class WorkerPool:
         pending = [qid for qid, _ in self.backlog] + self.running()
         self.backlog.clear()
         for worker in list(self.workers):
+            worker.jobs.clear()
+            worker.payloads.clear()
             worker._job_done()
             worker.close()
         for proc in self.exiting:
