@@ -91,6 +91,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--compare", help="JSON lines of the other tree: exit 1 when any message differs")
     parser.add_argument("--packs", action="store_true", help=f"the packs under {PACKS} too")
     parser.add_argument("--limit", type=int, default=0, help="only the first N messages")
+    parser.add_argument("--every", type=int, default=1, help="one message in N (a sample of every folder)")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.abspath(args.tree))
     from smtpgw.spam.spamfilter import SpamFilter
@@ -98,7 +99,7 @@ def main(argv: list[str]) -> int:
     roots = [root for root in CORPORA if os.path.isdir(root)]
     if args.packs:
         roots += [os.path.join(PACKS, name) for name in sorted(os.listdir(PACKS))]
-    files = message_files(roots)[:args.limit or None]
+    files = message_files(roots)[::args.every][:args.limit or None]
     # The tree's own shipped database: both trees must ship the same one for a comparison.
     filters = {level: SpamFilter(SimpleNamespace(SpamDetection=level), None) for level in LEVELS}
     with open(args.out, "w") as out:
