@@ -101,6 +101,18 @@ def test_lookups_match_the_dicts(tmp_path) -> None:  # type: ignore[no-untyped-d
         mapped.bayes.learn(["viagra"], True)
 
 
+def test_a_token_of_more_than_255_bytes_is_found_as_in_the_dicts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Key lengths then take two bytes: the lookup reads them from the whole entry."""
+    path = str(tmp_path / "spam.db")
+    long_token = "\U0001f600" * 64  # 256 bytes of UTF-8
+    write_edited(path, small_database(path), "lunch\t9\t0", f"{long_token}\t9\t0")
+    mapped = dbindex.open_database(path)
+    assert mapped.bayes.index.layout.format.endswith("H")
+    tokens = {long_token, "viagra", "meeting", "\U0001f600" * 63, "unknown"}
+    assert mapped.bayes.score(tokens) == SpamDatabase.load(path).bayes.score(tokens)
+    assert dict(mapped.bayes.counts) == SpamDatabase.load(path).bayes.counts
+
+
 def test_weights_that_are_not_four_decimals_are_kept_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "spam.db")
     write_edited(path, small_database(path), "meeting\t30\t1\t-0.25", "meeting\t30\t1\t-0.123456789")

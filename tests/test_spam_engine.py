@@ -240,3 +240,43 @@ def test_formal_signs_of_the_reference() -> None:
                  "random_from", "random_to"):
         assert not run_check(name, normal), name
     assert run_check("random_from", mailview.build(b"From: xkqzjwbt@example.com\n\nhi"))
+
+
+ONE_PART_CASES = [
+    b"From: a@example.com\nSubject: hi\n\nLa de da de da 1.\nLa de da\n",
+    b"From: a@example.com\r\nSubject: hi\r\n\r\nbody\r\nmore\r\n",
+    b"From: a@example.com\r\nSubject: hi\n\r\nmixed\rbare CR in the body\n",
+    b"From: a@example.com\rSubject: bare CR ends a line too\r\rbody\n",
+    b"\nFrom: the first line is empty\n\nbody\n",
+    b"From: a@example.com\nnot a header line\nSubject: x\n\nbody\n",
+    b" continued first\nFrom: a@example.com\n\nbody\n",
+    b"From a@example.com Mon Dec  7 18:00:00 2026\nFrom: a@example.com\n\nbody\n",
+    b"From: a@example.com\nSubject: no body at all\n",
+    b"From: a@example.com\nSubject: folded\n  over two lines\n\n\n\nblank lines first\n",
+    b"From: a@example.com\nContent-Type: text/html; charset=\"utf-8\"\n\n<p>caf\xc3\xa9</p>\n",
+    b"Subject: 8-bit \xe9t\xe9\n:no name\nContent-Transfer-Encoding: base64\n\nTGEgZGUgZGE=\n",
+    b"Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/plain\n\none\n--b--\n",
+    b"Content-Type: message/rfc822\n\nSubject: inner\n\ninner body\n",
+    b"Content-Type: message/delivery-status\n\nReporting-MTA: dns; x\n\nFinal-Recipient: rfc822; y\n",
+    b"Content-Type: MULTIPART/alternative; boundary=\"q\"\n\n--q\n\nx\n--q--\n",
+    b"",
+]
+
+
+def _shape(msg: object) -> object:
+    """Everything of a parsed message the view reads, parts included."""
+    if msg is None:
+        return None
+    payload = msg.get_payload()  # type: ignore[attr-defined]
+    return (msg.get_unixfrom(), list(msg.raw_items()), [type(d).__name__ for d in msg.defects],  # type: ignore[attr-defined]
+            [_shape(p) for p in payload] if isinstance(payload, list) else payload)
+
+
+@pytest.mark.parametrize("raw", ONE_PART_CASES)
+def test_a_one_part_message_is_parsed_as_the_whole_parser_parses_it(raw: bytes) -> None:
+    whole = mailview.BytesParser(mailview._BoundedMessage, policy=mailview._POLICY).parsebytes(raw)
+    assert _shape(mailview._parse(raw)) == _shape(whole)
+    fast = mailview._parse_one_part(raw)
+    assert fast is None or _shape(fast) == _shape(whole)
+    if raw.startswith(b"From: a@example.com\nSubject: hi\n\n"):
+        assert fast is not None  # the bench message's shape takes the short way

@@ -33,6 +33,8 @@ MIN_DEVIATION = 0.35  # tokens with |f(w) - 0.5| below this are not clues
 STRONG_DEVIATION = 0.45  # clues with f(w) <= 0.05 or >= 0.95 vote (``votes``)
 MAX_CLUES = 1000  # most telling tokens used per message (a bound on work, rarely reached)
 _PROB_FLOOR = 1e-6  # keeps log(0) away for a token seen only in one class
+MAX_LOG_TERMS = 1 << 16  # clue probabilities whose logarithms are kept (``_log_terms``)
+_LOG_TERMS: dict[float, tuple[float, float]] = {}
 
 
 def chi2q(x2: float, degrees: int) -> float:
@@ -63,6 +65,16 @@ def clue_probability(ham: int, spam: int, nham: int, nspam: int) -> float:
     return p if abs(p - 0.5) >= MIN_DEVIATION else 0.0
 
 
+def _log_terms(p: float) -> tuple[float, float]:
+    """(log(1 - p), log(p)) of a clue probability held within ``_PROB_FLOOR`` of 0 and 1; kept
+    for the next message (the database's few thousand distinct probabilities recur)."""
+    held = min(max(p, _PROB_FLOOR), 1.0 - _PROB_FLOOR)
+    terms = (math.log(1.0 - held), math.log(held))
+    if len(_LOG_TERMS) < MAX_LOG_TERMS:
+        _LOG_TERMS[p] = terms
+    return terms
+
+
 def combine(probabilities: Iterable[float]) -> float:
     """Fisher's chi-square combination of clue probabilities: SpamBayes' indicator.
 
@@ -76,10 +88,13 @@ def combine(probabilities: Iterable[float]) -> float:
     """
     log_spam = log_ham = 0.0
     n = 0
+    known = _LOG_TERMS
     for p in probabilities:
-        p = min(max(p, _PROB_FLOOR), 1.0 - _PROB_FLOOR)
-        log_spam += math.log(1.0 - p)
-        log_ham += math.log(p)
+        terms = known.get(p)
+        if terms is None:
+            terms = _log_terms(p)
+        log_spam += terms[0]
+        log_ham += terms[1]
         n += 1
     if not n:
         return 0.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from email.utils import getaddresses, parseaddr
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 from smtpgw.spam.mailview import MailView
@@ -38,8 +39,12 @@ _SEGMENTS = re.compile(r"[-._+=]+")
 _REPEATS = re.compile(r"(.)\1+")
 _SUBJECT_TAIL = re.compile(r"\S\s{3,}[A-Za-z0-9]{3,16}\s*$")
 _IP_HOST = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$|^0x[0-9a-f]+$|^\d{8,10}$", re.I)
+# The helpers below that read one string are pure functions: their answers are kept for the strings
+# met last (one message asks for the same URL, host or address from its tokens and several signs).
+MEMO_STRINGS = 1024
 
 
+@lru_cache(maxsize=MEMO_STRINGS)
 def registered_domain(host: str) -> str:
     """The last two labels of ``host`` (three under a two-letter country second level)."""
     labels = [label for label in host.split(".") if label]
@@ -48,6 +53,7 @@ def registered_domain(host: str) -> str:
     return ".".join(labels[-2:])
 
 
+@lru_cache(maxsize=MEMO_STRINGS)
 def looks_random(word: str) -> bool:
     """True for strings that look machine-made: ``xkqzjw``, ``a8f3k29d``, ``ttt73522``.
 
@@ -71,6 +77,7 @@ def looks_random(word: str) -> bool:
     return False
 
 
+@lru_cache(maxsize=MEMO_STRINGS)
 def address_of(value: str | None) -> str:
     """The bare lower-case address in a From-like header value, or ""."""
     if not value:
@@ -113,6 +120,7 @@ def _local(address: str) -> str:
     return address.rsplit("@", 1)[0] if "@" in address else address
 
 
+@lru_cache(maxsize=MEMO_STRINGS)
 def url_host(url: str) -> str:
     """The lower-case host of ``url`` ("www.x" links count as http)."""
     if url[:4].lower() == "www.":

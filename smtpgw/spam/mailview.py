@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from email import policy as email_policy
 from email.header import decode_header
 from email.message import Message
-from email.parser import BytesParser
+from email.errors import MissingHeaderBodySeparatorDefect
+from email.parser import BytesParser, Parser
 
 from smtpgw.mail import dkim
 from smtpgw.spam.htmltext import HtmlText, html_to_text
@@ -208,10 +209,43 @@ class _BoundedMessage(Message):
 
 def _parse(raw: bytes) -> Message | None:
     try:
-        return BytesParser(_BoundedMessage, policy=_POLICY).parsebytes(raw)
+        msg = _parse_one_part(raw)
+        return msg if msg is not None else BytesParser(_BoundedMessage, policy=_POLICY).parsebytes(raw)
     except Exception:  # compat32 records defects; anything else falls back below
         log.debug("message parser failed", exc_info=True)
         return None
+
+
+def _parse_one_part(raw: bytes) -> Message | None:
+    """The message ``BytesParser`` gives for a one-part message, without handing its body to the
+    parser line by line: the header block (to the first empty line) is parsed alone and the rest
+    set as the payload, which is what the parser does with the body of a type that is neither
+    multipart nor message. None (parse it whole) when the header block may not end where the
+    parser would end it (a bare CR, RFC 5322 §2.2: the parser's lines end at CR too; a line that
+    is no header field) or the type has parts."""
+    text = raw.decode("ascii", "surrogateescape")  # as BytesParser.parsebytes reads it
+    end = _header_end(text)
+    if end < 0:
+        return None
+    head = text[:end]
+    if "\r" in head and head.count("\r") != head.count("\r\n"):
+        return None
+    try:
+        msg = Parser(_BoundedMessage, policy=_POLICY).parsestr(head)
+        if (msg.get_content_maintype() in ("multipart", "message") or msg.get_payload() != ""
+                or any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in msg.defects)):
+            return None
+    except Exception:  # the whole parse decides
+        return None
+    msg.set_payload(text[end:])
+    return msg
+
+
+def _header_end(text: str) -> int:
+    """Where the first empty line after a line's end ("\\n\\n" or "\\n\\r\\n") ends, or -1 (two finds:
+    a regex with an optional CR first would try every character of the header)."""
+    ends = [found + size for found, size in ((text.find("\n\n"), 2), (text.find("\n\r\n"), 3)) if found >= 0]
+    return min(ends) if ends else -1
 
 
 def _payload(part: Message) -> bytes:

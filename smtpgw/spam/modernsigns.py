@@ -52,6 +52,7 @@ from collections.abc import Callable
 from smtpgw.mail import dkim
 from smtpgw.spam.formalsigns import address_of, from_address, once, registered_domain, to_addresses, url_host
 from smtpgw.spam.mailview import MailView
+from smtpgw.spam.needles import Needled
 
 MAX_LINKS = 100
 
@@ -100,16 +101,16 @@ _BRAND_WORD = re.compile(r"\b(" + "|".join(sorted(BRANDS, key=len, reverse=True)
 _ACCOUNT_ALARM = re.compile(
     r"\b(?:account|verif\w*|suspend\w*|locked|password|sign.?in|log.?in|unusual|confirm\w*|secur\w*|expir\w*"
     r"|invoice|payment|refund|deliver\w*|package|parcel|mailbox|storage|quota)\b")
-_CREDENTIAL_TEXT = re.compile(
+_CREDENTIAL_TEXT = Needled(re.compile(
     r"(?:verify|confirm|validate|restore|unlock|reactivate) (?:your )?(?:e-?mail account|mailbox|account|identity"
     r"|password|login|billing information|payment information)"
     r"|your (?:account|mailbox|password|apple id|payment method) (?:has been|was|is|will be) "
     r"(?:suspended|locked|limited|disabled|closed|deactivated|compromised|expired?|on hold|restricted)"
     r"|unusual (?:sign.?in|login) activity|password (?:will )?expires?|mailbox (?:is )?(?:full|almost full)"
-    r"|(?:re-?enter|enter) your (?:password|credentials)")
-_UNSUBSCRIBE_TEXT = re.compile(
+    r"|(?:re-?enter|enter) your (?:password|credentials)"))
+_UNSUBSCRIBE_TEXT = Needled(re.compile(
     r"\bunsubscribe\b|(?:manage|update) (?:your )?(?:e-?mail |subscription |communication |notification )?"
-    r"(?:preferences|settings|subscriptions?)|opt.?out of|no longer (?:wish|want) to receive")
+    r"(?:preferences|settings|subscriptions?)|opt.?out of|no longer (?:wish|want) to receive"))
 _ONE_CLICK = re.compile(r"list-unsubscribe\s*=\s*one-click", re.I)
 # Words of a host or display name that name a mail stream or a department, not an organisation.
 _STREAM_WORDS = frozenset({
@@ -384,11 +385,11 @@ def symbol_display_name(view: MailView) -> bool:
 # ("M\U000e0139i\U000e0139crosoft") past word filters while the reader sees it whole.
 _INVISIBLE = re.compile("[\u00ad\u034f\u180e\u200b-\u200f\u2060-\u2064\ufeff\ufe00-\ufe0f"
                         "\U000e0000-\U000e007f\U000e0100-\U000e01ef]+")
-_CRYPTO_LURE = re.compile(
+_CRYPTO_LURE = Needled(re.compile(
     r"\b(?:airdrop|(?:seed|recovery|secret recovery|mnemonic) phrase|connect (?:your )?wallet"
     r"|wallet (?:validation|verification|synchroni[sz]ation|upgrade)"
     r"|claim (?:your )?(?:free |exclusive )?(?:\$?[a-z]{2,6} )?(?:tokens?|coins?|rewards?|allocation|airdrop)"
-    r"|(?:token|coin|xrp|usdt|eth|btc) (?:distribution|giveaway|airdrop|allocation))\b")
+    r"|(?:token|coin|xrp|usdt|eth|btc) (?:distribution|giveaway|airdrop|allocation))\b"))
 
 
 def invisible_in_words(view: MailView) -> bool:

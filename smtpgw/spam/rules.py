@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from smtpgw.spam import signs
 from smtpgw.spam.mailview import MailView
+from smtpgw.spam.needles import Needled
 
 LEVELS = ("soft", "standard", "hard")
 MAX_RULE_TEXT = 64 * 1024
@@ -155,15 +156,17 @@ class RuleSet:
 
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
+        # each pattern with the words a text must hold for it to match (``needles``)
+        self._searches = [Needled(rule.pattern) if rule.pattern is not None else None for rule in rules]
 
     def evaluate(self, view: MailView, tokens: set[str], level: str) -> list[RuleHit]:
         hits: list[RuleHit] = []
         body = " ".join(view.body[:MAX_RULE_TEXT].lower().split())
         html_names = _html_names(view)
-        for rule in self.rules:
+        for rule, search in zip(self.rules, self._searches):
             if level not in rule.levels:
                 continue
-            if _matches(rule, view, tokens, body, html_names):
+            if _matches(rule, search, view, tokens, body, html_names):
                 name = rule.name + signs.detail(rule.target, view) if rule.kind == "check" else rule.name
                 hits.append(RuleHit(name, rule.weight, rule.force, rule.method))
         return hits
@@ -175,17 +178,18 @@ def _html_names(view: MailView) -> str:
     return " ".join(sorted(view.html.signs) + [f"tag:{t}" for t in sorted(view.html.tags)][:200])
 
 
-def _matches(rule: Rule, view: MailView, tokens: set[str], body: str, html_names: str) -> bool:
+def _matches(rule: Rule, search: Needled | None, view: MailView, tokens: set[str], body: str,
+             html_names: str) -> bool:
     kind = rule.kind
     if kind == "check":
         return signs.run_check(rule.target, view)
     if kind == "words":
         return all(word in tokens for word in rule.words)
-    assert rule.pattern is not None
+    assert search is not None
     if kind == "body":
-        return rule.pattern.search(body) is not None
+        return search.search(body) is not None
     if kind == "header":
-        return any(rule.pattern.search(value[:MAX_RULE_TEXT]) for value in view.header_all(rule.target))
+        return any(search.search(value[:MAX_RULE_TEXT]) for value in view.header_all(rule.target))
     if kind == "html":
-        return rule.pattern.search(html_names) is not None
-    return any(rule.pattern.search(url) for url in view.urls[:100])
+        return search.search(html_names) is not None
+    return any(search.search(url) for url in view.urls[:100])

@@ -108,6 +108,8 @@ def _words(text: str, limit: int) -> tuple[list[str], list[str]]:
     extra: list[str] = []
     append = out.append
     for chunk in text.split(None, limit)[:limit]:
+        if len(chunk) < MIN_WORD:  # stripping only shortens it
+            continue
         word = chunk.strip(_EDGE)
         size = len(word)
         if size < MIN_WORD:
