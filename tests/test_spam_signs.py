@@ -11,6 +11,7 @@ import pytest
 
 from smtpgw.spam import SpamFilter, mailview
 from smtpgw.spam.database import DatabaseInfo, SpamDatabase
+from smtpgw.spam.htmltext import html_to_text
 from smtpgw.spam.signs import CHECKS, run_check
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.spam.tokenizer import tokens
@@ -204,6 +205,16 @@ def test_a_letters_logo_and_a_family_photo_are_no_lure() -> None:
     assert not run_check("embedded_image_lure", mailview.build(photo))
     small = related('<img src="cid:img1"><p>The kids at the beach!</p>', "beach.jpg", bytes(10 * 1024))
     assert run_check("embedded_image_lure", mailview.build(small))
+
+
+def test_the_words_before_an_embedded_picture_count_across_html_parts() -> None:
+    """Two HTML parts read as one page: the words of the first come before a picture in the second."""
+    first, picture = html_to_text("<p>one two three</p>"), html_to_text('<p>four</p><img src="CID:x">')
+    assert picture.words_before_embedded == 1
+    assert first.merged(picture).words_before_embedded == 4
+    assert picture.merged(first).words_before_embedded == 1
+    assert first.merged(first).words_before_embedded == -1
+    assert html_to_text('<img src="https://x.example/a.gif">').words_before_embedded == -1
 
 
 def test_password_field_is_a_credential_prompt() -> None:
