@@ -67,9 +67,15 @@ def _evidence_job(job: tuple[str, list[tuple[str, str, bool]]]) -> list[dict]:
         strong_ham = sum(1 for _, p in bayes.clues if p <= 0.5 - STRONG_DEVIATION)
         rows.append({"set": set_name, "spam": is_spam, "bayes": bayes.score, "clues": len(bayes.clues),
                      "strong_spam": strong_spam, "strong_ham": strong_ham, "terms": evidence.terms,
-                     "hits": sorted(hit.name for hit in evidence.hits if not hit.force),
+                     "hits": sorted(rule_name(hit.name) for hit in evidence.hits if not hit.force),
                      "forced": any(hit.force for hit in evidence.hits), "file": path})
     return rows
+
+
+def rule_name(hit_name: str) -> str:
+    """The rule's name of a hit: a sign's hit carries what it rested on after a space
+    (``CONSISTENT_SENDER (dkim=pass d=gmail.com)``, ``signs.detail``), which is no rule's name."""
+    return hit_name.split(" ", 1)[0]
 
 
 def collect(run: accuracy.Run, workers: int) -> list[dict]:

@@ -3,6 +3,7 @@ and its rule name reaches the verdict's reasons (the AS-SCANNED log line) throug
 
 from __future__ import annotations
 
+import base64
 import os
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ import pytest
 
 from smtpgw.spam import SpamFilter, mailview
 from smtpgw.spam.database import DatabaseInfo, SpamDatabase
+from smtpgw.spam.htmltext import html_to_text
 from smtpgw.spam.signs import CHECKS, run_check
 from smtpgw.spam.spamfilter import default_bases
 from smtpgw.spam.tokenizer import tokens
@@ -34,8 +36,25 @@ UNSUBSCRIBE = '<p>To stop these mails, <a href="https://shop.example.com/u">unsu
 ONE_CLICK = ("List-Unsubscribe: <https://shop.example.com/u/1>, <mailto:u@shop.example.com>\n"
              "List-Unsubscribe-Post: List-Unsubscribe=One-Click\n")
 
+def related(html: str, image: str = "offer.gif", picture: bytes = b"GIF89a") -> bytes:
+    """An HTML message with one picture carried along (multipart/related, RFC 2387) under Content-ID
+    <img1>, which the HTML shows as cid:img1 (RFC 2392)."""
+    head = ('From: "Shop News" <news@shop.example.com>\nTo: bob@example.org\nSubject: Your order\n'
+            "Date: Mon, 07 Dec 2026 07:00:00 +0000\nMessage-ID: <a2@shop.example.com>\nMIME-Version: 1.0\n")
+    encoded = base64.encodebytes(picture).decode()
+    return (f"{head}Content-Type: multipart/related; boundary=b2\n\n--b2\nContent-Type: text/html; charset=utf-8\n\n"
+            f"{html}\n--b2\nContent-Type: image/gif; name=\"{image}\"\nContent-Transfer-Encoding: base64\n"
+            f"Content-ID: <img1>\n\n{encoded}--b2--\n").encode()
+
+
+PADDING = "<p>" + "The river ran slowly past the old mill while the princess read her letter aloud. " * 4 + "</p>"
+SITE_LINKS = "".join(f'<a href="https://shop.example.com/{page}">{page}</a> ' for page in ("new", "sale", "help"))
+
 # (check, a message it must fire on, its legitimate twin)
 TWINS = {
+    "embedded_image_lure": (
+        related('<img src="cid:img1">' + PADDING),
+        related('<img src="cid:img1" alt="Shop">' + TEXT + SITE_LINKS + UNSUBSCRIBE)),
     "link_domain_mismatch": (
         message(TEXT + '<a href="https://login.evil-host.example.net/x">www.mybank.example.com</a>'),
         message(TEXT + '<a href="https://www.mybank.example.com/x">www.mybank.example.com</a>')),
@@ -161,6 +180,41 @@ def test_missing_fields_are_rules_never_bayes_tokens() -> None:
     signs = ("missing_from", "missing_date", "missing_message_id")
     assert all(run_check(name, view) for name in signs)
     assert not {"sign:" + name for name in signs} & tokens(view)
+
+
+def test_an_embedded_picture_with_a_link_or_two_is_a_lure_and_remote_pictures_are_not() -> None:
+    """Image spam opens with its picture and links its offer once or twice; a newsletter's pictures are
+    fetched from its site (no cid: at all), and a picture named in HTML but not carried is no lure."""
+    offer = '<a href="https://x.example.net/o">order now</a> <a href="https://x.example.net/u">remove</a>'
+    assert run_check("embedded_image_lure", mailview.build(related("Hi, <img src=cid:img1>" + offer + PADDING)))
+    remote = message('<img src="https://shop.example.com/logo.gif">' + PADDING)
+    assert not run_check("embedded_image_lure", mailview.build(remote))
+    not_carried = message('<img src="cid:img1">' + PADDING)
+    assert not run_check("embedded_image_lure", mailview.build(not_carried))
+    # A rule with the weight default.rules gives it, never also a learned token.
+    assert "sign:embedded_image_lure" not in tokens(mailview.build(related('<img src="cid:img1">' + PADDING)))
+
+
+def test_a_letters_logo_and_a_family_photo_are_no_lure() -> None:
+    """A letter's embedded logo sits in its signature, after the text; a photo sent to family opens the
+    message but is larger than the pictures sent in bulk."""
+    letter = ("<p>Hi Tom,</p><p>Tuesday at 10 works for me; I will bring the draft of the contract.</p>"
+              '<p>Best regards<br>Anna</p><img src="cid:img1">')
+    assert not run_check("embedded_image_lure", mailview.build(related(letter)))
+    photo = related('<img src="cid:img1"><p>The kids at the beach!</p>', "beach.jpg", bytes(100 * 1024))
+    assert not run_check("embedded_image_lure", mailview.build(photo))
+    small = related('<img src="cid:img1"><p>The kids at the beach!</p>', "beach.jpg", bytes(10 * 1024))
+    assert run_check("embedded_image_lure", mailview.build(small))
+
+
+def test_the_words_before_an_embedded_picture_count_across_html_parts() -> None:
+    """Two HTML parts read as one page: the words of the first come before a picture in the second."""
+    first, picture = html_to_text("<p>one two three</p>"), html_to_text('<p>four</p><img src="CID:x">')
+    assert picture.words_before_embedded == 1
+    assert first.merged(picture).words_before_embedded == 4
+    assert picture.merged(first).words_before_embedded == 1
+    assert first.merged(first).words_before_embedded == -1
+    assert html_to_text('<img src="https://x.example/a.gif">').words_before_embedded == -1
 
 
 def test_password_field_is_a_credential_prompt() -> None:

@@ -275,6 +275,27 @@ def high_priority(view: MailView) -> bool:
     return (view.header("x-priority") or "").strip()[:1] == "1"
 
 
+MAX_LURE_LINKS = 2  # web or mail links beside the embedded picture
+MAX_LURE_WORDS_BEFORE = 5  # visible words before it: a greeting at most
+MAX_LURE_PICTURE_BYTES = 64 * 1024  # all the message's pictures together, decoded
+
+
+def embedded_image_lure(view: MailView) -> bool:
+    """The message opens with a small picture it carries itself (``cid:``, RFC 2392) and hardly links
+    anywhere else: the offer is in the picture, and the words after it, often pasted from books or
+    news, are there for word filters. A newsletter or receipt that embeds its logo links to its site
+    many times; a letter's logo in its signature comes after the text; a photo sent to family is
+    larger; and a message that shows remote pictures embeds none."""
+    html = view.html
+    if html is None or not 0 <= html.words_before_embedded <= MAX_LURE_WORDS_BEFORE:
+        return False
+    pictures = [p.size for p in view.parts if p.content_type.startswith("image/")]
+    if not pictures or sum(pictures) > MAX_LURE_PICTURE_BYTES:
+        return False
+    others = sum(1 for link in html.links[:100] if link[:4].lower() != "cid:")
+    return others <= MAX_LURE_LINKS
+
+
 CHECKS: dict[str, Callable[[MailView], bool]] = {
     fn.__name__: fn
     for fn in (
@@ -282,6 +303,7 @@ CHECKS: dict[str, Callable[[MailView], bool]] = {
         random_to, numeric_from, subject_random_tail, subject_all_caps, asian_charset, html_only,
         hidden_html_text, white_text, comment_in_word, url_numeric_host, url_text_mismatch, from_is_to,
         to_undisclosed, many_recipients, text_base64, executable_attachment, high_priority,
+        embedded_image_lure,
     )
 }
 

@@ -19,6 +19,7 @@ from html.parser import HTMLParser
 MAX_LINKS = 200
 MAX_STACK = 256
 MAX_SIGNS = 64
+MAX_WORDS_BEFORE_PICTURE = 100
 MAX_UNTERMINATED = 16  # constructs left open at the end of the input that are read as text
 
 # Elements whose content is not shown to the reader (HTML Living Standard §15.3.1).
@@ -50,6 +51,9 @@ class HtmlText:
     hidden_chars: int = 0
     comments: int = 0
     link_texts: list[tuple[str, str]] = field(default_factory=list)  # (href, shown text)
+    # visible words before the first picture carried in the message (<img src="cid:...">, RFC 2392),
+    # counted up to MAX_WORDS_BEFORE_PICTURE; -1 when no such picture is shown
+    words_before_embedded: int = -1
 
     def merged(self, other: HtmlText) -> HtmlText:
         return HtmlText(
@@ -60,7 +64,16 @@ class HtmlText:
             hidden_chars=self.hidden_chars + other.hidden_chars,
             comments=self.comments + other.comments,
             link_texts=(self.link_texts + other.link_texts)[:MAX_LINKS],
+            words_before_embedded=self.words_before_embedded if self.words_before_embedded >= 0
+            else _words_before(self.text, other.words_before_embedded),
         )
+
+
+def _words_before(text: str, then: int) -> int:
+    """Words of ``text`` plus ``then`` more, bounded; -1 when ``then`` is -1 (no picture after it)."""
+    if then < 0:
+        return -1
+    return min(len(text.split(None, MAX_WORDS_BEFORE_PICTURE)) + then, MAX_WORDS_BEFORE_PICTURE)
 
 
 class _Renderer(HTMLParser):
@@ -93,6 +106,8 @@ class _Renderer(HTMLParser):
             self.anchor = (values["href"].strip()[:512], [])
         if tag == "img":
             self._image_signs(values)
+            if result.words_before_embedded < 0 and values.get("src", "").strip()[:4].lower() == "cid:":
+                result.words_before_embedded = _words_before("".join(self.out), 0)
         if tag == "input" and values.get("type", "").strip().lower() == "password":
             result.signs.add("password-field")
         if tag in _BLOCK:
