@@ -72,6 +72,19 @@ def test_tokens_are_clean_and_bounded() -> None:
     assert tokenizer.tokens(view) == found  # deterministic, whatever the hash seed
 
 
+def test_fields_stamped_on_the_way_teach_nothing() -> None:
+    """Fields a collector's milter or a relay's filter added (TREC 2007's X-Miltered and X-UUID sit
+    on 30% of its spam and almost none of its ham) say where the mail was gathered, not who wrote
+    it: the message gives the tokens it gives without them."""
+    stamped = (b"X-Miltered: at mx1 with ID 46D1 by Joe's j-chkmail\nX-UUID: 0d9e4f\n"
+               b"X-Old-Spam-Status: No\nX-Barracuda-Start-Time: 1177\nX-RC-Spam: clean\n")
+    raw = b"Subject: hello\nX-Mailer: Mutt 1.5\n" + stamped + b"\nsee you at noon\n"
+    found = tokenizer.tokens(mailview.build(raw))
+    assert not [t for t in found if t.startswith(("hdr:x-miltered", "hdr:x-uuid", "hdr:x-old", "hdr:x-barracuda",
+                                                  "hdr:x-rc", "h:x-miltered", "h:x-uuid"))]
+    assert found == tokenizer.tokens(mailview.build(b"Subject: hello\nX-Mailer: Mutt 1.5\n\nsee you at noon\n"))
+
+
 @pytest.mark.parametrize("raw", [b"", b"\x00\xff" * 1000, b"Content-Type: multipart/mixed; boundary=x\n\n--x\n" * 200,
                                  b"Content-Type: text/html\n\n" + b"<div>" * 100000, b"Subject: =?utf-8?b?!!!?=\n\n"],
                          ids=["empty", "binary", "unclosed-multipart", "deep-html", "bad-encoded-word"])

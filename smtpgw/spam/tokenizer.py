@@ -57,6 +57,9 @@ _COLLECTOR_HEADERS = frozenset({
     "x-sender-ip", "x-message-delivery", "x-message-info", "x-incomingheadercount", "x-incomingtopheadermarker",
     "x-eopattributedmessage", "x-eoptenantattributedmessage", "x-sid-pra", "x-sid-result",
     "x-ms-userlastlogontime", "x-ymailisg",
+    # Stamped by a collector's milter or by relays' filters and format conversions on the way (TREC
+    # 2007: X-Miltered and X-UUID on 30% of its spam and almost none of its ham).
+    "x-miltered", "x-uuid", "old-return-path", "x-mime-autoconverted", "x-rc-spam", "x-rc-virus",
     # Signatures and stamps of the sending infrastructure: their presence dates the mail (DKIM came
     # in 2007) rather than telling spam from ham, and a gateway judges a signature by checking it.
     "dkim-signature", "domainkey-signature", "x-google-dkim-signature", "x-gm-message-state",
@@ -67,7 +70,7 @@ _COLLECTOR_PREFIXES = ("list-", "x-mailman", "x-spam", "x-list", "x-original", "
                        "x-ms-exchange-organization-", "x-microsoft-antispam-mailbox", "x-ms-exchange-processed",
                        "x-ms-exchange-eop", "x-ms-exchange-transport-endtoend", "x-forefront-antispam",
                        "x-ms-exchange-crosstenant-", "x-ms-office365-", "x-ms-publictraffictype",
-                       "x-ms-traffictypediagnostic", "x-microsoft-antispam")
+                       "x-ms-traffictypediagnostic", "x-microsoft-antispam", "x-old-spam", "x-barracuda")
 _DIGITS = re.compile(r"\d+")
 _LETTERS = re.compile(r"[a-z]+")
 _DATE_ZONE = re.compile(r"([+-]\d{4}|\b[a-z]{2,4}t\b)\s*(?:\(.*\))?\s*$")
