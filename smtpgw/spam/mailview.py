@@ -23,7 +23,7 @@ from email.message import Message
 from email.errors import MissingHeaderBodySeparatorDefect
 from email.parser import BytesParser, Parser
 
-from smtpgw.mail import dkim
+from smtpgw.mail import dkim, headers
 from smtpgw.spam.htmltext import HtmlText, html_to_text
 
 log = logging.getLogger("smtpgw.spam.mailview")
@@ -223,9 +223,10 @@ def _parse_one_part(raw: bytes) -> Message | None:
     multipart nor message. None (parse it whole) when the header block may not end where the
     parser would end it (a bare CR, RFC 5322 §2.2: the parser's lines end at CR too; a line that
     is no header field) or the type has parts."""
-    text = raw.decode("ascii", "surrogateescape")  # as BytesParser.parsebytes reads it
-    end = _header_end(text)
-    if end < 0:
+    # as BytesParser.parsebytes reads it: one character a byte, so offsets in raw are offsets in text
+    text = raw.decode("ascii", "surrogateescape")
+    end = headers.header_end(raw)
+    if end == 0:  # an empty header block: the whole parse decides
         return None
     head = text[:end]
     if "\r" in head and head.count("\r") != head.count("\r\n"):
@@ -239,13 +240,6 @@ def _parse_one_part(raw: bytes) -> Message | None:
         return None
     msg.set_payload(text[end:])
     return msg
-
-
-def _header_end(text: str) -> int:
-    """Where the first empty line after a line's end ("\\n\\n" or "\\n\\r\\n") ends, or -1 (two finds:
-    a regex with an optional CR first would try every character of the header)."""
-    ends = [found + size for found, size in ((text.find("\n\n"), 2), (text.find("\n\r\n"), 3)) if found >= 0]
-    return min(ends) if ends else -1
 
 
 def _payload(part: Message) -> bytes:
