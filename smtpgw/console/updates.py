@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -61,8 +60,8 @@ class Updates:
     def _run(self, run: Run) -> None:
         root = os.path.dirname(smtpgw.PACKAGE_DIR)
         try:
-            done = subprocess.run([sys.executable, "-m", "smtpgw.update.updater", "-c", self.config_path], cwd=root,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            done = subprocess.run(smtpgw.child_command("smtpgw.update.updater", "-c", self.config_path), cwd=root,
+                                  env=smtpgw.child_environment(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   timeout=RUN_TIMEOUT)
             code, output = done.returncode, done.stdout
         except (OSError, subprocess.SubprocessError) as exc:
