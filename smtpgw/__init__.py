@@ -57,3 +57,26 @@ def without_site(argv: list[str]) -> None:
         os.execve(sys.executable, [sys.executable, *CHILD_OPTIONS, *argv[1:]], child_environment())
     except OSError:
         return
+
+
+_libc: "ctypes.CDLL | None | bool" = False  # False: not looked up yet; None: no glibc here
+
+
+def release_heap() -> None:
+    """Give the pages of freed heap blocks back to the system (glibc's ``malloc_trim(0)``: glibc
+    keeps the pages of freed blocks inside its heap resident and gives back only the top). Does
+    nothing where there is no glibc. A process calls it when it has nothing to do (a scanner
+    worker without a job) or now and then (the main process, once a minute): the pages it hands
+    back are faulted in again by the next allocations."""
+    global _libc
+    if _libc is False:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc
+            _libc = None
+    if _libc is not None:
+        _libc.malloc_trim(0)
