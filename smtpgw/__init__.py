@@ -59,6 +59,7 @@ def without_site(argv: list[str]) -> None:
         return
 
 
+RELEASE_INTERVAL = 60.0  # seconds between two release_heap calls of a process that runs a loop
 _libc: "ctypes.CDLL | None | bool" = False  # False: not looked up yet; None: no glibc here
 
 

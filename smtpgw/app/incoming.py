@@ -46,7 +46,7 @@ import time
 from collections import Counter, deque
 from typing import Any, Callable, Protocol
 
-from smtpgw import child_command, child_environment
+from smtpgw import RELEASE_INTERVAL, child_command, child_environment, release_heap
 from smtpgw import log as logsetup
 from smtpgw.config import Config, load_snapshot, save_snapshot
 from smtpgw.net import smtp
@@ -486,6 +486,7 @@ class IncomingProcess:
         self.channel.send({"ready": True})
         self.loop.call_later(STATS_INTERVAL, self._report_stats)
         self.loop.call_later(LOG_FLUSH_INTERVAL, self._flush_log)
+        self.loop.call_later(RELEASE_INTERVAL, self._release_memory)
         self.loop.run_forever()
 
     # -- Inbound ------------------------------------------------------------------------
@@ -574,6 +575,10 @@ class IncomingProcess:
     def _flush_log(self) -> None:
         logsetup.flush_all()
         self.loop.call_later(LOG_FLUSH_INTERVAL, self._flush_log)
+
+    def _release_memory(self) -> None:  # as the main process does (app/memory.release)
+        release_heap()
+        self.loop.call_later(RELEASE_INTERVAL, self._release_memory)
 
     # -- reload, stop -------------------------------------------------------------------
     def reload(self) -> None:

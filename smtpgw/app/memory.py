@@ -28,7 +28,7 @@ import tracemalloc
 from collections import Counter
 from typing import Any, Protocol
 
-from smtpgw import release_heap
+from smtpgw import RELEASE_INTERVAL, release_heap
 from smtpgw.app.incoming import Incoming
 from smtpgw.config import Config
 from smtpgw.deliver.sender import Sender
@@ -47,7 +47,6 @@ REPORT_NAME = "memory"  # in ControlPath
 TOP_TYPES = 30
 TOP_SOURCES = 25
 
-RELEASE_INTERVAL = 60.0  # seconds between two malloc_trim calls
 
 _previous: tracemalloc.Snapshot | None = None
 

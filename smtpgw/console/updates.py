@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 import smtpgw
-from smtpgw.update.updater import CONFIG_INVALID, CRITICAL, NO_UPDATE, POST_UPDATE_FAILED, UPDATED
+from smtpgw.update import CONFIG_INVALID, CRITICAL, NO_UPDATE, POST_UPDATE_FAILED, UPDATED
 
 OUTPUT_BYTES = 16 * 1024
 RUN_TIMEOUT = 3600.0  # seconds: a run still going after this is killed
