@@ -9,6 +9,10 @@ ARCHITECTURE.md at the project root walks one message through the tree.
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ctypes
 
 __version__ = "0.1.0"
 PRODUCT = "smtpgw"

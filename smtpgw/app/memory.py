@@ -28,7 +28,7 @@ import tracemalloc
 from collections import Counter
 from typing import Any, Protocol
 
-from smtpgw import RELEASE_INTERVAL, release_heap
+from smtpgw import release_heap
 from smtpgw.app.incoming import Incoming
 from smtpgw.config import Config
 from smtpgw.deliver.sender import Sender

@@ -35,18 +35,17 @@ import logging
 import os
 import select
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from smtpgw import release_heap, stats
 from smtpgw.config import GROUP_ANTISPAM_KEYS, Config, Section, load_config, load_snapshot
-from smtpgw.log import Event
 from smtpgw.mail import dkim, headers
 from smtpgw.mail.disclaimer import add_disclaimer
 from smtpgw.reports import notify, templates
 from smtpgw.rules import policy
 from smtpgw.scan import antivirus
 from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
+from smtpgw.scan.results import CopyResult, ScanResult, not_scanned, templates_path
 from smtpgw.spam import BLACKLISTED, PROBABLE_SPAM, SPAM, SpamFilter, SpamVerdict, as_log_fields, mark
 from smtpgw.spam.autolearn import AutoLearner
 from smtpgw.spam.spamfilter import default_bases
@@ -58,49 +57,6 @@ from smtpgw.spool.store import Store, status_for_verdict
 log = logging.getLogger("smtpgw.scan.job")
 IDLE_RELEASE = 1.0  # seconds without a job after which a worker gives its freed heap back
 READ_CHUNK = 1 << 20  # bytes read from stdin at a time
-
-
-@dataclass
-class CopyResult:
-    """What happens to the recipients of one group (one per-group copy)."""
-
-    group: str
-    recipients: list[str]
-    blocked: bool = False
-    rewritten: str | None = None  # a new message file written by the worker, or None: unchanged
-    # or, when only the header changed: the new header block (Latin-1 text) and where the body it
-    # goes with starts in msg/ID (``header_change``; the record carries it, ``Queue.open_message``)
-    head: str | None = None
-    body_offset: int = 0
-    events: list[Event] = field(default_factory=list)  # log events (AV-SCANNED, AS-SCANNED, BLOCKED...)
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def changed(self) -> bool:
-        """The copy's message is not the one scanned."""
-        return self.rewritten is not None or self.head is not None
-
-
-@dataclass
-class ScanResult:
-    copies: list[CopyResult] = field(default_factory=list)
-    deferred: str | None = None  # a check could not run: retry later, never pass
-
-    def as_dict(self) -> dict[str, Any]:
-        """The result as its JSON line carries it (``from_dict`` reads it back): the copies' fields
-        as they are, with no deep copy (``dataclasses.asdict`` copied every list and dict of each
-        copy, 7% of a worker's CPU for a message the spam filter passes)."""
-        return {"copies": [dict(vars(copy)) for copy in self.copies], "deferred": self.deferred}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ScanResult":
-        return cls(copies=[CopyResult(**c) for c in data.get("copies", [])], deferred=data.get("deferred"))
-
-
-def not_scanned(group: str, rcpts: list[str]) -> CopyResult:
-    """kmg-spec §3.13: a group with Check=false passes its mail through unchanged."""
-    return CopyResult(group=group, recipients=rcpts, notes={"status": "not scanned"},
-                      events=[('AV-SCANNED, group=%s, status="not scanned", names="", nrcpt=%d', [group, len(rcpts)])])
 
 
 def header_change(env: Envelope, raw: bytes, message: bytes) -> tuple[str, int] | None:
@@ -116,11 +72,6 @@ def header_change(env: Envelope, raw: bytes, message: bytes) -> tuple[str, int] 
         return None
     offset = (env.body_offset if env.head is not None else 0) + old_end - kept
     return message[:new_end].decode("latin-1"), offset
-
-
-def templates_path(cfg: Config, group: Any) -> str:
-    """The group's TemplatesPath (notify, placeholder, disclaimer), else [path] TemplatesPath."""
-    return str(group.TemplatesPath or cfg.base.TemplatesPath)
 
 
 def group_antispam(antispam: Section, group: Any) -> Section:

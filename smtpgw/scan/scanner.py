@@ -38,7 +38,7 @@ from smtpgw.mail import headers
 from smtpgw.net.loop import EventLoop
 from smtpgw.reports import notify
 from smtpgw.scan.dkimkeys import KeyFetch, fetch_keys
-from smtpgw.scan.job import CopyResult, ScanResult, not_scanned, templates_path
+from smtpgw.scan.results import CopyResult, ScanResult, not_scanned, templates_path
 from smtpgw.scan.workers import ResultCallback, WorkerPool, worker_config_path
 from smtpgw.spool.durable import fsync_file, write_durably
 from smtpgw.spool.queue import CHK, QUE, SPL, STAGED, WFC, WFS, Committer, Envelope, Queue, Recipient, new_id
