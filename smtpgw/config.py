@@ -34,7 +34,6 @@ Our choices where the reference is silent are documented in smtpgw.conf.sample.
 
 from __future__ import annotations
 
-import difflib
 import grp
 import ipaddress
 import os
@@ -669,6 +668,14 @@ class _Raw:
     items: list[tuple[Param, str, str]]
 
 
+def _close_matches(word: str, candidates: Iterable[str]) -> list[str]:
+    """The one candidate closest to a misspelt ``word`` (a "did you mean"), if any. difflib is
+    imported here, on a configuration error only: every process loads this module."""
+    import difflib
+
+    return difflib.get_close_matches(word, candidates, n=1)
+
+
 class _Loader:
     def __init__(self, path: str, text: bytes | None = None) -> None:
         self.text = text  # the file's content when it is not read from ``path`` (an edited copy)
@@ -748,7 +755,7 @@ class _Loader:
         if title.lower().startswith("smtpgw.group"):
             hint = GROUP_PREFIX + "NAME"
         else:
-            close = difflib.get_close_matches(title.lower(), known, n=1)
+            close = _close_matches(title.lower(), known)
             hint = known[close[0]] if close else ""
         self.problem(where, f"unknown section [{title}]" + (f"; did you mean [{hint}]?" if hint else ""))
         return None
@@ -760,7 +767,7 @@ class _Loader:
         if param is not None:
             section.items.append((param, value, where))
             return
-        close = difflib.get_close_matches(key.lower(), by_key, n=1)
+        close = _close_matches(key.lower(), by_key)
         elsewhere = [p.section for p in SCHEMA if p.key.lower() == key.lower()]
         if close:
             hint = f"; did you mean '{by_key[close[0]].key}'?"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from smtpgw.mail import dkim
-from smtpgw.scan.dkimkeys import fetch_keys
+from smtpgw.scan.dkimkeys import FailedKeys, fetch_keys
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
 from smtpgw.spam import mailview
@@ -64,17 +64,25 @@ def lookup(address: tuple[str, int], raw: bytes, timeout: float = 5.0) -> dict[s
 
 def fetch_on(resolver: Resolver, loop: EventLoop, raw: bytes, timeout: float) -> dict[str, Any]:
     """The keys of ``raw`` fetched through ``resolver`` with the deadline ``timeout``; closes both."""
+    try:
+        return fetch_again(resolver, loop, raw, timeout)
+    finally:
+        resolver.close()
+        loop.close()
+
+
+def fetch_again(resolver: Resolver, loop: EventLoop, raw: bytes, timeout: float,
+                failed: FailedKeys | None = None) -> dict[str, Any]:
+    """The keys of ``raw`` fetched through ``resolver`` (and ``failed``), which stay open."""
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dkim-fetch-{os.getpid()}.eml")
     with open(path, "wb") as f:
         f.write(raw)
     answers: list[dict[str, Any]] = []
     try:
-        assert fetch_keys(loop, resolver, path, timeout, answers.append) is not None
+        assert fetch_keys(loop, resolver, path, timeout, answers.append, failed) is not None
         assert loop.run_until(lambda: bool(answers), timeout + 10)
     finally:
         os.unlink(path)
-        resolver.close()
-        loop.close()
     return answers[0]
 
 
@@ -221,6 +229,44 @@ def test_a_lookup_our_own_resolver_refused_is_neutral_and_earns_no_mark(keys, si
     [result] = dkim.verify(raw, answers)
     assert (result.result, result.reason) == ("neutral", "key not looked up (overloaded)")
     assert classify_signs(raw, [result])["branded_sender"] is False
+
+
+def test_a_failed_key_lookup_is_answered_from_the_negative_cache_until_it_expires(keys, scripted_dns) -> None:
+    """RFC 2308 §7: a SERVFAIL for a selector is remembered (FailedKeys), so the next message signed
+    with it neither asks the DNS again nor waits; once expired, it is asked again."""
+    name = f"s1._domainkey.{DOMAIN}"
+    scripted_dns.behave(name, "servfail")
+    raw = sign(MESSAGE, keys["rsa"], DOMAIN, "s1")
+    loop = EventLoop()
+    resolver = Resolver(loop, [scripted_dns.address], timeout=2.0, attempts=1, cache_size=0)
+    failed = FailedKeys(loop)
+    try:
+        first = fetch_again(resolver, loop, raw, 5.0, failed)
+        assert first[name]["error"].startswith("temp: ") and scripted_dns.count(name) == 1
+        assert fetch_again(resolver, loop, raw, 5.0, failed) == first
+        assert scripted_dns.count(name) == 1  # answered from the cache: no second question
+        [result] = dkim.verify(raw, first)
+        assert result.result == "temperror"
+        expired = FailedKeys(loop, ttl=0)
+        fetch_again(resolver, loop, raw, 5.0, expired)
+        fetch_again(resolver, loop, raw, 5.0, expired)
+        assert scripted_dns.count(name) == 3  # nothing kept past its time
+    finally:
+        resolver.close()
+        loop.close()
+
+
+def test_the_negative_cache_keeps_only_failures_of_their_dns_and_is_bounded() -> None:
+    loop = EventLoop()
+    failed = FailedKeys(loop, size=2)
+    for name, answer in [("a", {"error": "local: overloaded"}), ("b", {"error": "nxdomain"}),
+                         ("c", {"txt": ["v=DKIM1; p=x"]}), ("d", {"error": "temp: servfail"})]:
+        failed.remember(name, answer)
+    assert [name for name in "abcd" if failed.get(name)] == ["d"]
+    failed.remember("e", {"error": "temp: timeout"})
+    failed.remember("f", {"error": "temp: lookup timeout"})
+    assert [name for name in "def" if failed.get(name)] == ["e", "f"]  # the oldest forgotten
+    loop.close()
 
 
 # -- the signs ---------------------------------------------------------------------------------

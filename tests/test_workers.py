@@ -3,11 +3,13 @@ job, and only the job a worker was running is blamed when it is replaced."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 from smtpgw.config import load_config, save_snapshot
 from smtpgw.net.loop import EventLoop
+from smtpgw.scan.job import job_lines
 from smtpgw.scan.workers import WorkerPool, worker_config_path
 from smtpgw.spool.queue import CHK, Envelope, Queue, Recipient, new_id
 from tests.support.clamd import STALL_MARKER
@@ -83,3 +85,14 @@ def test_a_worker_is_sent_its_next_job_while_it_runs_one(tmp_path, stalling_clam
         pool.stop()
     assert results[hung.id] == {"error": "scanner worker died: worker exited", "started": True}
     assert results[second.id]["copies"][0]["notes"]["status"] == "clean"
+
+
+def test_a_worker_reads_its_job_lines_as_they_come_whole_or_split():
+    read, write = os.pipe()
+    lines = job_lines(read, idle=0.01)
+    os.write(write, b'{"qid":"A"}\n{"qid"')
+    assert next(lines) == b'{"qid":"A"}\n'
+    os.write(write, b':"B"}\n{"qid":"C"}')  # the rest of B after an idle wait, then C cut by the end
+    os.close(write)
+    assert list(lines) == [b'{"qid":"B"}\n', b'{"qid":"C"}']
+    os.close(read)

@@ -30,6 +30,7 @@ import time
 from concurrent.futures import Future
 from typing import Callable
 
+from smtpgw import RELEASE_INTERVAL
 from smtpgw import log as logsetup
 from smtpgw.app import memory
 from smtpgw.app.control import Control
@@ -45,8 +46,8 @@ from smtpgw.net.loop import EventLoop
 from smtpgw.receive import quota
 from smtpgw.receive.receiver import Listener, Session, Sessions
 from smtpgw.reports import digest, templates
-from smtpgw.scan import antivirus
 from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
+from smtpgw.scan.results import load_placeholder
 from smtpgw.scan.scanner import Scanner
 from smtpgw.scan.workers import worker_config_path
 from smtpgw.spam.database import DatabaseError, database_file, site_file
@@ -140,7 +141,7 @@ class Gateway:
         try:
             for folder in sorted({group.TemplatesPath for group in (cfg.policy, *cfg.groups)} - {None}):
                 templates.load_templates(folder, templates.GROUP_KINDS)
-                antivirus.load_placeholder(folder)
+                load_placeholder(folder)
             if cfg.digest.Schedule:
                 digest.load(cfg)
             return templates.load_templates(cfg.base.TemplatesPath)
@@ -391,7 +392,7 @@ class Gateway:
     def _release_memory(self) -> None:
         memory.release()
         if not self.stopping:
-            self.loop.call_later(memory.RELEASE_INTERVAL, self._release_memory)
+            self.loop.call_later(RELEASE_INTERVAL, self._release_memory)
 
     def run(self) -> None:
         self.loop.run_forever()

@@ -46,7 +46,7 @@ import time
 from collections import Counter, deque
 from typing import Any, Callable, Protocol
 
-from smtpgw import PACKAGE_DIR
+from smtpgw import RELEASE_INTERVAL, child_command, child_environment, release_heap
 from smtpgw import log as logsetup
 from smtpgw.config import Config, load_snapshot, save_snapshot
 from smtpgw.net import smtp
@@ -69,7 +69,6 @@ STOP_GRACE = 5.0  # seconds an incoming process has to stop before it is killed
 QUICK_DEATH = 1.0  # a process that dies younger than this is started again only after RESTART_PAUSE
 RESTART_PAUSE = 1.0
 LOG_FLUSH_INTERVAL = 0.2
-PACKAGE_ROOT = os.path.dirname(PACKAGE_DIR)
 
 
 def process_count(cfg: Config) -> int:
@@ -243,12 +242,11 @@ class Incoming:
 
     def _spawn(self, child: Child) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         try:
             child.proc = subprocess.Popen(
-                [sys.executable, "-m", "smtpgw.app.incoming", "--index", str(child.index),
-                 "--queue", self.master.queue.root, "--channel", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
+                child_command("smtpgw.app.incoming", "--index", str(child.index),
+                              "--queue", self.master.queue.root, "--channel", str(theirs.fileno())),
+                pass_fds=(theirs.fileno(),), env=child_environment(), stdin=subprocess.DEVNULL,
             )
         except OSError as exc:
             ours.close()
@@ -488,6 +486,7 @@ class IncomingProcess:
         self.channel.send({"ready": True})
         self.loop.call_later(STATS_INTERVAL, self._report_stats)
         self.loop.call_later(LOG_FLUSH_INTERVAL, self._flush_log)
+        self.loop.call_later(RELEASE_INTERVAL, self._release_memory)
         self.loop.run_forever()
 
     # -- Inbound ------------------------------------------------------------------------
@@ -576,6 +575,10 @@ class IncomingProcess:
     def _flush_log(self) -> None:
         logsetup.flush_all()
         self.loop.call_later(LOG_FLUSH_INTERVAL, self._flush_log)
+
+    def _release_memory(self) -> None:  # as the main process does (app/memory.release)
+        release_heap()
+        self.loop.call_later(RELEASE_INTERVAL, self._release_memory)
 
     # -- reload, stop -------------------------------------------------------------------
     def reload(self) -> None:

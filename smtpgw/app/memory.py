@@ -28,6 +28,7 @@ import tracemalloc
 from collections import Counter
 from typing import Any, Protocol
 
+from smtpgw import release_heap
 from smtpgw.app.incoming import Incoming
 from smtpgw.config import Config
 from smtpgw.deliver.sender import Sender
@@ -46,7 +47,6 @@ REPORT_NAME = "memory"  # in ControlPath
 TOP_TYPES = 30
 TOP_SOURCES = 25
 
-RELEASE_INTERVAL = 60.0  # seconds between two malloc_trim calls
 
 _previous: tracemalloc.Snapshot | None = None
 
@@ -60,7 +60,6 @@ class _MallInfo2(ctypes.Structure):
 def _libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
         libc.mallinfo2.restype = _MallInfo2
         return libc
     except (OSError, AttributeError):  # not glibc, or a glibc before 2.33
@@ -72,8 +71,7 @@ _LIBC = _libc()
 
 def release() -> None:
     """Give the pages of freed heap blocks back to the system (glibc's malloc_trim)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    release_heap()
 
 
 def heap() -> dict[str, int]:

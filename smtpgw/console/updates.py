@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 
 import smtpgw
-from smtpgw.update.updater import CONFIG_INVALID, CRITICAL, NO_UPDATE, POST_UPDATE_FAILED, UPDATED
+from smtpgw.update import CONFIG_INVALID, CRITICAL, NO_UPDATE, POST_UPDATE_FAILED, UPDATED
 
 OUTPUT_BYTES = 16 * 1024
 RUN_TIMEOUT = 3600.0  # seconds: a run still going after this is killed
@@ -61,8 +60,8 @@ class Updates:
     def _run(self, run: Run) -> None:
         root = os.path.dirname(smtpgw.PACKAGE_DIR)
         try:
-            done = subprocess.run([sys.executable, "-m", "smtpgw.update.updater", "-c", self.config_path], cwd=root,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            done = subprocess.run(smtpgw.child_command("smtpgw.update.updater", "-c", self.config_path), cwd=root,
+                                  env=smtpgw.child_environment(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   timeout=RUN_TIMEOUT)
             code, output = done.returncode, done.stdout
         except (OSError, subprocess.SubprocessError) as exc:

@@ -33,7 +33,6 @@ from typing import Any, Callable, Iterable
 from smtpgw import PRODUCT, __version__
 from smtpgw.log import event
 from smtpgw.net import smtp
-from smtpgw.reports import notify
 from smtpgw.rules import routing
 from smtpgw.spool.durable import write_durably
 from smtpgw.spool.queue import QUE, new_id, Envelope, Queue, Recipient
@@ -256,6 +255,8 @@ def notice_text(cfg: Any, crossing: Crossing) -> tuple[str, str]:
 def notice(cfg: Any, crossing: Crossing, now: float | None = None) -> bytes:
     """The admin notice as a message from NotifyFromAddress to AdminNotifyAddress ([smtpgw.policy]).
     Raises ValueError for an address unfit for a header field."""
+    from smtpgw.reports import notify  # here: only the main process sends it (an incoming process saves 0.5 MiB)
+
     subject, body = notice_text(cfg, crossing)
     return notify.compose_text(cfg.policy.NotifyFromAddress, [cfg.policy.AdminNotifyAddress], subject, body,
                                time.time() if now is None else now)

@@ -40,17 +40,17 @@ clamd's own parser reads what we did not.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from smtpgw import PACKAGE_DIR, PRODUCT, __version__
+from smtpgw import PRODUCT, __version__
 from smtpgw.log import Event, quoted
 from smtpgw.mail import headers, mime
-from smtpgw.reports.templates import Template, load_template
+from smtpgw.reports.templates import Template
 from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable, Verdict
+from smtpgw.scan.results import load_placeholder
 from smtpgw.rules.policy import (
     CLEAN,
     ERROR,
@@ -76,7 +76,6 @@ __all__ = [
     "render_placeholder",
 ]
 
-TEMPLATES = os.path.join(PACKAGE_DIR, "templates")
 MAX_HEADER_OBJECTS = 10  # objects named in the X-Anti-Virus header
 OUTSIDE_TEXT_LIMIT = 64  # bytes; the usual "This is a multi-part message" notice is less
 X_HEADER = "X-Anti-Virus"  # kmg-spec §5.5, the sibling product's name
@@ -221,16 +220,6 @@ def _scan_objects(tree: mime.MimeTree, group: Any, scans: _Scans) -> list[_Found
                 )
             )
     return found
-
-
-def load_placeholder(templates_path: str | None = None) -> Template:
-    """Load and check placeholder.tmpl (`smtpgw.reports.templates`: the ``%MACRO%``, ``%%``
-    and ``%#`` comment syntax of notify.tmpl, without blocks or header lines).
-
-    Raises TemplateError for a missing, oversized or non-UTF-8 file, a stray ``%`` or a
-    macro the placeholder kind does not know.
-    """
-    return load_template(os.path.join(templates_path or TEMPLATES, "placeholder.tmpl"), "placeholder")
 
 
 def render_placeholder(template: Template, values: dict[str, str]) -> str:

@@ -21,24 +21,31 @@ or let one bad message stop the worker (an error becomes that job's result).
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # A worker hashes (the spam index's SHA-256 when it opens it, DKIM, the anti-virus scans' keys)
+    # with the interpreter's own SHA code, as a Python built without OpenSSL does: hashlib's OpenSSL
+    # module maps libcrypto, 3.4 MiB RSS in each worker, which speaks no TLS. Set before anything
+    # imports hashlib (a worker is started with -S: no site module before this).
+    sys.modules.setdefault("_hashlib", None)
+
 import json
 import logging
 import os
-import sys
+import select
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
-from smtpgw import stats
+from smtpgw import release_heap, stats
 from smtpgw.config import GROUP_ANTISPAM_KEYS, Config, Section, load_config, load_snapshot
-from smtpgw.log import Event
 from smtpgw.mail import dkim, headers
 from smtpgw.mail.disclaimer import add_disclaimer
 from smtpgw.reports import notify, templates
 from smtpgw.rules import policy
 from smtpgw.scan import antivirus
 from smtpgw.scan.clamd import ClamdPool, ScannerUnavailable
-from smtpgw.scan.ichecker import IChecker
+from smtpgw.scan.results import CopyResult, ScanResult, not_scanned, templates_path
 from smtpgw.spam import BLACKLISTED, PROBABLE_SPAM, SPAM, SpamFilter, SpamVerdict, as_log_fields, mark
 from smtpgw.spam.autolearn import AutoLearner
 from smtpgw.spam.spamfilter import default_bases
@@ -48,49 +55,8 @@ from smtpgw.spool.queue import Envelope, Queue
 from smtpgw.spool.store import Store, status_for_verdict
 
 log = logging.getLogger("smtpgw.scan.job")
-
-
-@dataclass
-class CopyResult:
-    """What happens to the recipients of one group (one per-group copy)."""
-
-    group: str
-    recipients: list[str]
-    blocked: bool = False
-    rewritten: str | None = None  # a new message file written by the worker, or None: unchanged
-    # or, when only the header changed: the new header block (Latin-1 text) and where the body it
-    # goes with starts in msg/ID (``header_change``; the record carries it, ``Queue.open_message``)
-    head: str | None = None
-    body_offset: int = 0
-    events: list[Event] = field(default_factory=list)  # log events (AV-SCANNED, AS-SCANNED, BLOCKED...)
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def changed(self) -> bool:
-        """The copy's message is not the one scanned."""
-        return self.rewritten is not None or self.head is not None
-
-
-@dataclass
-class ScanResult:
-    copies: list[CopyResult] = field(default_factory=list)
-    deferred: str | None = None  # a check could not run: retry later, never pass
-
-    def as_dict(self) -> dict[str, Any]:
-        """The result as its JSON line carries it (``from_dict`` reads it back): the copies' fields
-        as they are, with no deep copy (``dataclasses.asdict`` copied every list and dict of each
-        copy, 7% of a worker's CPU for a message the spam filter passes)."""
-        return {"copies": [dict(vars(copy)) for copy in self.copies], "deferred": self.deferred}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ScanResult":
-        return cls(copies=[CopyResult(**c) for c in data.get("copies", [])], deferred=data.get("deferred"))
-
-
-def not_scanned(group: str, rcpts: list[str]) -> CopyResult:
-    """kmg-spec §3.13: a group with Check=false passes its mail through unchanged."""
-    return CopyResult(group=group, recipients=rcpts, notes={"status": "not scanned"},
-                      events=[('AV-SCANNED, group=%s, status="not scanned", names="", nrcpt=%d', [group, len(rcpts)])])
+IDLE_RELEASE = 1.0  # seconds without a job after which a worker gives its freed heap back
+READ_CHUNK = 1 << 20  # bytes read from stdin at a time
 
 
 def header_change(env: Envelope, raw: bytes, message: bytes) -> tuple[str, int] | None:
@@ -106,11 +72,6 @@ def header_change(env: Envelope, raw: bytes, message: bytes) -> tuple[str, int] 
         return None
     offset = (env.body_offset if env.head is not None else 0) + old_end - kept
     return message[:new_end].decode("latin-1"), offset
-
-
-def templates_path(cfg: Config, group: Any) -> str:
-    """The group's TemplatesPath (notify, placeholder, disclaimer), else [path] TemplatesPath."""
-    return str(group.TemplatesPath or cfg.base.TemplatesPath)
 
 
 def group_antispam(antispam: Section, group: Any) -> Section:
@@ -151,8 +112,11 @@ class Job:
         self.cfg = cfg
         self.queue = Queue(cfg.path.QueuePath)
         pool = ClamdPool.from_config(cfg.ave)
-        self.clamd: Any = (IChecker(pool, cfg.options.ICheckerDBFilename, cfg.ave.ICheckerCacheSize)
-                           if cfg.ave.UseIChecker else pool)
+        self.clamd: Any = pool
+        if cfg.ave.UseIChecker:  # here, not at the top: sqlite3 (1 MiB RSS) only in a worker that keeps the cache
+            from smtpgw.scan.ichecker import IChecker
+
+            self.clamd = IChecker(pool, cfg.options.ICheckerDBFilename, cfg.ave.ICheckerCacheSize)
         # Per group, its templates and its spam filter, each built once per distinct setting; every
         # filter reads the one database loaded per worker (spamfilter.load_shared): a group's level,
         # lists and prefixes cost no database copy.
@@ -346,6 +310,28 @@ class Job:
         return out
 
 
+def job_lines(fd: int, idle: float = IDLE_RELEASE) -> Iterator[bytes]:
+    """The job lines the gateway writes to ``fd`` (the worker's stdin), as they come, until it
+    closes it. A worker that has waited ``idle`` seconds without one gives its freed heap back
+    (``smtpgw.release_heap``: about 1 MiB RSS after a few jobs), once, before it waits on."""
+    buffer = bytearray()
+    while True:
+        end = buffer.find(b"\n")
+        if end >= 0:
+            line = bytes(buffer[:end + 1])
+            del buffer[:end + 1]
+            yield line
+            continue
+        if not select.select([fd], [], [], idle)[0]:
+            release_heap()
+        chunk = os.read(fd, READ_CHUNK)
+        if not chunk:
+            if buffer:
+                yield bytes(buffer)
+            return
+        buffer += chunk
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[0] == "--snapshot":  # what the gateway accepted (gateway._publish_worker_config)
@@ -364,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout.buffer
     out.write(b'{"ready":true}\n')  # loaded: jobs may come (smtpgw.scan.workers)
     out.flush()
-    for line in sys.stdin.buffer:
+    for line in job_lines(sys.stdin.fileno()):
         qid = "?"
         try:
             request = json.loads(line)

@@ -37,8 +37,8 @@ from smtpgw.log import event
 from smtpgw.mail import headers
 from smtpgw.net.loop import EventLoop
 from smtpgw.reports import notify
-from smtpgw.scan.dkimkeys import KeyFetch, fetch_keys
-from smtpgw.scan.job import CopyResult, ScanResult, not_scanned, templates_path
+from smtpgw.scan.dkimkeys import FailedKeys, KeyFetch, fetch_keys
+from smtpgw.scan.results import CopyResult, ScanResult, not_scanned, templates_path
 from smtpgw.scan.workers import ResultCallback, WorkerPool, worker_config_path
 from smtpgw.spool.durable import fsync_file, write_durably
 from smtpgw.spool.queue import CHK, QUE, SPL, STAGED, WFC, WFS, Committer, Envelope, Queue, Recipient, new_id
@@ -105,6 +105,7 @@ class Scanner:
         self.flow_waiters: deque[list[Any]] = deque()  # [callback, timer] of MAIL commands held back
         self.flow_first: deque[list[Any]] = deque()  # the same for a session's first message: let go first
         self.lookups: dict[str, KeyFetch] = {}  # DKIM key lookups of messages in CHK, before their job
+        self.failed_keys = FailedKeys(self.loop)  # DKIM key names whose lookup failed lately
         workers = max(1, min(self.limit, os.cpu_count() or 1))
         # a job gets three times the clamd time limit (at least 5 minutes) before its worker is replaced
         job_timeout = max(300.0, 3.0 * float(host.cfg.ave.ScanTimeout or 0))
@@ -272,7 +273,8 @@ class Scanner:
             self.pool.submit(qid, payload)
             self.pump()  # a lookup's place is free
 
-        lookup = fetch_keys(self.loop, resolver, self.queue.msg_path(qid), antispam.DKIMLookupTimeout, fetched)
+        lookup = fetch_keys(self.loop, resolver, self.queue.msg_path(qid), antispam.DKIMLookupTimeout, fetched,
+                            self.failed_keys)
         if lookup is None:
             self.pool.submit(qid, payload)
         else:

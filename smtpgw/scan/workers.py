@@ -26,18 +26,16 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 from collections import deque
 from typing import Any, Callable
 
-from smtpgw import PACKAGE_DIR
+from smtpgw import child_command, child_environment
 from smtpgw.net.loop import EventLoop, Timer
 
 log = logging.getLogger("smtpgw.scan.workers")
 
 MAX_LINE = 64 * 1024 * 1024  # a result line larger than this is a broken worker
-PACKAGE_ROOT = os.path.dirname(PACKAGE_DIR)
 START_PAUSE = 5.0  # seconds without a new worker after one could not start
 # jobs a worker holds: the one it runs and the next, waiting in its stdin (a worker that has
 # written a result reads its next job at once, while the loop is still busy with the result);
@@ -59,10 +57,9 @@ class Worker:
 
     def __init__(self, pool: "WorkerPool") -> None:
         self.pool = pool
-        env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smtpgw.scan.job", "--snapshot", pool.config_path],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True, cwd="/",
+            child_command("smtpgw.scan.job", "--snapshot", pool.config_path),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_environment(), close_fds=True, cwd="/",
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.stdin = self.proc.stdin.fileno()

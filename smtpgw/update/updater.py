@@ -98,6 +98,7 @@ from smtpgw.spool.durable import fsync_dir, write_durably
 from smtpgw.update.signing import (
     MAX_SIGNATURE_BYTES, SIGNATURE, PublicKey, SignatureError, check_signature, generate, shipped_keys,
 )
+from smtpgw.update import CONFIG_INVALID, CRITICAL, LICENCE, NO_UPDATE, POST_UPDATE_FAILED, UPDATED
 from smtpgw.update.updateset import (
     CHUNK, INDEX, MAX_INDEX_BYTES, MAX_REJECTED, Entry, Index, Layout, UpdateError, build_signed_set,
     build_update_set, check_contents, copy_into, database_version, make_folder, matches, printable, read_index, scan_files,
@@ -113,7 +114,6 @@ __all__ = [
     "rollback", "run", "update", "version_key",
 ]
 
-NO_UPDATE, UPDATED, CRITICAL, POST_UPDATE_FAILED, LICENCE, CONFIG_INVALID = 0, 1, 10, 30, 60, 75
 MEANING = {NO_UPDATE: "no update needed", UPDATED: "updated", CRITICAL: "critical error, aborted",
            POST_UPDATE_FAILED: "post-update action failed", CONFIG_INVALID: "configuration unreadable or invalid"}
 DEFAULT_CONFIG = "/etc/smtpgw/smtpgw.conf"

@@ -221,7 +221,7 @@ def test_a_group_uses_its_own_templates(make_gateway, sink, clamd, tmp_path):
     import subprocess
     import sys
 
-    from smtpgw.scan.antivirus import TEMPLATES
+    from smtpgw.scan.results import TEMPLATES
     from tests.support.net import SMTPGW
 
     lab = tmp_path / "lab-templates"

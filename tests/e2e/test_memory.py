@@ -74,3 +74,30 @@ def test_a_deferred_message_waits_on_disk_not_in_memory(make_gateway, sink):
     wait_until(lambda: gw.queued("QUE"), 10, "the record back in QUE")
     registries = gw.memory_report()["registries"]
     assert (registries["sender_schedule"], registries["sender_envelopes"]) == (1, 0)
+
+
+def test_the_gateway_s_processes_run_without_site_packages_and_workers_without_openssl(make_gateway, sink, clamd):
+    """The main process (the launcher runs itself again), its incoming process and its scanner workers
+    are ``python3 -S -s`` (smtpgw.child_command): no site packages imported into any of them; a scanner
+    worker, which speaks no TLS, maps no libcrypto (it hashes with the interpreter's own SHA code)."""
+    gw = make_gateway(sink.port, extra={
+        "smtpgw.limits": [("IncomingProcesses", "2")],
+        "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],
+        "smtpgw.policy": [("Check", "true"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none")],
+    })
+    with smtplib.SMTP("127.0.0.1", gw.port, timeout=30) as client:
+        client.sendmail("a@src.test", ["rcpt@example.test"], b"Subject: scanned\r\n\r\nbody\r\n")
+    sink.wait_for(1, 60)
+    with open(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    roles = {}
+    for pid in [gw.proc.pid] + children:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+        assert b"-S" in args and b"-s" in args, args
+        roles[pid] = b"smtpgw.scan.job" in args
+    workers = [pid for pid, worker in roles.items() if worker]
+    assert workers and len(children) > len(workers)  # the workers and the incoming process
+    for pid in workers:
+        with open(f"/proc/{pid}/maps") as f:
+            assert "libcrypto" not in f.read()
