@@ -15,7 +15,7 @@ from smtpgw.spool.queue import CHK, Envelope, Queue, Recipient, new_id
 from tests.support.clamd import STALL_MARKER
 from tests.support.net import GatewayProcess
 
-JOB_TIMEOUT = 3.0  # seconds; a scan of a small clean message takes milliseconds
+JOB_TIMEOUT = 6.0  # seconds; a scan of a small clean message takes milliseconds, a fresh worker's first one longer on a busy machine
 
 
 def queued(queue: Queue, body: bytes) -> Envelope:
