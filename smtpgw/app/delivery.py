@@ -22,7 +22,8 @@ in the main process, in the gateway's place of its Sender); the process itself
   ...], "free": [paths], "registries": {...}}``: the counters the Sender changed, the messages
   whose last recipient got its final state (the console's delivery latency and top groups),
   recycled tmp/ files for the main process to write again (``Queue.spare_free``), and, once a
-  second, the Sender's registry lengths (``.c_memory``).
+  second and when asked (``{"registries": true}``, answered with ``"answer": true``), the Sender's
+  registry lengths (``.c_memory``).
 
 Must never: let the main process move a record into or out of SND (only the delivery process
 delivers; the main process takes a record out of QUE only by ``Queue.take_out``, which the
@@ -67,6 +68,7 @@ INDEX = MAX_PROCESSES - 1  # the last character of the IDs it makes (DSNs): abov
 CHUNK = 500  # queue IDs or entries per packet
 REPORT_INTERVAL = 1.0  # seconds: counters and registries reported at least this often
 KEEP_FREE = 64  # recycled files it keeps for its own record writes; the rest go to the main process
+ASK_TIMEOUT = 2.0  # seconds .c_memory waits for the delivery process's registries
 STOP_GRACE = 5.0  # seconds deliveries in flight have to end at stop (as the single process's SHUTDOWN_GRACE)
 QUICK_DEATH = 1.0  # a process that dies younger than this is started again only after RESTART_PAUSE
 RESTART_PAUSE = 1.0
@@ -137,6 +139,7 @@ class Delivery:
         self.sending = False
         self.gauge = 0  # the process's share of mta_outgoing_connections_current
         self.figures: dict[str, int] = {}  # its registries as last reported
+        self.asked: list[Callable[[], None]] = []  # what waits for its registries as they are now
 
     # -- start, restart ----------------------------------------------------------------
     def start(self) -> None:
@@ -186,6 +189,8 @@ class Delivery:
             self.master.queue.adopt_free(message["free"])
         if "registries" in message:
             self.figures = message["registries"]
+        if message.get("answer"):
+            self._answered()
 
     def _lost(self) -> None:
         """Its channel closed: the process ended (or is ending); its connections with it."""
@@ -261,6 +266,22 @@ class Delivery:
 
     def registries(self) -> dict[str, int]:
         return dict(self.figures)
+
+    def ask_registries(self, then: Callable[[], None]) -> None:
+        """``then`` runs once the process has reported its registries as they are now (after
+        everything handed to it so far), or after ASK_TIMEOUT without an answer (the last ones)."""
+        self.asked.append(then)
+        if self.channel is None:
+            self._answered()
+            return
+        self._send_due()
+        self._send({"registries": True})
+        self.master.loop.call_later(ASK_TIMEOUT, self._answered)
+
+    def _answered(self) -> None:
+        asked, self.asked = self.asked, []
+        for then in asked:
+            then()
 
     def pids(self) -> list[int]:
         return [self.proc.pid] if self.proc is not None else []
@@ -349,6 +370,8 @@ class DeliveryProcess:
             self.sender.send_all()
         if "sending" in message:
             self.sender.switch(bool(message["sending"]))
+        if message.get("registries"):
+            self._send_report(figures=True, answer=True)
         if message.get("reload"):
             self.reload()
         if message.get("stop"):
@@ -359,7 +382,7 @@ class DeliveryProcess:
             self.reporting = True
             self.loop.call_soon(self._send_report)
 
-    def _send_report(self, figures: bool = False) -> None:
+    def _send_report(self, figures: bool = False, answer: bool = False) -> None:
         self.reporting = False
         done, self.done = self.done, []
         deltas = {name: value for name, value in self.stats.counters.items() if value}
@@ -376,6 +399,8 @@ class DeliveryProcess:
                     packet["stats"] = deltas
                 if figures:
                     packet["registries"] = self.sender.registries()
+                if answer:
+                    packet["answer"] = True
             if packet:
                 self.channel.send(packet)
 

@@ -581,7 +581,10 @@ class Gateway:
         self.digest.send_now()
 
     def dump_memory(self) -> None:
-        memory.dump(self)
+        if isinstance(self.sender, Delivery):  # with the delivery process's registries as they are now
+            self.sender.ask_registries(lambda: memory.dump(self))
+        else:
+            memory.dump(self)
 
     def send_all(self) -> int:
         return self.sender.send_all() + self.scanner.rescan_all()
