@@ -29,7 +29,8 @@ Must never: let the main process move a record into or out of SND (only the deli
 delivers; the main process takes a record out of QUE only by ``Queue.take_out``, which the
 Sender's QUE → SND rename excludes); keep sending once the main process is gone (its channel
 closed: it exits at once, and what it was sending is in SND, delivered again at the next start);
-import the receiver, the scanner, the console or the spam engine into the delivery process.
+import the receiver, the scanner, the console (config.py checks passwords with its auth module) or the
+spam engine into the delivery process.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from smtpgw import PACKAGE_DIR
 from smtpgw import log as logsetup
-from smtpgw.app.channel import Channel, exit_orphaned, exit_status, leave, flush_log_every, publish_reload, serve_signals, setup_log
+from smtpgw.app.channel import (
+    Channel, exit_orphaned, exit_status, flush_log_every, leave, publish_reload, serve_signals, setup_log,
+)
 from smtpgw.config import Config, load_snapshot, save_snapshot
 from smtpgw.deliver.sender import Sender
 from smtpgw.net.dns import Resolver

@@ -46,7 +46,9 @@ from typing import Any, Callable, Protocol
 
 from smtpgw import PACKAGE_DIR
 from smtpgw import log as logsetup
-from smtpgw.app.channel import Channel, exit_orphaned, exit_status, leave, flush_log_every, publish_reload, serve_signals, setup_log
+from smtpgw.app.channel import (
+    Channel, exit_orphaned, exit_status, flush_log_every, leave, publish_reload, serve_signals, setup_log,
+)
 from smtpgw.config import Config, load_snapshot, save_snapshot
 from smtpgw.net import smtp
 from smtpgw.net.dns import Resolver
