@@ -403,6 +403,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.timeouts", "SendingDataTerminationTimeout", INT, "1-7200 s", 300),
     P("smtpgw.timeouts", "SendingQuitTimeout", INT, "1-1200 s", 300),
     P("smtpgw.timeouts", "IncomingProcessTimeout", INT, "3-3600 s", 60),
+    P("smtpgw.timeouts", "DeliveryProcessTimeout", INT, "3-3600 s", 60),
     P("smtpgw.resolve", "InternalRecursionEnabled", BOOL, "", False),
     P("smtpgw.resolve", "InternalRecursionsLimit", INT, "1-100", 32),
     P("smtpgw.resolve", "IONetworkTimeout", INT, "1-1200 s", 5),

@@ -137,6 +137,8 @@ class Delivery:
         self.channel: Channel | None = None
         self.enabled = True
         self.started = 0.0
+        self.heard = 0.0  # time.monotonic() of its last packet (DeliveryProcessTimeout)
+        self.ready = False  # it has loaded QUE (watched from then on)
         self.reap_tries = 0
         self.due: list[list[Any]] = []  # [id, when, priority] not yet sent
         self.sending = False
@@ -149,6 +151,22 @@ class Delivery:
         """Started after the listeners are bound and the privileges dropped (gateway start)."""
         save_snapshot(config_path(self.master.queue.root), self.master.cfg)
         self._spawn()
+        self.master.loop.call_later(REPORT_INTERVAL, self._check_alive)
+
+    def _check_alive(self) -> None:
+        """It sends a packet at least every REPORT_INTERVAL; one silent for DeliveryProcessTimeout
+        is hung (its loop stopped: stuck, or stopped by a signal) and is killed, then reaped and
+        started again like one that died (as Postfix's daemon_timeout)."""
+        if self.master.stopping:
+            return
+        limit = self.master.cfg.timeouts.DeliveryProcessTimeout
+        now = time.monotonic()
+        if self.ready and self.proc is not None and now - self.heard > limit:
+            log.error("delivery process (pid %d) silent for %ds (DeliveryProcessTimeout): killed",
+                      self.proc.pid, int(now - self.heard))
+            self.proc.kill()
+            self.heard = now  # its channel closes next: _lost reaps it and starts a new one
+        self.master.loop.call_later(REPORT_INTERVAL, self._check_alive)
 
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -165,7 +183,8 @@ class Delivery:
             return
         finally:
             theirs.close()
-        self.started = time.monotonic()
+        self.started = self.heard = time.monotonic()
+        self.ready = False
         self.reap_tries = 0
         self.due.clear()  # the new process takes every record in QUE itself
         self.channel = Channel(self.master.loop, ours, self._message, self._lost)
@@ -175,9 +194,11 @@ class Delivery:
             self._spawn()
 
     def _message(self, message: dict[str, Any], fds: list[int]) -> None:
+        self.heard = time.monotonic()
         for fd in fds:  # it sends none
             os.close(fd)
         if message.get("ready"):
+            self.ready = True
             assert self.proc is not None
             resumed = message.get("resumed", 0)
             log.info("delivery process started, pid=%d%s", self.proc.pid,
@@ -198,6 +219,7 @@ class Delivery:
     def _lost(self) -> None:
         """Its channel closed: the process ended (or is ending); its connections with it."""
         self.channel = None
+        self.ready = False
         self.master.stats.inc(GAUGE, -self.gauge)
         self.gauge = 0
         self.figures = {}

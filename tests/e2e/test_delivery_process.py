@@ -129,3 +129,19 @@ def test_queue_remove_and_send_reach_the_delivery_process(make_gateway, sink):
     sink.wait_for(1)
     assert subjects(sink) == ["kept"]
     wait_until(lambda: not gw.queued(), 10, "the sent one unlinked")
+
+
+def test_a_hung_delivery_process_is_killed_and_replaced(make_gateway, sink):
+    gw = make_gateway(sink.port, extra={"smtpgw.limits": [("DeliveryProcess", "yes")],
+                                        "smtpgw.timeouts": [("DeliveryProcessTimeout", "3")]})
+    pid = delivery_pid(gw)
+    os.kill(pid, signal.SIGSTOP)  # its loop stops: no packet any more
+    try:
+        gw.wait_log(rf"delivery process \(pid {pid}\) silent for \d+s \(DeliveryProcessTimeout\): killed")
+    finally:
+        if not gone(pid):
+            os.kill(pid, signal.SIGCONT)
+    assert delivery_pid(gw, count=2) != pid
+    send(gw, "after-hang")
+    sink.wait_for(1)
+    assert subjects(sink) == ["after-hang"]
