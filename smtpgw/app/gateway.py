@@ -300,6 +300,7 @@ class Gateway:
         processes = process_count(self.cfg)
         if processes > 1 or isinstance(self.sender, Delivery):
             set_process(0)  # queue IDs end in the index of the process that made them
+        if processes > 1:
             self.incoming = Incoming(self, processes)
             self.incoming.start()
         for listener in self.listeners:

@@ -46,6 +46,7 @@ def test_messages_go_out_through_the_delivery_process_and_are_counted_by_the_mai
     gw = make_gateway(sink.port, extra=ON)
     pid = delivery_pid(gw)
     ids = [send(gw, f"out-{n}") for n in range(3)]
+    assert {qid[-1] for qid in ids} == {"0"}  # made by the main process (the delivery process's end in S)
     sink.wait_for(3)
     assert sorted(subjects(sink)) == ["out-0", "out-1", "out-2"]
     for qid in ids:  # logged by the delivery process itself, whole lines in the one log
