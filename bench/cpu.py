@@ -122,6 +122,8 @@ def kind_of(pid: int, main: int) -> str:
             command = f.read()
     except OSError:
         return "other"
+    if b"app.delivery" in command:
+        return "delivery"
     return "workers" if b"scan.job" in command or b"scan.workers" in command else "incoming"
 
 
@@ -190,7 +192,7 @@ def measure(tree: str, check: bool, tmp: str, sink_port: int, clamd, args, profi
         gw.stop(60)
     n = args.messages
     parts = []
-    for kind in ("main", "loop", "incoming", "workers", "clamd"):
+    for kind in ("main", "loop", "incoming", "delivery", "workers", "clamd"):
         if kind in after:
             user = after[kind][0] - before.get(kind, (0, 0))[0]
             system = after[kind][1] - before.get(kind, (0, 0))[1]

@@ -80,10 +80,12 @@ def mappings(pid: int, top: int = 6) -> list[tuple[str, int]]:
 
 
 def role_of(pid: int) -> str:
-    """``incoming`` for an incoming process (IncomingProcesses), else ``worker``."""
+    """``incoming`` for an incoming process (IncomingProcesses), ``delivery`` for the delivery
+    process (DeliveryProcess), else ``worker``."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as src:
-            return "incoming" if b"smtpgw.app.incoming" in src.read() else "worker"
+            command = src.read()
+        return "incoming" if b"smtpgw.app.incoming" in command else "delivery" if b"smtpgw.app.delivery" in command else "worker"
     except OSError:
         return "worker"
 
@@ -164,6 +166,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=40)
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--incoming-processes", type=int, default=0, help="IncomingProcesses (default 0: half the cores, at least one)")
+    parser.add_argument("--delivery-process", choices=("yes", "no"), default="no", help="DeliveryProcess (default no)")
     parser.add_argument("--detail", action="store_true", help="the largest mappings of each process (MiB)")
     parser.add_argument("--trace", action="store_true",
                         help="trace the main process's allocations (PYTHONTRACEMALLOC): bytes per idle session and where")
@@ -184,7 +187,8 @@ def main() -> int:
             "path": [("BasesPath", bases)],
             "smtpgw.limits": [("IncomingSessions", str(min(args.idle + 24, 1024))),  # the schema's bound
                               ("MaximalIncomingSessionsPerIP", str(min(args.idle + 24, 1024))),
-                              ("IncomingProcesses", str(args.incoming_processes))],
+                              ("IncomingProcesses", str(args.incoming_processes)),
+                              ("DeliveryProcess", args.delivery_process)],
             "smtpgw.options": [("LogLevel", "info")],
             "smtpgw.antispam": [("Check", "true")],
             "smtpgw.ave": [("ClamdAddress", clamd.unix_address)],

@@ -434,11 +434,12 @@ class Stack:
 
 
 def smtpgw_stack(folder: str, sink_port: int, clamd_address: str | None, check: bool,
-                 processes: int = 0) -> GatewayProcess:
-    return GatewayProcess(folder, sink_port, extra=smtpgw_settings(clamd_address, check, processes))
+                 processes: int = 0, delivery: str = "") -> GatewayProcess:
+    return GatewayProcess(folder, sink_port, extra=smtpgw_settings(clamd_address, check, processes, delivery))
 
 
-def smtpgw_settings(clamd_address: str | None, check: bool, processes: int = 0) -> dict[str, list[tuple[str, str]]]:
+def smtpgw_settings(clamd_address: str | None, check: bool, processes: int = 0,
+                    delivery: str = "") -> dict[str, list[tuple[str, str]]]:
     """The benchmark's settings of smtpgw (beside tests/support's base configuration)."""
     policy = [("Check", "true" if check else "false"), ("NotifyAdmin", "none"), ("NotifyRecipient", "none")]
     # the per-client limits opened for the one load-generating client, and the deliveries to the
@@ -446,7 +447,7 @@ def smtpgw_settings(clamd_address: str | None, check: bool, processes: int = 0) 
     extra = {
         "smtpgw.limits": [("IncomingSessions", "1024"), ("MaximalIncomingSessionsPerIP", "1024"),
                           ("MaximalIncomingMessagesPerSession", "1024"), ("IncomingProcesses", str(processes)),
-                          ("MaximalOutgoingSessionsPerHost", "20")],
+                          ("MaximalOutgoingSessionsPerHost", "20")] + ([("DeliveryProcess", delivery)] if delivery else []),
         "smtpgw.options": [("LogLevel", "info")],
         "smtpgw.policy": policy,
         "smtpgw.antispam": [("Check", "true" if check else "false")],
@@ -486,7 +487,7 @@ def run_stacks(args: argparse.Namespace, tmp: str) -> int:
     # clamd writes every stream it scans to a file in its TemporaryDirectory: on a tmpfs, as a
     # deployment would put it, a scan creates no inode on the spool's disk (both stacks use it)
     clamd = start_clamd(temporary_parent=RAM_DISK) if which("clamd") else None
-    stacks = [s for s in build_stacks(tmp, sink.port, clamd, args.incoming_processes) if not args.only or s.name in args.only.split(",")]
+    stacks = [s for s in build_stacks(tmp, sink.port, clamd, args.incoming_processes, args.delivery_process) if not args.only or s.name in args.only.split(",")]
     try:
         for stack in stacks:
             why = stack.missing()
@@ -527,7 +528,7 @@ def probe_story(stack: Stack, label: str, n: int) -> str:
     return " | ".join(line for line in lines if any(f" {qid}: " in line for qid in ids)) or "nothing logged"
 
 
-def build_stacks(tmp: str, sink_port: int, clamd, processes: int = 0) -> list[Stack]:
+def build_stacks(tmp: str, sink_port: int, clamd, processes: int = 0, delivery: str = "") -> list[Stack]:
     clamd_missing = (lambda: None) if clamd is not None else (lambda: "clamd is not installed (clamav-daemon)")
     plain = PostfixRelay(os.path.join(tmp, "pf-plain"), sink_port) if not postfix_missing() else None
     stacks = [Stack("plain", "Postfix, plain relay (no filtering)", postfix_missing,
@@ -549,7 +550,7 @@ def build_stacks(tmp: str, sink_port: int, clamd, processes: int = 0) -> list[St
     stacks.append(Stack("rspamd", "Postfix + rspamd 3.4 milter (+ clamd)",
                         lambda: clamd_missing() or rspamd_missing(), start_rspamd, stop_rspamd, lambda: ""))
     for name, check in (("gw-on", True), ("gw-off", False)):
-        gw = smtpgw_stack(os.path.join(tmp, name), sink_port, clamd.unix_address if clamd else None, check, processes)
+        gw = smtpgw_stack(os.path.join(tmp, name), sink_port, clamd.unix_address if clamd else None, check, processes, delivery)
         stacks.append(Stack(name, f"smtpgw, Check={'true' if check else 'false'}" + (" (spam + clamd)" if check else " (relay only)"),
                             clamd_missing if check else (lambda: None),
                             (lambda gw=gw: (gw.start(), gw.port)[1]), (lambda gw=gw: gw.stop()),
@@ -578,4 +579,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one run's last message")
     parser.add_argument("--incoming-processes", type=int, default=0,
                         help="smtpgw's IncomingProcesses (default 0: half the cores, at least one)")
+    parser.add_argument("--delivery-process", choices=("yes", "no"), default="",
+                        help="smtpgw's DeliveryProcess (default: the configuration's default)")
     parser.add_argument("--only", help="these stacks only (--stacks), e.g. gw-on,rspamd (names: plain, rspamd, gw-on, gw-off)")

@@ -372,6 +372,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.limits", "MaximalScanAttempts", INT, "1-100", 3),
     P("smtpgw.limits", "IncomingSessions", INT, "1-1024", 100),
     P("smtpgw.limits", "IncomingProcesses", INT, "0-24", 0),  # 0: half the cores, at least 1 (app/incoming.py)
+    P("smtpgw.limits", "DeliveryProcess", BOOL, "", False),  # the Sender in a process of its own (app/delivery.py)
     P("smtpgw.limits", "OutgoingSessions", INT, "1-1024", 20),
     P("smtpgw.limits", "MaximalIncomingHops", INT, "1-100", 20),
     P("smtpgw.limits", "MaximalIncomingMessageSize", INT, "64-204800 KB", 10240),
@@ -401,6 +402,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.timeouts", "SendingDataTerminationTimeout", INT, "1-7200 s", 300),
     P("smtpgw.timeouts", "SendingQuitTimeout", INT, "1-1200 s", 300),
     P("smtpgw.timeouts", "IncomingProcessTimeout", INT, "3-3600 s", 60),
+    P("smtpgw.timeouts", "DeliveryProcessTimeout", INT, "3-3600 s", 60),
     P("smtpgw.resolve", "InternalRecursionEnabled", BOOL, "", False),
     P("smtpgw.resolve", "InternalRecursionsLimit", INT, "1-100", 32),
     P("smtpgw.resolve", "IONetworkTimeout", INT, "1-1200 s", 5),

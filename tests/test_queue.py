@@ -208,3 +208,29 @@ def test_write_durably_through_a_given_file_writes_it_from_its_start(tmp_path):
     write_durably(str(tmp_path / "again"), b"made anew", temp=str(old))  # gone meanwhile: a temp of its own
     assert (tmp_path / "again").read_bytes() == b"made anew"
     assert sorted(os.listdir(tmp_path)) == ["again", "file"]
+
+
+def test_take_out_removes_a_record_only_while_it_is_in_its_state(tmp_path):
+    """The main process and the delivery process race for a QUE record: one rename decides."""
+    queue = Queue(str(tmp_path / "q"))
+    moved, kept = make(queue, QUE), make(queue, QUE)
+    queue.move(moved.id, QUE, SND)  # the delivery process took it first
+    assert not queue.take_out(moved.id, QUE)
+    assert queue.find(moved.id) == SND and os.path.exists(queue.msg_path(moved.id))
+    assert queue.take_out(kept.id, QUE)
+    assert queue.find(kept.id) is None and not os.path.exists(queue.msg_path(kept.id))
+    assert os.listdir(os.path.join(queue.root, QUE)) == []  # the claimed name is gone too
+
+
+def test_recycled_files_handed_to_another_process_are_written_again_there(tmp_path):
+    """The delivery process frees files; the main process adopts them (up to its limit)."""
+    delivering, main = Queue(str(tmp_path / "q")), Queue(str(tmp_path / "q"))
+    for env in [make(delivering, SND) for _ in range(3)]:
+        delivering.remove(env.id, SND, keep_files=True)
+    spared = delivering.spare_free(keep=2)
+    assert len(spared) == 4 and len(delivering._free) == 2
+    outside = str(tmp_path / "elsewhere")
+    open(outside, "w").close()
+    main.adopt_free([*spared, outside])
+    assert sorted(main._free) == sorted(spared) and not os.path.exists(outside)
+    assert main.take_free() in spared

@@ -84,3 +84,12 @@ def item(status: str, spam: str | None = None) -> Item:
 def test_learn_on_release_takes_only_a_spam(stored: Item, learned: bool) -> None:
     assert ops.learns_on_release(stored, True) is learned
     assert ops.learns_on_release(stored, False) is False
+
+
+def test_a_removal_the_stage_refuses_is_answered_and_not_counted(tmp_path: Path) -> None:
+    """The delivery process took the record into SND between the lookup and the removal."""
+    queue = Queue(str(tmp_path / "q"))
+    qid = queued(queue, QUE)
+    refusal = ops.removal_refused(qid, SND)
+    assert ops.remove_request(queue, "remove", qid, lambda q, s: refusal) == (ops.NOT_PERFORMED, refusal)
+    assert ops.remove_request(queue, "remove-all", None, lambda q, s: refusal) == (ops.DONE, "0 message(s) removed")

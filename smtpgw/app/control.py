@@ -68,8 +68,9 @@ class Operations(Protocol):
     def dump_memory(self) -> None:
         """``.c_memory``."""
 
-    def remove_queued(self, qid: str, state: str) -> None:
-        """``queue remove``: the message out of its stage and the spool."""
+    def remove_queued(self, qid: str, state: str) -> str | None:
+        """``queue remove``: the message out of its stage and the spool; or why it is not (it
+        moved on meanwhile)."""
 
     def send_all(self) -> int:
         """``queue send-all``: how many messages were scheduled."""

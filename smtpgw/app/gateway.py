@@ -34,6 +34,7 @@ from smtpgw import RELEASE_INTERVAL
 from smtpgw import log as logsetup
 from smtpgw.app import memory
 from smtpgw.app.control import Control
+from smtpgw.app.delivery import Delivery, archive_copy, client_tls, remove_delivered
 from smtpgw.app.incoming import Incoming, process_count, server_tls
 from smtpgw.config import Config, ConfigError, load_config, save_snapshot
 from smtpgw.console.server import BindError, Console
@@ -54,7 +55,7 @@ from smtpgw.spam.database import DatabaseError, database_file, site_file
 from smtpgw.spam.dbindex import open_database
 from smtpgw.spam.spamfilter import default_bases, describe, site_layer
 from smtpgw.spool import ops
-from smtpgw.spool.queue import QUE, SND, WFC, WFS, Committer, Envelope, Queue, RecipientState, set_process
+from smtpgw.spool.queue import QUE, WFC, WFS, Committer, Envelope, Queue, set_process
 from smtpgw.spool.store import Item, Store, lifetimes, purge_stores
 from smtpgw.stats import Stats, history_path, save as save_stats
 
@@ -113,9 +114,10 @@ class Gateway:
         self.incoming_archive = Store(cfg.path.IncomingArchivePath) if cfg.path.IncomingArchivePath else None
         self.outgoing_archive = Store(cfg.path.OutgoingArchivePath) if cfg.path.OutgoingArchivePath else None
         self.ssl_context = self._server_tls(cfg)
-        self.client_tls_context = self._client_tls()
+        self.client_tls_context = client_tls()
         self.resolver = Resolver.from_config(self.loop, cfg.resolve)
-        self.sender = Sender(self)
+        # DeliveryProcess: the Sender stage in a process of its own (app/delivery.py)
+        self.sender: Sender | Delivery = Delivery(self) if cfg.limits.DeliveryProcess else Sender(self)
         self.scanner = Scanner(self)
         self.control = Control(self)
         self.console = Console(self)
@@ -215,15 +217,6 @@ class Gateway:
         configuration at reload keeps the old one."""
         save_snapshot(worker_config_path(self.queue.root), cfg)
 
-    @staticmethod
-    def _client_tls() -> ssl.SSLContext:
-        # Opportunistic TLS (RFC 7435): encrypt when offered, do not authenticate.
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        return context
-
     # -- start and stop ---------------------------------------------------------------
     def lock_queue(self) -> None:
         """One gateway per queue: an exclusive lock held while running."""
@@ -306,15 +299,19 @@ class Gateway:
         counts = self.queue.recover()
         log.info("queue %s recovered: %s", self.queue.root, ", ".join(f"{k}={v}" for k, v in counts.items()))
         processes = process_count(self.cfg)
-        if processes > 1:
+        if processes > 1 or isinstance(self.sender, Delivery):
             set_process(0)  # queue IDs end in the index of the process that made them
+        if processes > 1:
             self.incoming = Incoming(self, processes)
             self.incoming.start()
         for listener in self.listeners:
             listener.start()
         self.scanner.load()
-        self.sender.load()
-        self.sender.purge_unreachable()
+        if isinstance(self.sender, Delivery):
+            self.sender.start()  # it takes every record in QUE itself
+        else:
+            self.sender.load()
+            self.sender.purge_unreachable()
         self.control.start()
         self.console.start()
         self._purge_stores()
@@ -412,10 +409,14 @@ class Gateway:
             self.incoming.stop()
         self.control.stop()
         self.digest.stop()
-        self.sender.enabled = False
-        self.scanner.stop()
-        self.loop.run_until(self.sender.idle, SHUTDOWN_GRACE)
-        self.sender.stop()
+        if isinstance(self.sender, Delivery):
+            self.scanner.stop()
+            self.sender.stop()  # deliveries in flight end there, SHUTDOWN_GRACE at most
+        else:
+            self.sender.enabled = False
+            self.scanner.stop()
+            self.loop.run_until(self.sender.idle, SHUTDOWN_GRACE)
+            self.sender.stop()
         self.loop.run_until(lambda: not self.inbound.open, 1.0)
         self.console.save_history()
         self.committer.close()
@@ -472,6 +473,11 @@ class Gateway:
         self.listeners = listeners
         if self.incoming is not None:
             self.incoming.reload(cfg)
+        if isinstance(self.sender, Delivery):
+            self.sender.reload(cfg)
+        if cfg.limits.DeliveryProcess != isinstance(self.sender, Delivery):
+            log.warning("reload: DeliveryProcess=%s takes effect at the next start",
+                        "yes" if cfg.limits.DeliveryProcess else "no")
         running = len(self.incoming.children) + 1 if self.incoming is not None else 1
         if process_count(cfg) != running:
             log.warning("reload: IncomingProcesses=%d takes effect at the next start (%d now)",
@@ -513,7 +519,7 @@ class Gateway:
                 self.message_scanned(notice)
         archive = self.incoming_archive
         if archive is not None:  # kmg-spec §3.9: a copy of every received message
-            self.committer.run(self._archive_copy(archive, env, "RCV"))
+            self.committer.run(archive_copy(self.queue, archive, env, "RCV"))
         self.scanner.accept(env)
         if self.incoming is not None:  # the day's quota counts and the scan wait, to the other processes
             self.incoming.counted(env)
@@ -522,12 +528,20 @@ class Gateway:
         self.traffic.scanned(env)
         self.sender.enqueue(env.id, env.next_attempt, env.priority, env)
 
-    def remove_queued(self, qid: str, state: str) -> None:
-        """The admin removed a message (``queue remove``); one in CHK has its scan result discarded."""
-        self.sender.forget(qid)
-        self.scanner.cancel(qid)
-        ops.remove_record(self.queue, qid, state)
+    def remove_queued(self, qid: str, state: str) -> str | None:
+        """The admin removed a message (``queue remove``); one in CHK has its scan result discarded.
+        With a delivery process a record in QUE may be taken into SND at the same moment: then
+        it is not removed, and why is answered."""
+        if state == QUE and isinstance(self.sender, Delivery):
+            refused = self.sender.take_out(qid)
+            if refused:
+                return refused
+        else:
+            self.sender.forget(qid)
+            self.scanner.cancel(qid)
+            ops.remove_record(self.queue, qid, state)
         event(qid, "REMOVED, state=%s, by=admin", state)
+        return None
 
     def reload_databases(self) -> None:
         """``.c_db_reload``: new scanner workers load the databases again (unless the spam one is damaged)."""
@@ -550,9 +564,7 @@ class Gateway:
         if what == "receiving":
             self.receiving = on
         elif what == "sending":
-            self.sender.enabled = on
-            if on:
-                self.sender.kick()
+            self.sender.switch(on)
         else:
             self.scanner.enabled = on
             if on:
@@ -571,7 +583,10 @@ class Gateway:
         self.digest.send_now()
 
     def dump_memory(self) -> None:
-        memory.dump(self)
+        if isinstance(self.sender, Delivery):  # with the delivery process's registries as they are now
+            self.sender.ask_registries(lambda: memory.dump(self))
+        else:
+            memory.dump(self)
 
     def send_all(self) -> int:
         return self.sender.send_all() + self.scanner.rescan_all()
@@ -583,20 +598,6 @@ class Gateway:
             self.scanner.prioritise(qid)
 
     def delivery_complete(self, env: Envelope) -> None:
+        """(DeliveryProcess=no; the delivery process does the same and reports the latency)"""
         self.traffic.delivered(env)
-        archive = self.outgoing_archive
-        copy = None
-        if archive is not None and any(r.state == RecipientState.SENT for r in env.recipients):
-            # kmg-spec §3.9: every message sent, notifications and DSNs included
-            copy = self._archive_copy(archive, env, "SNT")
-        self.committer.remove(env.id, SND, before=copy)
-
-    def _archive_copy(self, archive: Store, env: Envelope, status: str) -> Callable[[], None]:
-        """(run in an I/O thread) A copy of ``env``'s message as it is read (``Queue.open_message``:
-        with the header a scan put in its record) into ``archive``."""
-        record = env.as_dict(spool=False)
-
-        def put() -> None:
-            with self.queue.open_message(env) as message:
-                archive.put(env.id, message, record, status)
-        return put
+        remove_delivered(self.queue, self.committer, self.outgoing_archive, env)

@@ -33,21 +33,22 @@ console or the spam engine into an incoming process.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pickle
-import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from typing import Any, Callable, Protocol
 
-from smtpgw import RELEASE_INTERVAL, child_command, child_environment, release_heap
-from smtpgw import log as logsetup
+from smtpgw import RELEASE_INTERVAL, child_command, child_environment
+from smtpgw.app.channel import (
+    Channel, exit_orphaned, exit_status, flush_log_every, leave, publish_reload, release_heap_every, serve_signals,
+    setup_log,
+)
 from smtpgw.config import Config, load_snapshot, save_snapshot
 from smtpgw.net import smtp
 from smtpgw.net.dns import Resolver
@@ -61,7 +62,6 @@ from smtpgw.stats import Stats
 log = logging.getLogger("smtpgw")
 
 CONFIG_NAME = ".incoming-config"  # in QueuePath: the configuration the main process accepted (pickled)
-MAX_PACKET = 65536  # bytes of one channel packet; longer lists are sent in several
 CHUNK = 500  # queue IDs or addresses per packet
 STATS_INTERVAL = 1.0  # seconds: counters reported at least this often, a packet sent even with none
 HOLD_POLL = 0.1  # seconds between looks at the scan wait (InFlowDelay) in the main process
@@ -93,92 +93,6 @@ def server_tls(cfg: Config) -> ssl.SSLContext | None:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
     return context
-
-
-class Channel:
-    """One end of a process's socketpair on a loop: JSON packets in and out, a descriptor with
-    a packet; ``on_closed`` runs once when the other end is gone."""
-
-    def __init__(self, loop: EventLoop, sock: socket.socket,
-                 on_message: Callable[[dict[str, Any], list[int]], None], on_closed: Callable[[], None]) -> None:
-        self.loop = loop
-        self.sock = sock
-        self.on_message = on_message
-        self.on_closed = on_closed
-        self.outbox: deque[bytes] = deque()
-        self.closed = False
-        sock.setblocking(False)
-        loop.add_reader(sock, self._readable)
-
-    def _readable(self) -> None:
-        for _ in range(64):  # bounded: other sockets get their turn
-            if self.closed:
-                return
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PACKET, 1)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data, fds = b"", []
-            if not data:
-                self.close()
-                return
-            try:
-                message = json.loads(data)
-            except ValueError:
-                log.error("unreadable packet on an incoming process's channel (%d bytes)", len(data))
-                message = {}
-            self.on_message(message, fds)
-
-    def send(self, message: dict[str, Any]) -> None:
-        """Queue a packet; it leaves as soon as the socket takes it, in order."""
-        if self.closed:
-            return
-        self.outbox.append(json.dumps(message, separators=(",", ":")).encode())
-        self._flush()
-
-    def send_descriptor(self, message: dict[str, Any], fd: int) -> bool:
-        """A packet with a descriptor, now or not at all (False: the other end is behind)."""
-        if self.closed or self.outbox:
-            return False
-        try:
-            socket.send_fds(self.sock, [json.dumps(message, separators=(",", ":")).encode()], [fd])
-        except OSError:  # BlockingIOError among them: the other process is not reading
-            return False
-        return True
-
-    def _flush(self) -> None:
-        while self.outbox:
-            try:
-                self.sock.send(self.outbox[0])
-            except (BlockingIOError, InterruptedError):
-                self.loop.add_writer(self.sock, self._flush)
-                return
-            except OSError:
-                self.close()
-                return
-            self.outbox.popleft()
-        self.loop.remove_writer(self.sock)
-
-    def finish(self, timeout: float) -> None:
-        """Send what is queued, waiting for the socket at most ``timeout`` seconds (at exit)."""
-        if self.closed:
-            return
-        self.sock.settimeout(timeout)
-        try:
-            for packet in self.outbox:
-                self.sock.send(packet)
-        except OSError:
-            pass
-        self.outbox.clear()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.loop.forget(self.sock)
-        self.sock.close()
-        self.on_closed()
 
 
 # -- the main process's side -------------------------------------------------------------------
@@ -335,7 +249,7 @@ class Incoming:
         dropped = self.master.queue.drop_unacknowledged(process_tag(child.index))
         if dropped:
             log.info("incoming process %d: %d file(s) of messages it never acknowledged removed", child.index, dropped)
-        status = f"exit status {proc.returncode}" if proc.returncode >= 0 else f"signal {-proc.returncode}"
+        status = exit_status(proc)
         if self.master.stopping:
             log.info("incoming process %d (pid %d) stopped: %s", child.index, proc.pid, status)
             return
@@ -429,13 +343,8 @@ class Incoming:
 
     def reload(self, cfg: Config) -> None:
         """HUP accepted by the main process: the same configuration, and a reopened log, in each."""
-        try:
-            self.publish(cfg)
-        except OSError as exc:
-            log.error("incoming processes keep their configuration: cannot write %s: %s",
-                      config_path(self.master.queue.root), exc)
-            return
-        self._broadcast({"reload": True})
+        if publish_reload(config_path(self.master.queue.root), cfg, "incoming processes"):
+            self._broadcast({"reload": True})
 
     def stop(self) -> None:
         """Each process closes its sessions (421) and exits; wait for them, STOP_GRACE at most."""
@@ -479,14 +388,11 @@ class IncomingProcess:
         self.channel = Channel(self.loop, channel, self._message, self._master_gone)
 
     def run(self) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops us (a terminal's ^C reaches all)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the main process passes a reload on
-        signal.signal(signal.SIGTERM, lambda *_: self.loop.call_soon(self.stop))
-        signal.set_wakeup_fd(self.loop._wake_w.fileno(), warn_on_full_buffer=False)
+        serve_signals(self.loop, self.stop)
         self.channel.send({"ready": True})
         self.loop.call_later(STATS_INTERVAL, self._report_stats)
-        self.loop.call_later(LOG_FLUSH_INTERVAL, self._flush_log)
-        self.loop.call_later(RELEASE_INTERVAL, self._release_memory)
+        self.loop.call_later(LOG_FLUSH_INTERVAL, flush_log_every, self.loop, LOG_FLUSH_INTERVAL)
+        self.loop.call_later(RELEASE_INTERVAL, release_heap_every, self.loop)
         self.loop.run_forever()
 
     # -- Inbound ------------------------------------------------------------------------
@@ -572,14 +478,6 @@ class IncomingProcess:
         self._send_report()  # with nothing to report too: the main process's watchdog hears it
         self.loop.call_later(STATS_INTERVAL, self._report_stats)
 
-    def _flush_log(self) -> None:
-        logsetup.flush_all()
-        self.loop.call_later(LOG_FLUSH_INTERVAL, self._flush_log)
-
-    def _release_memory(self) -> None:  # as the main process does (app/memory.release)
-        release_heap()
-        self.loop.call_later(RELEASE_INTERVAL, self._release_memory)
-
     # -- reload, stop -------------------------------------------------------------------
     def reload(self) -> None:
         """The configuration the main process accepted, and the log reopened (rotation)."""
@@ -606,23 +504,14 @@ class IncomingProcess:
         self.committer.close()
         self.loop.run_once(0)  # the commits' completions, queued by the I/O threads
         self._send_report()
-        self.channel.finish(STOP_GRACE)
-        self.channel.close()
-        logsetup.flush_all()
-        self.loop.stop()
+        leave(self.loop, self.channel, STOP_GRACE)
 
     def _master_gone(self) -> None:
         """The main process is gone (killed): exit at once, answering nothing more. A message
         whose 250 was sent is in WFC, where the next gateway finds it."""
         if self.stopping:
             return
-        log.error("incoming process %d: the main process is gone; exiting", self.index)
-        logsetup.flush_all()
-        os._exit(1)
-
-
-def setup_log(cfg: Config) -> None:
-    logsetup.setup(cfg.options.LogFile, cfg.options.LogLevel, cfg.locale.DateFormat, cfg.locale.TimeFormat)
+        exit_orphaned(f"incoming process {self.index}")
 
 
 def main(argv: list[str] | None = None) -> int:

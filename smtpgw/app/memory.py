@@ -4,7 +4,7 @@ Owns: a report of the main process's memory (RSS, open file descriptors, the C h
 use and free, live Python objects after a full collection, the objects by type, and, when the
 interpreter traces allocations, tracemalloc's total and its largest sources) together with the
 length of every registry the gateway keeps per message, session or destination, and the RSS of
-its other processes (scanner workers, incoming processes); written as
+its other processes (scanner workers, incoming processes, the delivery process); written as
 JSON to ``<ControlPath>/memory`` (temp, fsync, rename) and summed up in one log line. And
 ``release``: glibc keeps the pages of freed blocks inside its heap resident (it gives back
 only the top), so a process that frees as much as it allocates still grows, by about 150 bytes
@@ -29,6 +29,7 @@ from collections import Counter
 from typing import Any, Protocol
 
 from smtpgw import release_heap
+from smtpgw.app.delivery import Delivery
 from smtpgw.app.incoming import Incoming
 from smtpgw.config import Config
 from smtpgw.deliver.sender import Sender
@@ -111,7 +112,7 @@ class Reported(Protocol):
     loop: EventLoop
     inbound: Sessions
     scanner: Scanner
-    sender: Sender
+    sender: Sender | Delivery
     resolver: Resolver
     stats: Stats
     quota: Quota
@@ -121,7 +122,7 @@ class Reported(Protocol):
 
 def registries(gw: Reported) -> dict[str, int]:
     """The length of every collection the gateway keeps per message, session, destination or timer."""
-    scanner, sender, loop = gw.scanner, gw.sender, gw.loop
+    scanner, loop = gw.scanner, gw.loop
     return {
         "sessions": len(gw.inbound.open),
         "sessions_per_ip": len(gw.inbound.per_ip),
@@ -131,13 +132,7 @@ def registries(gw: Reported) -> dict[str, int]:
         "scanner_scanning": len(scanner.scanning),
         "scanner_held_mail": len(scanner.flow_first) + len(scanner.flow_waiters),
         "scanner_retries": len(scanner.retries),
-        "sender_schedule": len(sender.schedule),
-        "sender_envelopes": len(sender.envelopes),
-        "sender_inflight": len(sender.inflight),
-        "sender_concluding": len(sender.concluding),
-        "sender_destinations": len(sender.dests),
-        "sender_connections": sender.total_connections,
-        "sender_unreachable": len(sender.unreachable),
+        **gw.sender.registries(),  # the delivery process's as it last reported them (DeliveryProcess)
         "dns_cache": gw.resolver.cache_len(),
         "stats_counters": len(gw.stats.counters),
         "quota_recipients": len(gw.quota.recipients),  # at most MaximalProtectedRecipients
@@ -154,6 +149,8 @@ def processes(gw: Reported) -> list[dict[str, Any]]:
     pids = [("worker", worker.proc.pid) for worker in gw.scanner.pool.workers]
     if gw.incoming is not None:
         pids += [("incoming", pid) for pid in gw.incoming.pids()]
+    if isinstance(gw.sender, Delivery):
+        pids += [("delivery", pid) for pid in gw.sender.pids()]
     return [{"kind": kind, "pid": pid, "rss_kib": proc_status(pid).get("VmRSS", 0)} for kind, pid in pids]
 
 

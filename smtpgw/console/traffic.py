@@ -71,8 +71,12 @@ class Traffic:
 
     def delivered(self, env: "Envelope") -> None:
         """Every recipient of a message has its final state (``Gateway.delivery_complete``)."""
-        self.histograms["delivery"].observe(time.time() - env.received_at)
-        _count(self.groups, env.group or "policy")
+        self.delivered_after(time.time() - env.received_at, env.group)
+
+    def delivered_after(self, seconds: float, group: str | None) -> None:
+        """The same, as the delivery process reports it: ``seconds`` from the end of DATA."""
+        self.histograms["delivery"].observe(seconds)
+        _count(self.groups, group or "policy")
 
     def copy(self) -> dict[str, Histogram]:
         return {name: Histogram(list(h.counts), h.total) for name, h in self.histograms.items()}

@@ -173,6 +173,24 @@ class Sender:
         self.schedule = [item for item in self.schedule if item[2] != qid]
         heapq.heapify(self.schedule)
 
+    def switch(self, on: bool) -> None:
+        """Sending on or off (``.c_send_on``/``.c_send_off``); switched on, it starts at once."""
+        self.enabled = on
+        if on:
+            self.kick()
+
+    def registries(self) -> dict[str, int]:
+        """The length of what it keeps per message, destination and hop (the ``.c_memory`` report)."""
+        return {
+            "sender_schedule": len(self.schedule),
+            "sender_envelopes": len(self.envelopes),
+            "sender_inflight": len(self.inflight),
+            "sender_concluding": len(self.concluding),
+            "sender_destinations": len(self.dests),
+            "sender_connections": self.total_connections,
+            "sender_unreachable": len(self.unreachable),
+        }
+
     def kick(self) -> None:
         if not self._pump_due:
             self._pump_due = True
@@ -213,7 +231,11 @@ class Sender:
         env = self.envelopes.get(qid) or self.queue.load(QUE, qid)
         if env is None:
             return
-        self.queue.move(qid, QUE, SND)
+        try:
+            self.queue.move(qid, QUE, SND)
+        except FileNotFoundError:  # removed meanwhile by another process (``Queue.take_out``)
+            self.envelopes.pop(qid, None)
+            return
         pending = env.pending()
         if self._expired(env):
             self._finish(env)

@@ -32,7 +32,9 @@ DONE, BAD_ARGS, UNREADABLE, SYSTEM_ERROR, NOT_PERFORMED = 0, 1, 2, 3, 4
 REMOVABLE = (WFC, CHK, WFS, QUE)
 REMOVED_BY_ALL = (WFC, WFS, QUE)  # ``queue remove-all``: what is not being processed
 
-Remove = Callable[[str, str], None]  # (queue ID, state): takes one message out
+# (queue ID, state): takes one message out; or says why it could not (a record another process
+# of the gateway moved on meanwhile: the delivery process took it out of QUE), and leaves it
+Remove = Callable[[str, str], "str | None"]
 
 
 def locate(queue: Queue, qid: object) -> tuple[str | None, int, str]:
@@ -61,8 +63,8 @@ def remove_request(queue: Queue, op: str, qid: object, remove: Remove) -> tuple[
         removed = 0
         for state in REMOVED_BY_ALL:
             for item in queue.ids(state):
-                remove(item, state)
-                removed += 1
+                if remove(item, state) is None:
+                    removed += 1
         return DONE, f"{removed} message(s) removed"
     state, code, why = locate(queue, qid)
     if state is None:
@@ -71,7 +73,9 @@ def remove_request(queue: Queue, op: str, qid: object, remove: Remove) -> tuple[
     refused = removal_refused(qid, state)
     if refused:
         return NOT_PERFORMED, refused
-    remove(qid, state)
+    refused = remove(qid, state)
+    if refused:
+        return NOT_PERFORMED, refused
     return DONE, f"{qid}: removed"
 
 

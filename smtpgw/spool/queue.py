@@ -242,6 +242,28 @@ class Queue:
         with self._free_lock:
             return self._free.popleft() if self._free else None
 
+    def spare_free(self, keep: int) -> list[str]:
+        """The recycled files beyond ``keep``, taken from this process's list to be handed to
+        another process of the gateway (the delivery process frees the files of the messages
+        it delivers; the main process's sessions and records write them again)."""
+        with self._free_lock:
+            spared = []
+            while len(self._free) > keep:
+                spared.append(self._free.pop())
+            return spared
+
+    def adopt_free(self, paths: list[str]) -> None:
+        """Recycled files another process of the gateway handed over (``spare_free``): kept up to
+        MAX_FREE_FILES, the rest removed."""
+        tmp = os.path.join(self.root, "tmp")
+        with self._free_lock:
+            room = MAX_FREE_FILES - len(self._free)
+            taken = [p for p in paths if os.path.dirname(p) == tmp][:max(0, room)]
+            self._free.extend(taken)
+        for path in paths:
+            if path not in taken:
+                unlink_if_present(path)
+
     def tmp_name(self) -> str:
         """A new name in tmp/: a queue ID of this process and random hex digits."""
         return os.path.join(self.root, "tmp", new_id() + f"{_names.getrandbits(4 * TMP_SUFFIX_CHARS):0{TMP_SUFFIX_CHARS}x}")
@@ -345,6 +367,21 @@ class Queue:
         drop = self.recycle if keep_files else unlink_if_present
         drop(self.record_path(state, qid))
         drop(self.msg_path(qid))
+
+    def take_out(self, qid: str, state: str) -> bool:
+        """Remove a record and its message only if the record is still in ``state``, which
+        another process of the gateway may move on at the same moment (the delivery process
+        takes QUE records into SND): one rename to a hidden name claims it, so either the
+        other process finds it gone or this one does (False: nothing removed). A claimed record
+        left by a crash is removed by ``recover``, and its message with it."""
+        claimed = os.path.join(self.root, state, f".{qid}.removed")
+        try:
+            os.rename(self.record_path(state, qid), claimed)
+        except FileNotFoundError:
+            return False
+        unlink_if_present(claimed)
+        unlink_if_present(self.msg_path(qid))
+        return True
 
     def sync_state_dirs(self) -> None:
         for state in (*STATES, "msg"):

@@ -7,31 +7,19 @@ Which process served a message shows in its queue ID (the last character: 0 the 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import smtplib
 
 import pytest
 
-from tests.support.net import GatewayProcess, RawClient, admits, wait_until
+from tests.support.net import GatewayProcess, gone, RawClient, admits, wait_until
 
 TWO = {"smtpgw.limits": [("IncomingProcesses", "2")]}
 STARTED = r"incoming process 1 started, pid=(\d+)"
 
 
 def child_pid(gw: GatewayProcess, count: int = 1) -> int:
-    lines = gw.wait_log(STARTED, since_start=True, count=count)
-    found = re.search(STARTED, lines[count - 1])
-    assert found is not None
-    return int(found.group(1))
-
-
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1].startswith("Z")  # a zombie has exited
-    except FileNotFoundError:
-        return True
+    return gw.started_pid(STARTED, count)
 
 
 def open_sessions(gw: GatewayProcess, count: int) -> list[smtplib.SMTP]:

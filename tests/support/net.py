@@ -80,6 +80,10 @@ class Sink:
         self.messages: list[Received] = []
         self.commands: list[str] = []
         self.connections = 0
+        # set: a message's end of data gets no reply until it is set, then the connection is
+        # closed unanswered and nothing recorded (a next hop that never answered)
+        self.stall: threading.Event | None = None
+        self.stalled = 0
         self.cond = threading.Condition()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -160,6 +164,13 @@ class Sink:
                         if raw == b".\r\n":
                             break
                         chunks.append(raw[1:] if raw.startswith(b".") else raw)
+                    stall = self.stall
+                    if stall is not None:
+                        with self.cond:
+                            self.stalled += 1
+                            self.cond.notify_all()
+                        stall.wait(60)
+                        return
                     reply = self._reply("DOT", "250 2.0.0 queued")
                     if reply.startswith("2"):
                         with self.cond:
@@ -185,6 +196,17 @@ class Sink:
             if not self.cond.wait_for(lambda: len(self.messages) >= count, timeout):
                 raise AssertionError(f"sink got {len(self.messages)} of {count} messages in {timeout}s")
             return list(self.messages)
+
+    def wait_stalled(self, count: int, timeout: float = 20.0) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.stalled >= count, timeout):
+                raise AssertionError(f"sink stalled {self.stalled} of {count} messages in {timeout}s")
+
+    def unstall(self) -> None:
+        """Stalled sessions close unanswered; new ones are answered again."""
+        stall, self.stall = self.stall, None
+        if stall is not None:
+            stall.set()
 
     def close(self) -> None:
         self.running = False
@@ -224,6 +246,8 @@ class GatewayProcess:
         os.makedirs(folder, exist_ok=True)
         self.port = free_port()
         sections = {k: list(v) for k, v in BASE_CONFIG.items()}
+        if os.environ.get("SMTPGW_TEST_DELIVERY_PROCESS"):  # the same tests with the Sender in its own process
+            sections.setdefault("smtpgw.limits", []).append(("DeliveryProcess", os.environ["SMTPGW_TEST_DELIVERY_PROCESS"]))
         sections["smtpgw.network"].insert(0, ("ListenOn", f"127.0.0.1:{self.port}"))
         if sink_port is not None:
             sections["smtpgw.forward"] = [("ForwardRoute", f"* [127.0.0.1:{sink_port}]")]
@@ -280,6 +304,13 @@ class GatewayProcess:
 
         return wait_until(found, timeout, f"log line /{pattern}/ x{count}")  # type: ignore[return-value]
 
+    def started_pid(self, pattern: str, count: int = 1) -> int:
+        """The pid the ``count``-th line since the start matching ``pattern`` (one group) names."""
+        lines = self.wait_log(pattern, since_start=True, count=count)
+        found = re.search(pattern, lines[count - 1])
+        assert found is not None
+        return int(found.group(1))
+
     def queued(self, state: str | None = None) -> list[str]:
         states = [state] if state else ["WFC", "CHK", "WFS", "SPL", "QUE", "SND"]
         out = []
@@ -327,6 +358,15 @@ class GatewayProcess:
             self.proc.kill()
             self.proc.wait(10)
         self.killed = True
+
+
+def gone(pid: int) -> bool:
+    """The process ``pid`` has exited (a zombie has too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].startswith("Z")
+    except FileNotFoundError:
+        return True
 
 
 @pytest.fixture
