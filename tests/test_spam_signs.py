@@ -172,6 +172,16 @@ def test_crypto_brands_in_a_display_name_from_another_domain() -> None:
     assert not run_check("brand_display_name", mailview.build(message(TEXT, sender='"Andreas Schwab" <s@linux-m68k.org>')))
 
 
+def test_a_plain_text_note_with_a_link_is_no_image_only_link() -> None:
+    """A feed item or a short notice in plain text shows the address it links to; the same few words
+    with a picture, or behind an anchor, are the image-only shape."""
+    feed = "URL: http://news.example.com/click/-1,8388720,1717/\nDate: 2002-09-30T10:08:10+01:00\n\n(Some Game Boy)"
+    assert not run_check("image_only_link", mailview.build(message(feed, html=False)))
+    pictured = '<img src="https://news.example.com/p.png"> <a href="https://news.example.com/c">Some Game Boy</a>'
+    assert run_check("image_only_link", mailview.build(message(pictured)))
+    assert run_check("image_only_link", mailview.build(message('<a href="https://x.example.net/o">see it</a>')))
+
+
 def test_missing_fields_are_rules_never_bayes_tokens() -> None:
     """A message without From, Date and Message-ID (a script's report, a device's alert) is judged by
     the modest MISSING_* rules alone, not also by tokens learned from a handful of old spam."""

@@ -416,12 +416,18 @@ def crypto_lure(view: MailView) -> bool:
 
 
 def image_only_link(view: MailView) -> bool:
-    """Images or a handful of words, and a link to follow: the text is in the picture or behind the link."""
+    """Images or a handful of words, and a link to follow: the text is in the picture or behind the link.
+
+    A plain-text note with no picture (a feed item's headline and address, "see http://...") shows
+    where its link goes and hides nothing: not this sign. Plain-text hits, ham / spam: sa-2002 56 / 0
+    (feed items, a third of its Probable ham), sa-2003-05 1 / 1, trec-2007 0 / 27, phishing 3."""
+    images = view.html.tags.get("img", 0) if view.html is not None else 0
+    images += sum(1 for p in view.parts if p.content_type.startswith("image/"))
+    if view.html is None and not images:
+        return False
     anchors = view.html is not None and any(href for href, _shown in view.html.link_texts)
     if not anchors and not ("http" in view.text or "www." in view.text):
         return False
-    images = view.html.tags.get("img", 0) if view.html is not None else 0
-    images += sum(1 for p in view.parts if p.content_type.startswith("image/"))
     words = _visible_words(view)
     return words < NEAR_EMPTY_WORDS and (images > 0 or words < 12)
 
