@@ -137,6 +137,29 @@ TWINS = {
         message(TEXT, extra=ONE_CLICK)),
 }
 
+# The throw-away senders' kit: links to a site's root whose path is one long token, a display name padded
+# with spaces, a cloud tenant's default domain.
+LINK_TOKENS = ("epICnukEH4-GnQrCmuiS3FqRcakTleqqYGw7GgKgDsbTjF1y1g", "kbCc7ZX-c_aUKLbuTdAUqMVWrH5qiUPl5jIV205Z9q2VMDpwew")
+TOKEN_LINKS = "".join(f'<a href="http://pawhop.example/{token}">see the trick</a> ' for token in LINK_TOKENS)
+# A mail service provider's tracked links keep the token in a query, under a path.
+TRACKED_LINKS = "".join(f'<a href="https://click.shop.example.com/ls/click?upn={token}">new</a> ' for token in LINK_TOKENS)
+TWINS.update({
+    "token_path_links": (
+        message(TEXT + TOKEN_LINKS),
+        message(TEXT + TRACKED_LINKS + '<a href="https://shop.example.com/orders/2026/how-to-return-an-item-you-bought">'
+                "returns</a>")),
+    "from_name_padding": (
+        message(TEXT, sender="WellaHeat    <GMtgMintVenustglimbUgwards@complex.example.com>"),
+        message(TEXT, sender='"Inman, Brant A.   M.D." <Inman.Brant@clinic.example.org>')),
+    "from_tenant_domain": (
+        message(TEXT, sender='"Savings Kit Claims" <noreply@legaloffers.onmicrosoft.com>'),
+        message(TEXT, sender='"Savings Kit Claims" <noreply@legaloffers.example.com>')),
+    "subject_padding": (
+        message(TEXT, subject="Guaranteed to lose 10-12 lbs in 30 days            "),
+        message(TEXT, subject="Re: [kbuild] a subject long enough to be folded by the sender's mail program,\n"
+                              "    twice over")),
+})
+
 
 def test_every_sign_of_today_has_twins_and_a_rule() -> None:
     named = {rule.target for rule in default_rules() if rule.kind == "check"}
@@ -268,25 +291,36 @@ def spam_filter() -> SpamFilter:
 
 
 @pytest.fixture(scope="module")
-def rules_filter(tmp_path_factory: pytest.TempPathFactory) -> SpamFilter:
-    """A filter whose database holds the rules of ``default.rules`` as they are now (no tokens), so that a
+def rules_bases(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A folder whose database holds the rules of ``default.rules`` as they are now (no tokens), so that a
     sign's rule is read even before the shipped database is rebuilt with it."""
     folder = tmp_path_factory.mktemp("bases")
     SpamDatabase.empty(default_rules(), DatabaseInfo(version="t", date="2026-12-07", source="test")).save(
         str(folder / "spam.db"))
-    return SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), str(folder))
+    return str(folder)
 
 
 @pytest.mark.parametrize("name", ["brand_display_name", "one_click_unsubscribe", "risky_attachment",
-                                  "display_name_address", "recipient_in_subject"])
-def test_sign_names_reach_the_verdict_reasons(rules_filter: SpamFilter, name: str) -> None:
+                                  "display_name_address", "recipient_in_subject", "token_path_links",
+                                  "from_tenant_domain", "subject_padding", "from_name_padding"])
+def test_sign_names_reach_the_verdict_reasons(rules_bases: str, name: str) -> None:
     rule = next(r for r in default_rules() if r.kind == "check" and r.target == name)
+    level = "standard" if "standard" in rule.levels else "hard"  # the level at which the rule is on
+    spam_filter = SpamFilter(SimpleNamespace(Check=True, SpamDetection=level), rules_bases)
     crafted, twin = TWINS[name]
-    hit = rules_filter.classify(crafted, None, "", [], [])
-    missed = rules_filter.classify(twin, None, "", [], [])
+    hit = spam_filter.classify(crafted, None, "", [], [])
+    missed = spam_filter.classify(twin, None, "", [], [])
     # The reason carries the weight added to the log-odds: + for a spam sign, - for a legitimate-bulk one.
     assert f"rule {rule.name} {rule.weight:+.2f}" in hit.reasons, hit.reasons
     assert not any(reason.startswith(f"rule {rule.name} ") for reason in missed.reasons)
+
+
+def test_a_folded_from_field_is_no_padded_display_name() -> None:
+    """RFC 5322 §2.2.3: a long From folded before its address reads as one space there."""
+    folded = message(TEXT, sender='"Wagner, David --- Senior Programmer Analyst --- WGO" \n    <dw@freight.example.com>')
+    padded = message(TEXT, sender='"->     Xmas Tree Night Light"  <renewable@gastric.example.com>')
+    assert not run_check("from_name_padding", mailview.build(folded))
+    assert run_check("from_name_padding", mailview.build(padded))
 
 
 def test_a_scripts_report_without_from_date_or_message_id_is_not_spam(spam_filter: SpamFilter) -> None:

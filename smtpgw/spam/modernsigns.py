@@ -23,6 +23,10 @@ for mail of the 2020s (registered in ``signs.CHECKS``):
 * crypto lures — ``crypto_lure`` (airdrops, "claim your tokens", seed phrases,
   "connect your wallet", with a link);
 * layout — ``image_only_link`` (a body of images or a few words, and a link);
+* throw-away senders — ``token_path_links`` (links to a site's root whose path is one long random
+  token), ``from_name_padding`` / ``subject_padding`` (a display name or Subject padded with runs of
+  spaces), ``from_tenant_domain``
+  (a cloud mail tenant's default domain, ``*.onmicrosoft.com``);
 * attachments — ``risky_attachment`` (HTML, SVG, disk images, shortcuts,
   OneNote, macro-enabled Office documents);
 * legitimate bulk mail — ``one_click_unsubscribe`` (List-Unsubscribe with an
@@ -539,6 +543,67 @@ def compliant_bulk(view: MailView) -> bool:
     return once(view, one_click_unsubscribe) and once(view, unsubscribe_text)
 
 
+# -- throw-away senders -----------------------------------------------------------------------
+# Today's bulk spam comes from domains registered by the hundred, each one signed and given an
+# unsubscribe header like a newsletter's; what they keep is the shape of the mass-mailing kit.
+
+_FOLD = re.compile(r"\r?\n[ \t]+")
+_PADDED = re.compile(r"^\s{3,}\S|\S\s{3,}$|\S\s{4,}\S")
+# A link to a domain's root whose path is one long token of mixed-case letters and digits
+# ("http://pawhop.skin/epICnukEH4-GnQrCmuiS3FqRcakTl..."): the recipient's id on a site made to track
+# one campaign. A mail service provider's tracked link keeps its tokens under a path or in a query.
+_ROOT_TOKEN_LINK = re.compile(r"^https?://(?:www\.)?[^/?#\s]+/([A-Za-z0-9_-]{30,})/?$")
+MIN_TOKEN_LINKS = 2
+# Microsoft 365's default tenant domains: a trial account's sender, never an established brand's.
+TENANT_DOMAINS = ("onmicrosoft.com",)
+
+
+def _token_like(segment: str) -> bool:
+    return (any(c.islower() for c in segment) and any(c.isupper() for c in segment)
+            and any(c.isdigit() for c in segment))
+
+
+def token_path_links(view: MailView) -> bool:
+    """Two or more links to a site's root whose path is one long random token of mixed-case letters and
+    digits, without a query."""
+    found = 0
+    for url in _links(view):
+        match = _ROOT_TOKEN_LINK.match(url)
+        if match is not None and _token_like(match.group(1)):
+            found += 1
+            if found >= MIN_TOKEN_LINKS:
+                return True
+    return False
+
+
+def _unfolded(view: MailView, name: str) -> str:
+    """The raw value of field ``name`` as written, each fold (RFC 5322 §2.2.3) read as one space: the
+    spaces a sender put there, not those of the line wrapping."""
+    return _FOLD.sub(" ", view.raw_headers.get(name, b"")[:1024].decode("utf-8", "replace"))
+
+
+def from_name_padding(view: MailView) -> bool:
+    """The From display name padded with runs of spaces ("WellaHeat    <...>", "➤➤         Offer"): a bulk
+    tool's fixed-width template. A person's name with a few spaces inside ("Inman, Brant A.   M.D.") is
+    not one."""
+    raw = _unfolded(view, "from")
+    if "<" not in raw:
+        return False
+    return _PADDED.search(raw.rsplit("<", 1)[0].replace('"', "")) is not None
+
+
+def subject_padding(view: MailView) -> bool:
+    """The Subject padded with runs of spaces, between its words or after them ("Guaranteed to lose 10-12
+    lbs in 30 days            "): a template's fixed-width field, or room for a random tail."""
+    return _PADDED.search(_unfolded(view, "subject")) is not None
+
+
+def from_tenant_domain(view: MailView) -> bool:
+    """The From address is at a cloud mail tenant's default domain (``x@contoso123.onmicrosoft.com``)."""
+    address = from_address(view)
+    return "@" in address and address.rsplit("@", 1)[1].endswith(TENANT_DOMAINS)
+
+
 # the checks that rest on a verified DKIM signature (their reasons quote it, ``signs.detail``)
 DKIM_CHECKS = frozenset({"consistent_sender", "branded_sender"})
 
@@ -550,6 +615,7 @@ CHECKS: dict[str, Callable[[MailView], bool]] = {
         confusable_text, from_cheap_tld,
         subject_tracking_tag, underscored_words, symbol_display_name, invisible_in_words, crypto_lure,
         image_only_link, risky_attachment, one_click_unsubscribe, consistent_sender, branded_sender,
-        unsubscribe_text, compliant_bulk,
+        unsubscribe_text, compliant_bulk, token_path_links, from_name_padding, from_tenant_domain,
+        subject_padding,
     )
 }
