@@ -74,8 +74,8 @@ def test_a_dead_incoming_process_s_unreported_messages_and_sessions_are_taken_ov
     child.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     child.proc.wait()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    monkeypatch.setattr(incoming, "_spawn", lambda _child: None)  # no restart in this test
-    child.channel = Channel(master.loop, ours, lambda m, f: None, lambda: incoming._lost(child))
+    monkeypatch.setattr(child, "start", lambda: None)  # no restart in this test
+    child.channel = Channel(master.loop, ours, lambda m, f: None, child._lost)
     theirs.close()  # the process is gone: its end of the channel closes
     master.loop.run_until(lambda: child.proc is None, 5)
     assert master.received == [unreported]  # only its own IDs, in WFC, not already given: nothing else

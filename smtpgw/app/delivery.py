@@ -41,16 +41,15 @@ import os
 import pickle
 import socket
 import ssl
-import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from smtpgw import RELEASE_INTERVAL, child_command, child_environment
+from smtpgw import RELEASE_INTERVAL, child_command
 from smtpgw.app.channel import (
-    Channel, exit_orphaned, exit_status, flush_log_every, leave, publish_reload, release_heap_every, serve_signals,
-    setup_log,
+    Channel, exit_orphaned, flush_log_every, leave, publish_reload, release_heap_every, serve_signals, setup_log,
 )
+from smtpgw.app.supervise import Supervised
 from smtpgw.config import Config, load_snapshot, save_snapshot
 from smtpgw.deliver.sender import Sender
 from smtpgw.net.dns import Resolver
@@ -73,8 +72,6 @@ REPORT_INTERVAL = 1.0  # seconds: counters and registries reported at least this
 KEEP_FREE = 64  # recycled files it keeps for its own record writes; the rest go to the main process
 ASK_TIMEOUT = 2.0  # seconds .c_memory waits for the delivery process's registries
 STOP_GRACE = 5.0  # seconds deliveries in flight have to end at stop (as the single process's SHUTDOWN_GRACE)
-QUICK_DEATH = 1.0  # a process that dies younger than this is started again only after RESTART_PAUSE
-RESTART_PAUSE = 1.0
 LOG_FLUSH_INTERVAL = 0.2
 GAUGE = "mta_outgoing_connections_current"  # a counter of the process's life, taken back when it ends
 
@@ -132,13 +129,9 @@ class Delivery:
 
     def __init__(self, master: Master) -> None:
         self.master = master
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.channel: Channel | None = None
+        self.process = Supervised(master, "delivery process", self._command, self._message, self._lost,
+                                  on_spawned=self._spawned, called="the delivery process")
         self.enabled = True
-        self.started = 0.0
-        self.heard = 0.0  # time.monotonic() of its last packet (DeliveryProcessTimeout)
-        self.ready = False  # it has loaded QUE (watched from then on)
-        self.reap_tries = 0
         self.due: list[list[Any]] = []  # [id, when, priority] not yet sent
         self.sending = False
         self.gauge = 0  # the process's share of mta_outgoing_connections_current
@@ -149,58 +142,29 @@ class Delivery:
     def start(self) -> None:
         """Started after the listeners are bound and the privileges dropped (gateway start)."""
         save_snapshot(config_path(self.master.queue.root), self.master.cfg)
-        self._spawn()
+        self.process.start()
         self.master.loop.call_later(REPORT_INTERVAL, self._check_alive)
 
     def _check_alive(self) -> None:
         """It sends a packet at least every REPORT_INTERVAL; one silent for DeliveryProcessTimeout
-        is hung (its loop stopped: stuck, or stopped by a signal) and is killed, then reaped and
-        started again like one that died (as Postfix's daemon_timeout)."""
+        is killed and started again (Supervised.check_alive)."""
         if self.master.stopping:
             return
-        limit = self.master.cfg.timeouts.DeliveryProcessTimeout
-        now = time.monotonic()
-        if self.ready and self.proc is not None and now - self.heard > limit:
-            log.error("delivery process (pid %d) silent for %ds (DeliveryProcessTimeout): killed",
-                      self.proc.pid, int(now - self.heard))
-            self.proc.kill()
-            self.heard = now  # its channel closes next: _lost reaps it and starts a new one
+        self.process.check_alive(self.master.cfg.timeouts.DeliveryProcessTimeout, "DeliveryProcessTimeout")
         self.master.loop.call_later(REPORT_INTERVAL, self._check_alive)
 
-    def _spawn(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        command = child_command("smtpgw.app.delivery", "--queue", self.master.queue.root,
-                                "--channel", str(theirs.fileno()))
-        try:
-            self.proc = subprocess.Popen(command + ([] if self.enabled else ["--sending-off"]),
-                                         pass_fds=(theirs.fileno(),), env=child_environment(),
-                                         stdin=subprocess.DEVNULL)
-        except OSError as exc:
-            ours.close()
-            log.error("cannot start the delivery process: %s", exc)
-            self.master.loop.call_later(RESTART_PAUSE, self._respawn)
-            return
-        finally:
-            theirs.close()
-        self.started = self.heard = time.monotonic()
-        self.ready = False
-        self.reap_tries = 0
+    def _command(self, channel: int) -> list[str]:
+        return child_command("smtpgw.app.delivery", "--queue", self.master.queue.root,
+                             "--channel", str(channel)) + ([] if self.enabled else ["--sending-off"])
+
+    def _spawned(self) -> None:
         self.due.clear()  # the new process takes every record in QUE itself
-        self.channel = Channel(self.master.loop, ours, self._message, self._lost)
 
-    def _respawn(self) -> None:
-        if not self.master.stopping and self.proc is None:
-            self._spawn()
-
-    def _message(self, message: dict[str, Any], fds: list[int]) -> None:
-        self.heard = time.monotonic()
-        for fd in fds:  # it sends none
-            os.close(fd)
+    def _message(self, message: dict[str, Any]) -> None:
         if message.get("ready"):
-            self.ready = True
-            assert self.proc is not None
+            assert self.process.proc is not None
             resumed = message.get("resumed", 0)
-            log.info("delivery process started, pid=%d%s", self.proc.pid,
+            log.info("delivery process started, pid=%d%s", self.process.proc.pid,
                      f", {resumed} message(s) it was sending queued again" if resumed else "")
         for name, amount in message.get("stats", {}).items():
             self.master.stats.inc(name, amount)
@@ -217,30 +181,9 @@ class Delivery:
 
     def _lost(self) -> None:
         """Its channel closed: the process ended (or is ending); its connections with it."""
-        self.channel = None
-        self.ready = False
         self.master.stats.inc(GAUGE, -self.gauge)
         self.gauge = 0
         self.figures = {}
-        self._reap()
-
-    def _reap(self) -> None:
-        proc = self.proc
-        assert proc is not None
-        if proc.poll() is None:
-            self.reap_tries += 1
-            if self.reap_tries > STOP_GRACE / 0.05:
-                proc.kill()
-            self.master.loop.call_later(0.05, self._reap)
-            return
-        self.proc = None
-        status = exit_status(proc)
-        if self.master.stopping:
-            log.info("delivery process (pid %d) stopped: %s", proc.pid, status)
-            return
-        lived = time.monotonic() - self.started
-        log.error("delivery process (pid %d) ended: %s; starting it again", proc.pid, status)
-        self.master.loop.call_later(0 if lived >= QUICK_DEATH else RESTART_PAUSE, self._respawn)
 
     # -- the Sender's place -----------------------------------------------------------------
     def enqueue(self, qid: str, when: float = 0.0, priority: int = 0, env: Envelope | None = None) -> None:
@@ -259,8 +202,7 @@ class Delivery:
 
     def _send(self, message: dict[str, Any]) -> None:
         """A packet now; with no process running nothing is lost: the next one takes all of QUE."""
-        if self.channel is not None:
-            self.channel.send(message)
+        self.process.send(message)
 
     def forget(self, qid: str) -> None:
         self._send({"forget": qid})
@@ -295,7 +237,7 @@ class Delivery:
         """``then`` runs once the process has reported its registries as they are now (after
         everything handed to it so far), or after ASK_TIMEOUT without an answer (the last ones)."""
         self.asked.append(then)
-        if self.channel is None:
+        if self.process.channel is None:
             self._answered()
             return
         self._send_due()
@@ -308,7 +250,7 @@ class Delivery:
             then()
 
     def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc is not None else []
+        return [self.process.proc.pid] if self.process.proc is not None else []
 
     # -- reload, stop -----------------------------------------------------------------------
     def reload(self, cfg: Config) -> None:
@@ -320,12 +262,8 @@ class Delivery:
         """Deliveries in flight end (STOP_GRACE at most), then it exits; killed if it does not."""
         self._send_due()
         self._send({"stop": True})
-        self.master.loop.run_until(lambda: self.proc is None, STOP_GRACE + 2)
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(5)
-            log.error("delivery process (pid %d) did not stop in time: killed", self.proc.pid)
-            self.proc = None
+        self.master.loop.run_until(lambda: self.process.proc is None, STOP_GRACE + 2)
+        self.process.kill_unstopped()
 
 
 # -- the delivery process ------------------------------------------------------------------

@@ -38,17 +38,15 @@ import os
 import pickle
 import socket
 import ssl
-import subprocess
 import sys
-import time
 from collections import Counter
 from typing import Any, Callable, Protocol
 
-from smtpgw import RELEASE_INTERVAL, child_command, child_environment
+from smtpgw import RELEASE_INTERVAL, child_command
 from smtpgw.app.channel import (
-    Channel, exit_orphaned, exit_status, flush_log_every, leave, publish_reload, release_heap_every, serve_signals,
-    setup_log,
+    Channel, exit_orphaned, flush_log_every, leave, publish_reload, release_heap_every, serve_signals, setup_log,
 )
+from smtpgw.app.supervise import STOP_GRACE, Supervised
 from smtpgw.config import Config, load_snapshot, save_snapshot
 from smtpgw.net import smtp
 from smtpgw.net.dns import Resolver
@@ -65,9 +63,6 @@ CONFIG_NAME = ".incoming-config"  # in QueuePath: the configuration the main pro
 CHUNK = 500  # queue IDs or addresses per packet
 STATS_INTERVAL = 1.0  # seconds: counters reported at least this often, a packet sent even with none
 HOLD_POLL = 0.1  # seconds between looks at the scan wait (InFlowDelay) in the main process
-STOP_GRACE = 5.0  # seconds an incoming process has to stop before it is killed
-QUICK_DEATH = 1.0  # a process that dies younger than this is started again only after RESTART_PAUSE
-RESTART_PAUSE = 1.0
 LOG_FLUSH_INTERVAL = 0.2
 
 
@@ -119,19 +114,21 @@ class Master(Protocol):
         """InFlowDelay: True when a new message may come now, else ``ready`` runs when it may."""
 
 
-class Child:
+class Child(Supervised):
     """An incoming process as the main process sees it."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, incoming: Incoming, index: int) -> None:
+        super().__init__(incoming.master, f"incoming process {index}", self._command,
+                         lambda message: incoming._message(self, message), lambda: incoming._lost(self),
+                         on_reaped=lambda: incoming._reaped(self))
         self.index = index
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.channel: Channel | None = None
-        self.ready = False
-        self.started = 0.0
+        self.root = incoming.master.queue.root
         self.per_ip: Counter[str] = Counter()  # its open sessions by client address
         self.sessions = 0
-        self.reap_tries = 0
-        self.heard = 0.0  # time.monotonic() of its last packet (IncomingProcessTimeout)
+
+    def _command(self, channel: int) -> list[str]:
+        return child_command("smtpgw.app.incoming", "--index", str(self.index),
+                             "--queue", self.root, "--channel", str(channel))
 
 
 class Incoming:
@@ -139,7 +136,7 @@ class Incoming:
 
     def __init__(self, master: Master, count: int) -> None:
         self.master = master
-        self.children = [Child(index) for index in range(1, count)]
+        self.children = [Child(self, index) for index in range(1, count)]
         self.hold = False
         self.hold_timer: Timer | None = None
 
@@ -147,44 +144,15 @@ class Incoming:
     def start(self) -> None:
         self.publish(self.master.cfg)
         for child in self.children:
-            self._spawn(child)
+            child.start()
         self.hold_timer = self.master.loop.call_later(HOLD_POLL, self._watch_hold)
 
     def publish(self, cfg: Config) -> None:
         """Leave the configuration in force where incoming processes read it (start, reload)."""
         save_snapshot(config_path(self.master.queue.root), cfg)
 
-    def _spawn(self, child: Child) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            child.proc = subprocess.Popen(
-                child_command("smtpgw.app.incoming", "--index", str(child.index),
-                              "--queue", self.master.queue.root, "--channel", str(theirs.fileno())),
-                pass_fds=(theirs.fileno(),), env=child_environment(), stdin=subprocess.DEVNULL,
-            )
-        except OSError as exc:
-            ours.close()
-            log.error("cannot start incoming process %d: %s", child.index, exc)
-            self.master.loop.call_later(RESTART_PAUSE, self._respawn, child)
-            return
-        finally:
-            theirs.close()
-        child.started = child.heard = time.monotonic()
-        child.ready = False
-        child.reap_tries = 0
-        child.channel = Channel(self.master.loop, ours, lambda message, fds: self._message(child, message, fds),
-                                lambda: self._lost(child))
-
-    def _respawn(self, child: Child) -> None:
-        if not self.master.stopping and child.proc is None:
-            self._spawn(child)
-
-    def _message(self, child: Child, message: dict[str, Any], fds: list[int]) -> None:
-        child.heard = time.monotonic()
-        for fd in fds:  # an incoming process sends none
-            os.close(fd)
+    def _message(self, child: Child, message: dict[str, Any]) -> None:
         if message.get("ready"):
-            child.ready = True
             assert child.proc is not None
             log.info("incoming process %d started, pid=%d", child.index, child.proc.pid)
             self._send_quota(child, full=True)
@@ -228,35 +196,18 @@ class Incoming:
 
     def _lost(self, child: Child) -> None:
         """Its channel closed: the process ended (or is ending). Its sessions are gone with it."""
-        child.ready = False
-        child.channel = None
         for ip, count in list(child.per_ip.items()):
             for _ in range(count):
                 self._release(child, ip)
-        self._reap(child)
 
-    def _reap(self, child: Child) -> None:
-        proc = child.proc
-        assert proc is not None
-        if proc.poll() is None:
-            child.reap_tries += 1
-            if child.reap_tries > STOP_GRACE / 0.05:
-                proc.kill()
-            self.master.loop.call_later(0.05, self._reap, child)
-            return
-        child.proc = None
+    def _reaped(self, child: Child) -> str:
+        """It has ended: what it committed and did not report handed on, what it left half
+        written removed; the end of the log line "ended: …"."""
         found = self._find_unreported(child.index)
         dropped = self.master.queue.drop_unacknowledged(process_tag(child.index))
         if dropped:
             log.info("incoming process %d: %d file(s) of messages it never acknowledged removed", child.index, dropped)
-        status = exit_status(proc)
-        if self.master.stopping:
-            log.info("incoming process %d (pid %d) stopped: %s", child.index, proc.pid, status)
-            return
-        lived = time.monotonic() - child.started
-        log.error("incoming process %d (pid %d) ended: %s%s; starting it again", child.index, proc.pid, status,
-                  f", {found} message(s) it had not reported taken over" if found else "")
-        self.master.loop.call_later(0 if lived >= QUICK_DEATH else RESTART_PAUSE, self._respawn, child)
+        return f", {found} message(s) it had not reported taken over" if found else ""
 
     def _find_unreported(self, index: int) -> int:
         """Messages a dead incoming process committed to WFC without reporting them: its IDs end
@@ -319,16 +270,10 @@ class Incoming:
 
     def _check_alive(self) -> None:
         """An incoming process sends a packet at least every STATS_INTERVAL; one silent for
-        IncomingProcessTimeout is hung (its loop stopped: stuck, or stopped by a signal) and is
-        killed, then reaped and started again like one that died (as Postfix's daemon_timeout)."""
+        IncomingProcessTimeout is killed and started again (Supervised.check_alive)."""
         limit = self.master.cfg.timeouts.IncomingProcessTimeout
-        now = time.monotonic()
         for child in self.children:
-            if child.ready and child.proc is not None and now - child.heard > limit:
-                log.error("incoming process %d (pid %d) silent for %ds (IncomingProcessTimeout): killed",
-                          child.index, child.proc.pid, int(now - child.heard))
-                child.proc.kill()
-                child.heard = now  # its channel closes next: _lost reaps it and starts a new one
+            child.check_alive(limit, "IncomingProcessTimeout")
 
     def _check_hold(self) -> None:
         hold = self.master.holding_mail()
@@ -338,8 +283,7 @@ class Incoming:
 
     def _broadcast(self, message: dict[str, Any]) -> None:
         for child in self.children:
-            if child.channel is not None:
-                child.channel.send(message)
+            child.send(message)
 
     def reload(self, cfg: Config) -> None:
         """HUP accepted by the main process: the same configuration, and a reopened log, in each."""
@@ -353,11 +297,7 @@ class Incoming:
         self._broadcast({"stop": True})
         self.master.loop.run_until(lambda: all(child.proc is None for child in self.children), STOP_GRACE)
         for child in self.children:
-            if child.proc is not None:
-                child.proc.kill()
-                child.proc.wait(5)
-                log.error("incoming process %d (pid %d) did not stop in time: killed", child.index, child.proc.pid)
-                child.proc = None
+            child.kill_unstopped()
 
     def pids(self) -> list[int]:
         return [child.proc.pid for child in self.children if child.proc is not None]
