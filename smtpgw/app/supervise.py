@@ -127,7 +127,8 @@ class Supervised:
 
     def _reap(self) -> None:
         proc = self.proc
-        assert proc is not None
+        if proc is None:  # already killed and reaped at the end of a stop (kill_unstopped)
+            return
         if proc.poll() is None:
             self.reap_tries += 1
             if self.reap_tries > STOP_GRACE / REAP_POLL:
