@@ -150,7 +150,7 @@ def flush_log_every(loop: EventLoop, interval: float) -> None:
 
 def release_heap_every(loop: EventLoop) -> None:
     """A started process's freed heap given back once every ``RELEASE_INTERVAL``, as the main
-    process does (app/memory.release)."""
+    process does (app/gateway, once a minute)."""
     release_heap()
     loop.call_later(RELEASE_INTERVAL, release_heap_every, loop)
 

@@ -291,8 +291,7 @@ class DeliveryProcess:
     def run(self) -> None:
         serve_signals(self.loop, self.stop)
         resumed = self.resume()
-        self.sender.load()
-        self.sender.purge_unreachable()
+        self.sender.start()
         self.channel.send({"ready": True, "resumed": resumed, "registries": self.sender.registries()})
         self.loop.call_later(REPORT_INTERVAL, self._report_figures)
         self.loop.call_later(LOG_FLUSH_INTERVAL, flush_log_every, self.loop, LOG_FLUSH_INTERVAL)

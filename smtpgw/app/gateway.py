@@ -30,7 +30,7 @@ import time
 from concurrent.futures import Future
 from typing import Callable
 
-from smtpgw import RELEASE_INTERVAL
+from smtpgw import RELEASE_INTERVAL, release_heap
 from smtpgw import log as logsetup
 from smtpgw.app import memory
 from smtpgw.app.control import Control
@@ -307,11 +307,7 @@ class Gateway:
         for listener in self.listeners:
             listener.start()
         self.scanner.load()
-        if isinstance(self.sender, Delivery):
-            self.sender.start()  # it takes every record in QUE itself
-        else:
-            self.sender.load()
-            self.sender.purge_unreachable()
+        self.sender.start()  # (with DeliveryProcess=yes the delivery process takes every record in QUE itself)
         self.control.start()
         self.console.start()
         self._purge_stores()
@@ -387,7 +383,7 @@ class Gateway:
             self.loop.call_later(LOG_FLUSH_INTERVAL, self._flush_log)
 
     def _release_memory(self) -> None:
-        memory.release()
+        release_heap()
         if not self.stopping:
             self.loop.call_later(RELEASE_INTERVAL, self._release_memory)
 

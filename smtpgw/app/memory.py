@@ -1,18 +1,18 @@
-"""The main process's memory: the ``.c_memory`` report, and giving freed memory back.
+"""The main process's memory: the ``.c_memory`` report.
 
 Owns: a report of the main process's memory (RSS, open file descriptors, the C heap's bytes in
 use and free, live Python objects after a full collection, the objects by type, and, when the
 interpreter traces allocations, tracemalloc's total and its largest sources) together with the
 length of every registry the gateway keeps per message, session or destination, and the RSS of
 its other processes (scanner workers, incoming processes, the delivery process); written as
-JSON to ``<ControlPath>/memory`` (temp, fsync, rename) and summed up in one log line. And
-``release``: glibc keeps the pages of freed blocks inside its heap resident (it gives back
-only the top), so a process that frees as much as it allocates still grows, by about 150 bytes
-a message; ``malloc_trim(0)`` hands those pages back, once a minute from the gateway's loop.
+JSON to ``<ControlPath>/memory`` (temp, fsync, rename) and summed up in one log line. (Giving
+freed heap back, once a minute from the gateway's loop, is ``smtpgw.release_heap``: glibc keeps
+the pages of freed blocks resident, so a process that frees as much as it allocates still grows,
+by about 150 bytes a message.)
 
 Must never: keep what it measured (the previous tracemalloc snapshot is the only thing held,
 to report what grew since), or change any state of the gateway it reports on; fail where
-there is no glibc (release and the heap figures then do nothing).
+there is no glibc (the heap figures are then left out).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import tracemalloc
 from collections import Counter
 from typing import Any, Protocol
 
-from smtpgw import release_heap
 from smtpgw.app.delivery import Delivery
 from smtpgw.app.incoming import Incoming
 from smtpgw.config import Config
@@ -68,11 +67,6 @@ def _libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _libc()
-
-
-def release() -> None:
-    """Give the pages of freed heap blocks back to the system (glibc's malloc_trim)."""
-    release_heap()
 
 
 def heap() -> dict[str, int]:

@@ -121,6 +121,12 @@ class Sender:
         self._timer = None
 
     # -- scheduling ---------------------------------------------------------------
+    def start(self) -> None:
+        """At start-up (the gateway's, or a delivery process's): every QUE record scheduled,
+        and the unreachable hosts' cache purged from now on."""
+        self.load()
+        self.purge_unreachable()
+
     def purge_unreachable(self) -> None:
         """``UnreachableCacheRefreshPeriod``: expired entries are ignored at once, dropped here."""
         now = time.time()

@@ -257,11 +257,12 @@ class Queue:
         MAX_FREE_FILES, the rest removed."""
         tmp = os.path.join(self.root, "tmp")
         with self._free_lock:
-            room = MAX_FREE_FILES - len(self._free)
-            taken = [p for p in paths if os.path.dirname(p) == tmp][:max(0, room)]
+            room = max(0, MAX_FREE_FILES - len(self._free))
+            taken = [p for p in paths if os.path.dirname(p) == tmp][:room]
             self._free.extend(taken)
+        kept = set(taken)
         for path in paths:
-            if path not in taken:
+            if path not in kept:  # beyond the limit, or not a file of this queue's tmp/
                 unlink_if_present(path)
 
     def tmp_name(self) -> str:
