@@ -68,6 +68,7 @@ __all__ = [
 log = logging.getLogger("smtpgw.scan.clamd")
 
 CHUNK = 64 * 1024  # INSTREAM chunk size
+_END = struct.pack(">I", 0)  # the zero-length chunk that ends an INSTREAM
 MAX_REPLY = 64 * 1024  # bytes of reply read from clamd
 MAX_SCAN_TIME = 600.0  # seconds, when ScanTimeout is 0
 CONNECT_TIMEOUT = 5.0
@@ -309,8 +310,14 @@ class ClamdServer:
 
 
 def _send_stream(sock: socket.socket, data: bytes, deadline: float) -> str:
-    """INSTREAM ``data`` and read the reply (empty when the connection closed first)."""
+    """INSTREAM ``data`` and read the reply (empty when the connection closed first). Data that
+    fits one chunk goes in one write with the command and the end mark (one system call, one read
+    for clamd, instead of four); longer data chunk by chunk, watching for an early refusal."""
     _settimeout(sock, deadline)
+    if len(data) <= CHUNK:
+        stream = (struct.pack(">I", len(data)), data) if data else ()
+        sock.sendall(b"".join((b"zINSTREAM\0", *stream, _END)))
+        return _read_reply(sock, deadline)
     sock.sendall(b"zINSTREAM\0")
     view = memoryview(data)
     for offset in range(0, len(view), CHUNK):
@@ -321,7 +328,7 @@ def _send_stream(sock: socket.socket, data: bytes, deadline: float) -> str:
         if _readable(sock):  # clamd answers early only to refuse the stream (or has closed)
             break
     else:
-        sock.sendall(struct.pack(">I", 0))
+        sock.sendall(_END)
     return _read_reply(sock, deadline)
 
 
