@@ -77,6 +77,7 @@ RETRY_AFTER = 30.0  # seconds a failed server is skipped
 VERSION_MAX_AGE = 300.0  # seconds a server's VERSION answer is reused
 
 _MONTHS = {m: i for i, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
+_REPLY_LINES = re.compile(r"[\0\n]")  # a reply's lines (z commands end theirs with NUL)
 _DB_DATE = re.compile(r"(?:\w{3} )?(\w{3}) +(\d{1,2}) [\d:]+ (\d{4})")
 
 
@@ -148,9 +149,11 @@ def status_for_name(name: str) -> str:
 
 
 def _parse_scan_reply(reply: str, server: str) -> Verdict:
+    if reply == "stream: OK\0":  # the usual answer (zINSTREAM), what the lines below make of it
+        return Verdict(CLEAN, (), "", server)
     names: list[str] = []
     errors: list[str] = []
-    for line in filter(None, (part.strip() for part in re.split(r"[\0\n]", reply))):
+    for line in filter(None, (part.strip() for part in _REPLY_LINES.split(reply))):
         body = line.removeprefix("stream:").strip()
         if body.endswith(" FOUND"):
             names.append(body[: -len(" FOUND")].strip())
