@@ -86,6 +86,17 @@ def test_instream_chunks_reach_clamd_whole(clamd: ClamdInstance) -> None:
     assert verdict.names == (EICAR_NAME,)
 
 
+def test_streams_of_every_size_keep_one_session_in_step(clamd: ClamdInstance) -> None:
+    # up to CHUNK a stream goes in one write with its end mark; an empty one, the end mark alone;
+    # a request framed wrong would shift every later reply of the session
+    server = ClamdServer(clamd.unix_address)
+    sizes = (0, 1, CHUNK - len(eicar()), CHUNK - len(eicar()) + 1, 2 * CHUNK)
+    for size in sizes:
+        assert server.instream(b"c" * size, 10).status == "clean"
+        assert server.instream(b"c" * max(size - len(eicar()), 0) + eicar(), 10).names == (EICAR_NAME,)
+    assert (server.sessions_opened, server.requests) == (1, 2 * len(sizes))
+
+
 def test_stream_over_stream_max_length_is_an_error(clamd: ClamdInstance) -> None:
     pool = ClamdPool([clamd.tcp_address], scan_timeout=30)
     verdict = pool.scan(os.urandom(5 << 20))  # the fixture's StreamMaxLength is 4M

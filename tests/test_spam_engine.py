@@ -293,3 +293,12 @@ def test_a_one_part_message_is_parsed_as_the_whole_parser_parses_it(raw: bytes) 
     assert fast is None or _shape(fast) == _shape(whole)
     if raw.startswith(b"From: a@example.com\nSubject: hi\n\n"):
         assert fast is not None  # the bench message's shape takes the short way
+
+
+@pytest.mark.parametrize("text", [
+    "La de da de da 1.\nLa de da de da 2.\n", "", "see WWW.Example.com/x and wWw.b.org", "HTTPS://a.example/p?q=1",
+    "ftp://files.example/pub", "a://b c://d", "www.", "no link: www x.y http:/ z", "(http://in.parens.example)",
+    "http\u017f://long-s.example", "\u212a www.k.example \u0130", "www" + "." * 600,
+])
+def test_the_links_of_a_text_are_what_the_link_pattern_finds(text: str) -> None:
+    assert mailview._urls(text) == mailview._URL.findall(text)

@@ -162,7 +162,7 @@ class Edit:
 def _split_header(
     buf: bytes, start: int, end: int, defects: list[str], label: str
 ) -> tuple[dict[str, bytes], int]:
-    """Parse an entity's header section: (first value of each field, body offset)."""
+    """Parse an entity's header section: (first value of each MIME field, body offset)."""
     # past the bound only the first of each MIME field is kept: mail readers still read
     # them there, and a bound that hid a Content-Type would hide the parts it declares
     head = fields.split(buf, start, end, MAX_HEADER_FIELDS, _MIME_FIELDS)
@@ -176,9 +176,11 @@ def _split_header(
         defects.append(f"{label}: no body (header section runs to the end)")
     values: dict[str, bytes] = {}
     for found in head.fields:
+        if found.name not in _MIME_FIELDS:
+            continue  # the only fields an entity reads: no other value is unfolded
         if found.name not in values:  # the first occurrence wins, as in clamd
             values[found.name] = found.value(buf)
-        elif found.name in _MIME_FIELDS:
+        else:
             # readers differ on which one counts: worth a second opinion
             defects.append(f"{label}: repeated {found.name} field")
     return values, head.body

@@ -80,6 +80,8 @@ class IPList:
 
     def matches(self, ip: str | None) -> str | None:
         """The first mask covering the client ``ip`` (IPv4-mapped IPv6 unmapped), or None."""
+        if not self.masks:  # an empty list (the default) parses no address
+            return None
         address = client_address(ip.split("%", 1)[0]) if ip else None
         if address is None:
             return None

@@ -323,9 +323,18 @@ def _build(raw: bytes, view: MailView) -> None:
             view.raw_headers[lname] = str(value).encode("utf-8", "surrogateescape")[:MAX_HEADER_VALUE]
         view.headers.append((lname, decode_header_value(str(value), body_charset)))
     _read_parts(msg, view)
-    view.urls = _URL.findall(view.body[:MAX_TOTAL_TEXT])[:200]
+    view.urls = _urls(view.body[:MAX_TOTAL_TEXT])[:200]
     if view.html is not None:
         view.urls.extend(view.html.links[:200])
+
+
+def _urls(text: str) -> list[str]:
+    """``_URL.findall(text)``. Every match holds "://" or "www." (W and w are the only characters
+    the pattern's case-blind "w" matches), so a text holding neither, in any case, has none and is
+    not tried position by position (about 30 ns a character)."""
+    if "://" not in text and "www." not in text.lower():
+        return []
+    return _URL.findall(text)
 
 
 def _read_parts(msg: Message, view: MailView) -> None:

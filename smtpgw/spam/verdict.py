@@ -197,6 +197,9 @@ def mark(raw: bytes, verdict: SpamVerdict, antispam_section: object, action: str
 
 
 def _own_fields(raw: bytes) -> list[str]:
+    """The names of the message's X-SpamTest-* fields (as written), in order of name."""
+    if _OWN_PREFIX.encode() not in raw[:headers.header_end(raw)].lower():
+        return []  # a field name is one run of bytes in the header: none of ours, no header split
     names = set()
     for name in headers.field_names(raw):
         if name.lower().startswith(_OWN_PREFIX):
