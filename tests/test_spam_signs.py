@@ -195,6 +195,19 @@ def test_crypto_brands_in_a_display_name_from_another_domain() -> None:
     assert not run_check("brand_display_name", mailview.build(message(TEXT, sender='"Andreas Schwab" <s@linux-m68k.org>')))
 
 
+@pytest.mark.parametrize(("lure", "own"), [
+    ('"AAA Driver Care" <care@wifimarfix.example.com>', '"AAA Travel" <travel@aaa.com>'),
+    ('"Ace Hardware Stores" <ahs@h0s.homerentals.example>', '"Ace Hardware" <ace@email.acehardware.com>'),
+    ('"Liberty Mutual\u2197" <sh@events-and-venue.example>', '"Liberty Mutual" <news@libertymutual.com>'),
+    ('"Charles Schwab & Co., Inc." <postmaster@mg.beepsafe.example>', '"Charles Schwab" <alerts@schwab.com>'),
+    ('"Your Free Oral-B Kit" <w33d@cookfest.example>', '"Oral-B" <club@oralb.com>'),
+])
+def test_retail_insurance_and_broker_names_from_another_domain(lure: str, own: str) -> None:
+    """The names of 2025-26 lures; each brand's own mail (its domain, or one starting with its name) is no disguise."""
+    assert run_check("brand_display_name", mailview.build(message(TEXT, sender=lure)))
+    assert not run_check("brand_display_name", mailview.build(message(TEXT, sender=own)))
+
+
 def test_a_plain_text_note_with_a_link_is_no_image_only_link() -> None:
     """A feed item or a short notice in plain text shows the address it links to; the same few words
     with a picture, or behind an anchor, are the image-only shape."""
@@ -271,6 +284,7 @@ def test_an_html_body_that_carries_a_name_is_not_a_risky_attachment() -> None:
     {"sender": '"service@paypal.com" <news@mailer-77.example.net>'},
     {"subject": "Recent L\u0435\u0501g\u0435r breach"},
     {"extra": "Reply-To: claims.desk@gmail.com\n"},
+    {"sender": '"Soda Water" <vx8bouft4@mitolyns.shop>'},  # a throw-away top-level domain vouches for nothing
 ])
 def test_the_marks_of_bulk_mail_do_not_count_for_a_disguised_sender(disguise: dict[str, str]) -> None:
     """Phishing copies the one-click header, the opt-out line and its own DKIM signature: beside a disguise
