@@ -353,3 +353,22 @@ def test_shipped_training_list_covers_the_eras_and_never_the_phishing_set() -> N
             "packs/trec07p/ham", "packs/trec07p/spam"} <= folders
     assert not any("phishing" in folder or "modern-ham-lists" in folder for folder in folders)
     assert all(len(digest) == 64 for _spam, digest, _path in manifest.entries)
+
+
+@pytest.mark.parametrize(("rule", "spam", "ham"), [
+    ("STOCK_PROMOTION",
+     "HXPN IS MAKING GREAT PROGRESS! Company: Harris Exploration Inc Symbol: HXPN Price: 0.64 (28% UP!) "
+     "5-day Target: $3 Rating: Strong Buy",
+     "Stock Quote Notification for Netflix, Inc. The last trade was at 25.10, up 0.4% on the day."),
+    ("MALE_ENHANCEMENT",
+     "Introducing the Newest, Safest and Most Advanced Solution in Pnis En1argment, anywhere!",
+     "The choir needs more male voices; the female section has grown and the hall was enlarged."),
+])
+def test_phrases_of_2007_spam_reach_the_verdict_reasons(rules_bases: str, rule: str, spam: str, ham: str) -> None:
+    """A pump-and-dump tip and an "enlargement" offer; a stock notice and a choir's note are neither."""
+    spam_filter = SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), rules_bases)
+    weight = next(r.weight for r in default_rules() if r.name == rule)
+    hit = spam_filter.classify(message(spam, html=False, subject="Hi"), None, "", [], [])
+    missed = spam_filter.classify(message(ham, html=False, subject="Hi"), None, "", [], [])
+    assert f"rule {rule} {weight:+.2f}" in hit.reasons, hit.reasons
+    assert not any(reason.startswith(f"rule {rule} ") for reason in missed.reasons)

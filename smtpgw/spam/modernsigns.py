@@ -291,7 +291,11 @@ def _confusable(text: str) -> bool:
 
 
 def confusable_text(view: MailView) -> bool:
-    """A display name or Subject spelt to slip past word filters: "Lеԁgеr" (Cyrillic е, ԁ), "ᴏʀᴅᴇʀ", "C o i n b a s e"."""
+    """A display name or Subject spelt to slip past word filters: "Lеԁgеr" (Cyrillic е, ԁ), "ᴏʀᴅᴇʀ", "C o i n b a s e".
+
+    A capital I written for an l ("PoIicy", "Trust WaIIet", "compIimentary") is not one: inside a word it
+    is as common in ham's CamelCase (WordInfo, SweaveInput, BigInt, McIntyre, bzImage: 16 display names
+    or Subjects of the ham sets) as in the spam sets (3 modern, 8 phishing)."""
     return _confusable(_display_name_raw(view)) or _confusable(view.header("subject") or "")
 
 
@@ -475,7 +479,9 @@ def _unvouched(view: MailView) -> bool:
     """A sender whose marks of legitimate bulk mail vouch for nothing: one that disguises itself, or one on
     a throw-away top-level domain (``from_cheap_tld``). Today's bulk spam signs with the domain it
     registered that week and gives it an unsubscribe header: CONSISTENT_SENDER fired on 57% of
-    modern-mixed's spam (60 messages), 33 of them from .shop, .sbs, .bar ..., and on no ham from such a domain."""
+    modern-mixed's spam (60 messages), 33 of them from .shop, .sbs, .bar ..., and on no ham from such a domain.
+    Asking also for a link to the From domain when there are links (the Message-ID's domain alone no longer
+    enough) would take about ten more of that spam, but also 12% of the mailing list's ham and 1 modern ham."""
     return _disguised(view) or once(view, from_cheap_tld)
 
 
