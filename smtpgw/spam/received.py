@@ -139,6 +139,10 @@ def hop_hints(hop: Hop) -> list[str]:
     1.71 (the set whose own ham never had it), modern-mixed 6.45 / 90.5 / 3.00 ->
     7.53 / 90.5 / 2.98, lists 0.85 -> 0.85, phishing caught 92.8 -> 92.6.
     "unknown" (the receiver looked the name up and found none) stays a hint.
+    Still bound to eras, and kept because they are true of today's mail: the
+    protocol (ESMTPS in 0.1% of 2002-07 mail, 99% of modern-mixed ham and 36% of
+    its spam) and helo-same-domain, which needs a written name (TREC ham 99%,
+    spam 48%; SpamAssassin 44-54% both).
     """
     out = ["proto:" + (hop.protocol if hop.protocol in _PROTOCOLS else "other" if hop.protocol else "none")]
     if hop.protocol in ("esmtpa", "esmtpsa", "asmtp"):
