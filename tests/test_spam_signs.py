@@ -195,6 +195,19 @@ def test_crypto_brands_in_a_display_name_from_another_domain() -> None:
     assert not run_check("brand_display_name", mailview.build(message(TEXT, sender='"Andreas Schwab" <s@linux-m68k.org>')))
 
 
+@pytest.mark.parametrize(("lure", "own"), [
+    ('"AAA Driver Care" <care@wifimarfix.example.com>', '"AAA Travel" <travel@aaa.com>'),
+    ('"Ace Hardware Stores" <ahs@h0s.homerentals.example>', '"Ace Hardware" <ace@email.acehardware.com>'),
+    ('"Liberty Mutual\u2197" <sh@events-and-venue.example>', '"Liberty Mutual" <news@libertymutual.com>'),
+    ('"Charles Schwab & Co., Inc." <postmaster@mg.beepsafe.example>', '"Charles Schwab" <alerts@schwab.com>'),
+    ('"Your Free Oral-B Kit" <w33d@cookfest.example>', '"Oral-B" <club@oralb.com>'),
+])
+def test_retail_insurance_and_broker_names_from_another_domain(lure: str, own: str) -> None:
+    """The names of 2025-26 lures; each brand's own mail (its domain, or one starting with its name) is no disguise."""
+    assert run_check("brand_display_name", mailview.build(message(TEXT, sender=lure)))
+    assert not run_check("brand_display_name", mailview.build(message(TEXT, sender=own)))
+
+
 def test_a_plain_text_note_with_a_link_is_no_image_only_link() -> None:
     """A feed item or a short notice in plain text shows the address it links to; the same few words
     with a picture, or behind an anchor, are the image-only shape."""
@@ -271,6 +284,7 @@ def test_an_html_body_that_carries_a_name_is_not_a_risky_attachment() -> None:
     {"sender": '"service@paypal.com" <news@mailer-77.example.net>'},
     {"subject": "Recent L\u0435\u0501g\u0435r breach"},
     {"extra": "Reply-To: claims.desk@gmail.com\n"},
+    {"sender": '"Soda Water" <vx8bouft4@mitolyns.shop>'},  # a throw-away top-level domain vouches for nothing
 ])
 def test_the_marks_of_bulk_mail_do_not_count_for_a_disguised_sender(disguise: dict[str, str]) -> None:
     """Phishing copies the one-click header, the opt-out line and its own DKIM signature: beside a disguise
@@ -339,3 +353,22 @@ def test_shipped_training_list_covers_the_eras_and_never_the_phishing_set() -> N
             "packs/trec07p/ham", "packs/trec07p/spam"} <= folders
     assert not any("phishing" in folder or "modern-ham-lists" in folder for folder in folders)
     assert all(len(digest) == 64 for _spam, digest, _path in manifest.entries)
+
+
+@pytest.mark.parametrize(("rule", "spam", "ham"), [
+    ("STOCK_PROMOTION",
+     "HXPN IS MAKING GREAT PROGRESS! Company: Harris Exploration Inc Symbol: HXPN Price: 0.64 (28% UP!) "
+     "5-day Target: $3 Rating: Strong Buy",
+     "Stock Quote Notification for Netflix, Inc. The last trade was at 25.10, up 0.4% on the day."),
+    ("MALE_ENHANCEMENT",
+     "Introducing the Newest, Safest and Most Advanced Solution in Pnis En1argment, anywhere!",
+     "The choir needs more male voices; the female section has grown and the hall was enlarged."),
+])
+def test_phrases_of_2007_spam_reach_the_verdict_reasons(rules_bases: str, rule: str, spam: str, ham: str) -> None:
+    """A pump-and-dump tip and an "enlargement" offer; a stock notice and a choir's note are neither."""
+    spam_filter = SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), rules_bases)
+    weight = next(r.weight for r in default_rules() if r.name == rule)
+    hit = spam_filter.classify(message(spam, html=False, subject="Hi"), None, "", [], [])
+    missed = spam_filter.classify(message(ham, html=False, subject="Hi"), None, "", [], [])
+    assert f"rule {rule} {weight:+.2f}" in hit.reasons, hit.reasons
+    assert not any(reason.startswith(f"rule {rule} ") for reason in missed.reasons)
