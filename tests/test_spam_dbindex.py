@@ -102,15 +102,36 @@ def test_lookups_match_the_dicts(tmp_path) -> None:  # type: ignore[no-untyped-d
 
 
 def test_a_token_of_more_than_255_bytes_is_found_as_in_the_dicts(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Key lengths then take two bytes: the lookup reads them from the whole entry."""
+    """Key lengths of 63 bytes and more follow the tag: the lookup reads them entry by entry."""
     path = str(tmp_path / "spam.db")
     long_token = "\U0001f600" * 64  # 256 bytes of UTF-8
     write_edited(path, small_database(path), "lunch\t9\t0", f"{long_token}\t9\t0")
     mapped = dbindex.open_database(path)
-    assert mapped.bayes.index.layout.format.endswith("H")
     tokens = {long_token, "viagra", "meeting", "\U0001f600" * 63, "unknown"}
     assert mapped.bayes.score(tokens) == SpamDatabase.load(path).bayes.score(tokens)
     assert dict(mapped.bayes.counts) == SpamDatabase.load(path).bayes.counts
+
+
+def test_entries_of_every_shape_are_found_as_in_the_dicts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Narrow and wide counts, with and without a weight, keys on both sides of the tag's 63 bytes,
+    all in one small table (8 buckets: several entries of each shape share one)."""
+    path = str(tmp_path / "spam.db")
+    database = SpamDatabase.empty(info=DatabaseInfo(version="1.0", date="2024-01-01"))
+    counts = {}
+    for length in (1, 2, 61, 62, 63, 64, 65, 300):
+        for ham, spam in ((0, 1), (255, 255), (256, 0), (3, 70_000), (2**31 - 1, 7)):
+            counts[f"{length}:{ham}:{spam}:".ljust(length, "x")] = (ham, spam)
+    database.bayes.counts.update(counts)
+    database.bayes.nham, database.bayes.nspam = 40, 45
+    database.terms.weights.update({token: 0.0125 * (i % 3 - 1) for i, token in enumerate(counts) if i % 3 != 1})
+    database.save(path)
+    loaded = SpamDatabase.load(path)
+    mapped = dbindex.open_database(path)
+    assert dict(mapped.bayes.counts) == loaded.bayes.counts == counts
+    assert dict(mapped.terms.weights) == loaded.terms.weights
+    probes = set(counts) | {token[:-1] for token in counts} | {token + "x" for token in counts}
+    assert mapped.bayes.index._find(probes) == {
+        token: (*counts[token], loaded.terms.weights.get(token, 0.0)) for token in counts}
 
 
 def test_weights_that_are_not_four_decimals_are_kept_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
