@@ -386,7 +386,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.limits", "MaximalScanAttempts", INT, "1-100", 3),
     P("smtpgw.limits", "IncomingSessions", INT, "1-1024", 100),
     P("smtpgw.limits", "IncomingProcesses", INT, "0-24", 0),  # 0: half the cores, at least 1 (app/incoming.py)
-    P("smtpgw.limits", "DeliveryProcess", BOOL, "", False),  # the Sender in a process of its own (app/delivery.py)
+    P("smtpgw.limits", "DeliveryProcess", BOOL, "", True),  # the Sender in a process of its own (app/delivery.py)
     P("smtpgw.limits", "OutgoingSessions", INT, "1-1024", 20),
     P("smtpgw.limits", "MaximalIncomingHops", INT, "1-100", 20),
     P("smtpgw.limits", "MaximalIncomingMessageSize", INT, "64-204800 KB", 10240),
