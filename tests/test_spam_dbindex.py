@@ -187,6 +187,25 @@ def test_a_damaged_index_is_built_again(tmp_path, logs, damage: str) -> None:  #
         assert dbindex._check(fd, dbindex._source_of(path)) is None  # written anew, whole
 
 
+def test_an_index_of_an_older_format_is_built_again_without_a_warning(tmp_path, logs) -> None:  # type: ignore[no-untyped-def]
+    """As after an upgrade: format 1 had fixed-width entries; its header and checksum still hold."""
+    path = str(tmp_path / "spam.db")
+    small_database(path)
+    dbindex.open_database(path)
+    index = dbindex.index_file(path)
+    with open(index, "r+b") as f:
+        data = bytearray(f.read())
+        data[8:12] = (dbindex.FORMAT - 1).to_bytes(4, "little")
+        data[-dbindex.TRAILER:] = hashlib.sha256(data[:-dbindex.TRAILER]).digest()
+        f.seek(0)
+        f.write(data)
+    with logs.at_level(logging.INFO, logger="smtpgw.spam.dbindex"):
+        mapped = dbindex.open_database(path)
+    assert mapped.bayes.counts.get("viagra") == (0, 40)
+    assert [(r.levelno, r.getMessage()) for r in logs.records if "built again" in r.getMessage()] == [
+        (logging.INFO, f"spam database index {index} is of an older format: built again")]
+
+
 def test_an_index_that_cannot_be_written_stays_in_memory(tmp_path, logs) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "spam.db")
     small_database(path)

@@ -82,6 +82,7 @@ KEY_LENGTH = struct.Struct("<H")
 TRAILER = 32
 READ_CHUNK = 1 << 20
 STALE = "is of another spam.db"
+OLDER = "is of an older format"  # after an upgrade of the gateway
 MAX_KNOWN_COUNTS = 1 << 16  # (ham, spam) pairs whose clue probability a MappedBayes keeps
 
 Entry = tuple[int, int, float]  # ham, spam, term weight
@@ -318,7 +319,7 @@ def _try_map(where: str, source: tuple[int, int, bytes], quiet: bool = False) ->
     finally:
         os.close(fd)
     if not quiet:  # an index of the previous spam.db is expected after an update
-        log.log(logging.INFO if problem == STALE else logging.WARNING, "spam database index %s %s: built again",
+        log.log(logging.INFO if problem in (STALE, OLDER) else logging.WARNING, "spam database index %s %s: built again",
                 where, problem)
     return None
 
@@ -329,8 +330,10 @@ def _check(fd: int, source: tuple[int, int, bytes]) -> str | None:
     if size < HEADER.size + TRAILER:
         return "is truncated"
     fields = HEADER.unpack(os.pread(fd, HEADER.size, 0))
-    if fields[0] != MAGIC or fields[1] != FORMAT:
+    if fields[0] != MAGIC or fields[1] > FORMAT:
         return "is not an index of this format"
+    if fields[1] != FORMAT:
+        return OLDER
     if fields[2:5] != source:
         return STALE
     if not _bounds_ok(fields, size):
