@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 
@@ -159,25 +160,35 @@ def test_a_new_database_gets_a_new_index(tmp_path) -> None:  # type: ignore[no-u
     assert os.stat(dbindex.index_file(path)).st_ino != first.st_ino
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "foreign"])
-def test_a_damaged_index_is_built_again(tmp_path, logs, damage: str) -> None:  # type: ignore[no-untyped-def]
-    path = str(tmp_path / "spam.db")
+def edited_index(path: str, edit: Callable[[bytearray], bytearray]) -> str:
+    """The index of ``small_database`` at ``path`` rewritten as ``edit`` makes it; its name."""
     small_database(path)
     dbindex.open_database(path)
     index = dbindex.index_file(path)
     with open(index, "r+b") as f:
-        data = bytearray(f.read())
-        if damage == "flip":
-            data[len(data) // 2] ^= 0x40
-        elif damage == "truncate":
-            data = data[: len(data) - 100]
-        elif damage == "empty":
-            data = bytearray()
-        else:
-            data[:8] = b"NOTANIDX"
+        data = edit(bytearray(f.read()))
         f.seek(0)
         f.truncate()
         f.write(data)
+    return index
+
+
+def damaged(data: bytearray, damage: str) -> bytearray:
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif damage == "truncate":
+        data = data[: len(data) - 100]
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data[:8] = b"NOTANIDX"
+    return data
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "foreign"])
+def test_a_damaged_index_is_built_again(tmp_path, logs, damage: str) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "spam.db")
+    index = edited_index(path, lambda data: damaged(data, damage))
     with logs.at_level(logging.WARNING, logger="smtpgw.spam.dbindex"):
         mapped = dbindex.open_database(path)
     assert mapped.bayes.counts.get("viagra") == (0, 40)
@@ -189,16 +200,13 @@ def test_a_damaged_index_is_built_again(tmp_path, logs, damage: str) -> None:  #
 
 def test_an_index_of_an_older_format_is_built_again_without_a_warning(tmp_path, logs) -> None:  # type: ignore[no-untyped-def]
     """As after an upgrade: format 1 had fixed-width entries; its header and checksum still hold."""
-    path = str(tmp_path / "spam.db")
-    small_database(path)
-    dbindex.open_database(path)
-    index = dbindex.index_file(path)
-    with open(index, "r+b") as f:
-        data = bytearray(f.read())
+    def older(data: bytearray) -> bytearray:
         data[8:12] = (dbindex.FORMAT - 1).to_bytes(4, "little")
         data[-dbindex.TRAILER:] = hashlib.sha256(data[:-dbindex.TRAILER]).digest()
-        f.seek(0)
-        f.write(data)
+        return data
+
+    path = str(tmp_path / "spam.db")
+    index = edited_index(path, older)
     with logs.at_level(logging.INFO, logger="smtpgw.spam.dbindex"):
         mapped = dbindex.open_database(path)
     assert mapped.bayes.counts.get("viagra") == (0, 40)
