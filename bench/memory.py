@@ -166,7 +166,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=40)
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--incoming-processes", type=int, default=0, help="IncomingProcesses (default 0: half the cores, at least one)")
-    parser.add_argument("--delivery-process", choices=("yes", "no"), default="no", help="DeliveryProcess (default no)")
+    parser.add_argument("--delivery-process", choices=("yes", "no"), default="yes", help="DeliveryProcess (default yes)")
     parser.add_argument("--detail", action="store_true", help="the largest mappings of each process (MiB)")
     parser.add_argument("--trace", action="store_true",
                         help="trace the main process's allocations (PYTHONTRACEMALLOC): bytes per idle session and where")

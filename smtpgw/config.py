@@ -41,17 +41,21 @@ import pickle
 import pwd
 import re
 import sys
-import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from smtpgw import PACKAGE_DIR
-from smtpgw.console import auth as console_auth
 from smtpgw.rules import access, routing
 from smtpgw.rules.masks import client_address, match_any, parse_ip_mask
 from smtpgw.spool.durable import write_durably
-from smtpgw.update import signing
+
+if TYPE_CHECKING:
+    from smtpgw.update import signing
+
+# console/auth (hashlib, hmac), update/signing (Ed25519) and urllib.parse are imported by the
+# checks that use them, as a file is read: not by a process that only loads a snapshot
+# (load_snapshot: the delivery process; unpickling imports a PublicKey's module when one is set).
 
 __all__ = ["SCHEMA", "Config", "ConfigError", "Group", "Param", "Section", "check_config", "load_config"]
 
@@ -197,12 +201,16 @@ def _console_listen(text: str, param: Param, where: str, folder: str) -> tuple[s
 
 
 def _user_name(text: str, param: Param, where: str, folder: str) -> str:
+    from smtpgw.console import auth as console_auth
+
     if not console_auth.USER_NAME.fullmatch(text):
         raise ValueError(f"'{text[:40]}' is not a user name (letters, digits, _ . @ -)")
     return text
 
 
 def _password_hash(text: str, param: Param, where: str, folder: str) -> str:
+    from smtpgw.console import auth as console_auth
+
     problem = console_auth.hash_problem(text)
     if problem:
         raise ValueError(problem)
@@ -210,6 +218,8 @@ def _password_hash(text: str, param: Param, where: str, folder: str) -> str:
 
 
 def _user_entry(text: str, param: Param, where: str, folder: str) -> tuple[str, str]:
+    from smtpgw.console import auth as console_auth
+
     return console_auth.parse_user_entry(text)
 
 
@@ -231,6 +241,8 @@ def _stats_target(text: str, param: Param, where: str, folder: str) -> str:
 
 def _url_or_path(text: str, param: Param, where: str, folder: str) -> str:
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
+        import urllib.parse
+
         urllib.parse.urlsplit(text)  # its ValueError (an unclosed [IPv6] host, ...) is this line's problem
         return _text(text, param, where, folder)
     return _path(text, param, where, folder)
@@ -238,6 +250,8 @@ def _url_or_path(text: str, param: Param, where: str, folder: str) -> str:
 
 def _public_key(text: str, param: Param, where: str, folder: str) -> signing.PublicKey:
     """``ed25519:<base64> [NAME]``, or the path of a ``.pub`` file holding one."""
+    from smtpgw.update import signing
+
     try:
         if text.startswith(signing.PUBLIC_PREFIX):
             return signing.parse_public_key(text)
@@ -372,7 +386,7 @@ SCHEMA: tuple[Param, ...] = (
     P("smtpgw.limits", "MaximalScanAttempts", INT, "1-100", 3),
     P("smtpgw.limits", "IncomingSessions", INT, "1-1024", 100),
     P("smtpgw.limits", "IncomingProcesses", INT, "0-24", 0),  # 0: half the cores, at least 1 (app/incoming.py)
-    P("smtpgw.limits", "DeliveryProcess", BOOL, "", False),  # the Sender in a process of its own (app/delivery.py)
+    P("smtpgw.limits", "DeliveryProcess", BOOL, "", True),  # the Sender in a process of its own (app/delivery.py)
     P("smtpgw.limits", "OutgoingSessions", INT, "1-1024", 20),
     P("smtpgw.limits", "MaximalIncomingHops", INT, "1-100", 20),
     P("smtpgw.limits", "MaximalIncomingMessageSize", INT, "64-204800 KB", 10240),

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 
@@ -102,15 +103,36 @@ def test_lookups_match_the_dicts(tmp_path) -> None:  # type: ignore[no-untyped-d
 
 
 def test_a_token_of_more_than_255_bytes_is_found_as_in_the_dicts(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Key lengths then take two bytes: the lookup reads them from the whole entry."""
+    """Key lengths of 63 bytes and more follow the tag: the lookup reads them entry by entry."""
     path = str(tmp_path / "spam.db")
     long_token = "\U0001f600" * 64  # 256 bytes of UTF-8
     write_edited(path, small_database(path), "lunch\t9\t0", f"{long_token}\t9\t0")
     mapped = dbindex.open_database(path)
-    assert mapped.bayes.index.layout.format.endswith("H")
     tokens = {long_token, "viagra", "meeting", "\U0001f600" * 63, "unknown"}
     assert mapped.bayes.score(tokens) == SpamDatabase.load(path).bayes.score(tokens)
     assert dict(mapped.bayes.counts) == SpamDatabase.load(path).bayes.counts
+
+
+def test_entries_of_every_shape_are_found_as_in_the_dicts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Narrow and wide counts, with and without a weight, keys on both sides of the tag's 63 bytes,
+    all in one small table (8 buckets: several entries of each shape share one)."""
+    path = str(tmp_path / "spam.db")
+    database = SpamDatabase.empty(info=DatabaseInfo(version="1.0", date="2024-01-01"))
+    counts = {}
+    for length in (1, 2, 61, 62, 63, 64, 65, 300):
+        for ham, spam in ((0, 1), (255, 255), (256, 0), (3, 70_000), (2**31 - 1, 7)):
+            counts[f"{length}:{ham}:{spam}:".ljust(length, "x")] = (ham, spam)
+    database.bayes.counts.update(counts)
+    database.bayes.nham, database.bayes.nspam = 40, 45
+    database.terms.weights.update({token: 0.0125 * (i % 3 - 1) for i, token in enumerate(counts) if i % 3 != 1})
+    database.save(path)
+    loaded = SpamDatabase.load(path)
+    mapped = dbindex.open_database(path)
+    assert dict(mapped.bayes.counts) == loaded.bayes.counts == counts
+    assert dict(mapped.terms.weights) == loaded.terms.weights
+    probes = set(counts) | {token[:-1] for token in counts} | {token + "x" for token in counts}
+    assert mapped.bayes.index._find(probes) == {
+        token: (*counts[token], loaded.terms.weights.get(token, 0.0)) for token in counts}
 
 
 def test_weights_that_are_not_four_decimals_are_kept_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -138,25 +160,35 @@ def test_a_new_database_gets_a_new_index(tmp_path) -> None:  # type: ignore[no-u
     assert os.stat(dbindex.index_file(path)).st_ino != first.st_ino
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "foreign"])
-def test_a_damaged_index_is_built_again(tmp_path, logs, damage: str) -> None:  # type: ignore[no-untyped-def]
-    path = str(tmp_path / "spam.db")
+def edited_index(path: str, edit: Callable[[bytearray], bytearray]) -> str:
+    """The index of ``small_database`` at ``path`` rewritten as ``edit`` makes it; its name."""
     small_database(path)
     dbindex.open_database(path)
     index = dbindex.index_file(path)
     with open(index, "r+b") as f:
-        data = bytearray(f.read())
-        if damage == "flip":
-            data[len(data) // 2] ^= 0x40
-        elif damage == "truncate":
-            data = data[: len(data) - 100]
-        elif damage == "empty":
-            data = bytearray()
-        else:
-            data[:8] = b"NOTANIDX"
+        data = edit(bytearray(f.read()))
         f.seek(0)
         f.truncate()
         f.write(data)
+    return index
+
+
+def damaged(data: bytearray, damage: str) -> bytearray:
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif damage == "truncate":
+        data = data[: len(data) - 100]
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data[:8] = b"NOTANIDX"
+    return data
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "foreign"])
+def test_a_damaged_index_is_built_again(tmp_path, logs, damage: str) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "spam.db")
+    index = edited_index(path, lambda data: damaged(data, damage))
     with logs.at_level(logging.WARNING, logger="smtpgw.spam.dbindex"):
         mapped = dbindex.open_database(path)
     assert mapped.bayes.counts.get("viagra") == (0, 40)
@@ -164,6 +196,22 @@ def test_a_damaged_index_is_built_again(tmp_path, logs, damage: str) -> None:  #
     with open(index, "rb") as f:
         fd = f.fileno()
         assert dbindex._check(fd, dbindex._source_of(path)) is None  # written anew, whole
+
+
+def test_an_index_of_an_older_format_is_built_again_without_a_warning(tmp_path, logs) -> None:  # type: ignore[no-untyped-def]
+    """As after an upgrade: format 1 had fixed-width entries; its header and checksum still hold."""
+    def older(data: bytearray) -> bytearray:
+        data[8:12] = (dbindex.FORMAT - 1).to_bytes(4, "little")
+        data[-dbindex.TRAILER:] = hashlib.sha256(data[:-dbindex.TRAILER]).digest()
+        return data
+
+    path = str(tmp_path / "spam.db")
+    index = edited_index(path, older)
+    with logs.at_level(logging.INFO, logger="smtpgw.spam.dbindex"):
+        mapped = dbindex.open_database(path)
+    assert mapped.bayes.counts.get("viagra") == (0, 40)
+    assert [(r.levelno, r.getMessage()) for r in logs.records if "built again" in r.getMessage()] == [
+        (logging.INFO, f"spam database index {index} is of an older format: built again")]
 
 
 def test_an_index_that_cannot_be_written_stays_in_memory(tmp_path, logs) -> None:  # type: ignore[no-untyped-def]

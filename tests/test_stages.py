@@ -229,7 +229,7 @@ class Outbox(Host):
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
-        self.client_tls_context = None
+        self.client_tls = None
         self.resolver: Any = None  # the tests give the Sender its own next-hop resolver
         self.templates = templates.load_templates(self.cfg.base.TemplatesPath)
         self.complete: list[Envelope] = []

@@ -17,14 +17,16 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 from collections import deque
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from smtpgw import RELEASE_INTERVAL, release_heap
 from smtpgw import log as logsetup
 from smtpgw.config import Config, save_snapshot
 from smtpgw.net.loop import EventLoop
+
+if TYPE_CHECKING:
+    import subprocess
 
 log = logging.getLogger("smtpgw")
 
@@ -171,7 +173,7 @@ def exit_orphaned(what: str) -> None:
     os._exit(1)
 
 
-def exit_status(proc: "subprocess.Popen[bytes]") -> str:
+def exit_status(proc: subprocess.Popen[bytes]) -> str:
     """How a process that ended ended, for the log."""
     code = proc.returncode
     return f"exit status {code}" if code >= 0 else f"signal {-code}"

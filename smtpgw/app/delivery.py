@@ -35,13 +35,22 @@ spam engine into the delivery process.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # The delivery process hashes nothing itself (message IDs, DNS query IDs and file names come from
+    # os.urandom through secrets; its hmac is never used): hashlib's OpenSSL module would map
+    # libcrypto, 3.5 MiB RSS, into a process that speaks TLS only with a next hop that offers
+    # STARTTLS (ssl, which maps it then, is imported at the first such handshake: client_tls). Set
+    # before anything imports hashlib (the process is started with -S: no site module before this).
+    sys.modules.setdefault("_hashlib", None)
+
 import argparse
+import functools
 import logging
 import os
 import pickle
 import socket
-import ssl
-import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -49,9 +58,7 @@ from smtpgw import RELEASE_INTERVAL, child_command
 from smtpgw.app.channel import (
     Channel, exit_orphaned, flush_log_every, leave, publish_reload, release_heap_every, serve_signals, setup_log,
 )
-from smtpgw.app.supervise import Supervised
 from smtpgw.config import Config, load_snapshot, save_snapshot
-from smtpgw.deliver.sender import Sender
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
 from smtpgw.reports import templates
@@ -61,7 +68,10 @@ from smtpgw.spool.store import Store
 from smtpgw.stats import Stats
 
 if TYPE_CHECKING:
+    import ssl
+
     from smtpgw.console.traffic import Traffic
+    from smtpgw.deliver.sender import Sender
 
 log = logging.getLogger("smtpgw")
 
@@ -80,9 +90,13 @@ def config_path(queue_root: str) -> str:
     return os.path.join(queue_root, CONFIG_NAME)
 
 
+@functools.cache
 def client_tls() -> ssl.SSLContext:
     """The outbound STARTTLS context: opportunistic TLS (RFC 7435), encrypt when offered, do not
-    authenticate."""
+    authenticate. Made (and ssl imported: libssl and libcrypto, 4 MiB RSS) when a next hop first
+    offers STARTTLS (deliver/client.py calls it then), once per process."""
+    import ssl
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -128,6 +142,8 @@ class Delivery:
     (``enqueue``, ``forget``, ``send_now``, ``send_all``, ``switch``, ``registries``)."""
 
     def __init__(self, master: Master) -> None:
+        from smtpgw.app.supervise import Supervised  # here: the main process's side only (subprocess)
+
         self.master = master
         self.process = Supervised(master, "delivery process", self._command, self._message, self._lost,
                                   on_spawned=self._spawned, called="the delivery process")
@@ -271,17 +287,19 @@ class DeliveryProcess:
     """The Sender stage in a process of its own; provides deliver/sender.Outbound."""
 
     def __init__(self, cfg: Config, queue_root: str, channel: socket.socket, sending: bool) -> None:
+        from smtpgw.deliver.sender import Sender  # here: not in the main process, which imports this module
+
         self.cfg = cfg
         self.loop = EventLoop()
         self.stats = Stats()  # deltas since the last report
         self.stats.counters.clear()
         self.queue = Queue(queue_root)
         self.committer = Committer(self.queue, self.loop.call_soon_threadsafe)
-        self.client_tls_context: ssl.SSLContext | None = client_tls()
+        self.client_tls: Callable[[], ssl.SSLContext] | None = client_tls
         self.resolver = Resolver.from_config(self.loop, cfg.resolve)
         self.templates = templates.load_templates(cfg.base.TemplatesPath)
         self.archive = Store(cfg.path.OutgoingArchivePath) if cfg.path.OutgoingArchivePath else None
-        self.sender = Sender(self)
+        self.sender: Sender = Sender(self)
         self.sender.enabled = sending
         self.done: list[list[Any]] = []
         self.reporting = False
@@ -295,7 +313,7 @@ class DeliveryProcess:
         self.channel.send({"ready": True, "resumed": resumed, "registries": self.sender.registries()})
         self.loop.call_later(REPORT_INTERVAL, self._report_figures)
         self.loop.call_later(LOG_FLUSH_INTERVAL, flush_log_every, self.loop, LOG_FLUSH_INTERVAL)
-        self.loop.call_later(RELEASE_INTERVAL, release_heap_every, self.loop)
+        self.loop.call_soon(release_heap_every, self.loop)  # what the start-up freed (the snapshot, imports), then each minute
         self.loop.run_forever()
 
     def resume(self) -> int:

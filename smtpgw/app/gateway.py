@@ -24,11 +24,10 @@ import os
 import pwd
 import signal
 import socket
-import ssl
 import sys
 import time
 from concurrent.futures import Future
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from smtpgw import RELEASE_INTERVAL, release_heap
 from smtpgw import log as logsetup
@@ -39,7 +38,6 @@ from smtpgw.app.incoming import Incoming, process_count, server_tls
 from smtpgw.config import Config, ConfigError, load_config, save_snapshot
 from smtpgw.console.server import BindError, Console
 from smtpgw.console.traffic import Traffic
-from smtpgw.deliver.sender import Sender
 from smtpgw.log import event
 from smtpgw.net import smtp
 from smtpgw.net.dns import Resolver
@@ -58,6 +56,11 @@ from smtpgw.spool import ops
 from smtpgw.spool.queue import QUE, WFC, WFS, Committer, Envelope, Queue, set_process
 from smtpgw.spool.store import Item, Store, lifetimes, purge_stores
 from smtpgw.stats import Stats, history_path, save as save_stats
+
+if TYPE_CHECKING:
+    import ssl
+
+    from smtpgw.deliver.sender import Sender
 
 log = logging.getLogger("smtpgw")
 
@@ -114,10 +117,10 @@ class Gateway:
         self.incoming_archive = Store(cfg.path.IncomingArchivePath) if cfg.path.IncomingArchivePath else None
         self.outgoing_archive = Store(cfg.path.OutgoingArchivePath) if cfg.path.OutgoingArchivePath else None
         self.ssl_context = self._server_tls(cfg)
-        self.client_tls_context = client_tls()
+        self.client_tls = client_tls  # (ssl imported when a next hop first offers STARTTLS)
         self.resolver = Resolver.from_config(self.loop, cfg.resolve)
         # DeliveryProcess: the Sender stage in a process of its own (app/delivery.py)
-        self.sender: Sender | Delivery = Delivery(self) if cfg.limits.DeliveryProcess else Sender(self)
+        self.sender: Sender | Delivery = Delivery(self) if cfg.limits.DeliveryProcess else self._sender()
         self.scanner = Scanner(self)
         self.control = Control(self)
         self.console = Console(self)
@@ -128,11 +131,18 @@ class Gateway:
         self._saving_stats = False
         self._handle_signals()
 
+    def _sender(self) -> Sender:
+        """The Sender stage in this process (DeliveryProcess=no). Imported here: with the delivery
+        process, the main process does without the client, next-hop, MX and DSN code."""
+        from smtpgw.deliver.sender import Sender
+
+        return Sender(self)
+
     @staticmethod
     def _server_tls(cfg: Config) -> ssl.SSLContext | None:
         try:
             return server_tls(cfg)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError is one
             cert, key = cfg.network.TLSCertificateFile, cfg.network.TLSKeyFile
             raise StartupError(f"cannot load TLS certificate {cert} / key {key}: {exc}", 1) from exc
 

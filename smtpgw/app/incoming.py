@@ -37,10 +37,9 @@ import logging
 import os
 import pickle
 import socket
-import ssl
 import sys
 from collections import Counter
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from smtpgw import RELEASE_INTERVAL, child_command
 from smtpgw.app.channel import (
@@ -56,6 +55,9 @@ from smtpgw.receive.receiver import Session, Sessions, client_address
 from smtpgw.spool import ops
 from smtpgw.spool.queue import WFC, Committer, Envelope, Queue, process_tag, set_process
 from smtpgw.stats import Stats
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("smtpgw")
 
@@ -79,11 +81,14 @@ def config_path(queue_root: str) -> str:
 
 
 def server_tls(cfg: Config) -> ssl.SSLContext | None:
-    """The STARTTLS context of TLSCertificateFile/TLSKeyFile (None without them); OSError or
-    ssl.SSLError when they cannot be loaded."""
+    """The STARTTLS context of TLSCertificateFile/TLSKeyFile (None without them); OSError (an
+    ssl.SSLError is one) when they cannot be loaded. ssl is imported here: a gateway without a
+    certificate speaks no TLS inbound, and one whose next hops offer none maps no libssl."""
     cert, key = cfg.network.TLSCertificateFile, cfg.network.TLSKeyFile
     if not cert:
         return None
+    import ssl
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
@@ -425,7 +430,7 @@ class IncomingProcess:
             cfg = load_snapshot(config_path(self.queue.root))
             ssl_context = server_tls(cfg)
             setup_log(cfg)
-        except (OSError, ssl.SSLError, pickle.UnpicklingError, EOFError) as exc:
+        except (OSError, pickle.UnpicklingError, EOFError) as exc:  # ssl.SSLError is an OSError
             log.error("incoming process %d keeps its configuration: %s", self.index, exc)
             return
         self.cfg = cfg

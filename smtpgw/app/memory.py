@@ -26,12 +26,11 @@ import os
 import time
 import tracemalloc
 from collections import Counter
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from smtpgw.app.delivery import Delivery
 from smtpgw.app.incoming import Incoming
 from smtpgw.config import Config
-from smtpgw.deliver.sender import Sender
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
 from smtpgw.receive.quota import Quota
@@ -40,6 +39,9 @@ from smtpgw.scan.scanner import Scanner
 from smtpgw.spool.durable import write_durably
 from smtpgw.spool.queue import Committer
 from smtpgw.stats import Stats
+
+if TYPE_CHECKING:
+    from smtpgw.deliver.sender import Sender
 
 log = logging.getLogger("smtpgw.app.memory")
 

@@ -20,10 +20,9 @@ import http.server
 import logging
 import os
 import socket
-import ssl
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from smtpgw.console.auth import ADMIN, READ_ONLY, LoginThrottle, Session, Sessions
 from smtpgw.console.history import History
@@ -39,6 +38,9 @@ from smtpgw.spool import ops
 from smtpgw.spool.durable import write_durably
 from smtpgw.spool.queue import STATES, Envelope
 from smtpgw.spool.store import named_stores
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("smtpgw.console")
 
@@ -113,11 +115,13 @@ class Console:
             return
         tls = None
         if cfg.TLSCertificateFile:
+            import ssl  # here: only a console on HTTPS maps libssl
+
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls.minimum_version = ssl.TLSVersion.TLSv1_2
             try:
                 tls.load_cert_chain(cfg.TLSCertificateFile, cfg.TLSKeyFile)
-            except (OSError, ssl.SSLError) as exc:
+            except OSError as exc:  # ssl.SSLError is one
                 raise BindError(f"console: cannot load TLS certificate: {exc}", 1) from exc
         try:
             self.server = _Server(self, tuple(cfg.ListenOn), tls)

@@ -16,8 +16,7 @@ import time
 
 from smtpgw.config import Config
 from smtpgw.log import event
-from smtpgw.reports import dsn
-from smtpgw.reports.notify import Template
+from smtpgw.reports.templates import Template
 from smtpgw.spool.queue import QUE, Envelope, Queue, Recipient, new_id
 
 log = logging.getLogger("smtpgw")
@@ -27,6 +26,11 @@ def queue_dsn(queue: Queue, cfg: Config, template: Template, env: Envelope, reci
               kind: str) -> Envelope | None:
     """Queue a DSN of ``kind`` (failure, delay, success) about ``recipients`` of ``env`` to its
     envelope sender; the new record (in QUE), or None when none is due or it could not be made."""
+    # Imported here, as the first report is composed: reports/dsn brings reports/notify and the
+    # email package (1-2 MiB of Python objects) into the delivery process, which most often never
+    # composes one.
+    from smtpgw.reports import dsn
+
     lifetime = cfg.timeouts.MaximalQueueLifetime * 86400
     try:
         original = queue.read_message(env, dsn.DEFAULT_FULL_LIMIT + 1)

@@ -16,16 +16,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import ssl
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from smtpgw.net import smtp, tls
 from smtpgw.net.loop import EventLoop, Timer
 from smtpgw.net.smtp import ServerReply
 from smtpgw.net.stream import send_pending
 from smtpgw.spool.queue import MessageFile, Recipient
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("smtpgw.deliver.client")
 
@@ -64,13 +66,14 @@ class Connection:
         on_ready: Callable[["Connection"], None],
         on_done: Callable[["Connection", Transaction], None],
         on_closed: Callable[["Connection", str | None], None],
-        tls_context: ssl.SSLContext | None = None,
+        tls_context: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         self.loop = loop
         self.host, self.ip, self.port = host, ip, port
         self.helo_name = helo_name
         self.t = timeouts
         self.on_ready, self.on_done, self.on_closed = on_ready, on_done, on_closed
+        # opportunistic STARTTLS: the context, made when a peer first offers it (None: never TLS)
         self.tls_context = tls_context
         self.sock: socket.socket | None = None
         self.parser = smtp.ReplyParser()
@@ -173,9 +176,9 @@ class Connection:
         assert self.sock is not None
         try:
             data = self.sock.recv(CHUNK)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except tls.AGAIN:
             return
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError is one
             self.fail(f"read from {self.host}[{self.ip}]: {exc}")
             return
         if not data:
@@ -254,8 +257,8 @@ class Connection:
         self.parser = smtp.ReplyParser()
         assert self.sock is not None and self.tls_context is not None
         try:
-            self.sock = tls.wrap(self.loop, self.tls_context, self.sock, server_side=False)
-        except (OSError, ssl.SSLError) as exc:
+            self.sock = tls.wrap(self.loop, self.tls_context(), self.sock, server_side=False)
+        except OSError as exc:  # ssl.SSLError is one
             self._again_in_clear(f"TLS with {self.host}[{self.ip}]: {exc}")
             return
         if self.timer is not None:

@@ -23,25 +23,26 @@ import logging
 import os
 import re
 import secrets
-import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from smtpgw.config import Config
 from smtpgw.deliver import bounces, nexthop
 from smtpgw.deliver.client import Connection, Transaction
 from smtpgw.deliver.nexthop import Hop, Resolve
 from smtpgw.log import event
-from smtpgw.mail import downgrade
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop
 from smtpgw.net.smtp import ServerReply
-from smtpgw.reports.notify import Template
+from smtpgw.reports.templates import Template
 from smtpgw.rules import routing
 from smtpgw.spool.queue import QUE, SND, Committer, Envelope, MessageFile, Queue, Recipient, RecipientState
 from smtpgw.stats import Stats
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("smtpgw.deliver.sender")
 
@@ -85,7 +86,8 @@ def enhanced_status(reply: ServerReply) -> str:
 
 class Outbound(Protocol):
     """What the Sender needs from the process it runs in: the configuration in force, the loop,
-    the spool and its I/O threads, the counters, the client TLS context, the resolver (for the
+    the spool and its I/O threads, the counters, the client TLS context (made when a next hop
+    first offers STARTTLS), the resolver (for the
     default next-hop resolution), the DSN template, and where a finished message goes."""
 
     cfg: Config
@@ -93,7 +95,7 @@ class Outbound(Protocol):
     queue: Queue
     stats: Stats
     committer: Committer
-    client_tls_context: ssl.SSLContext | None
+    client_tls: Callable[[], ssl.SSLContext] | None  # the STARTTLS context, made at its first use
     resolver: Resolver
     templates: dict[str, Template]
 
@@ -346,7 +348,7 @@ class Sender:
             on_ready=lambda c: self._ready(dest, c),
             on_done=lambda c, txn: self._done(dest, c, txn),
             on_closed=lambda c, why: self._closed(dest, c, why),
-            tls_context=self.host.client_tls_context,
+            tls_context=self.host.client_tls,
         )
         state.connections.append(conn)
         self.total_connections += 1
@@ -417,6 +419,8 @@ class Sender:
         target = f"{source}.7bit-{secrets.token_hex(4)}"
 
         def convert() -> int | None:
+            from smtpgw.mail import downgrade  # here: the MIME rewriting only for the peers that need it
+
             converted = downgrade.to_7bit(self.queue.read_message(env))
             if converted is None:
                 return None

@@ -11,13 +11,10 @@ what a broken connection means (the caller's session ends or its delivery fails)
 from __future__ import annotations
 
 import socket
-import ssl
+
+from smtpgw.net import tls
 
 __all__ = ["send_pending"]
-
-# Not an error: the socket takes nothing more now (a TLS socket may need to read first, RFC 8446
-# §4.6.3 post-handshake messages; the caller's reader and writer both stay registered).
-_AGAIN = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError)
 
 
 def send_pending(sock: socket.socket, out: bytearray) -> int:
@@ -28,8 +25,8 @@ def send_pending(sock: socket.socket, out: bytearray) -> int:
     while out:
         try:
             sent = sock.send(out)
-        except _AGAIN:
-            break
+        except tls.AGAIN:  # the socket takes nothing more now (a TLS one may need to read first, RFC
+            break  # 8446 §4.6.3 post-handshake messages; the caller's reader and writer both stay registered)
         del out[:sent]
         sent_total += sent
     return sent_total

@@ -4,6 +4,10 @@ Owns: taking a plain socket off the loop and wrapping it (server or client side)
 ``do_handshake`` from the loop's readiness callbacks until it completes or fails; the one place
 both STARTTLS sides (RFC 3207 §4: the handshake starts after the 220 to STARTTLS) go through.
 
+ssl is imported only where a context is made (a certificate configured for inbound STARTTLS, a
+next hop offering it): a process that speaks no TLS does without libssl and libcrypto (4 MiB RSS).
+Until then no TLS socket exists, and ``AGAIN`` holds the plain socket's "try again" only.
+
 Must never: block (every step runs from a readiness callback), read or write application data
 (the caller registers its own reader once the handshake is done), decide what a failure means
 (the server side closes, the client side tries again in the clear: each caller's ``failed``
@@ -14,12 +18,19 @@ it left for the caller to replace.
 from __future__ import annotations
 
 import socket
-import ssl
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from smtpgw.net.loop import EventLoop
 
-__all__ = ["Handshake", "wrap"]
+if TYPE_CHECKING:
+    import ssl
+
+__all__ = ["AGAIN", "Handshake", "wrap"]
+
+# Not an error: a non-blocking socket takes or gives nothing now. A TLS socket may also want to
+# read or write first (a handshake step, RFC 8446 §4.6.3 post-handshake messages): ssl's two are
+# added by ``wrap``, the one way a TLS socket reaches the loop. Read at each use (``tls.AGAIN``).
+AGAIN: tuple[type[OSError], ...] = (BlockingIOError, InterruptedError)
 
 
 def wrap(loop: EventLoop, context: ssl.SSLContext, sock: socket.socket, server_side: bool) -> ssl.SSLSocket:
@@ -27,6 +38,10 @@ def wrap(loop: EventLoop, context: ssl.SSLContext, sock: socket.socket, server_s
 
     Raises OSError (ssl.SSLError is one) when the context cannot wrap it; ``sock`` is then
     still the caller's, off the loop."""
+    global AGAIN
+    import ssl  # loaded already: ``context`` is one of its objects
+
+    AGAIN = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
     loop.forget(sock)
     return context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
 
@@ -44,6 +59,8 @@ class Handshake:
         self.failed = failed
 
     def step(self) -> None:
+        import ssl  # loaded: ``sock`` is an SSLSocket
+
         try:
             self.sock.do_handshake()
         except ssl.SSLWantReadError:

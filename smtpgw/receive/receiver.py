@@ -21,12 +21,11 @@ import logging
 import os
 import re
 import socket
-import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from smtpgw.log import event
 from smtpgw.net import smtp, tls
@@ -37,6 +36,9 @@ from smtpgw.receive.checks import Lookups, SessionChecks, relay_verdict
 from smtpgw.receive.quota import Quota
 from smtpgw.spool.queue import Committer, Envelope, Recipient, TmpFile, new_id
 from smtpgw.stats import Stats
+
+if TYPE_CHECKING:
+    import ssl  # imported where a context is made (a certificate configured: app/incoming.server_tls)
 
 log = logging.getLogger("smtpgw.receive.receiver")
 
@@ -357,9 +359,9 @@ class Session:
                     self.loop.remove_reader(self.sock)  # resumed by flush() after the pause
                 if not self.tls or not self.sock.pending() or len(self.inbuf) > READ_CHUNK * 4:
                     break
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+        except tls.AGAIN:
             pass
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError is one
             self.abort(f"read error: {exc}")
             return
         self.resume()
@@ -387,7 +389,7 @@ class Session:
         if self.closing:
             self.close()
         elif self.handshaking:
-            if not isinstance(self.sock, ssl.SSLSocket):
+            if self.handshake is None:
                 self._begin_tls()  # the 220 to STARTTLS is out: the handshake may start
         elif not self.closed:
             self.loop.add_reader(self.sock, self.on_readable)
@@ -811,7 +813,7 @@ class Session:
         assert self.host.ssl_context is not None
         try:
             self.sock = tls.wrap(self.loop, self.host.ssl_context, self.sock, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError is one
             self.abort(f"TLS setup failed: {exc}")
             return
         self.handshake = tls.Handshake(self.loop, self.sock, self._tls_started, self._tls_failed)

@@ -23,8 +23,11 @@ Format (little-endian)::
     buckets  BUCKETS + 1 × uint32 (BUCKETS a power of two, about half the tokens): where the
              entries of each bucket begin in the entries part, then where the last one ends;
              a token's bucket is crc32(UTF-8 token) & (BUCKETS - 1)
-    entries  per token, bucket after bucket: ham and spam counts, term weight, key length,
-             key (``Layout``: the narrowest types that hold the file's values)
+    entries  per token, bucket after bucket (``Layout``): a tag byte (bit 7: it has a term
+             weight; bit 6: its counts are wide; bits 0-5: the key's length, or 63 when a
+             uint16 length follows), the key, the ham and spam counts (uint8 each, uint32 when
+             wide), the term weight only when it has one (int32 of 1/10,000, or float64 when
+             the file has weights of more decimals): 17.6 bytes an entry in the shipped one
     trailer  SHA-256 of every byte before it
 
 Must never: use an index whose checksum or source does not match, raise on a lookup for
@@ -62,19 +65,24 @@ from smtpgw.spam.terms import Terms
 log = logging.getLogger("smtpgw.spam.dbindex")
 
 MAGIC = b"smtpgwIX"
-FORMAT = 1
+FORMAT = 2  # 1: every entry had both counts, a weight and its key length at fixed widths (21.5 bytes)
 SUFFIX = ".index"  # the index of DIR/spam.db is DIR/.spam.db.index
 # magic, format, source size, source mtime_ns, source checksum, nham, nspam, tokens, weighted tokens,
-# bias, entry layout (struct format), weight scale, buckets, head offset, head length, buckets offset,
-# entries offset, entries length
+# bias, entry layout (the weight's struct format), weight scale, buckets, head offset, head length,
+# buckets offset, entries offset, entries length
 HEADER = struct.Struct("<8sIQq32sIIIId8sIIQQQQQ")
 WEIGHT_SCALE = 10_000  # weights are written with four decimals (database._weight_text)
-# the entry layouts an index may have (struct format, weight scale)
-LAYOUTS = {(f"<{c}{c}{w}{k}".encode().ljust(8, b"\0"), scale)
-           for c in "HI" for w, scale in (("i", WEIGHT_SCALE), ("d", 0)) for k in "BH"}
+# the weights an index may have (struct format, scale)
+LAYOUTS = {(b"<i".ljust(8, b"\0"), WEIGHT_SCALE), (b"<d".ljust(8, b"\0"), 0)}
+# an entry's tag byte
+WEIGHTED = 0x80  # a term weight follows the counts
+WIDE = 0x40  # the counts are two uint32 (else two uint8)
+LONG = 0x3F  # the key's length is a uint16 after the tag (else it is the tag's low six bits)
+KEY_LENGTH = struct.Struct("<H")
 TRAILER = 32
 READ_CHUNK = 1 << 20
 STALE = "is of another spam.db"
+OLDER = "is of an older format"  # after an upgrade of the gateway
 MAX_KNOWN_COUNTS = 1 << 16  # (ham, spam) pairs whose clue probability a MappedBayes keeps
 
 Entry = tuple[int, int, float]  # ham, spam, term weight
@@ -162,28 +170,57 @@ def build(path: str) -> tuple[tuple[int, int, bytes], list[bytes]]:
 
 
 class Layout:
-    """An entry's fields: ham and spam counts, term weight (a float64, or an integer of 1/``scale``
-    when every weight of the file is exactly one), key length; then the key. The narrowest types
-    that hold the file's values are chosen when it is built (the shipped one: 9 bytes + key)."""
+    """An entry: its tag, the key, its counts, and its term weight when it has one (a float64, or
+    an integer of 1/``scale`` when every weight of the file is exactly one): about 5 bytes + key
+    in the shipped database (counts under 256, half of the tokens weighted, keys under 63 bytes).
+    ``steps[tag]`` is the whole size of an entry with that tag when the tag holds its key length
+    (0 for a LONG one), so that an entry whose key does not match is skipped with one lookup."""
 
     def __init__(self, fmt: str, scale: int) -> None:
         self.format = fmt
         self.scale = scale
-        self.struct = struct.Struct(fmt)
-        self.size = self.struct.size
+        self.divisor = scale or 1  # a stored weight / divisor: the weight (exact for a float64)
+        # per tag: the struct of its counts and weight, their size, the entry's whole size
+        self.formats = tuple("<" + ("II" if tag & WIDE else "BB") + (fmt[1:] if tag & WEIGHTED else "")
+                             for tag in range(256))
+        values = [struct.Struct(f) for f in self.formats]
+        self.unpack = tuple(v.unpack_from for v in values)
+        self.values = tuple(v.size for v in values)
+        self.steps = tuple(0 if tag & LONG == LONG else 1 + (tag & LONG) + self.values[tag] for tag in range(256))
 
-    def weight(self, stored: float) -> float:
-        return stored / self.scale if self.scale else stored
+    def pack(self, ham: int, spam: int, stored: float, key: bytes) -> bytes:
+        """The entry of ``key``; ``stored`` is its weight as the layout stores it (0: none)."""
+        tag = (WEIGHTED if stored else 0) | (WIDE if ham > 0xFF or spam > 0xFF else 0) | min(len(key), LONG)
+        values = (ham, spam, stored) if stored else (ham, spam)
+        long_length = KEY_LENGTH.pack(len(key)) if len(key) >= LONG else b""
+        return b"".join((bytes((tag,)), long_length, key, struct.pack(self.formats[tag], *values)))
+
+    def key_at(self, image: Image | bytearray, offset: int) -> tuple[int, int, int]:
+        """(where the key of the entry at ``offset`` begins, its length, where the next entry begins)."""
+        tag = image[offset]
+        length = tag & LONG
+        start = offset + 1
+        if length == LONG:
+            length = KEY_LENGTH.unpack_from(image, start)[0]
+            start += KEY_LENGTH.size
+        return start, length, start + length + self.values[tag]
+
+    def size_at(self, image: Image | bytearray, offset: int) -> int:
+        """The whole size of the entry at ``offset`` (``steps`` says it for all but LONG ones)."""
+        return self.key_at(image, offset)[2] - offset
+
+    def entry(self, image: Image | bytearray, tag: int, at: int) -> Entry:
+        """The counts and weight of an entry with ``tag`` whose values begin at ``at``."""
+        values = self.unpack[tag](image, at)
+        return (values[0], values[1], values[2] / self.divisor) if tag & WEIGHTED else (values[0], values[1], 0.0)
 
 
 def _layout(ends: array, counts: array, weights: array, where: str) -> Layout:
     longest = max((b - a for a, b in zip(itertools.chain((0,), ends), ends)), default=0)
     if longest > 0xFFFF:
         raise DatabaseError(f"{where}: token longer than 65535 bytes")
-    count_type = "H" if max(counts, default=0) <= 0xFFFF else "I"
     fixed = all(round(w * WEIGHT_SCALE) / WEIGHT_SCALE == w for w in weights)
-    weight_type, scale = ("i", WEIGHT_SCALE) if fixed else ("d", 0)
-    return Layout(f"<{count_type}{count_type}{weight_type}{'B' if longest <= 0xFF else 'H'}", scale)
+    return Layout("<i", WEIGHT_SCALE) if fixed else Layout("<d", 0)
 
 
 def bucket_count(tokens: int) -> int:
@@ -201,39 +238,36 @@ def _entries(layout: Layout, keys: bytearray, ends: array, counts: array, weight
     mask = bucket_count(len(ends)) - 1
     starts = array("Q", [0]) + ends[:-1]
     bucket = array("I", (zlib.crc32(keys[a:b]) & mask for a, b in zip(starts, ends)))
+    scale = layout.scale
+    stored = [round(w * scale) if scale else w for w in weights]
     sizes = array("Q", bytes(8 * (mask + 2)))
     for i, b in enumerate(bucket):
-        sizes[b + 1] += layout.size + ends[i] - starts[i]
+        sizes[b + 1] += len(layout.pack(counts[2 * i], counts[2 * i + 1], stored[i], keys[starts[i]:ends[i]]))
     for b in range(1, mask + 2):
         sizes[b] += sizes[b - 1]
     if sizes[-1] > 0xFFFFFFFF:
         raise DatabaseError(f"{where}: too large for its index")
     buckets = array("I", sizes)
     entries = bytearray(sizes[-1])
-    place, scale = layout.struct.pack_into, layout.scale
     for i, b in enumerate(bucket):
-        at, length = sizes[b], ends[i] - starts[i]
-        weight = weights[i]
-        place(entries, at, counts[2 * i], counts[2 * i + 1], round(weight * scale) if scale else weight, length)
-        entries[at + layout.size:at + layout.size + length] = keys[starts[i]:ends[i]]
-        sizes[b] = at + layout.size + length
+        entry = layout.pack(counts[2 * i], counts[2 * i + 1], stored[i], keys[starts[i]:ends[i]])
+        entries[sizes[b]:sizes[b] + len(entry)] = entry
+        sizes[b] += len(entry)
     _no_duplicates(layout, buckets, entries, where)
     return buckets, entries
 
 
 def _no_duplicates(layout: Layout, buckets: array, entries: bytearray, where: str) -> None:
     """A token twice is an error, as for ``SpamDatabase.load``; equal tokens share a bucket."""
-    unpack, fixed = layout.struct.unpack_from, layout.size
     for b in range(len(buckets) - 1):
         at, end = buckets[b], buckets[b + 1]
         keys = set()
         while at < end:
-            length = unpack(entries, at)[3]
-            key = bytes(entries[at + fixed:at + fixed + length])
+            start, length, at = layout.key_at(entries, at)
+            key = bytes(entries[start:start + length])
             if key in keys:
                 raise DatabaseError(f"{where}: duplicate, empty or spaced token")
             keys.add(key)
-            at += fixed + length
 
 
 def _aligned(offset: int) -> int:
@@ -285,7 +319,7 @@ def _try_map(where: str, source: tuple[int, int, bytes], quiet: bool = False) ->
     finally:
         os.close(fd)
     if not quiet:  # an index of the previous spam.db is expected after an update
-        log.log(logging.INFO if problem == STALE else logging.WARNING, "spam database index %s %s: built again",
+        log.log(logging.INFO if problem in (STALE, OLDER) else logging.WARNING, "spam database index %s %s: built again",
                 where, problem)
     return None
 
@@ -296,8 +330,10 @@ def _check(fd: int, source: tuple[int, int, bytes]) -> str | None:
     if size < HEADER.size + TRAILER:
         return "is truncated"
     fields = HEADER.unpack(os.pread(fd, HEADER.size, 0))
-    if fields[0] != MAGIC or fields[1] != FORMAT:
+    if fields[0] != MAGIC or fields[1] > FORMAT:
         return "is not an index of this format"
+    if fields[1] != FORMAT:
+        return OLDER
     if fields[2:5] != source:
         return STALE
     if not _bounds_ok(fields, size):
@@ -366,35 +402,46 @@ class MappedIndex:
         return entries
 
     def _find(self, tokens: Iterable[str]) -> Found:
-        """The entries of those ``tokens`` the database has (the hot path: one loop, no calls per token)."""
-        image, buckets, base, mask = self.image, self.buckets, self.entries, self.mask
-        unpack, fixed, scale = self.layout.struct.unpack_from, self.layout.size, self.layout.scale
-        narrow = self.layout.format[-1] == "B"  # a one-byte key length, read alone
+        """The entries of those ``tokens`` the database has (the hot path: one loop, no calls per
+        entry passed over: its tag gives its key length and its size)."""
+        image, buckets, base, mask, layout = self.image, self.buckets, self.entries, self.mask, self.layout
+        steps, unpack, divisor = layout.steps, layout.unpack, layout.divisor
         crc32 = zlib.crc32
         found: Found = {}
-        last = fixed - 1  # where that byte lies
         for token in tokens:
             key = token.encode("utf-8", "surrogatepass")
             length = len(key)
             b = crc32(key) & mask
             offset, end = base + buckets[b], base + buckets[b + 1]
-            while offset < end:  # about two entries; only the one whose key matches is unpacked
-                size = image[offset + last] if narrow else unpack(image, offset)[3]
-                if size == length and image[offset + fixed:offset + fixed + length] == key:
-                    ham, spam, weight, _ = unpack(image, offset)
-                    found[token] = (ham, spam, weight / scale if scale else weight)
+            if length >= LONG:  # a key of 63 bytes or more: its length is not in the tag
+                self._find_long(token, key, offset, end, found)
+                continue
+            while offset < end:  # about two entries; only the one whose key matches is read
+                tag = image[offset]
+                if (tag & LONG) == length and image[offset + 1:offset + 1 + length] == key:
+                    values = unpack[tag](image, offset + 1 + length)  # (layout.entry, inline)
+                    found[token] = (values[0], values[1], values[2] / divisor if tag & WEIGHTED else 0.0)
                     break
-                offset += fixed + size
+                offset += steps[tag] or layout.size_at(image, offset)
         return found
+
+    def _find_long(self, token: str, key: bytes, offset: int, end: int, found: Found) -> None:
+        """``_find`` for a key of LONG bytes or more, entry by entry."""
+        image, layout = self.image, self.layout
+        while offset < end:
+            start, length, following = layout.key_at(image, offset)
+            if length == len(key) and image[start:start + length] == key:
+                found[token] = layout.entry(image, image[offset], start + length)
+                return
+            offset = following
 
     def items(self) -> Iterator[tuple[str, Entry]]:
         """Every entry, in the file's order."""
-        image, offset, end = self.image, self.entries, len(self.image) - TRAILER
+        image, offset, end, layout = self.image, self.entries, len(self.image) - TRAILER, self.layout
         while offset < end:
-            ham, spam, weight, length = self.layout.struct.unpack_from(image, offset)
-            start = offset + self.layout.size
-            yield bytes(image[start:start + length]).decode("utf-8"), (ham, spam, self.layout.weight(weight))
-            offset = start + length
+            start, length, following = layout.key_at(image, offset)
+            yield bytes(image[start:start + length]).decode("utf-8"), layout.entry(image, image[offset], start + length)
+            offset = following
 
 
 class _MappedView(Mapping[str, V]):

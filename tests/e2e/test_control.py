@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import fcntl
 import json
 import os
@@ -22,6 +24,7 @@ def send(gw, rcpts=("x@example.test",)):
         client.sendmail("a@b.test", list(rcpts), MSG)
 
 
+@pytest.mark.usefixtures("both_delivery_paths")
 def test_stats_command_and_control_file(gateway, sink):
     send(gateway)
     sink.wait_for(1)
@@ -46,6 +49,7 @@ def test_receiver_off_and_on(gateway):
     assert RawClient(gateway.port).reply()[0] == 220
 
 
+@pytest.mark.usefixtures("both_delivery_paths")
 def test_sender_off_keeps_mail_queued_until_on(gateway, sink):
     gateway.control(".c_send_off")
     gateway.wait_log(r"sending off")
@@ -56,6 +60,7 @@ def test_sender_off_keeps_mail_queued_until_on(gateway, sink):
     sink.wait_for(1)
 
 
+@pytest.mark.usefixtures("both_delivery_paths")
 def test_hup_reloads_the_configuration_and_keeps_the_old_one_when_broken(gateway, sink):
     with open(gateway.config) as f:
         original = f.read()

@@ -41,11 +41,14 @@ def _client(port: int, index: int, accepted: list[str], stop: threading.Event) -
             return
 
 
-@pytest.mark.parametrize("check", [False, True], ids=["relayed", "scanned"])
-def test_kill_minus_nine_under_load_loses_nothing(make_gateway, sink, request, check):
+@pytest.mark.parametrize("check, delivery", [(False, "yes"), (True, "yes"), (False, "no")],
+                         ids=["relayed", "scanned", "relayed-one-process"])
+def test_kill_minus_nine_under_load_loses_nothing(make_gateway, sink, request, check, delivery):
     rng = random.Random(20261128)
-    # IncomingProcesses=2: sessions served by the main process and an incoming process, both killed
-    extra = {"smtpgw.options": [("LogLevel", "info")], "smtpgw.limits": [("IncomingProcesses", "2")]}
+    # IncomingProcesses=2: sessions served by the main process and an incoming process, both killed;
+    # with the delivery process (DeliveryProcess=yes) it goes too, as its channel closes
+    extra = {"smtpgw.options": [("LogLevel", "info")],
+             "smtpgw.limits": [("IncomingProcesses", "2"), ("DeliveryProcess", delivery)]}
     if check:  # every message gets X-Anti-Virus: its header written in the QUE record is among the crash points
         clamd = request.getfixturevalue("clamd")
         extra |= {"smtpgw.ave": [("ClamdAddress", clamd.unix_address)],

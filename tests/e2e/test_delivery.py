@@ -6,6 +6,8 @@ import email
 import email.policy
 import smtplib
 
+import pytest
+
 from tests.support.net import Sink, free_port, wait_until
 
 
@@ -28,6 +30,7 @@ def test_temporary_failure_is_retried(gateway, sink):
     wait_until(lambda: not gateway.queued(), 10, "empty queue")
 
 
+@pytest.mark.usefixtures("both_delivery_paths")
 def test_permanent_failure_is_not_retried_and_bounces_once(gateway, sink):
     sink.replies["RCPT"] = ["550 5.1.1 no such user", "250 2.1.5 ok"]
     send(gateway, ["gone@example.test"])
@@ -61,6 +64,7 @@ def test_partial_failure_keeps_only_the_deferred_recipient(gateway, sink):
     assert second.recipients == ["a3@example.test"]  # never a1 again, never a2
 
 
+@pytest.mark.usefixtures("both_delivery_paths")
 def test_next_hop_down_then_up(make_gateway):
     port = free_port()
     gw = make_gateway(port)
@@ -131,6 +135,7 @@ def test_peer_refusing_helo_style_ehlo_gets_helo(make_gateway):
         old.close()
 
 
+@pytest.mark.usefixtures("both_delivery_paths")
 def test_eight_bit_to_a_peer_without_8bitmime_is_converted_or_fails_cleanly(make_gateway):
     seven = Sink(extensions=("PIPELINING",))
     try:
@@ -150,6 +155,7 @@ def test_eight_bit_to_a_peer_without_8bitmime_is_converted_or_fails_cleanly(make
         seven.close()
 
 
+@pytest.mark.usefixtures("both_delivery_paths")
 def test_queue_remove_while_running(gateway, sink):
     sink.replies["RCPT"] = ["451 4.3.0 later"]
     send(gateway, ["x@example.test"])
@@ -162,6 +168,7 @@ def test_queue_remove_while_running(gateway, sink):
     gateway.wait_log(rf"{qid}: REMOVED")
 
 
+@pytest.mark.usefixtures("both_delivery_paths")
 def test_queue_send_id_delivers_that_message_now(gateway, sink):
     sink.replies["RCPT"] = ["451 4.3.0 later", "451 4.3.0 later", "250 2.1.5 ok"]
     send(gateway, ["first@example.test"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import email
 import email.policy
 import json
@@ -135,6 +137,7 @@ def test_archives_keep_every_message_in_and_out(make_gateway, sink):
         assert "a@b.test" in wait_until(listed, 20, f"{store} archive item")
 
 
+@pytest.mark.usefixtures("both_delivery_paths")
 def test_opportunistic_starttls_to_the_next_hop(make_gateway, tls_files):
     """Gateway A relays to gateway B, which offers STARTTLS: A's transaction runs over TLS."""
     from tests.support.net import Sink

@@ -1,8 +1,10 @@
 """DeliveryProcess=yes: the Sender stage in a process of its own, as one gateway.
 
 The main process hands each message in QUE to the delivery process by its queue ID; the
-delivery process sends it, logs DELIVERED itself, and reports its counters back. The other
-delivery tests run with it too (SMTPGW_TEST_DELIVERY_PROCESS=yes, tests/support/net.py).
+delivery process sends it, logs DELIVERED itself, and reports its counters back. It is the
+default, so the other delivery tests run with it too; the key ones also run with
+DeliveryProcess=no (``both_delivery_paths``), and SMTPGW_TEST_DELIVERY_PROCESS=no puts all of
+them on that path (tests/support/net.py).
 """
 
 from __future__ import annotations

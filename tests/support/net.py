@@ -246,7 +246,7 @@ class GatewayProcess:
         os.makedirs(folder, exist_ok=True)
         self.port = free_port()
         sections = {k: list(v) for k, v in BASE_CONFIG.items()}
-        if os.environ.get("SMTPGW_TEST_DELIVERY_PROCESS"):  # the same tests with the Sender in its own process
+        if os.environ.get("SMTPGW_TEST_DELIVERY_PROCESS"):  # all tests on one path: yes (the default) or no
             sections.setdefault("smtpgw.limits", []).append(("DeliveryProcess", os.environ["SMTPGW_TEST_DELIVERY_PROCESS"]))
         sections["smtpgw.network"].insert(0, ("ListenOn", f"127.0.0.1:{self.port}"))
         if sink_port is not None:
@@ -392,6 +392,15 @@ def make_gateway(tmp_path) -> Iterator[Callable[..., GatewayProcess]]:
     for gw in started:
         code = gw.stop()
         assert code == 0, f"gateway exit code {code}: {gw.log_text()[-2000:]}"
+
+
+@pytest.fixture(params=["yes", "no"], ids=["delivery-process", "one-process"])
+def both_delivery_paths(request, monkeypatch) -> str:  # type: ignore[no-untyped-def]
+    """A test that uses it (``@pytest.mark.usefixtures("both_delivery_paths")``, set up before the
+    gateway fixtures) runs twice: with the Sender in the delivery process (DeliveryProcess=yes, the
+    default) and in the main process (no), whatever SMTPGW_TEST_DELIVERY_PROCESS says for the rest."""
+    monkeypatch.setenv("SMTPGW_TEST_DELIVERY_PROCESS", request.param)
+    return request.param
 
 
 @pytest.fixture
