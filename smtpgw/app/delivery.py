@@ -54,7 +54,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from smtpgw import RELEASE_INTERVAL, child_command
+from smtpgw import child_command
 from smtpgw.app.channel import (
     Channel, exit_orphaned, flush_log_every, leave, publish_reload, release_heap_every, serve_signals, setup_log,
 )
@@ -71,7 +71,6 @@ if TYPE_CHECKING:
     import ssl
 
     from smtpgw.console.traffic import Traffic
-    from smtpgw.deliver.sender import Sender
 
 log = logging.getLogger("smtpgw")
 
