@@ -17,6 +17,7 @@ relay for a client and recipient no RelayRule allows.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
@@ -60,6 +61,23 @@ def _trace_date() -> str:
     if _DATE[0] != second:
         _DATE = (second, formatdate(second, localtime=True))
     return _DATE[1]
+
+
+@functools.lru_cache(maxsize=16)
+def _greeting(hostname: str) -> Reply:
+    """The 220 banner (RFC 5321 §4.3.1); one Reply per name, so its wire form is built once."""
+    return smtp.GREETING.format(hostname)
+
+
+@functools.lru_cache(maxsize=16)
+def _ehlo_lines(hostname: str, max_bytes: int, starttls: bool) -> bytes:
+    """The EHLO reply's wire form (RFC 5321 §4.1.1.1, a multi-line 250 naming the extensions
+    offered), built once per configuration."""
+    extensions = [hostname, "PIPELINING", f"SIZE {max_bytes}", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES"]
+    if starttls:
+        extensions.append("STARTTLS")
+    extensions.append("HELP")
+    return smtp.R(250, "", extensions[-1]).lines(extensions[:-1])
 
 
 @dataclass(frozen=True)
@@ -518,11 +536,7 @@ class Session:
         if not esmtp:
             self.reply(smtp.R(250, "", host))
             return
-        extensions = [host, "PIPELINING", f"SIZE {self.max_message_bytes}", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES"]
-        if self.host.ssl_context is not None and not self.tls:
-            extensions.append("STARTTLS")
-        extensions.append("HELP")
-        self.reply(smtp.R(250, "", extensions[-1]), extra=extensions[:-1])
+        self.out += _ehlo_lines(host, self.max_message_bytes, self.host.ssl_context is not None and not self.tls)
 
     def smtp_MAIL(self, arg: str) -> None:
         if self.helo is None:
@@ -940,7 +954,7 @@ class Sessions:
         session = Session(host, conn, peer)
         self.open.add(session)
         if refusal is None:
-            session.start(smtp.GREETING.format(host.cfg.network.Hostname))
+            session.start(_greeting(host.cfg.network.Hostname))
             return session
         session.start(refusal)
         session.closing = True
