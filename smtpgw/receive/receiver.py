@@ -64,7 +64,7 @@ def _trace_date() -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _greeting(hostname: str) -> Reply:
+def greeting(hostname: str) -> Reply:
     """The 220 banner (RFC 5321 §4.3.1); one Reply per name, so its wire form is built once."""
     return smtp.GREETING.format(hostname)
 
@@ -954,7 +954,7 @@ class Sessions:
         session = Session(host, conn, peer)
         self.open.add(session)
         if refusal is None:
-            session.start(_greeting(host.cfg.network.Hostname))
+            session.start(greeting(host.cfg.network.Hostname))
             return session
         session.start(refusal)
         session.closing = True
