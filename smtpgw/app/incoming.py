@@ -51,7 +51,7 @@ from smtpgw.net import smtp
 from smtpgw.net.dns import Resolver
 from smtpgw.net.loop import EventLoop, Timer
 from smtpgw.receive.quota import Quota, local_day
-from smtpgw.receive.receiver import Session, Sessions, client_address
+from smtpgw.receive.receiver import Session, Sessions, client_address, greeting
 from smtpgw.spool import ops
 from smtpgw.spool.queue import WFC, Committer, Envelope, Queue, process_tag, set_process
 from smtpgw.stats import Stats
@@ -392,7 +392,7 @@ class IncomingProcess:
         sock.setblocking(False)
         session = Session(self, sock, tuple(peer))
         self.open.add(session)
-        session.start(smtp.GREETING.format(self.cfg.network.Hostname))
+        session.start(greeting(self.cfg.network.Hostname))
 
     def _quota(self, state: dict[str, Any]) -> None:
         if state["reset"] or state["day"] != self.day:

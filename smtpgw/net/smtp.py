@@ -13,6 +13,7 @@ reply from client-supplied text without stripping CR/LF.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -35,7 +36,17 @@ class Reply:
 
     def lines(self, extra: list[str] | None = None) -> bytes:
         """Wire form; ``extra`` lines become a multi-line reply (RFC 5321 §4.2.1)."""
-        texts = (extra or []) + [self.text]
+        if not extra:
+            return self.wire
+        return self._wire(extra)
+
+    @functools.cached_property
+    def wire(self) -> bytes:
+        """The one-line wire form, built once per reply (most replies are the table's constants)."""
+        return self._wire([])
+
+    def _wire(self, extra: list[str]) -> bytes:
+        texts = extra + [self.text]
         out = []
         for index, text in enumerate(texts):
             text = text.replace("\r", " ").replace("\n", " ")
@@ -127,6 +138,11 @@ class SyntaxProblem(ValueError):
         self.reply = reply
 
 
+def _path_usage(keyword: str) -> Reply:
+    """The reply to a MAIL FROM or RCPT TO argument that is not a path (built only when needed)."""
+    return BAD_SYNTAX.format(f"{'MAIL FROM' if keyword == 'FROM' else 'RCPT TO'}:<address>")
+
+
 def parse_path(arg: str, keyword: str, allow_null: bool, local_ok: tuple[str, ...] = ()) -> tuple[str, str]:
     """Split ``FROM:<addr> params`` into (address, parameter text).
 
@@ -135,9 +151,8 @@ def parse_path(arg: str, keyword: str, allow_null: bool, local_ok: tuple[str, ..
     Tolerates a space after the colon and a missing pair of angle brackets,
     as Postfix does, but nothing else.
     """
-    usage = BAD_SYNTAX.format(f"{'MAIL FROM' if keyword == 'FROM' else 'RCPT TO'}:<address>")
     if not arg[: len(keyword) + 1].upper() == keyword + ":":
-        raise SyntaxProblem(usage)
+        raise SyntaxProblem(_path_usage(keyword))
     rest = arg[len(keyword) + 1 :].lstrip(" ")
     if rest.startswith("<"):
         bracketed = _BRACKETED.match(rest)
@@ -149,7 +164,7 @@ def parse_path(arg: str, keyword: str, allow_null: bool, local_ok: tuple[str, ..
     else:
         path, _, params = rest.partition(" ")
         if not path:
-            raise SyntaxProblem(usage)  # RFC 5321 §4.1.2: the null reverse-path is "<>", not nothing
+            raise SyntaxProblem(_path_usage(keyword))  # RFC 5321 §4.1.2: the null reverse-path is "<>", not nothing
     # RFC 5321 §4.1.2 and Appendix C: a source route is accepted and ignored (as Postfix does); only
     # the mailbox after it is kept, so the route never reaches the next hop.
     path = _SOURCE_ROUTE.sub("", path)

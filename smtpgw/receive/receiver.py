@@ -17,6 +17,7 @@ relay for a client and recipient no RelayRule allows.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
@@ -49,6 +50,34 @@ MAX_PENDING_OUTPUT = 65536  # stop reading while a client does not read its repl
 CLOSE_GRACE = 10.0  # seconds for a closing session's last reply to leave
 MSG_ID = re.compile(rb"<[^<>\s\",]{1,250}>")  # a msg-id as logged: one token in angle brackets
 MAX_RCPT_OVERSHOOT = 1000  # 452s for recipients over the limit not counted as errors (Postfix's default)
+_DATE: tuple[int, str] = (-1, "")  # the last second a Received field was dated, and its text
+
+
+def _trace_date() -> str:
+    """The Received field's date-time (RFC 5322 §3.3, local time), formatted once a second: it has
+    no part below the second."""
+    global _DATE
+    second = int(time.time())
+    if _DATE[0] != second:
+        _DATE = (second, formatdate(second, localtime=True))
+    return _DATE[1]
+
+
+@functools.lru_cache(maxsize=16)
+def greeting(hostname: str) -> Reply:
+    """The 220 banner (RFC 5321 §4.3.1); one Reply per name, so its wire form is built once."""
+    return smtp.GREETING.format(hostname)
+
+
+@functools.lru_cache(maxsize=16)
+def _ehlo_lines(hostname: str, max_bytes: int, starttls: bool) -> bytes:
+    """The EHLO reply's wire form (RFC 5321 §4.1.1.1, a multi-line 250 naming the extensions
+    offered), built once per configuration."""
+    extensions = [hostname, "PIPELINING", f"SIZE {max_bytes}", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES"]
+    if starttls:
+        extensions.append("STARTTLS")
+    extensions.append("HELP")
+    return smtp.R(250, "", extensions[-1]).lines(extensions[:-1])
 
 
 @dataclass(frozen=True)
@@ -233,7 +262,7 @@ class Session:
     # A thousand idle sessions must stay cheap: with its ~36 attributes an instance dictionary
     # was no longer key-shared (about 1.6 KiB a session); slots take 8 bytes each.
     __slots__ = (
-        "host", "cfg", "loop", "sock", "fd", "ip", "inbuf", "out", "closing", "closed", "tls",
+        "host", "cfg", "loop", "sock", "fd", "ip", "inbuf", "out", "writing", "closing", "closed", "tls",
         "handshake", "handshaking", "discarding_line", "committing", "waiting_checks", "close_timer", "checks", "helo",
         "esmtp", "junk", "errors", "messages", "session_bytes", "data", "tmp", "last_read", "state_since",
         "state_timeout", "timer", "sender", "mail", "rcpts", "rcpt_refused", "rcpt_overshoot", "qid", "flow_admitted",
@@ -248,6 +277,7 @@ class Session:
         self.ip = client_address(peer)
         self.inbuf = bytearray()
         self.out = bytearray()
+        self.writing = False  # flush() is registered as the socket's writer (output waits)
         self.closing = False
         self.closed = False
         self.tls = False
@@ -382,10 +412,13 @@ class Session:
             return
         if self.out:
             self.loop.add_writer(self.sock, self.flush)
+            self.writing = True
             if len(self.out) > MAX_PENDING_OUTPUT:
                 self.loop.remove_reader(self.sock)
             return
-        self.loop.remove_writer(self.sock)
+        if self.writing:  # most replies go out whole: no writer was registered for them
+            self.loop.remove_writer(self.sock)
+            self.writing = False
         if self.closing:
             self.close()
         elif self.handshaking:
@@ -503,11 +536,7 @@ class Session:
         if not esmtp:
             self.reply(smtp.R(250, "", host))
             return
-        extensions = [host, "PIPELINING", f"SIZE {self.max_message_bytes}", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES"]
-        if self.host.ssl_context is not None and not self.tls:
-            extensions.append("STARTTLS")
-        extensions.append("HELP")
-        self.reply(smtp.R(250, "", extensions[-1]), extra=extensions[:-1])
+        self.out += _ehlo_lines(host, self.max_message_bytes, self.host.ssl_context is not None and not self.tls)
 
     def smtp_MAIL(self, arg: str) -> None:
         if self.helo is None:
@@ -631,7 +660,7 @@ class Session:
         return (
             f"Received: from {helo} ({self.checks.client_name or 'unknown'} [{self.ip}])\r\n"
             f"\tby {host} (smtpgw) with {proto} id {self.qid}{rcpt};\r\n"
-            f"\t{formatdate(localtime=True)}\r\n"
+            f"\t{_trace_date()}\r\n"
         ).encode("utf-8", "replace")
 
     def _feed_data(self) -> bool:
@@ -925,7 +954,7 @@ class Sessions:
         session = Session(host, conn, peer)
         self.open.add(session)
         if refusal is None:
-            session.start(smtp.GREETING.format(host.cfg.network.Hostname))
+            session.start(greeting(host.cfg.network.Hostname))
             return session
         session.start(refusal)
         session.closing = True

@@ -190,18 +190,24 @@ def client_address(value: str | IPAddress | None) -> IPAddress | None:
     if value is None:
         return None
     if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1]
-        if text[:5].lower() == "ipv6:":
-            text = text[5:]
-        try:
-            value = ipaddress.ip_address(text)
-        except ValueError:
-            return None
+        return _client_text(value)
     if isinstance(value, ipaddress.IPv6Address) and value.ipv4_mapped is not None:
         return value.ipv4_mapped
     return value
+
+
+@functools.lru_cache(maxsize=1024)
+def _client_text(value: str) -> IPAddress | None:
+    """``client_address`` of a text (each recipient of a session asks again for the same client)."""
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    try:
+        return client_address(ipaddress.ip_address(text))
+    except ValueError:
+        return None
 
 
 def ip_match(mask: str, address: str | IPAddress | None) -> bool:
