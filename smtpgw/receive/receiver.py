@@ -262,7 +262,7 @@ class Session:
     # A thousand idle sessions must stay cheap: with its ~36 attributes an instance dictionary
     # was no longer key-shared (about 1.6 KiB a session); slots take 8 bytes each.
     __slots__ = (
-        "host", "cfg", "loop", "sock", "fd", "ip", "inbuf", "out", "writing", "closing", "closed", "tls",
+        "host", "cfg", "loop", "sock", "fd", "ip", "inbuf", "out", "closing", "closed", "tls",
         "handshake", "handshaking", "discarding_line", "committing", "waiting_checks", "close_timer", "checks", "helo",
         "esmtp", "junk", "errors", "messages", "session_bytes", "data", "tmp", "last_read", "state_since",
         "state_timeout", "timer", "sender", "mail", "rcpts", "rcpt_refused", "rcpt_overshoot", "qid", "flow_admitted",
@@ -277,7 +277,6 @@ class Session:
         self.ip = client_address(peer)
         self.inbuf = bytearray()
         self.out = bytearray()
-        self.writing = False  # flush() is registered as the socket's writer (output waits)
         self.closing = False
         self.closed = False
         self.tls = False
@@ -412,13 +411,10 @@ class Session:
             return
         if self.out:
             self.loop.add_writer(self.sock, self.flush)
-            self.writing = True
             if len(self.out) > MAX_PENDING_OUTPUT:
                 self.loop.remove_reader(self.sock)
             return
-        if self.writing:  # most replies go out whole: no writer was registered for them
-            self.loop.remove_writer(self.sock)
-            self.writing = False
+        self.loop.remove_writer(self.sock)  # (nothing to do when the reply went out whole)
         if self.closing:
             self.close()
         elif self.handshaking:

@@ -188,9 +188,18 @@ class Layout:
         self.values = tuple(v.size for v in values)
         self.steps = tuple(0 if tag & LONG == LONG else 1 + (tag & LONG) + self.values[tag] for tag in range(256))
 
+    @staticmethod
+    def tag(ham: int, spam: int, stored: float, length: int) -> int:
+        """The tag of an entry with those counts, stored weight (0: none) and key length."""
+        return (WEIGHTED if stored else 0) | (WIDE if ham > 0xFF or spam > 0xFF else 0) | min(length, LONG)
+
+    def packed_size(self, tag: int, length: int) -> int:
+        """The whole size of an entry with ``tag`` and a key of ``length`` bytes."""
+        return self.steps[tag] or 1 + KEY_LENGTH.size + length + self.values[tag]
+
     def pack(self, ham: int, spam: int, stored: float, key: bytes) -> bytes:
         """The entry of ``key``; ``stored`` is its weight as the layout stores it (0: none)."""
-        tag = (WEIGHTED if stored else 0) | (WIDE if ham > 0xFF or spam > 0xFF else 0) | min(len(key), LONG)
+        tag = self.tag(ham, spam, stored, len(key))
         values = (ham, spam, stored) if stored else (ham, spam)
         long_length = KEY_LENGTH.pack(len(key)) if len(key) >= LONG else b""
         return b"".join((bytes((tag,)), long_length, key, struct.pack(self.formats[tag], *values)))
@@ -242,7 +251,8 @@ def _entries(layout: Layout, keys: bytearray, ends: array, counts: array, weight
     stored = [round(w * scale) if scale else w for w in weights]
     sizes = array("Q", bytes(8 * (mask + 2)))
     for i, b in enumerate(bucket):
-        sizes[b + 1] += len(layout.pack(counts[2 * i], counts[2 * i + 1], stored[i], keys[starts[i]:ends[i]]))
+        length = ends[i] - starts[i]
+        sizes[b + 1] += layout.packed_size(layout.tag(counts[2 * i], counts[2 * i + 1], stored[i], length), length)
     for b in range(1, mask + 2):
         sizes[b] += sizes[b - 1]
     if sizes[-1] > 0xFFFFFFFF:

@@ -154,11 +154,10 @@ def hop_hints(hop: Hop) -> list[str]:
         out.append("helo-ip" if helo_ip.group(1) == hop.ip or not hop.ip else "helo-ip-other")
     elif "." not in hop.helo:
         out.append("helo-no-dot")  # RFC 5321 §4.1.1.1: the EHLO argument is a fully qualified name
-    if not hop.rdns:
-        pass  # the receiver wrote no reverse-DNS name: its software's format, nothing of the sender's
-    elif hop.rdns == "unknown":
+    # no reverse-DNS name written is no hint: the receiving software's format, nothing of the sender's
+    if hop.rdns == "unknown":
         out.append("rdns-unknown")
-    else:
+    elif hop.rdns:
         if looks_dynamic(hop.rdns):
             out.append("rdns-dynamic")
         if hop.helo and not helo_ip and "." in hop.helo:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 import fcntl
 import json
 import os
@@ -12,6 +10,8 @@ import smtplib
 import socket
 import subprocess
 import sys
+
+import pytest
 
 from tests.support.hostile import oversized_request, peak_rss
 from tests.support.net import SMTPGW, RawClient, free_port, wait_until
