@@ -105,7 +105,7 @@ class IOPool:
                 self._idle += 1
                 self._cv.wait()
                 self._idle -= 1
-                self._woken -= 1  # only a notify ends a wait (no timeout)
+                self._woken = max(0, self._woken - 1)  # a notify ended the wait (close: all of them)
             waiting = self._jobs
             if not any(job[3] for job in waiting):
                 jobs = list(waiting)
@@ -123,7 +123,10 @@ class IOPool:
         while batch:
             results = self._run_batch(batch)
             if results:
-                self.call_soon_threadsafe(self._hand_back, results)
+                try:
+                    self.call_soon_threadsafe(self._hand_back, results)
+                except Exception:  # the loop is gone (closed at exit): no one waits for them
+                    log.exception("results of %d disk jobs not handed back", len(results))
             batch = self._take(woken=False)
 
     def _run_batch(self, batch: list[Job]) -> list[Result]:
