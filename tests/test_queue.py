@@ -198,6 +198,24 @@ def test_io_pool_threads_take_every_waiting_job_and_hand_the_results_back_at_onc
         loop.close()
 
 
+def test_io_pool_a_job_taken_alone_holds_back_none_of_those_after_it():
+    """A job that may take long (``alone``: a database check, a question to clamd) is taken in a
+    batch of its own: the jobs submitted after it go to another thread meanwhile."""
+    loop = CountedLoop()
+    pool = IOPool(loop.call_soon_threadsafe, threads=2)
+    release = threading.Event()
+    got: list[object] = []
+    try:
+        pool.call(lambda: release.wait(10), lambda result, error: got.append(("slow", result)), alone=True)
+        pool.call(lambda: "quick", lambda result, error: got.append(result))
+        assert loop.run_until(lambda: got == ["quick"], 10)
+        release.set()
+        assert loop.run_until(lambda: got == ["quick", ("slow", True)], 10)
+    finally:
+        release.set()
+        pool.close()
+        loop.close()
+
 def test_io_pool_errors_reach_their_callbacks():
     """A job's error goes to its own callback; a finishing step's error to every job of the batch
     that named it (and to no other); a callback that fails stops none of the others; a job with

@@ -107,14 +107,10 @@ class IOPool:
                 self._idle -= 1
                 self._woken = max(0, self._woken - 1)  # a notify ended the wait (close: all of them)
             waiting = self._jobs
-            if not any(job[3] for job in waiting):
-                jobs = list(waiting)
-                waiting.clear()
-                return jobs
             jobs = [waiting.popleft()]
             while waiting and not jobs[0][3] and not waiting[0][3]:
                 jobs.append(waiting.popleft())
-            if waiting and not self._woken:  # the jobs after one taken alone need a thread of their own
+            if waiting and not self._woken:  # the jobs left need a thread of their own
                 self._wake()
             return jobs
 
