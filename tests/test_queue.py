@@ -12,7 +12,7 @@ import pytest
 
 from smtpgw.net.loop import EventLoop
 from smtpgw.spool.durable import unlink_if_present, write_durably
-from smtpgw.spool.iopool import IOPool
+from smtpgw.spool.iopool import BATCH, IOPool
 from smtpgw.spool.queue import CHK, QUE, SND, WFC, Committer, Envelope, Queue, Recipient, RecipientState, new_id
 from tests.support.net import wait_until
 
@@ -169,9 +169,10 @@ class CountedLoop(EventLoop):
         super().call_soon_threadsafe(callback, *args)
 
 
-def test_io_pool_threads_take_every_waiting_job_and_hand_the_results_back_at_once():
-    """Jobs submitted while every thread is busy wake none: the first thread done takes them all
-    and their results come back to the loop in one hand-off, each callback in order."""
+def test_io_pool_threads_take_the_waiting_jobs_in_batches_and_hand_their_results_back_at_once():
+    """Jobs submitted while every thread is busy wake none: the first thread done takes them, its
+    share of them at a time (half of those waiting with two threads, BATCH at least), and the
+    results of each batch come back to the loop in one hand-off, each callback in order."""
     loop = CountedLoop()
     pool = IOPool(loop.call_soon_threadsafe, threads=2)
     first, second = threading.Event(), threading.Event()
@@ -189,7 +190,7 @@ def test_io_pool_threads_take_every_waiting_job_and_hand_the_results_back_at_onc
         batch = [result for result, _error in results[1:]]
         assert [n for n, _thread in batch] == list(range(30))
         assert {thread for _n, thread in batch} == {results[0][0]}  # the thread that was freed
-        assert [len(args[0]) for args in loop.handed] == [1, 30]
+        assert BATCH == 4 and [len(args[0]) for args in loop.handed] == [1, 15, 8, 4, 3]
         second.set()
         assert loop.run_until(lambda: len(results) == 32, 10)
     finally:

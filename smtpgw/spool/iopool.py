@@ -6,10 +6,12 @@ to the loop through its thread-safe ``call_soon_threadsafe``.
 
 Each hand-off between the loop and a thread costs a wake-up (a futex, a context switch) and the
 GIL passed across; the queue is built to need few of them under load. A thread that wakes takes
-every job waiting, not one; a job submitted while a woken thread has not yet come for its jobs
-wakes no other (that one takes it too); a job submitted while every thread is busy wakes none
-(the first to finish takes it). The results of the jobs a thread took go back to the loop in one
-``call_soon_threadsafe``. A job may name a finishing step (``then``: a group fsync of a folder)
+the jobs waiting, not one: up to BATCH of them, or its share of them when more wait (their number
+over the threads'), and wakes another thread for the rest, so that a backlog is spread over the
+threads (fsyncs in threads of their own overlap; one thread's run one after the other). A job
+submitted while a woken thread has not yet come for its jobs wakes no other (that one takes it
+too); a job submitted while every thread is busy wakes none (the first to finish takes it). The
+results of the jobs a thread took go back to the loop in one ``call_soon_threadsafe``. A job may name a finishing step (``then``: a group fsync of a folder)
 that is run once after all the jobs of the batch that name it, before their results go back. A
 job that may take long (``alone``: it asks another program, reads a whole database) is taken in
 a batch of its own, so that no other job waits behind it.
@@ -31,6 +33,10 @@ from typing import Any, Callable
 __all__ = ["IOPool", "Done"]
 
 log = logging.getLogger("smtpgw.spool.iopool")
+
+# The jobs a thread takes at once when no more than this many times the threads wait: several
+# share a commit's folder fsyncs and one hand-back; a larger backlog is shared out among the threads.
+BATCH = 4
 
 Done = Callable[[Any, "BaseException | None"], None]
 # a job: what to run, the callback for its result (None: logged if it fails), its finishing step,
@@ -94,8 +100,8 @@ class IOPool:
 
     # -- the threads ---------------------------------------------------------------------------
     def _take(self, woken: bool) -> list[Job]:
-        """Every job waiting up to the first to be taken alone (waiting for one if there is none);
-        [] once closed and all done."""
+        """The jobs waiting, BATCH or this thread's share of them, up to the first to be taken alone
+        (waiting for one if there is none); [] once closed and all done."""
         with self._cv:
             if woken:
                 self._woken -= 1
@@ -107,8 +113,9 @@ class IOPool:
                 self._idle -= 1
                 self._woken = max(0, self._woken - 1)  # a notify ended the wait (close: all of them)
             waiting = self._jobs
+            share = max(BATCH, -(-len(waiting) // self.max_threads))
             jobs = [waiting.popleft()]
-            while waiting and not jobs[0][3] and not waiting[0][3]:
+            while waiting and len(jobs) < share and not jobs[0][3] and not waiting[0][3]:
                 jobs.append(waiting.popleft())
             if waiting and not self._woken:  # the jobs left need a thread of their own
                 self._wake()
