@@ -11,10 +11,11 @@ over the threads'), and wakes another thread for the rest, so that a backlog is 
 threads (fsyncs in threads of their own overlap; one thread's run one after the other). A job
 submitted while a woken thread has not yet come for its jobs wakes no other (that one takes it
 too); a job submitted while every thread is busy wakes none (the first to finish takes it). The
-results of the jobs a thread took go back to the loop in one ``call_soon_threadsafe``. A job may name a finishing step (``then``: a group fsync of a folder)
-that is run once after all the jobs of the batch that name it, before their results go back. A
-job that may take long (``alone``: it asks another program, reads a whole database) is taken in
-a batch of its own, so that no other job waits behind it.
+results of the jobs a thread took go back to the loop in one ``call_soon_threadsafe``. A job may
+name a finishing step (``then``: a group fsync of a folder) that is run once after all the jobs of
+the batch that name it, before their results go back. A job that may take long (``alone``: it
+asks another program, reads a whole database) is taken in a batch of its own, so that no other
+job waits behind it.
 
 Must never: run a callback on a thread other than the loop's (results go back through
 ``call_soon_threadsafe``), swallow an error silently (a job's error reaches its callback; a job

@@ -567,8 +567,9 @@ class Committer(IOPool):
     takes at once are written one after the other, then share one fsync of msg/ and
     one of WFC/ (``_commit_renames``, their batch's finishing step); and one fsync of
     a folder (``sync_folder``) covers every rename made before it started, so
-    concurrent threads (and scan results, ``Queue.replace_and_move``) share them. Empty tmp/ files are created ahead of need (``take_tmp``), and
-    finished records are unlinked here too.
+    concurrent threads (and scan results, ``Queue.replace_and_move``) share them.
+    Empty tmp/ files are created ahead of need (``take_tmp``), and finished records
+    are unlinked here too.
     """
 
     SPARES = 32
