@@ -261,7 +261,9 @@ def test_io_pool_errors_reach_their_callbacks():
         loop.close()
 
 
-def test_io_pool_close_waits_for_the_jobs_submitted(tmp_path):
+@pytest.mark.parametrize("attempt", range(3))
+def test_io_pool_close_waits_for_the_jobs_submitted(tmp_path, attempt):
+    """Even the jobs of a thread started, while closing, by another for the jobs it left."""
     loop = CountedLoop()
     pool = IOPool(loop.call_soon_threadsafe, threads=3)
     written: list[int] = []

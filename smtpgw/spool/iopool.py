@@ -180,7 +180,13 @@ class IOPool:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-            threads = list(self._threads)
-        for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join()
+        joined = 0
+        while True:
+            with self._cv:  # a thread may start another for the jobs it left (``_take``)
+                threads = self._threads[joined:]
+            if not threads:
+                return
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+            joined += len(threads)
