@@ -241,8 +241,10 @@ def test_io_pool_errors_reach_their_callbacks():
                 raise RuntimeError("a bug in a callback")
         return done
 
+    busy = threading.Event()
     try:
-        pool.run(lambda: release.wait(10))
+        pool.call(lambda: (busy.set(), release.wait(10)), lambda _result, _error: None, alone=True)
+        assert busy.wait(10)  # the thread is busy: the jobs below wait, and are taken in one batch
         pool.call(lambda: "a", callback("a"), then=failing_step)
         pool.call(lambda: 1 / 0, callback("fails"), then=failing_step)
         pool.call(lambda: "b", callback("b"), then=failing_step)
