@@ -12,7 +12,8 @@ both see the same conditions), a gateway started from that tree (the bench/stack
 Check=true with the private clamd, or Check=false) gets a warm-up of 200 messages, then
 ``--messages`` from smtp-source (50 sessions of 4 KiB) to smtp-sink; the user and system CPU
 seconds of its main process, its scanner workers and clamd are read from /proc/PID/stat before and
-after, and printed per message with the e2e rate and the load average (``--strace``: with the main
+after, and printed per message with the e2e rate, the load average and the main process's context
+switches (all its threads, and its loop thread alone) (``--strace``: with the main
 process's system calls per message, all threads, which slows it). ``--cprofile FILE`` runs the
 main process under cProfile timed by its main thread's CPU clock (the event loop alone: the I/O
 threads are not in it) and prints the top of it.
@@ -93,20 +94,22 @@ def proc_times(pid: int, path: str = "") -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def switches(pid: int) -> int:
-    """Context switches (voluntary and not) of every thread of a process."""
-    total = 0
+def switches(pid: int) -> tuple[int, int]:
+    """Context switches (voluntary and not) of every thread of a process, and of its main thread."""
+    total = main = 0
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0
+        return 0, 0
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/status") as f:
-                total += sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+                count = sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
         except OSError:
-            pass
-    return total
+            continue
+        total += count
+        main += count if tid == str(pid) else 0
+    return total, main
 
 
 def thread_times(pid: int, tid: int) -> tuple[float, float]:
@@ -138,7 +141,7 @@ def snapshot(main: int, clamd_pid: int | None) -> dict[str, tuple[float, float]]
         total[0] += user
         total[1] += system
     totals["loop"] = list(thread_times(main, main))  # the main process's event loop thread alone
-    totals["switches"] = [switches(main), 0]
+    totals["switches"] = list(switches(main))
     return {kind: (u, s) for kind, (u, s) in totals.items()}
 
 
@@ -197,7 +200,8 @@ def measure(tree: str, check: bool, tmp: str, sink_port: int, clamd, args, profi
             user = after[kind][0] - before.get(kind, (0, 0))[0]
             system = after[kind][1] - before.get(kind, (0, 0))[1]
             parts.append(f"{kind} {1000 * (user + system) / n:.3f} ms (user {1000 * user / n:.3f}, sys {1000 * system / n:.3f})")
-    parts.append(f"main's context switches {(after['switches'][0] - before['switches'][0]) / n:.1f}")
+    parts.append(f"main's context switches {(after['switches'][0] - before['switches'][0]) / n:.1f}"
+                 f" (loop {(after['switches'][1] - before['switches'][1]) / n:.1f})")
     return f"{n / seconds:6.0f} msgs/s, load {load:>5}: " + "; ".join(parts)
 
 

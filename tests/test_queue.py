@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -9,8 +10,9 @@ import threading
 
 import pytest
 
+from smtpgw.net.loop import EventLoop
 from smtpgw.spool.durable import unlink_if_present, write_durably
-from smtpgw.spool.iopool import IOPool
+from smtpgw.spool.iopool import BATCH, IOPool
 from smtpgw.spool.queue import CHK, QUE, SND, WFC, Committer, Envelope, Queue, Recipient, RecipientState, new_id
 from tests.support.net import wait_until
 
@@ -153,6 +155,174 @@ def test_io_pool_hands_results_and_errors_back_through_the_loop():
     pool.close()
     assert handed == [(42, None), (None, ZeroDivisionError)]
 
+
+
+class CountedLoop(EventLoop):
+    """The event loop, counting the hand-backs from other threads (and what each carried)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed: list[tuple[object, ...]] = []
+
+    def call_soon_threadsafe(self, callback, *args) -> None:
+        self.handed.append(args)
+        super().call_soon_threadsafe(callback, *args)
+
+
+def test_io_pool_threads_take_the_waiting_jobs_in_batches_and_hand_their_results_back_at_once():
+    """Jobs submitted while every thread is busy wake none: the first thread done takes them, its
+    share of them at a time (half of those waiting with two threads, BATCH at least), and the
+    results of each batch come back to the loop in one hand-off, each callback in order."""
+    loop = CountedLoop()
+    pool = IOPool(loop.call_soon_threadsafe, threads=2)
+    first, second = threading.Event(), threading.Event()
+    started = [threading.Event(), threading.Event()]
+    results: list[tuple[object, object]] = []
+    try:
+        for index, release in enumerate((first, second)):
+            pool.call(lambda i=index, r=release: (started[i].set(), r.wait(10), threading.get_ident())[-1],
+                      lambda result, error: results.append((result, error)), alone=True)
+        assert started[0].wait(10) and started[1].wait(10)  # both threads busy
+        for n in range(30):
+            pool.call(lambda n=n: (n, threading.get_ident()), lambda result, error: results.append((result, error)))
+        first.set()
+        assert loop.run_until(lambda: len(results) == 31, 10)
+        batch = [result for result, _error in results[1:]]
+        assert [n for n, _thread in batch] == list(range(30))
+        assert {thread for _n, thread in batch} == {results[0][0]}  # the thread that was freed
+        assert BATCH == 4 and [len(args[0]) for args in loop.handed] == [1, 15, 8, 4, 3]
+        second.set()
+        assert loop.run_until(lambda: len(results) == 32, 10)
+    finally:
+        first.set(), second.set()
+        pool.close()
+        loop.close()
+
+
+def test_io_pool_a_job_taken_alone_holds_back_none_of_those_after_it():
+    """A job that may take long (``alone``: a database check, a question to clamd) is taken in a
+    batch of its own: the jobs submitted after it go to another thread meanwhile."""
+    loop = CountedLoop()
+    pool = IOPool(loop.call_soon_threadsafe, threads=2)
+    release = threading.Event()
+    got: list[object] = []
+    try:
+        pool.call(lambda: release.wait(10), lambda result, error: got.append(("slow", result)), alone=True)
+        pool.call(lambda: "quick", lambda result, error: got.append(result))
+        assert loop.run_until(lambda: got == ["quick"], 10)
+        release.set()
+        assert loop.run_until(lambda: got == ["quick", ("slow", True)], 10)
+    finally:
+        release.set()
+        pool.close()
+        loop.close()
+
+def test_io_pool_errors_reach_their_callbacks():
+    """A job's error goes to its own callback; a finishing step's error to every job of the batch
+    that named it (and to no other); a callback that fails stops none of the others; a job with
+    no callback that fails is logged."""
+    loop = CountedLoop()
+    pool = IOPool(loop.call_soon_threadsafe, threads=1)
+    release = threading.Event()
+    got: dict[str, tuple[object, object]] = {}
+    steps: list[str] = []
+
+    def failing_step() -> None:
+        steps.append("failing")
+        raise OSError(5, "Input/output error")
+
+    def step() -> None:
+        steps.append("ok")
+
+    def callback(name: str):
+        def done(result, error) -> None:
+            got[name] = (result, error)
+            if name == "raises":
+                raise RuntimeError("a bug in a callback")
+        return done
+
+    busy = threading.Event()
+    try:
+        pool.call(lambda: (busy.set(), release.wait(10)), lambda _result, _error: None, alone=True)
+        assert busy.wait(10)  # the thread is busy: the jobs below wait, and are taken in one batch
+        pool.call(lambda: "a", callback("a"), then=failing_step)
+        pool.call(lambda: 1 / 0, callback("fails"), then=failing_step)
+        pool.call(lambda: "b", callback("b"), then=failing_step)
+        pool.call(lambda: "raises", callback("raises"), then=step)
+        pool.call(lambda: "c", callback("c"), then=step)
+        pool.run(lambda: 1 / 0)
+        release.set()
+        assert loop.run_until(lambda: len(got) == 5, 10)
+        assert steps == ["failing", "ok"]  # once per batch, after its jobs
+        assert isinstance(got["a"][1], OSError) and got["a"][1] is got["b"][1] and got["a"][0] is None
+        assert got["fails"][0] is None and isinstance(got["fails"][1], ZeroDivisionError)
+        assert got["raises"] == ("raises", None) and got["c"] == ("c", None)
+    finally:
+        release.set()
+        pool.close()
+        loop.close()
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_io_pool_close_waits_for_the_jobs_submitted(tmp_path, attempt):
+    """Even the jobs of a thread started, while closing, by another for the jobs it left."""
+    loop = CountedLoop()
+    pool = IOPool(loop.call_soon_threadsafe, threads=3)
+    written: list[int] = []
+
+    def job(n: int) -> None:
+        write_durably(str(tmp_path / f"f{n}"), b"x" * 4096)
+        written.append(n)
+
+    for n in range(40):
+        pool.run(functools.partial(job, n))
+    pool.close()
+    assert sorted(written) == list(range(40)) and len(os.listdir(tmp_path)) == 40
+    with pytest.raises(RuntimeError):
+        pool.run(lambda: None)
+    pool.close()  # a second close is harmless
+    loop.close()
+
+
+def test_commits_taken_together_share_their_folder_fsyncs_and_each_is_durable_before_its_callback(tmp_path):
+    """Commits submitted while the I/O thread is busy are taken in one batch: their files and
+    records are written, then one fsync of msg/ and one of WFC/ cover them all, and only then
+    does any callback run (the 250 of each message)."""
+    queue = Queue(str(tmp_path))
+    loop = CountedLoop()
+    committer = Committer(queue, loop.call_soon_threadsafe, threads=1)
+    synced: list[str] = []
+    sync_folder = committer.sync_folder
+
+    def counted(name: str) -> None:
+        sync_folder(name)
+        synced.append(name)
+
+    committer.sync_folder = counted  # type: ignore[method-assign]
+    release = threading.Event()
+    done: dict[str, object] = {}
+    try:
+        busy = threading.Event()
+        committer.call(lambda: (busy.set(), release.wait(10)), lambda _result, _error: None, alone=True)
+        assert busy.wait(10)
+        envs = []
+        for n in range(20):
+            tmp = committer.take_tmp()
+            os.write(tmp.fd, b"Subject: %d\r\n\r\nbody\r\n" % n)
+            env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient("x@example.test")])
+            envs.append(env)
+            committer.submit(env, tmp, lambda error, qid=env.id: done.update({qid: (error, list(synced))}))
+        release.set()
+        assert loop.run_until(lambda: len(done) == 20, 10)
+        assert all(done[env.id] == (None, ["msg", WFC]) for env in envs)
+        assert synced == ["msg", WFC]
+        for n, env in enumerate(envs):
+            assert queue.load(WFC, env.id) == env
+            assert open(queue.msg_path(env.id), "rb").read() == b"Subject: %d\r\n\r\nbody\r\n" % n
+    finally:
+        release.set()
+        committer.close()
+        loop.close()
 
 def test_finished_files_are_written_again_instead_of_new_ones_and_a_linked_message_is_left_whole(tmp_path):
     """Committer.remove keeps a finished record and message in tmp/ (Queue.recycle); the next

@@ -20,6 +20,7 @@ following a link and without waiting, so a FIFO put there cannot stall it).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -166,12 +167,14 @@ class Control:
         held until it is done, so a poll meanwhile does not hand it over twice."""
         self.learning.add(name)
         bases = self.ops.cfg.base.BasesPath or default_bases()
-        future = self.ops.committer.pool.submit(learn_file, bases, path, name.startswith(".l_spam_"))
 
-        def done(_future: object) -> None:
+        def done(_result: None, error: BaseException | None) -> None:
             self.learning.discard(name)
+            if error is not None:
+                log.error("control learning file %s not learned: %s", name, error)
 
-        future.add_done_callback(lambda f: self.ops.loop.call_soon_threadsafe(done, f))
+        self.ops.committer.call(functools.partial(learn_file, bases, path, name.startswith(".l_spam_")), done,
+                                alone=True)
 
     def _switch(self, what: str, on: bool) -> None:
         self.ops.switch(what, on)

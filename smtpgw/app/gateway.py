@@ -18,6 +18,7 @@ deliver/nexthop.py; DSNs: deliver/bounces.py; queue operations: spool/ops.py).
 from __future__ import annotations
 
 import fcntl
+import functools
 import grp
 import logging
 import os
@@ -26,7 +27,6 @@ import signal
 import socket
 import sys
 import time
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable
 
 from smtpgw import RELEASE_INTERVAL, release_heap
@@ -190,10 +190,9 @@ class Gateway:
         (a half-copied update, a bad hand edit) leaves the current workers and the database they hold
         in place: ARCHITECTURE.md and spam.spamfilter, a damaged database never replaces the loaded one."""
         cfg = self.cfg
-        future = self.committer.pool.submit(self._spam_database_problem, cfg)
 
-        def checked() -> None:
-            problem = future.exception() or future.result()
+        def checked(problem: str | None, error: BaseException | None) -> None:
+            problem = error or problem
             if problem:
                 log.error("scanner workers not restarted, they keep the configuration and databases they"
                           " loaded: %s", problem)
@@ -203,20 +202,18 @@ class Gateway:
             log.info("%s", done)
             self._log_bases()
 
-        future.add_done_callback(lambda _f: self.loop.call_soon_threadsafe(checked))
+        self.committer.call(functools.partial(self._spam_database_problem, cfg), checked, alone=True)
 
     def _log_bases(self) -> None:
         """Log the versions of the spam and anti-virus databases in use (at start and at every
         reload), found in an I/O thread: clamd may be slow to answer."""
-        future = self.committer.pool.submit(bases_versions, self.cfg)
-
-        def found(done: Future[str]) -> None:
-            if done.exception() is not None:
-                log.error("cannot tell the database versions: %s", done.exception())
+        def found(versions: str, error: BaseException | None) -> None:
+            if error is not None:
+                log.error("cannot tell the database versions: %s", error)
             else:
-                log.info("%s", done.result())
+                log.info("%s", versions)
 
-        future.add_done_callback(found)
+        self.committer.call(functools.partial(bases_versions, self.cfg), found, alone=True)
 
     def _publish_worker_config(self, cfg: Config) -> None:
         """Give the scanner workers the configuration this process accepted, file: lists included.
@@ -346,40 +343,40 @@ class Gateway:
             return
         if not self._saving_stats:
             self._saving_stats = True
-            future = self.committer.pool.submit(save_stats, self.cfg.options.StatFilename,
-                                                history_path(self.queue.root), self.stats.snapshot())
-            future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._stats_saved, f))
+            self.committer.call(functools.partial(save_stats, self.cfg.options.StatFilename,
+                                                  history_path(self.queue.root), self.stats.snapshot()),
+                                self._stats_saved)
         snapshot = self.quota.snapshot()
         if snapshot is not None:
-            written = self.committer.pool.submit(self.quota.write, snapshot)
-            written.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._quota_saved, f))
+            self.committer.call(functools.partial(self.quota.write, snapshot), self._quota_saved)
         self.loop.call_later(self.cfg.options.StatSaveInterval, self._save_stats)
 
-    def _stats_saved(self, future: Future[None]) -> None:
+    def _stats_saved(self, _result: None, error: BaseException | None) -> None:
         self._saving_stats = False
-        if future.exception() is not None:
-            log.error("cannot save the statistics to %s: %s", self.cfg.options.StatFilename, future.exception())
+        if error is not None:
+            log.error("cannot save the statistics to %s: %s", self.cfg.options.StatFilename, error)
 
-    def _quota_saved(self, future: Future[None]) -> None:
-        if future.exception() is not None:
+    def _quota_saved(self, _result: None, error: BaseException | None) -> None:
+        if error is not None:
             self.quota.dirty = True
-            log.error("cannot save the quota counts to %s: %s", self.quota.path, future.exception())
+            log.error("cannot save the quota counts to %s: %s", self.quota.path, error)
 
     def _purge_stores(self) -> None:
         """Remove store items past their lifetime (QuarantineLifetime, BackupLifetime, archive
         lifetimes) in an I/O thread, at most PURGE_BATCH per store and pass; log each one."""
         if self.stopping:
             return
-        future = self.committer.pool.submit(purge_stores, lifetimes(self.cfg), time.time(), PURGE_BATCH)
-        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._stores_purged, f))
+        self.committer.call(functools.partial(purge_stores, lifetimes(self.cfg), time.time(), PURGE_BATCH),
+                            self._stores_purged, alone=True)
 
-    def _stores_purged(self, future: Future[tuple[list[tuple[str, Item, float]], bool]]) -> None:
+    def _stores_purged(self, purged: tuple[list[tuple[str, Item, float]], bool] | None,
+                       error: BaseException | None) -> None:
         removed: list[tuple[str, Item, float]] = []
         more = False
-        if future.exception() is not None:
-            log.error("store purge failed: %s", future.exception())
-        else:
-            removed, more = future.result()
+        if error is not None:
+            log.error("store purge failed: %s", error)
+        elif purged is not None:
+            removed, more = purged
         for folder, item, lifetime in removed:
             event(item.queue_id or item.id, "PURGED, store=%s, item=%s, status=%s, stored=%s, lifetime=%dd",
                   folder, item.id, item.status, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(item.stored_at)),

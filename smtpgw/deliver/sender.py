@@ -447,7 +447,7 @@ class Sender:
             if not conn.closed:
                 self._use(conn, state)
 
-        self.host.committer.call(convert, converted)
+        self.host.committer.call(convert, converted, alone=True)  # the whole message is read
 
     def _dest_of(self, state: DestinationState) -> Destination:
         return next(d for d, s in self.dests.items() if s is state)

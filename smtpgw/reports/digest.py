@@ -21,12 +21,12 @@ store.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
 import urllib.parse
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -245,16 +245,16 @@ class Digests:
         self.running = True
         now = time.time()
         stores = {os.path.abspath(path): name for name, path in named_stores(self.host.cfg).items() if path}
-        future = self.host.committer.pool.submit(collect, self.host.cfg, stores, now)
-        future.add_done_callback(lambda f: self.host.loop.call_soon_threadsafe(self._built, f, now))
+        self.host.committer.call(functools.partial(collect, self.host.cfg, stores, now),
+                                 lambda built, error: self._built(built, error, now), alone=True)
 
-    def _built(self, future: "Future[list[tuple[str, int, bytes]]]", now: float) -> None:
+    def _built(self, built: list[tuple[str, int, bytes]] | None, error: BaseException | None, now: float) -> None:
         self.running = False
-        if future.exception() is not None:
-            log.error("quarantine digest not sent: %s", future.exception())
+        if error is not None:
+            log.error("quarantine digest not sent: %s", error)
             return
         queued = 0
-        for recipient, count, data in future.result():
+        for recipient, count, data in built or ():
             queued += self._queue(recipient, count, data)
         event("", "DIGEST, recipients=%d", queued)
         self._save(now)  # after the digests are queued: a crash between repeats them, never loses them

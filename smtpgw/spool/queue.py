@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import enum
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -562,10 +563,13 @@ class Committer(IOPool):
 
     ``submit`` returns at once; ``done(error)`` runs on the loop once the
     message file and its WFC record are on stable storage (the receiver answers
-    250 only then). Directory fsyncs are group-committed (``sync_folder``): one
-    fsync of msg/ or WFC/ covers every rename made before it started, so
-    concurrent sessions (and scan results, ``Queue.replace_and_move``) share them. Empty tmp/ files are created ahead of need (``take_tmp``), and
-    finished records are unlinked here too.
+    250 only then). Directory fsyncs are group-committed: the commits an I/O thread
+    takes at once are written one after the other, then share one fsync of msg/ and
+    one of WFC/ (``_commit_renames``, their batch's finishing step); and one fsync of
+    a folder (``sync_folder``) covers every rename made before it started, so
+    concurrent threads (and scan results, ``Queue.replace_and_move``) share them.
+    Empty tmp/ files are created ahead of need (``take_tmp``), and finished records
+    are unlinked here too.
     """
 
     SPARES = 32
@@ -595,7 +599,7 @@ class Committer(IOPool):
             if refill:
                 self._refilling = True
         if refill:
-            self.pool.submit(self._refill)
+            self.run(self._refill)
         return spare if spare is not None else self._create_tmp()
 
     def spare_count(self) -> int:
@@ -619,17 +623,19 @@ class Committer(IOPool):
     def discard_tmp(self, tmp: TmpFile) -> None:
         """A message that will not be queued: drop its bytes."""
         os.close(tmp.fd)
-        self.pool.submit(unlink_if_present, tmp.path)
+        self.run(functools.partial(unlink_if_present, tmp.path))
 
     # -- commits ---------------------------------------------------------------------
     def submit(self, env: Envelope, tmp: TmpFile, done: Callable[[BaseException | None], None]) -> None:
-        future = self.pool.submit(self._commit, env, tmp)
-        future.add_done_callback(lambda f: self.call_soon_threadsafe(done, f.exception()))
+        """Commit a received message: ``done(error)`` on the loop once it is durable. The commits
+        an I/O thread takes at once share the fsyncs of msg/ and WFC/ (``_commit_renames``)."""
+        self.call(functools.partial(self._commit, env, tmp), lambda _result, error: done(error),
+                  then=self._commit_renames)
 
     def remove(self, qid: str, state: str, before: Callable[[], None] | None = None) -> None:
         """Drop a finished record and its message (no durability needed: see ``Queue.recover``);
         ``before`` runs first in the same thread (an archive copy of the message)."""
-        self.pool.submit(self._remove, qid, state, before)
+        self.run(functools.partial(self._remove, qid, state, before))
 
     def _remove(self, qid: str, state: str, before: Callable[[], None] | None) -> None:
         if before is not None:
@@ -646,6 +652,10 @@ class Committer(IOPool):
         os.close(tmp.fd)
         os.rename(tmp.path, self.queue.msg_path(env.id))
         self.queue.write_record(WFC, env, sync_dirs=False)
+
+    def _commit_renames(self) -> None:
+        """The renames of the commits before it made durable: the messages into msg/, then their
+        records into WFC/ (the finishing step of a batch of commits, before their callbacks)."""
         self.sync_folder("msg")
         self.sync_folder(WFC)
 
