@@ -211,8 +211,9 @@ class Queue:
 
     # -- recycled files ----------------------------------------------------------
     def recycle(self, path: str) -> None:
-        """A finished spool file (the record or message of a message that left the queue) is
-        moved into tmp/ and kept to be written again, instead of removed: a new file costs an
+        """A finished spool file (the record or message of a message that left the queue, or the
+        record a scan result's new record replaced) is moved into tmp/ and kept to be written
+        again, instead of removed: a new file costs an
         inode, and on ext4 without a journal each new inode is looked for past every inode freed
         in the last half minute, which at a few hundred messages a second was a quarter of the
         main process's CPU. In tmp/ it is what any file there is, never acknowledged: a crash
