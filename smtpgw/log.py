@@ -31,7 +31,13 @@ _SUSPECT = re.compile(r"[^\x20-\x5b\x5d-\x7e]")
 # in <...>, in [...] or in "..."; a bare or bracketed value holding one of the characters that
 # could end it (or start another field) is written as a quoted string instead (``escape``).
 BARE, ANGLE, SQUARE, QUOTED, TEXT = "", "<", "[", '"', "text"
-_ENDS = {BARE: re.compile(r'[ ,"]'), ANGLE: re.compile(r'[ ,"<>]'), SQUARE: re.compile(r'[ ,"\[\]]')}
+_END_CHARS = {BARE: ' ,"', ANGLE: ' ,"<>', SQUARE: ' ,"[]'}
+_ENDS = {context: re.compile(f"[{re.escape(chars)}]") for context, chars in _END_CHARS.items()}
+# per place, the search for a character that ``escape`` would change or quote: a text without
+# one (most values: names, addresses, numbers as text) is written as it is, with no other test
+_KEPT = {context: re.compile("[^" + "".join(re.escape(chr(c)) for c in range(0x20, 0x7F)
+                                             if chr(c) != "\\" and chr(c) not in chars) + "]").search
+         for context, chars in {**_END_CHARS, QUOTED: '"', TEXT: ""}.items()}
 # a printf conversion as logging uses them: %s, %d, %.1f, %r, %(name)s, %%
 _CONVERSION = re.compile(r"%(\([^)]*\))?([-#0 +]*\d*(?:\.\d+)?)([diouxXeEfFgGcrsa%])")
 
@@ -188,6 +194,8 @@ def escape(value: object, context: str = BARE) -> str:
     neither end its field nor add one; ``TEXT`` (free text): escaped only. A list or tuple
     is its items escaped and joined by ``,``.
     """
+    if type(value) is str and (kept := _KEPT.get(context)) is not None and kept(value) is None:
+        return value  # printable ASCII, no backslash, nothing that ends its field: as it is
     if isinstance(value, (list, tuple)):
         return ",".join(escape(item, context) for item in value)
     if isinstance(value, (bytes, bytearray)):
@@ -238,7 +246,10 @@ def render(template: str, args: tuple[object, ...] | dict[str, object], default:
             raise TypeError(f"not enough values for {template!r}")
         if kind in "sra":
             text = value if kind == "s" else repr(value) if kind == "r" else ascii(value)
-            out.append(escape(text, place or default))
+            context = place or default
+            # escape's first test, made here: most values need nothing, and a call less
+            kept = _KEPT.get(context) if type(text) is str else None
+            out.append(text if kept is not None and kept(text) is None else escape(text, context))
         else:
             try:
                 out.append(spec % (value,))

@@ -62,6 +62,28 @@ def test_line_writes_a_value_given_for_a_number_as_an_escaped_value() -> None:
     assert line("size=%d", "1, fake=1") == 'size="1, fake=1"'
 
 
+class Text(str):
+    """A str that is not exactly ``str``: ``escape`` and ``render`` take their general path for it."""
+
+
+def test_a_value_written_as_it_is_is_the_value_the_general_path_writes() -> None:
+    """The fast path of ``escape`` and ``render`` (a text with nothing to escape or quote is
+    written as it is) gives the same bytes as the general path, in every place of a line."""
+    import random
+
+    pick = random.Random(7)
+    alphabet = ["a", "Z", "0", ".", "@", "=", " ", ",", '"', "<", ">", "[", "]", "\\", "%", "\x00", "\x1b",
+                "\x7f", "\x85", "\xa0", "é", "日", "\u202e", "\udc9b"]
+    values = ["", "plain", "127.0.0.1", "Probable Spam", "a@b.test", "<m@x>", "x" * 300]
+    values += ["".join(pick.choice(alphabet) for _ in range(pick.randrange(1, 9))) for _ in range(3000)]
+    template = 'EV, a=%s, b=<%s>, c=[%s], d="%s", e=%r, n=%d'
+    for value in values:
+        for context in (BARE, ANGLE, SQUARE, QUOTED, TEXT):
+            assert escape(value, context) == str(escape(Text(value), context)), (value, context)
+        assert line(template, *[value] * 5, 1) == line(template, *[Text(value)] * 5, 1), value
+        assert log.render(template, (*[value] * 5, 1), TEXT) == log.render(template, (*[Text(value)] * 5, 1), TEXT)
+
+
 def fields(event_line: str) -> list[str]:
     """The names of the fields of an event line, read as a parser would: split at ``, `` outside
     a quoted string, where a backslash takes the next character as it is."""

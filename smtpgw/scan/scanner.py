@@ -558,7 +558,7 @@ class Scanner:
                 os.unlink(copy.rewritten)
             event(child.id, "SPLITTED, group=%s, nrcpt=%d, srcid=%s", copy.group, len(child.recipients), qid)
             children.append(child)
-        self.queue.remove(qid, CHK)
+        self.queue.remove(qid, CHK, keep_files=True)  # the record's file written again (its message is linked)
         return children
 
     def _discard_written(self, qid: str, made: list[Envelope]) -> None:

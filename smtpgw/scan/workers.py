@@ -247,9 +247,12 @@ class WorkerPool:
     def dispatch(self) -> None:
         """Hand waiting jobs to workers, starting workers up to ``size`` as needed: first a job to
         each worker that has none, then (beyond the jobs left for the workers being started)
-        each worker its next one, ``PREFETCH`` at most."""
+        each worker its next one, ``PREFETCH`` at most. Under load it is mostly called with every
+        worker holding all it may (after each result, each job submitted): that is answered first."""
+        if not self.backlog or (len(self._live()) >= self.size and not any(w.room() > 0 for w in self.workers)):
+            return  # nothing waits, or no worker has room and no other may be started
         self._hand_out(lambda w: not w.jobs)
-        live = [w for w in self.workers if not w.dead and not w.retiring]
+        live = self._live()
         starting = sum(1 for w in live if not w.ready)
         try:
             while (len(self.backlog) > starting and len(live) < self.size
@@ -264,6 +267,10 @@ class WorkerPool:
         self._hand_out(lambda w: True, keep=starting)
         if self.backlog and not live:
             self._fail_backlog("no scanner worker could be started")
+
+    def _live(self) -> list[Worker]:
+        """The workers that take jobs, or will once they are ready (not retiring, not dead)."""
+        return [w for w in self.workers if not w.dead and not w.retiring]
 
     def _hand_out(self, eligible: Callable[[Worker], bool], keep: int = 0) -> None:
         """Send backlog jobs (all but ``keep``) to the ``eligible`` workers with room, the one with

@@ -212,11 +212,11 @@ class Queue:
 
     # -- recycled files ----------------------------------------------------------
     def recycle(self, path: str) -> None:
-        """A finished spool file (the record or message of a message that left the queue) is
-        moved into tmp/ and kept to be written again, instead of removed: a new file costs an
-        inode, and on ext4 without a journal each new inode is looked for past every inode freed
-        in the last half minute, which at a few hundred messages a second was a quarter of the
-        main process's CPU. In tmp/ it is what any file there is, never acknowledged: a crash
+        """A finished spool file (the record or message of a message that left the queue, or the
+        record a scan result's new record replaced) is moved into tmp/ and kept to be written
+        again, instead of removed: a new file costs an inode, and on ext4 without a journal each
+        new inode is looked for past every inode freed in the last half minute, which at a few
+        hundred messages a second was a quarter of the main process's CPU. In tmp/ it is what any file there is, never acknowledged: a crash
         leaves it to ``recover``. A file with another name (a per-group copy's message linked
         to its siblings) is removed from the spool instead, as are those past MAX_FREE_FILES.
         Its bytes are dropped at once (truncated): only the empty inode is kept."""
@@ -322,7 +322,7 @@ class Queue:
         env.size = os.path.getsize(staged)
         self.write_record(dst, env, sync_dirs=False)
         sync(dst)  # commit point: recovery keeps the later of two states
-        os.unlink(self.record_path(src, env.id))
+        self.recycle(self.record_path(src, env.id))  # the next record's temp file (no new inode)
         os.replace(staged, self.msg_path(env.id))
 
     def replace_head_and_move(self, env: Envelope, src: str, dst: str, head: str, body_offset: int,
@@ -331,16 +331,18 @@ class Queue:
         body of msg/ID from ``body_offset`` on, and move its record from ``src`` to ``dst``, as one
         step a crash cannot split: msg/ID is not touched, the header travels in the record. The
         record is written in ``dst`` (fsync, rename, then ``dst``'s fsync: the commit point), then
-        the one in ``src`` is unlinked; before the commit point a crash leaves the record in
-        ``src`` with the message as it was (the step is done again), after it recovery keeps the
-        record in ``dst`` (the later of two states). Two fsyncs, where ``replace_and_move`` needs
-        four. ``sync_folder`` as for ``replace_and_move``."""
+        the one in ``src`` is moved into tmp/ to be written again (``recycle``: the record written
+        here took a kept file, and this one takes its place, so that a scanned message costs no
+        new inode); before the commit point a crash leaves the record in ``src`` with the message
+        as it was (the step is done again), after it recovery keeps the record in ``dst`` (the
+        later of two states). Two fsyncs, where ``replace_and_move`` needs four. ``sync_folder``
+        as for ``replace_and_move``."""
         sync = sync_folder or (lambda name: fsync_dir(os.path.join(self.root, name)))
         env.head, env.body_offset = head, body_offset
         env.size = self.message_size(env)
         self.write_record(dst, env, sync_dirs=False)
         sync(dst)  # commit point
-        os.unlink(self.record_path(src, env.id))
+        self.recycle(self.record_path(src, env.id))
 
     def message_size(self, env: Envelope) -> int:
         """The size of ``env``'s message as its readers get it (``open_message``)."""
