@@ -477,3 +477,25 @@ def test_the_opt_out_of_2002_bulk_mail_reaches_the_verdict(rules_bases: str, rul
     missed = spam_filter.classify(letter("", "<a1@example.net>", body=ham), None, "", [], [])
     assert f"rule {rule} {weight:+.2f}" in hit.reasons, hit.reasons
     assert not any(reason.startswith(f"rule {rule} ") for reason in missed.reasons), missed.reasons
+
+
+@pytest.mark.parametrize(("sender", "subject", "fires"), [
+    ("TS Co Labs <tscolabs@gaantays.example.com>",
+     "Tractor-Supply,Co. is allocating you a complimentary 3500 Watt Generator", True),
+    ('"Rewards" <loyalty@uhcrewards-bkp.example.net>', "Claim Your UnitedHealthcare Appreciation Gift", True),
+    ('"Tractor Supply Co." <news@tractorsupply.com>', "A complimentary gift with every order this week", False),
+    ("TS Co Labs <tscolabs@gaantays.example.com>", "Tractor-Supply,Co. opens a store in your town", False),
+    ('"Garden Club" <club@garden.example.org>', "Free seeds for every member this spring", False),
+])
+def test_a_brands_prize_from_another_domain_is_a_lure(sender: str, subject: str, fires: bool) -> None:
+    """The brand's own gift is not, nor the brand's news from elsewhere, nor a gift that names no brand."""
+    view = mailview.build(letter("", "<a1@example.net>", sender=sender, subject=subject))
+    assert run_check("brand_subject_lure", view) is fires
+    assert "sign:brand_subject_lure" not in tokens(view)
+
+
+def test_a_brands_prize_lure_reaches_the_verdict(rules_bases: str) -> None:
+    spam_filter = SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), rules_bases)
+    lure = letter("", "<a1@example.net>", sender="TS Co Labs <tscolabs@gaantays.example.com>",
+                  subject="Tractor-Supply,Co. is allocating you a complimentary 3500 Watt Generator")
+    assert "rule BRAND_SUBJECT_LURE +2.00" in spam_filter.classify(lure, None, "", [], []).reasons

@@ -18,8 +18,9 @@ from smtpgw.spam.mailview import MailView
 
 CHECKS: dict[str, Callable[[MailView], bool]] = {**formalsigns.CHECKS, **modernsigns.CHECKS}
 # every sign a rule may name: those above (also Bayes tokens, unless the tokenizer keeps them out) and
-# those that are rules only from the start (``formalsigns.RULE_ONLY_CHECKS``)
-RULE_CHECKS: dict[str, Callable[[MailView], bool]] = {**CHECKS, **formalsigns.RULE_ONLY_CHECKS}
+# those that are rules only from the start (the modules' ``RULE_ONLY_CHECKS``)
+RULE_CHECKS: dict[str, Callable[[MailView], bool]] = {
+    **CHECKS, **formalsigns.RULE_ONLY_CHECKS, **modernsigns.RULE_ONLY_CHECKS}
 
 
 def detail(name: str, view: MailView) -> str:
