@@ -372,3 +372,130 @@ def test_phrases_of_2007_spam_reach_the_verdict_reasons(rules_bases: str, rule: 
     missed = spam_filter.classify(message(ham, html=False, subject="Hi"), None, "", [], [])
     assert f"rule {rule} {weight:+.2f}" in hit.reasons, hit.reasons
     assert not any(reason.startswith(f"rule {rule} ") for reason in missed.reasons)
+
+
+def letter(mailer: str, msgid: str, *, sender: str = '"Ann Lee" <ann@mail.example.net>', subject: str = "Lunch",
+           body: str = "Are we still on for lunch on Friday? I can book the usual place.") -> bytes:
+    """A plain-text letter with the X-Mailer and Message-ID given (either left out when empty)."""
+    fields = [f"From: {sender}", "To: bob@example.org", f"Subject: {subject}",
+              "Date: Wed, 25 Apr 2007 10:12:11 +0200"]
+    fields += [f"X-Mailer: {mailer}"] if mailer else []
+    fields += [f"Message-ID: {msgid}"] if msgid else []
+    return ("\n".join(fields) + "\nMIME-Version: 1.0\nContent-Type: text/plain; charset=us-ascii\n\n" + body
+            + "\n").encode()
+
+
+OUTLOOK = "Microsoft Outlook Express 6.00.2800.1106"
+BAT = "The Bat! (v3.80.06) Professional"
+
+
+@pytest.mark.parametrize(("mailer", "msgid"), [
+    (OUTLOOK, "<E17sjK3-0008ST-00@usw-sf-list1.example.net>"),  # a relay's id: the spam tool wrote none
+    (OUTLOOK, "<5f6701c79313$01c79313$0405d35c@example.net>"),  # the time's low word is its high word again
+    (OUTLOOK, "<01c7871d$156e73f0$6c822ecf@example.net>"),  # no counter before the time
+    ("Microsoft Outlook, Build 10.0.2616", "<200205281315.g4SDFq729626@mandark.example.net>"),
+    (BAT, "<340125436.65285190086232@example.net>"),  # no local time after the number
+])
+def test_a_mail_program_named_with_an_id_it_never_writes_is_forged(mailer: str, msgid: str) -> None:
+    assert run_check("forged_mailer_id", mailview.build(letter(mailer, msgid)))
+
+
+@pytest.mark.parametrize(("mailer", "msgid"), [
+    (OUTLOOK, "<003a01c2543b$5537c5b5$5ee52ad7@example.net>"),
+    ("Microsoft Outlook, Build 10.0.2616", "<000001c791a0$6514b800$0a01a8c0@example.net>"),
+    (OUTLOOK, "<DAV18rbcAAdkDKKnQ5i000095dc@hotmail.com>"),  # Hotmail's web client names Outlook Express
+    (OUTLOOK, "<BAY141-DAV112B8C22615AAA200D791B8F520@phx.gbl>"),
+    ("Microsoft Outlook Express Macintosh Edition - 5.01 (1630)", "<E17hrT0-0004gj-00@example.net>"),
+    ("Microsoft Outlook IMO, Build 9.0.2416 (9.0.2910.0)", "<AMEPKEBLDJJCCDEJHAMICEGPFGAA.ejw@example.edu>"),
+    (BAT, "<16680971951.20020930182931@example.net>"),
+    ("Mutt/1.4i", "<20020930182931.GA1234@example.net>"),
+    (OUTLOOK, ""),  # no Message-ID at all: MISSING_MESSAGE_ID's matter
+])
+def test_a_mail_programs_own_id_is_no_forgery(mailer: str, msgid: str) -> None:
+    assert not run_check("forged_mailer_id", mailview.build(letter(mailer, msgid)))
+
+
+@pytest.mark.parametrize("subject", ["Mlcrosoft7,Adobeu+M0RE starting at 29$", "0ffice6 2OO7 and Photoshopv.CS3",
+                                     "Buy 0EM Software", "Snatch away Soft C1alis!", "Tlmepleces by Mont Blanc"])
+def test_spam_words_spelt_with_look_alike_characters(subject: str) -> None:
+    assert run_check("obfuscated_subject", mailview.build(letter("", "", subject=subject)))
+
+
+@pytest.mark.parametrize("subject", ["Microsoft Office 2007 licence renewal", "Adobe Photoshop CS3 update 10.0.1",
+                                     "Re: OEM drivers for Windows 7", "More pills? Ask the pharmacy", "l10n: 2007 strings"])
+def test_the_words_spelt_plainly_are_not_obfuscated(subject: str) -> None:
+    assert not run_check("obfuscated_subject", mailview.build(letter("", "", subject=subject)))
+
+
+@pytest.mark.parametrize(("rule", "spam", "ham"), [
+    ("FORGED_MAILER_ID", letter(OUTLOOK, "<E17sjK3-0008ST-00@list.example.net>"),
+     letter(OUTLOOK, "<003a01c2543b$5537c5b5$5ee52ad7@example.net>")),
+    ("OE_LOCALHOST_ID", letter("Microsoft Outlook, Build 10.0.2627", "<000001c791a0$6514b800$0100007f@example.net>"),
+     letter("Microsoft Outlook, Build 10.0.2627", "<000001c791a0$6514b800$0a01a8c0@example.net>")),
+    ("MALFORMED_MESSAGE_ID", letter("", "<3CFB1EED003722B3@> (added by postmaster@example.net)"),
+     letter("", "<3CFB1EED003722B3@example.net>")),
+    ("FROM_EMPTY_COMMENT", letter("", "<a1@example.net>", sender="Pamela@blinkese.example.com ()"),
+     letter("", "<a1@example.net>", sender="Pamela@blinkese.example.com (Pamela Lee)")),
+    ("OBFUSCATED_SUBJECT", letter("", "<a1@example.net>", subject="Mlcrosoft+Adobe starting at 29$"),
+     letter("", "<a1@example.net>", subject="Microsoft and Adobe licences")),
+
+])
+def test_the_marks_of_2002_07_spam_tools_reach_the_verdict(rules_bases: str, rule: str, spam: bytes,
+                                                            ham: bytes) -> None:
+    """Each rule's name and weight are in the reasons of the message it fires on, with X-SpamTest-Method
+    "headers" when it decides; its legitimate twin has no such reason."""
+    spam_filter = SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), rules_bases)
+    weight = next(r.weight for r in default_rules() if r.name == rule)
+    hit = spam_filter.classify(spam, None, "", [], [])
+    missed = spam_filter.classify(ham, None, "", [], [])
+    assert f"rule {rule} {weight:+.2f}" in hit.reasons, hit.reasons
+    assert hit.method == "headers", (hit.method, hit.reasons)
+    assert not any(reason.startswith(f"rule {rule} ") for reason in missed.reasons), missed.reasons
+
+
+def test_the_mail_programs_marks_are_rules_never_bayes_tokens() -> None:
+    """forged_mailer_id and obfuscated_subject add their rules' weights and nothing else: no token a
+    database would learn (and so no term weight of any other message moves with them)."""
+    view = mailview.build(letter(OUTLOOK, "<E17sjK3-0008ST-00@list.example.net>", subject="Buy 0EM Software"))
+    assert run_check("forged_mailer_id", view) and run_check("obfuscated_subject", view)
+    assert not {"sign:forged_mailer_id", "sign:obfuscated_subject"} & tokens(view)
+
+
+@pytest.mark.parametrize(("rule", "spam", "ham"), [
+    ("REMOVE_BY_REPLY", "Cheap toner for every printer. To be removed from our list please reply with your address.",
+     "Thanks for the toner. The old cartridge is to be removed from the printer before the new one goes in."),
+    ("ONE_TIME_MAILING", "Work from home and earn more. This is a one-time mailing, no removal is necessary.",
+     "The committee meets every month; the next time we mail the minutes they will include the budget."),
+    ("FEEDBACK_FORM_RELAY", "Below is the result of your feedback form. It was submitted by (x@example.com) on "
+                            "Sunday. message: Free cell phone with any plan!",
+     "Below is the result of the survey: most of you liked the new feedback form on the site."),
+])
+def test_the_opt_out_of_2002_bulk_mail_reaches_the_verdict(rules_bases: str, rule: str, spam: str, ham: str) -> None:
+    spam_filter = SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), rules_bases)
+    weight = next(r.weight for r in default_rules() if r.name == rule)
+    hit = spam_filter.classify(letter("", "<a1@example.net>", body=spam), None, "", [], [])
+    missed = spam_filter.classify(letter("", "<a1@example.net>", body=ham), None, "", [], [])
+    assert f"rule {rule} {weight:+.2f}" in hit.reasons, hit.reasons
+    assert not any(reason.startswith(f"rule {rule} ") for reason in missed.reasons), missed.reasons
+
+
+@pytest.mark.parametrize(("sender", "subject", "fires"), [
+    ("TS Co Labs <tscolabs@gaantays.example.com>",
+     "Tractor-Supply,Co. is allocating you a complimentary 3500 Watt Generator", True),
+    ('"Rewards" <loyalty@uhcrewards-bkp.example.net>', "Claim Your UnitedHealthcare Appreciation Gift", True),
+    ('"Tractor Supply Co." <news@tractorsupply.com>', "A complimentary gift with every order this week", False),
+    ("TS Co Labs <tscolabs@gaantays.example.com>", "Tractor-Supply,Co. opens a store in your town", False),
+    ('"Garden Club" <club@garden.example.org>', "Free seeds for every member this spring", False),
+])
+def test_a_brands_prize_from_another_domain_is_a_lure(sender: str, subject: str, fires: bool) -> None:
+    """The brand's own gift is not, nor the brand's news from elsewhere, nor a gift that names no brand."""
+    view = mailview.build(letter("", "<a1@example.net>", sender=sender, subject=subject))
+    assert run_check("brand_subject_lure", view) is fires
+    assert "sign:brand_subject_lure" not in tokens(view)
+
+
+def test_a_brands_prize_lure_reaches_the_verdict(rules_bases: str) -> None:
+    spam_filter = SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), rules_bases)
+    lure = letter("", "<a1@example.net>", sender="TS Co Labs <tscolabs@gaantays.example.com>",
+                  subject="Tractor-Supply,Co. is allocating you a complimentary 3500 Watt Generator")
+    assert "rule BRAND_SUBJECT_LURE +2.00" in spam_filter.classify(lure, None, "", [], []).reasons

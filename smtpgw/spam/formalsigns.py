@@ -296,6 +296,63 @@ def embedded_image_lure(view: MailView) -> bool:
     return others <= MAX_LURE_LINKS
 
 
+# -- the mail programs' own marks (the ratware of 2002-07 names a program it is not) -------------
+# A mail program writes its Message-ID in a form of its own. Outlook Express 5-6 and Outlook
+# 2002-03 (Build 10-11): "<" four hex digits, the FILETIME's high word (01c...), "$" its low word,
+# "$" the client's IPv4 address in hex, "@" host; The Bat!: "<" a number "." the local time as
+# YYYYMMDDhhmmss "@" host. Spam tools of the era wrote the X-Mailer of one and a Message-ID of
+# another (or none, which a relay then made: "<E17sjK3-0008ST-00@...>"), or filled the low word
+# with the high one. Hotmail's web client also says Outlook Express but names its own ids
+# ("<DAV...@hotmail.com>", "<BAY141-DAV...@phx.gbl>"); Outlook for the Mac and Outlook 2000's
+# "IMO" builds have other forms: none of them counts.
+_OUTLOOK_MAILER = re.compile(r"^\s*Microsoft (?:Outlook Express [56]\.\d|Outlook, Build 1[01]\.)")
+_OUTLOOK_ID = re.compile(r"^\s*<[0-9a-f]{4}(01c[0-9a-f]{5})\$([0-9a-f]{8})\$[0-9a-f]{8}@[^<>\s]+>\s*$", re.I)
+_WEBMAIL_ID = re.compile(r"@(?:hotmail|msn)\.com>|[@.]phx\.gbl>", re.I)
+_BAT_MAILER = re.compile(r"^\s*The Bat!")
+_BAT_ID = re.compile(r"^\s*<\d{5,12}\.(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:[0-2]\d|3[01])(?:[01]\d|2[0-3])[0-5]\d[0-5]\d"
+                     r"@[^<>\s]+>\s*$")
+
+
+def forged_mailer_id(view: MailView) -> bool:
+    """The X-Mailer names Outlook (Express) or The Bat!, and the Message-ID is not of that program's form."""
+    mailer, msgid = view.header("x-mailer") or "", view.header("message-id")
+    if msgid is None:
+        return False
+    if _OUTLOOK_MAILER.match(mailer):
+        if _WEBMAIL_ID.search(msgid):
+            return False
+        match = _OUTLOOK_ID.match(msgid)
+        return match is None or match.group(1).lower() == match.group(2).lower()
+    if _BAT_MAILER.match(mailer):
+        return _BAT_ID.match(msgid) is None
+    return False
+
+
+# Words of the software and pharmacy spam of 2006-07 as its Subjects spelt them to pass word
+# filters: "Mlcrosoft7,Adobeu+M0RE starting at 29$", "0ffice6 2OO7", "Snatch away Soft C1alis!".
+# A word (or the word and one trailing character the spammer glued on) that reads as one of these
+# once look-alike characters are made letters (0 o, 1 l | ! i, 3 e, 4 @ a, 5 $ s), but is not
+# written so: the plain word, a version number or a year of digits is not.
+OBFUSCATED_WORDS = ("microsoft", "adobe", "office", "oem", "photoshop", "windows", "software", "cialis", "viagra",
+                    "levitra", "pharmacy", "rolex", "replica", "watches", "timepieces", "more", "meds", "pills",
+                    "2007")
+_LOOKALIKE_LETTERS = str.maketrans({"0": "o", "1": "i", "l": "i", "|": "i", "!": "i", "3": "e", "4": "a", "@": "a",
+                                    "5": "s", "$": "s"})
+_OBFUSCATED_KEYS = {word.translate(_LOOKALIKE_LETTERS): word for word in OBFUSCATED_WORDS}
+_SUBJECT_WORD = re.compile(r"[A-Za-z0-9|!@$]{3,14}")
+
+
+def obfuscated_subject(view: MailView) -> bool:
+    """A Subject word that spells a word of software or pharmacy spam with look-alike characters."""
+    for match in _SUBJECT_WORD.finditer((view.header("subject") or "")[:256]):
+        word = match.group(0).lower()
+        for candidate in (word, word[:-1]):
+            plain = _OBFUSCATED_KEYS.get(candidate.translate(_LOOKALIKE_LETTERS))
+            if plain is not None and candidate != plain and not candidate.isdigit():
+                return True
+    return False
+
+
 CHECKS: dict[str, Callable[[MailView], bool]] = {
     fn.__name__: fn
     for fn in (
@@ -307,3 +364,10 @@ CHECKS: dict[str, Callable[[MailView], bool]] = {
     )
 }
 
+# Signs that rules name but the tokenizer never learns (its signs are ``CHECKS``): learned as Bayes
+# tokens too, these two moved the term weights of every held-out database (bench/spam_accuracy.py
+# loso, standard: sa-2002 caught 92.6 -> 89.8%, sa-2003-05 92.9 -> 90.7%), as rules alone they add
+# their weight to the messages they fire on and leave every other score as it was.
+RULE_ONLY_CHECKS: dict[str, Callable[[MailView], bool]] = {
+    fn.__name__: fn for fn in (forged_mailer_id, obfuscated_subject)
+}

@@ -20,6 +20,8 @@ for mail of the 2020s (registered in ``signs.CHECKS``):
   capitals or mathematical letters, or letter-spaced words),
   ``invisible_in_words`` (zero-width, tag or variation-selector characters
   between the letters of a word in the Subject or display name);
+* prize lures — ``brand_subject_lure`` (a brand and a gift or prize in the Subject from a domain
+  not the brand's; a rule only, never a Bayes token);
 * crypto lures — ``crypto_lure`` (airdrops, "claim your tokens", seed phrases,
   "connect your wallet", with a link);
 * layout — ``image_only_link`` (a body of images or a few words, and a link);
@@ -628,6 +630,21 @@ def from_tenant_domain(view: MailView) -> bool:
     return "@" in address and address.rsplit("@", 1)[1].endswith(TENANT_DOMAINS)
 
 
+
+# -- prize lures under a brand's name ---------------------------------------------------------
+# Words of a gift or prize: "Tractor-Supply,Co. is allocating you a complimentary 3500 Watt Generator",
+# "Claim Your UnitedHealthcare Appreciation Gift".
+_PRIZE_LURE = re.compile(r"\b(?:complimentary|free|gift|rewards?|prize|won|winner|claim|allocat\w*|bonus|giveaway"
+                         r"|congratulations|selected|exclusive offer)\b")
+
+
+def brand_subject_lure(view: MailView) -> bool:
+    """A brand and a gift or prize in the Subject, sent from a domain that is not the brand's (the
+    account-alarm kind is ``brand_subject``); a brand's own offers come from its own domain."""
+    domain = _from_domain(view)
+    subject = view.header("subject") or ""
+    return bool(domain) and _PRIZE_LURE.search(_plain(subject)) is not None and _unrelated_brand(subject, domain)
+
 # the checks that rest on a verified DKIM signature (their reasons quote it, ``signs.detail``)
 DKIM_CHECKS = frozenset({"consistent_sender", "branded_sender"})
 
@@ -643,3 +660,6 @@ CHECKS: dict[str, Callable[[MailView], bool]] = {
         subject_padding,
     )
 }
+
+# Signs that rules name but the tokenizer never learns (see ``formalsigns.RULE_ONLY_CHECKS``).
+RULE_ONLY_CHECKS: dict[str, Callable[[MailView], bool]] = {fn.__name__: fn for fn in (brand_subject_lure,)}

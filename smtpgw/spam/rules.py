@@ -11,7 +11,7 @@ A rule line is ``NAME WEIGHT LEVELS KIND ARGUMENT``:
   ham signs), or ``spam`` for a rule that alone makes the message Spam.
 * LEVELS — ``all`` or a comma list of ``soft``, ``standard``, ``hard``.
 * KIND and ARGUMENT —
-  ``check NAME`` a built-in sign (``signs.CHECKS``);
+  ``check NAME`` a built-in sign (``signs.RULE_CHECKS``);
   ``header:FIELD REGEX`` a regex over the decoded values of FIELD;
   ``body REGEX`` over the decoded text of the body (HTML rendered to text),
   lower-cased and with every run of white space made one space, so patterns
@@ -44,7 +44,7 @@ _FIELD = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 §3.6.8 field name
 HEADER_CHECKS = frozenset({
     "missing_from", "missing_to", "missing_date", "missing_message_id", "empty_x_mailer", "random_from",
     "random_to", "numeric_from", "subject_random_tail", "subject_all_caps", "asian_charset", "from_is_to",
-    "to_undisclosed", "many_recipients", "high_priority",
+    "to_undisclosed", "many_recipients", "high_priority", "forged_mailer_id", "obfuscated_subject",
 })
 
 
@@ -119,7 +119,7 @@ def parse_rule(line: str, where: str = "rule") -> Rule:
     pattern = None
     words: tuple[str, ...] = ()
     if kind == "check":
-        if argument not in signs.CHECKS:
+        if argument not in signs.RULE_CHECKS:
             raise RuleError(f"{where}: unknown check {argument!r}")
         target = argument
     elif kind in ("header", "body", "html", "uri"):
