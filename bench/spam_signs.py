@@ -4,7 +4,7 @@ chosen on.
 
 Reads the same sets as bench/spam_accuracy.py (the corpus folder and the packs unpacked with
 ``sh ../shared/corpus-packs/unpack.sh DIR``; a set whose folder is missing is left out) and prints, for
-every sign of ``smtpgw.spam.signs.RULE_CHECKS``, the share of ham and of spam of each set it fires on, then the
+every sign of ``smtpgw.spam.signs.CHECKS``, the share of ham and of spam of each set it fires on, then the
 rule that reads it and that rule's weight. A sign of legitimate mail should fire on ham of every era and
 on little spam; a spam sign on spam (phishing included) and on no ham of any set, the mailing-list ham
 and today's newsletters above all.
@@ -33,7 +33,7 @@ from spam_accuracy import CORPUS, DEFAULT_PACKS, MANIFEST, load_sets  # noqa: E4
 
 from smtpgw.spam import mailview, tokenizer, training  # noqa: E402
 from smtpgw.spam.rules import RuleSet  # noqa: E402
-from smtpgw.spam.signs import RULE_CHECKS as CHECKS, run_check  # noqa: E402
+from smtpgw.spam.signs import CHECKS, run_check  # noqa: E402
 
 
 def _fired(job: tuple[str, tuple[str, ...], bool]) -> tuple[str, ...]:

@@ -360,14 +360,6 @@ CHECKS: dict[str, Callable[[MailView], bool]] = {
         random_to, numeric_from, subject_random_tail, subject_all_caps, asian_charset, html_only,
         hidden_html_text, white_text, comment_in_word, url_numeric_host, url_text_mismatch, from_is_to,
         to_undisclosed, many_recipients, text_base64, executable_attachment, high_priority,
-        embedded_image_lure,
+        embedded_image_lure, forged_mailer_id, obfuscated_subject,
     )
-}
-
-# Signs that rules name but the tokenizer never learns (its signs are ``CHECKS``): learned as Bayes
-# tokens too, these two moved the term weights of every held-out database (bench/spam_accuracy.py
-# loso, standard: sa-2002 caught 92.6 -> 89.8%, sa-2003-05 92.9 -> 90.7%), as rules alone they add
-# their weight to the messages they fire on and leave every other score as it was.
-RULE_ONLY_CHECKS: dict[str, Callable[[MailView], bool]] = {
-    fn.__name__: fn for fn in (forged_mailer_id, obfuscated_subject)
 }

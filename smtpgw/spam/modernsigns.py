@@ -630,7 +630,6 @@ def from_tenant_domain(view: MailView) -> bool:
     return "@" in address and address.rsplit("@", 1)[1].endswith(TENANT_DOMAINS)
 
 
-
 # -- prize lures under a brand's name ---------------------------------------------------------
 # Words of a gift or prize: "Tractor-Supply,Co. is allocating you a complimentary 3500 Watt Generator",
 # "Claim Your UnitedHealthcare Appreciation Gift".
@@ -645,6 +644,7 @@ def brand_subject_lure(view: MailView) -> bool:
     subject = view.header("subject") or ""
     return bool(domain) and _PRIZE_LURE.search(_plain(subject)) is not None and _unrelated_brand(subject, domain)
 
+
 # the checks that rest on a verified DKIM signature (their reasons quote it, ``signs.detail``)
 DKIM_CHECKS = frozenset({"consistent_sender", "branded_sender"})
 
@@ -657,9 +657,6 @@ CHECKS: dict[str, Callable[[MailView], bool]] = {
         subject_tracking_tag, underscored_words, symbol_display_name, invisible_in_words, crypto_lure,
         image_only_link, risky_attachment, one_click_unsubscribe, consistent_sender, branded_sender,
         unsubscribe_text, compliant_bulk, token_path_links, from_name_padding, from_tenant_domain,
-        subject_padding,
+        subject_padding, brand_subject_lure,
     )
 }
-
-# Signs that rules name but the tokenizer never learns (see ``formalsigns.RULE_ONLY_CHECKS``).
-RULE_ONLY_CHECKS: dict[str, Callable[[MailView], bool]] = {fn.__name__: fn for fn in (brand_subject_lure,)}

@@ -11,7 +11,7 @@ A rule line is ``NAME WEIGHT LEVELS KIND ARGUMENT``:
   ham signs), or ``spam`` for a rule that alone makes the message Spam.
 * LEVELS — ``all`` or a comma list of ``soft``, ``standard``, ``hard``.
 * KIND and ARGUMENT —
-  ``check NAME`` a built-in sign (``signs.RULE_CHECKS``);
+  ``check NAME`` a built-in sign (``signs.CHECKS``);
   ``header:FIELD REGEX`` a regex over the decoded values of FIELD;
   ``body REGEX`` over the decoded text of the body (HTML rendered to text),
   lower-cased and with every run of white space made one space, so patterns
@@ -119,7 +119,7 @@ def parse_rule(line: str, where: str = "rule") -> Rule:
     pattern = None
     words: tuple[str, ...] = ()
     if kind == "check":
-        if argument not in signs.RULE_CHECKS:
+        if argument not in signs.CHECKS:
             raise RuleError(f"{where}: unknown check {argument!r}")
         target = argument
     elif kind in ("header", "body", "html", "uri"):

@@ -1,6 +1,6 @@
 """The named signs the spam rules and the tokenizer read: the formal signs and today's signs, one registry.
 
-Owns: ``CHECKS`` and ``RULE_CHECKS``, ``detail`` (what a sign rested on, quoted in its rule's reason), every sign by the name a rule gives it (``check NAME`` in the database's
+Owns: ``CHECKS``, ``detail`` (what a sign rested on, quoted in its rule's reason), every sign by the name a rule gives it (``check NAME`` in the database's
 rules): those of ``formalsigns`` first, then those of ``modernsigns`` (which reads the helpers of
 ``formalsigns``), and ``run_check``, each sign computed once per message.
 
@@ -17,10 +17,6 @@ from smtpgw.spam import formalsigns, modernsigns
 from smtpgw.spam.mailview import MailView
 
 CHECKS: dict[str, Callable[[MailView], bool]] = {**formalsigns.CHECKS, **modernsigns.CHECKS}
-# every sign a rule may name: those above (also Bayes tokens, unless the tokenizer keeps them out) and
-# those that are rules only from the start (the modules' ``RULE_ONLY_CHECKS``)
-RULE_CHECKS: dict[str, Callable[[MailView], bool]] = {
-    **CHECKS, **formalsigns.RULE_ONLY_CHECKS, **modernsigns.RULE_ONLY_CHECKS}
 
 
 def detail(name: str, view: MailView) -> str:
@@ -32,4 +28,4 @@ def detail(name: str, view: MailView) -> str:
 
 def run_check(name: str, view: MailView) -> bool:
     """The result of check ``name`` on ``view``, computed once per message; False when it fails."""
-    return formalsigns.once(view, RULE_CHECKS[name])
+    return formalsigns.once(view, CHECKS[name])

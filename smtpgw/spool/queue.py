@@ -213,13 +213,14 @@ class Queue:
     # -- recycled files ----------------------------------------------------------
     def recycle(self, path: str) -> None:
         """A finished spool file (the record or message of a message that left the queue, or the
-        record a scan result's new record replaced) is moved into tmp/ and kept to be written
-        again, instead of removed: a new file costs an inode, and on ext4 without a journal each
-        new inode is looked for past every inode freed in the last half minute, which at a few
-        hundred messages a second was a quarter of the main process's CPU. In tmp/ it is what any file there is, never acknowledged: a crash
-        leaves it to ``recover``. A file with another name (a per-group copy's message linked
-        to its siblings) is removed from the spool instead, as are those past MAX_FREE_FILES.
-        Its bytes are dropped at once (truncated): only the empty inode is kept."""
+        record a scan result's new record replaced) is moved into tmp/ and kept to be written again,
+        instead of removed: a new file costs an inode, and on ext4 without a journal each new inode
+        is looked for past every inode freed in the last half minute, which at a few hundred
+        messages a second was a quarter of the main process's CPU. In tmp/ it is what any file there
+        is, never acknowledged: a crash leaves it to ``recover``. A file with another name (a
+        per-group copy's message linked to its siblings) is removed from the spool instead, as are
+        those past MAX_FREE_FILES. Its bytes are dropped at once (truncated): only the empty inode
+        is kept."""
         with self._free_lock:
             full = len(self._free) >= MAX_FREE_FILES
         if full:
