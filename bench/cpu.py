@@ -14,7 +14,11 @@ Check=true with the private clamd, or Check=false) gets a warm-up of 200 message
 seconds of its main process, its scanner workers and clamd are read from /proc/PID/stat before and
 after, and printed per message with the e2e rate, the load average and the main process's context
 switches (all its threads, and its loop thread alone) (``--strace``: with the main
-process's system calls per message, all threads, which slows it). ``--cprofile FILE`` runs the
+process's system calls per message, all threads, which slows it). The scanner workers are started
+by the warm-up, so their start-up is not in the figures: a worker started (or gone) during the
+measured load, one replaced, is said with what it adds (``bench/scan_job.py --pipe`` prints what a
+start costs); their context switches a message (voluntary + involuntary) are printed too.
+``--cprofile FILE`` runs the
 main process under cProfile timed by its main thread's CPU clock (the event loop alone: the I/O
 threads are not in it) and prints the top of it.
 
@@ -130,16 +134,32 @@ def kind_of(pid: int, main: int) -> str:
     return "workers" if b"scan.job" in command or b"scan.workers" in command else "incoming"
 
 
+def process_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of a process (of its main thread: a worker has one)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return 0, 0
+    return int(status["voluntary_ctxt_switches"]), int(status["nonvoluntary_ctxt_switches"])
+
+
 def snapshot(main: int, clamd_pid: int | None) -> dict[str, tuple[float, float]]:
     totals: dict[str, list[float]] = {}
     pids = [(pid, kind_of(pid, main)) for pid in pids_of(main)]
     if clamd_pid:
         pids.append((clamd_pid, "clamd"))
+    workers = totals.setdefault("switches of workers", [0, 0])
     for pid, kind in pids:
         user, system = proc_times(pid)
         total = totals.setdefault(kind, [0.0, 0.0])
         total[0] += user
         total[1] += system
+        if kind == "workers":
+            totals[f"worker {pid}"] = [user, system]
+            voluntary, involuntary = process_switches(pid)
+            workers[0] += voluntary
+            workers[1] += involuntary
     totals["loop"] = list(thread_times(main, main))  # the main process's event loop thread alone
     totals["switches"] = list(switches(main))
     return {kind: (u, s) for kind, (u, s) in totals.items()}
@@ -199,7 +219,17 @@ def measure(tree: str, check: bool, tmp: str, sink_port: int, clamd, args, profi
         if kind in after:
             user = after[kind][0] - before.get(kind, (0, 0))[0]
             system = after[kind][1] - before.get(kind, (0, 0))[1]
-            parts.append(f"{kind} {1000 * (user + system) / n:.3f} ms (user {1000 * user / n:.3f}, sys {1000 * system / n:.3f})")
+            part = f"{kind} {1000 * (user + system) / n:.3f} ms (user {1000 * user / n:.3f}, sys {1000 * system / n:.3f})"
+            if kind == "workers":
+                voluntary, involuntary = (a - b for a, b in zip(after["switches of workers"], before["switches of workers"]))
+                part += f", context switches {voluntary / n:.2f} + {involuntary / n:.2f}"
+                started = [k for k in after if k.startswith("worker ") and k not in before]
+                gone = [k for k in before if k.startswith("worker ") and k not in after]
+                if started or gone:  # a worker replaced during the load: not the jobs' CPU alone
+                    part += (f" ({len(started)} started during the load: all their CPU counted, start-up too,"
+                             f" {1000 * sum(sum(after[k]) for k in started) / n:.3f} ms a message;"
+                             f" {len(gone)} gone: what they used before the load taken off the rest)")
+            parts.append(part)
     parts.append(f"main's context switches {(after['switches'][0] - before['switches'][0]) / n:.1f}"
                  f" (loop {(after['switches'][1] - before['switches'][1]) / n:.1f})")
     return f"{n / seconds:6.0f} msgs/s, load {load:>5}: " + "; ".join(parts)

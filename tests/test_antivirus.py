@@ -386,6 +386,16 @@ def test_objects_with_the_same_content_share_one_scan(tmp_path: Path, clamd: Cla
     assert pool.calls == 2  # the text of the parts (the same three times) and the file
 
 
+def test_objects_share_a_verdict_only_when_their_bytes_are_the_same(tmp_path: Path, clamd: ClamdInstance) -> None:
+    virus = eicar()
+    near = virus[:-1] + b"?"  # the same length, one byte off: clean, and scanned on its own
+    raw = mime_message([TEXT, attachment("a.com", virus), attachment("b.com", near), attachment("c.com", virus)])
+    result, pool = budget_scan(tmp_path, clamd, raw, "MaximalClamdScans=10")
+    assert pool.calls == 3  # the text, the virus (once for a.com and c.com), the near copy
+    found = statuses(result)
+    assert found["2:a.com"] == found["4:c.com"] == "infected" and found["3:b.com"] == "clean"
+
+
 def test_the_object_and_content_budgets_end_decomposition(tmp_path: Path, clamd: ClamdInstance) -> None:
     result, pool = budget_scan(tmp_path, clamd, uu_flood(40, 100), "MaximalMessageObjects=50")
     assert result.status == "error" and len(result.objects) <= 51  # the one that crossed the budget too

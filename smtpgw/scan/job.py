@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":
-    # A worker hashes (the spam index's SHA-256 when it opens it, DKIM, the anti-virus scans' keys)
+    # A worker hashes (the spam index's SHA-256 when it opens it, DKIM, the IChecker cache's keys)
     # with the interpreter's own SHA code, as a Python built without OpenSSL does: hashlib's OpenSSL
     # module maps libcrypto, 3.4 MiB RSS in each worker, which speaks no TLS. Set before anything
     # imports hashlib (a worker is started with -S: no site module before this).
