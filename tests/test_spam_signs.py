@@ -469,6 +469,11 @@ def test_the_mail_programs_marks_are_rules_never_bayes_tokens() -> None:
     ("FEEDBACK_FORM_RELAY", "Below is the result of your feedback form. It was submitted by (x@example.com) on "
                             "Sunday. message: Free cell phone with any plan!",
      "Below is the result of the survey: most of you liked the new feedback form on the site."),
+    ("THIRD_PARTY_LIST", "You are receiving this mailing because you joined our opt-in list through one of our "
+                         "marketing partners. Never pay retail!",
+     "You are receiving this newsletter because you subscribed to Rust Weekly at rustweekly.example.org."),
+    ("MERGE_PLACEHOLDER", "Hello ~name~, your free calling trial starts today. %EM%jm@example.org%/EM%",
+     "Use ${email} or {firstname} in the template; printf(\"%s\", name) fills in the name."),
 ])
 def test_the_opt_out_of_2002_bulk_mail_reaches_the_verdict(rules_bases: str, rule: str, spam: str, ham: str) -> None:
     spam_filter = SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), rules_bases)
