@@ -469,6 +469,11 @@ def test_the_mail_programs_marks_are_rules_never_bayes_tokens() -> None:
     ("FEEDBACK_FORM_RELAY", "Below is the result of your feedback form. It was submitted by (x@example.com) on "
                             "Sunday. message: Free cell phone with any plan!",
      "Below is the result of the survey: most of you liked the new feedback form on the site."),
+    ("THIRD_PARTY_LIST", "You are receiving this mailing because you joined our opt-in list through one of our "
+                         "marketing partners. Never pay retail!",
+     "You are receiving this newsletter because you subscribed to Rust Weekly at rustweekly.example.org."),
+    ("MERGE_PLACEHOLDER", "Hello ~name~, your free calling trial starts today. %EM%jm@example.org%/EM%",
+     "Use ${email} or {firstname} in the template; printf(\"%s\", name) fills in the name."),
 ])
 def test_the_opt_out_of_2002_bulk_mail_reaches_the_verdict(rules_bases: str, rule: str, spam: str, ham: str) -> None:
     spam_filter = SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), rules_bases)
@@ -499,3 +504,64 @@ def test_a_brands_prize_lure_reaches_the_verdict(rules_bases: str) -> None:
     lure = letter("", "<a1@example.net>", sender="TS Co Labs <tscolabs@gaantays.example.com>",
                   subject="Tractor-Supply,Co. is allocating you a complimentary 3500 Watt Generator")
     assert "rule BRAND_SUBJECT_LURE +2.00" in spam_filter.classify(lure, None, "", [], []).reasons
+
+
+def dated(date: str) -> bytes:
+    """The letter of ``letter`` with the Date field given."""
+    return letter("", "<a1@example.net>").replace(b"Date: Wed, 25 Apr 2007 10:12:11 +0200", f"Date: {date}".encode())
+
+
+@pytest.mark.parametrize(("date", "fires"), [
+    ("Wed, 24 Jul 2002 20:03:30", True),  # no zone (RFC 5322 §3.3 requires one)
+    ("Wed, 05 Aug 2020 04:01:50 -1900", True),  # an offset no zone has
+    ("Mon, 04 Feb 0102 16:27:08 -0900", True),  # the year as C's tm_year
+    ("Thu,  5 Sep 2002 02:12:52 -0400 (EDT)", False),
+    ("Mon, 22 Jul 2002 17:45:17 UT", False),  # an obsolete zone name (RFC 5322 §4.3) is still a zone
+    ("3 Sep 2002 19:48:55 -0000", False),
+    ("Fri, 29 Mar 02 05:01:01 +1400", False),  # a two-digit year is obsolete, not bogus; UTC+14 exists
+    ("next Tuesday", False),  # no date-time to judge
+])
+def test_a_date_with_no_zone_a_bogus_offset_or_year_is_malformed(date: str, fires: bool) -> None:
+    view = mailview.build(dated(date))
+    assert run_check("malformed_date", view) is fires
+    assert "sign:malformed_date" not in tokens(view)
+
+
+@pytest.mark.parametrize(("name", "crafted", "twin"), [
+    ("subject_random_token",
+     letter("", "<a1@example.net>", subject="Notificação ao cliente - Cod. xsjgzJ5ukSpOF"),
+     letter("", "<a1@example.net>", subject="Order 4417-20931 shipped: McAfeeVirusScan2 licence")),
+    ("display_name_number",
+     letter("", "<a1@example.net>", sender='"Ourocard - Cod. 586467716701849933" <a@mailer.example.net>'),
+     letter("", "<a1@example.net>", sender='"Ourocard - order 5864677" <a@mailer.example.net>')),
+    ("coin_display_name",
+     letter("", "<a1@example.net>", sender='"Ripple" <xrp@billing.eplane.example.com>'),
+     letter("", "<a1@example.net>", sender='"Ripple Insights" <news@ripple.com>')),
+])
+def test_the_mail_merge_of_a_phishing_kit(name: str, crafted: bytes, twin: bytes) -> None:
+    """Each sign fires on its crafted message, not on its legitimate twin, and is never a Bayes token."""
+    view = mailview.build(crafted)
+    assert run_check(name, view)
+    assert not run_check(name, mailview.build(twin))
+    assert f"sign:{name}" not in tokens(view)
+
+
+@pytest.mark.parametrize(("rule", "spam", "ham", "method"), [
+    ("MALFORMED_DATE", dated("Wed, 24 Jul 2002 20:03:30"), dated("Wed, 24 Jul 2002 20:03:30 +0100"), "headers"),
+    ("SUBJECT_RANDOM_TOKEN", letter("", "<a1@example.net>", subject="Aviso Ra3HNiammhtn7Q3joVp"),
+     letter("", "<a1@example.net>", subject="Aviso 2026-0042"), "rules"),
+    ("DISPLAY_NAME_NUMBER", letter("", "<a1@example.net>", sender='"[GovBR] - 6231497581941" <a@x.example.net>'),
+     letter("", "<a1@example.net>", sender='"GovBR" <a@x.example.net>'), "rules"),
+    ("COIN_DISPLAY_NAME", letter("", "<a1@example.net>", sender='"Stellar Foundation" <r.diaz@una.example.edu>'),
+     letter("", "<a1@example.net>", sender='"Stellar" <news@stellar.org>'), "rules"),
+])
+def test_the_new_marks_reach_the_verdict(rules_bases: str, rule: str, spam: bytes, ham: bytes, method: str) -> None:
+    """The rule's name and weight are in the reasons (X-SpamTest-Method names its family when it
+    decides); its legitimate twin has no such reason."""
+    spam_filter = SpamFilter(SimpleNamespace(Check=True, SpamDetection="standard"), rules_bases)
+    weight = next(r.weight for r in default_rules() if r.name == rule)
+    hit = spam_filter.classify(spam, None, "", [], [])
+    missed = spam_filter.classify(ham, None, "", [], [])
+    assert f"rule {rule} {weight:+.2f}" in hit.reasons, hit.reasons
+    assert hit.method == method, (hit.method, hit.reasons)
+    assert not any(reason.startswith(f"rule {rule} ") for reason in missed.reasons), missed.reasons

@@ -4,8 +4,8 @@ Owns: the named built-in checks that the rules database refers to as
 ``check NAME`` — the header "formal signs" of the reference's header analysis
 (missing To or From, random-looking addresses, an empty X-Mailer, a Subject
 padded with spaces and a random tail, Asian character sets) and layout signs
-(HTML-only mail, hidden text, links to numeric hosts), plus the GTUBE test
-pattern.
+(HTML-only mail, hidden text, links to numeric hosts), a Date field that is no
+RFC 5322 date-time (``malformed_date``), plus the GTUBE test pattern.
 
 Must never: look anything up on the network, raise on odd input, or hold the
 GTUBE string whole in this file (it is assembled from pieces at import time so
@@ -353,6 +353,34 @@ def obfuscated_subject(view: MailView) -> bool:
     return False
 
 
+# -- the Date field (RFC 5322 §3.3) ----------------------------------------------------------------
+# A date-time ends in a zone: "+" or "-" and four digits, hours up to 14 (UTC+14 is the farthest
+# zone in use) and minutes under 60, or an obsolete zone name (§4.3: "UT", "GMT", "EST", a military
+# letter). The bulk tools of 2001-03 wrote the local time with no zone ("Wed, 24 Jul 2002 20:03:30"),
+# an offset no zone has ("-1900", "+0960"), or the year as C's tm_year ("Mon, 04 Feb 0102"). A
+# mail program or a relay that completes a message writes the field whole (RFC 6409 §8.1).
+_DATE_TAIL = re.compile(r"(\d{1,4})\s+\d{1,2}:\d\d(?::\d\d)?\s*(?:([+-])(\d\d)(\d\d)|([A-Za-z]{1,5}))?\s*(?:\(.*\))?\s*$")
+MAX_ZONE_HOURS = 14
+YEARS = range(1980, 2100)
+
+
+def malformed_date(view: MailView) -> bool:
+    """The Date field's time has no zone, a zone offset no zone has, or a year no mail program writes
+    (three digits, "0102", before 1980); a Date that cannot be read as a date-time at all is not judged."""
+    value = view.header("date")
+    if value is None:
+        return False
+    match = _DATE_TAIL.search(value.strip()[:200])
+    if match is None:
+        return False
+    year, sign, hours, minutes, name = match.groups()
+    if sign is None and name is None:
+        return True
+    if sign is not None and (int(hours) > MAX_ZONE_HOURS or int(minutes) >= 60):
+        return True
+    return len(year) == 3 or (len(year) == 4 and int(year) not in YEARS)
+
+
 CHECKS: dict[str, Callable[[MailView], bool]] = {
     fn.__name__: fn
     for fn in (
@@ -360,6 +388,6 @@ CHECKS: dict[str, Callable[[MailView], bool]] = {
         random_to, numeric_from, subject_random_tail, subject_all_caps, asian_charset, html_only,
         hidden_html_text, white_text, comment_in_word, url_numeric_host, url_text_mismatch, from_is_to,
         to_undisclosed, many_recipients, text_base64, executable_attachment, high_priority,
-        embedded_image_lure, forged_mailer_id, obfuscated_subject,
+        embedded_image_lure, forged_mailer_id, obfuscated_subject, malformed_date,
     )
 }

@@ -20,6 +20,9 @@ for mail of the 2020s (registered in ``signs.CHECKS``):
   capitals or mathematical letters, or letter-spaced words),
   ``invisible_in_words`` (zero-width, tag or variation-selector characters
   between the letters of a word in the Subject or display name);
+* a phishing kit's mail merge — ``subject_random_token`` (a random mixed-case token in the
+  Subject), ``display_name_number`` (a long number in the display name), ``coin_display_name`` (a
+  coin or its foundation named by a domain that does not name it); rules only, never Bayes tokens;
 * prize lures — ``brand_subject_lure`` (a brand and a gift or prize in the Subject from a domain
   not the brand's; a rule only, never a Bayes token);
 * crypto lures — ``crypto_lure`` (airdrops, "claim your tokens", seed phrases,
@@ -645,6 +648,52 @@ def brand_subject_lure(view: MailView) -> bool:
     return bool(domain) and _PRIZE_LURE.search(_plain(subject)) is not None and _unrelated_brand(subject, domain)
 
 
+# -- the tags of a phishing kit's mail merge --------------------------------------------------------
+# Each copy of today's phishing carries a random token of its own ("Notificação ao cliente
+# Ra3HNiammhtn7Q3joVp") or a long "protocol number" in the display name ("[GovBR]- Valores a Receber -
+# 6231497581941"), so that no two copies are alike; a service's order or ticket number is digits, or
+# letters of one case, and stays in the Subject.
+_SUBJECT_TOKEN = re.compile(r"(?<![\w/.@=-])(?=[A-Za-z0-9]*[a-z])(?=[A-Za-z0-9]*[A-Z])(?=[A-Za-z0-9]*\d)"
+                            r"[A-Za-z0-9]{11,40}(?![\w/.@=-])")
+MIN_CASE_SWITCHES = 4
+_DIGIT_INSIDE = re.compile(r"[A-Za-z]\d+[A-Za-z]")
+_NAME_NUMBER = re.compile(r"\d{8,}")
+
+
+def subject_random_token(view: MailView) -> bool:
+    """A token of 11-40 letters and digits in the Subject that changes case four times or more and has a
+    digit between two letters ("xsjgzJ5ukSpOF"); words run together in CamelCase with a version after
+    them ("McAfeeVirusScan2") have no digit inside."""
+    for match in _SUBJECT_TOKEN.finditer((view.header("subject") or "")[:300]):
+        token = match.group(0)
+        if _DIGIT_INSIDE.search(token) is None:
+            continue
+        switches = sum(1 for a, b in zip(token, token[1:]) if a.isalpha() and b.isalpha() and a.isupper() != b.isupper())
+        if switches >= MIN_CASE_SWITCHES:
+            return True
+    return False
+
+
+def display_name_number(view: MailView) -> bool:
+    """Eight digits or more in a row in the From display name ("Ourocard - Cod. 586467716701849933")."""
+    return _NAME_NUMBER.search(_display_name_raw(view)[:256]) is not None
+
+
+# Coins and the foundations behind them that "staking", "claim your XRP" and wallet-upgrade lures
+# write in the display name (the exchanges and wallets are in BRANDS). A coin's own mail comes from a
+# domain that names it (ripple.com, stellar.org, getmonero.org).
+_COIN_NAME = re.compile(r"\b(ripple|xrp|stellar|xlm|monero|solana|cardano|dogecoin|polkadot|ethereum|bitcoin|btc"
+                        r"|usdt|crypto\.com)\b")
+
+
+def coin_display_name(view: MailView) -> bool:
+    """A coin or its foundation in the From display name ("Ripple", "Stellar Foundation"), sent from
+    a domain that does not name it."""
+    domain = _from_domain(view)
+    match = _COIN_NAME.search(_plain(_display_name_raw(view)))
+    return bool(domain) and match is not None and match.group(1).split(".", 1)[0] not in domain
+
+
 # the checks that rest on a verified DKIM signature (their reasons quote it, ``signs.detail``)
 DKIM_CHECKS = frozenset({"consistent_sender", "branded_sender"})
 
@@ -657,6 +706,6 @@ CHECKS: dict[str, Callable[[MailView], bool]] = {
         subject_tracking_tag, underscored_words, symbol_display_name, invisible_in_words, crypto_lure,
         image_only_link, risky_attachment, one_click_unsubscribe, consistent_sender, branded_sender,
         unsubscribe_text, compliant_bulk, token_path_links, from_name_padding, from_tenant_domain,
-        subject_padding, brand_subject_lure,
+        subject_padding, brand_subject_lure, subject_random_token, display_name_number, coin_display_name,
     )
 }

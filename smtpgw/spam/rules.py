@@ -45,6 +45,7 @@ HEADER_CHECKS = frozenset({
     "missing_from", "missing_to", "missing_date", "missing_message_id", "empty_x_mailer", "random_from",
     "random_to", "numeric_from", "subject_random_tail", "subject_all_caps", "asian_charset", "from_is_to",
     "to_undisclosed", "many_recipients", "high_priority", "forged_mailer_id", "obfuscated_subject",
+    "malformed_date",
 })
 
 

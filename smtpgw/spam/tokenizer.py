@@ -31,10 +31,12 @@ MAX_TOKENS = 4000
 # 6.15 -> 6.47% held out, though they fire on 0.1% of its ham at most); as rules only, a message they
 # do not fire on keeps its score to the last bit. The marks of 2002-07 spam tools too: learned as tokens,
 # forged_mailer_id and obfuscated_subject moved every held-out database's term weights (loso, standard:
-# sa-2002 caught 92.6 -> 89.8%, sa-2003-05 92.9 -> 90.7%); brand_subject_lure is a rule from the start.
+# sa-2002 caught 92.6 -> 89.8%, sa-2003-05 92.9 -> 90.7%); brand_subject_lure, malformed_date and the
+# marks of a phishing kit's mail merge are rules from the start.
 RULE_ONLY_SIGNS = frozenset({"gtube", "missing_from", "missing_date", "missing_message_id", "embedded_image_lure",
                              "token_path_links", "from_name_padding", "from_tenant_domain", "subject_padding",
-                             "forged_mailer_id", "obfuscated_subject", "brand_subject_lure"})
+                             "forged_mailer_id", "obfuscated_subject", "brand_subject_lure", "malformed_date",
+                             "subject_random_token", "display_name_number", "coin_display_name"})
 MAX_WORDS = 20000  # body words looked at
 MAX_PAIRS = 3000  # leading body words paired with their neighbour
 MIN_WORD, MAX_WORD = 3, 20
