@@ -53,8 +53,15 @@ the score threshold that keeps ham false positives at or under 0.1%
 Must never: train on a message it then tests in the same protocol, train on
 the phishing set, or talk to anything on the network.
 
+Seeds: the term weights are fitted by a seeded descent (``terms.SEED``), and a
+change of a few training tokens changes its path. ``--seeds A,B,C`` runs every
+protocol once per fitting seed and ends with the smtpgw rows of each set at
+each seed and their spread (min-max), so that a change is judged against the
+spread a reseeding alone gives, not against one path.
+
 Usage: nice -n 10 python3 bench/spam_accuracy.py [--packs DIR] [--protocols shipped,loso,modern-kfold,sa-era]
        [--levels soft,standard,hard] [--folds 5] [--sa-sample 150] [--sa-train 2000] [--no-peers]
+       [--seeds 20050311,1,2]
 """
 
 from __future__ import annotations
@@ -79,7 +86,7 @@ from types import SimpleNamespace
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from smtpgw.spam import training  # noqa: E402
+from smtpgw.spam import terms, training  # noqa: E402
 from smtpgw.spam.database import DatabaseInfo, SpamDatabase  # noqa: E402
 from smtpgw.spam.spamfilter import SpamFilter, default_bases  # noqa: E402
 from smtpgw.spam.verdict import NOT_DETECTED, PROBABLE_SPAM, SPAM  # noqa: E402
@@ -183,6 +190,33 @@ def line(set_name: str, era: str, name: str, result: Result) -> str:
     if ham and spam:
         cells.append(f"  {100 * (1 - auc(result.rows)):8.3f}  {100 * missed_at_fp(result.rows):8.2f}%")
     return "".join(cells)
+
+
+def figures(result: Result) -> tuple[float, float, float, float]:
+    """ham→Spam %, ham→Probable %, caught %, (1-AUC)% (nan where the set has no ham or no spam)."""
+    ham = [r for r in result.rows if not r[2]]
+    spam = [r for r in result.rows if r[2]]
+    nan = float("nan")
+    fp = 100 * sum(1 for r in ham if r[1] == SPAM) / len(ham) if ham else nan
+    probable = 100 * sum(1 for r in ham if r[1] == PROBABLE_SPAM) / len(ham) if ham else nan
+    caught = 100 * sum(1 for r in spam if r[1] in (SPAM, PROBABLE_SPAM)) / len(spam) if spam else nan
+    ranking = 100 * (1 - auc(result.rows)) if ham and spam else nan
+    return fp, probable, caught, ranking
+
+
+def seed_summary(by_seed: dict[tuple[str, str], dict[int, Result]]) -> list[str]:
+    """Per row (set, filter): the four figures at each seed, then their min-max spread."""
+    out = [f"{'set':<13} {'filter':<22} {'seed':>9}  {'ham→Spam':>8}  {'ham→Prob':>8}  {'caught':>7}  {'(1-AUC)%':>8}"]
+    for (set_name, name), results in by_seed.items():
+        rows = {seed: figures(result) for seed, result in results.items()}
+        for seed, cells in rows.items():
+            out.append(f"{set_name:<13} {name:<22} {seed:>9}  " + "  ".join(f"{c:8.2f}" for c in cells))
+        spread = []
+        for i in range(4):
+            values = [cells[i] for cells in rows.values() if not math.isnan(cells[i])]
+            spread.append(f"{min(values):5.2f}-{max(values):<5.2f}" if values else f"{'—':>11}")
+        out.append(f"{set_name:<13} {name:<22} {'spread':>9}  " + " ".join(spread))
+    return out
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -373,6 +407,7 @@ class Run:
     manifest: training.Manifest
     peers: dict[str, bool]
     levels: tuple[str, ...]
+    by_seed: dict[tuple[str, str], dict[int, Result]] = field(default_factory=dict)
 
     def sets_of(self, pick: Callable[[CorpusSet], bool]) -> list[CorpusSet]:
         present = {m.set for m in self.messages}
@@ -393,6 +428,7 @@ class Run:
                     if result.rows:
                         print(line(corpus_set.name, corpus_set.era, name, result))
                         self.save_scores(title, corpus_set.name, name, result)
+                        self.record(corpus_set.name, name, result)
                 sys.stdout.flush()
 
     def sa_trained(self, train: list[Message] | None, folder: str, whole: str = "") -> list[str] | None:
@@ -422,6 +458,11 @@ class Run:
             if sa_options is not None:
                 results[f"SA rules+Bayes ({sample}/class)"] = run_spamassassin(test, sample, sa_options)
         return results
+
+    def record(self, set_name: str, filter_name: str, result: Result) -> None:
+        """Keep smtpgw's result of this row under the fitting seed in use, for the --seeds summary."""
+        if filter_name.startswith("smtpgw"):
+            self.by_seed.setdefault((set_name, filter_name), {})[terms.SEED] = result
 
     def save_scores(self, title: str, set_name: str, filter_name: str, result: Result) -> None:
         """Append every (score, status, label) to --scores, for choosing thresholds on held-out scores."""
@@ -495,6 +536,7 @@ def protocol_modern_kfold(run: Run) -> None:
     print(HEADER)
     for filter_name, result in total.items():
         print(line(name, modern[0].era, filter_name, result))
+        run.record(f"{name} {run.args.folds}-f", filter_name, result)
 
 
 def protocol_sa_era(run: Run) -> None:
@@ -529,6 +571,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scores", help="append every test message's score to this file (TSV)")
+    parser.add_argument("--seeds", default=str(terms.SEED),
+                        help="fitting seeds of the term weights, comma-separated: every protocol runs once per seed")
     args = parser.parse_args(argv)
     protocols = args.protocols.split(",")
     unknown = [p for p in protocols if p not in PROTOCOLS]
@@ -547,8 +591,16 @@ def main(argv: list[str]) -> int:
           + ", ".join(f"{name} {ham}/{spam}" for name, (ham, spam) in counts.items())
           + "; peers: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in peers.items()))
     run = Run(args, messages, manifest, peers, levels)
-    for name in protocols:
-        PROTOCOLS[name](run)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    for seed in seeds:
+        terms.SEED = seed
+        if len(seeds) > 1:
+            print(f"\n######## fitting seed {seed}")
+        for name in protocols:
+            PROTOCOLS[name](run)
+    if len(seeds) > 1:
+        print("\n== smtpgw at each fitting seed, and the spread")
+        print("\n".join(seed_summary(run.by_seed)))
     print(f"\ntotal time {time.monotonic() - started:.0f} s")
     return 0
 

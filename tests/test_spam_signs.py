@@ -218,6 +218,15 @@ def test_a_plain_text_note_with_a_link_is_no_image_only_link() -> None:
     assert run_check("image_only_link", mailview.build(message('<a href="https://x.example.net/o">see it</a>')))
 
 
+def test_a_link_shown_as_its_owners_other_host_is_no_url_text_mismatch() -> None:
+    """A newsletter's link showing its site (www.) that goes to the same owner's mail or click host
+    is no disguise; a shown address of one site leading to another site is."""
+    own = message(TEXT + '<a href="https://click.news.shop.example.com/r/1">https://www.shop.example.com/</a>')
+    assert not run_check("url_text_mismatch", mailview.build(own))
+    other = message(TEXT + '<a href="https://login.evil-host.example.net/x">https://www.shop.example.com/</a>')
+    assert run_check("url_text_mismatch", mailview.build(other))
+
+
 def test_missing_fields_are_rules_never_bayes_tokens() -> None:
     """A message without From, Date and Message-ID (a script's report, a device's alert) is judged by
     the modest MISSING_* rules alone, not also by tokens learned from a handful of old spam."""

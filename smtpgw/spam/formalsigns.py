@@ -232,14 +232,19 @@ def url_numeric_host(view: MailView) -> bool:
 
 
 def url_text_mismatch(view: MailView) -> bool:
-    """A link whose shown text is a URL on another host than it leads to (phishing)."""
+    """A link whose shown text is a URL on another site than it leads to (phishing).
+
+    Sites are compared by registered domain: a newsletter's link showing www.proflowers.com that
+    goes to news.proflowers.com, or www.hp.com to h30046.www3.hp.com, is the same owner's, not a
+    disguise (the host comparison fired on them: ham/spam hits modern-mixed 2/0 -> 1/0, phishing
+    79 -> 77, trec-2007 22/771 -> 22/768, sa 3/13 -> 3/12)."""
     if view.html is None:
         return False
     for href, shown in view.html.link_texts[:100]:
         if not re.match(r"\s*(?:https?://|www\.)", shown, re.I):
             continue
         real, claimed = url_host(href), url_host(shown.strip().split()[0])
-        if real and claimed and real != claimed and not real.endswith("." + claimed):
+        if real and claimed and registered_domain(real) != registered_domain(claimed):
             return True
     return False
 

@@ -46,6 +46,34 @@ from collections.abc import Iterable, Sequence
 # token seen in fewer than 5 messages 3.88 / 1.61 / 2.73 / 4.46, or in more than 20% of them 3.98 /
 # 1.80 / 2.79 / 4.28; the weights averaged over the passes 3.92 / 1.65 / 2.79 / 4.46. Era-specific as
 # they are, the format tokens still rank mail of other sources better than their absence.
+# How much of a held-out figure is the seed (database 2026.12.08-1's input, each source judged by a
+# database of the others, the shipped factors, "standard"; ham→Probable / caught %, (1-AUC)%):
+#   SEED 20050311  sa-2002 4.08 / 90.6 2.39   sa-2003-05 1.15 / 90.1 0.91   trec-2007 5.78 / 93.4 1.55   modern 7.53 / 93.3 2.33
+#   SEED 1         sa-2002 3.24 / 88.2 2.81   sa-2003-05 1.05 / 87.2 1.10   trec-2007 5.77 / 93.2 1.53   modern 7.53 / 93.3 2.40
+#   SEED 2         sa-2002 4.08 / 90.4 2.34   sa-2003-05 1.15 / 90.6 0.90   trec-2007 6.07 / 93.7 1.56   modern 6.45 / 93.3 2.35
+# The SpamAssassin sets, judged by weights fitted on TREC 2007 and modern-mixed, move by 2-3 points of
+# catch with the order of the descent alone, and so does any change that alters a few training
+# messages' tokens (that order is canonical, by token): a change measured once on them is within
+# this spread unless it moves them more. The weights averaged over three seeded fits (20050311, 1, 2;
+# 2026.12.08-1's input with URL_TEXT_MISMATCH by registered domain) land in the middle of it, sa-2002 3.76 / 89.3 2.55, sa-2003-05 1.15 /
+# 89.2 0.96, trec-2007 5.93 / 93.5 1.55, modern 6.45 / 93.3 2.38, lists 0.05 / 0.85 ham→Spam / ham→
+# Probable, phishing 93.0: steadier figures for three times the build, not a better ranking; one seed stays.
+# Most of that spread is where the constant rate leaves the weights: the last messages of the last pass
+# move them as much as the first. Weights fitted on TREC 2007 and modern-mixed, alone on the
+# SpamAssassin sets (database 2026.12.08-3's input; (1-AUC)% at seeds 20050311 / 1 / 2, then the mean
+# |difference| of a message's log-odds between two seeds): the constant rate 4.40 / 5.61 / 4.33, 0.35
+# / 0.07 / 0.39 (up to 202 of 4,196 messages on the other side of 0); the rate falling linearly over
+# the 10 passes to a tenth 4.62 / 4.87 / 4.70, 0.08 / 0.06 / 0.10 (69 at most); 10 passes and then 10
+# with the rate halved each time 4.87 / 4.92 / 4.88, 0.06; the weights averaged over the last 10 of 20
+# passes 4.64 / 4.93 / 4.93, 0.06-0.10. The linear fall, in the whole filter (leave one source out,
+# "standard", ham→Spam / ham→Probable / caught %, (1-AUC)%, seed 20050311; the constant rate at seeds
+# 20050311 and 1 beside it): sa-2002 0.00/3.71/91.7 2.01 (4.08/92.3 1.95, 3.24/90.9 2.23), sa-2003-05
+# 0.00/1.05/92.3 0.67 (1.15/93.0 0.62, 1.05/91.3 0.78), trec-2007 0.05/6.43/95.3 1.14 (5.78/95.1 1.13,
+# 5.77/94.9 1.12), modern-mixed 0.00/7.53/95.2 2.00 (7.53/95.2 1.97, 2.05), lists 0.10/0.80, phishing
+# 93.00 (93.15, 93.05): TREC 2007's ham→Probable out of the constant rate's spread the wrong way (the
+# combination's factors and the thresholds were fitted on the constant rate's weights; a refit with it
+# is not measured), so the constant rate stays and a change is judged at several seeds
+# (bench/spam_accuracy.py --seeds).
 EPOCHS = 10
 RATE = 0.005
 MARGIN = 0.1

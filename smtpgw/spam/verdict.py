@@ -110,6 +110,31 @@ METHODS = ("white list", "black list", "dnsbl", "headers", "content", "rules", "
 #   standard  sa-2002 0.00 / 4.08 / 90.6   sa-2003-05 0.00 / 1.15 / 90.1   trec-2007 0.05 / 5.78 / 93.4
 #     modern-mixed 0.00 / 7.53 / 93.3 (5-fold 0.00 / 3.23 / 95.2)   lists 0.05 / 0.85   phishing 93.1
 #     ((1-AUC)% 2.39 / 0.91 / 1.55 / 2.34, 5-fold 1.20)
+# URL_TEXT_MISMATCH comparing registered domains (a link showing the owner's www host that goes to its
+# mail or click host is no disguise), on 2026.12.08-1's input, same factors and thresholds:
+#   standard  sa-2002 0.00 / 3.35 / 88.4   sa-2003-05 0.00 / 1.05 / 88.3   trec-2007 0.05 / 5.97 / 93.4
+#     modern-mixed 0.00 / 6.45 / 93.3   lists 0.05 / 0.85   phishing 93.1   ((1-AUC)% 2.75 / 1.06 / 1.57 / 2.37)
+# The SpamAssassin sets' drop is the seeded descent of the term weights (terms.SEED): with SEED 1,
+# ham→Probable / caught without then with the change: sa-2002 3.24 / 88.2 then 3.71 / 89.3, sa-2003-05
+# 1.05 / 87.2 then 1.15 / 89.9, trec-2007 5.77 / 93.2 then 5.75 / 93.3, modern-mixed 7.53 / 93.3 then
+# 6.45 / 93.3 (terms.py has the spread).
+# Database 2026.12.08-4 (-3 with that change), same factors and thresholds, at the shipped seed:
+#   standard  sa-2002 0.00 / 3.35 / 90.9   sa-2003-05 0.00 / 1.05 / 91.9   trec-2007 0.05 / 5.97 / 95.0
+#     modern-mixed 0.00 / 6.45 / 95.2 (5-fold 0.00 / 3.23 / 95.2, (1-AUC)% 1.16)   lists 0.10 / 0.80   phishing 93.2
+#     ((1-AUC)% 2.20 / 0.75 / 1.14 / 2.02)
+# -3 gave 0.00 / 4.08 / 92.3, 0.00 / 1.15 / 93.0, 0.05 / 5.78 / 95.1, 0.00 / 7.53 / 95.2, lists 0.10 /
+# 0.80, phishing 93.15 at the shipped seed and sa-2002 3.24 / 90.9, sa-2003-05 1.05 / 91.3, trec-2007
+# 5.77 / 94.9, modern-mixed 7.53 / 95.2, phishing 93.05 at SEED 1: the SpamAssassin sets' catch is
+# within that spread. Judged without the seed's noise (the term weights fitted at a rate falling over
+# the passes, terms.py, the same seed, without then with the change): sa-2002 3.71 / 91.7 then 3.45 /
+# 91.5, sa-2003-05 1.05 / 92.3 then 1.05 / 92.1, trec-2007 6.43 / 95.3 then 6.40 / 95.3, modern-mixed
+# 7.53 / 95.2 both, phishing 93.00 then 92.95: seven ham fewer in the Probable band (sa-2002 5,
+# trec-2007 2) for three SpamAssassin spam (of 1,328) and one phishing mail more missed.
+# What holds TREC 2007's ham in the Probable band (347 of 6,000 held out, two thirds the alerts of two
+# senders, broadcast.shareholder.com and CNN): a Bayes score of 0.5 (strong clues both ways), term
+# weights of +0.2..+0.7 and the prior put them at 0.62-0.75; the HTML structure tokens, the era's
+# format tokens, a stronger Robinson prior and a minimum count for Bayes clues do not move them
+# without costing another set (tokenizer.py, bayes.py have the figures).
 THRESHOLDS: dict[str, tuple[float, float]] = {
     "soft": (0.78, 0.988),
     "standard": (0.62, 0.987),
