@@ -118,6 +118,7 @@ class DataReader:
         self.long_line = False
         self.has_8bit = False
         self.message_id: str | None = None
+        self.dkim_signed = False  # a DKIM-Signature field name in the header block (Envelope.dkim_signed)
 
     @property
     def failed(self) -> bool:
@@ -206,7 +207,7 @@ class DataReader:
             pos = nl + 1
             if line in (b"\r\n", b"\n"):
                 self.in_header = False
-                return
+                break
             lower = line[:12].lower()
             if lower.startswith(b"received:"):
                 self.hops += 1  # RFC 5321 §6.3: loop detection by counting trace fields
@@ -215,6 +216,11 @@ class DataReader:
                 # never the rest of the line, whose spaces, commas and quotes would add fields.
                 found = MSG_ID.search(line, 11)
                 self.message_id = found.group().decode("ascii", "replace") if found else None
+        # The run of bytes the DKIM key names' reader looks for in the header block before it parses
+        # it (mail/dkim._may_be_signed, over the same lines as stored): without it, the reader can
+        # find no signature, so the scanner need not read msg/ID for one (scan/dkimkeys).
+        if not self.dkim_signed and b"dkim-signature" in text[:pos].lower():
+            self.dkim_signed = True
 
     def finish(self) -> None:
         """At end of data: write what is still held (the prefix of an empty message)."""
@@ -722,6 +728,7 @@ class Session:
             envid=self.mail.envid,
             message_id=reader.message_id,
             tls=self.tls,
+            dkim_signed=reader.dkim_signed,
         )
         try:
             reader.finish()

@@ -154,6 +154,10 @@ class Envelope:
     # bytes as received. The message is ``head`` + msg/ID[body_offset:] (``open_message``).
     head: str | None = None
     body_offset: int = 0
+    # Whether the header as received holds a DKIM-Signature field (the receiver sees it as it
+    # writes it); None when not known (a record written before this field, a message made or
+    # released here): the scanner then reads msg/ID's header for its signatures.
+    dkim_signed: bool | None = None
 
     def as_dict(self, spool: bool = True) -> dict[str, Any]:
         """The record's fields; ``spool=False`` leaves out where the message's bytes are in the
@@ -164,6 +168,8 @@ class Envelope:
         data["notes"] = dict(self.notes)
         if self.head is None or not spool:  # a record as before for a message whose file is whole
             del data["head"], data["body_offset"]
+        if self.dkim_signed is None or not spool:  # not known (a record as before), or not the bytes received
+            del data["dkim_signed"]
         return data
 
     @classmethod
