@@ -573,3 +573,29 @@ def test_the_dkim_flag_is_kept_in_the_record_and_an_old_record_reads_as_not_know
         assert loaded is not None and loaded.dkim_signed is flag
         assert ("dkim_signed" in env.as_dict()) is (flag is not None)
         assert "dkim_signed" not in env.as_dict(spool=False)  # a stored copy's bytes are not the ones received
+
+
+def test_an_attempt_that_leaves_every_recipient_final_writes_nothing_and_takes_no_io_thread(
+        outbox: Outbox, peer: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sent with no DSN due: the record is not written again (it is removed next), so the attempt
+    is concluded on the loop; one with a recipient deferred writes its record in an I/O thread."""
+    calls: list[str] = []
+    call = outbox.committer.call
+
+    def counted(job: Callable[[], Any], done: Callable[[Any, BaseException | None], None], **kw: Any) -> None:
+        calls.append(threading.current_thread().name)
+        call(job, done, **kw)
+    monkeypatch.setattr(outbox.committer, "call", counted)
+    sender = Sender(outbox, resolve=resolving_to([Hop("peer.test", "127.0.0.1", peer.port)], []))
+    env = outbox.queued(QUE)
+    sender.enqueue(env.id, env=env)
+    outbox.wait(lambda: outbox.complete, "delivery_complete")
+    assert calls == [] and outbox.queue.find(env.id) is None
+    peer.rcpt_reply = lambda addr: "451 4.3.0 try again later"
+    deferred = outbox.queued(QUE)
+    sender.enqueue(deferred.id, env=deferred)
+    outbox.wait(lambda: calls and outbox.queue.find(deferred.id) == QUE and deferred.id not in sender.concluding,
+                "the deferred attempt written")
+    sender.stop()
+    stored = outbox.queue.load(QUE, deferred.id)
+    assert stored is not None and [r.state for r in stored.recipients] == ["deferred"]
