@@ -217,7 +217,7 @@ class Queue:
         write_durably(self.record_path(state, env.id), data, sync_dir=sync_dirs, temp=self.take_free())
 
     # -- recycled files ----------------------------------------------------------
-    def recycle(self, path: str) -> None:
+    def recycle(self, path: str, may_be_linked: bool = True) -> None:
         """A finished spool file (the record or message of a message that left the queue, or the
         record a scan result's new record replaced) is moved into tmp/ and kept to be written again,
         instead of removed: a new file costs an inode, and on ext4 without a journal each new inode
@@ -226,7 +226,8 @@ class Queue:
         is, never acknowledged: a crash leaves it to ``recover``. A file with another name (a
         per-group copy's message linked to its siblings) is removed from the spool instead, as are
         those past MAX_FREE_FILES. Its bytes are dropped at once (truncated): only the empty inode
-        is kept."""
+        is kept. ``may_be_linked=False`` says the file is a record, which never has a second
+        name: its link count is not asked."""
         with self._free_lock:
             full = len(self._free) >= MAX_FREE_FILES
         if full:
@@ -235,7 +236,7 @@ class Queue:
         target = self.tmp_name()
         try:
             os.rename(path, target)
-            if os.stat(target).st_nlink != 1:  # in tmp/ no one can link it any more
+            if may_be_linked and os.stat(target).st_nlink != 1:  # in tmp/ no one can link it any more
                 os.unlink(target)
                 return
             os.truncate(target, 0)  # no delivered mail's bytes stay behind in tmp/
@@ -329,7 +330,7 @@ class Queue:
         env.size = os.path.getsize(staged)
         self.write_record(dst, env, sync_dirs=False)
         sync(dst)  # commit point: recovery keeps the later of two states
-        self.recycle(self.record_path(src, env.id))  # the next record's temp file (no new inode)
+        self.recycle(self.record_path(src, env.id), may_be_linked=False)  # the next record's temp file (no new inode)
         os.replace(staged, self.msg_path(env.id))
 
     def replace_head_and_move(self, env: Envelope, src: str, dst: str, head: str, body_offset: int,
@@ -349,7 +350,7 @@ class Queue:
         env.size = self.message_size(env)
         self.write_record(dst, env, sync_dirs=False)
         sync(dst)  # commit point
-        self.recycle(self.record_path(src, env.id))
+        self.recycle(self.record_path(src, env.id), may_be_linked=False)
 
     def message_size(self, env: Envelope) -> int:
         """The size of ``env``'s message as its readers get it (``open_message``)."""
@@ -375,9 +376,12 @@ class Queue:
         """A record is finished: drop the record, then its message — removed, or with
         ``keep_files`` kept empty for reuse (``recycle``: the gateway's own I/O threads only;
         another process's kept files would wait in tmp/ for the next start)."""
-        drop = self.recycle if keep_files else unlink_if_present
-        drop(self.record_path(state, qid))
-        drop(self.msg_path(qid))
+        if keep_files:
+            self.recycle(self.record_path(state, qid), may_be_linked=False)
+            self.recycle(self.msg_path(qid))
+        else:
+            unlink_if_present(self.record_path(state, qid))
+            unlink_if_present(self.msg_path(qid))
 
     def take_out(self, qid: str, state: str) -> bool:
         """Remove a record and its message only if the record is still in ``state``, which
