@@ -84,3 +84,17 @@ def test_the_reader_notes_a_dkim_signature_in_the_header_as_the_key_reader_would
     reader, stored, _ = read_through(tmp_path, data, piece)
     assert reader.dkim_signed is signed
     assert dkim._may_be_signed(b"Received: by gw\r\n" + stored) is signed
+
+
+def test_the_long_line_check_finds_what_measuring_every_line_finds() -> None:
+    """``long_line`` (blocks of half the limit, lines measured only when a block has no LF) against
+    the plain definition, on texts with lines around the limit in every place."""
+    import random
+
+    from smtpgw.receive.receiver import MAX_DATA_LINE, long_line
+    rng = random.Random(5321)
+    lengths = [0, 1, 70, 498, 499, 500, 501, 998, 999, 1000, 1001, 1500, 2100]
+    for _ in range(3000):
+        text = b"\n".join(b"x" * rng.choice(lengths) for _ in range(rng.randint(1, 6)))
+        text += rng.choice([b"", b"\n"])
+        assert long_line(text) is (max(map(len, text.split(b"\n"))) >= MAX_DATA_LINE), [len(t) for t in text.split(b"\n")]
