@@ -404,3 +404,45 @@ def test_recycled_files_handed_to_another_process_are_written_again_there(tmp_pa
     main.adopt_free([*spared, outside])
     assert sorted(main._free) == sorted(spared) and not os.path.exists(outside)
     assert main.take_free() in spared
+
+
+def test_a_kept_file_keeps_its_blocks_until_written_again_and_a_large_one_is_emptied(tmp_path):
+    """Queue.recycle keeps a file of at most KEEP_BYTES as it is (emptying it would free its
+    blocks, only for its next bytes to need new ones), a larger one emptied; written again, as a
+    record or a session's message, it holds the new bytes only, however long the old ones were."""
+    from smtpgw.spool.queue import KEEP_BYTES
+    queue = Queue(str(tmp_path))
+    small, large = make(queue, SND), make(queue, SND)
+    with open(queue.msg_path(small.id), "wb") as f:
+        f.write(b"x" * 9000)
+    with open(queue.msg_path(large.id), "wb") as f:
+        f.write(b"y" * (KEEP_BYTES + 1))
+    queue.recycle(queue.msg_path(small.id))
+    queue.recycle(queue.msg_path(large.id))
+    kept = {os.stat(path).st_size: path for path in list(queue._free)}
+    assert sorted(kept) == [0, 9000]
+    blocks = os.stat(kept[9000]).st_blocks
+    queue._free.clear()
+    queue._free.extend([kept[9000]])
+    committer = Committer(queue, lambda callback, *args: callback(*args), threads=1)
+    try:
+        tmp = committer._create_tmp()
+        assert tmp.path == kept[9000] and tmp.reused
+        os.write(tmp.fd, b"short message\r\n")
+        env = Envelope(id=new_id(), sender="c@d.test", recipients=[Recipient("z@example.test")])
+        done: list[object] = []
+        committed = threading.Event()
+        committer.submit(env, tmp, lambda error: (done.append(error), committed.set()))
+        assert committed.wait(10) and done == [None]
+        assert open(queue.msg_path(env.id), "rb").read() == b"short message\r\n"
+        assert queue.load(WFC, env.id) == env
+    finally:
+        committer.close()
+    # the record written into a kept file of a longer record holds only itself
+    queue.recycle(queue.record_path(SND, small.id))
+    env.recipients.append(Recipient("w" * 20000 + "@example.test"))
+    queue.write_record(QUE, env)
+    queue.recycle(queue.record_path(QUE, env.id))
+    env.recipients.pop()
+    queue.write_record(QUE, env)
+    assert queue.load(QUE, env.id) == env and blocks > 0

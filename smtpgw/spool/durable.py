@@ -41,13 +41,16 @@ def write_durably(path: str, data: bytes, sync_dir: bool = True, temp: str | Non
     """
     folder, name = os.path.split(path)
     fd = reopen(temp)
-    if fd < 0:
+    reused = fd >= 0
+    if not reused:
         temp = os.path.join(folder, f".{name}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        if reused:
+            os.ftruncate(fd, len(data))  # what followed, from the file's last use, goes
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -58,11 +61,13 @@ def write_durably(path: str, data: bytes, sync_dir: bool = True, temp: str | Non
 
 def reopen(path: str | None) -> int:
     """A descriptor of the existing file ``path`` to be written again from its start, or -1 when
-    there is none (no path, or the file is gone)."""
+    there is none (no path, or the file is gone). Its bytes are not dropped (which would free its
+    disk blocks, only for the new bytes to need others): the writer cuts the file to the length
+    it wrote (``os.ftruncate``) before it syncs it."""
     if path is None:
         return -1
     try:
-        return os.open(path, os.O_WRONLY | os.O_TRUNC)
+        return os.open(path, os.O_WRONLY)
     except FileNotFoundError:
         return -1
 
