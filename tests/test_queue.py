@@ -393,17 +393,25 @@ def test_take_out_removes_a_record_only_while_it_is_in_its_state(tmp_path):
 
 
 def test_recycled_files_handed_to_another_process_are_written_again_there(tmp_path):
-    """The delivery process frees files; the main process adopts them (up to its limit)."""
+    """The delivery process frees files; the main process adopts them (up to its limit), the
+    small ones (records) apart from the others (messages), each taken for its own kind first."""
     delivering, main = Queue(str(tmp_path / "q")), Queue(str(tmp_path / "q"))
     for env in [make(delivering, SND) for _ in range(3)]:
+        with open(delivering.msg_path(env.id), "ab") as f:
+            f.write(b"x" * 5000)  # past SMALL_FILE
         delivering.remove(env.id, SND, keep_files=True)
-    spared = delivering.spare_free(keep=2)
-    assert len(spared) == 4 and len(delivering._free) == 2
+    spared, spared_small = delivering.spare_free(keep=1), delivering.spare_free(keep=1, small=True)
+    assert len(spared) == 2 and len(spared_small) == 2 and delivering.free_count() == 2
+    assert all(os.path.getsize(path) > 5000 for path in spared) and all(os.path.getsize(p) < 1000 for p in spared_small)
     outside = str(tmp_path / "elsewhere")
     open(outside, "w").close()
     main.adopt_free([*spared, outside])
-    assert sorted(main._free) == sorted(spared) and not os.path.exists(outside)
-    assert main.take_free() in spared
+    main.adopt_free(spared_small, small=True)
+    assert sorted(main._free[0]) == sorted(spared) and not os.path.exists(outside)
+    assert sorted(main._free[1]) == sorted(spared_small)
+    assert main.take_free(small=True) in spared_small and main.take_free() in spared
+    main.take_free(small=True)
+    assert main.take_free(small=True) in spared  # none of its kind left: the other kind
 
 
 def test_a_kept_file_keeps_its_blocks_until_written_again_and_a_large_one_is_emptied(tmp_path):
@@ -419,11 +427,11 @@ def test_a_kept_file_keeps_its_blocks_until_written_again_and_a_large_one_is_emp
         f.write(b"y" * (KEEP_BYTES + 1))
     queue.recycle(queue.msg_path(small.id))
     queue.recycle(queue.msg_path(large.id))
-    kept = {os.stat(path).st_size: path for path in list(queue._free)}
+    kept = {os.stat(path).st_size: path for path in [*queue._free[0], *queue._free[1]]}
     assert sorted(kept) == [0, 9000]
     blocks = os.stat(kept[9000]).st_blocks
-    queue._free.clear()
-    queue._free.extend([kept[9000]])
+    queue._free[1].clear()
+    assert list(queue._free[0]) == [kept[9000]]  # larger than SMALL_FILE: for a message
     committer = Committer(queue, lambda callback, *args: callback(*args), threads=1)
     try:
         tmp = committer._create_tmp()

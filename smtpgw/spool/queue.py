@@ -194,6 +194,10 @@ MAX_FREE_FILES = 1024
 # again; a larger one is emptied when it is kept, so that kept files hold at most
 # MAX_FREE_FILES × KEEP_BYTES (64 MiB) of the disk.
 KEEP_BYTES = 64 * 1024
+# Kept files of at most this many bytes (one block of the file system) are written again as
+# records, larger ones as messages: a file written again shorter than it was frees the blocks
+# past its new end (see ``recycle``), longer it needs new ones.
+SMALL_FILE = 4096
 
 
 class Queue:
@@ -203,7 +207,8 @@ class Queue:
         self.root = root
         for sub in ("tmp", "msg", "corrupt", *STATES):
             os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
-        self._free: collections.deque[str] = collections.deque()  # recycled files in tmp/
+        # recycled files in tmp/: [0] larger than SMALL_FILE (for messages), [1] the others (for records)
+        self._free: tuple[collections.deque[str], collections.deque[str]] = (collections.deque(), collections.deque())
         self._free_lock = threading.Lock()
 
     # -- paths -------------------------------------------------------------
@@ -218,7 +223,7 @@ class Queue:
         """Write a record durably; ``sync_dirs=False`` leaves the fsync of its folder to the
         caller's group commit (``Committer._sync_dirs``)."""
         data = json.dumps(env.as_dict(), separators=(",", ":")).encode()
-        write_durably(self.record_path(state, env.id), data, sync_dir=sync_dirs, temp=self.take_free())
+        write_durably(self.record_path(state, env.id), data, sync_dir=sync_dirs, temp=self.take_free(small=True))
 
     # -- recycled files ----------------------------------------------------------
     def recycle(self, path: str) -> None:
@@ -235,9 +240,7 @@ class Queue:
         and milliseconds of wait to empty a file of 4 KiB, twice for each message delivered),
         and a file written again over blocks it has needs none allocated. One larger than
         KEEP_BYTES is emptied (truncated) instead, so that kept files hold little of the disk."""
-        with self._free_lock:
-            full = len(self._free) >= MAX_FREE_FILES
-        if full:
+        if self.free_count() >= MAX_FREE_FILES:
             unlink_if_present(path)
             return
         target = self.tmp_name()
@@ -247,38 +250,50 @@ class Queue:
             if found.st_nlink != 1:  # in tmp/ no one can link it any more
                 os.unlink(target)
                 return
-            if found.st_size > KEEP_BYTES:
+            size = found.st_size
+            if size > KEEP_BYTES:
                 os.truncate(target, 0)
+                size = 0
         except FileNotFoundError:
             return
         with self._free_lock:
-            self._free.append(target)
+            self._free[size <= SMALL_FILE].append(target)
 
-    def take_free(self) -> str | None:
+    def free_count(self) -> int:
+        """How many recycled files this process keeps."""
+        with self._free_lock:
+            return len(self._free[0]) + len(self._free[1])
+
+    def take_free(self, small: bool = False) -> str | None:
         """A recycled file in tmp/ to write again from its start (``write_durably``'s temp, a
         session's tmp file; its old bytes stay past what is written until the writer cuts it to
-        its length: ``durable.reopen``), or None."""
+        its length: ``durable.reopen``), or None; a ``small`` one (a record's) when there is one."""
         with self._free_lock:
-            return self._free.popleft() if self._free else None
+            for pool in (self._free[small], self._free[not small]):
+                if pool:
+                    return pool.popleft()
+            return None
 
-    def spare_free(self, keep: int) -> list[str]:
-        """The recycled files beyond ``keep``, taken from this process's list to be handed to
-        another process of the gateway (the delivery process frees the files of the messages
-        it delivers; the main process's sessions and records write them again)."""
+    def spare_free(self, keep: int, small: bool = False) -> list[str]:
+        """The recycled files (``small`` ones, or the others) beyond ``keep``, taken from this
+        process's list to be handed to another process of the gateway (the delivery process frees
+        the files of the messages it delivers; the main process's sessions and records write them
+        again)."""
         with self._free_lock:
+            pool = self._free[small]
             spared = []
-            while len(self._free) > keep:
-                spared.append(self._free.pop())
+            while len(pool) > keep:
+                spared.append(pool.pop())
             return spared
 
-    def adopt_free(self, paths: list[str]) -> None:
-        """Recycled files another process of the gateway handed over (``spare_free``): kept up to
-        MAX_FREE_FILES, the rest removed."""
+    def adopt_free(self, paths: list[str], small: bool = False) -> None:
+        """Recycled files another process of the gateway handed over (``spare_free``, of the same
+        ``small``): kept up to MAX_FREE_FILES, the rest removed."""
         tmp = os.path.join(self.root, "tmp")
         with self._free_lock:
-            room = max(0, MAX_FREE_FILES - len(self._free))
+            room = max(0, MAX_FREE_FILES - len(self._free[0]) - len(self._free[1]))
             taken = [p for p in paths if os.path.dirname(p) == tmp][:room]
-            self._free.extend(taken)
+            self._free[small].extend(taken)
         kept = set(taken)
         for path in paths:
             if path not in kept:  # beyond the limit, or not a file of this queue's tmp/
