@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["fsync_dir", "fsync_file", "write_durably", "reopen", "unlink_if_present", "GroupSync"]
+__all__ = ["fsync_dir", "fsync_file", "write_durably", "reopen", "read_whole", "unlink_if_present", "GroupSync"]
+
+READ_CHUNK = 65536
 
 
 def fsync_dir(path: str) -> None:
@@ -70,6 +72,19 @@ def reopen(path: str | None) -> int:
         return os.open(path, os.O_WRONLY)
     except FileNotFoundError:
         return -1
+
+
+def read_whole(path: str) -> bytes:
+    """The bytes of the regular file ``path``: open, read, close, without a buffered file object's
+    fstat, ioctl and lseek (a read of a regular file is short only at its end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, READ_CHUNK)]
+        while len(chunks[-1]) == READ_CHUNK:
+            chunks.append(os.read(fd, READ_CHUNK))
+    finally:
+        os.close(fd)
+    return b"".join(chunks) if len(chunks) > 1 else chunks[0]
 
 
 def unlink_if_present(path: str) -> None:
