@@ -393,14 +393,72 @@ def test_take_out_removes_a_record_only_while_it_is_in_its_state(tmp_path):
 
 
 def test_recycled_files_handed_to_another_process_are_written_again_there(tmp_path):
-    """The delivery process frees files; the main process adopts them (up to its limit)."""
+    """The delivery process frees files; the main process adopts them (up to its limit), the
+    small ones (records) apart from the others (messages), each taken for its own kind first."""
     delivering, main = Queue(str(tmp_path / "q")), Queue(str(tmp_path / "q"))
     for env in [make(delivering, SND) for _ in range(3)]:
+        with open(delivering.msg_path(env.id), "ab") as f:
+            f.write(b"x" * 5000)  # past SMALL_FILE
         delivering.remove(env.id, SND, keep_files=True)
-    spared = delivering.spare_free(keep=2)
-    assert len(spared) == 4 and len(delivering._free) == 2
+    spared, spared_small = delivering.spare_free(keep=1), delivering.spare_free(keep=1, small=True)
+    assert len(spared) == 2 and len(spared_small) == 2 and delivering.free_count() == 2
+    assert all(os.path.getsize(path) > 5000 for path in spared) and all(os.path.getsize(p) < 1000 for p in spared_small)
     outside = str(tmp_path / "elsewhere")
     open(outside, "w").close()
     main.adopt_free([*spared, outside])
-    assert sorted(main._free) == sorted(spared) and not os.path.exists(outside)
-    assert main.take_free() in spared
+    main.adopt_free(spared_small, small=True)
+    assert sorted(main._free[0]) == sorted(spared) and not os.path.exists(outside)
+    assert sorted(main._free[1]) == sorted(spared_small)
+    assert main.take_free(small=True) in spared_small and main.take_free() in spared
+    main.take_free(small=True)
+    assert main.take_free(small=True) in spared  # none of its kind left: the other kind
+
+
+def test_a_kept_file_keeps_its_blocks_until_written_again_and_a_large_one_is_emptied(tmp_path):
+    """Queue.recycle keeps a file of at most KEEP_BYTES as it is (emptying it would free its
+    blocks, only for its next bytes to need new ones), a larger one emptied; written again, as a
+    record or a session's message, it holds the new bytes only, however long the old ones were."""
+    from smtpgw.spool.queue import KEEP_BYTES
+    queue = Queue(str(tmp_path))
+    small, large = make(queue, SND), make(queue, SND)
+    with open(queue.msg_path(small.id), "wb") as f:
+        f.write(b"x" * 9000)
+    with open(queue.msg_path(large.id), "wb") as f:
+        f.write(b"y" * (KEEP_BYTES + 1))
+    queue.recycle(queue.msg_path(small.id))
+    queue.recycle(queue.msg_path(large.id))
+    kept = {os.stat(path).st_size: path for path in [*queue._free[0], *queue._free[1]]}
+    assert sorted(kept) == [0, 9000]
+    blocks = os.stat(kept[9000]).st_blocks
+    queue._free[1].clear()
+    assert list(queue._free[0]) == [kept[9000]]  # larger than SMALL_FILE: for a message
+    committer = Committer(queue, lambda callback, *args: callback(*args), threads=1)
+    try:
+        tmp = committer._create_tmp()
+        assert tmp.path == kept[9000] and tmp.reused
+        os.write(tmp.fd, b"short message\r\n")
+        env = Envelope(id=new_id(), sender="c@d.test", recipients=[Recipient("z@example.test")])
+        done: list[object] = []
+        committed = threading.Event()
+        committer.submit(env, tmp, lambda error: (done.append(error), committed.set()))
+        assert committed.wait(10) and done == [None]
+        assert open(queue.msg_path(env.id), "rb").read() == b"short message\r\n"
+        assert queue.load(WFC, env.id) == env
+    finally:
+        committer.close()
+    # the record written into a kept file of a longer record holds only itself
+    queue.recycle(queue.record_path(SND, small.id))
+    env.recipients.append(Recipient("w" * 20000 + "@example.test"))
+    queue.write_record(QUE, env)
+    queue.recycle(queue.record_path(QUE, env.id))
+    env.recipients.pop()
+    queue.write_record(QUE, env)
+    assert queue.load(QUE, env.id) == env and blocks > 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 3 * 65536])
+def test_read_whole_reads_a_file_of_any_length(tmp_path, size):
+    from smtpgw.spool.durable import read_whole
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    (tmp_path / "f").write_bytes(data)
+    assert read_whole(str(tmp_path / "f")) == data

@@ -66,3 +66,35 @@ def test_every_attribute_a_session_sets_has_its_slot() -> None:
                    if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self"}
     assert set_on_self - set(receiver.Session.__slots__) == set()
     assert "__dict__" not in receiver.Session.__slots__
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096])
+@pytest.mark.parametrize(("data", "signed"), [
+    (b"DKIM-Signature: v=1; d=a.test\r\nSubject: s\r\n\r\nbody\r\n.\r\n", True),
+    (b"Subject: s\r\ndkim-SIGNATURE:v=1\r\n\r\nbody\r\n.\r\n", True),
+    (b"..DKIM-Signature: v=1\r\n\r\nbody\r\n.\r\n", True),  # stored ".DKIM-Signature": the reader's run is there too
+    (b"Subject: s\r\n\r\nDKIM-Signature: v=1 (in the body)\r\n.\r\n", False),
+    (b"Subject: s\r\nX-Note: no signature\r\n\r\nbody\r\n.\r\n", False),
+    (b"\r\nDKIM-Signature: v=1\r\n.\r\n", False),  # no header at all
+])
+def test_the_reader_notes_a_dkim_signature_in_the_header_as_the_key_reader_would(tmp_path, piece, data, signed):
+    """``dkim_signed`` is True exactly when the stored header block holds the run of bytes the DKIM
+    key names' reader looks for (mail/dkim._may_be_signed): False lets the scanner skip reading it."""
+    from smtpgw.mail import dkim
+    reader, stored, _ = read_through(tmp_path, data, piece)
+    assert reader.dkim_signed is signed
+    assert dkim._may_be_signed(b"Received: by gw\r\n" + stored) is signed
+
+
+def test_the_long_line_check_finds_what_measuring_every_line_finds() -> None:
+    """``long_line`` (blocks of half the limit, lines measured only when a block has no LF) against
+    the plain definition, on texts with lines around the limit in every place."""
+    import random
+
+    from smtpgw.receive.receiver import MAX_DATA_LINE, long_line
+    rng = random.Random(5321)
+    lengths = [0, 1, 70, 498, 499, 500, 501, 998, 999, 1000, 1001, 1500, 2100]
+    for _ in range(3000):
+        text = b"\n".join(b"x" * rng.choice(lengths) for _ in range(rng.randint(1, 6)))
+        text += rng.choice([b"", b"\n"])
+        assert long_line(text) is (max(map(len, text.split(b"\n"))) >= MAX_DATA_LINE), [len(t) for t in text.split(b"\n")]

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, cast
 
 import pytest
@@ -525,3 +526,76 @@ def test_a_message_removed_while_it_waits_is_withdrawn_from_the_pool(scans: tupl
     scanner.accept(env)
     scanner.cancel(env.id)
     assert pool.cancelled == [env.id] and env.id not in scanner.inflight
+
+
+class KeyQueries:
+    """``Resolver`` as the DKIM key lookups use it: the TXT names asked, never answered (a query's
+    handle only needs ``cancel``)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def query(self, name: str, qtype: int, done: Callable[..., None]) -> Any:
+        self.asked.append(name)
+        return SimpleNamespace(cancel=lambda: None)
+
+    def asking(self, name: str, qtype: int) -> bool:
+        return name in self.asked
+
+
+SIGNED = (b"DKIM-Signature: v=1; a=rsa-sha256; d=example.test; s=s1; c=relaxed/relaxed; h=from;\r\n"
+          b" bh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=; b=AAAA\r\nFrom: a@example.test\r\n\r\nbody\r\n")
+
+
+@pytest.mark.parametrize(("dkim_signed", "read"), [(None, True), (True, True), (False, False)])
+def test_the_dkim_key_names_are_read_from_msg_unless_the_record_says_unsigned(
+        scans: tuple[Scans, Scanner, FakePool], dkim_signed: bool | None, read: bool) -> None:
+    """The receiver notes whether the header holds a DKIM-Signature (``Envelope.dkim_signed``);
+    a record that says it does not is sent to its worker without msg/ID read (and no key looked
+    up), one that says it does or says nothing (written before the flag) has its keys looked up."""
+    host, scanner, pool = scans
+    resolver = KeyQueries()
+    host.resolver = resolver  # type: ignore[attr-defined]
+    env = host.queued(WFC, data=SIGNED, dkim_signed=dkim_signed)
+    scanner.accept(env)
+    if read:
+        assert resolver.asked == ["s1._domainkey.example.test"] and env.id in scanner.lookups and not pool.jobs
+    else:
+        assert resolver.asked == [] and pool.jobs == [(env.id, {"env": env.as_dict(), "dkim": {}})]
+
+
+def test_the_dkim_flag_is_kept_in_the_record_and_an_old_record_reads_as_not_known(tmp_path: Path) -> None:
+    queue = Queue(str(tmp_path / "queue"))
+    for flag in (True, False, None):
+        env = Envelope(id=new_id(), sender="a@b.test", recipients=[Recipient(addr="c@d.test")], dkim_signed=flag)
+        queue.write_record(WFC, env)
+        loaded = queue.load(WFC, env.id)
+        assert loaded is not None and loaded.dkim_signed is flag
+        assert ("dkim_signed" in env.as_dict()) is (flag is not None)
+        assert "dkim_signed" not in env.as_dict(spool=False)  # a stored copy's bytes are not the ones received
+
+
+def test_an_attempt_that_leaves_every_recipient_final_writes_nothing_and_takes_no_io_thread(
+        outbox: Outbox, peer: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sent with no DSN due: the record is not written again (it is removed next), so the attempt
+    is concluded on the loop; one with a recipient deferred writes its record in an I/O thread."""
+    calls: list[str] = []
+    call = outbox.committer.call
+
+    def counted(job: Callable[[], Any], done: Callable[[Any, BaseException | None], None], **kw: Any) -> None:
+        calls.append(threading.current_thread().name)
+        call(job, done, **kw)
+    monkeypatch.setattr(outbox.committer, "call", counted)
+    sender = Sender(outbox, resolve=resolving_to([Hop("peer.test", "127.0.0.1", peer.port)], []))
+    env = outbox.queued(QUE)
+    sender.enqueue(env.id, env=env)
+    outbox.wait(lambda: outbox.complete, "delivery_complete")
+    assert calls == [] and outbox.queue.find(env.id) is None
+    peer.rcpt_reply = lambda addr: "451 4.3.0 try again later"
+    deferred = outbox.queued(QUE)
+    sender.enqueue(deferred.id, env=deferred)
+    outbox.wait(lambda: calls and outbox.queue.find(deferred.id) == QUE and deferred.id not in sender.concluding,
+                "the deferred attempt written")
+    sender.stop()
+    stored = outbox.queue.load(QUE, deferred.id)
+    assert stored is not None and [r.state for r in stored.recipients] == ["deferred"]

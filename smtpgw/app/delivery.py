@@ -19,9 +19,10 @@ in the main process, in the gateway's place of its Sender); the process itself
   ``{"reload": true}`` (read ``.delivery-config`` again and reopen the log); ``{"stop": true}``.
 - delivery → main: ``{"ready": true, "resumed": n}`` once it has taken every record in QUE and
   turned SND back into QUE; then reports ``{"stats": {counter: delta}, "done": [[seconds, group],
-  ...], "free": [paths], "registries": {...}}``: the counters the Sender changed, the messages
-  whose last recipient got its final state (the console's delivery latency and top groups),
-  recycled tmp/ files for the main process to write again (``Queue.spare_free``), and, once a
+  ...], "free": [paths], "free_small": [paths], "registries": {...}}``: the counters the Sender
+  changed, the messages whose last recipient got its final state (the console's delivery latency
+  and top groups), recycled tmp/ files for the main process to write again (``Queue.spare_free``:
+  those of messages, and the small ones of records), and, once a
   second and when asked (``{"registries": true}``, answered with ``"answer": true``), the Sender's
   registry lengths (``.c_memory``).
 
@@ -189,6 +190,8 @@ class Delivery:
             self.master.traffic.delivered_after(seconds, group or None)
         if message.get("free"):
             self.master.queue.adopt_free(message["free"])
+        if message.get("free_small"):
+            self.master.queue.adopt_free(message["free_small"], small=True)
         if "registries" in message:
             self.figures = message["registries"]
         if message.get("answer"):
@@ -366,13 +369,16 @@ class DeliveryProcess:
         done, self.done = self.done, []
         deltas = {name: value for name, value in self.stats.counters.items() if value}
         self.stats.counters.clear()
-        free = self.queue.spare_free(KEEP_FREE)
-        for start in range(0, max(len(done), len(free), 1), CHUNK):
+        free = self.queue.spare_free(KEEP_FREE // 2)
+        free_small = self.queue.spare_free(KEEP_FREE // 2, small=True)
+        for start in range(0, max(len(done), len(free), len(free_small), 1), CHUNK):
             packet: dict[str, Any] = {}
             if done[start:start + CHUNK]:
                 packet["done"] = done[start:start + CHUNK]
             if free[start:start + CHUNK]:
                 packet["free"] = free[start:start + CHUNK]
+            if free_small[start:start + CHUNK]:
+                packet["free_small"] = free_small[start:start + CHUNK]
             if start == 0:
                 if deltas:
                     packet["stats"] = deltas

@@ -580,7 +580,9 @@ class Sender:
     def _finish(self, env: Envelope) -> None:
         """All deliveries of this attempt are over: the recipients still pending are deferred, and
         the attempt goes to disk in an I/O thread — never on the loop, which a next hop that is
-        down would otherwise stall for one record write per queued message (``_write_attempt``)."""
+        down would otherwise stall for one record write per queued message (``_write_attempt``).
+        An attempt that leaves every recipient final with no DSN due writes nothing (the record
+        and message are removed next): it is concluded on the loop, without an I/O thread's turn."""
         self._expired(env)  # past MaximalQueueLifetime, deferred recipients fail now
         for rcpt in env.pending():
             rcpt.state = RecipientState.DEFERRED
@@ -593,6 +595,9 @@ class Sender:
             env.priority = 0
         due = self._due_reports(env)
         self.concluding.add(env.id)
+        if done and not due:  # nothing to write (the record and message are removed after): no I/O thread
+            self.loop.call_soon(self._attempt_written, env, done, ([], None), None)
+            return
         self.host.committer.call(lambda: self._write_attempt(env, due, done),
                                  lambda written, error: self._attempt_written(env, done, written, error))
 

@@ -89,6 +89,19 @@ class Verb:
     junk: bool = False  # counts toward MaximalJunkCommands
 
 
+def long_line(text: bytes) -> bool:
+    """Whether ``text`` holds MAX_DATA_LINE bytes or more without a LF (RFC 5321 §4.5.3.1.6).
+
+    Such a run covers one whole block of half that length (blocks from the start): while every
+    block holds a LF, as in any usual text, there is none, and no line is split out to be measured."""
+    half = MAX_DATA_LINE // 2
+    find = text.find
+    for start in range(0, len(text) - half + 1, half):
+        if find(b"\n", start, start + half) < 0:
+            return max(map(len, text.split(b"\n"))) >= MAX_DATA_LINE
+    return False
+
+
 class DataReader:
     """End-of-data detection, dot-unstuffing and checks over a stream of DATA bytes.
 
@@ -118,6 +131,7 @@ class DataReader:
         self.long_line = False
         self.has_8bit = False
         self.message_id: str | None = None
+        self.dkim_signed = False  # a DKIM-Signature field name in the header block (Envelope.dkim_signed)
 
     @property
     def failed(self) -> bool:
@@ -171,7 +185,7 @@ class DataReader:
             body = body[1:]
         self.after_newline = True  # the text is whole lines
         # RFC 5321 §4.5.3.1.6: the limit does not count the dot duplicated for transparency.
-        if len(body) >= MAX_DATA_LINE and max(map(len, body.split(b"\n"))) >= MAX_DATA_LINE:
+        if len(body) >= MAX_DATA_LINE and long_line(body):
             self.long_line = True
         if not self.has_8bit and not body.isascii():
             self.has_8bit = True
@@ -206,7 +220,7 @@ class DataReader:
             pos = nl + 1
             if line in (b"\r\n", b"\n"):
                 self.in_header = False
-                return
+                break
             lower = line[:12].lower()
             if lower.startswith(b"received:"):
                 self.hops += 1  # RFC 5321 §6.3: loop detection by counting trace fields
@@ -215,6 +229,11 @@ class DataReader:
                 # never the rest of the line, whose spaces, commas and quotes would add fields.
                 found = MSG_ID.search(line, 11)
                 self.message_id = found.group().decode("ascii", "replace") if found else None
+        # The run of bytes the DKIM key names' reader looks for in the header block before it parses
+        # it (mail/dkim._may_be_signed, over the same lines as stored): without it, the reader can
+        # find no signature, so the scanner need not read msg/ID for one (scan/dkimkeys).
+        if not self.dkim_signed and b"dkim-signature" in text[:pos].lower():
+            self.dkim_signed = True
 
     def finish(self) -> None:
         """At end of data: write what is still held (the prefix of an empty message)."""
@@ -722,6 +741,7 @@ class Session:
             envid=self.mail.envid,
             message_id=reader.message_id,
             tls=self.tls,
+            dkim_signed=reader.dkim_signed,
         )
         try:
             reader.finish()

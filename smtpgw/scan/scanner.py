@@ -266,6 +266,9 @@ class Scanner:
             self.pool.submit(qid, payload)
             return
         payload["dkim"] = {}
+        if env.dkim_signed is False:  # the receiver saw no DKIM-Signature in its header: no read of msg/ID
+            self.pool.submit(qid, payload)
+            return
 
         def fetched(keys: dict[str, Any]) -> None:
             self.lookups.pop(qid, None)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["fsync_dir", "fsync_file", "write_durably", "reopen", "unlink_if_present", "GroupSync"]
+__all__ = ["fsync_dir", "fsync_file", "write_durably", "reopen", "read_whole", "unlink_if_present", "GroupSync"]
+
+READ_CHUNK = 65536
 
 
 def fsync_dir(path: str) -> None:
@@ -41,13 +43,16 @@ def write_durably(path: str, data: bytes, sync_dir: bool = True, temp: str | Non
     """
     folder, name = os.path.split(path)
     fd = reopen(temp)
-    if fd < 0:
+    reused = fd >= 0
+    if not reused:
         temp = os.path.join(folder, f".{name}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        if reused:
+            os.ftruncate(fd, len(data))  # what followed, from the file's last use, goes
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -58,13 +63,28 @@ def write_durably(path: str, data: bytes, sync_dir: bool = True, temp: str | Non
 
 def reopen(path: str | None) -> int:
     """A descriptor of the existing file ``path`` to be written again from its start, or -1 when
-    there is none (no path, or the file is gone)."""
+    there is none (no path, or the file is gone). Its bytes are not dropped (which would free its
+    disk blocks, only for the new bytes to need others): the writer cuts the file to the length
+    it wrote (``os.ftruncate``) before it syncs it."""
     if path is None:
         return -1
     try:
-        return os.open(path, os.O_WRONLY | os.O_TRUNC)
+        return os.open(path, os.O_WRONLY)
     except FileNotFoundError:
         return -1
+
+
+def read_whole(path: str) -> bytes:
+    """The bytes of the regular file ``path``: open, read, close, without a buffered file object's
+    fstat, ioctl and lseek (a read of a regular file is short only at its end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, READ_CHUNK)]
+        while len(chunks[-1]) == READ_CHUNK:
+            chunks.append(os.read(fd, READ_CHUNK))
+    finally:
+        os.close(fd)
+    return b"".join(chunks) if len(chunks) > 1 else chunks[0]
 
 
 def unlink_if_present(path: str) -> None:
