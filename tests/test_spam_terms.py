@@ -46,6 +46,32 @@ def test_fit_separates_and_ignores_input_order() -> None:
     assert all(round(w, terms.DIGITS) == w for w in fitted.weights.values())
 
 
+def _seed_spread(monkeypatch: pytest.MonkeyPatch, final_share: float) -> float:
+    """The mean |difference| of a message's log-odds between weights fitted at seeds 1 and 2 and at 1 and 3."""
+    rnd = random.Random(11)
+    train = [(tokens, is_spam != (rnd.random() < 0.1)) for tokens, is_spam in _samples(400, 11)]  # a tenth mislabelled
+    test = _samples(100, 12)
+    vocabulary = set(SPAM_WORDS + HAM_WORDS + SHARED)
+    monkeypatch.setattr(terms, "FINAL_RATE_SHARE", final_share)
+    scores = []
+    for seed in (1, 2, 3):
+        monkeypatch.setattr(terms, "SEED", seed)
+        fitted = terms.fit(train, vocabulary)
+        scores.append([fitted.score(tokens) for tokens, _ in test])
+    return max(sum(abs(a - b) for a, b in zip(scores[0], other)) / len(test) for other in scores[1:])
+
+
+def test_fit_barely_depends_on_its_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The rate falling over the passes settles the weights where the constant rate leaves them
+    # wherever the last shuffled messages pushed them.
+    settled = _seed_spread(monkeypatch, terms.FINAL_RATE_SHARE)
+    constant = _seed_spread(monkeypatch, 1.0)
+    assert settled < 0.01
+    assert settled < constant / 3
+    assert terms.pass_rate(0) == terms.RATE
+    assert terms.pass_rate(terms.EPOCHS - 1) == pytest.approx(terms.RATE * terms.FINAL_RATE_SHARE)
+
+
 def test_fit_uses_only_the_vocabulary() -> None:
     samples = _samples(40, 3)
     fitted = terms.fit(samples, {"viagra", "meeting"})

@@ -65,7 +65,7 @@ LIST_HEADER = """\
 # Exact input of the shipped spam database; see tools/train_spam_db.py.
 # Paths are relative to the corpus root (<repo>/../shared/corpus); packs/ paths to the folder of
 # ../shared/corpus-packs/unpack.sh.
-version 2026.12.08-5
+version 2026.12.08-6
 date 2026-12-08
 source SpamAssassin public corpus 2002-2005, TREC 2007 public corpus (first half, seeded sample), modern-mixed 2025-2026
 min-count 2
