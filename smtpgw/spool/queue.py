@@ -235,10 +235,11 @@ class Queue:
         is, never acknowledged: a crash leaves it to ``recover``. A file with another name (a
         per-group copy's message linked to its siblings) is removed from the spool instead, as are
         those past MAX_FREE_FILES. It keeps its bytes and its disk blocks until it is written
-        again (its writer cuts it to what it wrote): freeing blocks is as dear here as making
-        inodes (the spool's file system discards each freed block on its device: ≈ 70 µs of CPU
-        and milliseconds of wait to empty a file of 4 KiB, twice for each message delivered),
-        and a file written again over blocks it has needs none allocated. One larger than
+        again (its writer cuts it to what it wrote): freeing blocks can be as dear as making
+        inodes (on a file system mounted with ``discard``, each freed block is discarded on its
+        device at once: ≈ 70 µs of CPU and milliseconds of wait to empty a file of 4 KiB, measured
+        in bench/PROFILE.md, twice for each message delivered), and a file written again over
+        blocks it has needs none allocated. One larger than
         KEEP_BYTES is emptied (truncated) instead, so that kept files hold little of the disk."""
         if self.free_count() >= MAX_FREE_FILES:
             unlink_if_present(path)
