@@ -171,36 +171,50 @@ HEADER = (f"{'set':<13} {'era':<8} {'filter':<26} {'ham':>5} {'spam':>5}  {'ham�
           f"  {'caught':>7}  {'missed':>7}  {'(1-AUC)%':>8}  {'miss@0.1%':>9}")
 
 
+@dataclass(frozen=True)
+class Tally:
+    """A result's counts: ham and spam messages, ham called Spam and Probable Spam, spam caught
+    (Spam or Probable Spam) and missed (Not Detected)."""
+
+    ham: int
+    spam: int
+    fp: int
+    probable: int
+    caught: int
+    missed: int
+
+    @classmethod
+    def of(cls, result: Result) -> "Tally":
+        ham = [r[1] for r in result.rows if not r[2]]
+        spam = [r[1] for r in result.rows if r[2]]
+        return cls(len(ham), len(spam), ham.count(SPAM), ham.count(PROBABLE_SPAM),
+                   sum(1 for status in spam if status in (SPAM, PROBABLE_SPAM)), spam.count(NOT_DETECTED))
+
+
 def line(set_name: str, era: str, name: str, result: Result) -> str:
-    ham = [r for r in result.rows if not r[2]]
-    spam = [r for r in result.rows if r[2]]
-    cells = [f"{set_name:<13} {era:<8} {name:<26} {len(ham):>5} {len(spam):>5}"]
-    if ham:
-        fp = sum(1 for r in ham if r[1] == SPAM)
-        probable = sum(1 for r in ham if r[1] == PROBABLE_SPAM)
-        cells.append(f"  {100 * fp / len(ham):6.2f}% ({fp:>3})  {100 * probable / len(ham):7.2f}%")
+    t = Tally.of(result)
+    cells = [f"{set_name:<13} {era:<8} {name:<26} {t.ham:>5} {t.spam:>5}"]
+    if t.ham:
+        cells.append(f"  {100 * t.fp / t.ham:6.2f}% ({t.fp:>3})  {100 * t.probable / t.ham:7.2f}%")
     else:
         cells.append(f"  {'—':>13}  {'—':>8}")
-    if spam:
-        caught = sum(1 for r in spam if r[1] in (SPAM, PROBABLE_SPAM))
-        missed = sum(1 for r in spam if r[1] == NOT_DETECTED)
-        cells.append(f"  {100 * caught / len(spam):6.2f}%  {100 * missed / len(spam):6.2f}%")
+    if t.spam:
+        cells.append(f"  {100 * t.caught / t.spam:6.2f}%  {100 * t.missed / t.spam:6.2f}%")
     else:
         cells.append(f"  {'—':>7}  {'—':>7}")
-    if ham and spam:
+    if t.ham and t.spam:
         cells.append(f"  {100 * (1 - auc(result.rows)):8.3f}  {100 * missed_at_fp(result.rows):8.2f}%")
     return "".join(cells)
 
 
 def figures(result: Result) -> tuple[float, float, float, float]:
     """ham→Spam %, ham→Probable %, caught %, (1-AUC)% (nan where the set has no ham or no spam)."""
-    ham = [r for r in result.rows if not r[2]]
-    spam = [r for r in result.rows if r[2]]
+    t = Tally.of(result)
     nan = float("nan")
-    fp = 100 * sum(1 for r in ham if r[1] == SPAM) / len(ham) if ham else nan
-    probable = 100 * sum(1 for r in ham if r[1] == PROBABLE_SPAM) / len(ham) if ham else nan
-    caught = 100 * sum(1 for r in spam if r[1] in (SPAM, PROBABLE_SPAM)) / len(spam) if spam else nan
-    ranking = 100 * (1 - auc(result.rows)) if ham and spam else nan
+    fp = 100 * t.fp / t.ham if t.ham else nan
+    probable = 100 * t.probable / t.ham if t.ham else nan
+    caught = 100 * t.caught / t.spam if t.spam else nan
+    ranking = 100 * (1 - auc(result.rows)) if t.ham and t.spam else nan
     return fp, probable, caught, ranking
 
 

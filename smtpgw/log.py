@@ -246,10 +246,7 @@ def render(template: str, args: tuple[object, ...] | dict[str, object], default:
             raise TypeError(f"not enough values for {template!r}")
         if kind in "sra":
             text = value if kind == "s" else repr(value) if kind == "r" else ascii(value)
-            context = place or default
-            # escape's first test, made here: most values need nothing, and a call less
-            kept = _KEPT.get(context) if type(text) is str else None
-            out.append(text if kept is not None and kept(text) is None else escape(text, context))
+            out.append(escape(text, place or default))
         else:
             try:
                 out.append(spec % (value,))

@@ -457,8 +457,8 @@ def test_a_kept_file_keeps_its_blocks_until_written_again_and_a_large_one_is_emp
 
 
 @pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 3 * 65536])
-def test_read_whole_reads_a_file_of_any_length(tmp_path, size):
-    from smtpgw.spool.durable import read_whole
+def test_read_file_reads_a_file_of_any_length(tmp_path, size):
+    from smtpgw.spool.durable import read_file
     data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     (tmp_path / "f").write_bytes(data)
-    assert read_whole(str(tmp_path / "f")) == data
+    assert read_file(str(tmp_path / "f")) == data

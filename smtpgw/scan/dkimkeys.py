@@ -23,7 +23,6 @@ or any failure longer than ``FAILED_TTL``, or more than ``FAILED_SIZE`` names.
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 from smtpgw.mail import dkim
 from smtpgw.net.dns import ERROR_BAD_NAME, ERROR_CLOSED, ERROR_OVERLOADED, TXT, Answer, Lookup, Resolver
 from smtpgw.net.loop import EventLoop
+from smtpgw.spool.durable import read_file
 
 log = logging.getLogger("smtpgw.scan.dkimkeys")
 
@@ -142,23 +142,13 @@ class KeyFetch:
             lookup.cancel()
 
 
-def read_head(path: str, size: int) -> bytes:
-    """The first ``size`` bytes of a file: one read, without a buffered file object's fstat,
-    ioctl and lseek (a regular file is read whole up to ``size`` unless it ends first)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, size)
-    finally:
-        os.close(fd)
-
-
 def fetch_keys(loop: EventLoop, resolver: Resolver, message_path: str, timeout: float,
                done: KeysCallback, failed: FailedKeys | None = None) -> KeyFetch | None:
     """Start the key lookups of the message at ``message_path`` (those in ``failed`` answered from
     it); None when it has no signature to verify (or cannot be read now: the worker reading it
     says so), and ``done`` is not called."""
     try:
-        head = read_head(message_path, dkim.KEY_HEAD)
+        head = read_file(message_path, dkim.KEY_HEAD)  # one read: the header's first KEY_HEAD bytes
     except OSError as exc:
         log.warning("cannot read %s for its DKIM keys: %s", message_path, exc)
         return None

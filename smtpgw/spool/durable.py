@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["fsync_dir", "fsync_file", "write_durably", "reopen", "read_whole", "unlink_if_present", "GroupSync"]
+__all__ = ["fsync_dir", "fsync_file", "write_durably", "reopen", "read_file", "unlink_if_present", "GroupSync"]
 
 READ_CHUNK = 65536
 
@@ -74,11 +74,14 @@ def reopen(path: str | None) -> int:
         return -1
 
 
-def read_whole(path: str) -> bytes:
-    """The bytes of the regular file ``path``: open, read, close, without a buffered file object's
-    fstat, ioctl and lseek (a read of a regular file is short only at its end)."""
+def read_file(path: str, limit: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (its first ``limit`` of them: one read): open, read,
+    close, without a buffered file object's fstat, ioctl and lseek (a read of a regular file is
+    short only at its end)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        if limit is not None:
+            return os.read(fd, limit)
         chunks = [os.read(fd, READ_CHUNK)]
         while len(chunks[-1]) == READ_CHUNK:
             chunks.append(os.read(fd, READ_CHUNK))

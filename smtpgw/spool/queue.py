@@ -39,7 +39,7 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-from smtpgw.spool.durable import GroupSync, fsync_dir, fsync_file, read_whole, reopen, unlink_if_present, write_durably
+from smtpgw.spool.durable import GroupSync, fsync_dir, fsync_file, read_file, reopen, unlink_if_present, write_durably
 from smtpgw.spool.iopool import IOPool
 
 log = logging.getLogger("smtpgw.spool.queue")
@@ -429,7 +429,7 @@ class Queue:
     def load(self, state: str, qid: str) -> Envelope | None:
         path = self.record_path(state, qid)
         try:
-            return Envelope.from_dict(json.loads(read_whole(path)))
+            return Envelope.from_dict(json.loads(read_file(path)))
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError) as exc:
